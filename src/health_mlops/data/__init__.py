@@ -1,0 +1,1 @@
+"""Data: reading hospital files, validating them against a spec, splitting, preprocessing, generating."""

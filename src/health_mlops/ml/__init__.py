@@ -1,0 +1,1 @@
+"""Machine learning: models, local training, metrics and evaluation."""

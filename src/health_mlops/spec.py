@@ -1,0 +1,186 @@
+"""The dataset spec: the single source of truth for a task's features, target and task type.
+
+The request model of the API, the dashboard form, validation, preprocessing, drift monitoring and the
+synthetic generator all read a `DatasetSpec`; adding a feature is a change to one YAML file.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_SPECS = ("health-risk", "diabetes")
+
+
+class Source(str, Enum):
+    wearable = "wearable"
+    air_quality = "air_quality"
+    weather = "weather"
+    demographic = "demographic"
+    clinical = "clinical"
+    laboratory = "laboratory"
+
+
+class Feature(BaseModel):
+    """One input column: its type, unit, allowed values and where it comes from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    type: Literal["numeric", "categorical"]
+    description: str = ""
+    unit: str | None = None
+    source: Source
+    min: float | None = None
+    max: float | None = None
+    categories: tuple[str, ...] | None = None
+
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _categories_as_strings(cls, value: object) -> object:
+        # YAML reads `[0, 1]` as ints; files hold them as text, so categories are compared as text.
+        if isinstance(value, list | tuple):
+            return tuple(str(v) for v in value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Feature:
+        if self.type == "numeric":
+            if self.min is None or self.max is None:
+                raise ValueError(f"numeric feature {self.name!r} needs min and max")
+            if self.min >= self.max:
+                raise ValueError(f"feature {self.name!r}: min must be below max")
+            if self.categories is not None:
+                raise ValueError(f"numeric feature {self.name!r} cannot have categories")
+        else:
+            if not self.categories or len(set(self.categories)) != len(self.categories):
+                raise ValueError(f"categorical feature {self.name!r} needs distinct categories")
+            if self.min is not None or self.max is not None:
+                raise ValueError(f"categorical feature {self.name!r} cannot have min/max")
+        return self
+
+    def allowed(self) -> str:
+        """Human wording of the allowed values, used in every validation message."""
+        if self.type == "numeric":
+            unit = f" {self.unit}" if self.unit else ""
+            return f"{self.min:g} to {self.max:g}{unit}"
+        return "one of " + ", ".join(self.categories or ())
+
+
+class Target(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    description: str = ""
+    unit: str | None = None
+    min: float | None = None
+    max: float | None = None
+
+
+class ModelDefaults(BaseModel):
+    """The model a task trains unless told otherwise."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["linear", "mlp"] = "mlp"
+    hidden: tuple[int, ...] = (32, 16)
+
+
+class TrainingHints(BaseModel):
+    """Training settings a task needs over the global defaults (a 442-row data set needs more epochs)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    epochs: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, ge=1)
+
+
+class DatasetSpec(BaseModel):
+    """A task: its features, its target and how to learn it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    description: str = ""
+    task: Literal["binary", "regression"]
+    target: Target
+    features: tuple[Feature, ...]
+    site_column: str | None = None
+    model: ModelDefaults = ModelDefaults()
+    training: TrainingHints = TrainingHints()
+
+    @model_validator(mode="after")
+    def _check_names(self) -> DatasetSpec:
+        names = [f.name for f in self.features]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"features listed twice: {', '.join(duplicated)}")
+        if self.target.name in names:
+            raise ValueError(f"target {self.target.name!r} is also listed as a feature")
+        if self.task == "regression" and (self.target.min is None or self.target.max is None):
+            raise ValueError("a regression target needs min and max")
+        return self
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @property
+    def required_columns(self) -> list[str]:
+        return [*self.feature_names, self.target.name]
+
+    @cached_property
+    def by_name(self) -> dict[str, Feature]:
+        return {f.name: f for f in self.features}
+
+    @property
+    def target_feature(self) -> Feature:
+        """The target as a column to validate: 0/1 for binary tasks, its range for regression."""
+        if self.task == "binary":
+            return Feature(name=self.target.name, type="categorical", categories=("0", "1"),
+                           source=Source.clinical, description=self.target.description)
+        return Feature(name=self.target.name, type="numeric", min=self.target.min, max=self.target.max,
+                       unit=self.target.unit, source=Source.clinical, description=self.target.description)
+
+    @property
+    def primary_metric(self) -> str:
+        return "auc" if self.task == "binary" else "r2"
+
+
+class SpecError(Exception):
+    """A spec that cannot be found or does not describe a valid task."""
+
+
+def load_spec(name_or_path: str | Path) -> DatasetSpec:
+    """Load a built-in spec by name (`health-risk`) or a YAML file by path."""
+    text: str
+    origin: str
+    if str(name_or_path) in BUILTIN_SPECS:
+        origin = f"built-in spec {name_or_path}"
+        text = resources.files("health_mlops.specs").joinpath(f"{name_or_path}.yaml").read_text("utf-8")
+    else:
+        path = Path(name_or_path)
+        origin = str(path)
+        if not path.is_file():
+            raise SpecError(f"{path}: no such spec file (built-in specs: {', '.join(BUILTIN_SPECS)})")
+        text = path.read_text("utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{origin}: not valid YAML: {exc}") from exc
+    try:
+        return DatasetSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(f"{origin}: {exc}") from exc
+
+
+def spec_to_yaml(spec: DatasetSpec) -> str:
+    """Serialise a spec back to YAML (written next to generated data so the folder is self-describing)."""
+    return yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False)

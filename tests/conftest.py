@@ -1,0 +1,29 @@
+"""Shared helpers: running the real `health-mlops` command in a subprocess with its own state folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(*args: str, home: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HEALTH_MLOPS_HOME": str(home), "COLUMNS": "160"}
+    result = subprocess.run([sys.executable, "-m", "health_mlops.cli", *args], capture_output=True, text=True,
+                            env=env, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"health-mlops {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def run_cli_json(*args: str, home: Path) -> object:
+    return json.loads(run_cli(*args, "--json", home=home).stdout)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"

@@ -1,0 +1,74 @@
+"""`health-mlops data ...` as a user runs it: a real process, real files, exit codes and messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli, run_cli_json
+from tests.unit.test_validate import CORRUPTIONS, REPEATED_HEADER_LINE, SHORT_LINE, write_corrupted_csv
+
+
+def test_generate_prints_how_hospitals_differ(tmp_path: Path, home: Path) -> None:
+    result = run_cli("data", "generate", "--out", str(tmp_path / "d"), "--rows-per-hospital", "300", "--seed", "7",
+                     home=home)
+    for column in ("events", "age", "PM2.5", "temp", "Bayes AUC", "Riverton", "Baymouth"):
+        assert column in result.stdout
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "hospital-1", "hospital-2", "hospital-3", "hospital-4", "hospital-5", "reference.json", "spec.yaml"]
+
+
+def test_validate_reports_and_writes_the_quarantine(tmp_path: Path, home: Path) -> None:
+    folder = tmp_path / "hospital-9"
+    folder.mkdir()
+    write_corrupted_csv(folder / "export.csv")
+    report = run_cli_json("data", "validate", str(folder), home=home)
+    (file_report,) = report["files"]
+    assert [q["line"] for q in file_report["quarantined"]] == sorted({*CORRUPTIONS, REPEATED_HEADER_LINE, SHORT_LINE})
+    assert report["hospitals"] == {"hospital-9": {"rows_valid": file_report["rows_valid"]}}
+    quarantine = Path(report["report_dir"]) / "hospital-9" / "export.csv.quarantine.csv"
+    assert quarantine.is_file()
+    human = run_cli("data", "validate", str(folder), home=home).stdout
+    assert "line 4: age: 150 is out of range (allowed 18 to 110 years)" in human
+
+
+def _missing_path(folder: Path) -> Path:
+    return folder / "nowhere"
+
+
+def _corrupt_parquet(folder: Path) -> Path:
+    (folder / "data.parquet").write_bytes(b"PAR1 truncated")
+    return folder
+
+
+def _missing_columns(folder: Path) -> Path:
+    (folder / "few.csv").write_text("heart_rate,spo2\n70,97\n")
+    return folder / "few.csv"
+
+
+def _empty(folder: Path) -> Path:
+    (folder / "empty.csv").write_bytes(b"")
+    return folder / "empty.csv"
+
+
+def _latin1(folder: Path) -> Path:
+    (folder / "latin1.csv").write_bytes("température\n37,5\n".encode("latin-1"))
+    return folder / "latin1.csv"
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (_missing_path, "no such file or folder"),
+    (_corrupt_parquet, "cannot read as Parquet"),
+    (_missing_columns, "missing required column(s): body_temperature"),
+    (_empty, "empty file"),
+    (_latin1, "wrong encoding: not UTF-8"),
+])
+def test_unusable_input_exits_2_naming_the_file(tmp_path: Path, home: Path, make, message: str) -> None:
+    target = make(tmp_path)
+    result = run_cli("data", "validate", str(target), home=home, check=False)
+    assert result.returncode == 2, result.stderr
+    stderr = result.stderr.replace("\n", "")
+    assert message in stderr
+    assert str(target) in stderr
+    assert "Traceback" not in stderr

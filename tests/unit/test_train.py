@@ -1,0 +1,50 @@
+import numpy as np
+import torch
+
+from health_mlops.ml.model import build_model, get_weights
+from health_mlops.ml.train import TrainConfig, predict, train_model
+from health_mlops.spec import ModelDefaults
+
+
+def linear_problem(n: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    logit = x @ np.array([2.0, -1.0, 0.5, 0.0])
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+    return x, y
+
+
+def test_training_lowers_the_loss_and_learns_the_signal() -> None:
+    x, y = linear_problem()
+    model = build_model(ModelDefaults(kind="linear"), 4)
+    config = TrainConfig(epochs=1, learning_rate=0.05, batch_size=64)
+    first = train_model(model, x, y, "binary", config)
+    later = train_model(model, x, y, "binary", TrainConfig(epochs=10, learning_rate=0.05, batch_size=64))
+    assert later.mean_loss < first.mean_loss
+    weights = model[0].weight.detach().numpy().ravel()
+    assert weights[0] > 1.0 and weights[1] < -0.5
+    p = predict(model, x, "binary")
+    assert ((p >= 0) & (p <= 1)).all()
+
+
+def test_same_seed_same_model() -> None:
+    x, y = linear_problem(500)
+    results = []
+    for _ in range(2):
+        model = build_model(ModelDefaults(kind="mlp", hidden=(8,)), 4, seed=3)
+        train_model(model, x, y, "binary", TrainConfig(epochs=2, learning_rate=0.01, batch_size=32, seed=5))
+        results.append(get_weights(model))
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name])
+
+
+def test_fedprox_term_keeps_weights_near_the_global_model() -> None:
+    x, y = linear_problem()
+    distances = {}
+    for mu in (0.0, 10.0):
+        model = build_model(ModelDefaults(kind="linear"), 4)
+        start = get_weights(model)
+        train_model(model, x, y, "binary", TrainConfig(epochs=3, learning_rate=0.05, batch_size=64, proximal_mu=mu))
+        end = get_weights(model)
+        distances[mu] = sum(float(((end[k] - start[k]) ** 2).sum()) for k in start)
+    assert distances[10.0] < 0.5 * distances[0.0]

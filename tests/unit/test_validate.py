@@ -1,0 +1,143 @@
+"""Validation keeps every good row and quarantines exactly the bad ones, each with its line and reason."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from health_mlops.data.io import DataError, read_table
+from health_mlops.data.synthetic import CITIES, generate_city_days
+from health_mlops.data.validate import Reason, validate_table, write_quality_report
+from health_mlops.spec import load_spec
+
+SPEC = load_spec("health-risk")
+
+# line in the file -> (column to corrupt, bad value, expected reason); line 1 is the header.
+CORRUPTIONS: dict[int, list[tuple[str, str, Reason]]] = {
+    3: [("heart_rate", "abc", Reason.wrong_type)],
+    4: [("age", "150", Reason.out_of_range)],
+    5: [("sex", "X", Reason.unknown_category)],
+    6: [("spo2", "", Reason.missing_value)],
+    9: [("bmi", "NaN", Reason.missing_value), ("smoker", "sometimes", Reason.unknown_category)],
+    12: [("pm25", "inf", Reason.out_of_range)],
+    13: [("adverse_event_7d", "2", Reason.unknown_category)],
+}
+REPEATED_HEADER_LINE = 7
+SHORT_LINE = 10
+N_LINES = 15
+
+
+def clean_rows(n: int) -> pd.DataFrame:
+    frame = generate_city_days(CITIES[0], n, np.random.default_rng(0))
+    return frame.drop(columns="_risk")
+
+
+def write_corrupted_csv(path: Path) -> pd.DataFrame:
+    """Lines 2..N_LINES: good rows, the corruptions above, a repeated header and a short line."""
+    rows = clean_rows(N_LINES)
+    header = list(rows.columns)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for line in range(2, N_LINES + 1):
+            values = [str(v) for v in rows.iloc[line - 2]]
+            if line == REPEATED_HEADER_LINE:
+                values = header
+            elif line == SHORT_LINE:
+                values = values[:5]
+            for column, bad, _ in CORRUPTIONS.get(line, []):
+                values[header.index(column)] = bad
+            writer.writerow(values)
+    return rows
+
+
+def test_corrupted_file_quarantines_exactly_the_bad_rows_with_their_reasons(tmp_path: Path) -> None:
+    path = tmp_path / "corrupted.csv"
+    rows = write_corrupted_csv(path)
+    result = validate_table(read_table(path), SPEC)
+    report = result.report
+
+    bad_lines = {*CORRUPTIONS, REPEATED_HEADER_LINE, SHORT_LINE}
+    assert [q.line for q in report.quarantined] == sorted(bad_lines)
+    by_line = {q.line: q for q in report.quarantined}
+    for line, corruptions in CORRUPTIONS.items():
+        assert [(p.column, p.reason) for p in by_line[line].problems] == [(c, r) for c, _, r in corruptions]
+    assert by_line[REPEATED_HEADER_LINE].problems[0].reason is Reason.duplicate_header
+    assert by_line[SHORT_LINE].problems[0].reason is Reason.wrong_field_count
+    assert "150 is out of range (allowed 18 to 110 years)" in by_line[4].summary
+    assert "unknown category 'X' (allowed one of F, M)" in by_line[5].summary
+
+    good_lines = [line for line in range(2, N_LINES + 1) if line not in bad_lines]
+    assert report.rows_read == N_LINES - 1
+    assert report.rows_valid == len(good_lines) == len(result.frame)
+    kept = result.frame["heart_rate"].tolist()
+    assert kept == [float(rows.iloc[line - 2]["heart_rate"]) for line in good_lines]
+    assert report.reasons == {"wrong_type": 1, "out_of_range": 2, "unknown_category": 3, "missing_value": 2,
+                              "duplicate_header": 1, "wrong_field_count": 1}
+
+
+def test_quarantined_rows_are_written_aside_as_they_were(tmp_path: Path) -> None:
+    path = tmp_path / "corrupted.csv"
+    write_corrupted_csv(path)
+    result = validate_table(read_table(path), SPEC)
+    report_path, quarantine_path = write_quality_report(result, tmp_path / "quality")
+    aside = pd.read_csv(quarantine_path, dtype=str, keep_default_na=False)
+    assert aside["line"].astype(int).tolist() == [q.line for q in result.report.quarantined]
+    assert aside.loc[aside["line"] == "3", "heart_rate"].item() == "abc"
+    assert "heart_rate: 'abc' is not a number" in aside.loc[aside["line"] == "3", "reason"].item()
+    assert '"rows_quarantined": 9' in report_path.read_text()
+
+
+def test_categories_match_case_insensitively_and_parquet_floats(tmp_path: Path) -> None:
+    rows = clean_rows(4)
+    rows["sex"] = ["f", "M", "F", "m"]
+    rows["asthma_copd"] = [0.0, 1.0, 1.0, 0.0]
+    path = tmp_path / "rows.parquet"
+    rows.to_parquet(path)
+    result = validate_table(read_table(path), SPEC)
+    assert result.report.rows_quarantined == 0
+    assert result.frame["sex"].tolist() == ["F", "M", "F", "M"]
+    assert result.frame["asthma_copd"].tolist() == ["0", "1", "1", "0"]
+
+
+def test_extra_columns_are_ignored_and_reported(tmp_path: Path) -> None:
+    rows = clean_rows(3).assign(patient_id=["a", "b", "c"])
+    path = tmp_path / "extra.csv"
+    rows.to_csv(path, index=False)
+    result = validate_table(read_table(path), SPEC)
+    assert result.report.ignored_columns == ["patient_id"]
+    assert result.report.rows_valid == 3
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"", "empty file (no header, no rows)"),
+    (b"\n\n  \n", "empty file (no header, no rows)"),
+    (b"heart_rate,spo2\n", "empty file (a header but no data rows)"),
+    ("heart_rate\n72\n".encode("utf-16"), "wrong encoding: not UTF-8"),
+    (b"a,a\n1,2\n", "columns named twice in the header: a"),
+])
+def test_unusable_files_raise_naming_the_file(tmp_path: Path, content: bytes, problem: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        validate_table(read_table(path), SPEC)
+    assert str(path) in str(info.value)
+    assert problem in str(info.value)
+
+
+def test_missing_columns_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "few.csv"
+    clean_rows(3).drop(columns=["spo2", "age"]).to_csv(path, index=False)
+    with pytest.raises(DataError, match="missing required column\\(s\\): spo2, age"):
+        validate_table(read_table(path), SPEC)
+
+
+def test_corrupt_parquet_is_unreadable(tmp_path: Path) -> None:
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match="cannot read as Parquet"):
+        read_table(path)
