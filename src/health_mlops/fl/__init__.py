@@ -1,0 +1,1 @@
+"""Federation: strategies, the coordinator core, the aggregator service and the hospital node."""

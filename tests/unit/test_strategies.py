@@ -1,0 +1,105 @@
+"""Strategies against hand-computed values, and on random inputs against Flower's own implementations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.server.strategy import aggregate as flwr_aggregate
+
+from health_mlops.fl.strategies import (ClientUpdate, ServerOptimiserConfig, ServerOptimiserState,
+                                        StrategyConfig, aggregate, aggregate_fedavg, aggregate_median,
+                                        aggregate_trimmed_mean, server_optimiser_step)
+
+
+def update(values: list[float], examples: int) -> ClientUpdate:
+    return ClientUpdate({"w": np.array(values), "b": np.array([values[0]])}, examples)
+
+
+def test_fedavg_weighs_hospitals_by_examples() -> None:
+    result = aggregate_fedavg([update([1.0, 2.0], 100), update([4.0, 8.0], 300)])
+    np.testing.assert_allclose(result["w"], [(1 * 100 + 4 * 300) / 400, (2 * 100 + 8 * 300) / 400])
+    np.testing.assert_allclose(result["b"], [3.25])
+
+
+def test_median_and_trimmed_mean_ignore_example_counts_and_outliers() -> None:
+    updates = [update([1.0, 0.0], 10), update([2.0, 0.0], 10), update([3.0, 0.0], 10), update([4.0, 0.0], 10),
+               update([1000.0, -1000.0], 10_000)]
+    np.testing.assert_allclose(aggregate_median(updates)["w"], [3.0, 0.0])
+    # 5 updates, trim 20 %: one from each end -> mean of the middle three.
+    np.testing.assert_allclose(aggregate_trimmed_mean(updates, 0.2)["w"], [3.0, 0.0])
+    np.testing.assert_allclose(aggregate_trimmed_mean(updates, 0.0)["w"], [202.0, -200.0])
+
+
+def test_fedadam_first_step_by_hand() -> None:
+    current = {"w": np.array([0.0, 1.0])}
+    averaged = {"w": np.array([0.5, 0.0])}  # delta = [0.5, -1]
+    config = ServerOptimiserConfig(learning_rate=0.1, beta_1=0.9, beta_2=0.99, tau=0.0)
+    new, state = server_optimiser_step(current, averaged, ServerOptimiserState(), config, variant="adam")
+    # m = 0.1 * delta, v = 0.01 * delta², eta = 0.1 * sqrt(0.01) / 0.1 = 0.1; step = eta * m / sqrt(v) = 0.1 * sign
+    np.testing.assert_allclose(new["w"], [0.1, 0.9])
+    np.testing.assert_allclose(state.first_moment["w"], [0.05, -0.1])
+    assert state.steps == 1
+
+
+def test_strategy_dispatch_leaves_optimiser_state_alone_for_plain_averaging() -> None:
+    updates = [update([1.0, 1.0], 1), update([3.0, 3.0], 1)]
+    current = {"w": np.zeros(2), "b": np.zeros(1)}
+    for name in ("fedavg", "fedprox"):
+        weights, state = aggregate(StrategyConfig(name=name), current, updates, ServerOptimiserState())
+        np.testing.assert_allclose(weights["w"], [2.0, 2.0])
+        assert state.steps == 0
+    _, state = aggregate(StrategyConfig(name="fedyogi"), current, updates, ServerOptimiserState())
+    assert state.steps == 1
+
+
+def test_mismatched_or_empty_updates_are_refused() -> None:
+    with pytest.raises(ValueError, match="no updates"):
+        aggregate_fedavg([])
+    with pytest.raises(ValueError, match="different tensors"):
+        aggregate_fedavg([update([1.0], 1), ClientUpdate({"other": np.zeros(1)}, 1)])
+
+
+# --- the same results as Flower's reference implementations (flwr is a test extra only), random inputs ---
+
+def random_updates(rng: np.random.Generator, n: int) -> list[ClientUpdate]:
+    return [ClientUpdate({"layer.weight": rng.normal(size=(4, 3)), "layer.bias": rng.normal(size=3)},
+                         int(rng.integers(1, 1000))) for _ in range(n)]
+
+
+def as_flower(updates: list[ClientUpdate]) -> list[tuple[list[np.ndarray], int]]:
+    return [(list(u.weights.values()), u.num_examples) for u in updates]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plain_aggregations_match_flower(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    updates = random_updates(rng, int(rng.integers(2, 9)))
+    ours = [aggregate_fedavg(updates), aggregate_median(updates), aggregate_trimmed_mean(updates, 0.25)]
+    theirs = [flwr_aggregate.aggregate(as_flower(updates)), flwr_aggregate.aggregate_median(as_flower(updates)),
+              flwr_aggregate.aggregate_trimmed_avg(as_flower(updates), 0.25)]
+    for our, their in zip(ours, theirs, strict=True):
+        for mine, reference in zip(our.values(), their, strict=True):
+            np.testing.assert_allclose(mine, reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "variant"), [("FedAdam", "adam"), ("FedYogi", "yogi")])
+def test_server_optimisers_match_flower_over_several_rounds(name: str, variant: str) -> None:
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server import strategy as flwr_strategy
+
+    rng = np.random.default_rng(11)
+    current = {"layer.weight": rng.normal(size=(4, 3)), "layer.bias": rng.normal(size=3)}
+    config = ServerOptimiserConfig(learning_rate=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    flower = getattr(flwr_strategy, name)(initial_parameters=ndarrays_to_parameters(list(current.values())),
+                                          eta=config.learning_rate, beta_1=config.beta_1, beta_2=config.beta_2,
+                                          tau=config.tau)
+    state = ServerOptimiserState()
+    for step in range(1, 5):
+        updates = random_updates(rng, 4)
+        current, state = server_optimiser_step(current, aggregate_fedavg(updates), state, config, variant=variant)
+        results = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(list(u.weights.values())),
+                                 u.num_examples, {})) for u in updates]
+        # Flower's FedAdam corrects Adam's bias with exponent (server_round + 1): our step k is its round k - 1.
+        parameters, _ = flower.aggregate_fit(step - 1 if variant == "adam" else step, results, [])
+        for mine, reference in zip(current.values(), parameters_to_ndarrays(parameters), strict=True):
+            np.testing.assert_allclose(mine, reference, rtol=1e-6, atol=1e-9)
