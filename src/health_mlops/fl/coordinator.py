@@ -1,0 +1,399 @@
+"""The coordinator: runs, rounds and leased tasks, as a pure state machine (no network, no clock of its own).
+
+Every call takes `now` (seconds), so tests drive time by hand and the aggregator service passes the wall
+clock. The rules it enforces:
+
+- Work is a task per (run, round, attempt, hospital). One replica of a hospital claims it with a lease and
+  keeps it alive with heartbeats; if the lease expires, the next request from any replica of that hospital
+  takes the task over. A hospital's replicas therefore count once.
+- A result is accepted once: a duplicate, or a result from a replica whose lease was lost, is refused with
+  `Conflict` and never averaged twice. A result that fails validation (wrong tensors, non-finite values,
+  an update too large) is refused with its reason and counted; the round goes on without it.
+- A round closes when every enrolled hospital has answered, or at its deadline when at least
+  `min_hospitals` have; otherwise it is retried with fresh tasks, and after `max_round_retries` the run
+  fails with a clear reason.
+- `snapshot()` captures the whole state; `Coordinator.restore()` brings it back, so a restarted aggregator
+  resumes at the last closed round.
+
+Round 0 collects statistics (`stats`), rounds 1..R train (`fit`, each hospital first evaluating the
+incoming global model on its own test rows), and round R+1 evaluates the final model (`evaluate`).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+
+from health_mlops.fl.strategies import (ClientUpdate, ServerOptimiserConfig, ServerOptimiserState,
+                                        StrategyConfig, Weights, aggregate)
+
+
+class TaskKind(str, Enum):
+    stats = "stats"
+    fit = "fit"
+    evaluate = "evaluate"
+
+
+class RunStatus(str, Enum):
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class TaskStatus(str, Enum):
+    pending = "pending"
+    leased = "leased"
+    done = "done"
+    rejected = "rejected"
+    abandoned = "abandoned"  # its round closed or was retried without it
+
+
+class CoordinatorError(Exception):
+    """Base of the refusals the service maps to HTTP answers."""
+
+
+class NotFound(CoordinatorError):
+    pass
+
+
+class Forbidden(CoordinatorError):
+    pass
+
+
+class Conflict(CoordinatorError):
+    """A duplicate result, or a result or heartbeat from a replica that no longer holds the lease (409)."""
+
+
+class Rejected(CoordinatorError):
+    """A result that failed validation; `reason` is a short label for metrics."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    rounds: int = 10
+    local_epochs: int = 2
+    learning_rate: float = 0.001
+    batch_size: int = 64
+    strategy: StrategyConfig = StrategyConfig()
+    min_hospitals: int = 2
+    round_deadline_s: float = 120.0
+    lease_s: float = 15.0
+    max_round_retries: int = 2
+    update_norm_bound: float = 100.0  # an update farther than this (L2) from the global model is refused
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.strategy
+        return {"rounds": self.rounds, "local_epochs": self.local_epochs, "learning_rate": self.learning_rate,
+                "batch_size": self.batch_size, "min_hospitals": self.min_hospitals,
+                "round_deadline_s": self.round_deadline_s, "lease_s": self.lease_s,
+                "max_round_retries": self.max_round_retries, "update_norm_bound": self.update_norm_bound,
+                "strategy": {"name": s.name, "trim_fraction": s.trim_fraction, "proximal_mu": s.proximal_mu,
+                             "server": vars(s.server)}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        values = dict(data)
+        strategy = dict(values.pop("strategy", {}))
+        server = ServerOptimiserConfig(**strategy.pop("server", {}))
+        return cls(**values, strategy=StrategyConfig(**strategy, server=server))
+
+
+@dataclass
+class Task:
+    id: str
+    run_id: str
+    round: int
+    attempt: int
+    kind: TaskKind
+    hospital: str
+    status: TaskStatus = TaskStatus.pending
+    holder: str | None = None
+    lease_expires: float = 0.0
+
+
+@dataclass
+class TaskResult:
+    """What a hospital sends back: metrics and counts as JSON, tensors (fit only) by name."""
+
+    metadata: dict[str, Any]
+    tensors: Weights = field(default_factory=dict)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    kind: TaskKind
+    hospitals: dict[str, dict[str, Any]]  # hospital -> its result metadata (metrics, examples)
+    closed_at: float
+    attempts: int
+
+
+@dataclass
+class Run:
+    id: str
+    config: RunConfig
+    hospitals: list[str]
+    status: RunStatus = RunStatus.running
+    reason: str = ""
+    round: int = 0
+    attempt: int = 0
+    round_deadline: float = 0.0
+    weights: Weights = field(default_factory=dict)
+    optimiser: ServerOptimiserState = ServerOptimiserState()
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    history: list[RoundRecord] = field(default_factory=list)
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    @property
+    def final_round(self) -> int:
+        return self.config.rounds + 1
+
+    def kind_of(self, round_number: int) -> TaskKind:
+        if round_number == 0:
+            return TaskKind.stats
+        return TaskKind.evaluate if round_number == self.final_round else TaskKind.fit
+
+
+# Turns the hospitals' stats results into the run's preprocessing (a dict stored with the run).
+StatsReducer = Callable[[list[dict[str, Any]]], dict[str, Any]]
+
+
+def validate_update(current: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], norm_bound: float) -> None:
+    """Refuse an update that does not fit the global model: names, shapes, finiteness, size of the change."""
+    if set(update) != set(current):
+        missing, extra = sorted(set(current) - set(update)), sorted(set(update) - set(current))
+        raise Rejected("wrong_tensors", f"missing {missing}, unexpected {extra}")
+    squared = 0.0
+    for name, reference in current.items():
+        tensor = update[name]
+        if tensor.shape != reference.shape:
+            raise Rejected("wrong_shape", f"{name} has shape {list(tensor.shape)}, expected {list(reference.shape)}")
+        if not np.isfinite(tensor).all():
+            raise Rejected("non_finite", f"{name} holds NaN or infinite values")
+        squared += float(np.sum((tensor.astype(np.float64) - reference) ** 2))
+    if math.sqrt(squared) > norm_bound:
+        raise Rejected("norm_exceeded", f"update norm {math.sqrt(squared):.3g} exceeds the bound {norm_bound:g}")
+
+
+class Coordinator:
+    def __init__(self, stats_reducer: StatsReducer) -> None:
+        self.runs: dict[str, Run] = {}
+        self.tasks: dict[str, Task] = {}
+        self.results: dict[str, TaskResult] = {}  # accepted results of open rounds, by task id
+        self._stats_reducer = stats_reducer
+
+    # --- runs -----------------------------------------------------------------------------------------
+
+    def start_run(self, run_id: str, config: RunConfig, hospitals: list[str], initial_weights: Weights,
+                  now: float) -> Run:
+        if run_id in self.runs:
+            raise Conflict(f"run {run_id} exists")
+        if not hospitals:
+            raise ValueError("a run needs at least one enrolled hospital")
+        if config.min_hospitals > len(hospitals):
+            raise ValueError(f"min_hospitals {config.min_hospitals} exceeds the {len(hospitals)} enrolled")
+        run = Run(run_id, config, sorted(hospitals), weights={k: v.astype(np.float64) for k, v in
+                                                               initial_weights.items()})
+        self.runs[run_id] = run
+        self._open_round(run, now)
+        return run
+
+    def cancel_run(self, run_id: str, now: float) -> Run:
+        run = self._run(run_id)
+        if run.status is RunStatus.running:
+            self._end(run, RunStatus.cancelled, "cancelled by an admin")
+        return run
+
+    def _run(self, run_id: str) -> Run:
+        try:
+            return self.runs[run_id]
+        except KeyError:
+            raise NotFound(f"no run {run_id}") from None
+
+    def _open_round(self, run: Run, now: float) -> None:
+        run.round_deadline = now + run.config.round_deadline_s
+        kind = run.kind_of(run.round)
+        for hospital in run.hospitals:
+            task_id = f"{run.id}.r{run.round}.a{run.attempt}.{hospital}"
+            self.tasks[task_id] = Task(task_id, run.id, run.round, run.attempt, kind, hospital)
+
+    def _round_tasks(self, run: Run) -> list[Task]:
+        return [t for t in self.tasks.values()
+                if t.run_id == run.id and t.round == run.round and t.attempt == run.attempt]
+
+    def _end(self, run: Run, status: RunStatus, reason: str) -> None:
+        run.status, run.reason = status, reason
+        for task in self._round_tasks(run):
+            if task.status in (TaskStatus.pending, TaskStatus.leased):
+                task.status = TaskStatus.abandoned
+
+    # --- tasks ----------------------------------------------------------------------------------------
+
+    def next_task(self, hospital: str, node: str, now: float) -> Task | None:
+        """Lease the oldest open task of this hospital to `node`: a pending one, or one whose lease expired."""
+        self.tick(now)
+        for task in self.tasks.values():
+            if task.hospital != hospital or self.runs[task.run_id].status is not RunStatus.running:
+                continue
+            expired = task.status is TaskStatus.leased and task.lease_expires <= now
+            if task.status is TaskStatus.pending or expired:
+                task.status, task.holder = TaskStatus.leased, node
+                task.lease_expires = now + self.runs[task.run_id].config.lease_s
+                return task
+        return None
+
+    def _held_task(self, task_id: str, hospital: str, node: str, now: float) -> Task:
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise NotFound(f"no task {task_id}")
+        if task.hospital != hospital:
+            raise Forbidden(f"task {task_id} belongs to another hospital")
+        if task.status is TaskStatus.done:
+            raise Conflict(f"task {task_id} already has a result")
+        if task.status is not TaskStatus.leased or task.holder != node or task.lease_expires <= now:
+            raise Conflict(f"task {task_id}: lease not held by {node} (expired or taken over)")
+        return task
+
+    def heartbeat(self, task_id: str, hospital: str, node: str, now: float) -> Task:
+        task = self._held_task(task_id, hospital, node, now)
+        task.lease_expires = now + self.runs[task.run_id].config.lease_s
+        return task
+
+    def submit(self, task_id: str, hospital: str, node: str, result: TaskResult, now: float) -> Task:
+        """Accept a result once; raises Conflict, Rejected, Forbidden or NotFound otherwise."""
+        task = self._held_task(task_id, hospital, node, now)
+        run = self.runs[task.run_id]
+        if task.kind is TaskKind.fit:
+            examples = result.metadata.get("num_examples")
+            try:
+                if not isinstance(examples, int) or examples <= 0:
+                    raise Rejected("bad_metadata", f"num_examples must be a positive integer, got {examples!r}")
+                validate_update(run.weights, result.tensors, run.config.update_norm_bound)
+            except Rejected as refusal:
+                task.status = TaskStatus.rejected
+                run.rejected[refusal.reason] = run.rejected.get(refusal.reason, 0) + 1
+                self._maybe_close(run, now)
+                raise
+        task.status = TaskStatus.done
+        self.results[task.id] = result
+        self._maybe_close(run, now)
+        return task
+
+    # --- rounds ---------------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Apply deadlines: close rounds that have a quorum, retry or fail those that do not."""
+        for run in list(self.runs.values()):
+            if run.status is RunStatus.running and now >= run.round_deadline:
+                self._maybe_close(run, now, deadline_passed=True)
+
+    def _maybe_close(self, run: Run, now: float, deadline_passed: bool = False) -> None:
+        tasks = self._round_tasks(run)
+        answered = [t for t in tasks if t.status is TaskStatus.done]
+        settled = all(t.status in (TaskStatus.done, TaskStatus.rejected) for t in tasks)
+        if not settled and not deadline_passed:
+            return
+        if len(answered) >= run.config.min_hospitals:
+            self._close_round(run, answered, now)
+        elif deadline_passed or settled:
+            self._retry_or_fail(run, len(answered), now)
+
+    def _retry_or_fail(self, run: Run, answered: int, now: float) -> None:
+        for task in self._round_tasks(run):
+            self.results.pop(task.id, None)
+            if task.status in (TaskStatus.pending, TaskStatus.leased):
+                task.status = TaskStatus.abandoned
+        if run.attempt >= run.config.max_round_retries:
+            self._end(run, RunStatus.failed,
+                      f"round {run.round} had {answered} valid result(s) after {run.attempt + 1} attempt(s); "
+                      f"{run.config.min_hospitals} needed")
+            return
+        run.attempt += 1
+        self._open_round(run, now)
+
+    def _close_round(self, run: Run, answered: list[Task], now: float) -> None:
+        results = {t.hospital: self.results.pop(t.id) for t in answered}
+        for task in self._round_tasks(run):
+            self.results.pop(task.id, None)
+            if task.status in (TaskStatus.pending, TaskStatus.leased):
+                task.status = TaskStatus.abandoned
+        kind = run.kind_of(run.round)
+        if kind is TaskKind.stats:
+            run.preprocessing = self._stats_reducer([r.metadata for r in results.values()])
+        elif kind is TaskKind.fit:
+            updates = [ClientUpdate(r.tensors, int(r.metadata["num_examples"])) for r in results.values()]
+            run.weights, run.optimiser = aggregate(run.config.strategy, run.weights, updates, run.optimiser)
+        run.history.append(RoundRecord(run.round, kind, {h: r.metadata for h, r in results.items()}, now,
+                                       run.attempt + 1))
+        if run.round == run.final_round:
+            self._end(run, RunStatus.completed, "")
+            return
+        run.round += 1
+        run.attempt = 0
+        self._open_round(run, now)
+
+    # --- snapshot -------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole state as JSON-able data (weights as base64 safetensors)."""
+        return {"runs": [_run_to_dict(r) for r in self.runs.values()],
+                "tasks": [{**vars(t), "kind": t.kind.value, "status": t.status.value} for t in self.tasks.values()],
+                "results": {k: {"metadata": r.metadata, "tensors": _encode(r.tensors)} for k, r in self.results.items()}}
+
+    @classmethod
+    def restore(cls, data: Mapping[str, Any], stats_reducer: StatsReducer) -> Coordinator:
+        coordinator = cls(stats_reducer)
+        for raw in data["runs"]:
+            run = _run_from_dict(raw)
+            coordinator.runs[run.id] = run
+        for raw in data["tasks"]:
+            task = Task(**{**raw, "kind": TaskKind(raw["kind"]), "status": TaskStatus(raw["status"])})
+            coordinator.tasks[task.id] = task
+        coordinator.results = {k: TaskResult(v["metadata"], _decode(v["tensors"])) for k, v in data["results"].items()}
+        return coordinator
+
+
+def _encode(weights: Mapping[str, np.ndarray]) -> str:
+    return base64.b64encode(save_tensors(dict(weights))).decode("ascii") if weights else ""
+
+
+def _decode(text: str) -> Weights:
+    return dict(load_tensors(base64.b64decode(text))) if text else {}
+
+
+def _run_to_dict(run: Run) -> dict[str, Any]:
+    return {
+        "id": run.id, "config": run.config.to_dict(), "hospitals": run.hospitals, "status": run.status.value,
+        "reason": run.reason, "round": run.round, "attempt": run.attempt, "round_deadline": run.round_deadline,
+        "weights": _encode(run.weights), "preprocessing": run.preprocessing, "rejected": run.rejected,
+        "optimiser": {"first_moment": _encode(run.optimiser.first_moment),
+                      "second_moment": _encode(run.optimiser.second_moment), "steps": run.optimiser.steps},
+        "history": [{"round": h.round, "kind": h.kind.value, "hospitals": h.hospitals, "closed_at": h.closed_at,
+                     "attempts": h.attempts} for h in run.history],
+    }
+
+
+def _run_from_dict(raw: Mapping[str, Any]) -> Run:
+    optimiser = raw["optimiser"]
+    return Run(
+        id=raw["id"], config=RunConfig.from_dict(raw["config"]), hospitals=list(raw["hospitals"]),
+        status=RunStatus(raw["status"]), reason=raw["reason"], round=raw["round"], attempt=raw["attempt"],
+        round_deadline=raw["round_deadline"], weights=_decode(raw["weights"]),
+        optimiser=ServerOptimiserState(_decode(optimiser["first_moment"]), _decode(optimiser["second_moment"]),
+                                       optimiser["steps"]),
+        preprocessing=raw["preprocessing"], rejected=dict(raw["rejected"]),
+        history=[RoundRecord(h["round"], TaskKind(h["kind"]), h["hospitals"], h["closed_at"], h["attempts"])
+                 for h in raw["history"]])

@@ -1,0 +1,152 @@
+"""The coordinator's rules, driven by hand with a fake clock: leases, replicas, quorum, retries, restore."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, Rejected, RunConfig, RunStatus, TaskKind,
+                                         TaskResult)
+from health_mlops.fl.strategies import StrategyConfig
+
+HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
+INITIAL = {"w": np.zeros(3), "b": np.zeros(1)}
+
+
+def stats_reducer(metadata: list[dict]) -> dict:
+    return {"count": sum(m["count"] for m in metadata)}
+
+
+def start(config: RunConfig | None = None, now: float = 0.0) -> Coordinator:
+    coordinator = Coordinator(stats_reducer)
+    coordinator.start_run("run-1", config or RunConfig(rounds=2, min_hospitals=2, round_deadline_s=60, lease_s=10),
+                          HOSPITALS, INITIAL, now)
+    return coordinator
+
+
+def answer(coordinator: Coordinator, hospital: str, now: float, value: float = 1.0, node: str = "a") -> None:
+    task = coordinator.next_task(hospital, node, now)
+    assert task is not None, f"{hospital} got no task"
+    if task.kind is TaskKind.stats:
+        result = TaskResult({"count": 10})
+    elif task.kind is TaskKind.fit:
+        result = TaskResult({"num_examples": 10, "metrics": {"auc": 0.7}},
+                            {"w": np.full(3, value), "b": np.full(1, value)})
+    else:
+        result = TaskResult({"num_examples": 10, "metrics": {"auc": 0.8}})
+    coordinator.submit(task.id, hospital, node, result, now)
+
+
+def test_a_run_goes_stats_fit_evaluate_and_completes() -> None:
+    coordinator = start()
+    run = coordinator.runs["run-1"]
+    for round_number, kind in enumerate([TaskKind.stats, TaskKind.fit, TaskKind.fit, TaskKind.evaluate]):
+        assert run.round == round_number and run.kind_of(run.round) is kind
+        for i, hospital in enumerate(HOSPITALS):
+            answer(coordinator, hospital, now=1.0, value=float(i))
+    assert run.status is RunStatus.completed
+    assert [h.kind for h in run.history] == [TaskKind.stats, TaskKind.fit, TaskKind.fit, TaskKind.evaluate]
+    assert run.preprocessing == {"count": 30}
+    np.testing.assert_allclose(run.weights["w"], [1.0, 1.0, 1.0])  # equal examples: the mean of 0, 1, 2
+    assert coordinator.next_task("hospital-1", "a", 2.0) is None
+
+
+def test_two_replicas_of_a_hospital_count_once() -> None:
+    coordinator = start()
+    first = coordinator.next_task("hospital-1", "replica-a", now=0.0)
+    assert first is not None
+    assert coordinator.next_task("hospital-1", "replica-b", now=1.0) is None  # the lease is held
+    taken_over = coordinator.next_task("hospital-1", "replica-b", now=11.0)  # lease expired at 10
+    assert taken_over is not None and taken_over.id == first.id and taken_over.holder == "replica-b"
+    with pytest.raises(Conflict, match="lease not held by replica-a"):
+        coordinator.submit(first.id, "hospital-1", "replica-a", TaskResult({"count": 10}), now=12.0)
+    coordinator.submit(first.id, "hospital-1", "replica-b", TaskResult({"count": 10}), now=12.0)
+    with pytest.raises(Conflict, match="already has a result"):
+        coordinator.submit(first.id, "hospital-1", "replica-b", TaskResult({"count": 10}), now=12.5)
+    for hospital in HOSPITALS[1:]:
+        answer(coordinator, hospital, now=13.0)
+    assert coordinator.runs["run-1"].preprocessing == {"count": 30}  # hospital-1 counted once
+
+
+def test_heartbeats_keep_a_lease_alive_until_they_stop() -> None:
+    coordinator = start()
+    task = coordinator.next_task("hospital-1", "a", now=0.0)
+    assert task is not None
+    coordinator.heartbeat(task.id, "hospital-1", "a", now=8.0)
+    assert coordinator.next_task("hospital-1", "b", now=15.0) is None  # extended to 18
+    with pytest.raises(Conflict):
+        coordinator.heartbeat(task.id, "hospital-1", "a", now=19.0)
+
+
+def test_a_hospital_cannot_answer_another_hospitals_task() -> None:
+    coordinator = start()
+    task = coordinator.next_task("hospital-1", "a", now=0.0)
+    assert task is not None
+    with pytest.raises(Forbidden):
+        coordinator.submit(task.id, "hospital-2", "a", TaskResult({"count": 1}), now=1.0)
+
+
+@pytest.mark.parametrize(("tensors", "reason"), [
+    ({"w": np.array([np.nan, 0, 0]), "b": np.zeros(1)}, "non_finite"),
+    ({"w": np.zeros(4), "b": np.zeros(1)}, "wrong_shape"),
+    ({"w": np.zeros(3)}, "wrong_tensors"),
+    ({"w": np.full(3, 1e6), "b": np.zeros(1)}, "norm_exceeded"),
+])
+def test_invalid_updates_are_refused_counted_and_the_round_closes_without_them(tensors: dict, reason: str) -> None:
+    coordinator = start()
+    for hospital in HOSPITALS:
+        answer(coordinator, hospital, now=1.0)  # stats
+    task = coordinator.next_task("hospital-3", "a", now=2.0)
+    assert task is not None
+    with pytest.raises(Rejected) as info:
+        coordinator.submit(task.id, "hospital-3", "a", TaskResult({"num_examples": 10}, tensors), now=2.0)
+    assert info.value.reason == reason
+    answer(coordinator, "hospital-1", now=3.0, value=2.0)
+    answer(coordinator, "hospital-2", now=3.0, value=4.0)
+    run = coordinator.runs["run-1"]
+    assert run.rejected == {reason: 1}
+    assert run.round == 2 and set(run.history[-1].hospitals) == {"hospital-1", "hospital-2"}
+    np.testing.assert_allclose(run.weights["w"], [3.0, 3.0, 3.0])
+
+
+def test_deadline_closes_with_a_quorum_and_retries_then_fails_without() -> None:
+    coordinator = start(RunConfig(rounds=1, min_hospitals=2, round_deadline_s=60, lease_s=10, max_round_retries=1))
+    run = coordinator.runs["run-1"]
+    answer(coordinator, "hospital-1", now=1.0)
+    answer(coordinator, "hospital-2", now=1.0)
+    coordinator.tick(now=59.0)
+    assert run.round == 0
+    coordinator.tick(now=60.0)  # hospital-3 silent, but 2 of 3 is a quorum
+    assert run.round == 1 and run.attempt == 0
+    answer(coordinator, "hospital-1", now=61.0)
+    coordinator.tick(now=121.0)  # only 1 answer: retry the round with fresh tasks
+    assert run.round == 1 and run.attempt == 1 and run.status is RunStatus.running
+    retried = coordinator.next_task("hospital-1", "a", now=122.0)
+    assert retried is not None and retried.attempt == 1
+    coordinator.tick(now=181.0)
+    assert run.status is RunStatus.failed
+    assert "round 1 had 0 valid result(s) after 2 attempt(s); 2 needed" in run.reason
+
+
+def test_snapshot_and_restore_resume_the_same_run() -> None:
+    def drive(coordinator: Coordinator, rounds: range) -> None:
+        for _ in rounds:
+            for i, hospital in enumerate(HOSPITALS):
+                answer(coordinator, hospital, now=5.0, value=float(i + coordinator.runs["run-1"].round))
+
+    config = RunConfig(rounds=3, min_hospitals=3, strategy=StrategyConfig(name="fedadam"))
+    undisturbed = start(config)
+    drive(undisturbed, range(5))
+    interrupted = start(config)
+    drive(interrupted, range(2))
+    snapshot = json.loads(json.dumps(interrupted.snapshot()))  # through JSON, as the checkpoint file is
+    restored = Coordinator.restore(snapshot, stats_reducer)
+    assert restored.runs["run-1"].round == 2 and restored.runs["run-1"].optimiser.steps == 1
+    drive(restored, range(3))
+    final, reference = restored.runs["run-1"], undisturbed.runs["run-1"]
+    assert final.status is RunStatus.completed
+    assert [h.round for h in final.history] == [0, 1, 2, 3, 4]
+    for name in reference.weights:
+        np.testing.assert_array_equal(final.weights[name], reference.weights[name])
