@@ -87,6 +87,7 @@ class RunConfig:
     local_epochs: int = 2
     learning_rate: float = 0.001
     batch_size: int = 64
+    weight_decay: float = 1e-4
     strategy: StrategyConfig = StrategyConfig()
     min_hospitals: int = 2
     round_deadline_s: float = 120.0
@@ -97,7 +98,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         s = self.strategy
         return {"rounds": self.rounds, "local_epochs": self.local_epochs, "learning_rate": self.learning_rate,
-                "batch_size": self.batch_size, "min_hospitals": self.min_hospitals,
+                "batch_size": self.batch_size, "weight_decay": self.weight_decay, "min_hospitals": self.min_hospitals,
                 "round_deadline_s": self.round_deadline_s, "lease_s": self.lease_s,
                 "max_round_retries": self.max_round_retries, "update_norm_bound": self.update_norm_bound,
                 "strategy": {"name": s.name, "trim_fraction": s.trim_fraction, "proximal_mu": s.proximal_mu,

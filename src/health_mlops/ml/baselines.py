@@ -56,7 +56,7 @@ class ExperimentResult:
                 "per_hospital": self.per_hospital, **self.extra}
 
 
-def _score(spec: DatasetSpec, splits: list[HospitalSplit], predictions: list[np.ndarray]) -> tuple[
+def score_predictions(spec: DatasetSpec, splits: list[HospitalSplit], predictions: list[np.ndarray]) -> tuple[
         dict[str, float], dict[str, dict[str, float]]]:
     targets = [encode_target(s.test, spec) for s in splits]
     per_hospital = {s.hospital_id: task_metrics(spec.task, y, p)
@@ -88,7 +88,7 @@ def run_pooled(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConf
     pooled = pd.concat([s.train for s in splits], ignore_index=True)
     model, preprocessor = _fit(spec, pooled, config, _hook(on_epoch, "pooled"))
     predictions = [predict_frame(model, preprocessor, s.test) for s in splits]
-    overall, per_hospital = _score(spec, splits, predictions)
+    overall, per_hospital = score_predictions(spec, splits, predictions)
     return ExperimentResult("pooled", spec.task, spec.primary_metric, overall, per_hospital)
 
 
@@ -99,6 +99,6 @@ def run_local(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConfi
     for split in splits:
         model, preprocessor = _fit(spec, split.train, config, _hook(on_epoch, split.hospital_id))
         predictions.append(predict_frame(model, preprocessor, split.test))
-    overall, per_hospital = _score(spec, splits, predictions)
+    overall, per_hospital = score_predictions(spec, splits, predictions)
     return ExperimentResult("local", spec.task, spec.primary_metric, overall, per_hospital)
 

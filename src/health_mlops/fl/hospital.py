@@ -1,0 +1,93 @@
+"""What a hospital computes for each task, on its own rows only (no network here; the node service wraps it).
+
+Only aggregates leave: per-column counts, sums and sums of squares (cells describing fewer than
+`small_cell_threshold` patients suppressed), model weights, example counts and metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from health_mlops.data.preprocess import Preprocessor, encoded_columns, stats_of_frame
+from health_mlops.fl.coordinator import RunConfig, TaskKind, TaskResult
+from health_mlops.fl.strategies import Weights
+from health_mlops.ml.evaluate import evaluate_frame
+from health_mlops.ml.model import build_model, get_weights, set_weights
+from health_mlops.ml.train import TrainConfig, train_model
+from health_mlops.spec import DatasetSpec
+
+
+def hospital_stats(frame: pd.DataFrame, spec: DatasetSpec, small_cell_threshold: int) -> dict[str, Any]:
+    """Counts, sums and sums of squares per encoded column; a category held by 1..threshold-1 patients is
+    suppressed (sent as null) so that no small group can be singled out."""
+    stats = stats_of_frame(frame, spec)
+    columns = encoded_columns(spec)
+    sums: list[float | None] = stats.sums.tolist()
+    squares: list[float | None] = stats.sums_of_squares.tolist()
+    for j, name in enumerate(columns):
+        if "=" in name and 0 < stats.sums[j] < small_cell_threshold:
+            sums[j] = squares[j] = None
+    return {"count": stats.count, "sums": sums, "sums_of_squares": squares, "target_sum": stats.target_sum,
+            "target_sum_of_squares": stats.target_sum_of_squares}
+
+
+def reduce_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Global standardisation from hospitals' stats; a suppressed cell leaves that hospital out of that column."""
+    counts = np.array([r["count"] for r in results], dtype=np.float64)
+    sums = np.array([[np.nan if v is None else v for v in r["sums"]] for r in results], dtype=np.float64)
+    squares = np.array([[np.nan if v is None else v for v in r["sums_of_squares"]] for r in results], dtype=np.float64)
+    present = ~np.isnan(sums)
+    column_counts = (present * counts[:, None]).sum(axis=0)
+    mean = np.nansum(sums, axis=0) / np.maximum(column_counts, 1)
+    variance = np.maximum(np.nansum(squares, axis=0) / np.maximum(column_counts, 1) - mean**2, 0)
+    scale = np.where(variance > 1e-12, np.sqrt(variance), 1.0)
+    total = counts.sum()
+    target_mean = sum(r["target_sum"] for r in results) / total
+    target_var = max(sum(r["target_sum_of_squares"] for r in results) / total - target_mean**2, 0.0)
+    return {"count": int(total), "mean": mean.tolist(), "scale": scale.tolist(), "target_mean": target_mean,
+            "target_scale": float(np.sqrt(target_var)) if target_var > 1e-12 else 1.0}
+
+
+def preprocessor_from(spec: DatasetSpec, preprocessing: dict[str, Any]) -> Preprocessor:
+    target_mean, target_scale = ((0.0, 1.0) if spec.task == "binary"
+                                 else (preprocessing["target_mean"], preprocessing["target_scale"]))
+    return Preprocessor(spec, np.asarray(preprocessing["mean"]), np.asarray(preprocessing["scale"]),
+                        float(target_mean), float(target_scale))
+
+
+@dataclass
+class HospitalWorker:
+    """One hospital's side of the federation, over its own train and test rows."""
+
+    hospital_id: str
+    spec: DatasetSpec
+    train: pd.DataFrame
+    test: pd.DataFrame
+    small_cell_threshold: int = 5
+
+    def handle(self, kind: TaskKind, config: RunConfig, weights: Weights, preprocessing: dict[str, Any],
+               round_number: int) -> TaskResult:
+        if kind is TaskKind.stats:
+            return TaskResult(hospital_stats(self.train, self.spec, self.small_cell_threshold))
+        preprocessor = preprocessor_from(self.spec, preprocessing)
+        model = build_model(self.spec.model, len(preprocessor.mean))
+        set_weights(model, {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in weights.items()})
+        evaluation = evaluate_frame(model, preprocessor, self.test)  # the incoming global model, before training
+        if kind is TaskKind.evaluate:
+            return TaskResult({"num_examples": len(self.test), "metrics": evaluation})
+        train_config = TrainConfig(epochs=config.local_epochs, learning_rate=config.learning_rate,
+                                   batch_size=config.batch_size, weight_decay=config.weight_decay,
+                                   proximal_mu=config.strategy.proximal_mu if config.strategy.name == "fedprox" else 0.0,
+                                   seed=round_number)
+        started = time.perf_counter()
+        result = train_model(model, preprocessor.features(self.train), preprocessor.target(self.train),
+                             self.spec.task, train_config)
+        tensors = {k: v.numpy().astype(np.float64) for k, v in get_weights(model).items()}
+        return TaskResult({"num_examples": result.examples, "metrics": evaluation, "train_loss": result.mean_loss,
+                           "compute_seconds": time.perf_counter() - started}, tensors)
