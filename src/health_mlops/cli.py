@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -28,6 +28,9 @@ from health_mlops.data.io import DataError
 from health_mlops.data.synthetic import SPEC_FILE_NAME, generate_dataset, read_reference
 from health_mlops.data.validate import FileReport
 from health_mlops.spec import DatasetSpec, SpecError, load_spec
+
+if TYPE_CHECKING:  # training modules import torch; `data` commands should not pay for it
+    from health_mlops.ml.baselines import HospitalSplit
 
 app = typer.Typer(help="Health MLOps: federated health-risk models for hospital consortia.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -167,7 +170,7 @@ def _unique_reports(hospitals: dict[str, HospitalData]) -> list[FileReport]:
     return list(seen.values())
 
 
-def _load_splits(data: Path, dataset: DatasetSpec, settings: Settings):  # noqa: ANN202 - see ml.baselines
+def _load_splits(data: Path, dataset: DatasetSpec, settings: Settings) -> list[HospitalSplit]:
     from health_mlops.ml.baselines import split_hospitals
 
     hospitals = load_hospitals(data, dataset, quality_dir=settings.quality_dir / data.resolve().name)
