@@ -86,9 +86,11 @@ def sum_stats(parts: list[ColumnStats]) -> ColumnStats:
     return total
 
 
-def _mean_and_scale(count: int, sums: np.ndarray, sums_of_squares: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = sums / count
-    variance = np.maximum(sums_of_squares / count - mean**2, 0.0)
+def mean_and_scale(count: int | np.ndarray, sums: np.ndarray, sums_of_squares: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation from sums; `count` may differ per column (suppressed cells)."""
+    mean = sums / np.maximum(count, 1)
+    variance = np.maximum(sums_of_squares / np.maximum(count, 1) - mean**2, 0.0)
     scale = np.where(variance > _MIN_VARIANCE, np.sqrt(variance), 1.0)
     return mean, scale
 
@@ -107,10 +109,10 @@ class Preprocessor:
     def from_stats(cls, spec: DatasetSpec, stats: ColumnStats) -> Preprocessor:
         if stats.count == 0:
             raise ValueError("cannot standardise from zero rows")
-        mean, scale = _mean_and_scale(stats.count, stats.sums, stats.sums_of_squares)
+        mean, scale = mean_and_scale(stats.count, stats.sums, stats.sums_of_squares)
         if spec.task == "binary":  # a probability needs no scaling
             return cls(spec, mean, scale, 0.0, 1.0)
-        t_mean, t_scale = _mean_and_scale(stats.count, np.array([stats.target_sum]),
+        t_mean, t_scale = mean_and_scale(stats.count, np.array([stats.target_sum]),
                                           np.array([stats.target_sum_of_squares]))
         return cls(spec, mean, scale, float(t_mean[0]), float(t_scale[0]))
 

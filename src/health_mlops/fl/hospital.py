@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from health_mlops.data.preprocess import Preprocessor, encoded_columns, stats_of_frame
+from health_mlops.data.preprocess import Preprocessor, encoded_columns, mean_and_scale, stats_of_frame
 from health_mlops.fl.coordinator import RunConfig, TaskKind, TaskResult
 from health_mlops.fl.strategies import Weights
 from health_mlops.ml.evaluate import evaluate_frame
@@ -42,16 +42,13 @@ def reduce_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
     counts = np.array([r["count"] for r in results], dtype=np.float64)
     sums = np.array([[np.nan if v is None else v for v in r["sums"]] for r in results], dtype=np.float64)
     squares = np.array([[np.nan if v is None else v for v in r["sums_of_squares"]] for r in results], dtype=np.float64)
-    present = ~np.isnan(sums)
-    column_counts = (present * counts[:, None]).sum(axis=0)
-    mean = np.nansum(sums, axis=0) / np.maximum(column_counts, 1)
-    variance = np.maximum(np.nansum(squares, axis=0) / np.maximum(column_counts, 1) - mean**2, 0)
-    scale = np.where(variance > 1e-12, np.sqrt(variance), 1.0)
+    column_counts = (~np.isnan(sums) * counts[:, None]).sum(axis=0)
+    mean, scale = mean_and_scale(column_counts, np.nansum(sums, axis=0), np.nansum(squares, axis=0))
     total = counts.sum()
-    target_mean = sum(r["target_sum"] for r in results) / total
-    target_var = max(sum(r["target_sum_of_squares"] for r in results) / total - target_mean**2, 0.0)
-    return {"count": int(total), "mean": mean.tolist(), "scale": scale.tolist(), "target_mean": target_mean,
-            "target_scale": float(np.sqrt(target_var)) if target_var > 1e-12 else 1.0}
+    target_mean, target_scale = mean_and_scale(total, np.array([sum(r["target_sum"] for r in results)]),
+                                               np.array([sum(r["target_sum_of_squares"] for r in results)]))
+    return {"count": int(total), "mean": mean.tolist(), "scale": scale.tolist(),
+            "target_mean": float(target_mean[0]), "target_scale": float(target_scale[0])}
 
 
 def preprocessor_from(spec: DatasetSpec, preprocessing: dict[str, Any]) -> Preprocessor:
