@@ -150,3 +150,14 @@ def test_snapshot_and_restore_resume_the_same_run() -> None:
     assert [h.round for h in final.history] == [0, 1, 2, 3, 4]
     for name in reference.weights:
         np.testing.assert_array_equal(final.weights[name], reference.weights[name])
+
+
+def test_a_cancelled_run_hands_out_no_more_work() -> None:
+    coordinator = start()
+    held = coordinator.next_task("hospital-1", "a", now=0.0)
+    assert held is not None
+    run = coordinator.cancel_run("run-1")
+    assert run.status is RunStatus.cancelled and run.reason == "cancelled by an admin"
+    assert coordinator.next_task("hospital-2", "a", now=1.0) is None
+    with pytest.raises(Conflict):
+        coordinator.submit(held.id, "hospital-1", "a", TaskResult({"count": 1}), now=1.0)

@@ -212,7 +212,7 @@ class Coordinator:
         self._open_round(run, now)
         return run
 
-    def cancel_run(self, run_id: str, now: float) -> Run:
+    def cancel_run(self, run_id: str) -> Run:
         run = self._run(run_id)
         if run.status is RunStatus.running:
             self._end(run, RunStatus.cancelled, "cancelled by an admin")
@@ -235,11 +235,16 @@ class Coordinator:
         return [t for t in self.tasks.values()
                 if t.run_id == run.id and t.round == run.round and t.attempt == run.attempt]
 
-    def _end(self, run: Run, status: RunStatus, reason: str) -> None:
-        run.status, run.reason = status, reason
+    def _clear_round(self, run: Run) -> None:
+        """Drop the open round's stored results and abandon its unanswered tasks."""
         for task in self._round_tasks(run):
+            self.results.pop(task.id, None)
             if task.status in (TaskStatus.pending, TaskStatus.leased):
                 task.status = TaskStatus.abandoned
+
+    def _end(self, run: Run, status: RunStatus, reason: str) -> None:
+        run.status, run.reason = status, reason
+        self._clear_round(run)
 
     # --- tasks ----------------------------------------------------------------------------------------
 
@@ -309,14 +314,11 @@ class Coordinator:
             return
         if len(answered) >= run.config.min_hospitals:
             self._close_round(run, answered, now)
-        elif deadline_passed or settled:
+        else:
             self._retry_or_fail(run, len(answered), now)
 
     def _retry_or_fail(self, run: Run, answered: int, now: float) -> None:
-        for task in self._round_tasks(run):
-            self.results.pop(task.id, None)
-            if task.status in (TaskStatus.pending, TaskStatus.leased):
-                task.status = TaskStatus.abandoned
+        self._clear_round(run)
         if run.attempt >= run.config.max_round_retries:
             self._end(run, RunStatus.failed,
                       f"round {run.round} had {answered} valid result(s) after {run.attempt + 1} attempt(s); "
@@ -327,10 +329,7 @@ class Coordinator:
 
     def _close_round(self, run: Run, answered: list[Task], now: float) -> None:
         results = {t.hospital: self.results.pop(t.id) for t in answered}
-        for task in self._round_tasks(run):
-            self.results.pop(task.id, None)
-            if task.status in (TaskStatus.pending, TaskStatus.leased):
-                task.status = TaskStatus.abandoned
+        self._clear_round(run)
         kind = run.kind_of(run.round)
         if kind is TaskKind.stats:
             run.preprocessing = self._stats_reducer([r.metadata for r in results.values()])

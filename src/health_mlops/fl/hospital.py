@@ -6,19 +6,17 @@ Only aggregates leave: per-column counts, sums and sums of squares (cells descri
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from health_mlops.data.preprocess import Preprocessor, encoded_columns, mean_and_scale, stats_of_frame
 from health_mlops.fl.coordinator import RunConfig, TaskKind, TaskResult
 from health_mlops.fl.strategies import Weights
 from health_mlops.ml.evaluate import evaluate_frame
-from health_mlops.ml.model import build_model, get_weights, set_weights
+from health_mlops.ml.model import model_with_weights, weights_as_numpy
 from health_mlops.ml.train import TrainConfig, train_model
 from health_mlops.spec import DatasetSpec
 
@@ -73,8 +71,7 @@ class HospitalWorker:
         if kind is TaskKind.stats:
             return TaskResult(hospital_stats(self.train, self.spec, self.small_cell_threshold))
         preprocessor = preprocessor_from(self.spec, preprocessing)
-        model = build_model(self.spec.model, len(preprocessor.mean))
-        set_weights(model, {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in weights.items()})
+        model = model_with_weights(self.spec.model, len(preprocessor.mean), weights)
         evaluation = evaluate_frame(model, preprocessor, self.test)  # the incoming global model, before training
         if kind is TaskKind.evaluate:
             return TaskResult({"num_examples": len(self.test), "metrics": evaluation})
@@ -82,9 +79,7 @@ class HospitalWorker:
                                    batch_size=config.batch_size, weight_decay=config.weight_decay,
                                    proximal_mu=config.strategy.proximal_mu if config.strategy.name == "fedprox" else 0.0,
                                    seed=round_number)
-        started = time.perf_counter()
         result = train_model(model, preprocessor.features(self.train), preprocessor.target(self.train),
                              self.spec.task, train_config)
-        tensors = {k: v.numpy().astype(np.float64) for k, v in get_weights(model).items()}
         return TaskResult({"num_examples": result.examples, "metrics": evaluation, "train_loss": result.mean_loss,
-                           "compute_seconds": time.perf_counter() - started}, tensors)
+                           "compute_seconds": result.seconds}, weights_as_numpy(model))

@@ -6,20 +6,18 @@ For experiments on the core: it exercises exactly the coordinator and hospital l
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from health_mlops.data.preprocess import encoded_columns
 from health_mlops.fl.coordinator import Coordinator, Run, RunConfig, RunStatus
 from health_mlops.fl.hospital import HospitalWorker, preprocessor_from, reduce_stats
 from health_mlops.ml.baselines import ExperimentResult, HospitalSplit, score_predictions
 from health_mlops.ml.evaluate import predict_frame
-from health_mlops.ml.model import build_model, get_weights, set_weights
+from health_mlops.ml.model import build_model, model_with_weights, weights_as_numpy
 from health_mlops.spec import DatasetSpec
 
 
 def initial_weights(spec: DatasetSpec, seed: int) -> dict[str, np.ndarray]:
-    model = build_model(spec.model, len(encoded_columns(spec)), seed=seed)
-    return {k: v.numpy().astype(np.float64) for k, v in get_weights(model).items()}
+    return weights_as_numpy(build_model(spec.model, len(encoded_columns(spec)), seed=seed))
 
 
 def run_federated_in_memory(spec: DatasetSpec, splits: list[HospitalSplit], config: RunConfig, *,
@@ -40,8 +38,7 @@ def run_federated_in_memory(spec: DatasetSpec, splits: list[HospitalSplit], conf
     if run.status is not RunStatus.completed:
         raise RuntimeError(f"federated run ended {run.status.value}: {run.reason}")
     preprocessor = preprocessor_from(spec, run.preprocessing)
-    model = build_model(spec.model, len(preprocessor.mean))
-    set_weights(model, {k: torch.from_numpy(v.astype(np.float32)) for k, v in run.weights.items()})
+    model = model_with_weights(spec.model, len(preprocessor.mean), run.weights)
     predictions = [predict_frame(model, preprocessor, s.test) for s in splits]
     overall, per_hospital = score_predictions(spec, splits, predictions)
     return ExperimentResult("federated", spec.task, spec.primary_metric, overall, per_hospital), run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,3 +37,15 @@ def get_weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def set_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(weights, strict=True)
+
+
+def weights_as_numpy(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's parameters as float64 arrays: the form updates travel and are averaged in."""
+    return {name: tensor.numpy().astype(np.float64) for name, tensor in get_weights(model).items()}
+
+
+def model_with_weights(config: ModelDefaults, n_inputs: int, weights: dict[str, np.ndarray]) -> nn.Module:
+    """A model of the task's architecture holding the given (e.g. global) weights."""
+    model = build_model(config, n_inputs)
+    set_weights(model, {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in weights.items()})
+    return model
