@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +29,17 @@ def run_cli_json(*args: str, home: Path) -> object:
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
+
+
+def free_port_range(count: int) -> int:
+    """The first of `count` consecutive ports that are free on 127.0.0.1 right now."""
+    for _ in range(200):
+        base = random.randint(20000, 60000 - count)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port range found")

@@ -30,7 +30,8 @@ from health_mlops.data.validate import FileReport
 from health_mlops.spec import DatasetSpec, SpecError, load_spec
 
 if TYPE_CHECKING:  # training modules import torch; `data` commands should not pay for it
-    from health_mlops.ml.baselines import HospitalSplit
+    from health_mlops.fl.coordinator import RunConfig
+    from health_mlops.ml.baselines import ExperimentResult, HospitalSplit
 
 app = typer.Typer(help="Health MLOps: federated health-risk models for hospital consortia.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -49,6 +50,16 @@ _ROWS_SHOWN = 10
 class Mode(str, Enum):
     pooled = "pooled"
     local = "local"
+    federated = "federated"
+
+
+class Strategy(str, Enum):
+    fedavg = "fedavg"
+    fedprox = "fedprox"
+    fedadam = "fedadam"
+    fedyogi = "fedyogi"
+    median = "median"
+    trimmed_mean = "trimmed_mean"
 
 
 @contextmanager
@@ -183,14 +194,18 @@ def _load_splits(data: Path, dataset: DatasetSpec, settings: Settings) -> list[H
 @app.command()
 def train(
     data: Annotated[Path, typer.Option(help="data root: one folder per hospital, or a file with a site column")],
-    mode: Annotated[Mode, typer.Option(help="pooled: one model on all rows; local: one model per hospital")],
+    mode: Annotated[Mode, typer.Option(help="pooled: one model on all rows; local: one model per hospital; "
+                                            "federated: aggregator and nodes over loopback HTTP")],
     spec: Annotated[str | None, typer.Option(help="built-in spec name or YAML path")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="epochs (pooled, local) or local epochs per round "
+                                                           "(federated)")] = None,
     learning_rate: Annotated[float | None, typer.Option(min=0.0)] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
+    rounds: Annotated[int | None, typer.Option(min=1, help="federated: training rounds")] = None,
+    strategy: Annotated[Strategy, typer.Option(help="federated: aggregation strategy")] = Strategy.fedavg,
     json_output: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,
 ) -> None:
-    """Train a baseline and score it on every hospital's test rows."""
+    """Train a baseline or a federation and score it on every hospital's test rows."""
     import torch
 
     from health_mlops.ml.baselines import run_local, run_pooled
@@ -201,13 +216,17 @@ def train(
     with _clean_errors():
         dataset = _resolve_spec(spec, data)
         splits = _load_splits(data, dataset, settings)
-    config = TrainConfig.for_task(get_training_defaults(), dataset, epochs=epochs, learning_rate=learning_rate,
-                                  batch_size=batch_size)
-    runner = run_pooled if mode is Mode.pooled else run_local
-    total = config.epochs * (1 if mode is Mode.pooled else len(splits))
-    with _progress() as progress:
-        task = progress.add_task(f"training {mode.value}", total=total)
-        result = runner(dataset, splits, config, on_epoch=lambda _name, _epoch: progress.advance(task))
+    if mode is Mode.federated:
+        result = _train_federated(data, dataset, splits, settings, rounds=rounds, local_epochs=epochs,
+                                  learning_rate=learning_rate, batch_size=batch_size, strategy=strategy)
+    else:
+        config = TrainConfig.for_task(get_training_defaults(), dataset, epochs=epochs, learning_rate=learning_rate,
+                                      batch_size=batch_size)
+        runner = run_pooled if mode is Mode.pooled else run_local
+        total = config.epochs * (1 if mode is Mode.pooled else len(splits))
+        with _progress() as progress:
+            task = progress.add_task(f"training {mode.value}", total=total)
+            result = runner(dataset, splits, config, on_epoch=lambda _name, _epoch: progress.advance(task))
     reference = read_reference(data, split_seed=settings.split_seed, test_fraction=settings.test_fraction)
     document = result.to_json()
     if reference is not None:
@@ -219,6 +238,143 @@ def train(
     if reference is not None:
         columns = {"Bayes-optimal": reference, **columns}
     out.print(comparison_table(dataset, columns, title=f"{dataset.name}: {mode.value} training"))
+    if "timing" in document:
+        out.print("timing: " + ", ".join(f"{k} {v}" for k, v in document["timing"].items()))
+
+
+def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: object) -> RunConfig:
+    """A run over every hospital with the task's training settings; `overrides` that are None are not given."""
+    from health_mlops.fl.coordinator import RunConfig
+    from health_mlops.fl.strategies import StrategyConfig
+    from health_mlops.ml.train import TrainConfig
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    local = TrainConfig.for_task(get_training_defaults(), dataset, learning_rate=given.pop("learning_rate", None),
+                                 batch_size=given.pop("batch_size", None))
+    strategy = given.pop("strategy", Strategy.fedavg)
+    return RunConfig(learning_rate=local.learning_rate, batch_size=local.batch_size, weight_decay=local.weight_decay,
+                     min_hospitals=hospitals, strategy=StrategyConfig(name=Strategy(strategy).value), **given)
+
+
+def _train_federated(data: Path, dataset: DatasetSpec, splits: list[HospitalSplit], settings: Settings,
+                     **overrides: object) -> ExperimentResult:
+    from health_mlops.fl.loopback import run_federation_over_loopback
+    from health_mlops.fl.simulation import score_global_model
+
+    config = federated_run_config(dataset, len(splits), rounds=overrides["rounds"],
+                                  local_epochs=overrides["local_epochs"], learning_rate=overrides["learning_rate"],
+                                  batch_size=overrides["batch_size"], strategy=overrides["strategy"])
+    with _clean_errors():
+        hospitals = load_hospitals(data, dataset)
+    with _progress() as progress:
+        task = progress.add_task("federated rounds", total=config.rounds + 2)
+        outcome = run_federation_over_loopback(
+            dataset, hospitals, config, split_seed=settings.split_seed, test_fraction=settings.test_fraction,
+            on_progress=lambda view: progress.update(task, completed=len(view.history)))
+    result = score_global_model(dataset, splits, outcome.run.preprocessing, outcome.weights)
+    result.extra["timing"] = outcome.timing.to_json()
+    result.extra["run"] = {"id": outcome.run.id, "config": outcome.run.config.model_dump(mode="json"),
+                           "rejected": outcome.run.rejected}
+    return result
+
+
+@app.command()
+def provision(
+    hospitals: Annotated[int | None, typer.Option(min=1, max=1000, help="issue for hospital-1 .. hospital-N")] = None,
+    hospital: Annotated[list[str] | None, typer.Option(help="issue for this hospital (repeatable)")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="default: the credentials folder of "
+                                                                "$HEALTH_MLOPS_HOME")] = None,
+) -> None:
+    """Issue credentials once: the admin's and one per hospital (existing ones are kept)."""
+    from health_mlops.data.synthetic import hospital_ids
+    from health_mlops.security import provision as issue
+
+    names = [*(hospital_ids(hospitals) if hospitals else []), *(hospital or [])]
+    if not names:
+        err.print("[bold red]error:[/] name the hospitals: --hospitals N or --hospital NAME", markup=True)
+        raise typer.Exit(2)
+    directory = out_dir or get_settings().credentials_dir
+    issued = issue(directory, names)
+    out.print(f"credentials in {directory}: " + (f"issued {', '.join(issued)}" if issued else "nothing new to issue"))
+    out.print("give each hospital only its own <hospital>.token; the aggregator needs registry.json")
+
+
+@app.command()
+def aggregator(
+    host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 in a container)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8080,
+    spec: Annotated[str | None, typer.Option(help="built-in spec name or YAML path (default: settings)")] = None,
+) -> None:
+    """Run the aggregator service: runs, rounds, checkpoints (resumes from the last one on restart)."""
+    from health_mlops.fl.aggregator import serve
+    from health_mlops.security import CredentialError
+
+    settings = get_settings()
+    _configure_logging()
+    try:
+        with _clean_errors():
+            dataset = load_spec(spec or settings.spec)
+        serve(dataset, settings.models_dir, settings.credentials_dir, host=host, port=port)
+    except CredentialError as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def node(
+    hospital_id: Annotated[str | None, typer.Option(help="env HOSPITAL_ID")] = None,
+    node_id: Annotated[str | None, typer.Option(help="this replica's name; env NODE_ID (default: host name)")] = None,
+    city: Annotated[str | None, typer.Option(help="env CITY_NAME")] = None,
+    central_url: Annotated[str | None, typer.Option(help="the aggregator; env CENTRAL_URL")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="this hospital's data folder; env DATA_DIR")] = None,
+    token_file: Annotated[Path | None, typer.Option(help="default: env HEALTH_MLOPS_TOKEN, else "
+                                                         "<credentials>/<hospital>.token")] = None,
+    host: Annotated[str, typer.Option(help="interface for the node API and metrics")] = "127.0.0.1",
+    api_port: Annotated[int | None, typer.Option(help="node API; env NODE_API_PORT (5001)")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus metrics; env METRICS_PORT (8001)")] = None,
+    spec: Annotated[str | None, typer.Option(help="built-in spec name or YAML path")] = None,
+) -> None:
+    """Run one hospital node: validate the local data, then take tasks from the aggregator."""
+    import socket
+
+    import torch
+
+    from health_mlops.config import get_node_settings
+    from health_mlops.data.hospital import load_hospital
+    from health_mlops.fl.node import HospitalNode, serve
+    from health_mlops.security import CredentialError, read_token, token_path
+
+    settings, env = get_settings(), get_node_settings()
+    torch.set_num_threads(settings.torch_threads)
+    _configure_logging()
+    hospital_name = hospital_id or env.hospital_id
+    folder = data_dir or env.data_dir
+    if not hospital_name or folder is None:
+        err.print("[bold red]error:[/] a node needs --hospital-id (HOSPITAL_ID) and --data-dir (DATA_DIR)",
+                  markup=True)
+        raise typer.Exit(2)
+    try:
+        token = (read_token(token_file) if token_file else settings.token
+                 or read_token(token_path(settings.credentials_dir, hospital_name)))
+    except CredentialError as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+    with _clean_errors():
+        dataset = load_spec(spec or settings.spec)
+        data = load_hospital(folder, dataset, hospital_id=hospital_name,
+                             quality_dir=settings.quality_dir / hospital_name)
+    worker = HospitalNode(data=data, spec=dataset, node_id=node_id or env.node_id or socket.gethostname(),
+                          city=city or env.city_name, central_url=central_url or env.central_url, token=token,
+                          split_seed=settings.split_seed, test_fraction=settings.test_fraction,
+                          poll_wait_s=settings.poll_wait_s)
+    serve(worker, host=host, api_port=api_port or env.api_port, metrics_port=metrics_port or env.metrics_port)
+
+
+def _configure_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
 
 
 def comparison_table(dataset: DatasetSpec, columns: dict[str, dict], *, title: str) -> Table:
@@ -240,14 +396,27 @@ def comparison_table(dataset: DatasetSpec, columns: dict[str, dict], *, title: s
 def demo(
     hospitals: Annotated[int, typer.Option(min=2, max=20)] = 5,
     rows_per_hospital: Annotated[int, typer.Option(min=100)] = 4000,
-    seed: Annotated[int, typer.Option()] = 7,
+    seed: Annotated[int, typer.Option(help="data generator seed")] = 7,
+    rounds: Annotated[int | None, typer.Option(min=1, help="federated training rounds")] = None,
+    port: Annotated[int, typer.Option(help="the aggregator's port")] = 8080,
+    node_api_port: Annotated[int, typer.Option(help="first node API port (one per replica)")] = 5001,
+    node_metrics_port: Annotated[int, typer.Option(help="first node metrics port (one per replica)")] = 8001,
+    no_serve: Annotated[bool, typer.Option("--no-serve", help="stop after training instead of serving the "
+                                                               "dashboard")] = False,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Generate data on first run, then train pooled and local-only baselines and compare them."""
+    """The whole federation on loopback: aggregator and nodes as processes, trained live, then compared with
+    pooled and local-only training and the Bayes-optimal score."""
     import torch
 
+    from health_mlops.data.synthetic import hospital_ids
+    from health_mlops.demo import DemoError, Ports, run_federation
+    from health_mlops.fl.loopback import round_overheads_ms
+    from health_mlops.fl.messages import RunRequest, decode_weights
+    from health_mlops.fl.simulation import score_global_model
     from health_mlops.ml.baselines import run_local, run_pooled
     from health_mlops.ml.train import TrainConfig
+    from health_mlops.security import provision as issue
 
     settings = get_settings()
     torch.set_num_threads(settings.torch_threads)
@@ -256,24 +425,48 @@ def demo(
         with err.status(f"generating data into {data}"):
             generate_dataset(data, n_hospitals=hospitals, rows_per_hospital=rows_per_hospital, seed=seed,
                              split_seed=settings.split_seed, test_fraction=settings.test_fraction)
+    names = hospital_ids(hospitals)
+    issued = issue(settings.credentials_dir, names)
+    if issued:
+        err.print(f"issued credentials for {', '.join(issued)} in {settings.credentials_dir}")
     with _clean_errors():
         dataset = _resolve_spec(None, data)
         splits = _load_splits(data, dataset, settings)
+    reference_file = json.loads((data / "reference.json").read_text(encoding="utf-8"))
+    request = RunRequest(config=federated_run_config(dataset, hospitals, rounds=rounds), hospitals=names)
+    try:
+        view, body = run_federation(data=data, hospitals=names, cities=reference_file.get("cities", {}),
+                                    request=request, home=settings.home, credentials_dir=settings.credentials_dir,
+                                    ports=Ports(port, node_api_port, node_metrics_port), metric=dataset.primary_metric,
+                                    console=err)
+    except DemoError as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted: every process the demo started has been stopped")
+        raise typer.Exit(130) from None
+    federated = score_global_model(dataset, splits, view.preprocessing, decode_weights(body)[0])
     config = TrainConfig.for_task(get_training_defaults(), dataset)
     with _progress() as progress:
-        pooled_task = progress.add_task("pooled training", total=config.epochs)
+        pooled_task = progress.add_task("pooled training (for comparison)", total=config.epochs)
         pooled = run_pooled(dataset, splits, config, on_epoch=lambda _h, _e: progress.advance(pooled_task))
-        local_task = progress.add_task("local-only training", total=config.epochs * len(splits))
+        local_task = progress.add_task("local-only training (for comparison)", total=config.epochs * len(splits))
         local = run_local(dataset, splits, config, on_epoch=lambda _h, _e: progress.advance(local_task))
     reference = read_reference(data, split_seed=settings.split_seed, test_fraction=settings.test_fraction)
-    columns: dict[str, dict] = {"pooled": pooled.to_json(), "local-only": local.to_json()}
+    columns: dict[str, dict] = {"federated": federated.to_json(), "pooled": pooled.to_json(),
+                                "local-only": local.to_json()}
     if reference is not None:
         columns["Bayes-optimal"] = reference
+    overheads = round_overheads_ms(view)
+    counted = {h: sorted({r.nodes[h] for r in view.history if h in r.nodes}) for h in view.hospitals}
     if json_output:
-        _print_json({"data": str(data), **columns})
+        _print_json({"data": str(data), "run": {"id": view.id, "rounds": view.config.rounds,
+                                                "rejected": view.rejected, "counted_from": counted},
+                     "round_overhead_ms": overheads, **columns})
         return
-    out.print(comparison_table(dataset, columns, title="pooled vs local-only vs Bayes-optimal"))
-    out.print(f"data: {data}")
+    out.print(comparison_table(dataset, columns, title="federated vs pooled vs local-only vs Bayes-optimal"))
+    out.print(f"run {view.id}: {view.config.rounds} rounds, each hospital counted once per round "
+              f"(hospital-1's results came from {', '.join(counted[names[0]])}); data: {data}")
 
 
 if __name__ == "__main__":

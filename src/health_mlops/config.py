@@ -33,11 +33,40 @@ class Settings(BaseSettings):
     split_seed: int = Field(42, description="seed of every hospital's train/test split")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="share of a hospital's rows held out for test")
     torch_threads: int = Field(1, ge=1, description="small models train fastest on one thread")
+    spec: str = Field("health-risk", description="dataset spec: a built-in name or a YAML path")
+    models_dir_override: Path | None = Field(None, alias="HEALTH_MLOPS_MODELS_DIR",
+                                             description="checkpoints and model artifacts (default: home/models)")
+    credentials_dir_override: Path | None = Field(None, alias="HEALTH_MLOPS_CREDENTIALS_DIR",
+                                                  description="tokens from `provision` (default: home/credentials)")
+    token: str | None = Field(None, description="a node's bearer token (else read from the credentials folder)")
+    poll_wait_s: float = Field(20.0, gt=0, le=300, description="how long a node's long poll for a task waits")
 
     @property
     def quality_dir(self) -> Path:
         """Where validation reports and quarantined rows are written."""
         return self.home / "quality"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.models_dir_override or self.home / "models"
+
+    @property
+    def credentials_dir(self) -> Path:
+        return self.credentials_dir_override or self.home / "credentials"
+
+
+class NodeSettings(BaseSettings):
+    """A hospital node's identity and wiring, under the env var names the Kubernetes manifests set."""
+
+    model_config = SettingsConfigDict(populate_by_name=True)
+
+    hospital_id: str | None = Field(None, alias="HOSPITAL_ID")
+    node_id: str | None = Field(None, alias="NODE_ID", description="this replica's name (default: host name)")
+    city_name: str = Field("", alias="CITY_NAME")
+    central_url: str = Field("http://127.0.0.1:8080", alias="CENTRAL_URL", description="the aggregator")
+    data_dir: Path | None = Field(None, alias="DATA_DIR", description="this hospital's data folder")
+    api_port: int = Field(5001, alias="NODE_API_PORT")
+    metrics_port: int = Field(8001, alias="METRICS_PORT")
 
 
 def get_settings() -> Settings:
@@ -46,3 +75,7 @@ def get_settings() -> Settings:
 
 def get_training_defaults() -> TrainingDefaults:
     return TrainingDefaults()
+
+
+def get_node_settings() -> NodeSettings:
+    return NodeSettings()

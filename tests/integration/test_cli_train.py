@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import run_cli, run_cli_json
+from tests.conftest import free_port_range, run_cli, run_cli_json
 
 
 def test_train_json_has_the_documented_shape(tmp_path: Path, home: Path) -> None:
@@ -43,7 +43,13 @@ def test_diabetes_runs_pooled_and_local_with_r2(tmp_path: Path, home: Path) -> N
         assert "reference" not in result
 
 
-def test_demo_prints_the_comparison_table(home: Path) -> None:
-    result = run_cli("demo", "--rows-per-hospital", "600", home=home)
-    for text in ("pooled", "local-only", "Bayes-optimal", "hospital-5", "overall"):
+def test_demo_runs_the_federation_as_processes_and_prints_the_table(home: Path) -> None:
+    base = free_port_range(13)
+    ports = ["--port", str(base), "--node-api-port", str(base + 1), "--node-metrics-port", str(base + 7)]
+    result = run_cli("demo", "--rows-per-hospital", "600", "--rounds", "3", "--no-serve", *ports, home=home)
+    for text in ("federated", "pooled", "local-only", "Bayes-optimal", "hospital-5", "overall"):
         assert text in result.stdout
+    assert (home / "credentials" / "hospital-5.token").is_file()
+    logs = sorted(p.name for p in (home / "logs").iterdir())
+    assert logs == ["aggregator.log", "hospital-1-a.log", "hospital-1-b.log", "hospital-2-a.log",
+                    "hospital-3-a.log", "hospital-4-a.log", "hospital-5-a.log"]

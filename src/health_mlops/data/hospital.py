@@ -62,10 +62,11 @@ def _folder_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_hospital(folder: Path, spec: DatasetSpec, *, quality_dir: Path | None = None) -> HospitalData:
-    """Read and validate every data file in one hospital's folder; the folder's name is the hospital id."""
+def load_hospital(folder: Path, spec: DatasetSpec, *, hospital_id: str | None = None,
+                  quality_dir: Path | None = None) -> HospitalData:
+    """Read and validate every data file in one hospital's folder (its name is the default hospital id)."""
     folder = Path(folder)
-    return _hospital(folder.name, [read_table(f) for f in _folder_files(folder)], spec, quality_dir)
+    return _hospital(hospital_id or folder.name, [read_table(f) for f in _folder_files(folder)], spec, quality_dir)
 
 
 def load_hospitals(root: Path, spec: DatasetSpec, *, quality_dir: Path | None = None) -> dict[str, HospitalData]:

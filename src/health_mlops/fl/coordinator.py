@@ -29,11 +29,11 @@ from enum import Enum
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
-from health_mlops.fl.strategies import (ClientUpdate, ServerOptimiserConfig, ServerOptimiserState,
-                                        StrategyConfig, Weights, aggregate)
+from health_mlops.fl.strategies import ClientUpdate, ServerOptimiserState, StrategyConfig, Weights, aggregate
 
 
 class TaskKind(str, Enum):
@@ -81,35 +81,23 @@ class Rejected(CoordinatorError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    rounds: int = 10
-    local_epochs: int = 2
-    learning_rate: float = 0.001
-    batch_size: int = 64
-    weight_decay: float = 1e-4
+class RunConfig(BaseModel):
+    """Everything that defines a training run; validated, so a bad value is refused naming its field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rounds: int = Field(10, ge=1, le=10_000, description="training rounds (fit)")
+    local_epochs: int = Field(1, ge=1, le=1000, description="epochs each hospital trains per round")
+    learning_rate: float = Field(0.001, gt=0, le=10)
+    batch_size: int = Field(64, ge=1, le=1_000_000)
+    weight_decay: float = Field(1e-4, ge=0)
     strategy: StrategyConfig = StrategyConfig()
-    min_hospitals: int = 2
-    round_deadline_s: float = 120.0
-    lease_s: float = 15.0
-    max_round_retries: int = 2
-    update_norm_bound: float = 100.0  # an update farther than this (L2) from the global model is refused
-
-    def to_dict(self) -> dict[str, Any]:
-        s = self.strategy
-        return {"rounds": self.rounds, "local_epochs": self.local_epochs, "learning_rate": self.learning_rate,
-                "batch_size": self.batch_size, "weight_decay": self.weight_decay, "min_hospitals": self.min_hospitals,
-                "round_deadline_s": self.round_deadline_s, "lease_s": self.lease_s,
-                "max_round_retries": self.max_round_retries, "update_norm_bound": self.update_norm_bound,
-                "strategy": {"name": s.name, "trim_fraction": s.trim_fraction, "proximal_mu": s.proximal_mu,
-                             "server": vars(s.server)}}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
-        values = dict(data)
-        strategy = dict(values.pop("strategy", {}))
-        server = ServerOptimiserConfig(**strategy.pop("server", {}))
-        return cls(**values, strategy=StrategyConfig(**strategy, server=server))
+    min_hospitals: int = Field(2, ge=1, description="results needed to close a round at its deadline")
+    round_deadline_s: float = Field(120.0, gt=0)
+    lease_s: float = Field(15.0, gt=0, description="a task's lease; heartbeats renew it")
+    max_round_retries: int = Field(2, ge=0)
+    update_norm_bound: float = Field(100.0, gt=0, description="an update farther than this (L2) is refused")
+    seed: int = Field(0, description="seed of the initial global model")
 
 
 @dataclass
@@ -138,6 +126,8 @@ class RoundRecord:
     round: int
     kind: TaskKind
     hospitals: dict[str, dict[str, Any]]  # hospital -> its result metadata (metrics, examples)
+    nodes: dict[str, str]  # hospital -> the replica whose result counted
+    opened_at: float  # when the attempt that closed the round opened
     closed_at: float
     attempts: int
 
@@ -151,6 +141,7 @@ class Run:
     reason: str = ""
     round: int = 0
     attempt: int = 0
+    round_opened_at: float = 0.0
     round_deadline: float = 0.0
     weights: Weights = field(default_factory=dict)
     optimiser: ServerOptimiserState = ServerOptimiserState()
@@ -225,6 +216,7 @@ class Coordinator:
             raise NotFound(f"no run {run_id}") from None
 
     def _open_round(self, run: Run, now: float) -> None:
+        run.round_opened_at = now
         run.round_deadline = now + run.config.round_deadline_s
         kind = run.kind_of(run.round)
         for hospital in run.hospitals:
@@ -329,6 +321,7 @@ class Coordinator:
 
     def _close_round(self, run: Run, answered: list[Task], now: float) -> None:
         results = {t.hospital: self.results.pop(t.id) for t in answered}
+        nodes = {t.hospital: t.holder or "" for t in answered}
         self._clear_round(run)
         kind = run.kind_of(run.round)
         if kind is TaskKind.stats:
@@ -336,8 +329,8 @@ class Coordinator:
         elif kind is TaskKind.fit:
             updates = [ClientUpdate(r.tensors, int(r.metadata["num_examples"])) for r in results.values()]
             run.weights, run.optimiser = aggregate(run.config.strategy, run.weights, updates, run.optimiser)
-        run.history.append(RoundRecord(run.round, kind, {h: r.metadata for h, r in results.items()}, now,
-                                       run.attempt + 1))
+        run.history.append(RoundRecord(run.round, kind, {h: r.metadata for h, r in results.items()}, nodes,
+                                       run.round_opened_at, now, run.attempt + 1))
         if run.round == run.final_round:
             self._end(run, RunStatus.completed, "")
             return
@@ -365,6 +358,13 @@ class Coordinator:
         coordinator.results = {k: TaskResult(v["metadata"], _decode(v["tensors"])) for k, v in data["results"].items()}
         return coordinator
 
+    def resume(self, now: float) -> None:
+        """After a restore: give every open round a full deadline from now, so an outage of the aggregator
+        does not count against the hospitals."""
+        for run in self.runs.values():
+            if run.status is RunStatus.running:
+                run.round_deadline = now + run.config.round_deadline_s
+
 
 def _encode(weights: Mapping[str, np.ndarray]) -> str:
     return base64.b64encode(save_tensors(dict(weights))).decode("ascii") if weights else ""
@@ -376,24 +376,23 @@ def _decode(text: str) -> Weights:
 
 def _run_to_dict(run: Run) -> dict[str, Any]:
     return {
-        "id": run.id, "config": run.config.to_dict(), "hospitals": run.hospitals, "status": run.status.value,
-        "reason": run.reason, "round": run.round, "attempt": run.attempt, "round_deadline": run.round_deadline,
+        "id": run.id, "config": run.config.model_dump(), "hospitals": run.hospitals, "status": run.status.value,
+        "reason": run.reason, "round": run.round, "attempt": run.attempt, "round_opened_at": run.round_opened_at,
+        "round_deadline": run.round_deadline,
         "weights": _encode(run.weights), "preprocessing": run.preprocessing, "rejected": run.rejected,
         "optimiser": {"first_moment": _encode(run.optimiser.first_moment),
                       "second_moment": _encode(run.optimiser.second_moment), "steps": run.optimiser.steps},
-        "history": [{"round": h.round, "kind": h.kind.value, "hospitals": h.hospitals, "closed_at": h.closed_at,
-                     "attempts": h.attempts} for h in run.history],
+        "history": [{**vars(h), "kind": h.kind.value} for h in run.history],
     }
 
 
 def _run_from_dict(raw: Mapping[str, Any]) -> Run:
     optimiser = raw["optimiser"]
     return Run(
-        id=raw["id"], config=RunConfig.from_dict(raw["config"]), hospitals=list(raw["hospitals"]),
+        id=raw["id"], config=RunConfig.model_validate(raw["config"]), hospitals=list(raw["hospitals"]),
         status=RunStatus(raw["status"]), reason=raw["reason"], round=raw["round"], attempt=raw["attempt"],
-        round_deadline=raw["round_deadline"], weights=_decode(raw["weights"]),
+        round_opened_at=raw["round_opened_at"], round_deadline=raw["round_deadline"], weights=_decode(raw["weights"]),
         optimiser=ServerOptimiserState(_decode(optimiser["first_moment"]), _decode(optimiser["second_moment"]),
                                        optimiser["steps"]),
         preprocessing=raw["preprocessing"], rejected=dict(raw["rejected"]),
-        history=[RoundRecord(h["round"], TaskKind(h["kind"]), h["hospitals"], h["closed_at"], h["attempts"])
-                 for h in raw["history"]])
+        history=[RoundRecord(**{**h, "kind": TaskKind(h["kind"])}) for h in raw["history"]])

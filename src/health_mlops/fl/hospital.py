@@ -6,6 +6,7 @@ Only aggregates leave: per-column counts, sums and sums of squares (cells descri
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,18 +69,27 @@ class HospitalWorker:
 
     def handle(self, kind: TaskKind, config: RunConfig, weights: Weights, preprocessing: dict[str, Any],
                round_number: int) -> TaskResult:
+        """The task's result; its metadata carries `compute_seconds`, the hospital's share of a round's time."""
+        started = time.perf_counter()
+        result = self._compute(kind, config, weights, preprocessing, round_number)
+        result.metadata["compute_seconds"] = time.perf_counter() - started
+        return result
+
+    def _compute(self, kind: TaskKind, config: RunConfig, weights: Weights, preprocessing: dict[str, Any],
+                 round_number: int) -> TaskResult:
         if kind is TaskKind.stats:
             return TaskResult(hospital_stats(self.train, self.spec, self.small_cell_threshold))
         preprocessor = preprocessor_from(self.spec, preprocessing)
         model = model_with_weights(self.spec.model, len(preprocessor.mean), weights)
         evaluation = evaluate_frame(model, preprocessor, self.test)  # the incoming global model, before training
         if kind is TaskKind.evaluate:
-            return TaskResult({"num_examples": len(self.test), "metrics": evaluation})
+            return TaskResult({"num_examples": len(self.test), "num_test_examples": len(self.test),
+                               "metrics": evaluation})
         train_config = TrainConfig(epochs=config.local_epochs, learning_rate=config.learning_rate,
                                    batch_size=config.batch_size, weight_decay=config.weight_decay,
                                    proximal_mu=config.strategy.proximal_mu if config.strategy.name == "fedprox" else 0.0,
                                    seed=round_number)
         result = train_model(model, preprocessor.features(self.train), preprocessor.target(self.train),
                              self.spec.task, train_config)
-        return TaskResult({"num_examples": result.examples, "metrics": evaluation, "train_loss": result.mean_loss,
-                           "compute_seconds": result.seconds}, weights_as_numpy(model))
+        return TaskResult({"num_examples": result.examples, "num_test_examples": len(self.test), "metrics": evaluation,
+                           "train_loss": result.mean_loss}, weights_as_numpy(model))

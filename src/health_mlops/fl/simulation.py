@@ -5,11 +5,14 @@ For experiments on the core: it exercises exactly the coordinator and hospital l
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from health_mlops.data.preprocess import encoded_columns
 from health_mlops.fl.coordinator import Coordinator, Run, RunConfig, RunStatus
 from health_mlops.fl.hospital import HospitalWorker, preprocessor_from, reduce_stats
+from health_mlops.fl.strategies import Weights
 from health_mlops.ml.baselines import ExperimentResult, HospitalSplit, score_predictions
 from health_mlops.ml.evaluate import predict_frame
 from health_mlops.ml.model import build_model, model_with_weights, weights_as_numpy
@@ -37,8 +40,18 @@ def run_federated_in_memory(spec: DatasetSpec, splits: list[HospitalSplit], conf
         now += 0.001
     if run.status is not RunStatus.completed:
         raise RuntimeError(f"federated run ended {run.status.value}: {run.reason}")
-    preprocessor = preprocessor_from(spec, run.preprocessing)
-    model = model_with_weights(spec.model, len(preprocessor.mean), run.weights)
+    return score_global_model(spec, splits, run.preprocessing, run.weights), run
+
+
+def score_global_model(spec: DatasetSpec, splits: list[HospitalSplit], preprocessing: dict[str, Any],
+                       weights: Weights) -> ExperimentResult:
+    """Score a federated model on every hospital's test rows, as the baselines are scored.
+
+    Only an experiment that holds every hospital's data can do this (to compare with pooled training); in a
+    real federation the same numbers come back per hospital from the final `evaluate` round.
+    """
+    preprocessor = preprocessor_from(spec, preprocessing)
+    model = model_with_weights(spec.model, len(preprocessor.mean), weights)
     predictions = [predict_frame(model, preprocessor, s.test) for s in splits]
     overall, per_hospital = score_predictions(spec, splits, predictions)
-    return ExperimentResult("federated", spec.task, spec.primary_metric, overall, per_hospital), run
+    return ExperimentResult("federated", spec.task, spec.primary_metric, overall, per_hospital)

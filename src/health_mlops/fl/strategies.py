@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 Weights = dict[str, np.ndarray]
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean"]
@@ -35,7 +36,7 @@ def _names(updates: Sequence[ClientUpdate]) -> list[str]:
         raise ValueError("nothing to aggregate: no updates")
     names = list(updates[0].weights)
     for update in updates[1:]:
-        if list(update.weights) != names:
+        if set(update.weights) != set(names):  # order may differ (safetensors stores tensors by name)
             raise ValueError("updates hold different tensors")
     return names
 
@@ -81,12 +82,13 @@ class ServerOptimiserState:
     steps: int = 0
 
 
-@dataclass(frozen=True)
-class ServerOptimiserConfig:
-    learning_rate: float = 0.01  # eta
-    beta_1: float = 0.9
-    beta_2: float = 0.99
-    tau: float = 1e-9  # adaptivity: keeps the step finite where the second moment is zero
+class ServerOptimiserConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    learning_rate: float = Field(0.01, gt=0, description="server step size (eta)")
+    beta_1: float = Field(0.9, ge=0, lt=1)
+    beta_2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-9, ge=0, description="adaptivity: keeps the step finite where the second moment is 0")
 
 
 def server_optimiser_step(current: Mapping[str, np.ndarray], averaged: Mapping[str, np.ndarray],
@@ -116,11 +118,12 @@ def server_optimiser_step(current: Mapping[str, np.ndarray], averaged: Mapping[s
     return new_weights, replace(state, first_moment=first, second_moment=second, steps=step)
 
 
-@dataclass(frozen=True)
-class StrategyConfig:
+class StrategyConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     name: StrategyName = "fedavg"
-    trim_fraction: float = 0.2
-    proximal_mu: float = 0.0  # used by hospitals' local training when name == "fedprox"
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="share cut from each end (trimmed_mean)")
+    proximal_mu: float = Field(0.01, ge=0, description="hospitals' proximal term (fedprox only)")
     server: ServerOptimiserConfig = ServerOptimiserConfig()
 
 

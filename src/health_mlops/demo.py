@@ -1,0 +1,221 @@
+"""`health-mlops demo`: the whole federation on loopback, every component its own process, trained live.
+
+It starts the aggregator and one node per hospital (two replicas for hospital-1, to show they count once),
+starts a run with the admin credential, shows the rounds as they close, then compares the federated model
+with pooled training, local-only training and the Bayes-optimal score. Every process it started is stopped
+on the way out, Ctrl-C included; their logs stay in `$HEALTH_MLOPS_HOME/logs`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from health_mlops.fl.messages import RunRequest, RunView
+
+READY_TIMEOUT_S = 60.0
+
+
+class DemoError(Exception):
+    """Something the demo cannot get past; the message says what and where to look."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    aggregator: int = 8080
+    node_api: int = 5001  # replica i listens on node_api + i
+    node_metrics: int = 8001  # and exposes metrics on node_metrics + i
+
+    def all_ports(self, replicas: int) -> list[int]:
+        return [self.aggregator, *(self.node_api + i for i in range(replicas)),
+                *(self.node_metrics + i for i in range(replicas))]
+
+
+def check_ports_free(ports: list[int]) -> None:
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                raise DemoError(f"port {port} on 127.0.0.1 is in use; choose other ports (see --help)") from None
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    log: IO[bytes]
+
+    def log_tail(self, lines: int = 15) -> str:
+        self.log.flush()
+        text = self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+@dataclass
+class Processes:
+    """Child processes of the demo, each in its own session (so Ctrl-C reaches the demo, which stops them in
+    order) with its output in a log file."""
+
+    log_dir: Path
+    env: dict[str, str]
+    children: dict[str, Child] = field(default_factory=dict)
+
+    def start(self, name: str, args: list[str]) -> Child:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        log = open(log_path, "wb")  # noqa: SIM115 - closed in stop_all
+        process = subprocess.Popen([sys.executable, "-m", "health_mlops.cli", *args], stdout=log,
+                                   stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.children[name] = Child(name, process, log_path, log)
+        return self.children[name]
+
+    def stop_all(self, grace_s: float = 5.0) -> None:
+        for child in self.children.values():
+            if child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children.values():
+            try:
+                child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+            child.log.close()
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop_all()
+
+
+def wait_ready(url: str, child: Child, timeout_s: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if child.process.poll() is not None:
+            raise DemoError(f"{child.name} exited with code {child.process.returncode}; the end of "
+                            f"{child.log_path}:\n{child.log_tail()}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise DemoError(f"{child.name} was not ready at {url} after {timeout_s:.0f} s; see {child.log_path}")
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    hospital_id: str
+    node_id: str
+    city: str
+    data_dir: Path
+
+
+def node_plan(data: Path, hospitals: list[str], cities: dict[str, str]) -> list[NodePlan]:
+    """One replica per hospital, two for the first (they must count once)."""
+    plan = []
+    for index, hospital_id in enumerate(hospitals):
+        for replica in ("a", "b") if index == 0 else ("a",):
+            plan.append(NodePlan(hospital_id, f"{hospital_id}-{replica}", cities.get(hospital_id, ""),
+                                 data / hospital_id))
+    return plan
+
+
+def live_view(run: RunView, metric: str) -> Group:
+    """The training as it happens: one line per closed round, then each hospital's state."""
+    fits = [h for h in run.history if h.kind.value != "stats"]
+    header = Text.assemble(("run ", "dim"), run.id, ("  round ", "dim"), f"{run.round}/{run.final_round}",
+                           ("  status ", "dim"), run.status)
+    rounds = Table(box=None, padding=(0, 1), show_edge=False)
+    # Each round first evaluates the model it receives, so round r scores the model after round r-1.
+    for column in ("round", "kind", "hospitals", f"mean hospital {metric.upper()}", "seconds"):
+        rounds.add_column(column, justify="right")
+    for record in fits[-8:]:
+        value = record.global_metrics.get(metric)
+        rounds.add_row(str(record.round), record.kind.value, str(len(record.hospitals)),
+                       "" if value is None else f"{value:.3f}", f"{record.closed_at - record.opened_at:.2f}")
+    hospitals = Table(box=None, padding=(0, 1), show_edge=False)
+    for column in ("hospital", "task", "lease holder", f"last {metric.upper()}", "counted from"):
+        hospitals.add_column(column)
+    open_tasks = {t.hospital: t for t in run.open_tasks}
+    last = run.history[-1] if fits else None
+    for hospital_id in run.hospitals:
+        task = open_tasks.get(hospital_id)
+        value = (last.hospitals.get(hospital_id, {}).get("metrics", {}).get(metric) if last else None)
+        hospitals.add_row(hospital_id, task.status if task else "-", (task.holder or "-") if task else "-",
+                          "" if value is None else f"{value:.3f}", last.nodes.get(hospital_id, "-") if last else "-")
+    return Group(header, rounds, hospitals)
+
+
+def follow_run(admin: httpx.Client, run_id: str, on_view: Callable[[RunView], None],
+               aggregator: Child) -> RunView:
+    while True:
+        if aggregator.process.poll() is not None:
+            raise DemoError(f"the aggregator exited; the end of {aggregator.log_path}:\n{aggregator.log_tail()}")
+        view = RunView.model_validate(admin.get(f"/v1/runs/{run_id}").raise_for_status().json())
+        on_view(view)
+        if view.status != "running":
+            return view
+        time.sleep(0.2)
+
+
+def cancel_stale_runs(admin: httpx.Client, console: Console) -> None:
+    """A demo interrupted earlier leaves its run in the checkpoint; it would take the nodes' time first."""
+    for raw in admin.get("/v1/runs").raise_for_status().json():
+        if raw["status"] == "running":
+            admin.post(f"/v1/runs/{raw['id']}/cancel").raise_for_status()
+            console.print(f"cancelled {raw['id']}, left running by an earlier demo")
+
+
+def run_federation(*, data: Path, hospitals: list[str], cities: dict[str, str], request: RunRequest,
+                   home: Path, credentials_dir: Path, ports: Ports, metric: str,
+                   console: Console) -> tuple[RunView, bytes]:
+    """Start every process, train one run live, return its final view and the final global weights."""
+    from health_mlops.security import ADMIN, bearer, read_token, token_path
+
+    plan = node_plan(data, hospitals, cities)
+    check_ports_free(ports.all_ports(len(plan)))
+    env = {**os.environ, "HEALTH_MLOPS_HOME": str(home)}
+    central = f"http://127.0.0.1:{ports.aggregator}"
+    with Processes(home / "logs", env) as processes:
+        aggregator = processes.start("aggregator", ["aggregator", "--port", str(ports.aggregator)])
+        nodes = [processes.start(p.node_id, ["node", "--hospital-id", p.hospital_id, "--node-id", p.node_id,
+                                             "--city", p.city, "--data-dir", str(p.data_dir), "--central-url",
+                                             central, "--api-port", str(ports.node_api + i),
+                                             "--metrics-port", str(ports.node_metrics + i)])
+                 for i, p in enumerate(plan)]
+        with console.status(f"starting the aggregator and {len(nodes)} nodes (logs in {home / 'logs'})"):
+            wait_ready(f"{central}/readyz", aggregator)
+            for i, child in enumerate(nodes):
+                wait_ready(f"http://127.0.0.1:{ports.node_api + i}/readyz", child)
+        with httpx.Client(base_url=central, headers=bearer(read_token(token_path(credentials_dir, ADMIN))),
+                          timeout=30.0) as admin:
+            cancel_stale_runs(admin, console)
+            response = admin.post("/v1/runs", json=request.model_dump(mode="json"))
+            if response.status_code != 201:
+                raise DemoError(f"the aggregator refused the run: {response.text}")
+            run_id = response.json()["id"]
+            with Live(console=console, refresh_per_second=8, transient=False) as live:
+                view = follow_run(admin, run_id, lambda v: live.update(live_view(v, metric)), aggregator)
+            if view.status != "completed":
+                raise DemoError(f"the run ended {view.status}: {view.reason}; logs in {home / 'logs'}")
+            weights = admin.get(f"/v1/runs/{run_id}/rounds/{view.final_round}/weights").raise_for_status().content
+    return view, weights

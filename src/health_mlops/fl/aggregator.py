@@ -1,0 +1,346 @@
+"""The aggregator service: the coordinator behind DESIGN.md's `/v1` HTTP API.
+
+One asyncio event loop owns the coordinator, so its state changes one request at a time without locks. Any
+change that opens or closes a round, starts or ends a run is checkpointed (atomically, fsynced) before the
+request that caused it is answered, so a restarted aggregator resumes exactly at the last closed round and
+never applies a round twice. Nodes long-poll `GET /v1/tasks/next`; they are woken the moment a round opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import uvicorn
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, Run, RunStatus,
+                                         TaskKind)
+from health_mlops.fl.hospital import reduce_stats
+from health_mlops.fl.messages import (SAFETENSORS_MEDIA_TYPE, LeaseMessage, MessageError, OpenTaskView,
+                                      ResultAccepted, RoundView, RunRequest, RunView, TaskMessage, decode_result,
+                                      encode_weights, weighted_metrics)
+from health_mlops.fl.simulation import initial_weights
+from health_mlops.fl.store import CheckpointStore
+from health_mlops.monitoring import AggregatorMetrics
+from health_mlops.security import Identity, TokenAuthority
+from health_mlops.spec import DatasetSpec
+
+T = TypeVar("T")
+
+# How often deadlines and expired leases are looked at when no request comes in.
+TICK_SECONDS = 0.25
+MAX_NODE_ID_LENGTH = 128
+
+
+class AggregatorService:
+    """The coordinator plus what a service needs around it: persistence, wake-ups, metrics."""
+
+    def __init__(self, spec: DatasetSpec, store: CheckpointStore, authority: TokenAuthority,
+                 metrics: AggregatorMetrics | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.spec = spec
+        self.store = store
+        self.authority = authority
+        self.metrics = metrics or AggregatorMetrics()
+        self.clock = clock
+        saved = store.load_state()
+        if saved is None:
+            self.coordinator = Coordinator(reduce_stats)
+        else:
+            self.coordinator = Coordinator.restore(saved, reduce_stats)
+            self.coordinator.resume(clock())
+        self._progress = self._progress_marks()
+        self._weights_cache: dict[tuple[str, int], bytes] = {}
+        self._wakeup = asyncio.Event()
+        self._update_gauges()
+
+    # --- state changes --------------------------------------------------------------------------------
+
+    def _progress_marks(self) -> dict[str, tuple[int, int, str, int]]:
+        return {r.id: (r.round, r.attempt, r.status.value, len(r.history)) for r in self.coordinator.runs.values()}
+
+    def change(self, operation: Callable[[float], T]) -> T:
+        """Run one coordinator operation; if it moved any run on, checkpoint and wake the waiting nodes.
+
+        The checkpoint is written even when the operation raised (a rejected update can close a round).
+        """
+        try:
+            return operation(self.clock())
+        finally:
+            marks = self._progress_marks()
+            if marks != self._progress:
+                self._after_progress(marks)
+
+    def _after_progress(self, marks: dict[str, tuple[int, int, str, int]]) -> None:
+        for run_id, (round_number, _, status, closed) in marks.items():
+            run = self.coordinator.runs[run_id]
+            before = self._progress.get(run_id)
+            if run.status is RunStatus.running and (before is None or before[0] != round_number):
+                self.store.save_weights(run_id, round_number, self._encoded_weights(run))
+            for record in run.history[before[3] if before else 0:closed]:
+                self._observe_round(record.kind, record.closed_at - record.opened_at, record.hospitals)
+            if before is not None and before[2] != status and run.status is not RunStatus.running:
+                self.metrics.runs_ended.labels(status).inc()
+        started = time.perf_counter()
+        self.store.save_state(self.coordinator.snapshot())
+        self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
+        self._progress = marks
+        self._update_gauges()
+        self.wake_waiters()
+
+    def _observe_round(self, kind: TaskKind, seconds: float, hospitals: dict[str, dict[str, Any]]) -> None:
+        self.metrics.rounds_closed.labels(kind.value).inc()
+        self.metrics.round_duration.labels(kind.value).observe(seconds)
+        self.metrics.round_closed_timestamp.set(self.clock())
+        self.metrics.hospitals_reporting.set(len(hospitals))
+        if kind is TaskKind.stats:
+            return
+        for name, value in weighted_metrics(hospitals).items():
+            self.metrics.global_metric.labels(name).set(value)
+        for hospital, metadata in hospitals.items():
+            for name, value in (metadata.get("metrics") or {}).items():
+                self.metrics.hospital_metric.labels(hospital, name).set(value)
+
+    def _update_gauges(self) -> None:
+        runs = list(self.coordinator.runs.values())
+        self.metrics.runs_active.set(sum(r.status is RunStatus.running for r in runs))
+        if runs:
+            newest = runs[-1]
+            self.metrics.round.set(newest.round)
+            self.metrics.hospitals_enrolled.set(len(newest.hospitals))
+
+    def wake_waiters(self) -> None:
+        self._wakeup.set()
+        self._wakeup = asyncio.Event()
+
+    def _encoded_weights(self, run: Run) -> bytes:
+        key = (run.id, run.round)
+        if key not in self._weights_cache:
+            self._weights_cache = {key: encode_weights(run.weights)}  # only the open round's stays in memory
+        return self._weights_cache[key]
+
+    # --- operations the routes call -------------------------------------------------------------------
+
+    def start_run(self, request: RunRequest) -> Run:
+        enrolled = request.hospitals if request.hospitals is not None else self.authority.hospitals
+        unknown = sorted(set(enrolled) - set(self.authority.hospitals))
+        if unknown:
+            raise HTTPException(422, f"hospitals: {unknown} have no credentials; provisioned: "
+                                     f"{self.authority.hospitals}")
+        if not enrolled:
+            raise HTTPException(422, "hospitals: no hospital is provisioned or named")
+        if request.config.min_hospitals > len(enrolled):
+            raise HTTPException(422, f"config.min_hospitals: {request.config.min_hospitals} exceeds the "
+                                     f"{len(enrolled)} enrolled hospitals")
+        run_id = f"run-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+        weights = initial_weights(self.spec, request.config.seed)
+        return self.change(lambda now: self.coordinator.start_run(run_id, request.config, list(enrolled), weights,
+                                                                  now))
+
+    async def next_task(self, hospital: str, node: str, wait_s: float) -> TaskMessage | None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            wakeup = self._wakeup
+            task = self.change(lambda now: self.coordinator.next_task(hospital, node, now))
+            if task is not None:
+                return TaskMessage.of(task, self.coordinator.runs[task.run_id])
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                await asyncio.wait_for(wakeup.wait(), timeout=remaining)
+            except TimeoutError:
+                pass
+
+    def weights(self, run_id: str, round_number: int, identity: Identity) -> bytes:
+        run = self.coordinator.runs.get(run_id)
+        if run is None:
+            raise HTTPException(404, f"no run {run_id}")
+        if identity.hospital is not None and identity.hospital not in run.hospitals:
+            raise HTTPException(403, f"{identity.hospital} is not enrolled in {run_id}")
+        if round_number == run.round and run.status is RunStatus.running:
+            return self._encoded_weights(run)
+        if round_number > run.round:
+            raise HTTPException(404, f"round {round_number} of {run_id} has not opened yet")
+        body = self.store.load_weights(run_id, round_number)
+        if body is None:
+            raise HTTPException(404, f"no weights kept for round {round_number} of {run_id}")
+        return body
+
+    def view(self, run: Run) -> RunView:
+        open_tasks = [OpenTaskView(hospital=t.hospital, status=t.status.value, holder=t.holder,
+                                   lease_expires=t.lease_expires)
+                      for t in self.coordinator.tasks.values()
+                      if t.run_id == run.id and t.round == run.round and t.attempt == run.attempt
+                      and run.status is RunStatus.running]
+        history = [RoundView(round=h.round, kind=h.kind, attempts=h.attempts, opened_at=h.opened_at,
+                             closed_at=h.closed_at, hospitals=h.hospitals, nodes=h.nodes,
+                             global_metrics={} if h.kind is TaskKind.stats else weighted_metrics(h.hospitals))
+                   for h in run.history]
+        return RunView(id=run.id, status=run.status.value, reason=run.reason, round=run.round, attempt=run.attempt,
+                       final_round=run.final_round, hospitals=run.hospitals, config=run.config,
+                       preprocessing=run.preprocessing, rejected=run.rejected, open_tasks=open_tasks,
+                       history=history)
+
+    async def tick_forever(self) -> None:
+        while True:
+            self.change(self.coordinator.tick)
+            self.wake_waiters()  # an expired lease can be taken over by a replica that is waiting
+            await asyncio.sleep(TICK_SECONDS)
+
+
+async def _service(request: Request) -> AggregatorService:
+    service: AggregatorService | None = getattr(request.app.state, "service", None)
+    if service is None:
+        raise HTTPException(503, "the aggregator is still loading its checkpoint")
+    return service
+
+
+Service = Annotated[AggregatorService, Depends(_service)]
+
+
+async def _caller(svc: Service, authorization: Annotated[str | None, Header()] = None) -> Identity:
+    identity = svc.authority.identify(authorization)
+    if identity is None:
+        raise HTTPException(401, "missing or unknown bearer token", headers={"WWW-Authenticate": "Bearer"})
+    return identity
+
+
+Caller = Annotated[Identity, Depends(_caller)]
+
+
+async def _hospital(identity: Caller) -> str:
+    if identity.hospital is None:
+        raise HTTPException(403, "this endpoint is for hospital nodes; the admin token cannot use it")
+    return identity.hospital
+
+
+async def _admin(identity: Caller) -> Identity:
+    if identity.role != "admin":
+        raise HTTPException(403, "this endpoint needs the admin token")
+    return identity
+
+
+async def _node_id(x_node_id: Annotated[str, Header(min_length=1, max_length=MAX_NODE_ID_LENGTH)] = "node") -> str:
+    """The replica's name: tells replicas of one hospital apart; identity comes from the token only."""
+    return x_node_id
+
+
+Hospital = Annotated[str, Depends(_hospital)]
+Admin = Annotated[Identity, Depends(_admin)]
+NodeId = Annotated[str, Depends(_node_id)]
+
+
+def _refusal(error: Exception) -> HTTPException:
+    if isinstance(error, NotFound):
+        return HTTPException(404, str(error))
+    if isinstance(error, Forbidden):
+        return HTTPException(403, str(error))
+    return HTTPException(409, str(error))
+
+
+def _run_of(svc: AggregatorService, run_id: str) -> Run:
+    run = svc.coordinator.runs.get(run_id)
+    if run is None:
+        raise HTTPException(404, f"no run {run_id}")
+    return run
+
+
+def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
+    """The FastAPI app; the service is built inside the app's event loop (its wake-ups belong to it)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.service = service = service_factory()
+        ticker = asyncio.create_task(service.tick_forever())
+        try:
+            yield
+        finally:
+            ticker.cancel()
+
+    app = FastAPI(title="Health MLOps aggregator", version="1", lifespan=lifespan)
+
+    @app.post("/v1/runs", status_code=201)
+    async def start_run(request: RunRequest, svc: Service, _: Admin) -> RunView:
+        return svc.view(svc.start_run(request))
+
+    @app.get("/v1/runs")
+    async def list_runs(svc: Service, _: Admin) -> list[RunView]:
+        return [svc.view(r) for r in svc.coordinator.runs.values()]
+
+    @app.get("/v1/runs/{run_id}")
+    async def get_run(run_id: str, svc: Service, _: Admin) -> RunView:
+        return svc.view(_run_of(svc, run_id))
+
+    @app.post("/v1/runs/{run_id}/cancel")
+    async def cancel_run(run_id: str, svc: Service, _: Admin) -> RunView:
+        _run_of(svc, run_id)
+        return svc.view(svc.change(lambda now: svc.coordinator.cancel_run(run_id)))
+
+    @app.get("/v1/tasks/next", response_model=TaskMessage, responses={204: {"description": "no task yet"}})
+    async def next_task(svc: Service, hospital: Hospital, node: NodeId,
+                        wait: Annotated[float, Query(ge=0, le=300)] = 0.0) -> Any:
+        task = await svc.next_task(hospital, node, wait)
+        return Response(status_code=204) if task is None else task
+
+    @app.get("/v1/runs/{run_id}/rounds/{round_number}/weights")
+    async def round_weights(run_id: str, round_number: int, svc: Service, identity: Caller) -> Response:
+        return Response(svc.weights(run_id, round_number, identity), media_type=SAFETENSORS_MEDIA_TYPE)
+
+    @app.post("/v1/tasks/{task_id}/heartbeat")
+    async def heartbeat(task_id: str, svc: Service, hospital: Hospital, node: NodeId) -> LeaseMessage:
+        try:
+            task = svc.change(lambda now: svc.coordinator.heartbeat(task_id, hospital, node, now))
+        except (NotFound, Forbidden, Conflict) as error:
+            raise _refusal(error) from None
+        return LeaseMessage(task_id=task.id, lease_expires=task.lease_expires)
+
+    @app.post("/v1/tasks/{task_id}/result")
+    async def submit_result(task_id: str, request: Request, svc: Service, hospital: Hospital, node: NodeId) -> Any:
+        kind = svc.coordinator.tasks[task_id].kind.value if task_id in svc.coordinator.tasks else "unknown"
+        try:
+            result = decode_result(await request.body())
+        except MessageError as error:
+            svc.metrics.results.labels(kind, "unreadable").inc()
+            return JSONResponse({"detail": str(error), "reason": "unreadable"}, status_code=422)
+        try:
+            task = svc.change(lambda now: svc.coordinator.submit(task_id, hospital, node, result, now))
+        except Rejected as error:
+            svc.metrics.results.labels(kind, "rejected").inc()
+            svc.metrics.updates_rejected.labels(error.reason).inc()
+            return JSONResponse({"detail": str(error), "reason": error.reason}, status_code=422)
+        except (NotFound, Forbidden, Conflict) as error:
+            svc.metrics.results.labels(kind, "refused").inc()
+            raise _refusal(error) from None
+        svc.metrics.results.labels(kind, "accepted").inc()
+        return ResultAccepted(task_id=task.id, round=task.round, run_round=svc.coordinator.runs[task.run_id].round)
+
+    @app.get("/healthz", response_class=PlainTextResponse)
+    async def healthz() -> str:
+        return "ok"
+
+    @app.get("/readyz", response_class=PlainTextResponse)
+    async def readyz(_: Service) -> str:
+        return "ready"
+
+    @app.get("/metrics")
+    async def metrics(svc: Service) -> Response:
+        return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: str, port: int) -> None:
+    """Run the aggregator until SIGINT/SIGTERM (what `health-mlops aggregator` and its container run)."""
+    authority = TokenAuthority.from_directory(credentials_dir)  # fail now, with the file named, not per request
+    store = CheckpointStore(models_dir)
+    uvicorn.run(create_app(lambda: AggregatorService(spec, store, authority)), host=host, port=port,
+                log_level="warning", timeout_graceful_shutdown=2)

@@ -1,0 +1,137 @@
+"""A whole federation in one process over real loopback HTTP: the aggregator service on an ephemeral port and
+one node thread per hospital, exactly the code `health-mlops aggregator` and `health-mlops node` run.
+
+For experiments and benchmarks (`health-mlops train --mode federated`): it measures what the protocol
+costs on top of the hospitals' compute. Credentials and checkpoints go to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+
+from health_mlops.data.hospital import HospitalData
+from health_mlops.fl.aggregator import AggregatorService, create_app
+from health_mlops.fl.coordinator import RunConfig, TaskKind
+from health_mlops.fl.messages import RunRequest, RunView, decode_weights
+from health_mlops.fl.node import HospitalNode
+from health_mlops.fl.store import CheckpointStore
+from health_mlops.fl.strategies import Weights
+from health_mlops.security import ADMIN, TokenAuthority, bearer, provision, read_token, token_path
+from health_mlops.spec import DatasetSpec
+
+
+class BackgroundServer:
+    """A uvicorn server on 127.0.0.1 in a daemon thread, on a port the OS picks (or the one given)."""
+
+    def __init__(self, app: FastAPI, port: int = 0) -> None:
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", port))
+        self.port = self._socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the server on port {self.port} did not start")
+            time.sleep(0.005)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._socket.close()
+
+
+@dataclass(frozen=True)
+class Timing:
+    rounds: int  # training rounds
+    wall_seconds: float  # from starting the run to its completion
+    round_overhead_ms_median: float  # a fit round's wall time minus its slowest hospital's compute
+
+    def to_json(self) -> dict[str, float]:
+        return {"rounds": self.rounds, "wall_seconds": round(self.wall_seconds, 3),
+                "round_overhead_ms_median": round(self.round_overhead_ms_median, 2)}
+
+
+def round_overheads_ms(view: RunView) -> list[float]:
+    """Per fit round: wall time from opening to closing, minus the slowest hospital's compute."""
+    overheads = []
+    for record in view.history:
+        if record.kind is TaskKind.fit:
+            slowest = max(float(m.get("compute_seconds", 0.0)) for m in record.hospitals.values())
+            overheads.append(1000 * (record.closed_at - record.opened_at - slowest))
+    return overheads
+
+
+@dataclass
+class LoopbackResult:
+    run: RunView
+    weights: Weights  # the final global model
+    timing: Timing
+
+
+def run_federation_over_loopback(spec: DatasetSpec, hospitals: dict[str, HospitalData], config: RunConfig, *,
+                                 split_seed: int, test_fraction: float,
+                                 on_progress: Callable[[RunView], None] | None = None) -> LoopbackResult:
+    """Start the aggregator and a node per hospital, run one training run to its end, stop everything."""
+    with tempfile.TemporaryDirectory(prefix="health-mlops-loopback-") as scratch:
+        credentials = Path(scratch) / "credentials"
+        provision(credentials, list(hospitals))
+        authority = TokenAuthority.from_directory(credentials)
+        store = CheckpointStore(Path(scratch) / "models")
+        app = create_app(lambda: AggregatorService(spec, store, authority))
+        stop = threading.Event()
+        with BackgroundServer(app) as server:
+            nodes = [HospitalNode(data=data, spec=spec, node_id=f"{hospital_id}-loopback", city="",
+                                  central_url=server.url, token=read_token(token_path(credentials, hospital_id)),
+                                  split_seed=split_seed, test_fraction=test_fraction, poll_wait_s=2.0)
+                     for hospital_id, data in hospitals.items()]
+            threads = [threading.Thread(target=n.run, args=(stop,), name=n.hospital_id, daemon=True) for n in nodes]
+            for thread in threads:
+                thread.start()
+            try:
+                with httpx.Client(base_url=server.url, headers=bearer(read_token(token_path(credentials, ADMIN))),
+                                  timeout=30.0) as admin:
+                    started = time.perf_counter()
+                    view = _post_run(admin, RunRequest(config=config))
+                    while view.status == "running":
+                        time.sleep(0.05)
+                        view = RunView.model_validate(admin.get(f"/v1/runs/{view.id}").raise_for_status().json())
+                        if on_progress is not None:
+                            on_progress(view)
+                    wall = time.perf_counter() - started
+                    if view.status != "completed":
+                        raise RuntimeError(f"the federated run ended {view.status}: {view.reason}")
+                    body = admin.get(f"/v1/runs/{view.id}/rounds/{view.final_round}/weights").raise_for_status()
+            finally:
+                stop.set()
+            for thread in threads:
+                thread.join(timeout=5)
+            for node in nodes:
+                node.close()
+    overheads = round_overheads_ms(view)
+    timing = Timing(len(overheads), wall, statistics.median(overheads) if overheads else 0.0)
+    return LoopbackResult(view, decode_weights(body.content)[0], timing)
+
+
+def _post_run(admin: httpx.Client, request: RunRequest) -> RunView:
+    response = admin.post("/v1/runs", json=request.model_dump(mode="json"))
+    if response.status_code != 201:
+        raise RuntimeError(f"the aggregator refused the run: {response.text}")
+    return RunView.model_validate(response.json())

@@ -1,0 +1,154 @@
+"""What travels between the aggregator and the hospital nodes.
+
+JSON (pydantic models) for tasks and runs; safetensors for tensors. A task result is one safetensors file:
+the tensors (none for `stats` and `evaluate`) plus the result's metadata as JSON in the file's header, so a
+result is a single self-describing body that is parsed once and validated before anything is stored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+
+from health_mlops.fl.coordinator import Run, RunConfig, Task, TaskKind, TaskResult
+from health_mlops.fl.strategies import Weights
+
+SAFETENSORS_MEDIA_TYPE = "application/octet-stream"
+_METADATA_KEY = "metadata"
+
+
+class MessageError(ValueError):
+    """A body that is not a valid message; the text says what is wrong."""
+
+
+def encode_weights(weights: Mapping[str, np.ndarray], metadata: Mapping[str, Any] | None = None) -> bytes:
+    """Weights as float32 safetensors (what the model computes in), with optional JSON metadata."""
+    header = {_METADATA_KEY: json.dumps(metadata, allow_nan=False)} if metadata is not None else None
+    tensors = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in weights.items()}
+    return save_tensors(tensors, metadata=header)
+
+
+def decode_weights(body: bytes) -> tuple[Weights, dict[str, Any]]:
+    """(tensors, metadata) from a safetensors body; raises MessageError for anything unreadable."""
+    try:
+        tensors = dict(load_tensors(body))
+    except SafetensorError as exc:
+        raise MessageError(f"body is not a safetensors file: {exc}") from None
+    header_length = int.from_bytes(body[:8], "little")
+    header = json.loads(body[8:8 + header_length])
+    raw = header.get("__metadata__", {}).get(_METADATA_KEY)
+    if raw is None:
+        return tensors, {}
+    try:
+        metadata = json.loads(raw)
+    except ValueError as exc:
+        raise MessageError(f"result metadata is not JSON: {exc}") from None
+    if not isinstance(metadata, dict):
+        raise MessageError("result metadata must be a JSON object")
+    return tensors, metadata
+
+
+def encode_result(result: TaskResult) -> bytes:
+    return encode_weights(result.tensors, result.metadata)
+
+
+def decode_result(body: bytes) -> TaskResult:
+    tensors, metadata = decode_weights(body)
+    return TaskResult(metadata, tensors)
+
+
+class RunRequest(BaseModel):
+    """`POST /v1/runs`: a run's configuration and, optionally, which provisioned hospitals take part."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: RunConfig = RunConfig()
+    hospitals: list[str] | None = Field(None, description="default: every provisioned hospital")
+
+
+class TaskMessage(BaseModel):
+    """`GET /v1/tasks/next`: one leased task for the calling hospital."""
+
+    id: str
+    run_id: str
+    round: int
+    attempt: int
+    kind: TaskKind
+    config: RunConfig
+    preprocessing: dict[str, Any]  # the run's global standardisation; empty in round 0
+    weights_path: str | None  # where to GET the round's global weights (None for `stats`)
+    lease_expires: float  # Unix seconds
+    lease_s: float
+
+    @classmethod
+    def of(cls, task: Task, run: Run) -> TaskMessage:
+        weights = None if task.kind is TaskKind.stats else f"/v1/runs/{run.id}/rounds/{task.round}/weights"
+        return cls(id=task.id, run_id=run.id, round=task.round, attempt=task.attempt, kind=task.kind,
+                   config=run.config, preprocessing=run.preprocessing, weights_path=weights,
+                   lease_expires=task.lease_expires, lease_s=run.config.lease_s)
+
+
+class LeaseMessage(BaseModel):
+    task_id: str
+    lease_expires: float
+
+
+class ResultAccepted(BaseModel):
+    task_id: str
+    round: int
+    run_round: int  # the run's round after this result (it moves on when the result closed the round)
+
+
+class RoundView(BaseModel):
+    round: int
+    kind: TaskKind
+    attempts: int
+    opened_at: float
+    closed_at: float
+    hospitals: dict[str, dict[str, Any]]  # hospital -> its result metadata (metrics, examples, timings)
+    nodes: dict[str, str]  # hospital -> replica whose result counted
+    global_metrics: dict[str, float]  # example-weighted mean over hospitals of the incoming model's metrics
+
+
+class OpenTaskView(BaseModel):
+    hospital: str
+    status: str
+    holder: str | None
+    lease_expires: float
+
+
+class RunView(BaseModel):
+    id: str
+    status: str
+    reason: str
+    round: int
+    attempt: int
+    final_round: int
+    hospitals: list[str]
+    config: RunConfig
+    preprocessing: dict[str, Any]
+    rejected: dict[str, int]
+    open_tasks: list[OpenTaskView]
+    history: list[RoundView]
+
+
+def weighted_metrics(hospitals: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Example-weighted mean of the hospitals' evaluation metrics (what federated evaluation can report
+    without pooling predictions)."""
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for metadata in hospitals.values():
+        metrics = metadata.get("metrics") or {}
+        examples = float(metadata.get("num_test_examples", 0))
+        for name, value in metrics.items():
+            if examples > 0 and isinstance(value, int | float) and np.isfinite(value):
+                totals[name] = totals.get(name, 0.0) + examples * float(value)
+                weights[name] = weights.get(name, 0.0) + examples
+    return {name: totals[name] / weights[name] for name in totals}

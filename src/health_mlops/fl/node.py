@@ -1,0 +1,282 @@
+"""A hospital node: dials out to the aggregator, does each task on the hospital's own rows, sends back only
+aggregates and model weights.
+
+The worker long-polls `GET /v1/tasks/next`, keeps the task's lease alive with heartbeats while it computes,
+and submits the result. It never crashes on the aggregator being away (it backs off and retries) and treats
+a refused result (409: the lease was lost, 422: the update was invalid) as the end of that task. The node
+API (`/healthz`, `/readyz`, `/v1/status`) lets the hospital's IT team see what the node is doing and what
+left the hospital.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
+
+from health_mlops.data.hospital import HospitalData
+from health_mlops.data.split import split_indices
+from health_mlops.fl.coordinator import TaskResult
+from health_mlops.fl.hospital import HospitalWorker
+from health_mlops.fl.messages import SAFETENSORS_MEDIA_TYPE, TaskMessage, decode_weights, encode_result
+from health_mlops.fl.strategies import Weights
+from health_mlops.monitoring import NodeMetrics
+from health_mlops.security import bearer
+from health_mlops.spec import DatasetSpec
+
+log = logging.getLogger("health_mlops.node")
+
+# Back-off while the aggregator cannot be reached: start small (a restart takes a second), cap it.
+_BACKOFF_START_S = 0.2
+_BACKOFF_MAX_S = 5.0
+
+
+@dataclass
+class NodeStatus:
+    """What `/v1/status` shows; updated by the worker thread, read by the API."""
+
+    central_reachable: bool = False
+    last_contact: float | None = None
+    last_task: dict[str, Any] | None = None
+    current_task: str | None = None
+    outcomes: dict[str, int] = field(default_factory=dict)
+    sent: dict[str, int] = field(default_factory=dict)  # what left the hospital: results by kind
+
+
+class HospitalNode:
+    def __init__(self, *, data: HospitalData, spec: DatasetSpec, node_id: str, city: str, central_url: str,
+                 token: str, split_seed: int, test_fraction: float, poll_wait_s: float = 20.0,
+                 metrics: NodeMetrics | None = None) -> None:
+        self.hospital_id = data.hospital_id
+        self.node_id = node_id
+        self.city = city
+        self.central_url = central_url
+        self.data = data
+        self.poll_wait_s = poll_wait_s
+        train, test = split_indices(len(data.frame), data.hospital_id, seed=split_seed, test_fraction=test_fraction)
+        self.worker = HospitalWorker(data.hospital_id, spec, data.frame.iloc[train].reset_index(drop=True),
+                                     data.frame.iloc[test].reset_index(drop=True))
+        self.metrics = metrics or NodeMetrics(data.hospital_id, node_id, city)
+        self.metrics.data_rows.labels(self.hospital_id, "valid").set(data.rows_valid)
+        self.metrics.data_rows.labels(self.hospital_id, "quarantined").set(data.rows_quarantined)
+        self.status = NodeStatus()
+        self._client = httpx.Client(base_url=central_url, headers={**bearer(token), "X-Node-Id": node_id},
+                                    timeout=httpx.Timeout(10.0, read=poll_wait_s + 10.0))
+        self._weights: tuple[tuple[str, int], Weights] | None = None  # the last round's weights, by (run, round)
+
+    # --- the worker loop ------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll for tasks and do them until `stop` is set."""
+        backoff = _BACKOFF_START_S
+        while not stop.is_set():
+            try:
+                task = self.poll()
+            except httpx.TransportError as error:
+                self._unreachable(error)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                continue
+            except httpx.HTTPStatusError as error:
+                log.error("%s/%s: the aggregator refused the poll: %s", self.hospital_id, self.node_id,
+                          _detail(error.response))
+                stop.wait(_BACKOFF_MAX_S)
+                continue
+            backoff = _BACKOFF_START_S
+            if task is not None:
+                self.work(task)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def poll(self) -> TaskMessage | None:
+        response = self._client.get("/v1/tasks/next", params={"wait": self.poll_wait_s})
+        self._reachable()
+        if response.status_code == 204:
+            return None
+        response.raise_for_status()
+        return TaskMessage.model_validate(response.json())
+
+    def work(self, task: TaskMessage) -> str:
+        """Do one task and submit its result; returns the outcome (also counted in metrics and status)."""
+        self.status.current_task = task.id
+        started = time.time()
+        outcome = "failed"
+        try:
+            weights = self._round_weights(task)
+            with _Heartbeat(self, task):
+                result = self.worker.handle(task.kind, task.config, weights, task.preprocessing, task.round)
+            self.metrics.task_duration.labels(self.hospital_id, task.kind.value).observe(
+                result.metadata["compute_seconds"])
+            outcome = self._submit(task, result)
+        except httpx.TransportError as error:
+            self._unreachable(error)
+            outcome = "unreachable"
+        except httpx.HTTPStatusError as error:
+            log.warning("%s/%s: %s: %s", self.hospital_id, self.node_id, task.id, _detail(error.response))
+        finally:
+            self.status.current_task = None
+            self.status.outcomes[outcome] = self.status.outcomes.get(outcome, 0) + 1
+            self.status.last_task = {"id": task.id, "run_id": task.run_id, "round": task.round,
+                                     "kind": task.kind.value, "outcome": outcome, "started_at": started,
+                                     "finished_at": time.time()}
+            self.metrics.tasks.labels(self.hospital_id, task.kind.value, outcome).inc()
+            self.metrics.last_task_timestamp.labels(self.hospital_id).set(time.time())
+        log.info("%s/%s: %s %s round %d: %s", self.hospital_id, self.node_id, task.run_id, task.kind.value,
+                 task.round, outcome)
+        return outcome
+
+    def _round_weights(self, task: TaskMessage) -> Weights:
+        if task.weights_path is None:
+            return {}
+        key = (task.run_id, task.round)
+        if self._weights is None or self._weights[0] != key:
+            response = self._client.get(task.weights_path)
+            response.raise_for_status()
+            self._weights = (key, decode_weights(response.content)[0])
+        return self._weights[1]
+
+    def _submit(self, task: TaskMessage, result: TaskResult) -> str:
+        """Post the result; retried while the aggregator is unreachable and the lease may still be valid."""
+        body = encode_result(result)
+        backoff = _BACKOFF_START_S
+        while True:
+            try:
+                response = self._client.post(f"/v1/tasks/{task.id}/result", content=body,
+                                             headers={"Content-Type": SAFETENSORS_MEDIA_TYPE})
+                break
+            except httpx.TransportError as error:
+                self._unreachable(error)
+                if time.time() > task.lease_expires + task.lease_s:
+                    return "unreachable"  # the task has surely been handed to another replica by now
+                time.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+        self._reachable()
+        if response.status_code == 200:
+            self.status.sent[task.kind.value] = self.status.sent.get(task.kind.value, 0) + 1
+            return "succeeded"
+        if response.status_code == 409:
+            log.info("%s/%s: %s: %s", self.hospital_id, self.node_id, task.id, _detail(response))
+            return "conflict"
+        if response.status_code == 422:
+            log.warning("%s/%s: %s refused: %s", self.hospital_id, self.node_id, task.id, _detail(response))
+            return "rejected"
+        response.raise_for_status()
+        return "failed"
+
+    def _reachable(self) -> None:
+        self.status.central_reachable = True
+        self.status.last_contact = time.time()
+        self.metrics.central_reachable.labels(self.hospital_id).set(1)
+
+    def _unreachable(self, error: Exception) -> None:
+        if self.status.central_reachable:
+            log.warning("%s/%s: aggregator at %s unreachable: %s", self.hospital_id, self.node_id,
+                        self.central_url, error)
+        self.status.central_reachable = False
+        self.metrics.central_reachable.labels(self.hospital_id).set(0)
+
+    def heartbeat(self, task: TaskMessage) -> bool:
+        """Renew the lease; False once it is lost (taken over, or the aggregator no longer knows it)."""
+        try:
+            response = self._client.post(f"/v1/tasks/{task.id}/heartbeat")
+        except httpx.TransportError as error:
+            self._unreachable(error)
+            return True  # keep trying: the aggregator may be restarting
+        return response.status_code == 200
+
+    # --- what the node API shows ----------------------------------------------------------------------
+
+    def status_view(self) -> dict[str, Any]:
+        return {
+            "hospital": self.hospital_id, "node": self.node_id, "city": self.city, "central_url": self.central_url,
+            "central_reachable": self.status.central_reachable, "last_contact": self.status.last_contact,
+            "current_task": self.status.current_task, "last_task": self.status.last_task,
+            "tasks_by_outcome": self.status.outcomes, "results_sent_by_kind": self.status.sent,
+            "data": {"rows_valid": self.data.rows_valid, "rows_quarantined": self.data.rows_quarantined,
+                     "rows_train": len(self.worker.train), "rows_test": len(self.worker.test),
+                     "files": [{"file": r.file, "rows_read": r.rows_read, "rows_valid": r.rows_valid,
+                                "rows_quarantined": r.rows_quarantined, "reasons": r.reasons}
+                               for r in self.data.reports]},
+            "leaves_the_hospital": "model weights, example counts, metrics on the local test split, and "
+                                   "per-column counts/sums/sums of squares with small cells suppressed",
+        }
+
+
+class _Heartbeat:
+    """Renews a task's lease every third of its length while the task computes (a background thread)."""
+
+    def __init__(self, node: HospitalNode, task: TaskMessage) -> None:
+        self._node, self._task = node, task
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{task.id}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._done.wait(self._task.lease_s / 3):
+            if not self._node.heartbeat(self._task):
+                log.info("%s: lease lost while computing", self._task.id)
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail", response.text))
+    except ValueError:
+        return f"HTTP {response.status_code} {response.text[:200]}"
+
+
+def create_node_app(node: HospitalNode, ready: threading.Event) -> FastAPI:
+    """The node API: health, readiness (data loaded and the worker running), status, metrics."""
+    app = FastAPI(title=f"Health MLOps node {node.hospital_id}/{node.node_id}", version="1")
+
+    @app.get("/healthz", response_class=PlainTextResponse)
+    async def healthz() -> str:
+        return "ok"
+
+    @app.get("/readyz", response_class=PlainTextResponse)
+    async def readyz() -> Response:
+        if not ready.is_set():
+            return PlainTextResponse("the worker has not started", status_code=503)
+        return PlainTextResponse("ready")
+
+    @app.get("/v1/status")
+    async def status() -> dict[str, Any]:
+        return node.status_view()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(node: HospitalNode, *, host: str, api_port: int, metrics_port: int) -> None:
+    """Run the worker, the node API and the metrics endpoint until SIGINT/SIGTERM (what a node container runs)."""
+    stop, ready = threading.Event(), threading.Event()
+    start_http_server(metrics_port, addr=host, registry=node.metrics.registry)
+    worker = threading.Thread(target=node.run, args=(stop,), name="worker", daemon=True)
+    worker.start()
+    ready.set()
+    try:
+        uvicorn.run(create_node_app(node, ready), host=host, port=api_port, log_level="warning",
+                    timeout_graceful_shutdown=2)
+    finally:
+        stop.set()
+        worker.join(timeout=2)  # a long poll in flight is abandoned; its lease, if any, expires
+        node.close()

@@ -1,0 +1,56 @@
+"""The aggregator's durable state: the coordinator's snapshot and each closed round's global weights.
+
+Every write is atomic (write a temporary file, fsync it, rename it over the old one, fsync the folder), so a
+crash at any instant leaves either the previous checkpoint or the new one, never a torn file. Layout under
+the models directory:
+
+    aggregator/state.json                       the whole coordinator (runs, tasks, open results)
+    runs/<run id>/round-<r>.safetensors         global weights entering round r (kept for every round)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # make the rename itself durable
+    finally:
+        os.close(folder)
+
+
+class CheckpointStore:
+    def __init__(self, models_dir: Path) -> None:
+        self.models_dir = models_dir
+        self.state_path = models_dir / "aggregator" / "state.json"
+
+    def save_state(self, snapshot: dict[str, Any]) -> None:
+        write_atomically(self.state_path, json.dumps(snapshot, separators=(",", ":")).encode("utf-8"))
+
+    def load_state(self) -> dict[str, Any] | None:
+        """The last checkpoint, or None on a first start."""
+        if not self.state_path.exists():
+            return None
+        return json.loads(self.state_path.read_text(encoding="utf-8"))
+
+    def weights_path(self, run_id: str, round_number: int) -> Path:
+        return self.models_dir / "runs" / run_id / f"round-{round_number}.safetensors"
+
+    def save_weights(self, run_id: str, round_number: int, body: bytes) -> None:
+        write_atomically(self.weights_path(run_id, round_number), body)
+
+    def load_weights(self, run_id: str, round_number: int) -> bytes | None:
+        path = self.weights_path(run_id, round_number)
+        return path.read_bytes() if path.exists() else None

@@ -1,0 +1,69 @@
+"""Every Prometheus metric the project exposes: the one place their names, units and labels are defined.
+
+Names follow Prometheus' guide: prefixed `health_mlops_`, unit in the name, `_total` for counters, and
+only low-cardinality labels (hospital, kind, outcome, reason, metric). Each service builds its metrics on
+its own registry, so several services can live in one process (the loopback federation, tests) without
+clashing.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+# Round and task durations range from milliseconds (tiny models) to many minutes (large hospitals).
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+
+
+class AggregatorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.round = Gauge("health_mlops_federation_round", "Round the newest run is in (0 = stats)", registry=r)
+        self.runs_active = Gauge("health_mlops_runs_active", "Runs in progress", registry=r)
+        self.runs_ended = Counter("health_mlops_runs_ended_total", "Runs that ended, by status", ["status"],
+                                  registry=r)
+        self.rounds_closed = Counter("health_mlops_rounds_closed_total", "Rounds closed, by kind", ["kind"],
+                                     registry=r)
+        self.round_duration = Histogram("health_mlops_round_duration_seconds",
+                                        "Wall time from a round's opening to its closing", ["kind"],
+                                        buckets=_DURATION_BUCKETS, registry=r)
+        self.round_closed_timestamp = Gauge("health_mlops_round_last_closed_timestamp_seconds",
+                                            "Unix time the last round closed", registry=r)
+        self.hospitals_reporting = Gauge("health_mlops_hospitals_reporting",
+                                         "Hospitals whose result counted in the last closed round", registry=r)
+        self.hospitals_enrolled = Gauge("health_mlops_hospitals_enrolled", "Hospitals in the newest run",
+                                        registry=r)
+        self.global_metric = Gauge("health_mlops_global_model_metric",
+                                   "Federated evaluation of the global model (example-weighted over hospitals)",
+                                   ["metric"], registry=r)
+        self.hospital_metric = Gauge("health_mlops_hospital_model_metric",
+                                     "The global model evaluated on one hospital's test split",
+                                     ["hospital", "metric"], registry=r)
+        self.results = Counter("health_mlops_task_results_total", "Task results received, by kind and outcome",
+                               ["kind", "outcome"], registry=r)
+        self.updates_rejected = Counter("health_mlops_updates_rejected_total", "Model updates refused, by reason",
+                                        ["reason"], registry=r)
+        self.checkpoint_duration = Histogram("health_mlops_checkpoint_duration_seconds",
+                                             "Time to write a checkpoint durably", buckets=_DURATION_BUCKETS,
+                                             registry=r)
+
+
+class NodeMetrics:
+    def __init__(self, hospital: str, node: str, city: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.hospital = hospital
+        r = self.registry
+        Info("health_mlops_node", "This hospital node", registry=r).info(
+            {"hospital": hospital, "node": node, "city": city})
+        self.tasks = Counter("health_mlops_node_tasks_total", "Tasks this node worked on, by kind and outcome",
+                             ["hospital", "kind", "outcome"], registry=r)
+        self.task_duration = Histogram("health_mlops_node_task_duration_seconds",
+                                       "Local compute per task", ["hospital", "kind"], buckets=_DURATION_BUCKETS,
+                                       registry=r)
+        self.data_rows = Gauge("health_mlops_data_rows", "Rows of the hospital's data, by validation status",
+                               ["hospital", "status"], registry=r)
+        self.central_reachable = Gauge("health_mlops_node_central_reachable",
+                                       "1 if the last call to the aggregator got an answer", ["hospital"],
+                                       registry=r)
+        self.last_task_timestamp = Gauge("health_mlops_node_last_task_timestamp_seconds",
+                                         "Unix time this node last finished a task", ["hospital"], registry=r)
