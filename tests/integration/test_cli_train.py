@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import free_port_range, run_cli, run_cli_json
 
 
@@ -20,16 +22,47 @@ def test_train_json_has_the_documented_shape(tmp_path: Path, home: Path) -> None
         assert 0.5 < result["overall"]["auc"] <= 1
 
 
-def test_core_acceptance_pooled_near_bayes_and_collaboration_pays(tmp_path: Path, home: Path) -> None:
-    data = tmp_path / "acceptance"
+def test_train_federated_adds_the_timing_of_its_rounds(tmp_path: Path, home: Path) -> None:
+    data = tmp_path / "d"
+    run_cli("data", "generate", "--out", str(data), "--hospitals", "3", "--rows-per-hospital", "800", home=home)
+    result = run_cli_json("train", "--data", str(data), "--mode", "federated", "--rounds", "3", home=home)
+    assert result["mode"] == "federated" and result["metric"] == "auc"
+    assert list(result["per_hospital"]) == ["hospital-1", "hospital-2", "hospital-3"]
+    assert set(result["timing"]) == {"rounds", "wall_seconds", "round_overhead_ms_median"}
+    assert result["timing"]["rounds"] == 3
+    assert 0 < result["timing"]["round_overhead_ms_median"] < 1000 * result["timing"]["wall_seconds"]
+    assert result["run"]["config"]["rounds"] == 3 and result["run"]["rejected"] == {}
+    assert 0.5 < result["overall"]["auc"] <= 1
+
+
+@pytest.fixture(scope="module")
+def acceptance(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """The acceptance data (5 hospitals x 4000 patient-days, seed 7) trained pooled, local-only and federated."""
+    root = tmp_path_factory.mktemp("acceptance")
+    data, home = root / "data", root / "home"
     run_cli("data", "generate", "--out", str(data), "--hospitals", "5", "--rows-per-hospital", "4000",
             "--seed", "7", home=home)
-    pooled = run_cli_json("train", "--data", str(data), "--mode", "pooled", home=home)
-    local = run_cli_json("train", "--data", str(data), "--mode", "local", home=home)
-    bayes = pooled["reference"]["overall"]["auc"]
-    assert pooled["overall"]["auc"] >= bayes - 0.02
-    wins = [h for h in pooled["per_hospital"] if pooled["per_hospital"][h]["auc"] > local["per_hospital"][h]["auc"]]
+    return {mode: run_cli_json("train", "--data", str(data), "--mode", mode, home=home)
+            for mode in ("pooled", "local", "federated")}
+
+
+def auc(result: dict, hospital: str | None = None) -> float:
+    return result["overall"]["auc"] if hospital is None else result["per_hospital"][hospital]["auc"]
+
+
+def test_core_acceptance_pooled_near_bayes_and_collaboration_pays(acceptance: dict[str, dict]) -> None:
+    pooled, local = acceptance["pooled"], acceptance["local"]
+    assert auc(pooled) >= pooled["reference"]["overall"]["auc"] - 0.02
+    wins = [h for h in pooled["per_hospital"] if auc(pooled, h) > auc(local, h)]
     assert len(wins) >= 3, (pooled["per_hospital"], local["per_hospital"])
+
+
+def test_federation_acceptance_close_to_pooled_and_no_hospital_worse_off(acceptance: dict[str, dict]) -> None:
+    pooled, local, federated = acceptance["pooled"], acceptance["local"], acceptance["federated"]
+    assert auc(federated) >= auc(pooled) - 0.01
+    worse = {h: (auc(federated, h), auc(local, h)) for h in local["per_hospital"] if auc(federated, h) < auc(local, h)}
+    assert not worse, f"federated below local-only at (federated, local): {worse}"
+    assert federated["timing"]["rounds"] == federated["run"]["config"]["rounds"]
 
 
 def test_diabetes_runs_pooled_and_local_with_r2(tmp_path: Path, home: Path) -> None:

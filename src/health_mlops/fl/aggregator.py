@@ -305,7 +305,11 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
 
     @app.post("/v1/tasks/{task_id}/result")
     async def submit_result(task_id: str, request: Request, svc: Service, hospital: Hospital, node: NodeId) -> Any:
-        kind = svc.coordinator.tasks[task_id].kind.value if task_id in svc.coordinator.tasks else "unknown"
+        owned = svc.coordinator.tasks.get(task_id)
+        if owned is None or owned.hospital != hospital:  # before reading the body: another's task is not ours
+            raise _refusal(NotFound(f"no task {task_id}") if owned is None
+                           else Forbidden(f"task {task_id} belongs to another hospital"))
+        kind = owned.kind.value
         try:
             result = decode_result(await request.body())
         except MessageError as error:

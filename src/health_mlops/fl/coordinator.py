@@ -86,11 +86,11 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    rounds: int = Field(10, ge=1, le=10_000, description="training rounds (fit)")
+    rounds: int = Field(20, ge=1, le=10_000, description="training rounds (fit)")
     local_epochs: int = Field(1, ge=1, le=1000, description="epochs each hospital trains per round")
     learning_rate: float = Field(0.001, gt=0, le=10)
     batch_size: int = Field(64, ge=1, le=1_000_000)
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(1e-3, ge=0)
     strategy: StrategyConfig = StrategyConfig()
     min_hospitals: int = Field(2, ge=1, description="results needed to close a round at its deadline")
     round_deadline_s: float = Field(120.0, gt=0)

@@ -1,0 +1,105 @@
+"""The aggregator's HTTP API over real loopback HTTP (the service in a thread): who may do what, and how
+bad requests are answered."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from health_mlops.fl.aggregator import AggregatorService, create_app
+from health_mlops.fl.loopback import BackgroundServer
+from health_mlops.fl.store import CheckpointStore
+from health_mlops.security import ADMIN, TokenAuthority, bearer, provision, read_token, token_path
+from health_mlops.spec import load_spec
+
+SPEC = load_spec("health-risk")
+
+
+class Api:
+    def __init__(self, url: str, credentials: Path) -> None:
+        self.url, self.credentials = url, credentials
+
+    def client(self, who: str | None, node: str = "test-node") -> httpx.Client:
+        headers = {"X-Node-Id": node}
+        if who is not None:
+            headers.update(bearer(read_token(token_path(self.credentials, who))))
+        return httpx.Client(base_url=self.url, headers=headers, timeout=10)
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    credentials = tmp_path / "credentials"
+    provision(credentials, ["hospital-1", "hospital-2", "hospital-3"])
+    authority = TokenAuthority.from_directory(credentials)
+    app = create_app(lambda: AggregatorService(SPEC, CheckpointStore(tmp_path / "models"), authority))
+    with BackgroundServer(app) as server:
+        yield Api(server.url, credentials)
+
+
+def start_run(api: Api, **body: object) -> dict:
+    with api.client(ADMIN) as admin:
+        response = admin.post("/v1/runs", json={"config": {"rounds": 2, "min_hospitals": 2}, **body})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_callers_without_a_known_token_are_refused(api: Api) -> None:
+    with api.client(None) as anonymous:
+        assert anonymous.get("/v1/runs").status_code == 401
+        assert anonymous.get("/v1/tasks/next").status_code == 401
+    with httpx.Client(base_url=api.url, headers={"Authorization": "Bearer made-up"}) as forger:
+        assert forger.get("/v1/runs").status_code == 401
+    with api.client(None) as anonymous:  # health and metrics stay open for probes and Prometheus
+        assert anonymous.get("/healthz").status_code == 200
+        assert anonymous.get("/readyz").status_code == 200
+        assert "health_mlops_runs_active" in anonymous.get("/metrics").text
+
+
+def test_admin_endpoints_refuse_hospital_tokens_and_hospital_endpoints_refuse_the_admin(api: Api) -> None:
+    with api.client("hospital-1") as hospital:
+        assert hospital.post("/v1/runs", json={}).status_code == 403
+        assert hospital.get("/v1/runs").status_code == 403
+    run = start_run(api)
+    with api.client("hospital-1") as hospital:
+        assert hospital.post(f"/v1/runs/{run['id']}/cancel").status_code == 403
+    with api.client(ADMIN) as admin:
+        assert admin.get("/v1/tasks/next").status_code == 403
+
+
+def test_a_hospital_gets_only_its_own_task_and_cannot_answer_for_another(api: Api) -> None:
+    run = start_run(api, hospitals=["hospital-1", "hospital-2"])
+    with api.client("hospital-1") as first, api.client("hospital-2") as second, api.client("hospital-3") as third:
+        task = first.get("/v1/tasks/next").json()
+        assert task["id"].endswith("hospital-1") and task["kind"] == "stats" and task["round"] == 0
+        assert second.post(f"/v1/tasks/{task['id']}/heartbeat").status_code == 403
+        assert second.post(f"/v1/tasks/{task['id']}/result", content=b"").status_code == 403
+        assert third.get("/v1/tasks/next").status_code == 204  # not enrolled: nothing to do
+        assert third.get(f"/v1/runs/{run['id']}/rounds/0/weights").status_code == 403
+        assert first.post(f"/v1/tasks/{task['id']}/heartbeat").status_code == 200
+    with api.client("hospital-1", node="another-replica") as replica:
+        assert replica.post(f"/v1/tasks/{task['id']}/heartbeat").status_code == 409  # lease held by test-node
+
+
+def test_invalid_run_requests_are_refused_naming_the_field(api: Api) -> None:
+    with api.client(ADMIN) as admin:
+        response = admin.post("/v1/runs", json={"config": {"rounds": 0}})
+        assert response.status_code == 422 and "rounds" in response.text
+        response = admin.post("/v1/runs", json={"config": {"strategy": {"name": "fedmagic"}}})
+        assert response.status_code == 422 and "name" in response.text
+        response = admin.post("/v1/runs", json={"hospitals": ["hospital-9"]})
+        assert response.status_code == 422 and "hospital-9" in response.text
+        response = admin.post("/v1/runs", json={"config": {"min_hospitals": 4}})
+        assert response.status_code == 422 and "min_hospitals" in response.text
+        assert admin.get("/v1/runs/no-such-run").status_code == 404
+
+
+def test_a_cancelled_run_hands_out_no_more_tasks(api: Api) -> None:
+    run = start_run(api)
+    with api.client(ADMIN) as admin:
+        cancelled = admin.post(f"/v1/runs/{run['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    with api.client("hospital-1") as hospital:
+        assert hospital.get("/v1/tasks/next").status_code == 204

@@ -1,0 +1,226 @@
+"""The federation as it is deployed: an aggregator process and node processes talking HTTP on loopback.
+
+Each test starts its own processes with their own state folder, and kills some of them on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from health_mlops.data.hospital import load_hospital
+from health_mlops.demo import Child, Processes, wait_ready
+from health_mlops.fl.coordinator import TaskKind, TaskResult
+from health_mlops.fl.hospital import HospitalWorker
+from health_mlops.fl.messages import RunView, TaskMessage, decode_weights, encode_result
+from health_mlops.ml.baselines import split_hospitals
+from health_mlops.security import ADMIN, bearer, provision, read_token, token_path
+from health_mlops.spec import load_spec
+from tests.conftest import free_port_range, run_cli
+
+SPEC = load_spec("health-risk")
+HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("federation") / "data"
+    run_cli("data", "generate", "--out", str(root), "--hospitals", "3", "--rows-per-hospital", "1500", "--seed", "3",
+            home=root.parent / "generate-home")
+    return root
+
+
+class Cluster:
+    """An aggregator and nodes as real processes, plus an admin client."""
+
+    def __init__(self, home: Path, data: Path) -> None:
+        self.home, self.data = home, data
+        self.base = free_port_range(20)
+        self.central = f"http://127.0.0.1:{self.base}"
+        provision(home / "credentials", HOSPITALS)
+        self.processes = Processes(home / "logs", {**os.environ, "HEALTH_MLOPS_HOME": str(home)})
+        self.nodes: dict[str, Child] = {}
+        self.admin = httpx.Client(base_url=self.central, timeout=30,
+                                  headers=bearer(read_token(token_path(home / "credentials", ADMIN))))
+
+    def token(self, hospital: str) -> str:
+        return read_token(token_path(self.home / "credentials", hospital))
+
+    def start_aggregator(self) -> Child:
+        child = self.processes.start(f"aggregator-{len(self.processes.children)}",
+                                     ["aggregator", "--port", str(self.base)])
+        wait_ready(f"{self.central}/readyz", child)
+        self.aggregator = child
+        return child
+
+    def start_node(self, hospital: str, node_id: str) -> Child:
+        index = len(self.nodes) + 1
+        child = self.processes.start(node_id, [
+            "node", "--hospital-id", hospital, "--node-id", node_id, "--data-dir", str(self.data / hospital),
+            "--central-url", self.central, "--api-port", str(self.base + index),
+            "--metrics-port", str(self.base + 10 + index)])
+        wait_ready(f"http://127.0.0.1:{self.base + index}/readyz", child)
+        self.nodes[node_id] = child
+        return child
+
+    def start_run(self, **config: object) -> str:
+        body = {"config": {"rounds": 4, "local_epochs": 2, "min_hospitals": 3, "lease_s": 3, **config}}
+        response = self.admin.post("/v1/runs", json=body)
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+    def view(self, run_id: str) -> RunView:
+        return RunView.model_validate(self.admin.get(f"/v1/runs/{run_id}").raise_for_status().json())
+
+    def wait_for(self, run_id: str, condition: Callable[[RunView], bool], timeout_s: float = 120) -> RunView:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            view = self.view(run_id)
+            if condition(view):
+                return view
+            assert view.status == "running", f"run ended {view.status}: {view.reason}"
+            time.sleep(0.05)
+        raise AssertionError(f"timed out; last view: round {view.round}, status {view.status}")
+
+    def final_auc(self, view: RunView) -> float:
+        assert view.status == "completed", view.reason
+        assert view.history[-1].kind is TaskKind.evaluate
+        return view.history[-1].global_metrics["auc"]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, data: Path) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path / "home", data)
+    try:
+        yield cluster
+    finally:
+        cluster.admin.close()
+        cluster.processes.stop_all()
+
+
+def start_standard_nodes(cluster: Cluster) -> None:
+    cluster.start_node("hospital-1", "hospital-1-a")
+    cluster.start_node("hospital-1", "hospital-1-b")
+    cluster.start_node("hospital-2", "hospital-2-a")
+    cluster.start_node("hospital-3", "hospital-3-a")
+
+
+def assert_each_hospital_counted_once_per_round(view: RunView, train_rows: dict[str, int]) -> None:
+    assert [r.round for r in view.history] == list(range(view.final_round + 1))  # no round applied twice
+    for record in view.history:
+        assert sorted(record.hospitals) == HOSPITALS
+        if record.kind is TaskKind.fit:
+            for hospital, metadata in record.hospitals.items():
+                assert metadata["num_examples"] == train_rows[hospital]  # one replica's rows, not two
+
+
+def train_rows(data: Path) -> dict[str, int]:
+    hospitals = {h: load_hospital(data / h, SPEC) for h in HOSPITALS}
+    return {s.hospital_id: len(s.train) for s in split_hospitals(hospitals, seed=42, test_fraction=0.2)}
+
+
+def test_aggregator_killed_mid_run_resumes_at_the_last_closed_round(cluster: Cluster, data: Path) -> None:
+    cluster.start_aggregator()
+    start_standard_nodes(cluster)
+    undisturbed = cluster.wait_for(cluster.start_run(seed=5), lambda v: v.status != "running")
+
+    run_id = cluster.start_run(seed=5)
+    before = cluster.wait_for(run_id, lambda v: v.round >= 3)
+    cluster.aggregator.process.send_signal(signal.SIGKILL)
+    cluster.aggregator.process.wait()
+    cluster.start_aggregator()
+    resumed = cluster.view(run_id)
+    assert resumed.round >= before.round  # picked up where the checkpoint left it, not from round 0
+    assert [r.round for r in resumed.history] == [r.round for r in before.history][:len(resumed.history)]
+    final = cluster.wait_for(run_id, lambda v: v.status != "running")
+
+    assert_each_hospital_counted_once_per_round(final, train_rows(data))
+    assert abs(cluster.final_auc(final) - cluster.final_auc(undisturbed)) <= 0.005
+    assert {r.nodes["hospital-1"] for r in undisturbed.history} <= {"hospital-1-a", "hospital-1-b"}
+
+
+def test_node_replica_killed_mid_round_is_replaced_by_the_other(cluster: Cluster, data: Path) -> None:
+    cluster.start_aggregator()
+    start_standard_nodes(cluster)
+    run_id = cluster.start_run(local_epochs=25, lease_s=1.5)  # long enough to be caught computing
+    view = cluster.wait_for(run_id, lambda v: v.round >= 1 and any(
+        t.hospital == "hospital-1" and t.status == "leased" for t in v.open_tasks))
+    killed_round = view.round
+    holder = next(t.holder for t in view.open_tasks if t.hospital == "hospital-1")
+    assert holder is not None
+    cluster.nodes[holder].process.send_signal(signal.SIGKILL)
+    survivor = "hospital-1-b" if holder == "hospital-1-a" else "hospital-1-a"
+
+    final = cluster.wait_for(run_id, lambda v: v.status != "running", timeout_s=180)
+    assert final.status == "completed"
+    record = next(r for r in final.history if r.round == killed_round)
+    assert record.nodes["hospital-1"] == survivor
+    assert {r.nodes["hospital-1"] for r in final.history if r.round > killed_round} == {survivor}
+    assert_each_hospital_counted_once_per_round(final, train_rows(data))
+
+
+def test_invalid_updates_are_refused_with_a_reason_and_the_round_closes_without_them(cluster: Cluster,
+                                                                                     data: Path) -> None:
+    cluster.start_aggregator()
+    cluster.start_node("hospital-1", "hospital-1-a")
+    cluster.start_node("hospital-2", "hospital-2-a")
+    run_id = cluster.start_run(min_hospitals=2)
+    # This test plays hospital-3: honest stats, then a NaN update, a wrongly shaped one, then an honest one.
+    hospital = load_hospital(data / "hospital-3", SPEC)
+    split = split_hospitals({"hospital-3": hospital}, seed=42, test_fraction=0.2)[0]
+    worker = HospitalWorker("hospital-3", SPEC, split.train, split.test)
+    bad_node = httpx.Client(base_url=cluster.central, timeout=30,
+                            headers={**bearer(cluster.token("hospital-3")), "X-Node-Id": "hospital-3-test"})
+
+    def next_task() -> TaskMessage:
+        response = bad_node.get("/v1/tasks/next", params={"wait": 30})
+        assert response.status_code == 200, response.text
+        return TaskMessage.model_validate(response.json())
+
+    def honest(task: TaskMessage) -> TaskResult:
+        weights = {} if task.weights_path is None else decode_weights(bad_node.get(task.weights_path).content)[0]
+        return worker.handle(task.kind, task.config, weights, task.preprocessing, task.round)
+
+    def submit(task: TaskMessage, result: TaskResult) -> httpx.Response:
+        return bad_node.post(f"/v1/tasks/{task.id}/result", content=encode_result(result))
+
+    stats = next_task()
+    assert submit(stats, honest(stats)).status_code == 200
+    refusals = {}
+    for corrupt in ("non_finite", "wrong_shape"):
+        task = next_task()
+        result = honest(task)
+        name = sorted(result.tensors)[0]
+        if corrupt == "non_finite":
+            result.tensors[name] = np.full_like(result.tensors[name], np.nan)
+        else:
+            result.tensors[name] = np.zeros((3, 3), dtype=np.float32)
+        response = submit(task, result)
+        assert response.status_code == 422
+        refusals[corrupt] = response.json()["reason"]
+        view = cluster.wait_for(run_id, lambda v, r=task.round: v.round > r)  # closed without hospital-3
+        assert sorted(view.history[task.round].hospitals) == ["hospital-1", "hospital-2"]
+    assert refusals == {"non_finite": "non_finite", "wrong_shape": "wrong_shape"}
+    unreadable = next_task()
+    response = bad_node.post(f"/v1/tasks/{unreadable.id}/result", content=b"not safetensors")
+    assert response.status_code == 422 and response.json()["reason"] == "unreadable"
+    assert submit(unreadable, honest(unreadable)).status_code == 200  # still leased, so a good result counts
+    while (view := cluster.view(run_id)).status == "running":
+        response = bad_node.get("/v1/tasks/next", params={"wait": 1})
+        if response.status_code == 200:
+            task = TaskMessage.model_validate(response.json())
+            assert submit(task, honest(task)).status_code == 200
+    bad_node.close()
+
+    assert view.status == "completed"
+    assert view.rejected == {"non_finite": 1, "wrong_shape": 1}
+    metrics = httpx.get(f"{cluster.central}/metrics").text
+    assert 'health_mlops_updates_rejected_total{reason="non_finite"} 1.0' in metrics
+    assert 'health_mlops_updates_rejected_total{reason="wrong_shape"} 1.0' in metrics

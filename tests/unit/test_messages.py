@@ -1,0 +1,36 @@
+"""Wire formats: a result is one safetensors body with its metadata in the header."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from health_mlops.fl.coordinator import TaskResult
+from health_mlops.fl.messages import MessageError, decode_result, encode_result, weighted_metrics
+
+
+def test_a_result_round_trips_with_tensors_and_metadata() -> None:
+    tensors = {"layer.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "layer.bias": np.ones(2, np.float32)}
+    metadata = {"num_examples": 120, "metrics": {"auc": 0.81}, "compute_seconds": 0.25}
+    decoded = decode_result(encode_result(TaskResult(metadata, tensors)))
+    assert decoded.metadata == metadata
+    assert set(decoded.tensors) == set(tensors)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(decoded.tensors[name], value)
+
+
+def test_a_stats_result_has_metadata_only() -> None:
+    decoded = decode_result(encode_result(TaskResult({"count": 10, "sums": [1.0, None]})))
+    assert decoded.tensors == {} and decoded.metadata == {"count": 10, "sums": [1.0, None]}
+
+
+@pytest.mark.parametrize("body", [b"", b"not a safetensors file", b"\xff" * 16])
+def test_unreadable_bodies_are_message_errors(body: bytes) -> None:
+    with pytest.raises(MessageError):
+        decode_result(body)
+
+
+def test_federated_metrics_are_weighted_by_test_examples() -> None:
+    hospitals = {"a": {"num_test_examples": 300, "metrics": {"auc": 0.9}},
+                 "b": {"num_test_examples": 100, "metrics": {"auc": 0.5}}}
+    assert weighted_metrics(hospitals) == pytest.approx({"auc": 0.8})

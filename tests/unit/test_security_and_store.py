@@ -1,0 +1,72 @@
+"""Credentials (provisioning, identification) and the checkpoint store."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from health_mlops.fl.store import CheckpointStore, write_atomically
+from health_mlops.security import (ADMIN, REGISTRY_FILE_NAME, CredentialError, Identity, TokenAuthority, bearer,
+                                   provision, read_token, token_path)
+
+
+def test_provision_issues_private_tokens_and_the_registry_holds_only_digests(tmp_path: Path) -> None:
+    issued = provision(tmp_path, ["hospital-1", "hospital-2"])
+    assert issued == [ADMIN, "hospital-1", "hospital-2"]
+    tokens = {name: read_token(token_path(tmp_path, name)) for name in issued}
+    assert len(set(tokens.values())) == 3
+    for name in issued:
+        assert stat.S_IMODE(token_path(tmp_path, name).stat().st_mode) == 0o600
+    registry = (tmp_path / REGISTRY_FILE_NAME).read_text()
+    assert not any(token in registry for token in tokens.values())
+    authority = TokenAuthority.from_directory(tmp_path)
+    assert authority.identify(bearer(tokens["hospital-2"])["Authorization"]) == Identity("hospital", "hospital-2")
+    assert authority.identify(bearer(tokens[ADMIN])["Authorization"]) == Identity(ADMIN)
+    assert authority.identify("Bearer " + tokens["hospital-1"] + "x") is None
+    assert authority.identify("Basic " + tokens["hospital-1"]) is None
+    assert authority.identify(None) is None
+
+
+def test_provisioning_again_keeps_existing_tokens_and_adds_new_hospitals(tmp_path: Path) -> None:
+    provision(tmp_path, ["hospital-1"])
+    first = read_token(token_path(tmp_path, "hospital-1"))
+    assert provision(tmp_path, ["hospital-1", "hospital-2"]) == ["hospital-2"]
+    assert read_token(token_path(tmp_path, "hospital-1")) == first
+    assert TokenAuthority.from_directory(tmp_path).hospitals == ["hospital-1", "hospital-2"]
+
+
+def test_unusable_credentials_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(CredentialError, match="registry.json"):
+        TokenAuthority.from_directory(tmp_path)
+    (tmp_path / REGISTRY_FILE_NAME).write_text("{not json")
+    with pytest.raises(CredentialError, match="registry.json"):
+        TokenAuthority.from_directory(tmp_path)
+    with pytest.raises(CredentialError, match="hospital-7.token"):
+        read_token(token_path(tmp_path, "hospital-7"))
+
+
+def test_checkpoints_replace_the_previous_one_whole(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    assert store.load_state() is None
+    store.save_state({"runs": [1]})
+    store.save_state({"runs": [1, 2]})
+    assert store.load_state() == {"runs": [1, 2]}
+    assert [p.name for p in store.state_path.parent.iterdir()] == ["state.json"]  # no temporary left behind
+    store.save_weights("run-1", 3, b"weights")
+    assert store.load_weights("run-1", 3) == b"weights" and store.load_weights("run-1", 4) is None
+
+
+def test_an_interrupted_write_leaves_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "state.json"
+    write_atomically(path, json.dumps({"round": 1}).encode())
+
+    def crash(*_: object) -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr("health_mlops.fl.store.os.replace", crash)
+    with pytest.raises(OSError):
+        write_atomically(path, json.dumps({"round": 2}).encode())
+    assert json.loads(path.read_text()) == {"round": 1}
