@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ test: setup
 
 demo: setup
 	$(BIN)/health-mlops demo
+
+bench: setup
+	$(BIN)/python benchmarks/federation_overhead.py
 
 clean:
 	rm -rf $(VENV) .health-mlops .pytest_cache

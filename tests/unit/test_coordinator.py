@@ -161,3 +161,24 @@ def test_a_cancelled_run_hands_out_no_more_work() -> None:
     assert coordinator.next_task("hospital-2", "a", now=1.0) is None
     with pytest.raises(Conflict):
         coordinator.submit(held.id, "hospital-1", "a", TaskResult({"count": 1}), now=1.0)
+
+
+def test_old_rounds_tasks_are_forgotten_but_a_late_duplicate_is_still_a_conflict() -> None:
+    coordinator = start(RunConfig(rounds=4, min_hospitals=3, round_deadline_s=60, lease_s=10))
+    run = coordinator.runs["run-1"]
+    late = None
+    for round_number in range(4):
+        for hospital in HOSPITALS:
+            task = coordinator.next_task(hospital, "a", now=1.0)
+            assert task is not None
+            if round_number == 3 and hospital == "hospital-1":
+                late = task
+            answer_task = TaskResult({"count": 10}) if task.kind is TaskKind.stats else TaskResult(
+                {"num_examples": 10}, {"w": np.ones(3), "b": np.ones(1)})
+            coordinator.submit(task.id, hospital, "a", answer_task, now=1.0)
+    assert run.round == 4
+    assert {t.round for t in coordinator.tasks.values()} == {3, 4}  # the closed round and the open one
+    assert late is not None
+    with pytest.raises(Conflict):
+        coordinator.submit(late.id, "hospital-1", "a", TaskResult({"num_examples": 10},
+                                                                   {"w": np.ones(3), "b": np.ones(1)}), now=2.0)

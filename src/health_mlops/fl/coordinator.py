@@ -234,6 +234,12 @@ class Coordinator:
             if task.status in (TaskStatus.pending, TaskStatus.leased):
                 task.status = TaskStatus.abandoned
 
+    def _forget_tasks_before(self, run: Run, round_number: int) -> None:
+        """Drop the tasks of rounds before `round_number`: a long-lived aggregator must not grow without bound.
+        The closing round's tasks stay, so a late duplicate still gets `Conflict` rather than `NotFound`."""
+        for task_id in [t.id for t in self.tasks.values() if t.run_id == run.id and t.round < round_number]:
+            del self.tasks[task_id]
+
     def _end(self, run: Run, status: RunStatus, reason: str) -> None:
         run.status, run.reason = status, reason
         self._clear_round(run)
@@ -331,6 +337,7 @@ class Coordinator:
             run.weights, run.optimiser = aggregate(run.config.strategy, run.weights, updates, run.optimiser)
         run.history.append(RoundRecord(run.round, kind, {h: r.metadata for h, r in results.items()}, nodes,
                                        run.round_opened_at, now, run.attempt + 1))
+        self._forget_tasks_before(run, run.round)
         if run.round == run.final_round:
             self._end(run, RunStatus.completed, "")
             return
