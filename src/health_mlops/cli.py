@@ -295,7 +295,8 @@ def provision(
         raise typer.Exit(2)
     directory = out_dir or get_settings().credentials_dir
     issued = issue(directory, names)
-    out.print(f"credentials in {directory}: " + (f"issued {', '.join(issued)}" if issued else "nothing new to issue"))
+    out.print(f"credentials in {directory}: " + (f"issued {', '.join(issued)}" if issued else "nothing new to issue"),
+              soft_wrap=True)
     out.print("give each hospital only its own <hospital>.token; the aggregator needs registry.json")
 
 
@@ -307,6 +308,7 @@ def aggregator(
 ) -> None:
     """Run the aggregator service: runs, rounds, checkpoints (resumes from the last one on restart)."""
     from health_mlops.fl.aggregator import serve
+    from health_mlops.fl.store import CheckpointError
     from health_mlops.security import CredentialError
 
     settings = get_settings()
@@ -315,7 +317,7 @@ def aggregator(
         with _clean_errors():
             dataset = load_spec(spec or settings.spec)
         serve(dataset, settings.models_dir, settings.credentials_dir, host=host, port=port)
-    except CredentialError as exc:
+    except (CredentialError, CheckpointError) as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
 

@@ -103,3 +103,14 @@ def test_a_cancelled_run_hands_out_no_more_tasks(api: Api) -> None:
     assert cancelled["status"] == "cancelled"
     with api.client("hospital-1") as hospital:
         assert hospital.get("/v1/tasks/next").status_code == 204
+
+
+def test_an_oversized_or_unreadable_result_is_refused_and_the_task_stays_open(api: Api) -> None:
+    start_run(api)
+    with api.client("hospital-1") as hospital:
+        task = hospital.get("/v1/tasks/next").json()
+        too_big = hospital.post(f"/v1/tasks/{task['id']}/result", content=b"x" * (64 * 1024 * 1024 + 1))
+        assert too_big.status_code == 413
+        garbage = hospital.post(f"/v1/tasks/{task['id']}/result", content=b"garbage")
+        assert garbage.status_code == 422 and garbage.json()["reason"] == "unreadable"
+        assert hospital.post(f"/v1/tasks/{task['id']}/heartbeat").status_code == 200  # still ours to answer

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +91,56 @@ def test_demo_runs_the_federation_as_processes_and_prints_the_table(home: Path) 
     logs = sorted(p.name for p in (home / "logs").iterdir())
     assert logs == ["aggregator.log", "hospital-1-a.log", "hospital-1-b.log", "hospital-2-a.log",
                     "hospital-3-a.log", "hospital-4-a.log", "hospital-5-a.log"]
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_ctrl_c_stops_every_process_the_demo_started(home: Path) -> None:
+    base = free_port_range(13)
+    command = [sys.executable, "-m", "health_mlops.cli", "demo", "--hospitals", "3", "--rows-per-hospital", "600",
+               "--rounds", "500", "--port", str(base), "--node-api-port", str(base + 1),
+               "--node-metrics-port", str(base + 7)]
+    demo = subprocess.Popen(command, env={**os.environ, "HEALTH_MLOPS_HOME": str(home)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    aggregator_log = home / "logs" / "aggregator.log"
+    deadline = time.monotonic() + 120
+    while not (aggregator_log.exists() and "round 1 (fit) closed" in aggregator_log.read_text()):
+        assert demo.poll() is None, demo.communicate()
+        assert time.monotonic() < deadline, "the demo's run never got going"
+        time.sleep(0.2)
+    central = f"http://127.0.0.1:{base}"
+    assert len(processes_mentioning(central)) == 4  # three hospitals, hospital-1 twice
+    demo.send_signal(signal.SIGINT)
+    _, stderr = demo.communicate(timeout=60)
+    assert demo.returncode == 130, stderr
+    assert "stopped" in stderr
+    assert processes_mentioning(central) == [] and processes_mentioning(f"--port {base}") == []
+
+
+def test_provision_issues_once_and_keeps_existing_tokens(home: Path) -> None:
+    first = run_cli("provision", "--hospitals", "2", home=home)
+    assert "issued admin, hospital-1, hospital-2" in first.stdout
+    token = (home / "credentials" / "hospital-1.token").read_text()
+    again = run_cli("provision", "--hospitals", "2", "--hospital", "hospital-extra", home=home)
+    assert "issued hospital-extra" in again.stdout
+    assert (home / "credentials" / "hospital-1.token").read_text() == token
+
+
+def test_services_refuse_to_start_without_credentials(tmp_path: Path, home: Path) -> None:
+    aggregator = run_cli("aggregator", "--port", str(free_port_range(1)), home=home, check=False, timeout=60)
+    assert aggregator.returncode == 2 and "provision" in aggregator.stderr
+    node = run_cli("node", "--hospital-id", "hospital-1", "--data-dir", str(tmp_path), home=home, check=False,
+                   timeout=60)
+    assert node.returncode == 2 and "hospital-1.token" in node.stderr

@@ -47,6 +47,7 @@ class Cluster:
         provision(home / "credentials", HOSPITALS)
         self.processes = Processes(home / "logs", {**os.environ, "HEALTH_MLOPS_HOME": str(home)})
         self.nodes: dict[str, Child] = {}
+        self.node_ports: dict[str, tuple[int, int]] = {}  # node -> (API port, metrics port)
         self.admin = httpx.Client(base_url=self.central, timeout=30,
                                   headers=bearer(read_token(token_path(home / "credentials", ADMIN))))
 
@@ -68,6 +69,7 @@ class Cluster:
             "--metrics-port", str(self.base + 10 + index)])
         wait_ready(f"http://127.0.0.1:{self.base + index}/readyz", child)
         self.nodes[node_id] = child
+        self.node_ports[node_id] = (self.base + index, self.base + 10 + index)
         return child
 
     def start_run(self, **config: object) -> str:
@@ -164,6 +166,16 @@ def test_node_replica_killed_mid_round_is_replaced_by_the_other(cluster: Cluster
     assert record.nodes["hospital-1"] == survivor
     assert {r.nodes["hospital-1"] for r in final.history if r.round > killed_round} == {survivor}
     assert_each_hospital_counted_once_per_round(final, train_rows(data))
+
+    api_port, metrics_port = cluster.node_ports[survivor]
+    status = httpx.get(f"http://127.0.0.1:{api_port}/v1/status").json()
+    assert status["hospital"] == "hospital-1" and status["node"] == survivor and status["central_reachable"]
+    assert status["data"]["rows_valid"] == 1500 and status["data"]["rows_train"] == train_rows(data)["hospital-1"]
+    assert status["results_sent_by_kind"]["fit"] >= final.config.rounds - killed_round + 1
+    assert status["last_task"]["kind"] == "evaluate" and status["last_task"]["outcome"] == "succeeded"
+    metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    assert 'health_mlops_node_tasks_total{hospital="hospital-1",kind="fit",outcome="succeeded"}' in metrics
+    assert 'health_mlops_data_rows{hospital="hospital-1",status="valid"} 1500.0' in metrics
 
 
 def test_invalid_updates_are_refused_with_a_reason_and_the_round_closes_without_them(cluster: Cluster,

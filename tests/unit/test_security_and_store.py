@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from health_mlops.fl.store import CheckpointStore, write_atomically
+from health_mlops.fl.store import CheckpointError, CheckpointStore, write_atomically
 from health_mlops.security import (ADMIN, REGISTRY_FILE_NAME, CredentialError, Identity, TokenAuthority, bearer,
                                    provision, read_token, token_path)
 
@@ -51,9 +51,9 @@ def test_unusable_credentials_name_the_file(tmp_path: Path) -> None:
 def test_checkpoints_replace_the_previous_one_whole(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     assert store.load_state() is None
-    store.save_state({"runs": [1]})
-    store.save_state({"runs": [1, 2]})
-    assert store.load_state() == {"runs": [1, 2]}
+    store.save_state({"runs": [1], "tasks": [], "results": {}})
+    store.save_state({"runs": [1, 2], "tasks": [], "results": {}})
+    assert store.load_state() == {"runs": [1, 2], "tasks": [], "results": {}}
     assert [p.name for p in store.state_path.parent.iterdir()] == ["state.json"]  # no temporary left behind
     store.save_weights("run-1", 3, b"weights")
     assert store.load_weights("run-1", 3) == b"weights" and store.load_weights("run-1", 4) is None
@@ -70,3 +70,12 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path: Path, monkeypatch: p
     with pytest.raises(OSError):
         write_atomically(path, json.dumps({"round": 2}).encode())
     assert json.loads(path.read_text()) == {"round": 1}
+
+
+@pytest.mark.parametrize("content", ["{truncated", "[]", '{"runs": []}'])
+def test_an_unreadable_checkpoint_is_an_error_naming_the_file(tmp_path: Path, content: str) -> None:
+    store = CheckpointStore(tmp_path)
+    store.state_path.parent.mkdir(parents=True)
+    store.state_path.write_text(content)
+    with pytest.raises(CheckpointError, match="state.json"):
+        store.load_state()

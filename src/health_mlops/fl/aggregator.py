@@ -9,6 +9,7 @@ never applies a round twice. Nodes long-poll `GET /v1/tasks/next`; they are woke
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,18 +36,23 @@ from health_mlops.security import Identity, TokenAuthority
 from health_mlops.spec import DatasetSpec
 
 T = TypeVar("T")
+log = logging.getLogger("health_mlops.aggregator")
 
 # How often deadlines and expired leases are looked at when no request comes in.
 TICK_SECONDS = 0.25
 MAX_NODE_ID_LENGTH = 128
+# A result is one model's weights; far beyond any model this task trains, small enough to refuse abuse.
+DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024
 
 
 class AggregatorService:
     """The coordinator plus what a service needs around it: persistence, wake-ups, metrics."""
 
     def __init__(self, spec: DatasetSpec, store: CheckpointStore, authority: TokenAuthority,
-                 metrics: AggregatorMetrics | None = None, clock: Callable[[], float] = time.time) -> None:
+                 metrics: AggregatorMetrics | None = None, clock: Callable[[], float] = time.time,
+                 max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> None:
         self.spec = spec
+        self.max_result_bytes = max_result_bytes
         self.store = store
         self.authority = authority
         self.metrics = metrics or AggregatorMetrics()
@@ -87,8 +93,14 @@ class AggregatorService:
                 self.store.save_weights(run_id, round_number, self._encoded_weights(run))
             for record in run.history[before[3] if before else 0:closed]:
                 self._observe_round(record.kind, record.closed_at - record.opened_at, record.hospitals)
-            if before is not None and before[2] != status and run.status is not RunStatus.running:
+                log.info("%s: round %d (%s) closed with %d/%d hospitals in %.3f s", run_id, record.round,
+                         record.kind.value, len(record.hospitals), len(run.hospitals),
+                         record.closed_at - record.opened_at)
+            if before is None:
+                log.info("%s: started with %s", run_id, ", ".join(run.hospitals))
+            elif before[2] != status and run.status is not RunStatus.running:
                 self.metrics.runs_ended.labels(status).inc()
+                log.info("%s: %s %s", run_id, status, run.reason)
         started = time.perf_counter()
         self.store.save_state(self.coordinator.snapshot())
         self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
@@ -247,6 +259,20 @@ def _refusal(error: Exception) -> HTTPException:
     return HTTPException(409, str(error))
 
 
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it exceeds `limit` (a declared length is not trusted alone)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"a result may hold at most {limit} bytes; this one declares {declared}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"a result may hold at most {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _run_of(svc: AggregatorService, run_id: str) -> Run:
     run = svc.coordinator.runs.get(run_id)
     if run is None:
@@ -311,7 +337,7 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
                            else Forbidden(f"task {task_id} belongs to another hospital"))
         kind = owned.kind.value
         try:
-            result = decode_result(await request.body())
+            result = decode_result(await _read_limited(request, svc.max_result_bytes))
         except MessageError as error:
             svc.metrics.results.labels(kind, "unreadable").inc()
             return JSONResponse({"detail": str(error), "reason": "unreadable"}, status_code=422)
@@ -346,5 +372,6 @@ def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: s
     """Run the aggregator until SIGINT/SIGTERM (what `health-mlops aggregator` and its container run)."""
     authority = TokenAuthority.from_directory(credentials_dir)  # fail now, with the file named, not per request
     store = CheckpointStore(models_dir)
+    store.load_state()  # likewise: an unreadable checkpoint stops the start with its path named
     uvicorn.run(create_app(lambda: AggregatorService(spec, store, authority)), host=host, port=port,
                 log_level="warning", timeout_graceful_shutdown=2)

@@ -31,6 +31,10 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(folder)
 
 
+class CheckpointError(Exception):
+    """A checkpoint that exists but cannot be read; the message names the file."""
+
+
 class CheckpointStore:
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = models_dir
@@ -43,7 +47,14 @@ class CheckpointStore:
         """The last checkpoint, or None on a first start."""
         if not self.state_path.exists():
             return None
-        return json.loads(self.state_path.read_text(encoding="utf-8"))
+        try:
+            state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.state_path}: cannot read the aggregator's checkpoint ({exc}); "
+                                  "restore it from a backup or move it aside to start afresh") from None
+        if not isinstance(state, dict) or not {"runs", "tasks", "results"} <= set(state):
+            raise CheckpointError(f"{self.state_path}: not an aggregator checkpoint")
+        return state
 
     def weights_path(self, run_id: str, round_number: int) -> Path:
         return self.models_dir / "runs" / run_id / f"round-{round_number}.safetensors"
