@@ -29,14 +29,17 @@ from health_mlops.data.synthetic import SPEC_FILE_NAME, generate_dataset, read_r
 from health_mlops.data.validate import FileReport
 from health_mlops.spec import DatasetSpec, SpecError, load_spec
 
-if TYPE_CHECKING:  # training modules import torch; `data` commands should not pay for it
+if TYPE_CHECKING:  # training modules import torch and the registry MLflow; `data` commands should not pay for it
     from health_mlops.fl.coordinator import RunConfig
     from health_mlops.ml.baselines import ExperimentResult, HospitalSplit
+    from health_mlops.registry import Registry
 
 app = typer.Typer(help="Health MLOps: federated health-risk models for hospital consortia.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Generate and validate hospital data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+registry_app = typer.Typer(help="Model versions in the registry: list, promote, roll back.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
 
 out = Console(highlight=False)
 if not out.is_terminal:
@@ -309,6 +312,7 @@ def aggregator(
     """Run the aggregator service: runs, rounds, checkpoints (resumes from the last one on restart)."""
     from health_mlops.fl.aggregator import serve
     from health_mlops.fl.store import CheckpointError
+    from health_mlops.registry import Registry
     from health_mlops.security import CredentialError
 
     settings = get_settings()
@@ -316,7 +320,9 @@ def aggregator(
     try:
         with _clean_errors():
             dataset = load_spec(spec or settings.spec)
-        serve(dataset, settings.models_dir, settings.credentials_dir, host=host, port=port)
+        serve(dataset, settings.models_dir, settings.credentials_dir, host=host, port=port,
+              registry_factory=lambda: Registry(settings.home, dataset.name),
+              quality_gate_tolerance=settings.quality_gate_tolerance)
     except (CredentialError, CheckpointError) as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -370,6 +376,76 @@ def node(
                           split_seed=settings.split_seed, test_fraction=settings.test_fraction,
                           poll_wait_s=settings.poll_wait_s)
     serve(worker, host=host, api_port=api_port or env.api_port, metrics_port=metrics_port or env.metrics_port)
+
+
+def _registry(spec: str | None) -> Registry:
+    from health_mlops.registry import Registry
+
+    settings = get_settings()
+    with _clean_errors():
+        dataset = load_spec(spec or settings.spec)
+    return Registry(settings.home, dataset.name)
+
+
+def _actor() -> str:
+    import getpass
+    import socket
+
+    return f"admin (cli: {getpass.getuser()}@{socket.gethostname()})"
+
+
+def _print_versions(registry: Registry) -> None:
+    table = Table(title=f"{registry.model_name} in {registry.tracking_uri}")
+    for column in ("version", "aliases", "metric", "federation run", "created"):
+        table.add_column(column, justify="right" if column in ("version", "metric") else "left")
+    from datetime import datetime
+
+    for v in registry.versions():
+        table.add_row(str(v.version), ", ".join(v.aliases), f"{v.metric_name} {v.metric:.4f}", v.federation_run,
+                      f"{datetime.fromtimestamp(v.created_at):%Y-%m-%d %H:%M:%S}")
+    out.print(table)
+
+
+SpecOption = Annotated[str | None, typer.Option(help="the task whose model (built-in name or YAML path)")]
+
+
+@registry_app.command("list")
+def registry_list(spec: SpecOption = None,
+                  json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every registered version with its aliases and federated test metric."""
+    registry = _registry(spec)
+    if json_output:
+        _print_json([v.to_json() for v in registry.versions()])
+        return
+    _print_versions(registry)
+
+
+@registry_app.command("promote")
+def registry_promote(version: Annotated[int, typer.Argument(min=1)], spec: SpecOption = None) -> None:
+    """Make VERSION the champion (written to the audit log)."""
+    from health_mlops.registry import RegistryError
+
+    registry = _registry(spec)
+    try:
+        promoted = registry.promote(version, actor=_actor())
+    except RegistryError as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True)
+        raise typer.Exit(2) from None
+    out.print(f"v{promoted.version} is now champion; audit log: {registry.audit_log}")
+
+
+@registry_app.command("rollback")
+def registry_rollback(spec: SpecOption = None) -> None:
+    """Make the previous champion champion again (written to the audit log)."""
+    from health_mlops.registry import RegistryError
+
+    registry = _registry(spec)
+    try:
+        restored = registry.rollback(actor=_actor())
+    except RegistryError as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True)
+        raise typer.Exit(2) from None
+    out.print(f"rolled back: v{restored.version} is champion again; audit log: {registry.audit_log}")
 
 
 def _configure_logging() -> None:
@@ -464,11 +540,19 @@ def demo(
     if json_output:
         _print_json({"data": str(data), "run": {"id": view.id, "rounds": view.config.rounds,
                                                 "rejected": view.rejected, "counted_from": counted},
+                     "model": view.model,
                      "round_overhead_ms": overheads, **columns})
         return
     out.print(comparison_table(dataset, columns, title="federated vs pooled vs local-only vs Bayes-optimal"))
     out.print(f"run {view.id}: {view.config.rounds} rounds, each hospital counted once per round "
-              f"(hospital-1's results came from {', '.join(counted[names[0]])}); data: {data}")
+              f"(hospital-1's results came from {', '.join(counted[names[0]])}); data: {data}", soft_wrap=True)
+    model = view.model or {}
+    if model.get("status") == "registered":
+        out.print(f"model: {dataset.name} v{model['version']} registered, {', '.join(model['aliases']) or 'no alias'} "
+                  f"({model['metric_name']} {model['metric']:.4f} by federated evaluation); "
+                  f"`health-mlops registry list` shows every version", soft_wrap=True)
+    else:
+        out.print(f"model: not registered ({model.get('reason', 'unknown')})")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     credentials_dir_override: Path | None = Field(None, alias="HEALTH_MLOPS_CREDENTIALS_DIR",
                                                   description="tokens from `provision` (default: home/credentials)")
     token: str | None = Field(None, description="a node's bearer token (else read from the credentials folder)")
+    quality_gate_tolerance: float = Field(0.005, ge=0, description="a new model becomes champion unless its "
+                                          "federated test metric is worse than the champion's by more than this")
     poll_wait_s: float = Field(20.0, gt=0, le=300, description="how long a node's long poll for a task waits")
 
     @property

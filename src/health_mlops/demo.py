@@ -177,6 +177,17 @@ def follow_run(admin: httpx.Client, run_id: str, on_view: Callable[[RunView], No
         time.sleep(0.2)
 
 
+def wait_for_registration(admin: httpx.Client, view: RunView, aggregator: Child,
+                          timeout_s: float = 120.0) -> RunView:
+    deadline = time.monotonic() + timeout_s
+    while view.model is None or view.model.get("status") == "registering":
+        if time.monotonic() > deadline or aggregator.process.poll() is not None:
+            raise DemoError(f"the model of {view.id} was not registered; see {aggregator.log_path}")
+        time.sleep(0.2)
+        view = RunView.model_validate(admin.get(f"/v1/runs/{view.id}").raise_for_status().json())
+    return view
+
+
 def cancel_stale_runs(admin: httpx.Client, console: Console) -> None:
     """A demo interrupted earlier leaves its run in the checkpoint; it would take the nodes' time first."""
     for raw in admin.get("/v1/runs").raise_for_status().json():
@@ -217,5 +228,7 @@ def run_federation(*, data: Path, hospitals: list[str], cities: dict[str, str], 
                 view = follow_run(admin, run_id, lambda v: live.update(live_view(v, metric)), aggregator)
             if view.status != "completed":
                 raise DemoError(f"the run ended {view.status}: {view.reason}; logs in {home / 'logs'}")
+            with console.status("registering the model (ONNX export, MLflow registry, quality gate)"):
+                view = wait_for_registration(admin, view, aggregator)
             weights = admin.get(f"/v1/runs/{run_id}/rounds/{view.final_round}/weights").raise_for_status().content
     return view, weights

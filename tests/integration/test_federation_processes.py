@@ -23,7 +23,7 @@ from health_mlops.fl.messages import RunView, TaskMessage, decode_weights, encod
 from health_mlops.ml.baselines import split_hospitals
 from health_mlops.security import ADMIN, bearer, provision, read_token, token_path
 from health_mlops.spec import load_spec
-from tests.conftest import free_port_range, run_cli
+from tests.conftest import free_port_range, run_cli, run_cli_json
 
 SPEC = load_spec("health-risk")
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
@@ -87,7 +87,7 @@ class Cluster:
             view = self.view(run_id)
             if condition(view):
                 return view
-            assert view.status == "running", f"run ended {view.status}: {view.reason}"
+            assert view.status in ("running", "completed"), f"run ended {view.status}: {view.reason}"
             time.sleep(0.05)
         raise AssertionError(f"timed out; last view: round {view.round}, status {view.status}")
 
@@ -146,6 +146,16 @@ def test_aggregator_killed_mid_run_resumes_at_the_last_closed_round(cluster: Clu
     assert_each_hospital_counted_once_per_round(final, train_rows(data))
     assert abs(cluster.final_auc(final) - cluster.final_auc(undisturbed)) <= 0.005
     assert {r.nodes["hospital-1"] for r in undisturbed.history} <= {"hospital-1-a", "hospital-1-b"}
+
+    # Both final models are registered, the first as champion; the second is as good, so it takes over.
+    first = cluster.wait_for(undisturbed.id, lambda v: (v.model or {}).get("status") not in (None, "registering"))
+    second = cluster.wait_for(run_id, lambda v: (v.model or {}).get("status") not in (None, "registering"))
+    assert first.model is not None and second.model is not None
+    assert (first.model["status"], first.model["version"]) == ("registered", 1)
+    assert (second.model["status"], second.model["version"]) == ("registered", 2)
+    assert first.model["metric"] == pytest.approx(cluster.final_auc(undisturbed))
+    versions = run_cli_json("registry", "list", home=cluster.home)
+    assert [(v["version"], v["aliases"]) for v in versions] == [(1, []), (2, ["champion"])]
 
 
 def test_node_replica_killed_mid_round_is_replaced_by_the_other(cluster: Cluster, data: Path) -> None:

@@ -42,6 +42,20 @@ def encode_features(frame: pd.DataFrame, spec: DatasetSpec) -> np.ndarray:
     return np.hstack(blocks) if blocks else np.zeros((len(frame), 0))
 
 
+def serving_matrix(frame: pd.DataFrame, spec: DatasetSpec) -> np.ndarray:
+    """The exported model's input: one float32 column per spec feature, categories as their index in the spec
+    (the ONNX graph one-hot encodes and standardises them itself)."""
+    columns = []
+    for feature in spec.features:
+        values = frame[feature.name].to_numpy()
+        if feature.type == "numeric":
+            columns.append(values.astype(np.float32))
+        else:
+            index = {category: i for i, category in enumerate(feature.categories or ())}
+            columns.append(np.fromiter((index[v] for v in values), dtype=np.float32, count=len(values)))
+    return np.column_stack(columns) if columns else np.zeros((len(frame), 0), dtype=np.float32)
+
+
 def encode_target(frame: pd.DataFrame, spec: DatasetSpec) -> np.ndarray:
     """The target as float64: 0/1 for binary tasks, the value for regression."""
     return frame[spec.target.name].astype(np.float64).to_numpy()

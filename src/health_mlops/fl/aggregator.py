@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
@@ -35,6 +35,10 @@ from health_mlops.monitoring import AggregatorMetrics
 from health_mlops.security import Identity, TokenAuthority
 from health_mlops.spec import DatasetSpec
 
+if TYPE_CHECKING:  # MLflow is imported only by an aggregator that registers models
+    from health_mlops.fl.publish import Publisher
+    from health_mlops.registry import Registry
+
 T = TypeVar("T")
 log = logging.getLogger("health_mlops.aggregator")
 
@@ -50,9 +54,11 @@ class AggregatorService:
 
     def __init__(self, spec: DatasetSpec, store: CheckpointStore, authority: TokenAuthority,
                  metrics: AggregatorMetrics | None = None, clock: Callable[[], float] = time.time,
-                 max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> None:
+                 max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES, publisher: Publisher | None = None) -> None:
         self.spec = spec
         self.max_result_bytes = max_result_bytes
+        self.publisher = publisher
+        self.registrations: dict[str, dict[str, Any]] = {}
         self.store = store
         self.authority = authority
         self.metrics = metrics or AggregatorMetrics()
@@ -67,6 +73,13 @@ class AggregatorService:
         self._weights_cache: dict[tuple[str, int], bytes] = {}
         self._wakeup = asyncio.Event()
         self._update_gauges()
+        for run in self.coordinator.runs.values():
+            if run.status is RunStatus.completed:
+                outcome = store.load_registration(run.id)
+                if outcome is None:
+                    self._publish(run)  # it completed just before a restart
+                else:
+                    self.registrations[run.id] = outcome
 
     # --- state changes --------------------------------------------------------------------------------
 
@@ -101,12 +114,28 @@ class AggregatorService:
             elif before[2] != status and run.status is not RunStatus.running:
                 self.metrics.runs_ended.labels(status).inc()
                 log.info("%s: %s %s", run_id, status, run.reason)
+                if run.status is RunStatus.completed:
+                    self._publish(run)
         started = time.perf_counter()
         self.store.save_state(self.coordinator.snapshot())
         self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
         self._progress = marks
         self._update_gauges()
         self.wake_waiters()
+
+    def _publish(self, run: Run) -> None:
+        """Register the run's final model in a worker thread; the event loop keeps serving meanwhile."""
+        if self.publisher is None:
+            return
+        self.registrations[run.id] = {"status": "registering"}
+        # A completed run no longer changes, so the worker thread may read it.
+        future = asyncio.get_running_loop().run_in_executor(None, self.publisher.publish, run, self.spec)
+
+        def done(finished: asyncio.Future[dict[str, Any]]) -> None:
+            self.registrations[run.id] = outcome = finished.result()
+            log.info("%s: model %s", run.id, outcome)
+
+        future.add_done_callback(done)
 
     def _observe_round(self, kind: TaskKind, seconds: float, hospitals: dict[str, dict[str, Any]]) -> None:
         self.metrics.rounds_closed.labels(kind.value).inc()
@@ -200,7 +229,7 @@ class AggregatorService:
         return RunView(id=run.id, status=run.status.value, reason=run.reason, round=run.round, attempt=run.attempt,
                        final_round=run.final_round, hospitals=run.hospitals, config=run.config,
                        preprocessing=run.preprocessing, rejected=run.rejected, open_tasks=open_tasks,
-                       history=history)
+                       history=history, model=self.registrations.get(run.id))
 
     async def tick_forever(self) -> None:
         while True:
@@ -368,10 +397,14 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
     return app
 
 
-def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: str, port: int) -> None:
+def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: str, port: int,
+          registry_factory: Callable[[], Registry], quality_gate_tolerance: float) -> None:
     """Run the aggregator until SIGINT/SIGTERM (what `health-mlops aggregator` and its container run)."""
     authority = TokenAuthority.from_directory(credentials_dir)  # fail now, with the file named, not per request
     store = CheckpointStore(models_dir)
     store.load_state()  # likewise: an unreadable checkpoint stops the start with its path named
-    uvicorn.run(create_app(lambda: AggregatorService(spec, store, authority)), host=host, port=port,
-                log_level="warning", timeout_graceful_shutdown=2)
+    from health_mlops.fl.publish import Publisher
+
+    publisher = Publisher(registry_factory, store, quality_gate_tolerance)
+    uvicorn.run(create_app(lambda: AggregatorService(spec, store, authority, publisher=publisher)), host=host,
+                port=port, log_level="warning", timeout_graceful_shutdown=2)

@@ -137,6 +137,7 @@ class RunView(BaseModel):
     rejected: dict[str, int]
     open_tasks: list[OpenTaskView]
     history: list[RoundView]
+    model: dict[str, Any] | None = None  # the registry's answer once a completed run's model is registered
 
 
 def weighted_metrics(hospitals: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:

@@ -6,6 +6,7 @@ the models directory:
 
     aggregator/state.json                       the whole coordinator (runs, tasks, open results)
     runs/<run id>/round-<r>.safetensors         global weights entering round r (kept for every round)
+    runs/<run id>/registration.json             the registry's answer for the run's final model
 """
 
 from __future__ import annotations
@@ -61,6 +62,19 @@ class CheckpointStore:
 
     def save_weights(self, run_id: str, round_number: int, body: bytes) -> None:
         write_atomically(self.weights_path(run_id, round_number), body)
+
+    def registration_path(self, run_id: str) -> Path:
+        return self.models_dir / "runs" / run_id / "registration.json"
+
+    def save_registration(self, run_id: str, outcome: dict[str, Any]) -> None:
+        write_atomically(self.registration_path(run_id), json.dumps(outcome).encode("utf-8"))
+
+    def load_registration(self, run_id: str) -> dict[str, Any] | None:
+        path = self.registration_path(run_id)
+        try:
+            return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+        except ValueError:
+            return None  # torn by hand: register again
 
     def load_weights(self, run_id: str, round_number: int) -> bytes | None:
         path = self.weights_path(run_id, round_number)

@@ -1,0 +1,57 @@
+"""From a completed run to a registered model: the federated evaluation as its metrics, the global weights
+exported to ONNX with the run's preprocessing inside, and the registry's quality gate.
+
+Registration talks to MLflow (a database, possibly a server), so the aggregator runs it in a worker thread;
+its outcome is written beside the run's checkpoints, so a restarted aggregator registers what it had not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from health_mlops.fl.coordinator import Run, TaskKind
+from health_mlops.fl.messages import weighted_metrics
+from health_mlops.fl.store import CheckpointStore
+from health_mlops.ml.onnx import export_onnx
+from health_mlops.registry import Registry, TrainingRecord
+from health_mlops.spec import DatasetSpec, spec_to_yaml
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def training_record(run: Run, spec: DatasetSpec) -> TrainingRecord:
+    """What the registry keeps of a completed run. Step r holds the metrics of the model entering round r
+    (each round evaluates the incoming model first); the final `evaluate` round scores the final model."""
+    evaluated = [r for r in run.history if r.kind is not TaskKind.stats]
+    final = evaluated[-1]
+    return TrainingRecord(
+        federation_run=run.id, params={**run.config.model_dump(), "hospitals": ",".join(run.hospitals)},
+        round_metrics=[(r.round, weighted_metrics(r.hospitals)) for r in evaluated],
+        hospital_metrics=[(r.round, hospital, _numbers(metadata.get("metrics") or {}))
+                          for r in evaluated for hospital, metadata in r.hospitals.items()],
+        final_metrics=weighted_metrics(final.hospitals), metric_name=spec.primary_metric,
+        onnx_model=export_onnx(spec, run.preprocessing, run.weights), spec_yaml=spec_to_yaml(spec))
+
+
+class Publisher:
+    def __init__(self, registry_factory: Callable[[], Registry], store: CheckpointStore, tolerance: float) -> None:
+        self._registry_factory = registry_factory
+        self._registry: Registry | None = None
+        self._store = store
+        self.tolerance = tolerance
+
+    def publish(self, run: Run, spec: DatasetSpec) -> dict[str, Any]:
+        """Export and register a completed run's model (in a worker thread); the outcome is kept with the run."""
+        try:
+            record = training_record(run, spec)
+            if self._registry is None:
+                self._registry = self._registry_factory()
+            version = self._registry.register(record, tolerance=self.tolerance)
+            outcome: dict[str, Any] = {"status": "registered", **version.to_json()}
+        except Exception as error:  # noqa: BLE001 - any registry failure is reported on the run, not raised
+            outcome = {"status": "failed", "reason": f"{type(error).__name__}: {error}"}
+        self._store.save_registration(run.id, outcome)
+        return outcome

@@ -1,0 +1,99 @@
+"""Export a trained model to ONNX with its preprocessing inside, so serving needs neither torch nor the stats.
+
+The graph's input `features` is a float32 matrix with one column per spec feature, in spec order: numeric
+features as their value, categorical features as the index of their category in the spec. Inside, the graph
+one-hot encodes the categories, standardises every column with the run's global mean and scale, applies the
+network, and outputs `prediction`: the event probability for binary tasks, the value in the target's unit for
+regression. The graph is built directly from the weight arrays (a chain of Gemm and Relu, as in
+`ml.model.build_model`), so exporting needs no tracing and works from the aggregator's numpy weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from health_mlops.spec import DatasetSpec
+
+INPUT_NAME = "features"
+OUTPUT_NAME = "prediction"
+OPSET = 17
+_LAYER = re.compile(r"^(\d+)\.(weight|bias)$")
+
+
+def _layers(weights: Mapping[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(weight, bias) of each Linear layer of the Sequential model, in order."""
+    indices: dict[int, dict[str, np.ndarray]] = {}
+    for name, value in weights.items():
+        match = _LAYER.match(name)
+        if match is None:
+            raise ValueError(f"unexpected tensor {name!r}: expected a Sequential of Linear layers")
+        indices.setdefault(int(match.group(1)), {})[match.group(2)] = np.asarray(value, dtype=np.float32)
+    layers = []
+    for index in sorted(indices):
+        parts = indices[index]
+        if set(parts) != {"weight", "bias"}:
+            raise ValueError(f"layer {index} lacks its weight or bias")
+        layers.append((parts["weight"], parts["bias"]))
+    return layers
+
+
+def export_onnx(spec: DatasetSpec, preprocessing: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> bytes:
+    """The serialized ONNX model of `weights` with `preprocessing` (the run's mean, scale, target scale)."""
+    nodes: list[onnx.NodeProto] = []
+    initializers: list[onnx.TensorProto] = []
+
+    def constant(name: str, value: np.ndarray) -> str:
+        initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    encoded: list[str] = []
+    for j, feature in enumerate(spec.features):
+        column = f"column_{j}"
+        nodes.append(helper.make_node("Slice", [INPUT_NAME, constant(f"start_{j}", np.array([j])),
+                                                constant(f"end_{j}", np.array([j + 1])),
+                                                constant(f"axis_{j}", np.array([1]))], [column]))
+        if feature.type == "numeric":
+            encoded.append(column)
+            continue
+        codes = constant(f"codes_{j}", np.arange(len(feature.categories or ()), dtype=np.float32))
+        nodes.append(helper.make_node("Equal", [column, codes], [f"is_{j}"]))
+        nodes.append(helper.make_node("Cast", [f"is_{j}"], [f"onehot_{j}"], to=TensorProto.FLOAT))
+        encoded.append(f"onehot_{j}")
+    nodes.append(helper.make_node("Concat", encoded, ["encoded"], axis=1))
+    nodes.append(helper.make_node("Sub", ["encoded", constant("mean", np.asarray(preprocessing["mean"],
+                                                                               dtype=np.float32))], ["centred"]))
+    nodes.append(helper.make_node("Div", ["centred", constant("scale", np.asarray(preprocessing["scale"],
+                                                                                dtype=np.float32))], ["x0"]))
+    layers = _layers(weights)
+    current = "x0"
+    for i, (weight, bias) in enumerate(layers):
+        output = f"linear_{i}"
+        nodes.append(helper.make_node("Gemm", [current, constant(f"w_{i}", weight), constant(f"b_{i}", bias)],
+                                      [output], transB=1))
+        current = output
+        if i < len(layers) - 1:
+            nodes.append(helper.make_node("Relu", [current], [f"relu_{i}"]))
+            current = f"relu_{i}"
+    nodes.append(helper.make_node("Squeeze", [current, constant("squeeze_axis", np.array([1]))], ["raw"]))
+    if spec.task == "binary":
+        nodes.append(helper.make_node("Sigmoid", ["raw"], [OUTPUT_NAME]))
+    else:
+        target_scale = np.array(preprocessing["target_scale"], dtype=np.float32)
+        target_mean = np.array(preprocessing["target_mean"], dtype=np.float32)
+        nodes.append(helper.make_node("Mul", ["raw", constant("target_scale", target_scale)], ["scaled"]))
+        nodes.append(helper.make_node("Add", ["scaled", constant("target_mean", target_mean)], [OUTPUT_NAME]))
+    graph = helper.make_graph(
+        nodes, f"{spec.name}-model",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["rows", len(spec.features)])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["rows"])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="health-mlops")
+    model.doc_string = f"{spec.name}: input columns {[f.name for f in spec.features]}"
+    onnx.checker.check_model(model)
+    return model.SerializeToString()

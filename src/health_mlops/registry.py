@@ -1,0 +1,225 @@
+"""The model registry: MLflow's tracking server and model registry, with a quality gate and an audit log.
+
+Each federated run becomes one MLflow run (its config as params, per-round global metrics and per-hospital
+metrics with step = round) and one registered model version holding the ONNX model (preprocessing inside)
+and the dataset spec. A new version gets the `champion` alias only if its federated test metric is no worse
+than the current champion's minus a tolerance; otherwise it is the `challenger`. Promotions and rollbacks
+are admin actions and each is appended to the audit log.
+
+Embedded by default (a sqlite file and a local artifact folder under `$HEALTH_MLOPS_HOME/mlflow`, no server);
+`MLFLOW_TRACKING_URI` points at a server instead (Kubernetes). This module stores and loads artifacts only
+and imports no torch, so the serving image can use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+EXPERIMENT_NAME = "federated-training"
+MODEL_FILE = "model.onnx"
+SPEC_FILE = "spec.yaml"
+_ARTIFACT_DIR = "model"
+_MLFLOW_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+
+
+class RegistryError(Exception):
+    """A registry action that cannot be done (unknown version, nothing to roll back to, ...)."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: int
+    metric_name: str
+    metric: float
+    aliases: list[str]
+    federation_run: str
+    mlflow_run_id: str
+    created_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "metric_name": self.metric_name, "metric": self.metric,
+                "aliases": self.aliases, "federation_run": self.federation_run,
+                "mlflow_run_id": self.mlflow_run_id, "created_at": self.created_at}
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """What a finished federated run hands to the registry."""
+
+    federation_run: str
+    params: Mapping[str, Any]  # flat: name -> value
+    round_metrics: list[tuple[int, dict[str, float]]]  # (round, global metrics of the model entering it)
+    hospital_metrics: list[tuple[int, str, dict[str, float]]]  # (round, hospital, metrics)
+    final_metrics: dict[str, float]  # federated evaluation of the final model
+    metric_name: str  # the task's primary metric, higher is better
+    onnx_model: bytes
+    spec_yaml: str
+
+
+def default_tracking_uri(home: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(home / 'mlflow' / 'mlflow.db').resolve()}"
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config as MLflow params: {"strategy": {"name": "fedavg"}} -> {"strategy.name": "fedavg"}."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class Registry:
+    def __init__(self, home: Path, model_name: str, *, tracking_uri: str | None = None,
+                 audit_log: Path | None = None) -> None:
+        self.home = home
+        self.model_name = model_name
+        self.tracking_uri = tracking_uri or default_tracking_uri(home)
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        self.audit_log = audit_log or home / "audit.log"
+
+    # --- writing --------------------------------------------------------------------------------------
+
+    def _experiment_id(self) -> str:
+        experiment = self.client.get_experiment_by_name(EXPERIMENT_NAME)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if self.tracking_uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in the cwd
+            location = (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+        return self.client.create_experiment(EXPERIMENT_NAME, artifact_location=location)
+
+    def register(self, record: TrainingRecord, *, tolerance: float) -> ModelVersion:
+        """Log the run, register its model, and apply the quality gate."""
+        run = self.client.create_run(self._experiment_id(), run_name=record.federation_run,
+                                     tags={"federation_run": record.federation_run})
+        run_id = run.info.run_id
+        now_ms = int(time.time() * 1000)
+        metrics = [Metric(f"global.{name}", value, now_ms, step) for step, values in record.round_metrics
+                   for name, value in values.items()]
+        metrics += [Metric(f"{hospital}.{name}", value, now_ms, step)
+                    for step, hospital, values in record.hospital_metrics for name, value in values.items()]
+        metrics += [Metric(f"final.{name}", value, now_ms, 0) for name, value in record.final_metrics.items()]
+        params = [Param(k, str(v)) for k, v in flatten(record.params).items()]
+        self.client.log_batch(run_id, params=params)
+        for start in range(0, len(metrics), _MLFLOW_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[start:start + _MLFLOW_BATCH])
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(scratch) / _ARTIFACT_DIR
+            folder.mkdir()
+            (folder / MODEL_FILE).write_bytes(record.onnx_model)
+            (folder / SPEC_FILE).write_text(record.spec_yaml, encoding="utf-8")
+            self.client.log_artifacts(run_id, str(folder), _ARTIFACT_DIR)
+        self.client.set_terminated(run_id)
+        try:
+            self.client.create_registered_model(self.model_name)
+        except MlflowException:
+            pass  # it exists
+        metric = record.final_metrics[record.metric_name]
+        created = self.client.create_model_version(
+            self.model_name, f"runs:/{run_id}/{_ARTIFACT_DIR}", run_id=run_id,
+            tags={"metric_name": record.metric_name, "metric": repr(metric),
+                  "federation_run": record.federation_run})
+        version = int(created.version)
+        champion = self.champion()
+        if champion is None or metric >= champion.metric - tolerance:
+            self._set_champion(version, actor="quality-gate", action="promote",
+                               reason=f"{record.metric_name} {metric:.4f}" + (
+                                   "" if champion is None else f" vs champion v{champion.version} "
+                                                               f"{champion.metric:.4f} - {tolerance}"))
+        else:
+            self.client.set_registered_model_alias(self.model_name, CHALLENGER, str(version))
+            self._audit("challenger", version, "quality-gate",
+                        f"{record.metric_name} {metric:.4f} below champion v{champion.version} "
+                        f"{champion.metric:.4f} - {tolerance}")
+        return self.version(version)
+
+    def _set_champion(self, version: int, *, actor: str, action: str, reason: str) -> None:
+        self.client.set_registered_model_alias(self.model_name, CHAMPION, str(version))
+        try:
+            challenger = self.client.get_model_version_by_alias(self.model_name, CHALLENGER)
+            if int(challenger.version) == version:
+                self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
+        except MlflowException:
+            pass
+        self._audit(action, version, actor, reason)
+
+    def _audit(self, action: str, version: int, actor: str, reason: str) -> None:
+        self.audit_log.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"time": time.time(), "action": action, "model": self.model_name, "version": version,
+                 "actor": actor, "reason": reason}
+        with open(self.audit_log, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def promote(self, version: int, *, actor: str) -> ModelVersion:
+        self.version(version)  # refuses an unknown version
+        self._set_champion(version, actor=actor, action="promote", reason="by hand")
+        return self.version(version)
+
+    def rollback(self, *, actor: str) -> ModelVersion:
+        """Make the champion before the current one champion again."""
+        current = self.champion()
+        if current is None:
+            raise RegistryError("there is no champion to roll back from")
+        history = [e["version"] for e in self.audit_entries() if e["action"] in ("promote", "rollback")]
+        earlier = [v for v in history if v != current.version]
+        if not earlier:
+            raise RegistryError(f"v{current.version} is the only model that was ever champion")
+        target = earlier[-1]
+        self._set_champion(target, actor=actor, action="rollback", reason=f"from v{current.version}")
+        return self.version(target)
+
+    # --- reading --------------------------------------------------------------------------------------
+
+    def audit_entries(self) -> list[dict[str, Any]]:
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text(encoding="utf-8").splitlines() if line]
+
+    def version(self, version: int) -> ModelVersion:
+        try:
+            raw = self.client.get_model_version(self.model_name, str(version))
+        except MlflowException:
+            raise RegistryError(f"{self.model_name} has no version {version}") from None
+        return ModelVersion(version=int(raw.version), metric_name=raw.tags.get("metric_name", ""),
+                            metric=float(raw.tags.get("metric", "nan")), aliases=sorted(raw.aliases or []),
+                            federation_run=raw.tags.get("federation_run", ""), mlflow_run_id=raw.run_id or "",
+                            created_at=raw.creation_timestamp / 1000)
+
+    def versions(self) -> list[ModelVersion]:
+        try:
+            found = self.client.search_model_versions(f"name='{self.model_name}'")
+        except MlflowException:
+            return []
+        return sorted((self.version(int(v.version)) for v in found), key=lambda v: v.version)
+
+    def champion(self) -> ModelVersion | None:
+        try:
+            raw = self.client.get_model_version_by_alias(self.model_name, CHAMPION)
+        except MlflowException:
+            return None
+        return self.version(int(raw.version))
+
+    def load_artifacts(self, version: int) -> tuple[bytes, str]:
+        """(ONNX model, spec YAML) of a version."""
+        raw = self.client.get_model_version(self.model_name, str(version))
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(self.client.download_artifacts(raw.run_id, _ARTIFACT_DIR, scratch))
+            return (folder / MODEL_FILE).read_bytes(), (folder / SPEC_FILE).read_text(encoding="utf-8")

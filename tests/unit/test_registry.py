@@ -1,0 +1,74 @@
+"""The registry on MLflow's real sqlite store: logging, the quality gate, promotion, rollback, audit."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from health_mlops.registry import CHALLENGER, CHAMPION, Registry, RegistryError, TrainingRecord
+
+
+def record(name: str, auc: float) -> TrainingRecord:
+    return TrainingRecord(
+        federation_run=name, params={"rounds": 2, "strategy": {"name": "fedavg"}},
+        round_metrics=[(1, {"auc": 0.6}), (2, {"auc": 0.7})],
+        hospital_metrics=[(1, "hospital-1", {"auc": 0.6}), (2, "hospital-1", {"auc": 0.7})],
+        final_metrics={"auc": auc, "brier": 0.1}, metric_name="auc", onnx_model=f"onnx-{name}".encode(),
+        spec_yaml="name: test\n")
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return Registry(tmp_path, "health-risk")
+
+
+def test_the_first_model_is_champion_and_its_run_is_logged(registry: Registry, tmp_path: Path) -> None:
+    version = registry.register(record("run-a", 0.80), tolerance=0.005)
+    assert version.version == 1 and version.aliases == [CHAMPION] and version.metric == 0.80
+    assert registry.load_artifacts(1) == (b"onnx-run-a", "name: test\n")
+    history = registry.client.get_metric_history(version.mlflow_run_id, "global.auc")
+    assert [(m.step, m.value) for m in history] == [(1, 0.6), (2, 0.7)]
+    assert registry.client.get_run(version.mlflow_run_id).data.params["strategy.name"] == "fedavg"
+    assert (tmp_path / "mlflow" / "mlflow.db").is_file()
+
+
+def test_the_quality_gate_keeps_a_worse_model_as_challenger(registry: Registry) -> None:
+    registry.register(record("run-a", 0.80), tolerance=0.005)
+    near = registry.register(record("run-b", 0.797), tolerance=0.005)  # within tolerance: promoted
+    worse = registry.register(record("run-c", 0.70), tolerance=0.005)
+    assert near.aliases == [CHAMPION]
+    assert worse.aliases == [CHALLENGER]
+    assert registry.champion() is not None and registry.champion().version == 2
+    assert [e["action"] for e in registry.audit_entries()] == ["promote", "promote", "challenger"]
+
+
+def test_promote_and_rollback_are_audited(registry: Registry) -> None:
+    registry.register(record("run-a", 0.80), tolerance=0.0)
+    registry.register(record("run-b", 0.70), tolerance=0.0)  # challenger
+    assert registry.promote(2, actor="admin").aliases == [CHAMPION]
+    assert registry.version(1).aliases == []
+    assert registry.rollback(actor="admin").version == 1
+    assert registry.champion().version == 1
+    entries = registry.audit_entries()
+    assert [(e["action"], e["version"], e["actor"]) for e in entries[-2:]] == [("promote", 2, "admin"),
+                                                                              ("rollback", 1, "admin")]
+    with pytest.raises(RegistryError, match="no version 9"):
+        registry.promote(9, actor="admin")
+
+
+def test_nothing_to_roll_back_is_a_clear_error(registry: Registry) -> None:
+    with pytest.raises(RegistryError, match="no champion"):
+        registry.rollback(actor="admin")
+    registry.register(record("run-a", 0.8), tolerance=0.0)
+    with pytest.raises(RegistryError, match="only model"):
+        registry.rollback(actor="admin")
+
+
+def test_the_registry_does_not_pull_in_torch() -> None:
+    import subprocess
+
+    code = "import sys, health_mlops.registry; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
