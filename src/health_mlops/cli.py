@@ -322,7 +322,7 @@ def aggregator(
             dataset = load_spec(spec or settings.spec)
         serve(dataset, settings.models_dir, settings.credentials_dir, host=host, port=port,
               registry_factory=lambda: Registry(settings.home, dataset.name),
-              quality_gate_tolerance=settings.quality_gate_tolerance)
+              quality_gate_tolerance=settings.quality_gate_tolerance, audit_log=settings.audit_log)
     except (CredentialError, CheckpointError) as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         return self.home / "quality"
 
     @property
+    def audit_log(self) -> Path:
+        """Every admin action and model promotion, one JSON line each."""
+        return self.home / "audit.log"
+
+    @property
     def models_dir(self) -> Path:
         return self.models_dir_override or self.home / "models"
 

@@ -81,23 +81,33 @@ class Processes:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "wb")  # noqa: SIM115 - closed in stop_all
-        process = subprocess.Popen([sys.executable, "-m", "health_mlops.cli", *args], stdout=log,
-                                   stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        try:
+            process = subprocess.Popen([sys.executable, "-m", "health_mlops.cli", *args], stdout=log,
+                                       stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        except OSError:
+            log.close()
+            raise
         self.children[name] = Child(name, process, log_path, log)
         return self.children[name]
 
     def stop_all(self, grace_s: float = 5.0) -> None:
-        for child in self.children.values():
-            if child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for child in self.children.values():
-            try:
-                child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
-            child.log.close()
+        """SIGTERM every child, SIGKILL what is left after `grace_s`; a second Ctrl-C only hastens the kill."""
+        try:
+            for child in self.children.values():
+                if child.process.poll() is None:
+                    child.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            for child in self.children.values():
+                try:
+                    child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            for child in self.children.values():
+                if child.process.poll() is None:
+                    child.process.kill()
+                    child.process.wait()
+                child.log.close()
 
     def __enter__(self) -> Processes:
         return self

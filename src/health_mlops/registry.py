@@ -13,7 +13,6 @@ and imports no torch, so the serving image can use it.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -25,6 +24,8 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
+
+from health_mlops.audit import append_audit, read_audit
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -93,7 +94,7 @@ class Registry:
         if self.tracking_uri.startswith("sqlite:///"):
             Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-        self.audit_log = audit_log or home / "audit.log"
+        self.audit_log = audit_log or home / "audit.log"  # the same file as Settings.audit_log
 
     # --- writing --------------------------------------------------------------------------------------
 
@@ -162,11 +163,7 @@ class Registry:
         self._audit(action, version, actor, reason)
 
     def _audit(self, action: str, version: int, actor: str, reason: str) -> None:
-        self.audit_log.parent.mkdir(parents=True, exist_ok=True)
-        entry = {"time": time.time(), "action": action, "model": self.model_name, "version": version,
-                 "actor": actor, "reason": reason}
-        with open(self.audit_log, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
+        append_audit(self.audit_log, action, actor, model=self.model_name, version=version, reason=reason)
 
     def promote(self, version: int, *, actor: str) -> ModelVersion:
         self.version(version)  # refuses an unknown version
@@ -189,9 +186,7 @@ class Registry:
     # --- reading --------------------------------------------------------------------------------------
 
     def audit_entries(self) -> list[dict[str, Any]]:
-        if not self.audit_log.exists():
-            return []
-        return [json.loads(line) for line in self.audit_log.read_text(encoding="utf-8").splitlines() if line]
+        return [e for e in read_audit(self.audit_log) if e.get("model") == self.model_name]
 
     def version(self, version: int) -> ModelVersion:
         try:

@@ -68,22 +68,23 @@ def read_token(path: Path) -> str:
 def provision(directory: Path, hospitals: list[str]) -> list[str]:
     """Issue tokens for the admin and for every hospital that has none yet; return the names newly issued.
 
-    Existing tokens are kept, so running it again to add a hospital does not lock the others out.
+    Existing tokens are kept, so running it again to add a hospital does not lock the others out. The
+    registry is rebuilt from the token files present: to revoke a hospital's token, delete its file and
+    provision again (with the hospital named, it gets a new token).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    registry: dict[str, dict[str, str | None]] = {}
     issued: list[str] = []
-    for name in [ADMIN, *hospitals]:
+    for name in dict.fromkeys([ADMIN, *hospitals]):
         path = token_path(directory, name)
         if not path.exists():
             _write_private(path, secrets.token_urlsafe(32) + "\n")
             issued.append(name)
+    registry: dict[str, dict[str, str | None]] = {}
+    for path in sorted(directory.glob("*.token")):
+        name = path.name.removesuffix(".token")
         identity = Identity(ADMIN) if name == ADMIN else Identity("hospital", name)
         registry[_digest(read_token(path))] = {"role": identity.role, "hospital": identity.hospital}
-    registry_path = directory / REGISTRY_FILE_NAME
-    for digest, identity_fields in load_registry_entries(registry_path).items():
-        registry.setdefault(digest, identity_fields)  # hospitals provisioned earlier stay enrolled
-    _write_private(registry_path, json.dumps(registry, indent=2, sort_keys=True) + "\n")
+    _write_private(directory / REGISTRY_FILE_NAME, json.dumps(registry, indent=2, sort_keys=True) + "\n")
     return issued
 
 
@@ -120,7 +121,7 @@ class TokenAuthority:
 
     @property
     def hospitals(self) -> list[str]:
-        return sorted(i.hospital for i in self._by_digest.values() if i.hospital)
+        return sorted({i.hospital for i in self._by_digest.values() if i.hospital})
 
     def identify(self, authorization: str | None) -> Identity | None:
         """The identity behind an `Authorization: Bearer <token>` header, or None."""

@@ -9,8 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from health_mlops.audit import read_audit
 from health_mlops.fl.aggregator import AggregatorService, create_app
+from health_mlops.fl.coordinator import TaskResult
 from health_mlops.fl.loopback import BackgroundServer
+from health_mlops.fl.messages import encode_result
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.security import ADMIN, TokenAuthority, bearer, provision, read_token, token_path
 from health_mlops.spec import load_spec
@@ -19,8 +22,8 @@ SPEC = load_spec("health-risk")
 
 
 class Api:
-    def __init__(self, url: str, credentials: Path) -> None:
-        self.url, self.credentials = url, credentials
+    def __init__(self, url: str, credentials: Path, audit_log: Path) -> None:
+        self.url, self.credentials, self.audit_log = url, credentials, audit_log
 
     def client(self, who: str | None, node: str = "test-node") -> httpx.Client:
         headers = {"X-Node-Id": node}
@@ -34,9 +37,10 @@ def api(tmp_path: Path) -> Iterator[Api]:
     credentials = tmp_path / "credentials"
     provision(credentials, ["hospital-1", "hospital-2", "hospital-3"])
     authority = TokenAuthority.from_directory(credentials)
-    app = create_app(lambda: AggregatorService(SPEC, CheckpointStore(tmp_path / "models"), authority))
+    app = create_app(lambda: AggregatorService(SPEC, CheckpointStore(tmp_path / "models"), authority,
+                                               audit_log=tmp_path / "audit.log"))
     with BackgroundServer(app) as server:
-        yield Api(server.url, credentials)
+        yield Api(server.url, credentials, tmp_path / "audit.log")
 
 
 def start_run(api: Api, **body: object) -> dict:
@@ -93,6 +97,13 @@ def test_invalid_run_requests_are_refused_naming_the_field(api: Api) -> None:
         assert response.status_code == 422 and "hospital-9" in response.text
         response = admin.post("/v1/runs", json={"config": {"min_hospitals": 4}})
         assert response.status_code == 422 and "min_hospitals" in response.text
+        response = admin.post("/v1/runs", content=b'{"config": {"lease_s": 1e400}}',
+                              headers={"Content-Type": "application/json"})
+        assert response.status_code == 422 and "lease_s" in response.text
+        response = admin.post("/v1/runs", json={"config": {"lease_s": 30, "round_deadline_s": 20}})
+        assert response.status_code == 422 and "round_deadline_s" in response.text
+        response = admin.post("/v1/runs", json={"hospitals": ["hospital-1", "hospital-1"]})
+        assert response.status_code == 422 and "once" in response.text
         assert admin.get("/v1/runs/no-such-run").status_code == 404
 
 
@@ -114,3 +125,21 @@ def test_an_oversized_or_unreadable_result_is_refused_and_the_task_stays_open(ap
         garbage = hospital.post(f"/v1/tasks/{task['id']}/result", content=b"garbage")
         assert garbage.status_code == 422 and garbage.json()["reason"] == "unreadable"
         assert hospital.post(f"/v1/tasks/{task['id']}/heartbeat").status_code == 200  # still ours to answer
+
+
+def test_malformed_stats_are_refused_and_the_aggregator_keeps_answering(api: Api) -> None:
+    run = start_run(api)
+    with api.client("hospital-1") as hospital:
+        task = hospital.get("/v1/tasks/next").json()
+        body = encode_result(TaskResult({"count": "many", "sums": [], "sums_of_squares": [], "target_sum": 0,
+                                         "target_sum_of_squares": 0}))
+        response = hospital.post(f"/v1/tasks/{task['id']}/result", content=body)
+        assert response.status_code == 422 and response.json()["reason"] == "bad_metadata"
+        assert "count" in response.json()["detail"]
+        assert hospital.get("/v1/whoami").json() == {"role": "hospital", "hospital": "hospital-1"}
+    with api.client(ADMIN) as admin:
+        view = admin.get(f"/v1/runs/{run['id']}").json()
+        assert view["rejected"] == {"bad_metadata": 1}
+        admin.post(f"/v1/runs/{run['id']}/cancel")
+    actions = [e["action"] for e in read_audit(api.audit_log)]
+    assert actions == ["start_run", "cancel_run"]

@@ -15,6 +15,14 @@ HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
 INITIAL = {"w": np.zeros(3), "b": np.zeros(1)}
 
 
+def stats(count: int = 10) -> dict:
+    return {"count": count, "sums": [1.0], "sums_of_squares": [1.0], "target_sum": 1.0, "target_sum_of_squares": 1.0}
+
+
+def fitted(examples: int = 10, auc: float = 0.7) -> dict:
+    return {"num_examples": examples, "num_test_examples": 5, "metrics": {"auc": auc}}
+
+
 def stats_reducer(metadata: list[dict]) -> dict:
     return {"count": sum(m["count"] for m in metadata)}
 
@@ -30,12 +38,12 @@ def answer(coordinator: Coordinator, hospital: str, now: float, value: float = 1
     task = coordinator.next_task(hospital, node, now)
     assert task is not None, f"{hospital} got no task"
     if task.kind is TaskKind.stats:
-        result = TaskResult({"count": 10})
+        result = TaskResult(stats(10))
     elif task.kind is TaskKind.fit:
-        result = TaskResult({"num_examples": 10, "metrics": {"auc": 0.7}},
+        result = TaskResult(fitted(10, 0.7),
                             {"w": np.full(3, value), "b": np.full(1, value)})
     else:
-        result = TaskResult({"num_examples": 10, "metrics": {"auc": 0.8}})
+        result = TaskResult(fitted(10, 0.8))
     coordinator.submit(task.id, hospital, node, result, now)
 
 
@@ -61,10 +69,10 @@ def test_two_replicas_of_a_hospital_count_once() -> None:
     taken_over = coordinator.next_task("hospital-1", "replica-b", now=11.0)  # lease expired at 10
     assert taken_over is not None and taken_over.id == first.id and taken_over.holder == "replica-b"
     with pytest.raises(Conflict, match="lease not held by replica-a"):
-        coordinator.submit(first.id, "hospital-1", "replica-a", TaskResult({"count": 10}), now=12.0)
-    coordinator.submit(first.id, "hospital-1", "replica-b", TaskResult({"count": 10}), now=12.0)
+        coordinator.submit(first.id, "hospital-1", "replica-a", TaskResult(stats(10)), now=12.0)
+    coordinator.submit(first.id, "hospital-1", "replica-b", TaskResult(stats(10)), now=12.0)
     with pytest.raises(Conflict, match="already has a result"):
-        coordinator.submit(first.id, "hospital-1", "replica-b", TaskResult({"count": 10}), now=12.5)
+        coordinator.submit(first.id, "hospital-1", "replica-b", TaskResult(stats(10)), now=12.5)
     for hospital in HOSPITALS[1:]:
         answer(coordinator, hospital, now=13.0)
     assert coordinator.runs["run-1"].preprocessing == {"count": 30}  # hospital-1 counted once
@@ -85,7 +93,7 @@ def test_a_hospital_cannot_answer_another_hospitals_task() -> None:
     task = coordinator.next_task("hospital-1", "a", now=0.0)
     assert task is not None
     with pytest.raises(Forbidden):
-        coordinator.submit(task.id, "hospital-2", "a", TaskResult({"count": 1}), now=1.0)
+        coordinator.submit(task.id, "hospital-2", "a", TaskResult(stats(1)), now=1.0)
 
 
 @pytest.mark.parametrize(("tensors", "reason"), [
@@ -101,7 +109,7 @@ def test_invalid_updates_are_refused_counted_and_the_round_closes_without_them(t
     task = coordinator.next_task("hospital-3", "a", now=2.0)
     assert task is not None
     with pytest.raises(Rejected) as info:
-        coordinator.submit(task.id, "hospital-3", "a", TaskResult({"num_examples": 10}, tensors), now=2.0)
+        coordinator.submit(task.id, "hospital-3", "a", TaskResult(fitted(), tensors), now=2.0)
     assert info.value.reason == reason
     answer(coordinator, "hospital-1", now=3.0, value=2.0)
     answer(coordinator, "hospital-2", now=3.0, value=4.0)
@@ -160,7 +168,7 @@ def test_a_cancelled_run_hands_out_no_more_work() -> None:
     assert run.status is RunStatus.cancelled and run.reason == "cancelled by an admin"
     assert coordinator.next_task("hospital-2", "a", now=1.0) is None
     with pytest.raises(Conflict):
-        coordinator.submit(held.id, "hospital-1", "a", TaskResult({"count": 1}), now=1.0)
+        coordinator.submit(held.id, "hospital-1", "a", TaskResult(stats(1)), now=1.0)
 
 
 def test_old_rounds_tasks_are_forgotten_but_a_late_duplicate_is_still_a_conflict() -> None:
@@ -173,12 +181,11 @@ def test_old_rounds_tasks_are_forgotten_but_a_late_duplicate_is_still_a_conflict
             assert task is not None
             if round_number == 3 and hospital == "hospital-1":
                 late = task
-            answer_task = TaskResult({"count": 10}) if task.kind is TaskKind.stats else TaskResult(
-                {"num_examples": 10}, {"w": np.ones(3), "b": np.ones(1)})
+            answer_task = TaskResult(stats(10)) if task.kind is TaskKind.stats else TaskResult(
+                fitted(), {"w": np.ones(3), "b": np.ones(1)})
             coordinator.submit(task.id, hospital, "a", answer_task, now=1.0)
     assert run.round == 4
     assert {t.round for t in coordinator.tasks.values()} == {3, 4}  # the closed round and the open one
     assert late is not None
     with pytest.raises(Conflict):
-        coordinator.submit(late.id, "hospital-1", "a", TaskResult({"num_examples": 10},
-                                                                   {"w": np.ones(3), "b": np.ones(1)}), now=2.0)
+        coordinator.submit(late.id, "hospital-1", "a", TaskResult(fitted(), {"w": np.ones(3), "b": np.ones(1)}), now=2.0)

@@ -79,3 +79,15 @@ def test_an_unreadable_checkpoint_is_an_error_naming_the_file(tmp_path: Path, co
     store.state_path.write_text(content)
     with pytest.raises(CheckpointError, match="state.json"):
         store.load_state()
+
+
+def test_deleting_a_token_and_provisioning_again_revokes_it(tmp_path: Path) -> None:
+    provision(tmp_path, ["hospital-1", "hospital-2"])
+    old = read_token(token_path(tmp_path, "hospital-1"))
+    token_path(tmp_path, "hospital-1").unlink()
+    assert provision(tmp_path, ["hospital-1"]) == ["hospital-1"]
+    authority = TokenAuthority.from_directory(tmp_path)
+    assert authority.identify(bearer(old)["Authorization"]) is None
+    assert authority.identify(bearer(read_token(token_path(tmp_path, "hospital-1")))["Authorization"]) == Identity(
+        "hospital", "hospital-1")
+    assert authority.hospitals == ["hospital-1", "hospital-2"]

@@ -33,7 +33,7 @@ def test_median_and_trimmed_mean_ignore_example_counts_and_outliers() -> None:
 def test_fedadam_first_step_by_hand() -> None:
     current = {"w": np.array([0.0, 1.0])}
     averaged = {"w": np.array([0.5, 0.0])}  # delta = [0.5, -1]
-    config = ServerOptimiserConfig(learning_rate=0.1, beta_1=0.9, beta_2=0.99, tau=0.0)
+    config = ServerOptimiserConfig(learning_rate=0.1, beta_1=0.9, beta_2=0.99, tau=1e-12)  # ~0: exact by hand
     new, state = server_optimiser_step(current, averaged, ServerOptimiserState(), config, variant="adam")
     # m = 0.1 * delta, v = 0.01 * delta², eta = 0.1 * sqrt(0.01) / 0.1 = 0.1; step = eta * m / sqrt(v) = 0.1 * sign
     np.testing.assert_allclose(new["w"], [0.1, 0.9])

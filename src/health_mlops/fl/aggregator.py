@@ -25,12 +25,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, Run, RunStatus,
                                          TaskKind)
+from health_mlops.audit import append_audit
+from health_mlops.data.preprocess import encoded_columns
 from health_mlops.fl.hospital import reduce_stats
 from health_mlops.fl.messages import (SAFETENSORS_MEDIA_TYPE, LeaseMessage, MessageError, OpenTaskView,
                                       ResultAccepted, RoundView, RunRequest, RunView, TaskMessage, decode_result,
                                       encode_weights, weighted_metrics)
 from health_mlops.fl.simulation import initial_weights
-from health_mlops.fl.store import CheckpointStore
+from health_mlops.fl.store import CheckpointError, CheckpointStore
+from health_mlops.http_errors import install_validation_handler
 from health_mlops.monitoring import AggregatorMetrics
 from health_mlops.security import Identity, TokenAuthority
 from health_mlops.spec import DatasetSpec
@@ -54,8 +57,10 @@ class AggregatorService:
 
     def __init__(self, spec: DatasetSpec, store: CheckpointStore, authority: TokenAuthority,
                  metrics: AggregatorMetrics | None = None, clock: Callable[[], float] = time.time,
-                 max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES, publisher: Publisher | None = None) -> None:
+                 max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES, publisher: Publisher | None = None,
+                 audit_log: Path | None = None) -> None:
         self.spec = spec
+        self.audit_log = audit_log
         self.max_result_bytes = max_result_bytes
         self.publisher = publisher
         self.registrations: dict[str, dict[str, Any]] = {}
@@ -63,12 +68,8 @@ class AggregatorService:
         self.authority = authority
         self.metrics = metrics or AggregatorMetrics()
         self.clock = clock
-        saved = store.load_state()
-        if saved is None:
-            self.coordinator = Coordinator(reduce_stats)
-        else:
-            self.coordinator = Coordinator.restore(saved, reduce_stats)
-            self.coordinator.resume(clock())
+        self.coordinator = restore_coordinator(store, spec)
+        self.coordinator.resume(clock())
         self._progress = self._progress_marks()
         self._weights_cache: dict[tuple[str, int], bytes] = {}
         self._wakeup = asyncio.Event()
@@ -86,8 +87,9 @@ class AggregatorService:
     def _progress_marks(self) -> dict[str, tuple[int, int, str, int]]:
         return {r.id: (r.round, r.attempt, r.status.value, len(r.history)) for r in self.coordinator.runs.values()}
 
-    def change(self, operation: Callable[[float], T]) -> T:
-        """Run one coordinator operation; if it moved any run on, checkpoint and wake the waiting nodes.
+    def change(self, operation: Callable[[float], T], *, checkpoint: bool = False) -> T:
+        """Run one coordinator operation; if it moved any run on (or `checkpoint`: it took a result), write the
+        checkpoint before answering, then wake the waiting nodes.
 
         The checkpoint is written even when the operation raised (a rejected update can close a round).
         """
@@ -95,15 +97,30 @@ class AggregatorService:
             return operation(self.clock())
         finally:
             marks = self._progress_marks()
-            if marks != self._progress:
-                self._after_progress(marks)
+            if checkpoint or marks != self._progress:
+                self._persist(marks)
 
-    def _after_progress(self, marks: dict[str, tuple[int, int, str, int]]) -> None:
-        for run_id, (round_number, _, status, closed) in marks.items():
+    def _persist(self, marks: dict[str, tuple[int, int, str, int]]) -> None:
+        started = time.perf_counter()
+        for run_id, (round_number, *_) in marks.items():
             run = self.coordinator.runs[run_id]
             before = self._progress.get(run_id)
             if run.status is RunStatus.running and (before is None or before[0] != round_number):
                 self.store.save_weights(run_id, round_number, self._encoded_weights(run))
+        self.store.save_state(self.coordinator.snapshot())
+        self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
+        previous, self._progress = self._progress, marks
+        self.wake_waiters()
+        try:  # the state is durable; what follows only reports it, and must not break the service
+            self._report(previous, marks)
+        except Exception:
+            log.exception("reporting a state change failed")
+
+    def _report(self, previous: dict[str, tuple[int, int, str, int]],
+                marks: dict[str, tuple[int, int, str, int]]) -> None:
+        for run_id, (_, _, status, closed) in marks.items():
+            run = self.coordinator.runs[run_id]
+            before = previous.get(run_id)
             for record in run.history[before[3] if before else 0:closed]:
                 self._observe_round(record.kind, record.closed_at - record.opened_at, record.hospitals)
                 log.info("%s: round %d (%s) closed with %d/%d hospitals in %.3f s", run_id, record.round,
@@ -116,12 +133,11 @@ class AggregatorService:
                 log.info("%s: %s %s", run_id, status, run.reason)
                 if run.status is RunStatus.completed:
                     self._publish(run)
-        started = time.perf_counter()
-        self.store.save_state(self.coordinator.snapshot())
-        self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
-        self._progress = marks
         self._update_gauges()
-        self.wake_waiters()
+
+    def audit(self, action: str, identity: Identity, **details: Any) -> None:
+        if self.audit_log is not None:
+            append_audit(self.audit_log, action, identity.name, **details)
 
     def _publish(self, run: Run) -> None:
         """Register the run's final model in a worker thread; the event loop keeps serving meanwhile."""
@@ -148,7 +164,8 @@ class AggregatorService:
             self.metrics.global_metric.labels(name).set(value)
         for hospital, metadata in hospitals.items():
             for name, value in (metadata.get("metrics") or {}).items():
-                self.metrics.hospital_metric.labels(hospital, name).set(value)
+                if value is not None:  # names were checked against the allowed metrics when the result came in
+                    self.metrics.hospital_metric.labels(hospital, name).set(value)
 
     def _update_gauges(self) -> None:
         runs = list(self.coordinator.runs.values())
@@ -233,9 +250,25 @@ class AggregatorService:
 
     async def tick_forever(self) -> None:
         while True:
-            self.change(self.coordinator.tick)
+            try:
+                self.change(self.coordinator.tick)
+            except Exception:
+                log.exception("applying deadlines failed; trying again")
             self.wake_waiters()  # an expired lease can be taken over by a replica that is waiting
             await asyncio.sleep(TICK_SECONDS)
+
+
+def restore_coordinator(store: CheckpointStore, spec: DatasetSpec) -> Coordinator:
+    """The coordinator as last checkpointed (a fresh one on a first start)."""
+    columns = len(encoded_columns(spec))
+    saved = store.load_state()
+    if saved is None:
+        return Coordinator(reduce_stats, stats_columns=columns)
+    try:
+        return Coordinator.restore(saved, reduce_stats, stats_columns=columns)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{store.state_path}: not a checkpoint this version can resume "
+                              f"({type(error).__name__}: {error})") from None
 
 
 async def _service(request: Request) -> AggregatorService:
@@ -315,17 +348,20 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.service = service = service_factory()
-        ticker = asyncio.create_task(service.tick_forever())
+        app.state.ticker = ticker = asyncio.create_task(service.tick_forever())
         try:
             yield
         finally:
             ticker.cancel()
 
     app = FastAPI(title="Health MLOps aggregator", version="1", lifespan=lifespan)
+    install_validation_handler(app)
 
     @app.post("/v1/runs", status_code=201)
-    async def start_run(request: RunRequest, svc: Service, _: Admin) -> RunView:
-        return svc.view(svc.start_run(request))
+    async def start_run(request: RunRequest, svc: Service, identity: Admin) -> RunView:
+        run = svc.start_run(request)
+        svc.audit("start_run", identity, run=run.id, hospitals=run.hospitals, config=run.config.model_dump())
+        return svc.view(run)
 
     @app.get("/v1/runs")
     async def list_runs(svc: Service, _: Admin) -> list[RunView]:
@@ -336,9 +372,16 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
         return svc.view(_run_of(svc, run_id))
 
     @app.post("/v1/runs/{run_id}/cancel")
-    async def cancel_run(run_id: str, svc: Service, _: Admin) -> RunView:
+    async def cancel_run(run_id: str, svc: Service, identity: Admin) -> RunView:
         _run_of(svc, run_id)
-        return svc.view(svc.change(lambda now: svc.coordinator.cancel_run(run_id)))
+        run = svc.change(lambda now: svc.coordinator.cancel_run(run_id))
+        svc.audit("cancel_run", identity, run=run_id)
+        return svc.view(run)
+
+    @app.get("/v1/whoami")
+    async def whoami(identity: Caller) -> dict[str, str | None]:
+        """Who the credential says the caller is (a node checks it matches the data it serves)."""
+        return {"role": identity.role, "hospital": identity.hospital}
 
     @app.get("/v1/tasks/next", response_model=TaskMessage, responses={204: {"description": "no task yet"}})
     async def next_task(svc: Service, hospital: Hospital, node: NodeId,
@@ -371,7 +414,8 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
             svc.metrics.results.labels(kind, "unreadable").inc()
             return JSONResponse({"detail": str(error), "reason": "unreadable"}, status_code=422)
         try:
-            task = svc.change(lambda now: svc.coordinator.submit(task_id, hospital, node, result, now))
+            task = svc.change(lambda now: svc.coordinator.submit(task_id, hospital, node, result, now),
+                              checkpoint=True)
         except Rejected as error:
             svc.metrics.results.labels(kind, "rejected").inc()
             svc.metrics.updates_rejected.labels(error.reason).inc()
@@ -387,8 +431,10 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
         return "ok"
 
     @app.get("/readyz", response_class=PlainTextResponse)
-    async def readyz(_: Service) -> str:
-        return "ready"
+    async def readyz(request: Request, _: Service) -> Response:
+        if request.app.state.ticker.done():  # deadlines would no longer be applied
+            return PlainTextResponse("the deadline ticker has stopped", status_code=503)
+        return PlainTextResponse("ready")
 
     @app.get("/metrics")
     async def metrics(svc: Service) -> Response:
@@ -398,13 +444,15 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
 
 
 def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: str, port: int,
-          registry_factory: Callable[[], Registry], quality_gate_tolerance: float) -> None:
+          registry_factory: Callable[[], Registry], quality_gate_tolerance: float, audit_log: Path) -> None:
     """Run the aggregator until SIGINT/SIGTERM (what `health-mlops aggregator` and its container run)."""
     authority = TokenAuthority.from_directory(credentials_dir)  # fail now, with the file named, not per request
     store = CheckpointStore(models_dir)
-    store.load_state()  # likewise: an unreadable checkpoint stops the start with its path named
+    store.lock()  # one aggregator per models directory
+    restore_coordinator(store, spec)  # likewise: an unusable checkpoint stops the start with its path named
     from health_mlops.fl.publish import Publisher
 
     publisher = Publisher(registry_factory, store, quality_gate_tolerance)
-    uvicorn.run(create_app(lambda: AggregatorService(spec, store, authority, publisher=publisher)), host=host,
-                port=port, log_level="warning", timeout_graceful_shutdown=2)
+    uvicorn.run(create_app(lambda: AggregatorService(spec, store, authority, publisher=publisher,
+                                                     audit_log=audit_log)),
+                host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)

@@ -29,10 +29,12 @@ from enum import Enum
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
+from health_mlops.fl.errors import Conflict, CoordinatorError, Forbidden, NotFound, Rejected
+from health_mlops.fl.metadata import check_metadata
 from health_mlops.fl.strategies import ClientUpdate, ServerOptimiserState, StrategyConfig, Weights, aggregate
 
 
@@ -57,47 +59,34 @@ class TaskStatus(str, Enum):
     abandoned = "abandoned"  # its round closed or was retried without it
 
 
-class CoordinatorError(Exception):
-    """Base of the refusals the service maps to HTTP answers."""
-
-
-class NotFound(CoordinatorError):
-    pass
-
-
-class Forbidden(CoordinatorError):
-    pass
-
-
-class Conflict(CoordinatorError):
-    """A duplicate result, or a result or heartbeat from a replica that no longer holds the lease (409)."""
-
-
-class Rejected(CoordinatorError):
-    """A result that failed validation; `reason` is a short label for metrics."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+__all__ = ["Conflict", "Coordinator", "CoordinatorError", "Forbidden", "NotFound", "Rejected", "Run", "RunConfig",
+           "RunStatus", "Task", "TaskKind", "TaskResult"]
 
 
 class RunConfig(BaseModel):
     """Everything that defines a training run; validated, so a bad value is refused naming its field."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     rounds: int = Field(20, ge=1, le=10_000, description="training rounds (fit)")
     local_epochs: int = Field(1, ge=1, le=1000, description="epochs each hospital trains per round")
     learning_rate: float = Field(0.001, gt=0, le=10)
     batch_size: int = Field(64, ge=1, le=1_000_000)
-    weight_decay: float = Field(1e-3, ge=0)
+    weight_decay: float = Field(1e-3, ge=0, le=1)
     strategy: StrategyConfig = StrategyConfig()
     min_hospitals: int = Field(2, ge=1, description="results needed to close a round at its deadline")
-    round_deadline_s: float = Field(120.0, gt=0)
-    lease_s: float = Field(15.0, gt=0, description="a task's lease; heartbeats renew it")
-    max_round_retries: int = Field(2, ge=0)
+    round_deadline_s: float = Field(120.0, gt=0, le=7 * 24 * 3600)
+    lease_s: float = Field(15.0, ge=1, le=3600, description="a task's lease; heartbeats renew it")
+    max_round_retries: int = Field(2, ge=0, le=100)
     update_norm_bound: float = Field(100.0, gt=0, description="an update farther than this (L2) is refused")
-    seed: int = Field(0, description="seed of the initial global model")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the initial global model")
+
+    @model_validator(mode="after")
+    def _deadline_outlasts_a_lease(self) -> RunConfig:
+        if self.round_deadline_s <= self.lease_s:
+            raise ValueError(f"round_deadline_s ({self.round_deadline_s:g}) must exceed lease_s ({self.lease_s:g}), "
+                             "or a lost replica's task could never be taken over within the round")
+        return self
 
 
 @dataclass
@@ -146,6 +135,7 @@ class Run:
     weights: Weights = field(default_factory=dict)
     optimiser: ServerOptimiserState = ServerOptimiserState()
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    example_limits: dict[str, int] = field(default_factory=dict)  # hospital -> training rows it counted in round 0
     history: list[RoundRecord] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
 
@@ -171,6 +161,8 @@ def validate_update(current: Mapping[str, np.ndarray], update: Mapping[str, np.n
     squared = 0.0
     for name, reference in current.items():
         tensor = update[name]
+        if tensor.dtype not in (np.float32, np.float64):
+            raise Rejected("wrong_dtype", f"{name} is {tensor.dtype}; updates are float32 or float64")
         if tensor.shape != reference.shape:
             raise Rejected("wrong_shape", f"{name} has shape {list(tensor.shape)}, expected {list(reference.shape)}")
         if not np.isfinite(tensor).all():
@@ -181,7 +173,8 @@ def validate_update(current: Mapping[str, np.ndarray], update: Mapping[str, np.n
 
 
 class Coordinator:
-    def __init__(self, stats_reducer: StatsReducer) -> None:
+    def __init__(self, stats_reducer: StatsReducer, *, stats_columns: int | None = None) -> None:
+        self._stats_columns = stats_columns  # how many columns a stats result must describe, when known
         self.runs: dict[str, Run] = {}
         self.tasks: dict[str, Task] = {}
         self.results: dict[str, TaskResult] = {}  # accepted results of open rounds, by task id
@@ -280,21 +273,30 @@ class Coordinator:
         """Accept a result once; raises Conflict, Rejected, Forbidden or NotFound otherwise."""
         task = self._held_task(task_id, hospital, node, now)
         run = self.runs[task.run_id]
-        if task.kind is TaskKind.fit:
-            examples = result.metadata.get("num_examples")
-            try:
-                if not isinstance(examples, int) or examples <= 0:
-                    raise Rejected("bad_metadata", f"num_examples must be a positive integer, got {examples!r}")
-                validate_update(run.weights, result.tensors, run.config.update_norm_bound)
-            except Rejected as refusal:
-                task.status = TaskStatus.rejected
-                run.rejected[refusal.reason] = run.rejected.get(refusal.reason, 0) + 1
-                self._maybe_close(run, now)
-                raise
+        try:
+            self._check_result(run, task, result)
+        except Rejected as refusal:
+            task.status = TaskStatus.rejected
+            run.rejected[refusal.reason] = run.rejected.get(refusal.reason, 0) + 1
+            self._maybe_close(run, now)
+            raise
         task.status = TaskStatus.done
         self.results[task.id] = result
         self._maybe_close(run, now)
         return task
+
+    def _check_result(self, run: Run, task: Task, result: TaskResult) -> None:
+        check_metadata(task.kind.value, result.metadata, columns=self._stats_columns)
+        if task.kind is not TaskKind.fit:
+            if result.tensors:
+                raise Rejected("wrong_tensors", f"a {task.kind.value} result carries no tensors")
+            return
+        # A hospital weighs in FedAvg by its examples: it may not claim more than it counted in round 0.
+        limit = run.example_limits.get(task.hospital, max(run.example_limits.values(), default=None))
+        examples = result.metadata["num_examples"]
+        if limit is not None and examples > limit:
+            raise Rejected("bad_metadata", f"num_examples {examples} exceeds the {limit} rows counted in round 0")
+        validate_update(run.weights, result.tensors, run.config.update_norm_bound)
 
     # --- rounds ---------------------------------------------------------------------------------------
 
@@ -326,15 +328,18 @@ class Coordinator:
         self._open_round(run, now)
 
     def _close_round(self, run: Run, answered: list[Task], now: float) -> None:
-        results = {t.hospital: self.results.pop(t.id) for t in answered}
+        # Compute everything first, change state after: an error here leaves the round as it was.
+        results = {t.hospital: self.results[t.id] for t in answered}
         nodes = {t.hospital: t.holder or "" for t in answered}
-        self._clear_round(run)
         kind = run.kind_of(run.round)
         if kind is TaskKind.stats:
-            run.preprocessing = self._stats_reducer([r.metadata for r in results.values()])
+            preprocessing = self._stats_reducer([r.metadata for r in results.values()])
+            run.example_limits = {h: int(r.metadata["count"]) for h, r in results.items()}
+            run.preprocessing = preprocessing
         elif kind is TaskKind.fit:
             updates = [ClientUpdate(r.tensors, int(r.metadata["num_examples"])) for r in results.values()]
             run.weights, run.optimiser = aggregate(run.config.strategy, run.weights, updates, run.optimiser)
+        self._clear_round(run)
         run.history.append(RoundRecord(run.round, kind, {h: r.metadata for h, r in results.items()}, nodes,
                                        run.round_opened_at, now, run.attempt + 1))
         self._forget_tasks_before(run, run.round)
@@ -354,8 +359,9 @@ class Coordinator:
                 "results": {k: {"metadata": r.metadata, "tensors": _encode(r.tensors)} for k, r in self.results.items()}}
 
     @classmethod
-    def restore(cls, data: Mapping[str, Any], stats_reducer: StatsReducer) -> Coordinator:
-        coordinator = cls(stats_reducer)
+    def restore(cls, data: Mapping[str, Any], stats_reducer: StatsReducer, *,
+                stats_columns: int | None = None) -> Coordinator:
+        coordinator = cls(stats_reducer, stats_columns=stats_columns)
         for raw in data["runs"]:
             run = _run_from_dict(raw)
             coordinator.runs[run.id] = run
@@ -387,6 +393,7 @@ def _run_to_dict(run: Run) -> dict[str, Any]:
         "reason": run.reason, "round": run.round, "attempt": run.attempt, "round_opened_at": run.round_opened_at,
         "round_deadline": run.round_deadline,
         "weights": _encode(run.weights), "preprocessing": run.preprocessing, "rejected": run.rejected,
+        "example_limits": run.example_limits,
         "optimiser": {"first_moment": _encode(run.optimiser.first_moment),
                       "second_moment": _encode(run.optimiser.second_moment), "steps": run.optimiser.steps},
         "history": [{**vars(h), "kind": h.kind.value} for h in run.history],
@@ -401,5 +408,5 @@ def _run_from_dict(raw: Mapping[str, Any]) -> Run:
         round_opened_at=raw["round_opened_at"], round_deadline=raw["round_deadline"], weights=_decode(raw["weights"]),
         optimiser=ServerOptimiserState(_decode(optimiser["first_moment"]), _decode(optimiser["second_moment"]),
                                        optimiser["steps"]),
-        preprocessing=raw["preprocessing"], rejected=dict(raw["rejected"]),
+        preprocessing=raw["preprocessing"], rejected=dict(raw["rejected"]), example_limits=dict(raw["example_limits"]),
         history=[RoundRecord(**{**h, "kind": TaskKind(h["kind"])}) for h in raw["history"]])

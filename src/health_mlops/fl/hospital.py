@@ -6,6 +6,7 @@ Only aggregates leave: per-column counts, sums and sums of squares (cells descri
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -81,7 +82,9 @@ class HospitalWorker:
             return TaskResult(hospital_stats(self.train, self.spec, self.small_cell_threshold))
         preprocessor = preprocessor_from(self.spec, preprocessing)
         model = model_with_weights(self.spec.model, len(preprocessor.mean), weights)
-        evaluation = evaluate_frame(model, preprocessor, self.test)  # the incoming global model, before training
+        # The incoming global model, before training; an undefined metric (e.g. AUC on one class) is None.
+        evaluation = {k: (v if math.isfinite(v) else None) for k, v in evaluate_frame(model, preprocessor,
+                                                                                      self.test).items()}
         if kind is TaskKind.evaluate:
             return TaskResult({"num_examples": len(self.test), "num_test_examples": len(self.test),
                                "metrics": evaluation})

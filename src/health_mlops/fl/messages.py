@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
@@ -39,17 +39,12 @@ def decode_weights(body: bytes) -> tuple[Weights, dict[str, Any]]:
     """(tensors, metadata) from a safetensors body; raises MessageError for anything unreadable."""
     try:
         tensors = dict(load_tensors(body))
-    except SafetensorError as exc:
-        raise MessageError(f"body is not a safetensors file: {exc}") from None
-    header_length = int.from_bytes(body[:8], "little")
-    header = json.loads(body[8:8 + header_length])
-    raw = header.get("__metadata__", {}).get(_METADATA_KEY)
-    if raw is None:
-        return tensors, {}
-    try:
-        metadata = json.loads(raw)
-    except ValueError as exc:
-        raise MessageError(f"result metadata is not JSON: {exc}") from None
+        header_length = int.from_bytes(body[:8], "little")
+        raw = json.loads(body[8:8 + header_length]).get("__metadata__", {}).get(_METADATA_KEY)
+        metadata = {} if raw is None else json.loads(raw)
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        # Any way a body can fail to parse (a dtype numpy lacks, nesting too deep, ...) is the sender's error.
+        raise MessageError(f"body is not a readable safetensors result: {type(exc).__name__}: {exc}") from None
     if not isinstance(metadata, dict):
         raise MessageError("result metadata must be a JSON object")
     return tensors, metadata
@@ -70,7 +65,14 @@ class RunRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     config: RunConfig = RunConfig()
-    hospitals: list[str] | None = Field(None, description="default: every provisioned hospital")
+    hospitals: list[str] | None = Field(None, min_length=1, description="default: every provisioned hospital")
+
+    @field_validator("hospitals")
+    @classmethod
+    def _each_once(cls, hospitals: list[str] | None) -> list[str] | None:
+        if hospitals is not None and len(set(hospitals)) != len(hospitals):
+            raise ValueError("each hospital may be named once")
+        return hospitals
 
 
 class TaskMessage(BaseModel):

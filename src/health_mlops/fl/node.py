@@ -39,6 +39,10 @@ _BACKOFF_START_S = 0.2
 _BACKOFF_MAX_S = 5.0
 
 
+class IdentityMismatch(Exception):
+    """The node's credential belongs to another hospital than its data."""
+
+
 @dataclass
 class NodeStatus:
     """What `/v1/status` shows; updated by the worker thread, read by the API."""
@@ -47,6 +51,7 @@ class NodeStatus:
     last_contact: float | None = None
     last_task: dict[str, Any] | None = None
     current_task: str | None = None
+    fatal: str | None = None  # why the worker stopped for good (a credential for another hospital)
     outcomes: dict[str, int] = field(default_factory=dict)
     sent: dict[str, int] = field(default_factory=dict)  # what left the hospital: results by kind
 
@@ -71,28 +76,47 @@ class HospitalNode:
         self._client = httpx.Client(base_url=central_url, headers={**bearer(token), "X-Node-Id": node_id},
                                     timeout=httpx.Timeout(10.0, read=poll_wait_s + 10.0))
         self._weights: tuple[tuple[str, int], Weights] | None = None  # the last round's weights, by (run, round)
+        self._lease_renewed = time.monotonic()  # when the current task's lease was last granted or renewed
 
     # --- the worker loop ------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
-        """Poll for tasks and do them until `stop` is set."""
+        """Poll for tasks and do them until `stop` is set. Only a credential for another hospital ends it."""
         backoff = _BACKOFF_START_S
+        checked_identity = False
         while not stop.is_set():
             try:
+                if not checked_identity:
+                    self.check_identity()
+                    checked_identity = True
                 task = self.poll()
+            except IdentityMismatch as error:
+                log.error("%s/%s: %s", self.hospital_id, self.node_id, error)
+                self.status.fatal = str(error)
+                return
             except httpx.TransportError as error:
                 self._unreachable(error)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
                 continue
-            except httpx.HTTPStatusError as error:
-                log.error("%s/%s: the aggregator refused the poll: %s", self.hospital_id, self.node_id,
-                          _detail(error.response))
+            except Exception as error:  # an answer we cannot use: say so, wait, and keep serving
+                detail = _detail(error.response) if isinstance(error, httpx.HTTPStatusError) else repr(error)
+                log.error("%s/%s: cannot use the aggregator's answer: %s", self.hospital_id, self.node_id, detail)
                 stop.wait(_BACKOFF_MAX_S)
                 continue
             backoff = _BACKOFF_START_S
             if task is not None:
                 self.work(task)
+
+    def check_identity(self) -> None:
+        """Refuse to serve this hospital's data under another hospital's credential."""
+        response = self._client.get("/v1/whoami")
+        self._reachable()
+        response.raise_for_status()
+        hospital = response.json().get("hospital")
+        if hospital != self.hospital_id:
+            raise IdentityMismatch(f"this node serves {self.hospital_id}'s data but its credential is "
+                                   f"{hospital or 'the admin'}'s; give it {self.hospital_id}'s token")
 
     def close(self) -> None:
         self._client.close()
@@ -109,6 +133,7 @@ class HospitalNode:
         """Do one task and submit its result; returns the outcome (also counted in metrics and status)."""
         self.status.current_task = task.id
         started = time.time()
+        self._lease_renewed = time.monotonic()
         outcome = "failed"
         try:
             weights = self._round_weights(task)
@@ -122,6 +147,8 @@ class HospitalNode:
             outcome = "unreachable"
         except httpx.HTTPStatusError as error:
             log.warning("%s/%s: %s: %s", self.hospital_id, self.node_id, task.id, _detail(error.response))
+        except Exception:  # a bad task or a failure in local compute ends this task, not the node
+            log.exception("%s/%s: %s failed", self.hospital_id, self.node_id, task.id)
         finally:
             self.status.current_task = None
             self.status.outcomes[outcome] = self.status.outcomes.get(outcome, 0) + 1
@@ -155,7 +182,7 @@ class HospitalNode:
                 break
             except httpx.TransportError as error:
                 self._unreachable(error)
-                if time.time() > task.lease_expires + task.lease_s:
+                if time.monotonic() > self._lease_renewed + 2 * task.lease_s:
                     return "unreachable"  # the task has surely been handed to another replica by now
                 time.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
@@ -185,13 +212,16 @@ class HospitalNode:
         self.metrics.central_reachable.labels(self.hospital_id).set(0)
 
     def heartbeat(self, task: TaskMessage) -> bool:
-        """Renew the lease; False once it is lost (taken over, or the aggregator no longer knows it)."""
+        """Renew the lease; False once it is lost (taken over, or the aggregator no longer knows the task)."""
         try:
             response = self._client.post(f"/v1/tasks/{task.id}/heartbeat")
         except httpx.TransportError as error:
             self._unreachable(error)
             return True  # keep trying: the aggregator may be restarting
-        return response.status_code == 200
+        if response.status_code == 200:
+            self._lease_renewed = time.monotonic()
+            return True
+        return response.status_code not in (403, 404, 409)  # anything else may pass: keep beating
 
     # --- what the node API shows ----------------------------------------------------------------------
 
@@ -200,6 +230,7 @@ class HospitalNode:
             "hospital": self.hospital_id, "node": self.node_id, "city": self.city, "central_url": self.central_url,
             "central_reachable": self.status.central_reachable, "last_contact": self.status.last_contact,
             "current_task": self.status.current_task, "last_task": self.status.last_task,
+            "fatal": self.status.fatal,
             "tasks_by_outcome": self.status.outcomes, "results_sent_by_kind": self.status.sent,
             "data": {"rows_valid": self.data.rows_valid, "rows_quarantined": self.data.rows_quarantined,
                      "rows_train": len(self.worker.train), "rows_test": len(self.worker.test),
@@ -241,7 +272,7 @@ def _detail(response: httpx.Response) -> str:
         return f"HTTP {response.status_code} {response.text[:200]}"
 
 
-def create_node_app(node: HospitalNode, ready: threading.Event) -> FastAPI:
+def create_node_app(node: HospitalNode, worker: threading.Thread) -> FastAPI:
     """The node API: health, readiness (data loaded and the worker running), status, metrics."""
     app = FastAPI(title=f"Health MLOps node {node.hospital_id}/{node.node_id}", version="1")
 
@@ -251,8 +282,8 @@ def create_node_app(node: HospitalNode, ready: threading.Event) -> FastAPI:
 
     @app.get("/readyz", response_class=PlainTextResponse)
     async def readyz() -> Response:
-        if not ready.is_set():
-            return PlainTextResponse("the worker has not started", status_code=503)
+        if not worker.is_alive():
+            return PlainTextResponse(f"the worker has stopped: {node.status.fatal or 'see the log'}", status_code=503)
         return PlainTextResponse("ready")
 
     @app.get("/v1/status")
@@ -268,13 +299,12 @@ def create_node_app(node: HospitalNode, ready: threading.Event) -> FastAPI:
 
 def serve(node: HospitalNode, *, host: str, api_port: int, metrics_port: int) -> None:
     """Run the worker, the node API and the metrics endpoint until SIGINT/SIGTERM (what a node container runs)."""
-    stop, ready = threading.Event(), threading.Event()
+    stop = threading.Event()
     start_http_server(metrics_port, addr=host, registry=node.metrics.registry)
     worker = threading.Thread(target=node.run, args=(stop,), name="worker", daemon=True)
     worker.start()
-    ready.set()
     try:
-        uvicorn.run(create_node_app(node, ready), host=host, port=api_port, log_level="warning",
+        uvicorn.run(create_node_app(node, worker), host=host, port=api_port, log_level="warning",
                     timeout_graceful_shutdown=2)
     finally:
         stop.set()

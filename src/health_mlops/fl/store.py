@@ -4,13 +4,15 @@ Every write is atomic (write a temporary file, fsync it, rename it over the old 
 crash at any instant leaves either the previous checkpoint or the new one, never a torn file. Layout under
 the models directory:
 
-    aggregator/state.json                       the whole coordinator (runs, tasks, open results)
+    aggregator/state.json                       the whole coordinator (runs, tasks, accepted results of open
+                                                rounds), rewritten at every accepted result and round change
     runs/<run id>/round-<r>.safetensors         global weights entering round r (kept for every round)
     runs/<run id>/registration.json             the registry's answer for the run's final model
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -40,6 +42,17 @@ class CheckpointStore:
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = models_dir
         self.state_path = models_dir / "aggregator" / "state.json"
+
+    def lock(self) -> None:
+        """Hold the models directory for this process's lifetime: a second aggregator on it would overwrite
+        the first one's checkpoints."""
+        path = self.state_path.parent / ".lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = open(path, "w")  # noqa: SIM115 - held open (and locked) until the process exits
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CheckpointError(f"{self.models_dir}: another aggregator is using this models directory") from None
 
     def save_state(self, snapshot: dict[str, Any]) -> None:
         write_atomically(self.state_path, json.dumps(snapshot, separators=(",", ":")).encode("utf-8"))

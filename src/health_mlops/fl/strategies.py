@@ -83,12 +83,12 @@ class ServerOptimiserState:
 
 
 class ServerOptimiserConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    learning_rate: float = Field(0.01, gt=0, description="server step size (eta)")
+    learning_rate: float = Field(0.01, gt=0, le=10, description="server step size (eta)")
     beta_1: float = Field(0.9, ge=0, lt=1)
     beta_2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-9, ge=0, description="adaptivity: keeps the step finite where the second moment is 0")
+    tau: float = Field(1e-9, gt=0, le=1, description="adaptivity: keeps the step finite where the second moment is 0")
 
 
 def server_optimiser_step(current: Mapping[str, np.ndarray], averaged: Mapping[str, np.ndarray],
@@ -119,11 +119,11 @@ def server_optimiser_step(current: Mapping[str, np.ndarray], averaged: Mapping[s
 
 
 class StrategyConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: StrategyName = "fedavg"
     trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="share cut from each end (trimmed_mean)")
-    proximal_mu: float = Field(0.01, ge=0, description="hospitals' proximal term (fedprox only)")
+    proximal_mu: float = Field(0.01, ge=0, le=100, description="hospitals' proximal term (fedprox only)")
     server: ServerOptimiserConfig = ServerOptimiserConfig()
 
 

@@ -1,0 +1,71 @@
+"""What a hospital may say about its result, checked before the coordinator stores anything.
+
+A result's metadata feeds the aggregation (example counts weigh updates), the global preprocessing (stats)
+and the metrics the aggregator exports, so a malformed or hostile value must be refused at the door with a
+reason, never reach the arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from health_mlops.fl.errors import Rejected
+
+# The metric names hospitals may report (those of ml.metrics); anything else would become new time series.
+METRIC_NAMES = frozenset({"auc", "accuracy", "brier", "log_loss", "r2", "rmse", "mae"})
+MAX_ROWS = 10**9  # far beyond any hospital; keeps example weights and sums finite
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Count = Annotated[int, Field(strict=True, ge=0, le=MAX_ROWS)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StatsMetadata(_Strict):
+    count: Count
+    sums: list[FiniteFloat | None]  # None: a suppressed small cell
+    sums_of_squares: list[FiniteFloat | None]
+    target_sum: FiniteFloat
+    target_sum_of_squares: FiniteFloat
+    compute_seconds: FiniteFloat = 0.0
+
+
+class EvaluationMetadata(_Strict):
+    num_examples: Annotated[int, Field(strict=True, gt=0, le=MAX_ROWS)]
+    num_test_examples: Count
+    metrics: dict[str, FiniteFloat | None] = Field(max_length=len(METRIC_NAMES))  # None: undefined (one class)
+    compute_seconds: FiniteFloat = 0.0
+
+
+class FitMetadata(EvaluationMetadata):
+    train_loss: FiniteFloat | None = None
+
+
+_MODELS: dict[str, type[_Strict]] = {"stats": StatsMetadata, "fit": FitMetadata, "evaluate": EvaluationMetadata}
+
+
+def check_metadata(kind: str, metadata: dict[str, Any], *, columns: int | None) -> None:
+    """Raise `Rejected("bad_metadata", ...)` naming the field unless `metadata` fits a `kind` result.
+
+    `columns`: how many encoded columns stats must describe (None: not checked).
+    """
+    try:
+        parsed = _MODELS[kind].model_validate(metadata)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "metadata"
+        raise Rejected("bad_metadata", f"{field}: {first['msg']}") from None
+    if isinstance(parsed, StatsMetadata):
+        lengths = {len(parsed.sums), len(parsed.sums_of_squares)}
+        if columns is not None and lengths != {columns}:
+            raise Rejected("bad_metadata", f"sums: expected {columns} columns, got {sorted(lengths)}")
+        if len(lengths) != 1:
+            raise Rejected("bad_metadata", "sums and sums_of_squares differ in length")
+    elif isinstance(parsed, EvaluationMetadata):
+        unknown = sorted(set(parsed.metrics) - METRIC_NAMES)
+        if unknown:
+            raise Rejected("bad_metadata", f"metrics: unknown names {unknown}; allowed {sorted(METRIC_NAMES)}")
