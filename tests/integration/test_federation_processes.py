@@ -139,7 +139,9 @@ def test_aggregator_killed_mid_run_resumes_at_the_last_closed_round(cluster: Clu
     cluster.aggregator.process.wait()
     cluster.start_aggregator()
     resumed = cluster.view(run_id)
-    assert resumed.round >= before.round  # picked up where the checkpoint left it, not from round 0
+    # Picked up where the checkpoint left it, not from round 0. A view may run one round ahead of the disk:
+    # a round's closing is durable once its checkpoint is written, and the kill may land just before that.
+    assert resumed.round in (before.round - 1, before.round)
     assert [r.round for r in resumed.history] == [r.round for r in before.history][:len(resumed.history)]
     final = cluster.wait_for(run_id, lambda v: v.status != "running")
 
@@ -161,7 +163,7 @@ def test_aggregator_killed_mid_run_resumes_at_the_last_closed_round(cluster: Clu
 def test_node_replica_killed_mid_round_is_replaced_by_the_other(cluster: Cluster, data: Path) -> None:
     cluster.start_aggregator()
     start_standard_nodes(cluster)
-    run_id = cluster.start_run(local_epochs=25, lease_s=1.5)  # long enough to be caught computing
+    run_id = cluster.start_run(local_epochs=40, lease_s=1.5)  # long enough to be caught computing
     view = cluster.wait_for(run_id, lambda v: v.round >= 1 and any(
         t.hospital == "hospital-1" and t.status == "leased" for t in v.open_tasks))
     killed_round = view.round

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -73,6 +74,7 @@ class AggregatorService:
         self._progress = self._progress_marks()
         self._weights_cache: dict[tuple[str, int], bytes] = {}
         self._wakeup = asyncio.Event()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")  # one: writes stay in order
         self._update_gauges()
         for run in self.coordinator.runs.values():
             if run.status is RunStatus.completed:
@@ -87,9 +89,11 @@ class AggregatorService:
     def _progress_marks(self) -> dict[str, tuple[int, int, str, int]]:
         return {r.id: (r.round, r.attempt, r.status.value, len(r.history)) for r in self.coordinator.runs.values()}
 
-    def change(self, operation: Callable[[float], T], *, checkpoint: bool = False) -> T:
+    async def change(self, operation: Callable[[float], T], *, checkpoint: bool = False) -> T:
         """Run one coordinator operation; if it moved any run on (or `checkpoint`: it took a result), write the
-        checkpoint before answering, then wake the waiting nodes.
+        checkpoint before answering. Waiting nodes are woken first: a new round's tasks go out while the
+        checkpoint is written (if that write is lost in a crash, so are those tasks; the restored round is
+        handed out again).
 
         The checkpoint is written even when the operation raised (a rejected update can close a round).
         """
@@ -98,23 +102,28 @@ class AggregatorService:
         finally:
             marks = self._progress_marks()
             if checkpoint or marks != self._progress:
-                self._persist(marks)
+                await self._persist(marks)
 
-    def _persist(self, marks: dict[str, tuple[int, int, str, int]]) -> None:
-        started = time.perf_counter()
-        for run_id, (round_number, *_) in marks.items():
-            run = self.coordinator.runs[run_id]
-            before = self._progress.get(run_id)
-            if run.status is RunStatus.running and (before is None or before[0] != round_number):
-                self.store.save_weights(run_id, round_number, self._encoded_weights(run))
-        self.store.save_state(self.coordinator.snapshot())
-        self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
+    async def _persist(self, marks: dict[str, tuple[int, int, str, int]]) -> None:
+        weights = [(run_id, round_number, self._encoded_weights(self.coordinator.runs[run_id]))
+                   for run_id, (round_number, *_) in marks.items()
+                   if self.coordinator.runs[run_id].status is RunStatus.running
+                   and self._progress.get(run_id, (None,))[0] != round_number]
+        snapshot = self.coordinator.snapshot()  # taken now, in the loop; written in order by one thread
         previous, self._progress = self._progress, marks
         self.wake_waiters()
-        try:  # the state is durable; what follows only reports it, and must not break the service
+        try:  # what follows only reports the change, and must not break the service
             self._report(previous, marks)
         except Exception:
             log.exception("reporting a state change failed")
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._write, weights, snapshot)
+
+    def _write(self, weights: list[tuple[str, int, bytes]], snapshot: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        for run_id, round_number, body in weights:
+            self.store.save_weights(run_id, round_number, body)
+        self.store.save_state(snapshot)
+        self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
 
     def _report(self, previous: dict[str, tuple[int, int, str, int]],
                 marks: dict[str, tuple[int, int, str, int]]) -> None:
@@ -187,7 +196,7 @@ class AggregatorService:
 
     # --- operations the routes call -------------------------------------------------------------------
 
-    def start_run(self, request: RunRequest) -> Run:
+    async def start_run(self, request: RunRequest) -> Run:
         enrolled = request.hospitals if request.hospitals is not None else self.authority.hospitals
         unknown = sorted(set(enrolled) - set(self.authority.hospitals))
         if unknown:
@@ -200,14 +209,14 @@ class AggregatorService:
                                      f"{len(enrolled)} enrolled hospitals")
         run_id = f"run-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
         weights = initial_weights(self.spec, request.config.seed)
-        return self.change(lambda now: self.coordinator.start_run(run_id, request.config, list(enrolled), weights,
+        return await self.change(lambda now: self.coordinator.start_run(run_id, request.config, list(enrolled), weights,
                                                                   now))
 
     async def next_task(self, hospital: str, node: str, wait_s: float) -> TaskMessage | None:
         deadline = time.monotonic() + wait_s
         while True:
             wakeup = self._wakeup
-            task = self.change(lambda now: self.coordinator.next_task(hospital, node, now))
+            task = await self.change(lambda now: self.coordinator.next_task(hospital, node, now))
             if task is not None:
                 return TaskMessage.of(task, self.coordinator.runs[task.run_id])
             remaining = deadline - time.monotonic()
@@ -251,7 +260,7 @@ class AggregatorService:
     async def tick_forever(self) -> None:
         while True:
             try:
-                self.change(self.coordinator.tick)
+                await self.change(self.coordinator.tick)
             except Exception:
                 log.exception("applying deadlines failed; trying again")
             self.wake_waiters()  # an expired lease can be taken over by a replica that is waiting
@@ -359,7 +368,7 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
 
     @app.post("/v1/runs", status_code=201)
     async def start_run(request: RunRequest, svc: Service, identity: Admin) -> RunView:
-        run = svc.start_run(request)
+        run = await svc.start_run(request)
         svc.audit("start_run", identity, run=run.id, hospitals=run.hospitals, config=run.config.model_dump())
         return svc.view(run)
 
@@ -374,7 +383,7 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
     @app.post("/v1/runs/{run_id}/cancel")
     async def cancel_run(run_id: str, svc: Service, identity: Admin) -> RunView:
         _run_of(svc, run_id)
-        run = svc.change(lambda now: svc.coordinator.cancel_run(run_id))
+        run = await svc.change(lambda now: svc.coordinator.cancel_run(run_id))
         svc.audit("cancel_run", identity, run=run_id)
         return svc.view(run)
 
@@ -396,7 +405,7 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
     @app.post("/v1/tasks/{task_id}/heartbeat")
     async def heartbeat(task_id: str, svc: Service, hospital: Hospital, node: NodeId) -> LeaseMessage:
         try:
-            task = svc.change(lambda now: svc.coordinator.heartbeat(task_id, hospital, node, now))
+            task = await svc.change(lambda now: svc.coordinator.heartbeat(task_id, hospital, node, now))
         except (NotFound, Forbidden, Conflict) as error:
             raise _refusal(error) from None
         return LeaseMessage(task_id=task.id, lease_expires=task.lease_expires)
@@ -414,7 +423,7 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
             svc.metrics.results.labels(kind, "unreadable").inc()
             return JSONResponse({"detail": str(error), "reason": "unreadable"}, status_code=422)
         try:
-            task = svc.change(lambda now: svc.coordinator.submit(task_id, hospital, node, result, now),
+            task = await svc.change(lambda now: svc.coordinator.submit(task_id, hospital, node, result, now),
                               checkpoint=True)
         except Rejected as error:
             svc.metrics.results.labels(kind, "rejected").inc()
