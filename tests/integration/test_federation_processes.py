@@ -248,3 +248,24 @@ def test_invalid_updates_are_refused_with_a_reason_and_the_round_closes_without_
     metrics = httpx.get(f"{cluster.central}/metrics").text
     assert 'health_mlops_updates_rejected_total{reason="non_finite"} 1.0' in metrics
     assert 'health_mlops_updates_rejected_total{reason="wrong_shape"} 1.0' in metrics
+
+
+def test_a_node_with_another_hospitals_token_refuses_to_serve(cluster: Cluster, data: Path) -> None:
+    cluster.start_aggregator()
+    api = cluster.base + 1
+    child = cluster.processes.start("mismatched", [
+        "node", "--hospital-id", "hospital-1", "--node-id", "mismatched", "--data-dir", str(data / "hospital-1"),
+        "--token-file", str(token_path(cluster.home / "credentials", "hospital-2")), "--central-url",
+        cluster.central, "--api-port", str(api), "--metrics-port", str(cluster.base + 11)])
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            status = httpx.get(f"http://127.0.0.1:{api}/v1/status").json()
+            if status["fatal"]:
+                break
+        except httpx.TransportError:
+            pass
+        assert child.process.poll() is None and time.monotonic() < deadline, child.log_tail()
+        time.sleep(0.1)
+    assert "hospital-2" in status["fatal"]
+    assert httpx.get(f"http://127.0.0.1:{api}/readyz").status_code == 503

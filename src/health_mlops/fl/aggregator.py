@@ -1,19 +1,21 @@
 """The aggregator service: the coordinator behind DESIGN.md's `/v1` HTTP API.
 
-One asyncio event loop owns the coordinator, so its state changes one request at a time without locks. Any
-change that opens or closes a round, starts or ends a run is checkpointed (atomically, fsynced) before the
-request that caused it is answered, so a restarted aggregator resumes exactly at the last closed round and
-never applies a round twice. Nodes long-poll `GET /v1/tasks/next`; they are woken the moment a round opens.
+One asyncio event loop owns the coordinator, so its state changes one request at a time without locks. Every
+accepted result and every change that opens or closes a round, starts or ends a run is checkpointed
+(atomically, fsynced, in order by one writer thread) before the request that caused it is answered, so a
+restarted aggregator resumes at the last durably closed round with the results it had acknowledged, and never
+applies a round twice. Nodes long-poll `GET /v1/tasks/next`; they are woken the moment a round opens. A
+completed run's model is exported and registered in a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,10 +26,10 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Res
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, Run, RunStatus,
-                                         TaskKind)
 from health_mlops.audit import append_audit
 from health_mlops.data.preprocess import encoded_columns
+from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, Run, RunStatus,
+                                         TaskKind)
 from health_mlops.fl.hospital import reduce_stats
 from health_mlops.fl.messages import (SAFETENSORS_MEDIA_TYPE, LeaseMessage, MessageError, OpenTaskView,
                                       ResultAccepted, RoundView, RunRequest, RunView, TaskMessage, decode_result,
