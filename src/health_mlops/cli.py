@@ -448,6 +448,28 @@ def registry_rollback(spec: SpecOption = None) -> None:
     out.print(f"rolled back: v{restored.version} is champion again; audit log: {registry.audit_log}")
 
 
+@app.command()
+def dashboard(
+    host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 in a container)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 7860,
+    poll_seconds: Annotated[float, typer.Option(min=0.1, help="how often to look for a new champion")] = 2.0,
+    spec: Annotated[str | None, typer.Option(help="built-in spec name or YAML path")] = None,
+) -> None:
+    """Serve the champion model: REST predict API (the dashboard UI joins it at /)."""
+    import uvicorn
+
+    from health_mlops.registry import Registry
+    from health_mlops.serving.api import create_serving_app
+    from health_mlops.serving.model import ChampionWatcher
+
+    settings = get_settings()
+    _configure_logging()
+    with _clean_errors():
+        dataset = load_spec(spec or settings.spec)
+    watcher = ChampionWatcher(Registry(settings.home, dataset.name), poll_s=poll_seconds)
+    uvicorn.run(create_serving_app(dataset, watcher), host=host, port=port, log_level="warning")
+
+
 def _configure_logging() -> None:
     import logging
 

@@ -67,3 +67,17 @@ class NodeMetrics:
                                        registry=r)
         self.last_task_timestamp = Gauge("health_mlops_node_last_task_timestamp_seconds",
                                          "Unix time this node last finished a task", ["hospital"], registry=r)
+
+
+class ServingMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.predictions = Counter("health_mlops_predictions_total", "Prediction requests, by endpoint and outcome",
+                                   ["endpoint", "outcome"], registry=r)
+        self.rows = Counter("health_mlops_predicted_rows_total", "Rows predicted through the batch endpoint",
+                            registry=r)
+        self.latency = Histogram("health_mlops_prediction_latency_seconds", "Time to answer a prediction request",
+                                 ["endpoint"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                        0.5, 1, 2.5, 5), registry=r)
+        self.model_version = Gauge("health_mlops_model_version", "Version of the model being served", registry=r)

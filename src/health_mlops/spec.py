@@ -171,6 +171,11 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
         if not path.is_file():
             raise SpecError(f"{path}: no such spec file (built-in specs: {', '.join(BUILTIN_SPECS)})")
         text = path.read_text("utf-8")
+    return load_spec_text(text, origin=origin)
+
+
+def load_spec_text(text: str, *, origin: str = "spec") -> DatasetSpec:
+    """A spec from its YAML text (e.g. the copy registered with a model)."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

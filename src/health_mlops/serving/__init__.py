@@ -1,0 +1,1 @@
+"""Serving: the champion model behind a REST API (and the dashboard). Imports no torch."""

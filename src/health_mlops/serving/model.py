@@ -1,0 +1,86 @@
+"""The model being served, and the watcher that swaps in a new champion without a request noticing.
+
+A request takes `watcher.current` once and uses that object to the end, and a swap replaces the reference in
+one assignment, so no request can see a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime
+
+from health_mlops.ml.onnx import INPUT_NAME, OUTPUT_NAME
+from health_mlops.registry import Registry
+from health_mlops.spec import DatasetSpec, load_spec_text
+
+log = logging.getLogger("health_mlops.serving")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    version: int
+    metric_name: str
+    metric: float
+    federation_run: str
+    spec: DatasetSpec
+    session: onnxruntime.InferenceSession
+
+    @classmethod
+    def load(cls, onnx_model: bytes, spec_yaml: str, *, version: int, metric_name: str, metric: float,
+             federation_run: str) -> ServedModel:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1  # requests run in parallel; one thread each is fastest for small models
+        session = onnxruntime.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+        return cls(version, metric_name, metric, federation_run, load_spec_text(spec_yaml), session)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        (prediction,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: features})
+        return prediction
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "metrics": {self.metric_name: self.metric},
+                "federation_run": self.federation_run}
+
+
+class ChampionWatcher:
+    """Polls the registry for the champion and loads a new one in the background."""
+
+    def __init__(self, registry: Registry, poll_s: float) -> None:
+        self.registry = registry
+        self.poll_s = poll_s
+        self.current: ServedModel | None = None
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="champion-watcher", daemon=True)
+
+    def refresh(self) -> None:
+        """Load the champion if it changed (also called once before serving starts)."""
+        champion = self.registry.champion()
+        if champion is None or (self.current is not None and self.current.version == champion.version):
+            return
+        onnx_model, spec_yaml = self.registry.load_artifacts(champion.version)
+        loaded = ServedModel.load(onnx_model, spec_yaml, version=champion.version, metric_name=champion.metric_name,
+                                  metric=champion.metric, federation_run=champion.federation_run)
+        self.current = loaded  # the swap: one reference assignment
+        log.info("serving %s v%d", self.registry.model_name, loaded.version)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.refresh()
+                self.last_error = None
+            except Exception as error:  # the registry may be briefly away; keep serving the current model
+                self.last_error = f"{type(error).__name__}: {error}"
+                log.warning("cannot refresh the champion: %s", self.last_error)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

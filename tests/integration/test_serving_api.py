@@ -1,0 +1,201 @@
+"""The serving API over real HTTP, on MLflow's real registry: predictions, validation, the model swap."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from health_mlops.data.hospital import load_hospitals
+from health_mlops.data.preprocess import Preprocessor, stats_of_frame
+from health_mlops.data.synthetic import generate_dataset
+from health_mlops.fl.loopback import BackgroundServer
+from health_mlops.ml.evaluate import predict_frame
+from health_mlops.ml.model import build_model, weights_as_numpy
+from health_mlops.ml.onnx import export_onnx
+from health_mlops.ml.train import TrainConfig, train_model
+from health_mlops.registry import Registry, TrainingRecord
+from health_mlops.serving.api import create_serving_app
+from health_mlops.serving.model import ChampionWatcher
+from health_mlops.spec import load_spec, spec_to_yaml
+
+SPEC = load_spec("health-risk")
+
+
+@pytest.fixture(scope="module")
+def patients(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    root = tmp_path_factory.mktemp("serving-data")
+    generate_dataset(root, n_hospitals=1, rows_per_hospital=400, seed=2, split_seed=42, test_fraction=0.2)
+    frame = load_hospitals(root, SPEC)["hospital-1"].frame
+    return json.loads(frame.drop(columns=[SPEC.target.name]).to_json(orient="records"))
+
+
+def trained(frame_rows: list[dict], seed: int) -> tuple[bytes, list[float]]:
+    """A small model trained on the rows, as ONNX, and its own (torch) predictions for them."""
+    import pandas as pd
+
+    frame = pd.DataFrame(frame_rows).assign(**{SPEC.target.name: ["1" if i % 7 == 0 else "0"
+                                                                  for i in range(len(frame_rows))]})
+    preprocessor = Preprocessor.from_stats(SPEC, stats_of_frame(frame, SPEC))
+    model = build_model(SPEC.model, len(preprocessor.mean), seed=seed)
+    train_model(model, preprocessor.features(frame), preprocessor.target(frame), SPEC.task,
+                TrainConfig(epochs=1, learning_rate=0.01, batch_size=64, seed=seed))
+    body = export_onnx(SPEC, {"mean": preprocessor.mean.tolist(), "scale": preprocessor.scale.tolist()},
+                       weights_as_numpy(model))
+    return body, predict_frame(model, preprocessor, frame).tolist()
+
+
+def register(registry: Registry, onnx_model: bytes, name: str, auc: float) -> int:
+    record = TrainingRecord(federation_run=name, params={}, round_metrics=[], hospital_metrics=[],
+                            final_metrics={"auc": auc}, metric_name="auc", onnx_model=onnx_model,
+                            spec_yaml=spec_to_yaml(SPEC))
+    return registry.register(record, tolerance=0.0).version
+
+
+@pytest.fixture
+def serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Registry]]:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    registry = Registry(tmp_path, SPEC.name)
+    watcher = ChampionWatcher(Registry(tmp_path, SPEC.name), poll_s=0.1)
+    with BackgroundServer(create_serving_app(SPEC, watcher)) as server:
+        yield server.url, registry
+
+
+def test_without_a_champion_predict_says_503_and_the_spec_is_served(serving: tuple[str, Registry],
+                                                                     patients: list[dict]) -> None:
+    url, _ = serving
+    response = httpx.post(f"{url}/api/v1/predict", json=patients[0])
+    assert response.status_code == 503 and "no champion" in response.json()["detail"]
+    model = httpx.get(f"{url}/api/v1/model").json()
+    assert model["version"] is None
+    heart_rate = next(f for f in model["spec"]["features"] if f["name"] == "heart_rate")
+    assert heart_rate["type"] == "numeric" and heart_rate["min"] is not None and heart_rate["unit"]
+
+
+def test_predictions_match_the_trained_model_and_carry_the_version(serving: tuple[str, Registry],
+                                                                     patients: list[dict]) -> None:
+    url, registry = serving
+    onnx_model, expected = trained(patients, seed=0)
+    version = register(registry, onnx_model, "run-a", 0.8)
+    wait_for_version(url, version)
+    one = httpx.post(f"{url}/api/v1/predict", json=patients[0]).json()
+    assert one["model_version"] == version and one["task"] == "binary"
+    assert one["prediction"] == pytest.approx(expected[0], rel=1e-4)
+    batch = httpx.post(f"{url}/api/v1/predict/batch", json={"rows": patients}, timeout=30).json()
+    np.testing.assert_allclose(batch["predictions"], expected, rtol=1e-4, atol=1e-6)
+    assert httpx.get(f"{url}/api/v1/model").json()["version"] == version
+    assert 'health_mlops_predictions_total{endpoint="predict",outcome="ok"} 1.0' in httpx.get(f"{url}/metrics").text
+
+
+def wait_for_version(url: str, version: int, timeout_s: float = 30) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{url}/api/v1/model").json()["version"] != version:
+        assert time.monotonic() < deadline, f"v{version} was never served"
+        time.sleep(0.05)
+
+
+def test_invalid_fields_are_named_with_their_allowed_values(serving: tuple[str, Registry],
+                                                           patients: list[dict]) -> None:
+    url, _ = serving
+    response = httpx.post(f"{url}/api/v1/predict", json={**patients[0], "spo2": 150})
+    assert response.status_code == 422
+    error = response.json()["detail"][0]
+    assert error["loc"][-1] == "spo2" and "100" in error["msg"]
+    response = httpx.post(f"{url}/api/v1/predict", json={**patients[0], "smoker": "sometimes"})
+    assert response.status_code == 422 and "never" in response.text and "smoker" in response.text
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"null", b"[]", b"{}", b"not json", b'{"heart_rate": "fast"}', b'{"rows": []}', b'{"rows": "x"}',
+    b'{"rows": [null]}', b'{"heart_rate": NaN}', b'{"heart_rate": 1e400}', b'{"heart_rate": [1, 2]}',
+    b'{"rows": [' + b"{}," * 300_000 + b"{}]}", b"[" * 10_000, b'{"extra_field": 1}',
+])
+def test_garbage_never_gets_a_5xx(serving: tuple[str, Registry], patients: list[dict], body: bytes) -> None:
+    url, _ = serving
+    for path in ("/api/v1/predict", "/api/v1/predict/batch"):
+        response = httpx.post(f"{url}{path}", content=body, headers={"Content-Type": "application/json"},
+                              timeout=60)
+        assert response.status_code < 500, (path, body[:40], response.text[:200])
+    mixed = {**patients[0], "age": "forty"}
+    assert httpx.post(f"{url}/api/v1/predict/batch", json={"rows": [patients[1], mixed]}).status_code == 422
+
+
+def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(serving: tuple[str, Registry],
+                                                                         patients: list[dict]) -> None:
+    url, registry = serving
+    first, _ = trained(patients, seed=0)
+    second, _ = trained(patients, seed=1)
+    v1 = register(registry, first, "run-a", 0.8)
+    wait_for_version(url, v1)
+    failures: list[str] = []
+    versions: set[int] = set()
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=url) as client:
+            while not stop.is_set():
+                response = client.post("/api/v1/predict", json=patients[0])
+                if response.status_code != 200:
+                    failures.append(response.text)
+                else:
+                    versions.add(response.json()["model_version"])
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        v2 = register(registry, second, "run-b", 0.9)
+        wait_for_version(url, v2)
+        import time
+
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    assert versions == {v1, v2}
+
+
+def test_the_serving_app_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, health_mlops.serving.api, health_mlops.serving.model; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_dashboard_command_serves_the_api(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port_range
+
+    port = free_port_range(1)
+    env = {**os.environ, "HEALTH_MLOPS_HOME": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    process = subprocess.Popen([sys.executable, "-m", "health_mlops.cli", "dashboard", "--port", str(port)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        assert httpx.get(f"http://127.0.0.1:{port}/api/v1/model").json()["spec"]["name"] == "health-risk"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
