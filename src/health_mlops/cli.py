@@ -503,14 +503,15 @@ def demo(
     node_metrics_port: Annotated[int, typer.Option(help="first node metrics port (one per replica)")] = 8001,
     no_serve: Annotated[bool, typer.Option("--no-serve", help="stop after training instead of serving the "
                                                                "dashboard")] = False,
+    dashboard_port: Annotated[int, typer.Option(help="where the dashboard serves the champion")] = 7860,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """The whole federation on loopback: aggregator and nodes as processes, trained live, then compared with
-    pooled and local-only training and the Bayes-optimal score."""
+    """The whole federation on loopback: aggregator and nodes as processes, trained live, compared with pooled
+    and local-only training and the Bayes-optimal score; then the champion is served until Ctrl-C."""
     import torch
 
     from health_mlops.data.synthetic import hospital_ids
-    from health_mlops.demo import DemoError, Ports, run_federation
+    from health_mlops.demo import DemoError, Ports, check_ports_free, run_federation
     from health_mlops.fl.loopback import round_overheads_ms
     from health_mlops.fl.messages import RunRequest, decode_weights
     from health_mlops.fl.simulation import score_global_model
@@ -535,6 +536,8 @@ def demo(
     reference_file = json.loads((data / "reference.json").read_text(encoding="utf-8"))
     request = RunRequest(config=federated_run_config(dataset, hospitals, rounds=rounds), hospitals=names)
     try:
+        if not (no_serve or json_output):
+            check_ports_free([dashboard_port])  # fail now, not after training
         view, body = run_federation(data=data, hospitals=names, cities=reference_file.get("cities", {}),
                                     request=request, home=settings.home, credentials_dir=settings.credentials_dir,
                                     ports=Ports(port, node_api_port, node_metrics_port), metric=dataset.primary_metric,
@@ -575,6 +578,25 @@ def demo(
                   f"`health-mlops registry list` shows every version", soft_wrap=True)
     else:
         out.print(f"model: not registered ({model.get('reason', 'unknown')})")
+    if not no_serve:
+        _serve_dashboard(settings, dashboard_port)
+
+
+def _serve_dashboard(settings: Settings, port: int) -> None:
+    """Serve the champion (a `dashboard` process, like every other component) until Ctrl-C."""
+    import os
+
+    from health_mlops.demo import Processes, wait_ready
+
+    with Processes(settings.home / "logs", {**os.environ, "HEALTH_MLOPS_HOME": str(settings.home)}) as processes:
+        child = processes.start("dashboard", ["dashboard", "--port", str(port)])
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/readyz", child)
+            err.print(f"serving the champion on http://127.0.0.1:{port} (API: /api/v1/predict, /api/v1/model; "
+                      f"log: {child.log_path}); Ctrl-C stops", soft_wrap=True)
+            child.process.wait()
+        except KeyboardInterrupt:
+            err.print("stopped")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import free_port_range, run_cli, run_cli_json
@@ -81,16 +82,37 @@ def test_diabetes_runs_pooled_and_local_with_r2(tmp_path: Path, home: Path) -> N
         assert "reference" not in result
 
 
-def test_demo_runs_the_federation_as_processes_and_prints_the_table(home: Path) -> None:
-    base = free_port_range(13)
-    ports = ["--port", str(base), "--node-api-port", str(base + 1), "--node-metrics-port", str(base + 7)]
-    result = run_cli("demo", "--rows-per-hospital", "600", "--rounds", "3", "--no-serve", *ports, home=home)
-    for text in ("federated", "pooled", "local-only", "Bayes-optimal", "hospital-5", "overall"):
-        assert text in result.stdout
+def test_demo_trains_as_processes_prints_the_table_and_serves_the_champion(home: Path) -> None:
+    base = free_port_range(14)
+    command = [sys.executable, "-m", "health_mlops.cli", "demo", "--rows-per-hospital", "600", "--rounds", "3",
+               "--port", str(base), "--node-api-port", str(base + 1), "--node-metrics-port", str(base + 7),
+               "--dashboard-port", str(base + 13)]
+    demo = subprocess.Popen(command, env={**os.environ, "HEALTH_MLOPS_HOME": str(home)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    dashboard = f"http://127.0.0.1:{base + 13}"
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            if httpx.get(f"{dashboard}/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert demo.poll() is None, demo.communicate()
+        assert time.monotonic() < deadline, "the demo never served the dashboard"
+        time.sleep(0.2)
+    model = httpx.get(f"{dashboard}/api/v1/model").json()
+    assert model["version"] == 1 and model["metrics"]["auc"] > 0.5  # the freshly trained champion
+    demo.send_signal(signal.SIGINT)
+    stdout, stderr = demo.communicate(timeout=60)
+    assert demo.returncode == 0, stderr
+    for text in ("federated", "pooled", "local-only", "Bayes-optimal", "hospital-5", "overall",
+                 "v1 registered, champion"):
+        assert text in stdout
     assert (home / "credentials" / "hospital-5.token").is_file()
     logs = sorted(p.name for p in (home / "logs").iterdir())
-    assert logs == ["aggregator.log", "hospital-1-a.log", "hospital-1-b.log", "hospital-2-a.log",
+    assert logs == ["aggregator.log", "dashboard.log", "hospital-1-a.log", "hospital-1-b.log", "hospital-2-a.log",
                     "hospital-3-a.log", "hospital-4-a.log", "hospital-5-a.log"]
+    assert processes_mentioning(f"--port {base + 13}") == []
 
 
 def processes_mentioning(text: str) -> list[int]:
