@@ -43,3 +43,21 @@ def free_port_range(count: int) -> int:
             continue
         return base
     raise RuntimeError("no free port range found")
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    """Wait for `url` to answer 200 while `process` (which should serve it) is alive."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, f"the process serving {url} exited: {process.communicate()}"
+        assert time.monotonic() < deadline, f"{url} was not ready after {timeout_s:.0f} s"
+        time.sleep(0.1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port_range, run_cli, run_cli_json
+from tests.conftest import free_port_range, run_cli, run_cli_json, wait_until_ready
 
 
 def test_train_json_has_the_documented_shape(tmp_path: Path, home: Path) -> None:
@@ -90,16 +90,7 @@ def test_demo_trains_as_processes_prints_the_table_and_serves_the_champion(home:
     demo = subprocess.Popen(command, env={**os.environ, "HEALTH_MLOPS_HOME": str(home)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     dashboard = f"http://127.0.0.1:{base + 13}"
-    deadline = time.monotonic() + 240
-    while True:
-        try:
-            if httpx.get(f"{dashboard}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert demo.poll() is None, demo.communicate()
-        assert time.monotonic() < deadline, "the demo never served the dashboard"
-        time.sleep(0.2)
+    wait_until_ready(f"{dashboard}/readyz", demo, timeout_s=240)
     model = httpx.get(f"{dashboard}/api/v1/model").json()
     assert model["version"] == 1 and model["metrics"]["auc"] > 0.5  # the freshly trained champion
     demo.send_signal(signal.SIGINT)

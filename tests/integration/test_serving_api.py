@@ -176,9 +176,8 @@ def test_dashboard_command_serves_the_api(tmp_path: Path) -> None:
     import os
     import subprocess
     import sys
-    import time
 
-    from tests.conftest import free_port_range
+    from tests.conftest import free_port_range, wait_until_ready
 
     port = free_port_range(1)
     env = {**os.environ, "HEALTH_MLOPS_HOME": str(tmp_path)}
@@ -186,15 +185,7 @@ def test_dashboard_command_serves_the_api(tmp_path: Path) -> None:
     process = subprocess.Popen([sys.executable, "-m", "health_mlops.cli", "dashboard", "--port", str(port)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_until_ready(f"http://127.0.0.1:{port}/readyz", process, timeout_s=60)
         assert httpx.get(f"http://127.0.0.1:{port}/api/v1/model").json()["spec"]["name"] == "health-risk"
     finally:
         process.terminate()
