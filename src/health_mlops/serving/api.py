@@ -6,6 +6,7 @@ predictions answer 503 saying so, while the model and spec endpoints keep workin
 
 # No `from __future__ import annotations` here: the routes' request models are built at run time from the
 # spec, and FastAPI must see those classes, not their names as strings.
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -13,9 +14,10 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 from health_mlops.http_errors import install_validation_handler
 from health_mlops.monitoring import ServingMetrics
@@ -59,6 +61,40 @@ def rows_to_matrix(spec: DatasetSpec, rows: list[BaseModel]) -> np.ndarray:
         else:
             index = {category: i for i, category in enumerate(feature.categories or ())}
             matrix[:, j] = [index[v] for v in values]
+    return matrix
+
+
+def fast_matrix(spec: DatasetSpec, body: Any) -> np.ndarray | None:
+    """The batch's input matrix, checked column by column, if every row is exactly right; else None.
+
+    A valid batch of 100,000 rows costs a few list passes here instead of 100,000 model validations. Any
+    irregularity returns None, and the caller validates row by row to name the row and field at fault.
+    """
+    rows = body.get("rows") if isinstance(body, dict) and set(body) == {"rows"} else None
+    if not isinstance(rows, list) or not 0 < len(rows) <= MAX_BATCH_ROWS:
+        return None
+    names = [f.name for f in spec.features]
+    wanted = set(names)
+    if not all(type(row) is dict and row.keys() == wanted for row in rows):
+        return None
+    matrix = np.empty((len(rows), len(names)), dtype=np.float32)
+    for j, feature in enumerate(spec.features):
+        column = [row[feature.name] for row in rows]
+        if feature.type == "numeric":
+            if not all(type(v) is float or type(v) is int for v in column):
+                return None
+            values = np.asarray(column, dtype=np.float64)
+            low = -np.inf if feature.min is None else feature.min
+            high = np.inf if feature.max is None else feature.max
+            if not (np.isfinite(values).all() and (values >= low).all() and (values <= high).all()):
+                return None
+            matrix[:, j] = values
+        else:
+            index = {category: float(i) for i, category in enumerate(feature.categories or ())}
+            codes = [index.get(v if type(v) is str else _as_text(v)) for v in column]  # type: ignore[arg-type]
+            if None in codes:
+                return None
+            matrix[:, j] = codes
     return matrix
 
 
@@ -108,16 +144,28 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
         served_metrics.latency.labels("predict").observe(time.perf_counter() - started)
         return {"prediction": float(prediction[0]), **answer(model)}
 
-    @app.post("/api/v1/predict/batch")
-    def predict_batch(batch: Batch) -> dict[str, Any]:  # type: ignore[valid-type]
+    @app.post("/api/v1/predict/batch", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": Batch.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
+    async def predict_batch(request: Request) -> Response:
         started = time.perf_counter()
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, RecursionError):
+            raise HTTPException(422, "the body is not JSON: expected {\"rows\": [{feature: value, ...}, ...]}") from None
+        matrix = fast_matrix(spec, body)
+        if matrix is None:  # not a clean batch: validate row by row for errors that name the row and field
+            try:
+                matrix = rows_to_matrix(spec, Batch.model_validate(body).rows)  # type: ignore[attr-defined]
+            except ValidationError as error:
+                raise RequestValidationError(error.errors()) from None
         model = champion("batch")
-        rows = batch.rows  # type: ignore[attr-defined]
-        predictions = model.predict(rows_to_matrix(spec, rows))
+        predictions = model.predict(matrix)
         served_metrics.predictions.labels("batch", "ok").inc()
-        served_metrics.rows.inc(len(rows))
+        served_metrics.rows.inc(len(matrix))
         served_metrics.latency.labels("batch").observe(time.perf_counter() - started)
-        return {"predictions": predictions.tolist(), **answer(model)}
+        # Serialised here: FastAPI's generic encoder walks a 100,000-float list one value at a time.
+        return Response(json.dumps({"predictions": predictions.tolist(), **answer(model)}),
+                        media_type="application/json")
 
     @app.get("/api/v1/model")
     def model_info() -> dict[str, Any]:
