@@ -27,6 +27,7 @@ from health_mlops.data.hospital import HospitalData, load_hospitals
 from health_mlops.data.io import DataError
 from health_mlops.data.synthetic import SPEC_FILE_NAME, generate_dataset, read_reference
 from health_mlops.data.validate import FileReport
+from health_mlops.fl.strategies import STRATEGY_NAMES
 from health_mlops.spec import DatasetSpec, SpecError, load_spec
 
 if TYPE_CHECKING:  # training modules import torch and the registry MLflow; `data` commands should not pay for it
@@ -56,13 +57,8 @@ class Mode(str, Enum):
     federated = "federated"
 
 
-class Strategy(str, Enum):
-    fedavg = "fedavg"
-    fedprox = "fedprox"
-    fedadam = "fedadam"
-    fedyogi = "fedyogi"
-    median = "median"
-    trimmed_mean = "trimmed_mean"
+# The CLI's choices are the strategies module's names: one list, so a new strategy appears here by itself.
+Strategy = Enum("Strategy", {name: name for name in STRATEGY_NAMES}, type=str)  # type: ignore[misc]
 
 
 @contextmanager
@@ -205,7 +201,7 @@ def train(
     learning_rate: Annotated[float | None, typer.Option(min=0.0)] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     rounds: Annotated[int | None, typer.Option(min=1, help="federated: training rounds")] = None,
-    strategy: Annotated[Strategy, typer.Option(help="federated: aggregation strategy")] = Strategy.fedavg,
+    strategy: Annotated[Strategy, typer.Option(help="federated: aggregation strategy")] = Strategy["fedavg"],
     json_output: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,
 ) -> None:
     """Train a baseline or a federation and score it on every hospital's test rows."""
@@ -254,7 +250,7 @@ def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: obje
     given = {k: v for k, v in overrides.items() if v is not None}
     local = TrainConfig.for_task(get_training_defaults(), dataset, learning_rate=given.pop("learning_rate", None),
                                  batch_size=given.pop("batch_size", None))
-    strategy = given.pop("strategy", Strategy.fedavg)
+    strategy = given.pop("strategy", Strategy["fedavg"])
     return RunConfig(learning_rate=local.learning_rate, batch_size=local.batch_size, weight_decay=local.weight_decay,
                      min_hospitals=hospitals, strategy=StrategyConfig(name=Strategy(strategy).value), **given)
 

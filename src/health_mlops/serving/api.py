@@ -13,12 +13,14 @@ from contextlib import asynccontextmanager, suppress
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import pandas as pd
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
+from health_mlops.data.preprocess import serving_matrix
 from health_mlops.http_errors import install_validation_handler
 from health_mlops.monitoring import ServingMetrics
 from health_mlops.serving.model import ChampionWatcher, ServedModel
@@ -52,16 +54,8 @@ def row_model(spec: DatasetSpec) -> type[BaseModel]:
 
 
 def rows_to_matrix(spec: DatasetSpec, rows: list[BaseModel]) -> np.ndarray:
-    """The exported model's input: one float32 column per feature, categories as their index in the spec."""
-    matrix = np.empty((len(rows), len(spec.features)), dtype=np.float32)
-    for j, feature in enumerate(spec.features):
-        values = [getattr(row, feature.name) for row in rows]
-        if feature.type == "numeric":
-            matrix[:, j] = values
-        else:
-            index = {category: i for i, category in enumerate(feature.categories or ())}
-            matrix[:, j] = [index[v] for v in values]
-    return matrix
+    """The exported model's input for validated rows (the same encoding as for data files)."""
+    return serving_matrix(pd.DataFrame([row.model_dump() for row in rows]), spec)
 
 
 def fast_matrix(spec: DatasetSpec, body: Any) -> np.ndarray | None:
