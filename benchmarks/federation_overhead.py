@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -24,10 +23,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from common import free_ports
+
 from health_mlops.config import get_settings, get_training_defaults
 from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.synthetic import generate_dataset, hospital_ids
-from health_mlops.demo import Ports, run_federation
+from health_mlops.demo import Ports, Processes, run_federation
 from health_mlops.fl.coordinator import RunConfig
 from health_mlops.fl.loopback import round_overheads_ms, run_federation_over_loopback
 from health_mlops.fl.messages import RunRequest
@@ -35,24 +36,6 @@ from health_mlops.fl.simulation import run_federated_in_memory
 from health_mlops.ml.baselines import split_hospitals
 from health_mlops.security import provision
 from health_mlops.spec import load_spec
-
-
-def free_ports(count: int) -> int:
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count < 65000 and all(_free(p) for p in range(base, base + count)):
-            return base
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def main() -> None:
@@ -94,10 +77,11 @@ def main() -> None:
         os.environ["HEALTH_MLOPS_HOME"] = str(home)
         provision(home / "credentials", hospital_ids(5))
         base = free_ports(13)
-        view, _ = run_federation(data=data, hospitals=hospital_ids(5), cities={},
-                                 request=RunRequest(config=config), home=home, credentials_dir=home / "credentials",
-                                 ports=Ports(base, base + 1, base + 7), metric="auc",
-                                 console=Console(file=io.StringIO()))
+        with Processes(home / "logs", {**os.environ}) as processes:
+            view, _ = run_federation(processes, data=data, hospitals=hospital_ids(5), cities={},
+                                     request=RunRequest(config=config), home=home,
+                                     credentials_dir=home / "credentials", ports=Ports(base, base + 1, base + 7),
+                                     metric="auc", console=Console(file=io.StringIO()))
         fits = [r for r in view.history if r.kind.value == "fit"]
         # From the run's start to its end, as the aggregator saw it; starting 7 Python processes is not counted.
         rows.append(("processes: aggregator + 6 nodes", view.history[-1].closed_at - view.history[0].opened_at,

@@ -8,6 +8,7 @@ message naming the file and the problem.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +32,9 @@ from health_mlops.fl.strategies import STRATEGY_NAMES
 from health_mlops.spec import DatasetSpec, SpecError, load_spec
 
 if TYPE_CHECKING:  # training modules import torch and the registry MLflow; `data` commands should not pay for it
+    from health_mlops.demo import Processes
     from health_mlops.fl.coordinator import RunConfig
+    from health_mlops.fl.messages import RunView
     from health_mlops.ml.baselines import ExperimentResult, HospitalSplit
     from health_mlops.registry import Registry
 
@@ -243,7 +246,9 @@ def train(
 
 def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: object) -> RunConfig:
     """A run over every hospital with the task's training settings; `overrides` that are None are not given."""
+    from health_mlops.demo import Processes
     from health_mlops.fl.coordinator import RunConfig
+    from health_mlops.fl.messages import RunView
     from health_mlops.fl.strategies import StrategyConfig
     from health_mlops.ml.train import TrainConfig
 
@@ -451,19 +456,19 @@ def dashboard(
     poll_seconds: Annotated[float, typer.Option(min=0.1, help="how often to look for a new champion")] = 2.0,
     spec: Annotated[str | None, typer.Option(help="built-in spec name or YAML path")] = None,
 ) -> None:
-    """Serve the champion model: REST predict API (the dashboard UI joins it at /)."""
+    """Serve the champion model: the dashboard at / and the REST API at /api/v1 (one process, one worker)."""
     import uvicorn
 
-    from health_mlops.registry import Registry
-    from health_mlops.serving.api import create_serving_app
-    from health_mlops.serving.model import ChampionWatcher
+    from health_mlops.serving.app import create_dashboard_app
 
     settings = get_settings()
     _configure_logging()
     with _clean_errors():
         dataset = load_spec(spec or settings.spec)
-    watcher = ChampionWatcher(Registry(settings.home, dataset.name), poll_s=poll_seconds)
-    uvicorn.run(create_serving_app(dataset, watcher), host=host, port=port, log_level="warning")
+    # One worker: the dashboard's sessions live in the process. No access log and no proxy-header parsing:
+    # both cost every prediction, and the API logs nothing per request.
+    uvicorn.run(create_dashboard_app(settings, dataset, poll_s=poll_seconds), host=host, port=port,
+                log_level="warning", access_log=False, proxy_headers=False)
 
 
 def _configure_logging() -> None:
@@ -507,12 +512,9 @@ def demo(
     import torch
 
     from health_mlops.data.synthetic import hospital_ids
-    from health_mlops.demo import DemoError, Ports, check_ports_free, run_federation
+    from health_mlops.demo import DemoError, Ports, Processes, check_ports_free, run_federation
     from health_mlops.fl.loopback import round_overheads_ms
-    from health_mlops.fl.messages import RunRequest, decode_weights
-    from health_mlops.fl.simulation import score_global_model
-    from health_mlops.ml.baselines import run_local, run_pooled
-    from health_mlops.ml.train import TrainConfig
+    from health_mlops.fl.messages import RunRequest
     from health_mlops.security import provision as issue
 
     settings = get_settings()
@@ -531,19 +533,44 @@ def demo(
         splits = _load_splits(data, dataset, settings)
     reference_file = json.loads((data / "reference.json").read_text(encoding="utf-8"))
     request = RunRequest(config=federated_run_config(dataset, hospitals, rounds=rounds), hospitals=names)
+    ports = Ports(port, node_api_port, node_metrics_port)
+    serve = not (no_serve or json_output)
     try:
-        if not (no_serve or json_output):
+        if serve:
             check_ports_free([dashboard_port])  # fail now, not after training
-        view, body = run_federation(data=data, hospitals=names, cities=reference_file.get("cities", {}),
-                                    request=request, home=settings.home, credentials_dir=settings.credentials_dir,
-                                    ports=Ports(port, node_api_port, node_metrics_port), metric=dataset.primary_metric,
-                                    console=err)
+        # Every process lives until the demo ends: after training, the dashboard shows the federation live.
+        with Processes(settings.home / "logs", {**os.environ, "HEALTH_MLOPS_HOME": str(settings.home),
+                                                "HEALTH_MLOPS_AGGREGATOR_URL": f"http://127.0.0.1:{port}"}) as processes:
+            view, body = run_federation(processes, data=data, hospitals=names,
+                                        cities=reference_file.get("cities", {}), request=request, home=settings.home,
+                                        credentials_dir=settings.credentials_dir, ports=ports,
+                                        metric=dataset.primary_metric, console=err)
+            columns, counted = _compare(dataset, splits, data, view, body, settings)
+            if json_output:
+                _print_json({"data": str(data), "run": {"id": view.id, "rounds": view.config.rounds,
+                                                        "rejected": view.rejected, "counted_from": counted},
+                             "model": view.model, "round_overhead_ms": round_overheads_ms(view), **columns})
+                return
+            _print_demo_outcome(dataset, columns, view, counted, names[0], data)
+            if serve:
+                _serve_dashboard(processes, dashboard_port)
     except DemoError as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("interrupted: every process the demo started has been stopped")
         raise typer.Exit(130) from None
+
+
+def _compare(dataset: DatasetSpec, splits: list[HospitalSplit], data: Path, view: RunView, body: bytes,
+             settings: Settings) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """The federated model beside pooled and local-only training and the Bayes-optimal score; and which
+    replica's result counted for each hospital."""
+    from health_mlops.fl.messages import decode_weights
+    from health_mlops.fl.simulation import score_global_model
+    from health_mlops.ml.baselines import run_local, run_pooled
+    from health_mlops.ml.train import TrainConfig
+
     federated = score_global_model(dataset, splits, view.preprocessing, decode_weights(body)[0])
     config = TrainConfig.for_task(get_training_defaults(), dataset)
     with _progress() as progress:
@@ -556,17 +583,15 @@ def demo(
                                 "local-only": local.to_json()}
     if reference is not None:
         columns["Bayes-optimal"] = reference
-    overheads = round_overheads_ms(view)
     counted = {h: sorted({r.nodes[h] for r in view.history if h in r.nodes}) for h in view.hospitals}
-    if json_output:
-        _print_json({"data": str(data), "run": {"id": view.id, "rounds": view.config.rounds,
-                                                "rejected": view.rejected, "counted_from": counted},
-                     "model": view.model,
-                     "round_overhead_ms": overheads, **columns})
-        return
+    return columns, counted
+
+
+def _print_demo_outcome(dataset: DatasetSpec, columns: dict[str, dict], view: RunView,
+                        counted: dict[str, list[str]], first: str, data: Path) -> None:
     out.print(comparison_table(dataset, columns, title="federated vs pooled vs local-only vs Bayes-optimal"))
     out.print(f"run {view.id}: {view.config.rounds} rounds, each hospital counted once per round "
-              f"(hospital-1's results came from {', '.join(counted[names[0]])}); data: {data}", soft_wrap=True)
+              f"({first}'s results came from {', '.join(counted[first])}); data: {data}", soft_wrap=True)
     model = view.model or {}
     if model.get("status") == "registered":
         out.print(f"model: {dataset.name} v{model['version']} registered, {', '.join(model['aliases']) or 'no alias'} "
@@ -574,25 +599,21 @@ def demo(
                   f"`health-mlops registry list` shows every version", soft_wrap=True)
     else:
         out.print(f"model: not registered ({model.get('reason', 'unknown')})")
-    if not no_serve:
-        _serve_dashboard(settings, dashboard_port)
 
 
-def _serve_dashboard(settings: Settings, port: int) -> None:
-    """Serve the champion (a `dashboard` process, like every other component) until Ctrl-C."""
-    import os
+def _serve_dashboard(processes: Processes, port: int) -> None:
+    """Serve the dashboard (a process, like every other component) beside the federation until Ctrl-C."""
+    from health_mlops.demo import wait_ready
 
-    from health_mlops.demo import Processes, wait_ready
-
-    with Processes(settings.home / "logs", {**os.environ, "HEALTH_MLOPS_HOME": str(settings.home)}) as processes:
-        child = processes.start("dashboard", ["dashboard", "--port", str(port)])
-        try:
-            wait_ready(f"http://127.0.0.1:{port}/readyz", child)
-            err.print(f"serving the champion on http://127.0.0.1:{port} (API: /api/v1/predict, /api/v1/model; "
-                      f"log: {child.log_path}); Ctrl-C stops", soft_wrap=True)
-            child.process.wait()
-        except KeyboardInterrupt:
-            err.print("stopped")
+    child = processes.start("dashboard", ["dashboard", "--port", str(port)])
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/readyz", child)
+        err.print(f"dashboard on http://127.0.0.1:{port} (API: /api/v1/predict, /api/v1/model; log: "
+                  f"{child.log_path}); the aggregator and nodes keep running; Ctrl-C stops everything",
+                  soft_wrap=True)
+        child.process.wait()
+    except KeyboardInterrupt:
+        err.print("stopped")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     quality_gate_tolerance: float = Field(0.005, ge=0, description="a new model becomes champion unless its "
                                           "federated test metric is worse than the champion's by more than this")
     poll_wait_s: float = Field(20.0, gt=0, le=300, description="how long a node's long poll for a task waits")
+    aggregator_url: str = Field("http://127.0.0.1:8080", description="where the dashboard reads live training")
+    admin_token: str | None = Field(None, description="the dashboard's admin token for the aggregator (else read "
+                                    "from the credentials folder)")
 
     @property
     def quality_dir(self) -> Path:

@@ -8,7 +8,6 @@ on the way out, Ctrl-C included; their logs stay in `$HEALTH_MLOPS_HOME/logs`.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -78,12 +77,16 @@ class Processes:
     children: dict[str, Child] = field(default_factory=dict)
 
     def start(self, name: str, args: list[str]) -> Child:
+        """`health-mlops <args>` as a child."""
+        return self.start_program(name, [sys.executable, "-m", "health_mlops.cli", *args])
+
+    def start_program(self, name: str, command: list[str]) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "wb")  # noqa: SIM115 - closed in stop_all
         try:
-            process = subprocess.Popen([sys.executable, "-m", "health_mlops.cli", *args], stdout=log,
-                                       stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                       start_new_session=True)
         except OSError:
             log.close()
             raise
@@ -206,39 +209,38 @@ def cancel_stale_runs(admin: httpx.Client, console: Console) -> None:
             console.print(f"cancelled {raw['id']}, left running by an earlier demo")
 
 
-def run_federation(*, data: Path, hospitals: list[str], cities: dict[str, str], request: RunRequest,
-                   home: Path, credentials_dir: Path, ports: Ports, metric: str,
+def run_federation(processes: Processes, *, data: Path, hospitals: list[str], cities: dict[str, str],
+                   request: RunRequest, home: Path, credentials_dir: Path, ports: Ports, metric: str,
                    console: Console) -> tuple[RunView, bytes]:
-    """Start every process, train one run live, return its final view and the final global weights."""
+    """Start the aggregator and every node in `processes`, train one run live, and return its final view and
+    the final global weights. The processes keep running (the caller's `Processes` stops them)."""
     from health_mlops.security import ADMIN, bearer, read_token, token_path
 
     plan = node_plan(data, hospitals, cities)
     check_ports_free(ports.all_ports(len(plan)))
-    env = {**os.environ, "HEALTH_MLOPS_HOME": str(home)}
     central = f"http://127.0.0.1:{ports.aggregator}"
-    with Processes(home / "logs", env) as processes:
-        aggregator = processes.start("aggregator", ["aggregator", "--port", str(ports.aggregator)])
-        nodes = [processes.start(p.node_id, ["node", "--hospital-id", p.hospital_id, "--node-id", p.node_id,
-                                             "--city", p.city, "--data-dir", str(p.data_dir), "--central-url",
-                                             central, "--api-port", str(ports.node_api + i),
-                                             "--metrics-port", str(ports.node_metrics + i)])
-                 for i, p in enumerate(plan)]
-        with console.status(f"starting the aggregator and {len(nodes)} nodes (logs in {home / 'logs'})"):
-            wait_ready(f"{central}/readyz", aggregator)
-            for i, child in enumerate(nodes):
-                wait_ready(f"http://127.0.0.1:{ports.node_api + i}/readyz", child)
-        with httpx.Client(base_url=central, headers=bearer(read_token(token_path(credentials_dir, ADMIN))),
-                          timeout=30.0) as admin:
-            cancel_stale_runs(admin, console)
-            response = admin.post("/v1/runs", json=request.model_dump(mode="json"))
-            if response.status_code != 201:
-                raise DemoError(f"the aggregator refused the run: {response.text}")
-            run_id = response.json()["id"]
-            with Live(console=console, refresh_per_second=8, transient=False) as live:
-                view = follow_run(admin, run_id, lambda v: live.update(live_view(v, metric)), aggregator)
-            if view.status != "completed":
-                raise DemoError(f"the run ended {view.status}: {view.reason}; logs in {home / 'logs'}")
-            with console.status("registering the model (ONNX export, MLflow registry, quality gate)"):
-                view = wait_for_registration(admin, view, aggregator)
-            weights = admin.get(f"/v1/runs/{run_id}/rounds/{view.final_round}/weights").raise_for_status().content
+    aggregator = processes.start("aggregator", ["aggregator", "--port", str(ports.aggregator)])
+    nodes = [processes.start(p.node_id, ["node", "--hospital-id", p.hospital_id, "--node-id", p.node_id,
+                                         "--city", p.city, "--data-dir", str(p.data_dir), "--central-url",
+                                         central, "--api-port", str(ports.node_api + i),
+                                         "--metrics-port", str(ports.node_metrics + i)])
+             for i, p in enumerate(plan)]
+    with console.status(f"starting the aggregator and {len(nodes)} nodes (logs in {home / 'logs'})"):
+        wait_ready(f"{central}/readyz", aggregator)
+        for i, child in enumerate(nodes):
+            wait_ready(f"http://127.0.0.1:{ports.node_api + i}/readyz", child)
+    with httpx.Client(base_url=central, headers=bearer(read_token(token_path(credentials_dir, ADMIN))),
+                      timeout=30.0) as admin:
+        cancel_stale_runs(admin, console)
+        response = admin.post("/v1/runs", json=request.model_dump(mode="json"))
+        if response.status_code != 201:
+            raise DemoError(f"the aggregator refused the run: {response.text}")
+        run_id = response.json()["id"]
+        with Live(console=console, refresh_per_second=8, transient=False) as live:
+            view = follow_run(admin, run_id, lambda v: live.update(live_view(v, metric)), aggregator)
+        if view.status != "completed":
+            raise DemoError(f"the run ended {view.status}: {view.reason}; logs in {home / 'logs'}")
+        with console.status("registering the model (ONNX export, MLflow registry, quality gate)"):
+            view = wait_for_registration(admin, view, aggregator)
+        weights = admin.get(f"/v1/runs/{run_id}/rounds/{view.final_round}/weights").raise_for_status().content
     return view, weights

@@ -81,3 +81,19 @@ class ServingMetrics:
                                  ["endpoint"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                                         0.5, 1, 2.5, 5), registry=r)
         self.model_version = Gauge("health_mlops_model_version", "Version of the model being served", registry=r)
+        self.drift = Gauge("health_mlops_feature_drift_score", "Drift of a feature in recently scored rows from "
+                           "the training population (numeric: mean shift in training SDs; categorical: total "
+                           "variation distance)", ["feature"], registry=r)
+        self.drift_rows = Gauge("health_mlops_drift_window_rows", "Rows the drift scores are computed over",
+                                registry=r)
+
+
+def histogram_quantile(histogram: Histogram, quantile: float, **labels: str) -> float | None:
+    """The upper bound of the bucket holding the `quantile` of a histogram's observations (as Prometheus'
+    histogram_quantile would bound it); None before any observation."""
+    buckets = sorted(((float(s.labels["le"]), s.value) for metric in histogram.collect() for s in metric.samples
+                      if s.name.endswith("_bucket") and all(s.labels.get(k) == v for k, v in labels.items())))
+    total = buckets[-1][1] if buckets else 0.0
+    if total == 0:
+        return None
+    return next(bound for bound, count in buckets if count >= quantile * total)

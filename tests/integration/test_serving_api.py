@@ -101,6 +101,24 @@ def wait_for_version(url: str, version: int, timeout_s: float = 30) -> None:
         time.sleep(0.05)
 
 
+def test_an_explained_prediction_names_its_main_features_and_drift_is_exported(serving: tuple[str, Registry],
+                                                                             patients: list[dict]) -> None:
+    url, registry = serving
+    onnx_model, _ = trained(patients, seed=0)
+    wait_for_version(url, register(registry, onnx_model, "run-a", 0.8))
+    answer = httpx.post(f"{url}/api/v1/predict?explain=true", json=patients[0]).json()
+    contributions = answer["contributions"]
+    assert len(contributions) == 5 and {c["feature"] for c in contributions} <= {f.name for f in SPEC.features}
+    sizes = [abs(c["contribution"]) for c in contributions]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 0
+    assert "contributions" not in httpx.post(f"{url}/api/v1/predict", json=patients[0]).json()
+    assert "health_mlops_feature_drift_score{" not in httpx.get(f"{url}/metrics").text  # too few rows yet
+    httpx.post(f"{url}/api/v1/predict/batch", json={"rows": patients}, timeout=30).raise_for_status()
+    exported = httpx.get(f"{url}/metrics").text
+    assert 'health_mlops_feature_drift_score{feature="age"}' in exported
+    assert "health_mlops_drift_window_rows 402.0" in exported
+
+
 def test_invalid_fields_are_named_with_their_allowed_values(serving: tuple[str, Registry],
                                                            patients: list[dict]) -> None:
     url, _ = serving
@@ -168,7 +186,7 @@ def test_the_serving_app_imports_no_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, health_mlops.serving.api, health_mlops.serving.model; print('torch' in sys.modules)"
+    code = "import sys, health_mlops.serving.app; print('torch' in sys.modules)"  # the API and the dashboard
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
@@ -187,6 +205,8 @@ def test_dashboard_command_serves_the_api(tmp_path: Path) -> None:
     try:
         wait_until_ready(f"http://127.0.0.1:{port}/readyz", process, timeout_s=60)
         assert httpx.get(f"http://127.0.0.1:{port}/api/v1/model").json()["spec"]["name"] == "health-risk"
+        page = httpx.get(f"http://127.0.0.1:{port}/")
+        assert page.status_code == 200 and "gradio" in page.text.lower()  # the dashboard, mounted at /
     finally:
         process.terminate()
         process.wait(timeout=10)

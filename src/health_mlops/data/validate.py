@@ -66,6 +66,7 @@ class ValidatedTable:
     frame: pd.DataFrame
     report: FileReport
     quarantined_rows: pd.DataFrame
+    lines: np.ndarray  # each valid row's line in the file
 
 
 def _is_missing(values: pd.Series) -> np.ndarray:
@@ -111,9 +112,12 @@ def _message(feature: Feature, reason: Reason, shown: str) -> str:
     return f"{name}: unknown category {shown!r} (allowed {feature.allowed()})"
 
 
-def validate_table(table: RawTable, spec: DatasetSpec, *, require_site: bool = False) -> ValidatedTable:
-    """Check every row of `table` against `spec`; raise `DataError` only if the file cannot be used at all."""
-    columns: list[Feature] = [*spec.features, spec.target_feature]
+def validate_table(table: RawTable, spec: DatasetSpec, *, require_site: bool = False,
+                   require_target: bool = True) -> ValidatedTable:
+    """Check every row of `table` against `spec`; raise `DataError` only if the file cannot be used at all.
+
+    `require_target=False` checks the features alone (rows to predict for)."""
+    columns: list[Feature] = [*spec.features, *([spec.target_feature] if require_target else [])]
     missing_columns = [f.name for f in columns if f.name not in table.header]
     site = spec.site_column if require_site else None
     if site is not None and site not in table.header:
@@ -182,7 +186,8 @@ def validate_table(table: RawTable, spec: DatasetSpec, *, require_site: bool = F
     report = FileReport(
         file=str(table.path), rows_read=table.rows_read, rows_valid=int((~bad).sum()),
         rows_quarantined=len(quarantined), reasons=reasons, ignored_columns=ignored, quarantined=quarantined)
-    return ValidatedTable(frame=frame, report=report, quarantined_rows=_quarantined_rows(table, bad, quarantined))
+    return ValidatedTable(frame=frame, report=report, quarantined_rows=_quarantined_rows(table, bad, quarantined),
+                          lines=table.lines[~bad])
 
 
 def _quarantined_rows(table: RawTable, bad: np.ndarray, quarantined: list[QuarantinedRow]) -> pd.DataFrame:

@@ -67,6 +67,7 @@ class HospitalWorker:
     train: pd.DataFrame
     test: pd.DataFrame
     small_cell_threshold: int = 5
+    rows_quarantined: int = 0  # rows validation set aside: reported with the stats, a count only
 
     def handle(self, kind: TaskKind, config: RunConfig, weights: Weights, preprocessing: dict[str, Any],
                round_number: int) -> TaskResult:
@@ -79,7 +80,8 @@ class HospitalWorker:
     def _compute(self, kind: TaskKind, config: RunConfig, weights: Weights, preprocessing: dict[str, Any],
                  round_number: int) -> TaskResult:
         if kind is TaskKind.stats:
-            return TaskResult(hospital_stats(self.train, self.spec, self.small_cell_threshold))
+            return TaskResult({**hospital_stats(self.train, self.spec, self.small_cell_threshold),
+                               "rows_quarantined": self.rows_quarantined})
         preprocessor = preprocessor_from(self.spec, preprocessing)
         model = model_with_weights(self.spec.model, len(preprocessor.mean), weights)
         # The incoming global model, before training; an undefined metric (e.g. AUC on one class) is None.

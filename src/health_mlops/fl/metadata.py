@@ -31,6 +31,7 @@ class StatsMetadata(_Strict):
     sums_of_squares: list[FiniteFloat | None]
     target_sum: FiniteFloat
     target_sum_of_squares: FiniteFloat
+    rows_quarantined: Count = 0  # data quality: rows the hospital's validation set aside
     compute_seconds: FiniteFloat = 0.0
 
 

@@ -68,7 +68,8 @@ class HospitalNode:
         self.poll_wait_s = poll_wait_s
         train, test = split_indices(len(data.frame), data.hospital_id, seed=split_seed, test_fraction=test_fraction)
         self.worker = HospitalWorker(data.hospital_id, spec, data.frame.iloc[train].reset_index(drop=True),
-                                     data.frame.iloc[test].reset_index(drop=True))
+                                     data.frame.iloc[test].reset_index(drop=True),
+                                     rows_quarantined=data.rows_quarantined)
         self.metrics = metrics or NodeMetrics(data.hospital_id, node_id, city)
         self.metrics.data_rows.labels(self.hospital_id, "valid").set(data.rows_valid)
         self.metrics.data_rows.labels(self.hospital_id, "quarantined").set(data.rows_quarantined)

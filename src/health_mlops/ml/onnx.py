@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,20 +53,26 @@ def export_onnx(spec: DatasetSpec, preprocessing: Mapping[str, Any], weights: Ma
         initializers.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    encoded: list[str] = []
+    # One Gather spreads the input over the encoded columns (a categorical feature's index repeated once per
+    # category); Equal against each column's category code makes the one-hot columns, and Where keeps numeric
+    # columns as they are. Six nodes whatever the number of features: a single prediction's cost is mostly
+    # per node, so this beats a Slice and Concat per feature several times over.
+    sources: list[int] = []
+    codes: list[float] = []
+    is_numeric: list[bool] = []
     for j, feature in enumerate(spec.features):
-        column = f"column_{j}"
-        nodes.append(helper.make_node("Slice", [INPUT_NAME, constant(f"start_{j}", np.array([j])),
-                                                constant(f"end_{j}", np.array([j + 1])),
-                                                constant(f"axis_{j}", np.array([1]))], [column]))
-        if feature.type == "numeric":
-            encoded.append(column)
-            continue
-        codes = constant(f"codes_{j}", np.arange(len(feature.categories or ()), dtype=np.float32))
-        nodes.append(helper.make_node("Equal", [column, codes], [f"is_{j}"]))
-        nodes.append(helper.make_node("Cast", [f"is_{j}"], [f"onehot_{j}"], to=TensorProto.FLOAT))
-        encoded.append(f"onehot_{j}")
-    nodes.append(helper.make_node("Concat", encoded, ["encoded"], axis=1))
+        categories = [None] if feature.type == "numeric" else list(feature.categories or ())
+        for code in range(len(categories)):
+            sources.append(j)
+            codes.append(float(code))
+            is_numeric.append(feature.type == "numeric")
+    nodes += [
+        helper.make_node("Gather", [INPUT_NAME, constant("sources", np.array(sources, dtype=np.int64))],
+                         ["spread"], axis=1),
+        helper.make_node("Equal", ["spread", constant("codes", np.array(codes, dtype=np.float32))], ["is_code"]),
+        helper.make_node("Cast", ["is_code"], ["one_hot"], to=TensorProto.FLOAT),
+        helper.make_node("Where", [constant("is_numeric", np.array(is_numeric)), "spread", "one_hot"], ["encoded"]),
+    ]
     nodes.append(helper.make_node("Sub", ["encoded", constant("mean", np.asarray(preprocessing["mean"],
                                                                                dtype=np.float32))], ["centred"]))
     nodes.append(helper.make_node("Div", ["centred", constant("scale", np.asarray(preprocessing["scale"],
@@ -97,3 +104,42 @@ def export_onnx(spec: DatasetSpec, preprocessing: Mapping[str, Any], weights: Ma
     model.doc_string = f"{spec.name}: input columns {[f.name for f in spec.features]}"
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+@dataclass(frozen=True)
+class FeatureReference:
+    """What the training data looked like, per spec feature, read back from an exported model's constants.
+
+    `mean` and `scale` (numeric features) and `frequencies` (categorical: each category's share) are the
+    run's global preprocessing statistics, so serving can tell typical values and drift without the data.
+    """
+
+    mean: dict[str, float]
+    scale: dict[str, float]
+    frequencies: dict[str, list[float]]
+
+    def typical_row(self, spec: DatasetSpec) -> list[float]:
+        """The model input of a typical patient: numeric features at their mean, categories at their mode."""
+        return [self.mean[f.name] if f.type == "numeric" else float(np.argmax(self.frequencies[f.name]))
+                for f in spec.features]
+
+
+def feature_reference(spec: DatasetSpec, onnx_model: bytes) -> FeatureReference:
+    """The `FeatureReference` of a model exported by `export_onnx` for `spec` (the inverse of its layout)."""
+    constants = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(onnx_model).graph.initializer}
+    mean, scale = constants["mean"].astype(np.float64), constants["scale"].astype(np.float64)
+    means: dict[str, float] = {}
+    scales: dict[str, float] = {}
+    frequencies: dict[str, list[float]] = {}
+    column = 0
+    for feature in spec.features:
+        if feature.type == "numeric":
+            means[feature.name], scales[feature.name] = float(mean[column]), float(scale[column])
+            column += 1
+        else:
+            width = len(feature.categories or ())
+            frequencies[feature.name] = [float(v) for v in mean[column:column + width]]
+            column += width
+    if column != len(mean):
+        raise ValueError(f"the model has {len(mean)} encoded columns; spec {spec.name} describes {column}")
+    return FeatureReference(means, scales, frequencies)

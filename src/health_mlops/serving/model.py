@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import onnxruntime
 
-from health_mlops.ml.onnx import INPUT_NAME, OUTPUT_NAME
+from health_mlops.ml.onnx import INPUT_NAME, OUTPUT_NAME, FeatureReference, feature_reference
 from health_mlops.registry import Registry
+from health_mlops.serving.drift import InputDrift
 from health_mlops.spec import DatasetSpec, load_spec_text
 
 log = logging.getLogger("health_mlops.serving")
@@ -29,6 +30,9 @@ class ServedModel:
     federation_run: str
     spec: DatasetSpec
     session: onnxruntime.InferenceSession
+    reference: FeatureReference  # the training population, for explanations and drift
+    typical: list[float]  # the model input of a typical patient of that population
+    drift: InputDrift  # the rows this model has scored, against its own training population
 
     @classmethod
     def load(cls, onnx_model: bytes, spec_yaml: str, *, version: int, metric_name: str, metric: float,
@@ -36,7 +40,10 @@ class ServedModel:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = 1  # requests run in parallel; one thread each is fastest for small models
         session = onnxruntime.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
-        return cls(version, metric_name, metric, federation_run, load_spec_text(spec_yaml), session)
+        spec = load_spec_text(spec_yaml)
+        reference = feature_reference(spec, onnx_model)
+        return cls(version, metric_name, metric, federation_run, spec, session, reference,
+                   reference.typical_row(spec), InputDrift(spec, reference))
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         (prediction,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: features})

@@ -1,0 +1,75 @@
+"""Predictions by the current champion, with their metrics: shared by the REST API and the dashboard."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from health_mlops.monitoring import ServingMetrics
+from health_mlops.serving.explain import contributions
+from health_mlops.serving.model import ChampionWatcher, ServedModel
+from health_mlops.serving.requests import RowEncoder
+from health_mlops.spec import DatasetSpec
+
+EXPLAINED_FEATURES = 5
+ENDPOINTS = ("predict", "batch", "ui")
+OUTCOMES = ("ok", "invalid", "no_model")
+NO_CHAMPION = ("no champion model yet: train one (`health-mlops demo` or a federated run) and it is served as "
+               "soon as it is registered")
+
+
+class NoChampion(Exception):
+    """No model has passed the quality gate yet: predictions answer 503."""
+
+
+class Predictor:
+    """Predictions by the current champion, counted in the serving metrics: the API and the UI share it."""
+
+    def __init__(self, spec: DatasetSpec, watcher: ChampionWatcher, metrics: ServingMetrics) -> None:
+        self.spec = spec
+        self.watcher = watcher
+        self.metrics = metrics
+        self.encoder = RowEncoder(spec)
+        # Labelled children looked up once: the lookup would cost a single prediction a few percent.
+        self._counted = {(e, o): metrics.predictions.labels(e, o) for e in ENDPOINTS for o in OUTCOMES}
+        self._latency = {e: metrics.latency.labels(e) for e in ENDPOINTS}
+
+    def count(self, endpoint: str, outcome: str) -> None:
+        self._counted[endpoint, outcome].inc()
+
+    def champion(self, endpoint: str) -> ServedModel:
+        model = self.watcher.current  # taken once: a swap during this request does not affect it
+        if model is None:
+            self.count(endpoint, "no_model")
+            raise NoChampion(NO_CHAMPION)
+        return model
+
+    def predict(self, endpoint: str, matrix: np.ndarray, started: float) -> tuple[ServedModel, np.ndarray]:
+        """One request's rows scored by the champion."""
+        return self.predict_rows(endpoint, matrix, [started])
+
+    def predict_rows(self, endpoint: str, matrix: np.ndarray, started: list[float]) -> tuple[ServedModel, np.ndarray]:
+        """The rows of one or more requests (`started`: when each began) scored in one call."""
+        model = self.champion(endpoint)
+        predictions = model.predict(matrix)
+        model.drift.observe(matrix)
+        self._counted[endpoint, "ok"].inc(len(started))
+        now, latency = time.perf_counter(), self._latency[endpoint]
+        for begun in started:
+            latency.observe(now - begun)
+        return model, predictions
+
+    def explain(self, model: ServedModel, row: np.ndarray, top: int | None = EXPLAINED_FEATURES) -> list[dict]:
+        return [vars(c) for c in contributions(model, self.spec, row, model.typical, top)]
+
+    def refresh_metrics(self) -> None:
+        """Gauges that describe the current model: set when scraped, so they are always current."""
+        model = self.watcher.current
+        if model is not None:
+            self.metrics.model_version.set(model.version)
+            for feature, score in model.drift.scores().items():
+                self.metrics.drift.labels(feature).set(score)
+            self.metrics.drift_rows.set(model.drift.rows_seen)
+
+

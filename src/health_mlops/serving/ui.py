@@ -1,0 +1,304 @@
+"""The dashboard: Gradio tabs over the same predictor, registry and federation as the REST API.
+
+Predict and Batch score in-process with the champion (counted as endpoint "ui" in the serving metrics);
+Training and Hospitals follow the federation live; Models promotes and rolls back with the admin token;
+Monitoring reads the serving metrics and the champion's drift scores.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+from pydantic import ValidationError
+
+from health_mlops.data.io import DataError, read_table
+from health_mlops.data.preprocess import serving_matrix
+from health_mlops.data.validate import validate_table
+from health_mlops.monitoring import histogram_quantile
+from health_mlops.registry import Registry, RegistryError
+from health_mlops.security import ADMIN, CredentialError, TokenAuthority
+from health_mlops.serving.drift import MIN_ROWS
+from health_mlops.serving.predictor import NoChampion, Predictor
+from health_mlops.serving.sources import DashboardSources, FederationState
+from health_mlops.spec import DatasetSpec
+
+DRIFT_WORTH_A_LOOK = {"numeric": 0.5, "categorical": 0.2}  # the thresholds serving/drift.py explains
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f} %"
+
+
+def _field_errors(error: ValidationError) -> str:
+    return "\n".join(f"- **{'.'.join(str(p) for p in e['loc'])}**: {e['msg']}" for e in error.errors())
+
+
+class Dashboard:
+    """The callbacks behind the tabs; each returns what its outputs show and never raises at the user."""
+
+    def __init__(self, spec: DatasetSpec, predictor: Predictor, registry: Registry, sources: DashboardSources,
+                 credentials_dir: Path) -> None:
+        self.spec = spec
+        self.predictor = predictor
+        self.registry = registry
+        self.sources = sources
+        self.credentials_dir = credentials_dir
+        self.metric = spec.primary_metric
+        self._last_count: tuple[float, float] | None = None  # (time, predictions) at the last monitoring view
+        self._scratch = Path(tempfile.mkdtemp(prefix="health-mlops-batch-"))
+
+    # --- Predict ----------------------------------------------------------------------------------------
+
+    def predict(self, *values: Any) -> tuple[str, go.Figure | None]:
+        row = dict(zip((f.name for f in self.spec.features), values, strict=True))
+        try:
+            validated = self.predictor.encoder.row_model.model_validate(row)
+        except ValidationError as error:
+            return "### Not scored: fix these fields\n" + _field_errors(error), None
+        matrix = self.predictor.encoder.matrix_of([validated])
+        try:
+            model, prediction = self.predictor.predict("ui", matrix, time.perf_counter())
+        except NoChampion as error:
+            return f"### No model yet\n{error}", None
+        found = self.predictor.explain(model, matrix)
+        target = self.spec.target.name
+        if self.spec.task == "binary":
+            headline = f"### Risk of {target}: **{_percent(float(prediction[0]))}**"
+            unit, scale = "percentage points", 100.0
+        else:
+            headline = f"### Predicted {target}: **{float(prediction[0]):.2f}**"
+            unit, scale = target, 1.0
+        lines = [headline, f"model v{model.version}. Main contributing features (change in the prediction if "
+                 "the feature were at the training population's typical value instead):"]
+        for c in found:
+            lines.append(f"- **{c['feature']}** = {_shown(c['value'])} (typical {_shown(c['typical'])}): "
+                         f"{scale * c['contribution']:+.2f} {unit}")
+        figure = go.Figure(go.Bar(x=[scale * c["contribution"] for c in reversed(found)],
+                                  y=[c["feature"] for c in reversed(found)], orientation="h",
+                                  marker_color=["#c0392b" if c["contribution"] > 0 else "#2e86c1"
+                                                for c in reversed(found)]))
+        figure.update_layout(title=f"contribution ({unit})", height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+        return "\n".join(lines), figure
+
+    # --- Batch --------------------------------------------------------------------------------------------
+
+    def batch(self, path: str | None) -> tuple[str, str | None, pd.DataFrame]:
+        empty = pd.DataFrame(columns=["line", "reason"])
+        if not path:
+            return "Upload a CSV file with one column per feature (the Predict tab lists them).", None, empty
+        try:
+            validated = validate_table(read_table(Path(path)), self.spec, require_target=False)
+        except DataError as error:
+            return f"### The file cannot be used\n{error}", None, empty
+        invalid = validated.quarantined_rows[["line", "reason"]]
+        report = validated.report
+        summary = f"{report.rows_read} rows read: **{report.rows_valid} scored**, **{report.rows_quarantined} invalid**"
+        if report.rows_quarantined:
+            summary += " (listed below with their line in the file and the reason; they are not in the output)"
+        if validated.frame.empty:
+            return f"### Nothing to score\n{summary}", None, invalid
+        try:
+            model, predictions = self.predictor.predict("ui", serving_matrix(validated.frame, self.spec),
+                                                        time.perf_counter())
+        except NoChampion as error:
+            return f"### No model yet\n{error}", None, invalid
+        scored = validated.frame.copy()
+        scored.insert(0, "line", validated.lines)
+        scored["prediction"] = predictions
+        scored["model_version"] = model.version
+        out = self._scratch / f"{Path(path).stem}-predictions.csv"
+        scored.to_csv(out, index=False)
+        return f"### Scored with model v{model.version}\n{summary}", str(out), invalid
+
+    # --- Training and hospitals ------------------------------------------------------------------------
+
+    def federation(self) -> tuple[str, go.Figure, go.Figure, str, pd.DataFrame]:
+        """The Training and Hospitals tabs, from one look at the federation."""
+        state = self.sources.federation()
+        return (*self.training(state), *self.hospitals(state))
+
+    def training(self, state: FederationState) -> tuple[str, go.Figure, go.Figure]:
+        overall = go.Figure()
+        for run in state.runs:
+            if run.global_metric:
+                rounds, values = zip(*run.global_metric, strict=True)
+                overall.add_trace(go.Scatter(x=rounds, y=values, mode="lines+markers", name=f"{run.id} ({run.status})"))
+        overall.update_layout(title=f"global model {self.metric} by round (federated evaluation)", height=360,
+                              xaxis={"title": "round", "dtick": 1}, yaxis_title=self.metric)
+        per_hospital = go.Figure()
+        latest = state.runs[-1] if state.runs else None
+        for hospital, curve in (latest.hospital_metric.items() if latest else []):
+            if curve:
+                rounds, values = zip(*curve, strict=True)
+                per_hospital.add_trace(go.Scatter(x=rounds, y=values, mode="lines+markers", name=hospital))
+        per_hospital.update_layout(title=f"{latest.id if latest else 'no run yet'}: {self.metric} at each hospital",
+                                   height=360, xaxis={"title": "round", "dtick": 1}, yaxis_title=self.metric)
+        note = _source_note(state) + ("" if state.runs else "\n\nNo training run yet: `health-mlops demo` starts one.")
+        return note, overall, per_hospital
+
+    def hospitals(self, state: FederationState) -> tuple[str, pd.DataFrame]:
+        table = pd.DataFrame([{"hospital": h.hospital, "status": h.status, "rows trained on": h.rows,
+                               "rows quarantined": h.rows_quarantined, "last round": h.last_round,
+                               self.metric: None if h.metric is None else round(h.metric, 4)}
+                              for h in state.hospitals],
+                             columns=["hospital", "status", "rows trained on", "rows quarantined", "last round",
+                                      self.metric])
+        return _source_note(state), table
+
+    # --- Models ------------------------------------------------------------------------------------------
+
+    def models(self) -> pd.DataFrame:
+        try:
+            versions = self.registry.versions()
+        except Exception:  # noqa: BLE001 - the registry may be away; show nothing rather than fail the page
+            versions = []
+        return pd.DataFrame([{"version": v.version, "aliases": ", ".join(v.aliases), "metric": v.metric_name,
+                              "value": round(v.metric, 4), "federation run": v.federation_run,
+                              "registered": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at))}
+                             for v in reversed(versions)],
+                            columns=["version", "aliases", "metric", "value", "federation run", "registered"])
+
+    def _admin_refusal(self, token: str) -> str | None:
+        try:
+            authority = TokenAuthority.from_directory(self.credentials_dir)
+        except CredentialError as error:
+            return f"admin actions are unavailable: {error}"
+        identity = authority.identify(f"Bearer {token.strip()}") if token and token.strip() else None
+        return None if identity is not None and identity.role == ADMIN else "that is not the admin token"
+
+    def promote(self, token: str, version: float | None) -> tuple[str, pd.DataFrame]:
+        return self._admin_action(token, lambda: self.registry.promote(int(version or 0), actor="admin (dashboard)"),
+                                  "promoted")
+
+    def rollback(self, token: str) -> tuple[str, pd.DataFrame]:
+        return self._admin_action(token, lambda: self.registry.rollback(actor="admin (dashboard)"), "rolled back to")
+
+    def _admin_action(self, token: str, action: Callable[[], Any], verb: str) -> tuple[str, pd.DataFrame]:
+        refusal = self._admin_refusal(token)
+        if refusal:
+            return f"**Refused:** {refusal}", self.models()
+        try:
+            version = action()
+        except RegistryError as error:
+            return f"**Refused:** {error}", self.models()
+        return (f"**Done:** {verb} v{version.version}; it is served within seconds. The audit log has the entry.",
+                self.models())
+
+    # --- Monitoring --------------------------------------------------------------------------------------
+
+    def monitoring(self) -> tuple[str, pd.DataFrame]:
+        metrics = self.predictor.metrics
+        counts = {(s.labels["endpoint"], s.labels["outcome"]): s.value
+                  for s in next(iter(metrics.predictions.collect())).samples if s.name.endswith("_total")}
+        served = sum(v for (_, outcome), v in counts.items() if outcome == "ok")
+        now = time.monotonic()
+        rate = None
+        if self._last_count is not None and now > self._last_count[0]:
+            rate = (served - self._last_count[1]) / (now - self._last_count[0])
+        self._last_count = (now, served)
+        lines = ["| endpoint | ok | invalid | no model | p50 latency | p99 latency |", "|---|---:|---:|---:|---:|---:|"]
+        for endpoint in ("predict", "batch", "ui"):
+            p50, p99 = (histogram_quantile(metrics.latency, q, endpoint=endpoint) for q in (0.5, 0.99))
+            lines.append(f"| {endpoint} | {counts.get((endpoint, 'ok'), 0):.0f} | {counts.get((endpoint, 'invalid'), 0):.0f}"
+                         f" | {counts.get((endpoint, 'no_model'), 0):.0f} | {_ms(p50)} | {_ms(p99)} |")
+        model = self.predictor.watcher.current
+        header = (f"Serving **model v{model.version}**." if model else "No champion served yet.") + (
+            f" Throughput since the last refresh: **{rate:.1f} requests/s**." if rate is not None else "")
+        drift = pd.DataFrame(columns=["feature", "drift score", "worth a look"])
+        if model is not None:
+            scores = model.drift.scores()
+            kinds = {f.name: f.type for f in self.spec.features}
+            drift = pd.DataFrame([{"feature": name, "drift score": round(score, 3),
+                                   "worth a look": "yes" if score > DRIFT_WORTH_A_LOOK[kinds[name]] else ""}
+                                  for name, score in sorted(scores.items(), key=lambda kv: -kv[1])],
+                                 columns=drift.columns)
+            header += (f" Drift over the last {model.drift.rows_seen} rows scored (0 = like the training population)."
+                       if scores else f" Drift is shown from {MIN_ROWS} scored rows on ({model.drift.rows_seen} so far).")
+        return header + "\n\n" + "\n".join(lines), drift
+
+
+def _shown(value: float | str) -> str:
+    return value if isinstance(value, str) else f"{value:.4g}"
+
+
+def _ms(seconds: float | None) -> str:
+    return "–" if seconds is None else f"≤ {1000 * seconds:g} ms"
+
+
+def _source_note(state: FederationState) -> str:
+    return f"Source: {state.source}."
+
+
+def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Blocks:
+    spec = dashboard.spec
+    model = dashboard.predictor.watcher.current
+    typical = model.typical if model else None
+    with gr.Blocks(title="Health MLOps") as blocks:
+        gr.Markdown(f"# Health MLOps: {spec.name}\n{spec.description}")
+        with gr.Tab("Predict"):
+            inputs: list[gr.components.Component] = []
+            sources = list(dict.fromkeys(f.source.value for f in spec.features))
+            for source in sources:
+                gr.Markdown(f"**{source.replace('_', ' ')}**")
+                with gr.Row():
+                    for j, feature in enumerate(spec.features):
+                        if feature.source.value != source:
+                            continue
+                        label = f"{feature.name} ({feature.unit})" if feature.unit else feature.name
+                        if feature.type == "numeric":
+                            value = round(typical[j], 1) if typical else (feature.min or 0.0)
+                            inputs.append(gr.Number(label=label, value=value, elem_id=f"input-{feature.name}",
+                                                    info=f"{feature.min} to {feature.max}", min_width=140))
+                        else:
+                            choices = list(feature.categories or ())
+                            value = choices[int(typical[j])] if typical else choices[0]
+                            inputs.append(gr.Radio(choices, value=value, label=label, elem_id=f"input-{feature.name}",
+                                                   min_width=140))
+            predict_button = gr.Button("Predict", variant="primary", elem_id="predict-button")
+            with gr.Row():
+                risk = gr.Markdown(elem_id="prediction")
+                contributions = gr.Plot(label="main contributing features")
+            predict_button.click(dashboard.predict, inputs, [risk, contributions])
+        with gr.Tab("Batch"):
+            gr.Markdown("Upload a CSV with one column per feature; download it back with a `prediction` column. "
+                        "Invalid rows are listed with their line and reason, never dropped silently.")
+            upload = gr.File(label="patients CSV", file_types=[".csv"], type="filepath", elem_id="batch-upload")
+            batch_summary = gr.Markdown(elem_id="batch-summary")
+            scored_file = gr.File(label="predictions CSV", elem_id="batch-result")
+            invalid_rows = gr.Dataframe(label="invalid rows", elem_id="batch-invalid")
+            upload.upload(dashboard.batch, upload, [batch_summary, scored_file, invalid_rows])
+        with gr.Tab("Training"):
+            training_note = gr.Markdown(elem_id="training-source")
+            overall_plot = gr.Plot(elem_id="training-global")
+            hospital_plot = gr.Plot(elem_id="training-hospitals")
+        with gr.Tab("Models"):
+            versions = gr.Dataframe(label="registered versions (newest first)", elem_id="model-versions")
+            with gr.Row():
+                admin_token = gr.Textbox(label="admin token", type="password")
+                version = gr.Number(label="version to promote", precision=0)
+            with gr.Row():
+                promote_button = gr.Button("Promote to champion")
+                rollback_button = gr.Button("Roll back to the previous champion")
+            admin_result = gr.Markdown(elem_id="admin-result")
+            promote_button.click(dashboard.promote, [admin_token, version], [admin_result, versions])
+            rollback_button.click(dashboard.rollback, admin_token, [admin_result, versions])
+        with gr.Tab("Hospitals"):
+            hospitals_note = gr.Markdown()
+            hospitals_table = gr.Dataframe(elem_id="hospitals")
+        with gr.Tab("Monitoring"):
+            monitoring_summary = gr.Markdown(elem_id="monitoring")
+            drift_table = gr.Dataframe(label="input drift by feature", elem_id="drift")
+        timer = gr.Timer(refresh_s)
+        for event in (blocks.load, timer.tick):
+            event(dashboard.federation, None, [training_note, overall_plot, hospital_plot, hospitals_note,
+                                               hospitals_table])
+            event(dashboard.monitoring, None, [monitoring_summary, drift_table])
+        blocks.load(dashboard.models, None, versions)
+    return blocks

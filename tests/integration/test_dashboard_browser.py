@@ -1,0 +1,125 @@
+"""The dashboard in a real browser (Debian's chromium driven by Playwright) against a real `health-mlops demo`:
+the federation's processes, the registry and the dashboard process, all on loopback."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from tests.conftest import free_port_range, wait_until_ready
+
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "screenshots"  # git-ignored
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    home = tmp_path_factory.mktemp("browser") / "home"
+    base = free_port_range(12)
+    command = [sys.executable, "-m", "health_mlops.cli", "demo", "--hospitals", "3", "--rows-per-hospital", "600",
+               "--rounds", "3", "--port", str(base), "--node-api-port", str(base + 1), "--node-metrics-port",
+               str(base + 6), "--dashboard-port", str(base + 11)]
+    process = subprocess.Popen(command, env={**os.environ, "HEALTH_MLOPS_HOME": str(home)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{base + 11}"
+    try:
+        wait_until_ready(f"{url}/readyz", process, timeout_s=240)
+        yield url, home
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def browser_page(demo: tuple[str, Path]) -> Iterator[Page]:
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
+    SCREENSHOTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(demo[0])
+        yield page
+        browser.close()
+
+
+def test_a_prediction_shows_the_risk_and_its_main_features(browser_page: Page) -> None:
+    page = browser_page
+    page.click("#predict-button")
+    result = page.locator("#prediction")
+    expect(result).to_contain_text("Risk of adverse_event_7d", timeout=TIMEOUT_MS)
+    expect(result).to_contain_text("%")
+    expect(result).to_contain_text("percentage points")
+    page.screenshot(path=SCREENSHOTS / "predict.png", full_page=True)
+    page.locator("#input-spo2 input").fill("150")
+    page.click("#predict-button")
+    expect(result).to_contain_text("Not scored")
+    expect(result).to_contain_text("spo2")
+    expect(result).to_contain_text("100")
+
+
+def test_a_batch_csv_is_scored_and_its_invalid_rows_are_listed(browser_page: Page, demo: tuple[str, Path],
+                                                                tmp_path: Path) -> None:
+    page = browser_page
+    source = next((demo[1] / "data").glob("*/hospital-1/*.csv"))
+    with source.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))[:20]
+    rows[3]["age"] = "forty"
+    rows[7]["smoker"] = "sometimes"
+    upload = tmp_path / "patients.csv"
+    with upload.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    page.get_by_role("tab", name="Batch").click()
+    page.locator("#batch-upload input[type=file]").set_input_files(upload)
+    summary = page.locator("#batch-summary")
+    expect(summary).to_contain_text("18 scored", timeout=TIMEOUT_MS)
+    expect(summary).to_contain_text("2 invalid")
+    invalid = page.locator("#batch-invalid")
+    expect(invalid).to_contain_text("age")  # line 5 (the header is line 1): "forty" is not a number
+    expect(invalid).to_contain_text("sometimes")
+    link = page.locator("#batch-result a").first
+    expect(link).to_be_visible()
+    scored = list(csv.DictReader(io.StringIO(httpx.get(link.get_attribute("href") or "").text)))
+    assert [int(row["line"]) for row in scored] == [n for n in range(2, 22) if n not in (5, 9)]
+    assert all(0 < float(row["prediction"]) < 1 for row in scored)
+    page.screenshot(path=SCREENSHOTS / "batch.png", full_page=True)
+
+
+def test_training_is_plotted_live_from_the_aggregator(browser_page: Page) -> None:
+    page = browser_page
+    page.get_by_role("tab", name="Training").click()
+    expect(page.locator("#training-source")).to_contain_text("Source: aggregator", timeout=TIMEOUT_MS)
+    curve = page.locator("#training-global .js-plotly-plot .scatterlayer .trace")
+    expect(curve.first).to_be_visible(timeout=TIMEOUT_MS)
+    expect(page.locator("#training-hospitals .js-plotly-plot .scatterlayer .trace")).to_have_count(3)
+    page.screenshot(path=SCREENSHOTS / "training.png", full_page=True)
+
+
+def test_hospitals_and_models_are_listed_and_a_wrong_token_is_refused(browser_page: Page) -> None:
+    page = browser_page
+    page.get_by_role("tab", name="Hospitals").click()
+    hospitals = page.locator("#hospitals")
+    expect(hospitals).to_contain_text("hospital-3", timeout=TIMEOUT_MS)
+    expect(hospitals).to_contain_text("idle (run completed)")
+    page.get_by_role("tab", name="Models").click()
+    expect(page.locator("#model-versions")).to_contain_text("champion", timeout=TIMEOUT_MS)
+    page.get_by_label("admin token").fill("not-the-token")
+    page.get_by_role("button", name="Roll back to the previous champion").click()
+    expect(page.locator("#admin-result")).to_contain_text("Refused: that is not the admin token")
+    page.get_by_role("tab", name="Monitoring").click()
+    expect(page.locator("#monitoring")).to_contain_text("Serving model v1", timeout=TIMEOUT_MS)
+    page.screenshot(path=SCREENSHOTS / "monitoring.png", full_page=True)

@@ -1,0 +1,53 @@
+"""What the dashboard makes of the aggregator's run views: curves per round and hospital, hospital status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from health_mlops.data.hospital import load_hospitals
+from health_mlops.data.synthetic import generate_dataset
+from health_mlops.fl.aggregator import AggregatorService
+from health_mlops.fl.coordinator import RunConfig
+from health_mlops.fl.simulation import run_federated_in_memory
+from health_mlops.fl.store import CheckpointStore
+from health_mlops.ml.baselines import split_hospitals
+from health_mlops.security import TokenAuthority
+from health_mlops.serving.sources import hospitals_from_view, runs_from_views
+from health_mlops.spec import load_spec
+
+SPEC = load_spec("health-risk")
+
+
+@pytest.fixture(scope="module")
+def view(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A completed three-hospital run as `GET /v1/runs` shows it."""
+    root = tmp_path_factory.mktemp("sources")
+    generate_dataset(root / "data", n_hospitals=3, rows_per_hospital=1000, seed=5, split_seed=42, test_fraction=0.2)
+    splits = split_hospitals(load_hospitals(root / "data", SPEC), seed=42, test_fraction=0.2)
+    _, run = run_federated_in_memory(SPEC, splits, RunConfig(rounds=2, local_epochs=1))
+    service = AggregatorService(SPEC, CheckpointStore(root / "models"), TokenAuthority({}))
+    return service.view(run).model_dump(mode="json")
+
+
+def test_curves_skip_round_zero_and_follow_each_hospital(view: dict) -> None:
+    (run,) = runs_from_views([view], "auc")
+    assert run.id == view["id"] and run.status == "completed"
+    assert [r for r, _ in run.global_metric] == [1, 2, 3]  # two fit rounds, then the final evaluation
+    assert sorted(run.hospital_metric) == ["hospital-1", "hospital-2", "hospital-3"]
+    assert all(len(curve) == 3 and all(0 <= v <= 1 for _, v in curve) for curve in run.hospital_metric.values())
+
+
+def test_hospitals_show_their_rows_and_last_round(view: dict) -> None:
+    hospitals = hospitals_from_view(view, "auc")
+    assert [h.hospital for h in hospitals] == ["hospital-1", "hospital-2", "hospital-3"]
+    for hospital in hospitals:
+        assert hospital.status == "idle (run completed)"
+        assert 700 < hospital.rows < 900 and hospital.rows_quarantined == 0  # its training rows, counted in round 0
+        assert hospital.last_round == 3 and 0 <= hospital.metric <= 1
+    running = {**view, "status": "running", "open_tasks": [{"hospital": "hospital-2", "status": "leased",
+                                                             "holder": "hospital-2-a", "lease_expires": 0.0}]}
+    statuses = {h.hospital: h.status for h in hospitals_from_view(running, "auc")}
+    assert statuses == {"hospital-1": "done for this round", "hospital-2": "working (hospital-2-a)",
+                        "hospital-3": "done for this round"}
