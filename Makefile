@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Debian packages: chromium for the browser tests (Playwright drives it; no browser is downloaded), wrk for
-# the serving benchmark.
-TEST_DEBS := chromium
+# Debian packages: chromium for the browser tests (Playwright drives it; no browser is downloaded), prometheus
+# (with promtool) for the monitoring tests and the demo, wrk for the serving benchmark.
+TEST_DEBS := chromium prometheus
 BENCH_DEBS := wrk
 
 .PHONY: setup test demo bench clean debs-test debs-bench

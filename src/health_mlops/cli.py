@@ -32,7 +32,7 @@ from health_mlops.fl.strategies import STRATEGY_NAMES
 from health_mlops.spec import DatasetSpec, SpecError, load_spec
 
 if TYPE_CHECKING:  # training modules import torch and the registry MLflow; `data` commands should not pay for it
-    from health_mlops.demo import Processes
+    from health_mlops.demo import Ports, Processes
     from health_mlops.fl.coordinator import RunConfig
     from health_mlops.fl.messages import RunView
     from health_mlops.ml.baselines import ExperimentResult, HospitalSplit
@@ -246,7 +246,7 @@ def train(
 
 def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: object) -> RunConfig:
     """A run over every hospital with the task's training settings; `overrides` that are None are not given."""
-    from health_mlops.demo import Processes
+    from health_mlops.demo import Ports, Processes
     from health_mlops.fl.coordinator import RunConfig
     from health_mlops.fl.messages import RunView
     from health_mlops.fl.strategies import StrategyConfig
@@ -505,6 +505,7 @@ def demo(
     no_serve: Annotated[bool, typer.Option("--no-serve", help="stop after training instead of serving the "
                                                                "dashboard")] = False,
     dashboard_port: Annotated[int, typer.Option(help="where the dashboard serves the champion")] = 7860,
+    prometheus_port: Annotated[int, typer.Option(help="where Debian's prometheus serves, if installed")] = 9090,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The whole federation on loopback: aggregator and nodes as processes, trained live, compared with pooled
@@ -512,7 +513,7 @@ def demo(
     import torch
 
     from health_mlops.data.synthetic import hospital_ids
-    from health_mlops.demo import DemoError, Ports, Processes, check_ports_free, run_federation
+    from health_mlops.demo import DemoError, Ports, Processes, check_ports_free, node_plan, run_federation
     from health_mlops.fl.loopback import round_overheads_ms
     from health_mlops.fl.messages import RunRequest
     from health_mlops.security import provision as issue
@@ -537,10 +538,13 @@ def demo(
     serve = not (no_serve or json_output)
     try:
         if serve:
-            check_ports_free([dashboard_port])  # fail now, not after training
+            check_ports_free([dashboard_port, prometheus_port])  # fail now, not after training
         # Every process lives until the demo ends: after training, the dashboard shows the federation live.
         with Processes(settings.home / "logs", {**os.environ, "HEALTH_MLOPS_HOME": str(settings.home),
                                                 "HEALTH_MLOPS_AGGREGATOR_URL": f"http://127.0.0.1:{port}"}) as processes:
+            if serve:
+                nodes = [(p.hospital_id, p.node_id) for p in node_plan(data, names, {})]
+                _start_prometheus(processes, settings, ports, nodes, dashboard_port, prometheus_port)
             view, body = run_federation(processes, data=data, hospitals=names,
                                         cities=reference_file.get("cities", {}), request=request, home=settings.home,
                                         credentials_dir=settings.credentials_dir, ports=ports,
@@ -599,6 +603,28 @@ def _print_demo_outcome(dataset: DatasetSpec, columns: dict[str, dict], view: Ru
                   f"`health-mlops registry list` shows every version", soft_wrap=True)
     else:
         out.print(f"model: not registered ({model.get('reason', 'unknown')})")
+
+
+def _start_prometheus(processes: Processes, settings: Settings, ports: Ports, nodes: list[tuple[str, str]],
+                      dashboard_port: int, prometheus_port: int) -> None:
+    """Debian's prometheus scraping every process of the demo, with the alert rules, if it is installed."""
+    from health_mlops.prometheus import ALERT_RULES, local_config, local_targets, prometheus_command
+
+    folder = settings.home / "prometheus"
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "prometheus.yml"
+    rules = settings.prometheus_rules or ALERT_RULES
+    targets = local_targets(aggregator_port=ports.aggregator, node_metrics_port=ports.node_metrics, nodes=nodes,
+                            dashboard_port=dashboard_port)
+    config.write_text(local_config(targets, rule_files=[str(rules.resolve())] if rules.is_file() else [],
+                                   interval_s=settings.prometheus_scrape_interval_s), encoding="utf-8")
+    command = prometheus_command(config, folder / "data", prometheus_port)
+    if command is None:
+        err.print(f"Prometheus is not installed (`apt-get install prometheus`); its config for this demo is "
+                  f"{config}", soft_wrap=True)
+        return
+    processes.start_program("prometheus", command)
+    err.print(f"Prometheus on http://127.0.0.1:{prometheus_port} (alerts: /alerts; config {config})", soft_wrap=True)
 
 
 def _serve_dashboard(processes: Processes, port: int) -> None:

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     aggregator_url: str = Field("http://127.0.0.1:8080", description="where the dashboard reads live training")
     admin_token: str | None = Field(None, description="the dashboard's admin token for the aggregator (else read "
                                     "from the credentials folder)")
+    prometheus_rules: Path | None = Field(None, description="alert rules for the demo's Prometheus (default: the "
+                                          "repository's monitoring/alerts.yml)")
+    prometheus_scrape_interval_s: float = Field(5.0, gt=0, le=300, description="the demo's Prometheus scrape and "
+                                                "rule evaluation interval")
 
     @property
     def quality_dir(self) -> Path:

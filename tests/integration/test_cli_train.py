@@ -83,10 +83,10 @@ def test_diabetes_runs_pooled_and_local_with_r2(tmp_path: Path, home: Path) -> N
 
 
 def test_demo_trains_as_processes_prints_the_table_and_serves_the_champion(home: Path) -> None:
-    base = free_port_range(14)
+    base = free_port_range(15)
     command = [sys.executable, "-m", "health_mlops.cli", "demo", "--rows-per-hospital", "600", "--rounds", "3",
                "--port", str(base), "--node-api-port", str(base + 1), "--node-metrics-port", str(base + 7),
-               "--dashboard-port", str(base + 13)]
+               "--dashboard-port", str(base + 13), "--prometheus-port", str(base + 14)]
     demo = subprocess.Popen(command, env={**os.environ, "HEALTH_MLOPS_HOME": str(home)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     dashboard = f"http://127.0.0.1:{base + 13}"
@@ -102,8 +102,9 @@ def test_demo_trains_as_processes_prints_the_table_and_serves_the_champion(home:
     assert (home / "credentials" / "hospital-5.token").is_file()
     logs = sorted(p.name for p in (home / "logs").iterdir())
     assert logs == ["aggregator.log", "dashboard.log", "hospital-1-a.log", "hospital-1-b.log", "hospital-2-a.log",
-                    "hospital-3-a.log", "hospital-4-a.log", "hospital-5-a.log"]
-    assert processes_mentioning(f"--port {base + 13}") == []
+                    "hospital-3-a.log", "hospital-4-a.log", "hospital-5-a.log", "prometheus.log"]
+    assert processes_mentioning(f"--port {base + 13}") == []  # the dashboard
+    assert processes_mentioning(f"127.0.0.1:{base + 14}") == []  # Prometheus
 
 
 def processes_mentioning(text: str) -> list[int]:

@@ -26,10 +26,10 @@ TIMEOUT_MS = 30_000
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     home = tmp_path_factory.mktemp("browser") / "home"
-    base = free_port_range(12)
+    base = free_port_range(13)
     command = [sys.executable, "-m", "health_mlops.cli", "demo", "--hospitals", "3", "--rows-per-hospital", "600",
                "--rounds", "3", "--port", str(base), "--node-api-port", str(base + 1), "--node-metrics-port",
-               str(base + 6), "--dashboard-port", str(base + 11)]
+               str(base + 6), "--dashboard-port", str(base + 11), "--prometheus-port", str(base + 12)]
     process = subprocess.Popen(command, env={**os.environ, "HEALTH_MLOPS_HOME": str(home)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{base + 11}"

@@ -1,0 +1,61 @@
+"""The demo's Prometheus: a scrape config for the processes it starts, and Debian's `prometheus` to run it.
+
+Every target carries `component` (aggregator, node, dashboard) and, for nodes, `hospital` and `node`: the
+labels the alert rules and Grafana dashboards use, as the Kubernetes config (`monitoring/prometheus.yml`)
+sets them from pod labels. `monitoring/prometheus-local.yml` is this config for the demo's default ports.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+# The repository's monitoring folder (alerts.yml, dashboards); present in a source checkout.
+MONITORING_DIR = Path(__file__).resolve().parents[2] / "monitoring"
+ALERT_RULES = MONITORING_DIR / "alerts.yml"
+
+
+@dataclass(frozen=True)
+class ScrapeTarget:
+    job: str
+    address: str
+    labels: dict[str, str]
+
+
+def local_targets(*, aggregator_port: int, node_metrics_port: int, nodes: list[tuple[str, str]],
+                  dashboard_port: int | None) -> list[ScrapeTarget]:
+    """The demo's processes; `nodes` are (hospital, node id) in the order their metrics ports are given out."""
+    targets = [ScrapeTarget("aggregator", f"127.0.0.1:{aggregator_port}", {"component": "aggregator"})]
+    targets += [ScrapeTarget("nodes", f"127.0.0.1:{node_metrics_port + i}",
+                             {"component": "node", "hospital": hospital, "node": node})
+                for i, (hospital, node) in enumerate(nodes)]
+    if dashboard_port is not None:
+        targets.append(ScrapeTarget("dashboard", f"127.0.0.1:{dashboard_port}", {"component": "dashboard"}))
+    return targets
+
+
+def local_config(targets: list[ScrapeTarget], *, rule_files: list[str], interval_s: float = 5.0) -> str:
+    """prometheus.yml text scraping `targets` every `interval_s` and evaluating `rule_files`."""
+    jobs: dict[str, list[dict]] = {}
+    for target in targets:
+        jobs.setdefault(target.job, []).append({"targets": [target.address], "labels": target.labels})
+    interval = f"{interval_s:g}s"
+    config = {"global": {"scrape_interval": interval, "evaluation_interval": interval},
+              "rule_files": rule_files,
+              "scrape_configs": [{"job_name": job, "static_configs": static} for job, static in jobs.items()]}
+    header = ("# Prometheus for `make demo` (default ports), written by health_mlops.prometheus.local_config;\n"
+              "# `health-mlops demo` writes the same for the ports it uses. Run: prometheus "
+              "--config.file=monitoring/prometheus-local.yml\n")
+    return header + yaml.safe_dump(config, sort_keys=False, width=120)
+
+
+def prometheus_command(config: Path, data_dir: Path, port: int) -> list[str] | None:
+    """The command that runs Debian's prometheus on loopback, or None if it is not installed."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        return None
+    return [binary, f"--config.file={config}", f"--storage.tsdb.path={data_dir}",
+            f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=7d"]
