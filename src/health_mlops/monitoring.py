@@ -81,9 +81,8 @@ class ServingMetrics:
                                  ["endpoint"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                                         0.5, 1, 2.5, 5), registry=r)
         self.model_version = Gauge("health_mlops_model_version", "Version of the model being served", registry=r)
-        self.drift = Gauge("health_mlops_feature_drift_score", "Drift of a feature in recently scored rows from "
-                           "the training population (numeric: mean shift in training SDs; categorical: total "
-                           "variation distance)", ["feature"], registry=r)
+        self.drift = Gauge("health_mlops_feature_drift_score", "Population stability index of a feature: recently "
+                           "scored rows against the champion's training population", ["feature"], registry=r)
         self.drift_rows = Gauge("health_mlops_drift_window_rows", "Rows the drift scores are computed over",
                                 registry=r)
 

@@ -210,3 +210,26 @@ def test_dashboard_command_serves_the_api(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_readiness_says_when_the_registry_cannot_be_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    watcher = ChampionWatcher(Registry(tmp_path, SPEC.name), poll_s=0.05)
+    with BackgroundServer(create_serving_app(SPEC, watcher)) as server:
+        assert httpx.get(f"{server.url}/readyz").status_code == 200  # no champion yet is a normal state
+
+        def unreachable() -> None:
+            raise ConnectionError("registry database is gone")
+
+        monkeypatch.setattr(watcher.registry, "champion", unreachable)
+        deadline = time.monotonic() + 10
+        while (response := httpx.get(f"{server.url}/readyz")).status_code == 200:
+            assert time.monotonic() < deadline, "readiness never noticed the registry failing"
+            time.sleep(0.05)
+        assert response.status_code == 503 and "registry database is gone" in response.text
+        monkeypatch.undo()
+        while httpx.get(f"{server.url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline + 10, "readiness never recovered"
+            time.sleep(0.05)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from health_mlops.data.preprocess import Preprocessor, encoded_columns, stats_of_frame
+from health_mlops.data.preprocess import Preprocessor, encoded_columns, histogram_edges, stats_of_frame
 from health_mlops.data.synthetic import CITIES, generate_city_days
 from health_mlops.fl.coordinator import RunConfig
 from health_mlops.fl.hospital import hospital_stats, preprocessor_from, reduce_stats
@@ -41,6 +41,17 @@ def test_small_cells_are_suppressed_and_left_out_of_their_column() -> None:
     reduced = reduce_stats([stats, *[hospital_stats(f, SPEC, 5) for f in frames[1:]]])
     others = pd.concat(frames[1:])
     assert reduced["mean"][column] == (others["smoker"] == "current").mean()
+
+
+def test_histograms_are_summed_over_hospitals_with_small_bins_suppressed() -> None:
+    frames = city_frames()
+    parts = [hospital_stats(f, SPEC, small_cell_threshold=5) for f in frames]
+    edges = histogram_edges(next(f for f in SPEC.features if f.name == "age"))
+    counts = [np.histogram(f["age"], bins=edges)[0] for f in frames]
+    assert parts[0]["histograms"]["age"] == [None if 0 < c < 5 else c for c in counts[0]]
+    summed = reduce_stats(parts)["histograms"]["age"]
+    assert summed == sum(np.where((0 < c) & (c < 5), 0, c) for c in counts).tolist()
+    assert sorted(reduce_stats(parts)["histograms"]) == sorted(f.name for f in SPEC.features if f.type == "numeric")
 
 
 def test_federated_training_in_memory_learns_and_counts_every_round() -> None:

@@ -15,7 +15,7 @@ from health_mlops.data.synthetic import generate_dataset
 from health_mlops.ml.model import build_model, weights_as_numpy
 from health_mlops.ml.onnx import export_onnx, feature_reference
 from health_mlops.monitoring import ServingMetrics, histogram_quantile
-from health_mlops.serving.drift import MIN_ROWS, InputDrift
+from health_mlops.serving.drift import MIN_ROWS, SIGNIFICANT_PSI, InputDrift, equal_mass_bins
 from health_mlops.serving.explain import contributions
 from health_mlops.serving.requests import InvalidRequest, RowEncoder
 from health_mlops.spec import load_spec
@@ -84,6 +84,17 @@ def exported(frame: pd.DataFrame) -> tuple[bytes, Preprocessor]:
     return body, preprocessor
 
 
+@pytest.fixture(scope="module")
+def exported_with_histograms(frame: pd.DataFrame) -> bytes:
+    """A model exported as a federated run exports it: preprocessing from hospitals' summed stats."""
+    from health_mlops.fl.hospital import hospital_stats, reduce_stats
+
+    halves = [frame.iloc[: len(frame) // 2], frame.iloc[len(frame) // 2:]]
+    preprocessing = reduce_stats([hospital_stats(part, SPEC, small_cell_threshold=5) for part in halves])
+    model = build_model(SPEC.model, len(preprocessing["mean"]), seed=0)
+    return export_onnx(SPEC, preprocessing, weights_as_numpy(model))
+
+
 def test_the_feature_reference_is_the_training_population_read_back_from_onnx(
         frame: pd.DataFrame, exported: tuple[bytes, Preprocessor]) -> None:
     reference = feature_reference(SPEC, exported[0])
@@ -123,25 +134,40 @@ def test_contributions_are_the_change_from_the_typical_value_largest_first() -> 
     assert found[0].value == "current" and found[0].typical == "never"
 
 
-def test_drift_scores_shifts_in_standard_deviations_and_category_mix(
-        frame: pd.DataFrame, exported: tuple[bytes, Preprocessor]) -> None:
-    drift = InputDrift(SPEC, feature_reference(SPEC, exported[0]), window=len(frame))
+def test_drift_is_the_population_stability_index_against_the_training_histograms(
+        frame: pd.DataFrame, exported_with_histograms: bytes) -> None:
+    reference = feature_reference(SPEC, exported_with_histograms)
+    assert set(reference.histograms) == {f.name for f in SPEC.features if f.type == "numeric"}
+    drift = InputDrift(SPEC, reference, window=len(frame))
     matrix = serving_matrix(frame, SPEC)
     drift.observe(matrix[: MIN_ROWS - 1])
     assert drift.scores() == {}  # too few rows to say anything
     drift.observe(matrix[MIN_ROWS - 1:])
-    same = drift.scores()
-    assert max(same.values()) < 1e-3  # the training rows themselves do not drift
+    assert max(drift.scores().values()) < 0.1  # the training rows themselves read as stable (PSI < 0.1)
     shifted = matrix.copy()
-    age = [f.name for f in SPEC.features].index("age")
-    smoker = [f.name for f in SPEC.features].index("smoker")
-    shifted[:, age] += 0.5 * frame["age"].std(ddof=0)
-    shifted[:, smoker] = 2  # everyone smokes now
+    names = [f.name for f in SPEC.features]
+    shifted[:, names.index("age")] += frame["age"].std(ddof=0)  # everyone a standard deviation older
+    shifted[:, names.index("smoker")] = 2  # and smoking
     drift.observe(shifted)
     scores = drift.scores()
-    assert scores["age"] == pytest.approx(0.5, abs=0.01)
-    assert scores["smoker"] == pytest.approx(1 - (frame["smoker"] == "current").mean(), abs=1e-6)
-    assert scores["bmi"] < 1e-3
+    assert scores["age"] > SIGNIFICANT_PSI and scores["smoker"] > SIGNIFICANT_PSI
+    assert scores["bmi"] < 0.1
+    # Every scored row now smokes: served shares (never, former, current) = (0, 0, 1), empty bins floored at 1e-4.
+    trained = [(frame["smoker"] == c).mean() for c in ("never", "former", "current")]
+    served = [1e-4, 1e-4, 1.0]
+    assert scores["smoker"] == pytest.approx(sum((s - t) * np.log(s / t) for s, t in zip(served, trained)), rel=1e-6)
+
+
+def test_equal_mass_bins_merge_the_fine_grid_into_bins_of_similar_share() -> None:
+    edges = np.linspace(0, 100, 101)
+    counts = np.zeros(100)
+    counts[:10] = 90  # 900 rows below 10, 9 % of all rows in each of those fine bins
+    counts[10:] = 100 / 90  # 100 rows spread over 10 to 100
+    inner, shares = equal_mass_bins(edges, counts)
+    assert len(shares) == len(inner) + 1 and shares.sum() == pytest.approx(1.0) and (np.diff(inner) > 0).all()
+    assert inner[-1] <= 11  # the sparse tail is one bin
+    assert ((0.05 < shares) & (shares < 0.2)).all()
+    assert equal_mass_bins(edges, np.zeros(100))[1].tolist() == [1.0]
 
 
 def test_histogram_quantile_bounds_the_quantile_by_its_bucket() -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from health_mlops.spec import DatasetSpec
+from health_mlops.spec import DatasetSpec, Feature
 
 # A column whose variance is below this is left unscaled (e.g. a category no hospital has).
 _MIN_VARIANCE = 1e-12
@@ -145,3 +145,26 @@ class Preprocessor:
 
 def stats_of_frame(frame: pd.DataFrame, spec: DatasetSpec) -> ColumnStats:
     return ColumnStats.of(encode_features(frame, spec), encode_target(frame, spec))
+
+
+# Each hospital counts its rows of every bounded numeric feature on the same fine grid over the spec's range;
+# summed centrally, the counts describe the training population's distribution (the drift reference) without
+# any row leaving a hospital.
+HISTOGRAM_BINS = 100
+
+
+def histogram_edges(feature: Feature) -> np.ndarray | None:
+    """The grid's bin edges for a numeric feature; None if the spec gives it no range."""
+    if feature.type != "numeric" or feature.min is None or feature.max is None:
+        return None
+    return np.linspace(feature.min, feature.max, HISTOGRAM_BINS + 1)
+
+
+def feature_histograms(frame: pd.DataFrame, spec: DatasetSpec) -> dict[str, np.ndarray]:
+    """Row counts per grid bin of each bounded numeric feature."""
+    found = {}
+    for feature in spec.features:
+        edges = histogram_edges(feature)
+        if edges is not None:
+            found[feature.name] = np.histogram(frame[feature.name].to_numpy(dtype=np.float64), bins=edges)[0]
+    return found

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from health_mlops.data.preprocess import Preprocessor, encoded_columns, mean_and_scale, stats_of_frame
+from health_mlops.data.preprocess import (Preprocessor, encoded_columns, feature_histograms, mean_and_scale,
+                                          stats_of_frame)
 from health_mlops.fl.coordinator import RunConfig, TaskKind, TaskResult
 from health_mlops.fl.strategies import Weights
 from health_mlops.ml.evaluate import evaluate_frame
@@ -24,8 +25,9 @@ from health_mlops.spec import DatasetSpec
 
 
 def hospital_stats(frame: pd.DataFrame, spec: DatasetSpec, small_cell_threshold: int) -> dict[str, Any]:
-    """Counts, sums and sums of squares per encoded column; a category held by 1..threshold-1 patients is
-    suppressed (sent as null) so that no small group can be singled out."""
+    """Counts, sums and sums of squares per encoded column, and each bounded numeric feature's histogram on the
+    spec's grid; a category or histogram bin held by 1..threshold-1 patients is suppressed (sent as null) so
+    that no small group can be singled out."""
     stats = stats_of_frame(frame, spec)
     columns = encoded_columns(spec)
     sums: list[float | None] = stats.sums.tolist()
@@ -33,8 +35,10 @@ def hospital_stats(frame: pd.DataFrame, spec: DatasetSpec, small_cell_threshold:
     for j, name in enumerate(columns):
         if "=" in name and 0 < stats.sums[j] < small_cell_threshold:
             sums[j] = squares[j] = None
+    histograms = {name: [None if 0 < c < small_cell_threshold else int(c) for c in counts]
+                  for name, counts in feature_histograms(frame, spec).items()}
     return {"count": stats.count, "sums": sums, "sums_of_squares": squares, "target_sum": stats.target_sum,
-            "target_sum_of_squares": stats.target_sum_of_squares}
+            "target_sum_of_squares": stats.target_sum_of_squares, "histograms": histograms}
 
 
 def reduce_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -47,8 +51,12 @@ def reduce_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
     total = counts.sum()
     target_mean, target_scale = mean_and_scale(total, np.array([sum(r["target_sum"] for r in results)]),
                                                np.array([sum(r["target_sum_of_squares"] for r in results)]))
+    # A histogram counts only where every hospital sent it; a suppressed bin counts as empty.
+    shared = set.intersection(*(set(r.get("histograms") or {}) for r in results)) if results else set()
+    histograms = {name: np.sum([[0 if v is None else v for v in r["histograms"][name]] for r in results],
+                               axis=0).astype(int).tolist() for name in sorted(shared)}
     return {"count": int(total), "mean": mean.tolist(), "scale": scale.tolist(),
-            "target_mean": float(target_mean[0]), "target_scale": float(target_scale[0])}
+            "target_mean": float(target_mean[0]), "target_scale": float(target_scale[0]), "histograms": histograms}
 
 
 def preprocessor_from(spec: DatasetSpec, preprocessing: dict[str, Any]) -> Preprocessor:

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from health_mlops.data.preprocess import HISTOGRAM_BINS
 from health_mlops.fl.errors import Rejected
 
 # The metric names hospitals may report (those of ml.metrics); anything else would become new time series.
@@ -32,6 +33,10 @@ class StatsMetadata(_Strict):
     target_sum: FiniteFloat
     target_sum_of_squares: FiniteFloat
     rows_quarantined: Count = 0  # data quality: rows the hospital's validation set aside
+    # feature -> rows per bin of the spec's grid (None: a suppressed small cell)
+    histograms: dict[Annotated[str, Field(max_length=200)],
+                     Annotated[list[Count | None], Field(min_length=HISTOGRAM_BINS, max_length=HISTOGRAM_BINS)]] = (
+        Field(default_factory=dict, max_length=1000))
     compute_seconds: FiniteFloat = 0.0
 
 

@@ -10,6 +10,7 @@ regression. The graph is built directly from the weight arrays (a chain of Gemm 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from health_mlops.spec import DatasetSpec
 INPUT_NAME = "features"
 OUTPUT_NAME = "prediction"
 OPSET = 17
+HISTOGRAMS_KEY = "health_mlops.histograms"  # metadata: feature -> row counts on the spec's histogram grid
 _LAYER = re.compile(r"^(\d+)\.(weight|bias)$")
 
 
@@ -102,6 +104,9 @@ def export_onnx(spec: DatasetSpec, preprocessing: Mapping[str, Any], weights: Ma
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="health-mlops")
     model.doc_string = f"{spec.name}: input columns {[f.name for f in spec.features]}"
+    if preprocessing.get("histograms"):  # the training population's distribution, for drift detection
+        entry = model.metadata_props.add()
+        entry.key, entry.value = HISTOGRAMS_KEY, json.dumps(preprocessing["histograms"])
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
@@ -111,12 +116,15 @@ class FeatureReference:
     """What the training data looked like, per spec feature, read back from an exported model's constants.
 
     `mean` and `scale` (numeric features) and `frequencies` (categorical: each category's share) are the
-    run's global preprocessing statistics, so serving can tell typical values and drift without the data.
+    run's global preprocessing statistics, and `histograms` the rows per bin of the spec's grid summed over
+    hospitals (models exported before histograms were collected have none), so serving can tell typical
+    values and drift without the data.
     """
 
     mean: dict[str, float]
     scale: dict[str, float]
     frequencies: dict[str, list[float]]
+    histograms: dict[str, list[int]]
 
     def typical_row(self, spec: DatasetSpec) -> list[float]:
         """The model input of a typical patient: numeric features at their mean, categories at their mode."""
@@ -126,7 +134,9 @@ class FeatureReference:
 
 def feature_reference(spec: DatasetSpec, onnx_model: bytes) -> FeatureReference:
     """The `FeatureReference` of a model exported by `export_onnx` for `spec` (the inverse of its layout)."""
-    constants = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(onnx_model).graph.initializer}
+    model = onnx.load_from_string(onnx_model)
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    metadata = {p.key: p.value for p in model.metadata_props}
     mean, scale = constants["mean"].astype(np.float64), constants["scale"].astype(np.float64)
     means: dict[str, float] = {}
     scales: dict[str, float] = {}
@@ -142,4 +152,6 @@ def feature_reference(spec: DatasetSpec, onnx_model: bytes) -> FeatureReference:
             column += width
     if column != len(mean):
         raise ValueError(f"the model has {len(mean)} encoded columns; spec {spec.name} describes {column}")
-    return FeatureReference(means, scales, frequencies)
+    histograms = json.loads(metadata.get(HISTOGRAMS_KEY, "{}"))
+    return FeatureReference(means, scales, frequencies, {f.name: histograms[f.name] for f in spec.features
+                                                         if f.name in histograms})

@@ -17,6 +17,7 @@ from typing import Any
 
 import msgspec
 from fastapi import FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -99,11 +100,14 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
     async def predict_batch(request: Request) -> Response:
         """Many patients: `{"rows": [...]}`; predictions come back in the same order."""
         started = time.perf_counter()
+        body = await request.body()
+        # A large batch takes a few hundred milliseconds: in a worker thread, single predictions keep being
+        # answered meanwhile instead of waiting for the whole batch.
         try:
-            matrix = encoder.batch(await request.body())
+            matrix = await run_in_threadpool(encoder.batch, body)
         except InvalidRequest as error:
             raise refuse("batch", error) from None
-        model, predictions = predictor.predict("batch", matrix, started)
+        model, predictions = await run_in_threadpool(predictor.predict, "batch", matrix, started)
         predictor.metrics.rows.inc(len(matrix))
         return _json({"predictions": predictions.tolist(), "model_version": model.version, "task": spec.task,
                       "target": spec.target.name})
@@ -127,8 +131,13 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
         return "ok"
 
     @app.get("/readyz", response_class=PlainTextResponse)
-    async def readyz() -> str:
-        return "ready"  # serving without a champion is a normal state: the UI works, predict says 503
+    async def readyz() -> Response:
+        # Serving without a champion is a normal state (the UI works, predict says 503); a watcher that died or
+        # cannot read the registry is not: this replica would never see a new champion.
+        problem = watcher.problem()
+        if problem:
+            return PlainTextResponse(f"not ready: {problem}", status_code=503)
+        return PlainTextResponse("ready")
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:

@@ -85,6 +85,12 @@ class ChampionWatcher:
                 self.last_error = f"{type(error).__name__}: {error}"
                 log.warning("cannot refresh the champion: %s", self.last_error)
 
+    def problem(self) -> str | None:
+        """Why this watcher cannot follow the registry, if it cannot."""
+        if self._thread.ident is not None and not self._thread.is_alive():
+            return "the champion watcher stopped"
+        return f"cannot read the registry: {self.last_error}" if self.last_error else None
+
     def start(self) -> None:
         self._thread.start()
 

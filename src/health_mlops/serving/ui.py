@@ -24,12 +24,10 @@ from health_mlops.data.validate import validate_table
 from health_mlops.monitoring import histogram_quantile
 from health_mlops.registry import Registry, RegistryError
 from health_mlops.security import ADMIN, CredentialError, TokenAuthority
-from health_mlops.serving.drift import MIN_ROWS
+from health_mlops.serving.drift import MIN_ROWS, SIGNIFICANT_PSI
 from health_mlops.serving.predictor import NoChampion, Predictor
 from health_mlops.serving.sources import DashboardSources, FederationState
 from health_mlops.spec import DatasetSpec
-
-DRIFT_WORTH_A_LOOK = {"numeric": 0.5, "categorical": 0.2}  # the thresholds serving/drift.py explains
 
 
 def _percent(value: float) -> str:
@@ -211,15 +209,15 @@ class Dashboard:
         model = self.predictor.watcher.current
         header = (f"Serving **model v{model.version}**." if model else "No champion served yet.") + (
             f" Throughput since the last refresh: **{rate:.1f} requests/s**." if rate is not None else "")
-        drift = pd.DataFrame(columns=["feature", "drift score", "worth a look"])
+        drift = pd.DataFrame(columns=["feature", "PSI", "shifted"])
         if model is not None:
             scores = model.drift.scores()
-            kinds = {f.name: f.type for f in self.spec.features}
-            drift = pd.DataFrame([{"feature": name, "drift score": round(score, 3),
-                                   "worth a look": "yes" if score > DRIFT_WORTH_A_LOOK[kinds[name]] else ""}
+            drift = pd.DataFrame([{"feature": name, "PSI": round(score, 3),
+                                   "shifted": "yes" if score > SIGNIFICANT_PSI else ""}
                                   for name, score in sorted(scores.items(), key=lambda kv: -kv[1])],
                                  columns=drift.columns)
-            header += (f" Drift over the last {model.drift.rows_seen} rows scored (0 = like the training population)."
+            header += (f" Drift over the last {model.drift.rows_seen} rows scored: population stability index against "
+                       f"the training population (below 0.1 stable; above {SIGNIFICANT_PSI} shifted)."
                        if scores else f" Drift is shown from {MIN_ROWS} scored rows on ({model.drift.rows_seen} so far).")
         return header + "\n\n" + "\n".join(lines), drift
 
