@@ -246,9 +246,7 @@ def train(
 
 def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: object) -> RunConfig:
     """A run over every hospital with the task's training settings; `overrides` that are None are not given."""
-    from health_mlops.demo import Ports, Processes
     from health_mlops.fl.coordinator import RunConfig
-    from health_mlops.fl.messages import RunView
     from health_mlops.fl.strategies import StrategyConfig
     from health_mlops.ml.train import TrainConfig
 
