@@ -211,7 +211,7 @@ def train(
     import torch
 
     from health_mlops.ml.baselines import run_local, run_pooled
-    from health_mlops.ml.train import TrainConfig
+    from health_mlops.ml.train_config import TrainConfig
 
     settings = get_settings()
     torch.set_num_threads(settings.torch_threads)
@@ -248,7 +248,7 @@ def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: obje
     """A run over every hospital with the task's training settings; `overrides` that are None are not given."""
     from health_mlops.fl.coordinator import RunConfig
     from health_mlops.fl.strategies import StrategyConfig
-    from health_mlops.ml.train import TrainConfig
+    from health_mlops.ml.train_config import TrainConfig
 
     given = {k: v for k, v in overrides.items() if v is not None}
     local = TrainConfig.for_task(get_training_defaults(), dataset, learning_rate=given.pop("learning_rate", None),
@@ -278,6 +278,62 @@ def _train_federated(data: Path, dataset: DatasetSpec, splits: list[HospitalSpli
     result.extra["run"] = {"id": outcome.run.id, "config": outcome.run.config.model_dump(mode="json"),
                            "rejected": outcome.run.rejected}
     return result
+
+
+@app.command("start-run")
+def start_run(
+    rounds: Annotated[int | None, typer.Option(min=1, help="env HEALTH_MLOPS_FL_ROUNDS (20)")] = None,
+    strategy: Annotated[Strategy | None, typer.Option(help="env HEALTH_MLOPS_FL_STRATEGY (fedavg)")] = None,
+    hospital: Annotated[list[str] | None, typer.Option(help="a hospital to enrol (repeat); default: every "
+                                                           "provisioned hospital")] = None,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Ask the aggregator (HEALTH_MLOPS_AGGREGATOR_URL, admin token) to start a federated run."""
+    import httpx
+
+    from health_mlops.config import get_federation_defaults
+    from health_mlops.fl.messages import RunRequest
+    from health_mlops.security import admin_token, bearer
+
+    from pydantic import ValidationError
+
+    settings = get_settings()
+    try:
+        federation = get_federation_defaults()
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        err.print(f"[bold red]error:[/] HEALTH_MLOPS_FL_{str(problem['loc'][0]).upper()}: {problem['msg']}",
+                  markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+    token = admin_token(settings.admin_token, settings.credentials_dir)
+    if token is None:
+        err.print(f"[bold red]error:[/] no admin token: set HEALTH_MLOPS_ADMIN_TOKEN or put admin.token in "
+                  f"{settings.credentials_dir}", markup=True, soft_wrap=True)
+        raise typer.Exit(2)
+    with _clean_errors():
+        dataset = load_spec(settings.spec)
+    chosen = Strategy(strategy.value if strategy else federation.strategy)
+    config = federated_run_config(dataset, len(hospital) if hospital else federation.min_hospitals,
+                                  rounds=rounds or federation.rounds, local_epochs=federation.local_epochs,
+                                  strategy=chosen)
+    request = RunRequest(config=config, hospitals=hospital or None)
+    try:
+        response = httpx.post(f"{settings.aggregator_url}/v1/runs", json=request.model_dump(mode="json"),
+                              headers=bearer(token), timeout=30)
+    except httpx.TransportError as exc:
+        err.print(f"[bold red]error:[/] cannot reach the aggregator at {settings.aggregator_url}: {exc}",
+                  markup=True, soft_wrap=True)
+        raise typer.Exit(1) from None
+    if response.status_code != 201:
+        err.print(f"[bold red]error:[/] the aggregator refused the run ({response.status_code}): {response.text}",
+                  markup=True, soft_wrap=True)
+        raise typer.Exit(1)
+    run = response.json()
+    if json_output:
+        _print_json(run)
+    else:
+        out.print(f"started {run['id']}: {run['config']['rounds']} rounds of {run['config']['strategy']['name']} "
+                  f"over {', '.join(run['hospitals'])}", soft_wrap=True)
 
 
 @app.command()
@@ -571,7 +627,7 @@ def _compare(dataset: DatasetSpec, splits: list[HospitalSplit], data: Path, view
     from health_mlops.fl.messages import decode_weights
     from health_mlops.fl.simulation import score_global_model
     from health_mlops.ml.baselines import run_local, run_pooled
-    from health_mlops.ml.train import TrainConfig
+    from health_mlops.ml.train_config import TrainConfig
 
     federated = score_global_model(dataset, splits, view.preprocessing, decode_weights(body)[0])
     config = TrainConfig.for_task(get_training_defaults(), dataset)

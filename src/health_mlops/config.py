@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -22,6 +22,26 @@ class TrainingDefaults(BaseSettings):
     batch_size: int = Field(64, ge=1)
     weight_decay: float = Field(1e-3, ge=0, description="L2 penalty; rare events overfit without it")
     seed: int = 0
+
+
+class FederationDefaults(BaseSettings):
+    """What `health-mlops start-run` asks the aggregator for (learning rate and batch size: TrainingDefaults)."""
+
+    model_config = SettingsConfigDict(env_prefix="HEALTH_MLOPS_FL_")
+
+    rounds: int = Field(20, ge=1, le=10_000)
+    local_epochs: int = Field(1, ge=1, le=100, description="local epochs per round at each hospital")
+    strategy: str = Field("fedavg", description="fedavg, fedprox, fedadam, fedyogi, median or trimmed_mean")
+    min_hospitals: int = Field(2, ge=1, description="results that close a round at its deadline")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        from health_mlops.fl.strategies import STRATEGY_NAMES  # the one list of strategies
+
+        if name not in STRATEGY_NAMES:
+            raise ValueError(f"unknown strategy {name!r}; one of {', '.join(STRATEGY_NAMES)}")
+        return name
 
 
 class Settings(BaseSettings):
@@ -89,6 +109,10 @@ def get_settings() -> Settings:
 
 def get_training_defaults() -> TrainingDefaults:
     return TrainingDefaults()
+
+
+def get_federation_defaults() -> FederationDefaults:
+    return FederationDefaults()
 
 
 def get_node_settings() -> NodeSettings:

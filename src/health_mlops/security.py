@@ -133,6 +133,16 @@ class TokenAuthority:
         return self._by_digest.get(_digest(token.strip()))
 
 
+def admin_token(configured: str | None, credentials_dir: Path) -> str | None:
+    """The admin token: as configured (a mounted Secret's value), else the credentials folder's, else None."""
+    if configured:
+        return configured
+    try:
+        return read_token(token_path(credentials_dir, ADMIN))
+    except CredentialError:
+        return None
+
+
 def bearer(token: str) -> dict[str, str]:
     """The request headers that present `token`."""
     return {"Authorization": f"Bearer {token}"}

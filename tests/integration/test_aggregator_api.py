@@ -3,6 +3,10 @@ bad requests are answered."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +147,29 @@ def test_malformed_stats_are_refused_and_the_aggregator_keeps_answering(api: Api
         admin.post(f"/v1/runs/{run['id']}/cancel")
     actions = [e["action"] for e in read_audit(api.audit_log)]
     assert actions == ["start_run", "cancel_run"]
+
+
+def test_start_run_command_asks_the_aggregator_with_the_configured_parameters(api: Api, tmp_path: Path) -> None:
+    home = tmp_path / "cli-home"
+    env = {**os.environ, "HEALTH_MLOPS_HOME": str(home), "HEALTH_MLOPS_AGGREGATOR_URL": api.url,
+           "HEALTH_MLOPS_CREDENTIALS_DIR": str(api.credentials), "HEALTH_MLOPS_FL_ROUNDS": "7",
+           "HEALTH_MLOPS_FL_STRATEGY": "fedprox", "COLUMNS": "160"}
+    command = [sys.executable, "-m", "health_mlops.cli", "start-run", "--json"]
+    started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr
+    run = json.loads(started.stdout)
+    assert run["config"]["rounds"] == 7 and run["config"]["strategy"]["name"] == "fedprox"
+    assert run["hospitals"] == ["hospital-1", "hospital-2", "hospital-3"]
+    assert '"action": "start_run"' in api.audit_log.read_text()
+    chosen = subprocess.run([*command, "--rounds", "3", "--hospital", "hospital-2", "--hospital", "hospital-3"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert json.loads(chosen.stdout)["hospitals"] == ["hospital-2", "hospital-3"]
+    no_token = subprocess.run(command, env={**env, "HEALTH_MLOPS_CREDENTIALS_DIR": str(tmp_path / "none")},
+                              capture_output=True, text=True, timeout=120)
+    assert no_token.returncode == 2 and "no admin token" in no_token.stderr
+    bad = subprocess.run(command, env={**env, "HEALTH_MLOPS_FL_STRATEGY": "fedmagic"}, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "HEALTH_MLOPS_FL_STRATEGY" in bad.stderr and "fedmagic" in bad.stderr
+    away = subprocess.run(command, env={**env, "HEALTH_MLOPS_AGGREGATOR_URL": "http://127.0.0.1:9"},
+                          capture_output=True, text=True, timeout=120)
+    assert away.returncode == 1 and "cannot reach the aggregator at http://127.0.0.1:9" in away.stderr

@@ -18,7 +18,8 @@ from health_mlops.fl.loopback import BackgroundServer
 from health_mlops.ml.evaluate import predict_frame
 from health_mlops.ml.model import build_model, weights_as_numpy
 from health_mlops.ml.onnx import export_onnx
-from health_mlops.ml.train import TrainConfig, train_model
+from health_mlops.ml.train import train_model
+from health_mlops.ml.train_config import TrainConfig
 from health_mlops.registry import Registry, TrainingRecord
 from health_mlops.serving.api import create_serving_app
 from health_mlops.serving.model import ChampionWatcher
@@ -186,7 +187,9 @@ def test_the_serving_app_imports_no_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, health_mlops.serving.app; print('torch' in sys.modules)"  # the API and the dashboard
+    # The serving image has no torch: the dashboard, the API and `start-run` (a run's configuration) must not need it.
+    code = ("import sys, health_mlops.serving.app, health_mlops.cli as cli; from health_mlops.spec import load_spec; "
+            "cli.federated_run_config(load_spec('health-risk'), 2); print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 

@@ -14,7 +14,8 @@ from health_mlops.data.synthetic import generate_dataset
 from health_mlops.ml.evaluate import predict_frame
 from health_mlops.ml.model import build_model, weights_as_numpy
 from health_mlops.ml.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx
-from health_mlops.ml.train import TrainConfig, train_model
+from health_mlops.ml.train import train_model
+from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import load_spec
 
 

@@ -2,7 +2,8 @@ import numpy as np
 import torch
 
 from health_mlops.ml.model import build_model, get_weights
-from health_mlops.ml.train import TrainConfig, predict, train_model
+from health_mlops.ml.train import predict, train_model
+from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import ModelDefaults
 
 

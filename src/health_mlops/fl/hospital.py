@@ -20,7 +20,8 @@ from health_mlops.fl.coordinator import RunConfig, TaskKind, TaskResult
 from health_mlops.fl.strategies import Weights
 from health_mlops.ml.evaluate import evaluate_frame
 from health_mlops.ml.model import model_with_weights, weights_as_numpy
-from health_mlops.ml.train import TrainConfig, train_model
+from health_mlops.ml.train import train_model
+from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import DatasetSpec
 
 

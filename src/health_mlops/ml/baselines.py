@@ -20,7 +20,8 @@ from health_mlops.data.split import split_indices
 from health_mlops.ml.evaluate import predict_frame
 from health_mlops.ml.metrics import task_metrics
 from health_mlops.ml.model import build_model
-from health_mlops.ml.train import TrainConfig, train_model
+from health_mlops.ml.train import train_model
+from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import DatasetSpec
 
 

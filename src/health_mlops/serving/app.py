@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from health_mlops.config import Settings
 from health_mlops.monitoring import ServingMetrics
 from health_mlops.registry import Registry
-from health_mlops.security import ADMIN, CredentialError, read_token, token_path
+from health_mlops.security import admin_token
 from health_mlops.serving.api import create_serving_app
 from health_mlops.serving.model import ChampionWatcher
 from health_mlops.serving.predictor import Predictor
@@ -19,22 +19,12 @@ from health_mlops.serving.ui import Dashboard, build_dashboard
 from health_mlops.spec import DatasetSpec
 
 
-def admin_token(settings: Settings) -> str | None:
-    """The dashboard's admin token: the setting (a Secret in Kubernetes), else the local credentials folder."""
-    if settings.admin_token:
-        return settings.admin_token
-    try:
-        return read_token(token_path(settings.credentials_dir, ADMIN))
-    except CredentialError:
-        return None
-
-
 def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float) -> FastAPI:
     registry = Registry(settings.home, spec.name)
     watcher = ChampionWatcher(Registry(settings.home, spec.name), poll_s=poll_s)
     predictor = Predictor(spec, watcher, ServingMetrics())
     app = create_serving_app(spec, watcher, predictor=predictor)
-    sources = DashboardSources(registry, spec.primary_metric, settings.aggregator_url, admin_token(settings))
+    sources = DashboardSources(registry, spec.primary_metric, settings.aggregator_url, admin_token(settings.admin_token, settings.credentials_dir))
     dashboard = Dashboard(spec, predictor, registry, sources, settings.credentials_dir)
     with suppress(Exception):  # the champion now, if any, so the Predict form starts at a typical patient
         watcher.refresh()
