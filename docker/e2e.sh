@@ -32,8 +32,8 @@ for dir in ${PIP_FIND_LINKS:-}; do
     [ -f "$wheel" ] && cp "$wheel" docker/wheels/ && torch_index=""
   done
 done
-for target in full serve; do
-  name=health-mlops; [ "$target" = serve ] && name=health-mlops-serve
+for target in full serve prometheus; do
+  name=health-mlops; [ "$target" != full ] && name=health-mlops-$target
   docker build -f docker/Dockerfile --target "$target" --build-arg BASE="$base" --build-arg PIP_CERT="$cert" \
     --build-arg TORCH_INDEX="$torch_index" -t "$name:0.1.0" .
 done
@@ -58,3 +58,13 @@ print(json.dumps({f['name']: float(r[f['name']]) if f['type'] == 'numeric' else 
 echo "champion v$version registered $((SECONDS - started)) s after \`compose up\`; one prediction:"
 curl -fsS -X POST http://127.0.0.1:7860/api/v1/predict -H 'Content-Type: application/json' -d "$row"
 echo
+# Prometheus scrapes every service: the aggregator, five nodes and the dashboard.
+for _ in $(seq 1 24); do
+  up=$(curl -fsS http://127.0.0.1:9090/api/v1/targets 2>/dev/null | python3 -c "import json, sys
+targets = json.load(sys.stdin)['data']['activeTargets']
+print(sum(t['health'] == 'up' for t in targets), len(targets))" 2>/dev/null || true)
+  [ "$up" = "7 7" ] && break
+  sleep 5
+done
+echo "Prometheus targets up: ${up:-none}"
+[ "$up" = "7 7" ] || { echo "not every target is up" >&2; exit 1; }

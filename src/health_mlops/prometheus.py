@@ -37,7 +37,25 @@ def local_targets(*, aggregator_port: int, node_metrics_port: int, nodes: list[t
     return targets
 
 
-def local_config(targets: list[ScrapeTarget], *, rule_files: list[str], interval_s: float = 5.0) -> str:
+def compose_targets(hospitals: list[str]) -> list[ScrapeTarget]:
+    """docker-compose.yml's services, by service name (one node per hospital, named as its hospital)."""
+    targets = [ScrapeTarget("aggregator", "aggregator:8080", {"component": "aggregator"})]
+    targets += [ScrapeTarget("nodes", f"{hospital}:8001", {"component": "node", "hospital": hospital, "node": hospital})
+                for hospital in hospitals]
+    targets.append(ScrapeTarget("dashboard", "dashboard:7860", {"component": "dashboard"}))
+    return targets
+
+
+LOCAL_HEADER = ("# Prometheus for `make demo` (default ports), written by health_mlops.prometheus.local_config;\n"
+                "# `health-mlops demo` writes the same for the ports it uses. Run: prometheus "
+                "--config.file=monitoring/prometheus-local.yml\n")
+COMPOSE_HEADER = ("# Prometheus for docker-compose.yml, written by health_mlops.prometheus.local_config from "
+                  "compose_targets;\n# the compose file's prometheus service runs it (docker/Dockerfile, target "
+                  "prometheus).\n")
+
+
+def local_config(targets: list[ScrapeTarget], *, rule_files: list[str], interval_s: float = 5.0,
+                 header: str = LOCAL_HEADER) -> str:
     """prometheus.yml text scraping `targets` every `interval_s` and evaluating `rule_files`."""
     jobs: dict[str, list[dict]] = {}
     for target in targets:
@@ -46,9 +64,6 @@ def local_config(targets: list[ScrapeTarget], *, rule_files: list[str], interval
     config = {"global": {"scrape_interval": interval, "evaluation_interval": interval},
               "rule_files": rule_files,
               "scrape_configs": [{"job_name": job, "static_configs": static} for job, static in jobs.items()]}
-    header = ("# Prometheus for `make demo` (default ports), written by health_mlops.prometheus.local_config;\n"
-              "# `health-mlops demo` writes the same for the ports it uses. Run: prometheus "
-              "--config.file=monitoring/prometheus-local.yml\n")
     return header + yaml.safe_dump(config, sort_keys=False, width=120)
 
 

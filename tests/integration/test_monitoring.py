@@ -61,6 +61,23 @@ def test_the_local_config_is_what_the_demo_writes_for_its_default_ports() -> Non
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+def test_the_compose_config_scrapes_every_compose_service() -> None:
+    import yaml
+
+    from health_mlops.prometheus import COMPOSE_HEADER, compose_targets, local_config
+
+    compose = yaml.safe_load((MONITORING.parent / "docker-compose.yml").read_text())
+    hospitals = sorted(name for name in compose["services"] if name.startswith("hospital-"))
+    expected = local_config(compose_targets(hospitals), rule_files=["/etc/prometheus/alerts.yml"], interval_s=15,
+                            header=COMPOSE_HEADER)
+    assert (MONITORING / "prometheus-compose.yml").read_text() == expected
+    scraped = {t["targets"][0].split(":")[0] for job in yaml.safe_load(expected)["scrape_configs"]
+               for t in job["static_configs"]}
+    assert scraped == {"aggregator", "dashboard", *hospitals} and scraped <= set(compose["services"])
+    checked = promtool("check", "config", "--syntax-only", "prometheus-compose.yml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def short_rules(folder: Path) -> Path:
     """The real alert rules with every `for:` cut to 2 s, so an alert can fire within a test."""
     path = folder / "alerts-short.yml"
