@@ -46,18 +46,12 @@ class Predictor:
         return model
 
     def predict(self, endpoint: str, matrix: np.ndarray, started: float) -> tuple[ServedModel, np.ndarray]:
-        """One request's rows scored by the champion."""
-        return self.predict_rows(endpoint, matrix, [started])
-
-    def predict_rows(self, endpoint: str, matrix: np.ndarray, started: list[float]) -> tuple[ServedModel, np.ndarray]:
-        """The rows of one or more requests (`started`: when each began) scored in one call."""
+        """One request's rows scored by the champion (`started`: when the request began)."""
         model = self.champion(endpoint)
         predictions = model.predict(matrix)
         model.drift.observe(matrix)
-        self._counted[endpoint, "ok"].inc(len(started))
-        now, latency = time.perf_counter(), self._latency[endpoint]
-        for begun in started:
-            latency.observe(now - begun)
+        self._counted[endpoint, "ok"].inc()
+        self._latency[endpoint].observe(time.perf_counter() - started)
         return model, predictions
 
     def explain(self, model: ServedModel, row: np.ndarray, top: int | None = EXPLAINED_FEATURES) -> list[dict]:

@@ -99,7 +99,7 @@ class RowEncoder:
                              for j, f in enumerate(spec.features) if f.type != "numeric"]
 
     def strict_row(self, body: bytes) -> Any | None:
-        """A single-row body decoded by the fast path (for `matrix`), or None if only `one` can tell."""
+        """A single-row body decoded by the fast path, or None if it needs the validating path."""
         try:
             return self._one.decode(body)
         except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
