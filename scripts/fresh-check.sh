@@ -40,6 +40,9 @@ step() {  # step NAME COMMAND...: runs COMMAND with its output in $logs/NAME.log
 in_root() {
   local wheels="" env=(HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8
                        TERM=dumb)
+  # pip in the root trusts what this host trusts: where PyPI is reached through a proxy that re-signs TLS, only
+  # the host's bundle holds that proxy's CA. On an open network this changes nothing.
+  if [ -f "$root/etc/ssl/host-ca.crt" ]; then env+=(PIP_CERT=/etc/ssl/host-ca.crt); fi
   if [ "$torch" = local ] && [ -n "$torch_wheels" ]; then
     wheels=$torch_wheels
     env+=(PIP_FIND_LINKS=/opt/wheels)
@@ -67,6 +70,7 @@ command -v debootstrap >/dev/null || step host-debootstrap bash -c \
   'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap'
 step debootstrap debootstrap --variant=minbase bookworm "$root" "$mirror"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/host-ca.crt"; fi
 cat >"$root/etc/apt/sources.list" <<EOF
 deb $mirror bookworm main
 deb $mirror bookworm-updates main

@@ -2,7 +2,7 @@
 # Installs pyproject's torch pin into the venv whose python is $1, the CPU build wherever one can be had, so that
 # no step downloads gigabytes without saying so. Sources, in order:
 #   1. a wheel pip finds without any index (its find-links: pip.conf or PIP_FIND_LINKS): nothing is downloaded;
-#   2. PyTorch's CPU index, when it answers within a few seconds: a download of 192 MB (2.13.0, x86_64);
+#   2. PyTorch's CPU index, when it lists torch within a few seconds: a download of 192 MB (2.13.0, x86_64);
 #   3. PyPI, after a one-line notice: PyPI's Linux x86_64 wheel is the CUDA build, which downloads 2.7 GB with its
 #      nvidia-* and triton wheels (2.13.0: measured with `pip download torch==2.13.0`).
 # Only torch itself is installed here (--no-deps); its small dependencies come with the project from PyPI.
@@ -20,8 +20,9 @@ if [ "${installed%%+*}" = "$version" ]; then
 fi
 if "${pip[@]}" --no-index "torch==$version" 2>/dev/null; then
   echo "torch $version: installed from a local wheel"
-elif "$python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=5)" \
-     "$cpu_index" 2>/dev/null; then
+# Asked through pip, with pip's own certificates and settings: a bare Debian has no CA bundle for Python's urllib.
+elif "$python" -m pip index versions --disable-pip-version-check --timeout 5 --retries 0 --index-url "$cpu_index" \
+     torch >/dev/null 2>&1; then
   echo "torch $version: installing the CPU build from $cpu_index (about 190 MB)"
   "${pip[@]}" --index-url "$cpu_index" "torch==$version"
 else
