@@ -6,9 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_INSTALL := pip install --quiet --disable-pip-version-check
 
-# Debian packages: chromium for the browser tests (Playwright drives it; no browser is downloaded), prometheus
-# (with promtool) for the monitoring tests and the demo, wrk for the serving benchmark.
-TEST_DEBS := chromium prometheus
+# Debian packages: chromium for the browser tests (Playwright drives it; no browser is downloaded) and libatomic1
+# for the node binary in Playwright's wheel (a bare Debian lacks it), prometheus (with promtool) for the monitoring
+# tests and the demo, wrk for the serving benchmark.
+TEST_DEBS := chromium libatomic1 prometheus
 BENCH_DEBS := wrk
 
 .PHONY: setup python-venv test demo bench clean debs-test debs-bench checkov k8s-hospital e2e fresh-check
