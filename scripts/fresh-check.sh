@@ -71,12 +71,16 @@ done
 
 rm -rf --one-file-system "$work"
 mkdir -p "$logs"
+case $torch in
+  local) source=${torch_wheels:+"this machine's wheel from $torch_wheels"} ;;
+  *) source="no local wheel" ;;
+esac
 echo "fresh-check: $(git -C "$repo" rev-parse --short HEAD) on a bare Debian 12 in $root as $user" \
-  "(torch: $torch${torch_wheels:+, wheel from $torch_wheels})" >&2
+  "(torch: ${source:-no local wheel on this machine})" >&2
 command -v debootstrap >/dev/null || step host-debootstrap bash -c \
   'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap'
 step debootstrap debootstrap --variant=minbase bookworm "$root" "$mirror"
-cp /etc/resolv.conf "$root/etc/resolv.conf"
+cp /etc/resolv.conf /etc/hosts "$root/etc/"  # name resolution, and this host's name for sudo
 if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
   mkdir -p "$root/etc/ssl" && cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/host-ca.crt"
 fi
