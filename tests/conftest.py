@@ -31,10 +31,18 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel gives outgoing connections (Linux: 32768-60999 unless configured)."""
+    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    return int(low), int(high)
+
+
 def free_port_range(count: int) -> int:
-    """The first of `count` consecutive ports that are free on 127.0.0.1 right now."""
+    """The first of `count` consecutive ports that are free on 127.0.0.1 right now, below the ephemeral range: a
+    port in it can be taken by any outgoing connection (a scrape, a poll) between this check and the bind."""
+    top = ephemeral_port_range()[0] - count
     for _ in range(200):
-        base = random.randint(20000, 60000 - count)
+        base = random.randint(min(10000, top - 1000), top)
         try:
             for port in range(base, base + count):
                 with socket.socket() as probe:
