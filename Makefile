@@ -97,7 +97,7 @@ clean:
 e2e:
 	bash docker/e2e.sh
 
-# Not in CI (needs root, debootstrap and about 10 GB): `make demo` and `make test` in a clean clone on a bare
+# Not in CI (needs root, debootstrap and several GB): `make demo` and `make test` in a clean clone on a bare
 # Debian 12 made with debootstrap, given only the README's prerequisites; each step timed (scripts/fresh-check.sh).
 fresh-check:
 	bash scripts/fresh-check.sh

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make fresh-check`: the README's two commands on a bare Debian 12, as a new user would run them. Not in CI: it
-# needs root (debootstrap, chroot, mounts) and about 10 GB under $FRESH_DIR.
+# needs root (debootstrap, chroot, mounts) and several GB under $FRESH_DIR.
 #
 # 1. debootstrap a minimal bookworm root, with the apt sources of a fresh install (main, updates, security);
 # 2. install the README's stated prerequisites in it, and nothing else: make and python3 (and sudo, for a user);
@@ -91,7 +91,8 @@ deb http://deb.debian.org/debian-security bookworm-security main
 EOF
 prerequisites="make python3"
 [ "$user" = root ] || prerequisites+=" sudo"
-step prerequisites in_root root "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $prerequisites"
+step prerequisites in_root root \
+  "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $prerequisites"
 if [ "$user" != root ]; then
   in_root root "useradd --create-home --shell /bin/bash $user \
     && echo '$user ALL=(ALL) NOPASSWD: ALL' >/etc/sudoers.d/$user && chmod 0440 /etc/sudoers.d/$user"
@@ -105,7 +106,7 @@ step make-test in_root "$user" "cd $home/health-mlops && PYTEST_ADDOPTS=--junitx
 
 echo "--- make demo: the comparison table" >&2
 sed -n '/federated vs pooled/,$p' "$logs/make-demo.log" >&2
-echo "--- make test: installs and summary" >&2
+echo "--- what the two commands installed, and the tests" >&2
 grep -E '^(installing Debian packages|torch )' "$logs/make-demo.log" "$logs/make-test.log" | sed 's/^.*\.log://' >&2
 echo "  kubectl in .venv: $(in_root "$user" "$home/health-mlops/.venv/bin/kubectl version --client" | head -1)" >&2
 echo "  checkov in .venv-checkov: $(in_root "$user" "$home/health-mlops/.venv-checkov/bin/checkov --version")" >&2
