@@ -292,8 +292,9 @@ def start_run(
     import httpx
 
     from health_mlops.config import get_federation_defaults
+    from health_mlops.fl.client import AdminClient, RunRefused
     from health_mlops.fl.messages import RunRequest
-    from health_mlops.security import admin_token, bearer
+    from health_mlops.security import admin_token
 
     from pydantic import ValidationError
 
@@ -318,22 +319,20 @@ def start_run(
                                   strategy=chosen)
     request = RunRequest(config=config, hospitals=hospital or None)
     try:
-        response = httpx.post(f"{settings.aggregator_url}/v1/runs", json=request.model_dump(mode="json"),
-                              headers=bearer(token), timeout=30)
+        with AdminClient(settings.aggregator_url, token) as admin:
+            run = admin.start_run(request)
     except httpx.TransportError as exc:
         err.print(f"[bold red]error:[/] cannot reach the aggregator at {settings.aggregator_url}: {exc}",
                   markup=True, soft_wrap=True)
         raise typer.Exit(1) from None
-    if response.status_code != 201:
-        err.print(f"[bold red]error:[/] the aggregator refused the run ({response.status_code}): {response.text}",
-                  markup=True, soft_wrap=True)
-        raise typer.Exit(1)
-    run = response.json()
+    except RunRefused as refused:
+        err.print(f"[bold red]error:[/] {refused}", markup=True, soft_wrap=True)
+        raise typer.Exit(1) from None
     if json_output:
-        _print_json(run)
+        _print_json(run.model_dump(mode="json"))
     else:
-        out.print(f"started {run['id']}: {run['config']['rounds']} rounds of {run['config']['strategy']['name']} "
-                  f"over {', '.join(run['hospitals'])}", soft_wrap=True)
+        out.print(f"started {run.id}: {run.config.rounds} rounds of {run.config.strategy.name} "
+                  f"over {', '.join(run.hospitals)}", soft_wrap=True)
 
 
 @app.command()

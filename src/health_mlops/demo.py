@@ -24,6 +24,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from health_mlops.fl.client import AdminClient, RunRefused
 from health_mlops.fl.messages import RunRequest, RunView
 
 READY_TIMEOUT_S = 60.0
@@ -178,34 +179,34 @@ def live_view(run: RunView, metric: str) -> Group:
     return Group(header, rounds, hospitals)
 
 
-def follow_run(admin: httpx.Client, run_id: str, on_view: Callable[[RunView], None],
+def follow_run(admin: AdminClient, run_id: str, on_view: Callable[[RunView], None],
                aggregator: Child) -> RunView:
     while True:
         if aggregator.process.poll() is not None:
             raise DemoError(f"the aggregator exited; the end of {aggregator.log_path}:\n{aggregator.log_tail()}")
-        view = RunView.model_validate(admin.get(f"/v1/runs/{run_id}").raise_for_status().json())
+        view = admin.run(run_id)
         on_view(view)
         if view.status != "running":
             return view
         time.sleep(0.2)
 
 
-def wait_for_registration(admin: httpx.Client, view: RunView, aggregator: Child,
+def wait_for_registration(admin: AdminClient, view: RunView, aggregator: Child,
                           timeout_s: float = 120.0) -> RunView:
     deadline = time.monotonic() + timeout_s
     while view.model is None or view.model.get("status") == "registering":
         if time.monotonic() > deadline or aggregator.process.poll() is not None:
             raise DemoError(f"the model of {view.id} was not registered; see {aggregator.log_path}")
         time.sleep(0.2)
-        view = RunView.model_validate(admin.get(f"/v1/runs/{view.id}").raise_for_status().json())
+        view = admin.run(view.id)
     return view
 
 
-def cancel_stale_runs(admin: httpx.Client, console: Console) -> None:
+def cancel_stale_runs(admin: AdminClient, console: Console) -> None:
     """A demo interrupted earlier leaves its run in the checkpoint; it would take the nodes' time first."""
-    for raw in admin.get("/v1/runs").raise_for_status().json():
+    for raw in admin.runs():
         if raw["status"] == "running":
-            admin.post(f"/v1/runs/{raw['id']}/cancel").raise_for_status()
+            admin.cancel(raw["id"])
             console.print(f"cancelled {raw['id']}, left running by an earlier demo")
 
 
@@ -214,7 +215,7 @@ def run_federation(processes: Processes, *, data: Path, hospitals: list[str], ci
                    console: Console) -> tuple[RunView, bytes]:
     """Start the aggregator and every node in `processes`, train one run live, and return its final view and
     the final global weights. The processes keep running (the caller's `Processes` stops them)."""
-    from health_mlops.security import ADMIN, bearer, read_token, token_path
+    from health_mlops.security import ADMIN, read_token, token_path
 
     plan = node_plan(data, hospitals, cities)
     check_ports_free(ports.all_ports(len(plan)))
@@ -229,18 +230,17 @@ def run_federation(processes: Processes, *, data: Path, hospitals: list[str], ci
         wait_ready(f"{central}/readyz", aggregator)
         for i, child in enumerate(nodes):
             wait_ready(f"http://127.0.0.1:{ports.node_api + i}/readyz", child)
-    with httpx.Client(base_url=central, headers=bearer(read_token(token_path(credentials_dir, ADMIN))),
-                      timeout=30.0) as admin:
+    with AdminClient(central, read_token(token_path(credentials_dir, ADMIN))) as admin:
         cancel_stale_runs(admin, console)
-        response = admin.post("/v1/runs", json=request.model_dump(mode="json"))
-        if response.status_code != 201:
-            raise DemoError(f"the aggregator refused the run: {response.text}")
-        run_id = response.json()["id"]
+        try:
+            run_id = admin.start_run(request).id
+        except RunRefused as refused:
+            raise DemoError(str(refused)) from None
         with Live(console=console, refresh_per_second=8, transient=False) as live:
             view = follow_run(admin, run_id, lambda v: live.update(live_view(v, metric)), aggregator)
         if view.status != "completed":
             raise DemoError(f"the run ended {view.status}: {view.reason}; logs in {home / 'logs'}")
         with console.status("registering the model (ONNX export, MLflow registry, quality gate)"):
             view = wait_for_registration(admin, view, aggregator)
-        weights = admin.get(f"/v1/runs/{run_id}/rounds/{view.final_round}/weights").raise_for_status().content
+        weights = admin.round_weights(run_id, view.final_round)
     return view, weights

@@ -164,6 +164,10 @@ def test_start_run_command_asks_the_aggregator_with_the_configured_parameters(ap
     chosen = subprocess.run([*command, "--rounds", "3", "--hospital", "hospital-2", "--hospital", "hospital-3"],
                             env=env, capture_output=True, text=True, timeout=120)
     assert json.loads(chosen.stdout)["hospitals"] == ["hospital-2", "hospital-3"]
+    refused = subprocess.run([*command, "--hospital", "hospital-9"], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 1 and "the aggregator refused the run (4" in refused.stderr, refused.stderr
+    assert "hospital-9" in refused.stderr
     no_token = subprocess.run(command, env={**env, "HEALTH_MLOPS_CREDENTIALS_DIR": str(tmp_path / "none")},
                               capture_output=True, text=True, timeout=120)
     assert no_token.returncode == 2 and "no admin token" in no_token.stderr

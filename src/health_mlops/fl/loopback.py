@@ -16,18 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import uvicorn
 from fastapi import FastAPI
 
 from health_mlops.data.hospital import HospitalData
 from health_mlops.fl.aggregator import AggregatorService, create_app
+from health_mlops.fl.client import AdminClient
 from health_mlops.fl.coordinator import RunConfig, TaskKind
 from health_mlops.fl.messages import RunRequest, RunView, decode_weights
 from health_mlops.fl.node import HospitalNode
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.fl.strategies import Weights
-from health_mlops.security import ADMIN, TokenAuthority, bearer, provision, read_token, token_path
+from health_mlops.security import ADMIN, TokenAuthority, provision, read_token, token_path
 from health_mlops.spec import DatasetSpec
 
 
@@ -106,19 +106,18 @@ def run_federation_over_loopback(spec: DatasetSpec, hospitals: dict[str, Hospita
             for thread in threads:
                 thread.start()
             try:
-                with httpx.Client(base_url=server.url, headers=bearer(read_token(token_path(credentials, ADMIN))),
-                                  timeout=30.0) as admin:
+                with AdminClient(server.url, read_token(token_path(credentials, ADMIN))) as admin:
                     started = time.perf_counter()
-                    view = _post_run(admin, RunRequest(config=config))
+                    view = admin.start_run(RunRequest(config=config))
                     while view.status == "running":
                         time.sleep(0.25)  # progress needs no more; each view costs the server time
-                        view = RunView.model_validate(admin.get(f"/v1/runs/{view.id}").raise_for_status().json())
+                        view = admin.run(view.id)
                         if on_progress is not None:
                             on_progress(view)
                     wall = time.perf_counter() - started
                     if view.status != "completed":
                         raise RuntimeError(f"the federated run ended {view.status}: {view.reason}")
-                    body = admin.get(f"/v1/runs/{view.id}/rounds/{view.final_round}/weights").raise_for_status()
+                    body = admin.round_weights(view.id, view.final_round)
             finally:
                 stop.set()
             for thread in threads:
@@ -127,11 +126,4 @@ def run_federation_over_loopback(spec: DatasetSpec, hospitals: dict[str, Hospita
                 node.close()
     overheads = round_overheads_ms(view)
     timing = Timing(len(overheads), wall, statistics.median(overheads) if overheads else 0.0)
-    return LoopbackResult(view, decode_weights(body.content)[0], timing)
-
-
-def _post_run(admin: httpx.Client, request: RunRequest) -> RunView:
-    response = admin.post("/v1/runs", json=request.model_dump(mode="json"))
-    if response.status_code != 201:
-        raise RuntimeError(f"the aggregator refused the run: {response.text}")
-    return RunView.model_validate(response.json())
+    return LoopbackResult(view, decode_weights(body)[0], timing)

@@ -26,10 +26,10 @@ from health_mlops.data.hospital import HospitalData
 from health_mlops.data.split import split_indices
 from health_mlops.fl.coordinator import TaskResult
 from health_mlops.fl.hospital import HospitalWorker
-from health_mlops.fl.messages import SAFETENSORS_MEDIA_TYPE, TaskMessage, decode_weights, encode_result
+from health_mlops.fl.client import HospitalClient
+from health_mlops.fl.messages import TaskMessage, decode_weights, encode_result
 from health_mlops.fl.strategies import Weights
 from health_mlops.monitoring import NodeMetrics
-from health_mlops.security import bearer
 from health_mlops.spec import DatasetSpec
 
 log = logging.getLogger("health_mlops.node")
@@ -74,8 +74,8 @@ class HospitalNode:
         self.metrics.data_rows.labels(self.hospital_id, "valid").set(data.rows_valid)
         self.metrics.data_rows.labels(self.hospital_id, "quarantined").set(data.rows_quarantined)
         self.status = NodeStatus()
-        self._client = httpx.Client(base_url=central_url, headers={**bearer(token), "X-Node-Id": node_id},
-                                    timeout=httpx.Timeout(10.0, read=poll_wait_s + 10.0))
+        self._client = HospitalClient(central_url, token, node_id=node_id, poll_wait_s=poll_wait_s,
+                                      on_response=lambda _: self._reachable())
         self._weights: tuple[tuple[str, int], Weights] | None = None  # the last round's weights, by (run, round)
         self._lease_renewed = time.monotonic()  # when the current task's lease was last granted or renewed
 
@@ -111,10 +111,7 @@ class HospitalNode:
 
     def check_identity(self) -> None:
         """Refuse to serve this hospital's data under another hospital's credential."""
-        response = self._client.get("/v1/whoami")
-        self._reachable()
-        response.raise_for_status()
-        hospital = response.json().get("hospital")
+        hospital = self._client.whoami()
         if hospital != self.hospital_id:
             raise IdentityMismatch(f"this node serves {self.hospital_id}'s data but its credential is "
                                    f"{hospital or 'the admin'}'s; give it {self.hospital_id}'s token")
@@ -123,12 +120,7 @@ class HospitalNode:
         self._client.close()
 
     def poll(self) -> TaskMessage | None:
-        response = self._client.get("/v1/tasks/next", params={"wait": self.poll_wait_s})
-        self._reachable()
-        if response.status_code == 204:
-            return None
-        response.raise_for_status()
-        return TaskMessage.model_validate(response.json())
+        return self._client.next_task()
 
     def work(self, task: TaskMessage) -> str:
         """Do one task and submit its result; returns the outcome (also counted in metrics and status)."""
@@ -167,9 +159,7 @@ class HospitalNode:
             return {}
         key = (task.run_id, task.round)
         if self._weights is None or self._weights[0] != key:
-            response = self._client.get(task.weights_path)
-            response.raise_for_status()
-            self._weights = (key, decode_weights(response.content)[0])
+            self._weights = (key, decode_weights(self._client.weights(task.weights_path))[0])
         return self._weights[1]
 
     def _submit(self, task: TaskMessage, result: TaskResult) -> str:
@@ -178,8 +168,7 @@ class HospitalNode:
         backoff = _BACKOFF_START_S
         while True:
             try:
-                response = self._client.post(f"/v1/tasks/{task.id}/result", content=body,
-                                             headers={"Content-Type": SAFETENSORS_MEDIA_TYPE})
+                response = self._client.submit_result(task.id, body)
                 break
             except httpx.TransportError as error:
                 self._unreachable(error)
@@ -187,7 +176,6 @@ class HospitalNode:
                     return "unreachable"  # the task has surely been handed to another replica by now
                 time.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
-        self._reachable()
         if response.status_code == 200:
             self.status.sent[task.kind.value] = self.status.sent.get(task.kind.value, 0) + 1
             return "succeeded"
@@ -215,14 +203,14 @@ class HospitalNode:
     def heartbeat(self, task: TaskMessage) -> bool:
         """Renew the lease; False once it is lost (taken over, or the aggregator no longer knows the task)."""
         try:
-            response = self._client.post(f"/v1/tasks/{task.id}/heartbeat")
+            status = self._client.heartbeat(task.id)
         except httpx.TransportError as error:
             self._unreachable(error)
             return True  # keep trying: the aggregator may be restarting
-        if response.status_code == 200:
+        if status == 200:
             self._lease_renewed = time.monotonic()
             return True
-        return response.status_code not in (403, 404, 409)  # anything else may pass: keep beating
+        return status not in (403, 404, 409)  # anything else may pass: keep beating
 
     # --- what the node API shows ----------------------------------------------------------------------
 

@@ -15,13 +15,14 @@ from typing import Any
 
 import httpx
 
+from health_mlops.fl.client import AdminClient
 from health_mlops.registry import EXPERIMENT_NAME, Registry
-from health_mlops.security import bearer
 
 log = logging.getLogger("health_mlops.dashboard")
 RUNS_FROM_REGISTRY = 5
 LIVE_TTL_S = 1.0  # every open dashboard polls; the aggregator is asked at most once a second
 REGISTRY_TTL_S = 15.0  # completed runs change rarely, and reading them costs dozens of queries
+AGGREGATOR_TIMEOUT_S = 3.0  # a page waits no longer for the live view before falling back to the registry
 
 
 @dataclass
@@ -114,9 +115,8 @@ class DashboardSources:
         problem = "no aggregator configured"
         if self.aggregator_url and self.admin_token:
             try:
-                response = httpx.get(f"{self.aggregator_url}/v1/runs", headers=bearer(self.admin_token), timeout=3)
-                response.raise_for_status()
-                views = sorted(response.json(), key=lambda v: v["id"])
+                with AdminClient(self.aggregator_url, self.admin_token, timeout_s=AGGREGATOR_TIMEOUT_S) as admin:
+                    views = sorted(admin.runs(), key=lambda v: v["id"])
                 return FederationState(f"aggregator {self.aggregator_url}", runs_from_views(views, self.metric),
                                        hospitals_from_view(views[-1], self.metric) if views else [])
             except (httpx.HTTPError, ValueError, KeyError) as error:

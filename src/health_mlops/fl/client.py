@@ -1,0 +1,109 @@
+"""The one client of the aggregator's protocol. Hospital nodes use `HospitalClient`; the demo, `start-run`, the
+dashboard's federation view and the loopback harness use `AdminClient`. Paths, credentials and timeouts live
+here and nowhere else, so that transport security is decided in one place.
+
+Errors are httpx's: `httpx.TransportError` when the aggregator cannot be reached, `httpx.HTTPStatusError` for
+an answer other than the expected one; `submit_result` and `heartbeat` return the status instead, because a
+node acts on each refusal differently. A refused run is `RunRefused`, with the aggregator's reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Self
+
+import httpx
+
+from health_mlops.fl.messages import SAFETENSORS_MEDIA_TYPE, RunRequest, RunView, TaskMessage
+from health_mlops.security import bearer
+
+ADMIN_TIMEOUT_S = 30.0
+# A request that is not a long poll gets this long to connect, send and answer.
+REQUEST_TIMEOUT_S = 10.0
+
+
+class RunRefused(Exception):
+    """The aggregator would not start a run."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(f"the aggregator refused the run ({status_code}): {detail}")
+        self.status_code = status_code
+        self.detail = detail
+
+
+class _AggregatorClient:
+    def __init__(self, base_url: str, token: str, *, timeout: httpx.Timeout | float,
+                 headers: dict[str, str] | None = None,
+                 on_response: Callable[[httpx.Response], None] | None = None) -> None:
+        self.base_url = base_url
+        hooks = {"response": [on_response]} if on_response is not None else {}
+        self._http = httpx.Client(base_url=base_url, headers={**bearer(token), **(headers or {})}, timeout=timeout,
+                                  event_hooks=hooks)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class HospitalClient(_AggregatorClient):
+    """A node's calls: who am I, the next task (long poll), a round's weights, heartbeats and results.
+    `on_response` sees every answer (the node counts any answer as the aggregator being reachable)."""
+
+    def __init__(self, base_url: str, token: str, *, node_id: str, poll_wait_s: float,
+                 on_response: Callable[[httpx.Response], None] | None = None) -> None:
+        super().__init__(base_url, token, headers={"X-Node-Id": node_id}, on_response=on_response,
+                         timeout=httpx.Timeout(REQUEST_TIMEOUT_S, read=poll_wait_s + REQUEST_TIMEOUT_S))
+        self.poll_wait_s = poll_wait_s
+
+    def whoami(self) -> str | None:
+        """The hospital this credential belongs to (None: the admin's)."""
+        return self._http.get("/v1/whoami").raise_for_status().json().get("hospital")
+
+    def next_task(self) -> TaskMessage | None:
+        """Waits up to `poll_wait_s` for a task; None when there is none."""
+        response = self._http.get("/v1/tasks/next", params={"wait": self.poll_wait_s})
+        if response.status_code == 204:
+            return None
+        return TaskMessage.model_validate(response.raise_for_status().json())
+
+    def weights(self, path: str) -> bytes:
+        """A round's global weights, at the path its task names."""
+        return self._http.get(path).raise_for_status().content
+
+    def submit_result(self, task_id: str, body: bytes) -> httpx.Response:
+        return self._http.post(f"/v1/tasks/{task_id}/result", content=body,
+                               headers={"Content-Type": SAFETENSORS_MEDIA_TYPE})
+
+    def heartbeat(self, task_id: str) -> int:
+        return self._http.post(f"/v1/tasks/{task_id}/heartbeat").status_code
+
+
+class AdminClient(_AggregatorClient):
+    """The consortium admin's calls: start, follow and cancel runs, fetch a run's final weights."""
+
+    def __init__(self, base_url: str, token: str, *, timeout_s: float = ADMIN_TIMEOUT_S) -> None:
+        super().__init__(base_url, token, timeout=timeout_s)
+
+    def start_run(self, request: RunRequest) -> RunView:
+        response = self._http.post("/v1/runs", json=request.model_dump(mode="json"))
+        if response.status_code != 201:
+            raise RunRefused(response.status_code, response.text)
+        return RunView.model_validate(response.json())
+
+    def run(self, run_id: str) -> RunView:
+        return RunView.model_validate(self._http.get(f"/v1/runs/{run_id}").raise_for_status().json())
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run the aggregator holds, as the JSON views it sends."""
+        return self._http.get("/v1/runs").raise_for_status().json()
+
+    def cancel(self, run_id: str) -> None:
+        self._http.post(f"/v1/runs/{run_id}/cancel").raise_for_status()
+
+    def round_weights(self, run_id: str, round_number: int) -> bytes:
+        return self._http.get(f"/v1/runs/{run_id}/rounds/{round_number}/weights").raise_for_status().content
