@@ -339,22 +339,53 @@ def start_run(
 def provision(
     hospitals: Annotated[int | None, typer.Option(min=1, max=1000, help="issue for hospital-1 .. hospital-N")] = None,
     hospital: Annotated[list[str] | None, typer.Option(help="issue for this hospital (repeatable)")] = None,
+    server_name: Annotated[list[str] | None, typer.Option(help="another DNS name or IP address the aggregator "
+                                                                "is reached by (repeatable)")] = None,
+    rotate: Annotated[list[str] | None, typer.Option(help="new token and certificate for this hospital, "
+                                                           "'admin' or 'aggregator'; the old ones stop working")] = None,
+    revoke: Annotated[list[str] | None, typer.Option(help="revoke this hospital's token and certificate")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="default: the credentials folder of "
                                                                 "$HEALTH_MLOPS_HOME")] = None,
 ) -> None:
-    """Issue credentials once: the admin's and one per hospital (existing ones are kept)."""
+    """Issue credentials once: the consortium CA, the aggregator's server certificate, and for the admin and
+    each hospital a token and a client certificate (existing ones are kept); rotate or revoke one."""
     from health_mlops.data.synthetic import hospital_ids
+    from health_mlops.pki import SERVER, PkiError, ensure_certificates
+    from health_mlops.pki import revoke as revoke_certificate
+    from health_mlops.pki import rotate as rotate_certificate
+    from health_mlops.security import ADMIN, CredentialError, revoke_token, rotate_token
     from health_mlops.security import provision as issue
 
     names = [*(hospital_ids(hospitals) if hospitals else []), *(hospital or [])]
-    if not names:
-        err.print("[bold red]error:[/] name the hospitals: --hospitals N or --hospital NAME", markup=True)
+    if not (names or rotate or revoke or server_name):
+        err.print("[bold red]error:[/] name the hospitals (--hospitals N or --hospital NAME), or --rotate or "
+                  "--revoke one", markup=True)
         raise typer.Exit(2)
     directory = out_dir or get_settings().credentials_dir
-    issued = issue(directory, names)
-    out.print(f"credentials in {directory}: " + (f"issued {', '.join(issued)}" if issued else "nothing new to issue"),
+    try:
+        for name in revoke or []:
+            if name in (ADMIN, SERVER):
+                raise CredentialError(f"{name}: cannot be revoked, only rotated (--rotate {name})")
+            revoke_token(directory, name)
+            revoke_certificate(directory, name)
+            out.print(f"revoked {name}: its token and certificate no longer work")
+        for name in rotate or []:
+            if name != SERVER:
+                rotate_token(directory, name)
+            rotate_certificate(directory, name, server_names=server_name)
+            out.print(f"rotated {name}: give it the new {name}.crt/.key" + ("" if name == SERVER else
+                                                                           f" and {name}.token"))
+        issued = issue(directory, names)
+        clients = [ADMIN, *(p.name.removesuffix(".token") for p in sorted(directory.glob("*.token")))]
+        certified = ensure_certificates(directory, clients, server_names=server_name)
+    except (CredentialError, PkiError) as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+    new = list(dict.fromkeys([*issued, *certified]))
+    out.print(f"credentials in {directory}: " + (f"issued {', '.join(new)}" if new else "nothing new to issue"),
               soft_wrap=True)
-    out.print("give each hospital only its own <hospital>.token; the aggregator needs registry.json")
+    out.print("give each hospital only ca.crt and its own <hospital>.token, .crt and .key; the aggregator needs "
+              "registry.json, ca.crt, crl.pem and aggregator.crt/.key", soft_wrap=True)
 
 
 @app.command()

@@ -10,6 +10,7 @@ Layout of a credentials folder (in Kubernetes: Secrets mounted as files or env v
     registry.json            digest -> identity; what the aggregator needs
     admin.token              the admin's token
     hospital-1.token, ...    one token per hospital; each goes only to that hospital's nodes
+The same folder holds the consortium's certificates (`pki.py`).
 """
 
 from __future__ import annotations
@@ -69,8 +70,7 @@ def provision(directory: Path, hospitals: list[str]) -> list[str]:
     """Issue tokens for the admin and for every hospital that has none yet; return the names newly issued.
 
     Existing tokens are kept, so running it again to add a hospital does not lock the others out. The
-    registry is rebuilt from the token files present: to revoke a hospital's token, delete its file and
-    provision again (with the hospital named, it gets a new token).
+    registry is rebuilt from the token files present (`revoke_token` and `rotate_token` change one).
     """
     directory.mkdir(parents=True, exist_ok=True)
     issued: list[str] = []
@@ -79,13 +79,34 @@ def provision(directory: Path, hospitals: list[str]) -> list[str]:
         if not path.exists():
             _write_private(path, secrets.token_urlsafe(32) + "\n")
             issued.append(name)
+    _write_registry(directory)
+    return issued
+
+
+def rotate_token(directory: Path, name: str) -> None:
+    """A new token for `name`; the old one is no longer in the registry."""
+    if not token_path(directory, name).exists():
+        raise CredentialError(f"{token_path(directory, name)}: no token to rotate")
+    _write_private(token_path(directory, name), secrets.token_urlsafe(32) + "\n")
+    _write_registry(directory)
+
+
+def revoke_token(directory: Path, name: str) -> None:
+    """Remove `name`'s token and take it out of the registry."""
+    if not token_path(directory, name).exists():
+        raise CredentialError(f"{token_path(directory, name)}: no token to revoke")
+    token_path(directory, name).unlink()
+    _write_registry(directory)
+
+
+def _write_registry(directory: Path) -> None:
+    """The registry holds the digests of the token files present, and nothing else."""
     registry: dict[str, dict[str, str | None]] = {}
     for path in sorted(directory.glob("*.token")):
         name = path.name.removesuffix(".token")
         identity = Identity(ADMIN) if name == ADMIN else Identity("hospital", name)
         registry[_digest(read_token(path))] = {"role": identity.role, "hospital": identity.hospital}
     _write_private(directory / REGISTRY_FILE_NAME, json.dumps(registry, indent=2, sort_keys=True) + "\n")
-    return issued
 
 
 def load_registry_entries(path: Path) -> dict[str, dict[str, str | None]]:

@@ -152,6 +152,34 @@ def test_provision_issues_once_and_keeps_existing_tokens(home: Path) -> None:
     assert (home / "credentials" / "hospital-1.token").read_text() == token
 
 
+def test_provision_rotates_and_revokes_a_hospitals_token_and_certificate(home: Path) -> None:
+    from health_mlops.pki import load_certificate, revoked_serials
+    from health_mlops.security import TokenAuthority, bearer
+
+    credentials = home / "credentials"
+    run_cli("provision", "--hospitals", "2", home=home)
+    token = (credentials / "hospital-1.token").read_text().strip()
+    serial = load_certificate(credentials / "hospital-1.crt").serial_number
+    rotated = run_cli("provision", "--rotate", "hospital-1", home=home)
+    assert "rotated hospital-1" in rotated.stdout
+    assert load_certificate(credentials / "hospital-1.crt").serial_number != serial
+    assert serial in revoked_serials(credentials)
+    assert TokenAuthority.from_directory(credentials).identify(bearer(token)["Authorization"]) is None
+    new_token = (credentials / "hospital-1.token").read_text().strip()
+    assert TokenAuthority.from_directory(credentials).identify(bearer(new_token)["Authorization"]) is not None
+
+    hospital_2 = load_certificate(credentials / "hospital-2.crt").serial_number
+    revoked = run_cli("provision", "--revoke", "hospital-2", home=home)
+    assert "revoked hospital-2" in revoked.stdout
+    assert not (credentials / "hospital-2.token").exists() and not (credentials / "hospital-2.crt").exists()
+    assert TokenAuthority.from_directory(credentials).hospitals == ["hospital-1"]
+    assert hospital_2 in revoked_serials(credentials)
+    unknown = run_cli("provision", "--revoke", "hospital-9", home=home, check=False)
+    assert unknown.returncode == 2 and "hospital-9.token: no token to revoke" in unknown.stderr
+    admin = run_cli("provision", "--revoke", "admin", home=home, check=False)
+    assert admin.returncode == 2 and "only rotated" in admin.stderr
+
+
 def test_services_refuse_to_start_without_credentials(tmp_path: Path, home: Path) -> None:
     aggregator = run_cli("aggregator", "--port", str(free_port_range(1)), home=home, check=False, timeout=60)
     assert aggregator.returncode == 2 and "provision" in aggregator.stderr

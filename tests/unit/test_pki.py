@@ -1,0 +1,148 @@
+"""The consortium's certificates work for mutual TLS with Python's own ssl module: the aggregator's server
+certificate for the names it is reached by, a client certificate per hospital, refusal of strangers and of
+revoked certificates, rotation, and private keys only their owner can read."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import ssl
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from health_mlops.pki import (
+    CA,
+    CRL_FILE_NAME,
+    SERVER,
+    PkiError,
+    cert_path,
+    ensure_certificates,
+    key_path,
+    load_certificate,
+    revoke,
+    revoked_serials,
+    rotate,
+)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    directory = tmp_path / "credentials"
+    ensure_certificates(directory, ["admin", "hospital-1", "hospital-2"])
+    return directory
+
+
+def server_context(directory: Path, *, check_crl: bool = False) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path(directory, SERVER), key_path(directory, SERVER))
+    context.load_verify_locations(cert_path(directory, CA))
+    context.verify_mode = ssl.CERT_REQUIRED
+    if check_crl:
+        context.load_verify_locations(directory / CRL_FILE_NAME)
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    return context
+
+
+def client_context(ca: Path, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(ca)
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def handshake(server: ssl.SSLContext, client: ssl.SSLContext, server_hostname: str = "localhost") -> str:
+    """Connects the two over a socket pair; returns the common name the server saw, or raises ssl.SSLError."""
+    near, far = socket.socketpair()
+    near.settimeout(10)
+    far.settimeout(10)
+    seen: list[str] = []
+
+    def serve() -> None:
+        try:
+            with server.wrap_socket(far, server_side=True) as tls:
+                subject = dict(item[0] for item in tls.getpeercert()["subject"])
+                seen.append(subject["commonName"])
+                tls.sendall(b"ok")
+        except (ssl.SSLError, OSError):
+            far.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with client.wrap_socket(near, server_hostname=server_hostname) as tls:
+            if tls.recv(2) != b"ok":  # TLS 1.3 reports a refused client certificate on the first read
+                raise ssl.SSLError("the server closed the connection")
+    finally:
+        thread.join(10)
+    return seen[0]
+
+
+def test_a_hospital_connects_with_its_certificate_and_is_known_by_it(pki: Path) -> None:
+    client = client_context(cert_path(pki, CA), cert_path(pki, "hospital-1"), key_path(pki, "hospital-1"))
+    for name in ("localhost", "127.0.0.1", "aggregator.health-mlops-central.svc"):
+        assert handshake(server_context(pki), client, name) == "hospital-1"
+
+
+def test_strangers_are_refused(pki: Path, tmp_path: Path) -> None:
+    with pytest.raises((ssl.SSLError, OSError)):
+        handshake(server_context(pki), client_context(cert_path(pki, CA)))  # no client certificate
+    other = tmp_path / "other-consortium"
+    ensure_certificates(other, ["hospital-1"])
+    with pytest.raises((ssl.SSLError, OSError)):
+        handshake(server_context(pki), client_context(cert_path(pki, CA), cert_path(other, "hospital-1"),
+                                                      key_path(other, "hospital-1")))
+    with pytest.raises(ssl.SSLCertVerificationError):  # nor does a node trust another consortium's aggregator
+        handshake(server_context(other), client_context(cert_path(pki, CA), cert_path(pki, "hospital-1"),
+                                                        key_path(pki, "hospital-1")))
+
+
+def test_a_revoked_certificate_is_refused_and_removed(pki: Path, tmp_path: Path) -> None:
+    kept = tmp_path / "hospital-2-copy"
+    kept.mkdir()
+    shutil.copy(cert_path(pki, "hospital-2"), kept / "hospital-2.crt")
+    shutil.copy(key_path(pki, "hospital-2"), kept / "hospital-2.key")
+    serial = load_certificate(cert_path(pki, "hospital-2")).serial_number
+    assert handshake(server_context(pki, check_crl=True),
+                     client_context(cert_path(pki, CA), kept / "hospital-2.crt", kept / "hospital-2.key"))
+    revoke(pki, "hospital-2")
+    assert not cert_path(pki, "hospital-2").exists() and not key_path(pki, "hospital-2").exists()
+    assert serial in revoked_serials(pki)
+    with pytest.raises((ssl.SSLError, OSError)):
+        handshake(server_context(pki, check_crl=True),
+                  client_context(cert_path(pki, CA), kept / "hospital-2.crt", kept / "hospital-2.key"))
+    client = client_context(cert_path(pki, CA), cert_path(pki, "hospital-1"), key_path(pki, "hospital-1"))
+    assert handshake(server_context(pki, check_crl=True), client) == "hospital-1"
+    with pytest.raises(PkiError, match="no certificate to revoke"):
+        revoke(pki, "hospital-2")
+
+
+def test_rotation_issues_a_new_certificate_and_revokes_the_old(pki: Path) -> None:
+    old = load_certificate(cert_path(pki, "hospital-1")).serial_number
+    rotate(pki, "hospital-1")
+    new = load_certificate(cert_path(pki, "hospital-1")).serial_number
+    assert new != old and old in revoked_serials(pki) and new not in revoked_serials(pki)
+    client = client_context(cert_path(pki, CA), cert_path(pki, "hospital-1"), key_path(pki, "hospital-1"))
+    assert handshake(server_context(pki, check_crl=True), client) == "hospital-1"
+
+
+def test_the_server_certificate_names_every_address_and_keeps_them_on_rotation(tmp_path: Path) -> None:
+    directory = tmp_path / "credentials"
+    ensure_certificates(directory, [], server_names=["fl.hospital-consortium.example"])
+    rotate(directory, SERVER, server_names=["10.0.0.8"])
+    names = load_certificate(cert_path(directory, SERVER)).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert {"localhost", "aggregator", "fl.hospital-consortium.example"} <= set(names.get_values_for_type(x509.DNSName))
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "::1", "10.0.0.8"}
+
+
+def test_provisioning_again_keeps_what_exists_and_keys_are_private(pki: Path) -> None:
+    serial = load_certificate(cert_path(pki, "hospital-1")).serial_number
+    assert ensure_certificates(pki, ["hospital-1", "hospital-3"]) == ["hospital-3"]
+    assert load_certificate(cert_path(pki, "hospital-1")).serial_number == serial
+    for name in (CA, SERVER, "admin", "hospital-1", "hospital-3"):
+        assert stat.S_IMODE(key_path(pki, name).stat().st_mode) == 0o600, name
