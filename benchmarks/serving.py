@@ -150,7 +150,8 @@ def main() -> None:
             check = httpx.post(f"http://127.0.0.1:{mlflow_port}/invocations", content=mlflow_row,
                                headers={"Content-Type": "application/json"})
             assert check.status_code == 200, check.text
-            ours_answer = httpx.post(f"{base}/api/v1/predict", content=one).json()["prediction"]
+            ours_answer = httpx.post(f"{base}/api/v1/predict", content=one,
+                                     headers={"Content-Type": "application/json"}).json()["prediction"]
             theirs = check.json()["predictions"]
             theirs_answer = (theirs.get("prediction") if isinstance(theirs, dict) else theirs)[0]
             assert abs(ours_answer - theirs_answer) < 1e-5, (ours_answer, theirs)  # the same model, both sides

@@ -146,6 +146,20 @@ def test_garbage_never_gets_a_5xx(serving: tuple[str, Registry], patients: list[
     assert httpx.post(f"{url}/api/v1/predict/batch", json={"rows": [patients[1], mixed]}).status_code == 422
 
 
+def test_only_a_body_declared_json_is_read(serving: tuple[str, Registry], patients: list[dict]) -> None:
+    url, _ = serving
+    body = json.dumps(patients[0]).encode()
+    for path, payload in (("/api/v1/predict", body), ("/api/v1/predict/batch", b'{"rows": [' + body + b"]}")):
+        for content_type in (None, "text/plain", "application/x-www-form-urlencoded", "application/jsonx"):
+            headers = {"Content-Type": content_type} if content_type else {}
+            response = httpx.post(f"{url}{path}", content=payload, headers=headers)
+            assert response.status_code == 415 and "application/json" in response.json()["detail"], content_type
+        declared = httpx.post(f"{url}{path}", content=payload,
+                              headers={"Content-Type": "Application/JSON; charset=utf-8"})
+        # read and validated, then refused only for want of a champion (this server has none)
+        assert declared.status_code == 503 and "champion" in declared.text, declared.text
+
+
 def test_a_new_champion_is_swapped_in_under_load_without_a_failed_request(serving: tuple[str, Registry],
                                                                          patients: list[dict]) -> None:
     url, registry = serving

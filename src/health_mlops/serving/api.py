@@ -41,6 +41,16 @@ def _json(content: Any, status_code: int = 200) -> Response:
                     media_type="application/json")
 
 
+def _is_json(request: Request) -> bool:
+    """Whether the body is declared JSON. Required: a form or text body parsed as JSON by accident is a
+    client bug, and a browser can send those cross-site without a preflight."""
+    media_type, _, _ = request.headers.get("content-type", "").partition(";")
+    return media_type.strip().lower() == "application/json"
+
+
+NOT_JSON = {"detail": "send the body as JSON, with the header Content-Type: application/json"}
+
+
 def _request_body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
@@ -83,6 +93,9 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
         # The query is read by hand: a declared query parameter costs every prediction ~20 % of throughput.
         explain = request.query_params.get("explain", "false").lower() in ("true", "1", "yes")
         started = time.perf_counter()
+        if not _is_json(request):
+            predictor.count("predict", "invalid")
+            return _json(NOT_JSON, 415)
         try:
             matrix = encoder.one(await request.body())
         except InvalidRequest as error:
@@ -100,6 +113,9 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
     async def predict_batch(request: Request) -> Response:
         """Many patients: `{"rows": [...]}`; predictions come back in the same order."""
         started = time.perf_counter()
+        if not _is_json(request):
+            predictor.count("batch", "invalid")
+            return _json(NOT_JSON, 415)
         body = await request.body()
         # A large batch takes a few hundred milliseconds: in a worker thread, single predictions keep being
         # answered meanwhile instead of waiting for the whole batch.
@@ -116,6 +132,8 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
     async def noop(request: Request) -> Response:
         """The predict route's twin without the prediction: reads the body, answers a fixed object. The serving
         benchmark measures predict against it to see what the model and validation cost."""
+        if not _is_json(request):
+            return _json(NOT_JSON, 415)
         await request.body()
         return _json({"prediction": 0.0, "model_version": 0})
 
