@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,12 @@ def test_quarantined_rows_are_written_aside_as_they_were(tmp_path: Path) -> None
     assert aside.loc[aside["line"] == "3", "heart_rate"].item() == "abc"
     assert "heart_rate: 'abc' is not a number" in aside.loc[aside["line"] == "3", "reason"].item()
     assert '"rows_quarantined": 9' in report_path.read_text()
+    # patient records: readable by the owner only, written again over a file left world-readable
+    assert stat.S_IMODE((tmp_path / "quality").stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (report_path, quarantine_path)} == {0o600}
+    quarantine_path.chmod(0o644)
+    write_quality_report(result, tmp_path / "quality")
+    assert stat.S_IMODE(quarantine_path.stat().st_mode) == 0o600
 
 
 def test_categories_match_case_insensitively_and_parquet_floats(tmp_path: Path) -> None:
