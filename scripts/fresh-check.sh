@@ -20,7 +20,8 @@ work=${FRESH_DIR:-/var/tmp/health-mlops-fresh}
 torch=${FRESH_TORCH:-local}
 mirror=${FRESH_MIRROR:-http://deb.debian.org/debian}
 user=${FRESH_USER:-root}
-home=/root; [ "$user" = root ] || home=/home/$user
+home_of() { if [ "$1" = root ]; then echo /root; else echo "/home/$1"; fi; }
+home=$(home_of "$user")
 root=$work/root
 logs=$work/logs
 
@@ -43,8 +44,7 @@ step() {  # step NAME COMMAND...: runs COMMAND with its output in $logs/NAME.log
 in_root() {
   local as=$1 wheels=""
   shift
-  local env=(HOME=$([ "$as" = root ] && echo /root || echo "/home/$as") LANG=C.UTF-8 TERM=dumb
-             PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin)
+  local env=(HOME="$(home_of "$as")" LANG=C.UTF-8 TERM=dumb PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin)
   # pip in the root trusts what this host trusts: where PyPI is reached through a proxy that re-signs TLS, only
   # the host's bundle holds that proxy's CA. On an open network this changes nothing.
   if [ -f "$root/etc/ssl/host-ca.crt" ]; then env+=(PIP_CERT=/etc/ssl/host-ca.crt); fi

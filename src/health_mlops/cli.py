@@ -376,8 +376,8 @@ def provision(
             out.print(f"rotated {name}: give it the new {name}.crt/.key" + ("" if name == SERVER else
                                                                            f" and {name}.token"))
         issued = issue(directory, names)
-        clients = [ADMIN, *(p.name.removesuffix(".token") for p in sorted(directory.glob("*.token")))]
-        certified = ensure_certificates(directory, clients, server_names=server_name)
+        holders = [path.name.removesuffix(".token") for path in sorted(directory.glob("*.token"))]  # admin too
+        certified = ensure_certificates(directory, holders, server_names=server_name)
     except (CredentialError, PkiError) as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None

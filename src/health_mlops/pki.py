@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +23,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from health_mlops.files import write_atomically, write_private
+
 CA = "ca"
 SERVER = "aggregator"
 CRL_FILE_NAME = "crl.pem"
-REVOKED_FILE_NAME = "revoked.json"  # serial -> whose certificate it was, for people reading the folder
 ORGANISATION = "Health MLOps consortium"
 CA_VALIDITY = dt.timedelta(days=3650)
 LEAF_VALIDITY = dt.timedelta(days=397)  # the longest browsers accept; rotation is `provision --rotate`
@@ -62,25 +61,13 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # a reader (the aggregator reloading the CRL) never sees half a file
-
-
 def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+                             serialization.NoEncryption()).decode("ascii")
 
 
 def _name(common_name: str) -> x509.Name:
@@ -126,8 +113,8 @@ def _ensure_ca(directory: Path) -> _Issuer:
                                                 encipher_only=False, decipher_only=False), critical=True)
                    .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
                    .sign(key, hashes.SHA256()))
-    _write_private(key_path(directory, CA), _key_pem(key))
-    _write_public(cert_path(directory, CA), certificate.public_bytes(serialization.Encoding.PEM))
+    write_private(key_path(directory, CA), _key_pem(key))
+    write_atomically(cert_path(directory, CA), certificate.public_bytes(serialization.Encoding.PEM))
     return _Issuer(certificate, key)
 
 
@@ -160,38 +147,43 @@ def _issue(directory: Path, issuer: _Issuer, name: str, *, server_names: list[st
     if server_names is not None:
         builder = builder.add_extension(_san(server_names), critical=False)
     certificate = builder.sign(issuer.key, hashes.SHA256())
-    _write_private(key_path(directory, name), _key_pem(key))
-    _write_public(cert_path(directory, name), certificate.public_bytes(serialization.Encoding.PEM))
+    write_private(key_path(directory, name), _key_pem(key))
+    write_atomically(cert_path(directory, name), certificate.public_bytes(serialization.Encoding.PEM))
 
 
-def _revoked(directory: Path) -> dict[str, str]:
-    path = directory / REVOKED_FILE_NAME
-    if not path.exists():
-        return {}
+def _load_crl(directory: Path) -> x509.CertificateRevocationList:
+    path = directory / CRL_FILE_NAME
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PkiError(f"{path}: not a readable list of revoked serials ({exc})") from None
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+    except OSError as exc:
+        raise PkiError(f"{path}: cannot read the CRL ({exc.strerror})") from None
+    except ValueError as exc:
+        raise PkiError(f"{path}: not a PEM CRL ({exc})") from None
+    ca = load_certificate(cert_path(directory, CA))
+    if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+        raise PkiError(f"{path}: not signed by the consortium CA")
+    return crl
 
 
-def _write_crl(directory: Path, issuer: _Issuer, revoked: dict[str, str]) -> None:
+def _write_crl(directory: Path, issuer: _Issuer, *, revoke: x509.Certificate | None = None) -> None:
+    """Re-sign the CRL: what it revoked already (the CRL is the one record of that), and `revoke` if given."""
     now = _now()
     builder = (x509.CertificateRevocationListBuilder().issuer_name(issuer.certificate.subject)
                .last_update(now - dt.timedelta(minutes=5)).next_update(now + CRL_VALIDITY))
-    for serial in revoked:
+    for entry in _load_crl(directory) if (directory / CRL_FILE_NAME).exists() else []:
+        builder = builder.add_revoked_certificate(entry)
+    if revoke is not None:
         builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(int(serial)).revocation_date(now).build())
+            x509.RevokedCertificateBuilder().serial_number(revoke.serial_number).revocation_date(now).build())
     crl = builder.sign(issuer.key, hashes.SHA256())
-    _write_public(directory / REVOKED_FILE_NAME, (json.dumps(revoked, indent=2, sort_keys=True) + "\n").encode())
-    _write_public(directory / CRL_FILE_NAME, crl.public_bytes(serialization.Encoding.PEM))
+    write_atomically(directory / CRL_FILE_NAME, crl.public_bytes(serialization.Encoding.PEM))
 
 
-def _revoke_current(directory: Path, name: str, revoked: dict[str, str]) -> bool:
+def _current(directory: Path, name: str, action: str) -> x509.Certificate:
     path = cert_path(directory, name)
     if not path.exists():
-        return False
-    revoked[str(load_certificate(path).serial_number)] = name
-    return True
+        raise PkiError(f"{path}: no certificate to {action}")
+    return load_certificate(path)
 
 
 def ensure_certificates(directory: Path, clients: list[str], *, server_names: list[str] | None = None) -> list[str]:
@@ -208,45 +200,29 @@ def ensure_certificates(directory: Path, clients: list[str], *, server_names: li
         if not cert_path(directory, name).exists():
             _issue(directory, issuer, name, server_names=None)
             issued.append(name)
-    _write_crl(directory, issuer, _revoked(directory))
+    _write_crl(directory, issuer)
     return issued
 
 
 def rotate(directory: Path, name: str, *, server_names: list[str] | None = None) -> None:
     """A new key and certificate for `name`; the old certificate is revoked."""
     issuer = _load_issuer(directory)
-    revoked = _revoked(directory)
-    if not _revoke_current(directory, name, revoked):
-        raise PkiError(f"{cert_path(directory, name)}: no certificate to rotate")
+    current = _current(directory, name, "rotate")
     if name == SERVER:
-        current = load_certificate(cert_path(directory, SERVER))
         kept = [str(n.value) for n in current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value]
         server_names = list(dict.fromkeys([*kept, *(server_names or [])]))
     _issue(directory, issuer, name, server_names=server_names if name == SERVER else None)
-    _write_crl(directory, issuer, revoked)
+    _write_crl(directory, issuer, revoke=current)
 
 
 def revoke(directory: Path, name: str) -> None:
     """Revoke `name`'s certificate and remove it and its key: that identity can no longer connect."""
     issuer = _load_issuer(directory)
-    revoked = _revoked(directory)
-    if not _revoke_current(directory, name, revoked):
-        raise PkiError(f"{cert_path(directory, name)}: no certificate to revoke")
-    _write_crl(directory, issuer, revoked)
+    _write_crl(directory, issuer, revoke=_current(directory, name, "revoke"))
     cert_path(directory, name).unlink()
     key_path(directory, name).unlink(missing_ok=True)
 
 
 def revoked_serials(directory: Path) -> set[int]:
     """The serial numbers the CA's current CRL revokes (its signature checked)."""
-    path = directory / CRL_FILE_NAME
-    try:
-        crl = x509.load_pem_x509_crl(path.read_bytes())
-    except OSError as exc:
-        raise PkiError(f"{path}: cannot read the CRL ({exc.strerror})") from None
-    except ValueError as exc:
-        raise PkiError(f"{path}: not a PEM CRL ({exc})") from None
-    ca = load_certificate(cert_path(directory, CA))
-    if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
-        raise PkiError(f"{path}: not signed by the consortium CA")
-    return {entry.serial_number for entry in crl}
+    return {entry.serial_number for entry in _load_crl(directory)}

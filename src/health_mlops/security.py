@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from health_mlops.files import write_private
 
 REGISTRY_FILE_NAME = "registry.json"
 ADMIN = "admin"
@@ -43,13 +44,6 @@ class Identity:
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write a secret readable by its owner only (created 0600, never world-readable even briefly)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
 
 
 def token_path(directory: Path, name: str) -> Path:
@@ -77,7 +71,7 @@ def provision(directory: Path, hospitals: list[str]) -> list[str]:
     for name in dict.fromkeys([ADMIN, *hospitals]):
         path = token_path(directory, name)
         if not path.exists():
-            _write_private(path, secrets.token_urlsafe(32) + "\n")
+            write_private(path, secrets.token_urlsafe(32) + "\n")
             issued.append(name)
     _write_registry(directory)
     return issued
@@ -87,7 +81,7 @@ def rotate_token(directory: Path, name: str) -> None:
     """A new token for `name`; the old one is no longer in the registry."""
     if not token_path(directory, name).exists():
         raise CredentialError(f"{token_path(directory, name)}: no token to rotate")
-    _write_private(token_path(directory, name), secrets.token_urlsafe(32) + "\n")
+    write_private(token_path(directory, name), secrets.token_urlsafe(32) + "\n")
     _write_registry(directory)
 
 
@@ -106,7 +100,7 @@ def _write_registry(directory: Path) -> None:
         name = path.name.removesuffix(".token")
         identity = Identity(ADMIN) if name == ADMIN else Identity("hospital", name)
         registry[_digest(read_token(path))] = {"role": identity.role, "hospital": identity.hospital}
-    _write_private(directory / REGISTRY_FILE_NAME, json.dumps(registry, indent=2, sort_keys=True) + "\n")
+    write_private(directory / REGISTRY_FILE_NAME, json.dumps(registry, indent=2, sort_keys=True) + "\n")
 
 
 def load_registry_entries(path: Path) -> dict[str, dict[str, str | None]]:

@@ -126,6 +126,8 @@ def test_rotation_issues_a_new_certificate_and_revokes_the_old(pki: Path) -> Non
     rotate(pki, "hospital-1")
     new = load_certificate(cert_path(pki, "hospital-1")).serial_number
     assert new != old and old in revoked_serials(pki) and new not in revoked_serials(pki)
+    ensure_certificates(pki, ["hospital-3"])  # re-signs the CRL: what it revoked stays revoked
+    assert old in revoked_serials(pki)
     client = client_context(cert_path(pki, CA), cert_path(pki, "hospital-1"), key_path(pki, "hospital-1"))
     assert handshake(server_context(pki, check_crl=True), client) == "hospital-1"
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from health_mlops.fl.store import CheckpointError, CheckpointStore, write_atomically
+from health_mlops.files import write_atomically
+from health_mlops.fl.store import CheckpointError, CheckpointStore
 from health_mlops.security import (ADMIN, REGISTRY_FILE_NAME, CredentialError, Identity, TokenAuthority, bearer,
                                    provision, read_token, token_path)
 
@@ -66,7 +67,7 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path: Path, monkeypatch: p
     def crash(*_: object) -> None:
         raise OSError("disk gone")
 
-    monkeypatch.setattr("health_mlops.fl.store.os.replace", crash)
+    monkeypatch.setattr("health_mlops.files.os.replace", crash)
     with pytest.raises(OSError):
         write_atomically(path, json.dumps({"round": 2}).encode())
     assert json.loads(path.read_text()) == {"round": 1}

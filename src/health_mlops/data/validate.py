@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
 from health_mlops.data.io import DataError, RawTable
+from health_mlops.files import open_private
 from health_mlops.spec import DatasetSpec, Feature
 
 # Spellings of "no value" that exports use; compared case-insensitively after stripping blanks.
@@ -207,13 +206,6 @@ def _quarantined_rows(table: RawTable, bad: np.ndarray, quarantined: list[Quaran
     return raw.sort_values("line", kind="stable").reset_index(drop=True)
 
 
-def _open_private(path: Path) -> IO[str]:
-    """A file for writing that only its owner can read, even if it existed before with wider permissions."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    return os.fdopen(fd, "w", encoding="utf-8", newline="")
-
-
 def write_quality_report(validated: ValidatedTable, out_dir: Path) -> tuple[Path, Path]:
     """Write `<file>.report.json` and `<file>.quarantine.csv` into `out_dir`; returns both paths. Quarantined
     rows are patient records: the folder is 0700 and the files 0600."""
@@ -222,9 +214,9 @@ def write_quality_report(validated: ValidatedTable, out_dir: Path) -> tuple[Path
     name = Path(validated.report.file).name
     report_path = out_dir / f"{name}.report.json"
     quarantine_path = out_dir / f"{name}.quarantine.csv"
-    with _open_private(report_path) as report:
+    with open_private(report_path) as report:
         report.write(validated.report.model_dump_json(indent=2))
-    with _open_private(quarantine_path) as quarantine:
+    with open_private(quarantine_path) as quarantine:
         validated.quarantined_rows.to_csv(quarantine, index=False)
     return report_path, quarantine_path
 

@@ -23,19 +23,13 @@ REQUEST_TIMEOUT_S = 10.0
 
 
 class RunRefused(Exception):
-    """The aggregator would not start a run."""
-
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(f"the aggregator refused the run ({status_code}): {detail}")
-        self.status_code = status_code
-        self.detail = detail
+    """The aggregator would not start a run; the message has its status and reason."""
 
 
 class _AggregatorClient:
     def __init__(self, base_url: str, token: str, *, timeout: httpx.Timeout | float,
                  headers: dict[str, str] | None = None,
                  on_response: Callable[[httpx.Response], None] | None = None) -> None:
-        self.base_url = base_url
         hooks = {"response": [on_response]} if on_response is not None else {}
         self._http = httpx.Client(base_url=base_url, headers={**bearer(token), **(headers or {})}, timeout=timeout,
                                   event_hooks=hooks)
@@ -92,7 +86,7 @@ class AdminClient(_AggregatorClient):
     def start_run(self, request: RunRequest) -> RunView:
         response = self._http.post("/v1/runs", json=request.model_dump(mode="json"))
         if response.status_code != 201:
-            raise RunRefused(response.status_code, response.text)
+            raise RunRefused(f"the aggregator refused the run ({response.status_code}): {response.text}")
         return RunView.model_validate(response.json())
 
     def run(self, run_id: str) -> RunView:

@@ -1,0 +1,35 @@
+"""Writing files safely, in one place: atomically (a reader never sees half a file, and a crash leaves the old
+one) and privately (readable by the owner only, even over a file that existed with wider permissions)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import IO
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # make the rename itself durable
+    finally:
+        os.close(folder)
+
+
+def open_private(path: Path) -> IO[str]:
+    """A text file for writing, created 0600 (never world-readable, even briefly) and made 0600 if it existed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "w", encoding="utf-8", newline="")
+
+
+def write_private(path: Path, text: str) -> None:
+    with open_private(path) as handle:
+        handle.write(text)
