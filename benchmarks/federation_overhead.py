@@ -1,9 +1,10 @@
 """What the federation protocol costs on top of the hospitals' compute, side by side in one run.
 
-Three ways to train the same run (FedAvg, the acceptance data: 5 hospitals x 4000 patient-days, seed 7):
+Four ways to train the same run (FedAvg, the acceptance data: 5 hospitals x 4000 patient-days, seed 7):
   in-memory   the coordinator and the hospitals called directly (no HTTP): the compute alone
-  loopback    `train --mode federated`: aggregator and 5 node threads in one process over loopback HTTP
-  processes   what `make demo` runs: the aggregator and 6 node processes (hospital-1 twice)
+  loopback    `train --mode federated`: aggregator and 5 node threads in one process over loopback, with
+              mutual TLS as deployed, and with plain HTTP (`--plain-http`) to show what TLS costs
+  processes   what `make demo` runs: the aggregator and 6 node processes (hospital-1 twice), mutual TLS
 A round's overhead is its wall time minus its slowest hospital's compute (the hospitals work in parallel).
 
 Run with `make bench` (or `python benchmarks/federation_overhead.py [--rounds R]`).
@@ -66,25 +67,28 @@ def main() -> None:
         rows.append(("in-memory, hospitals in turn", time.perf_counter() - started,
                      1000 * statistics.median(computes), 0.0))
 
-        loopback = run_federation_over_loopback(spec, hospitals, config, split_seed=settings.split_seed,
-                                                test_fraction=settings.test_fraction)
-        fits = [r for r in loopback.run.history if r.kind.value == "fit"]
-        rows.append(("loopback HTTP, 1 process", loopback.timing.wall_seconds,
-                     1000 * statistics.median(r.closed_at - r.opened_at for r in fits),
-                     loopback.timing.round_overhead_ms_median))
+        for name, plain_http in (("loopback mutual TLS, 1 process", False), ("loopback plain HTTP, 1 process", True)):
+            loopback = run_federation_over_loopback(spec, hospitals, config, split_seed=settings.split_seed,
+                                                    test_fraction=settings.test_fraction, plain_http=plain_http)
+            fits = [r for r in loopback.run.history if r.kind.value == "fit"]
+            rows.append((name, loopback.timing.wall_seconds,
+                         1000 * statistics.median(r.closed_at - r.opened_at for r in fits),
+                         loopback.timing.round_overhead_ms_median))
 
         home = root / "home"
         os.environ["HEALTH_MLOPS_HOME"] = str(home)
         provision(home / "credentials", hospital_ids(5))
-        base = free_ports(13)
+        base = free_ports(14)
         with Processes(home / "logs", {**os.environ}) as processes:
             view, _ = run_federation(processes, data=data, hospitals=hospital_ids(5), cities={},
                                      request=RunRequest(config=config), home=home,
-                                     credentials_dir=home / "credentials", ports=Ports(base, base + 1, base + 7),
-                                     metric="auc", console=Console(file=io.StringIO()))
+                                     credentials_dir=home / "credentials",
+                                     ports=Ports(base, base + 13, base + 1, base + 7), metric="auc",
+                                     console=Console(file=io.StringIO()))
         fits = [r for r in view.history if r.kind.value == "fit"]
         # From the run's start to its end, as the aggregator saw it; starting 7 Python processes is not counted.
-        rows.append(("processes: aggregator + 6 nodes", view.history[-1].closed_at - view.history[0].opened_at,
+        rows.append(("processes: aggregator + 6 nodes, mutual TLS",
+                     view.history[-1].closed_at - view.history[0].opened_at,
                      1000 * statistics.median(r.closed_at - r.opened_at for r in fits),
                      statistics.median(round_overheads_ms(view))))
 
@@ -94,6 +98,9 @@ def main() -> None:
     for name, wall, round_ms, overhead in rows:
         table.add_row(name, f"{wall:.2f}", f"{round_ms:.1f}", f"{overhead:.1f}", f"{wall / rows[0][1]:.2f}x")
     console.print(table)
+    tls, plain = rows[1][3], rows[2][3]
+    console.print(f"round overhead, mutual TLS / plain HTTP (loopback, 1 process): {tls:.1f} / {plain:.1f} ms = "
+                  f"{tls / plain:.2f}x")
 
 
 if __name__ == "__main__":

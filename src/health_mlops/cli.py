@@ -294,7 +294,8 @@ def start_run(
     from health_mlops.config import get_federation_defaults
     from health_mlops.fl.client import AdminClient, RunRefused
     from health_mlops.fl.messages import RunRequest
-    from health_mlops.security import admin_token
+    from health_mlops.security import admin_credential
+    from health_mlops.tls import TlsError
 
     from pydantic import ValidationError
 
@@ -306,8 +307,8 @@ def start_run(
         err.print(f"[bold red]error:[/] HEALTH_MLOPS_FL_{str(problem['loc'][0]).upper()}: {problem['msg']}",
                   markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
-    token = admin_token(settings.admin_token, settings.credentials_dir)
-    if token is None:
+    credential = admin_credential(settings.admin_token, settings.credentials_dir)
+    if credential is None:
         err.print(f"[bold red]error:[/] no admin token: set HEALTH_MLOPS_ADMIN_TOKEN or put admin.token in "
                   f"{settings.credentials_dir}", markup=True, soft_wrap=True)
         raise typer.Exit(2)
@@ -319,8 +320,11 @@ def start_run(
                                   strategy=chosen)
     request = RunRequest(config=config, hospitals=hospital or None)
     try:
-        with AdminClient(settings.aggregator_url, token) as admin:
+        with AdminClient(settings.aggregator_url, credential) as admin:
             run = admin.start_run(request)
+    except TlsError as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
     except httpx.TransportError as exc:
         err.print(f"[bold red]error:[/] cannot reach the aggregator at {settings.aggregator_url}: {exc}",
                   markup=True, soft_wrap=True)
@@ -350,7 +354,7 @@ def provision(
     """Issue credentials once: the consortium CA, the aggregator's server certificate, and for the admin and
     each hospital a token and a client certificate (existing ones are kept); rotate or revoke one."""
     from health_mlops.data.synthetic import hospital_ids
-    from health_mlops.pki import SERVER, PkiError, ensure_certificates
+    from health_mlops.pki import SERVER, PkiError
     from health_mlops.pki import revoke as revoke_certificate
     from health_mlops.pki import rotate as rotate_certificate
     from health_mlops.security import ADMIN, CredentialError, revoke_token, rotate_token
@@ -375,13 +379,10 @@ def provision(
             rotate_certificate(directory, name, server_names=server_name)
             out.print(f"rotated {name}: give it the new {name}.crt/.key" + ("" if name == SERVER else
                                                                            f" and {name}.token"))
-        issued = issue(directory, names)
-        holders = [path.name.removesuffix(".token") for path in sorted(directory.glob("*.token"))]  # admin too
-        certified = ensure_certificates(directory, holders, server_names=server_name)
+        new = issue(directory, names, server_names=server_name)
     except (CredentialError, PkiError) as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
-    new = list(dict.fromkeys([*issued, *certified]))
     out.print(f"credentials in {directory}: " + (f"issued {', '.join(new)}" if new else "nothing new to issue"),
               soft_wrap=True)
     out.print("give each hospital only ca.crt and its own <hospital>.token, .crt and .key; the aggregator needs "
@@ -391,7 +392,10 @@ def provision(
 @app.command()
 def aggregator(
     host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 in a container)")] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8080,
+    port: Annotated[int, typer.Option(help="the API, over mutual TLS")] = 8080,
+    ops_port: Annotated[int, typer.Option(help="/healthz, /readyz and /metrics, plain HTTP for the kubelet and "
+                                               "Prometheus")] = 8081,
+    plain_http: Annotated[bool, typer.Option(help="serve the API without TLS (loopback experiments only)")] = False,
     spec: Annotated[str | None, typer.Option(help="built-in spec name or YAML path (default: settings)")] = None,
 ) -> None:
     """Run the aggregator service: runs, rounds, checkpoints (resumes from the last one on restart)."""
@@ -399,16 +403,17 @@ def aggregator(
     from health_mlops.fl.store import CheckpointError
     from health_mlops.registry import Registry
     from health_mlops.security import CredentialError
+    from health_mlops.tls import TlsError
 
     settings = get_settings()
     _configure_logging()
     try:
         with _clean_errors():
             dataset = load_spec(spec or settings.spec)
-        serve(dataset, settings.models_dir, settings.credentials_dir, host=host, port=port,
-              registry_factory=lambda: Registry(settings.home, dataset.name),
+        serve(dataset, settings.models_dir, settings.credentials_dir, host=host, port=port, ops_port=ops_port,
+              plain_http=plain_http, registry_factory=lambda: Registry(settings.home, dataset.name),
               quality_gate_tolerance=settings.quality_gate_tolerance, audit_log=settings.audit_log)
-    except (CredentialError, CheckpointError) as exc:
+    except (CredentialError, CheckpointError, TlsError) as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
 
@@ -435,7 +440,8 @@ def node(
     from health_mlops.config import get_node_settings
     from health_mlops.data.hospital import load_hospital
     from health_mlops.fl.node import HospitalNode, serve
-    from health_mlops.security import CredentialError, read_token, token_path
+    from health_mlops.security import ClientCredential, CredentialError, read_token
+    from health_mlops.tls import TlsError
 
     settings, env = get_settings(), get_node_settings()
     torch.set_num_threads(settings.torch_threads)
@@ -446,9 +452,9 @@ def node(
         err.print("[bold red]error:[/] a node needs --hospital-id (HOSPITAL_ID) and --data-dir (DATA_DIR)",
                   markup=True)
         raise typer.Exit(2)
-    try:
-        token = (read_token(token_file) if token_file else settings.token
-                 or read_token(token_path(settings.credentials_dir, hospital_name)))
+    try:  # the credential first: without it, reading the data is wasted
+        credential = ClientCredential.from_directory(
+            settings.credentials_dir, hospital_name, token=read_token(token_file) if token_file else settings.token)
     except CredentialError as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -456,10 +462,14 @@ def node(
         dataset = load_spec(spec or settings.spec)
         data = load_hospital(folder, dataset, hospital_id=hospital_name,
                              quality_dir=settings.quality_dir / hospital_name)
-    worker = HospitalNode(data=data, spec=dataset, node_id=node_id or env.node_id or socket.gethostname(),
-                          city=city or env.city_name, central_url=central_url or env.central_url, token=token,
-                          split_seed=settings.split_seed, test_fraction=settings.test_fraction,
-                          poll_wait_s=settings.poll_wait_s)
+    try:
+        worker = HospitalNode(data=data, spec=dataset, node_id=node_id or env.node_id or socket.gethostname(),
+                              city=city or env.city_name, central_url=central_url or env.central_url,
+                              credential=credential, split_seed=settings.split_seed,
+                              test_fraction=settings.test_fraction, poll_wait_s=settings.poll_wait_s)
+    except TlsError as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
     serve(worker, host=host, api_port=api_port or env.api_port, metrics_port=metrics_port or env.metrics_port)
 
 
@@ -589,7 +599,8 @@ def demo(
     rows_per_hospital: Annotated[int, typer.Option(min=100)] = 4000,
     seed: Annotated[int, typer.Option(help="data generator seed")] = 7,
     rounds: Annotated[int | None, typer.Option(min=1, help="federated training rounds")] = None,
-    port: Annotated[int, typer.Option(help="the aggregator's port")] = 8080,
+    port: Annotated[int, typer.Option(help="the aggregator's API port (mutual TLS)")] = 8080,
+    ops_port: Annotated[int, typer.Option(help="the aggregator's health and metrics port")] = 8081,
     node_api_port: Annotated[int, typer.Option(help="first node API port (one per replica)")] = 5001,
     node_metrics_port: Annotated[int, typer.Option(help="first node metrics port (one per replica)")] = 8001,
     no_serve: Annotated[bool, typer.Option("--no-serve", help="stop after training instead of serving the "
@@ -624,14 +635,14 @@ def demo(
         splits = _load_splits(data, dataset, settings)
     reference_file = json.loads((data / "reference.json").read_text(encoding="utf-8"))
     request = RunRequest(config=federated_run_config(dataset, hospitals, rounds=rounds), hospitals=names)
-    ports = Ports(port, node_api_port, node_metrics_port)
+    ports = Ports(port, ops_port, node_api_port, node_metrics_port)
     serve = not (no_serve or json_output)
     try:
         if serve:
             check_ports_free([dashboard_port, prometheus_port])  # fail now, not after training
         # Every process lives until the demo ends: after training, the dashboard shows the federation live.
         with Processes(settings.home / "logs", {**os.environ, "HEALTH_MLOPS_HOME": str(settings.home),
-                                                "HEALTH_MLOPS_AGGREGATOR_URL": f"http://127.0.0.1:{port}"}) as processes:
+                                                "HEALTH_MLOPS_AGGREGATOR_URL": f"https://127.0.0.1:{port}"}) as processes:
             if serve:
                 nodes = [(p.hospital_id, p.node_id) for p in node_plan(data, names, {})]
                 _start_prometheus(processes, settings, ports, nodes, dashboard_port, prometheus_port)
@@ -704,7 +715,7 @@ def _start_prometheus(processes: Processes, settings: Settings, ports: Ports, no
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "prometheus.yml"
     rules = settings.prometheus_rules or ALERT_RULES
-    targets = local_targets(aggregator_port=ports.aggregator, node_metrics_port=ports.node_metrics, nodes=nodes,
+    targets = local_targets(aggregator_port=ports.aggregator_ops, node_metrics_port=ports.node_metrics, nodes=nodes,
                             dashboard_port=dashboard_port)
     config.write_text(local_config(targets, rule_files=[str(rules.resolve())] if rules.is_file() else [],
                                    interval_s=settings.prometheus_scrape_interval_s), encoding="utf-8")

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     quality_gate_tolerance: float = Field(0.005, ge=0, description="a new model becomes champion unless its "
                                           "federated test metric is worse than the champion's by more than this")
     poll_wait_s: float = Field(20.0, gt=0, le=300, description="how long a node's long poll for a task waits")
-    aggregator_url: str = Field("http://127.0.0.1:8080", description="where the dashboard reads live training")
+    aggregator_url: str = Field("https://127.0.0.1:8080", description="where the dashboard reads live training")
     admin_token: str | None = Field(None, description="the dashboard's admin token for the aggregator (else read "
                                     "from the credentials folder)")
     prometheus_rules: Path | None = Field(None, description="alert rules for the demo's Prometheus (default: the "
@@ -97,7 +97,7 @@ class NodeSettings(BaseSettings):
     hospital_id: str | None = Field(None, alias="HOSPITAL_ID")
     node_id: str | None = Field(None, alias="NODE_ID", description="this replica's name (default: host name)")
     city_name: str = Field("", alias="CITY_NAME")
-    central_url: str = Field("http://127.0.0.1:8080", alias="CENTRAL_URL", description="the aggregator")
+    central_url: str = Field("https://127.0.0.1:8080", alias="CENTRAL_URL", description="the aggregator")
     data_dir: Path | None = Field(None, alias="DATA_DIR", description="this hospital's data folder")
     api_port: int = Field(5001, alias="NODE_API_PORT")
     metrics_port: int = Field(8001, alias="METRICS_PORT")

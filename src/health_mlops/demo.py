@@ -36,12 +36,13 @@ class DemoError(Exception):
 
 @dataclass(frozen=True)
 class Ports:
-    aggregator: int = 8080
+    aggregator: int = 8080  # its API, over mutual TLS
+    aggregator_ops: int = 8081  # its health and metrics
     node_api: int = 5001  # replica i listens on node_api + i
     node_metrics: int = 8001  # and exposes metrics on node_metrics + i
 
     def all_ports(self, replicas: int) -> list[int]:
-        return [self.aggregator, *(self.node_api + i for i in range(replicas)),
+        return [self.aggregator, self.aggregator_ops, *(self.node_api + i for i in range(replicas)),
                 *(self.node_metrics + i for i in range(replicas))]
 
 
@@ -215,22 +216,23 @@ def run_federation(processes: Processes, *, data: Path, hospitals: list[str], ci
                    console: Console) -> tuple[RunView, bytes]:
     """Start the aggregator and every node in `processes`, train one run live, and return its final view and
     the final global weights. The processes keep running (the caller's `Processes` stops them)."""
-    from health_mlops.security import ADMIN, read_token, token_path
+    from health_mlops.security import ADMIN, ClientCredential
 
     plan = node_plan(data, hospitals, cities)
     check_ports_free(ports.all_ports(len(plan)))
-    central = f"http://127.0.0.1:{ports.aggregator}"
-    aggregator = processes.start("aggregator", ["aggregator", "--port", str(ports.aggregator)])
+    central = f"https://127.0.0.1:{ports.aggregator}"
+    aggregator = processes.start("aggregator", ["aggregator", "--port", str(ports.aggregator),
+                                                "--ops-port", str(ports.aggregator_ops)])
     nodes = [processes.start(p.node_id, ["node", "--hospital-id", p.hospital_id, "--node-id", p.node_id,
                                          "--city", p.city, "--data-dir", str(p.data_dir), "--central-url",
                                          central, "--api-port", str(ports.node_api + i),
                                          "--metrics-port", str(ports.node_metrics + i)])
              for i, p in enumerate(plan)]
     with console.status(f"starting the aggregator and {len(nodes)} nodes (logs in {home / 'logs'})"):
-        wait_ready(f"{central}/readyz", aggregator)
+        wait_ready(f"http://127.0.0.1:{ports.aggregator_ops}/readyz", aggregator)
         for i, child in enumerate(nodes):
             wait_ready(f"http://127.0.0.1:{ports.node_api + i}/readyz", child)
-    with AdminClient(central, read_token(token_path(credentials_dir, ADMIN))) as admin:
+    with AdminClient(central, ClientCredential.from_directory(credentials_dir, ADMIN)) as admin:
         cancel_stale_runs(admin, console)
         try:
             run_id = admin.start_run(request).id

@@ -39,7 +39,7 @@ def local_targets(*, aggregator_port: int, node_metrics_port: int, nodes: list[t
 
 def compose_targets(hospitals: list[str]) -> list[ScrapeTarget]:
     """docker-compose.yml's services, by service name (one node per hospital, named as its hospital)."""
-    targets = [ScrapeTarget("aggregator", "aggregator:8080", {"component": "aggregator"})]
+    targets = [ScrapeTarget("aggregator", "aggregator:8081", {"component": "aggregator"})]
     targets += [ScrapeTarget("nodes", f"{hospital}:8001", {"component": "node", "hospital": hospital, "node": hospital})
                 for hospital in hospitals]
     targets.append(ScrapeTarget("dashboard", "dashboard:7860", {"component": "dashboard"}))

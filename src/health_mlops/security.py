@@ -1,10 +1,11 @@
-"""Who is calling: credentials issued once by `health-mlops provision`, checked by the aggregator.
+"""Who is calling: credentials issued by `health-mlops provision`, checked by the aggregator.
 
-A credential today is a bearer token: one per hospital and one for the consortium's admin. The aggregator
-keeps only SHA-256 digests of the tokens (`registry.json`), maps a presented token to an `Identity`, and
-takes a hospital's name from that identity, never from the request. This module is the one place that knows
-what a credential is, so moving to provisioned certificates and TLS changes this file and its callers'
-transport settings, nothing else.
+A credential is a bearer token and a client certificate (`pki.py`), one pair per hospital and one for the
+consortium's admin. The aggregator keeps only SHA-256 digests of the tokens (`registry.json`), maps a
+presented token to an `Identity`, and takes a hospital's name from that identity, never from the request.
+Under mutual TLS the token must belong to the certificate's holder, and the certificate must not be revoked.
+`Gatekeeper` re-reads the registry and the CRL when `provision` changes them, so a rotation or revocation
+takes effect on the next request, without a restart.
 
 Layout of a credentials folder (in Kubernetes: Secrets mounted as files or env vars):
     registry.json            digest -> identity; what the aggregator needs
@@ -17,12 +18,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from health_mlops import pki
 from health_mlops.files import write_private
+
+T = TypeVar("T")
+log = logging.getLogger("health_mlops.security")
 
 REGISTRY_FILE_NAME = "registry.json"
 ADMIN = "admin"
@@ -60,10 +71,12 @@ def read_token(path: Path) -> str:
     return token
 
 
-def provision(directory: Path, hospitals: list[str]) -> list[str]:
-    """Issue tokens for the admin and for every hospital that has none yet; return the names newly issued.
+def provision(directory: Path, hospitals: list[str], *, server_names: list[str] | None = None) -> list[str]:
+    """Issue what is missing: a token and a client certificate for the admin and every hospital, the CA and
+    the aggregator's certificate (`pki.ensure_certificates`, with `server_names` beside the default names);
+    return the names newly issued.
 
-    Existing tokens are kept, so running it again to add a hospital does not lock the others out. The
+    Existing credentials are kept, so running it again to add a hospital does not lock the others out. The
     registry is rebuilt from the token files present (`revoke_token` and `rotate_token` change one).
     """
     directory.mkdir(parents=True, exist_ok=True)
@@ -74,7 +87,9 @@ def provision(directory: Path, hospitals: list[str]) -> list[str]:
             write_private(path, secrets.token_urlsafe(32) + "\n")
             issued.append(name)
     _write_registry(directory)
-    return issued
+    holders = [path.name.removesuffix(".token") for path in sorted(directory.glob("*.token"))]
+    certified = pki.ensure_certificates(directory, holders, server_names=server_names)
+    return list(dict.fromkeys([*issued, *certified]))
 
 
 def rotate_token(directory: Path, name: str) -> None:
@@ -123,7 +138,10 @@ class TokenAuthority:
 
     @classmethod
     def from_directory(cls, directory: Path) -> TokenAuthority:
-        path = directory / REGISTRY_FILE_NAME
+        return cls.from_path(directory / REGISTRY_FILE_NAME)
+
+    @classmethod
+    def from_path(cls, path: Path) -> TokenAuthority:
         if not path.exists():
             raise CredentialError(f"{path}: no credentials registry; run `health-mlops provision` first")
         identities = {}
@@ -148,16 +166,120 @@ class TokenAuthority:
         return self._by_digest.get(_digest(token.strip()))
 
 
-def admin_token(configured: str | None, credentials_dir: Path) -> str | None:
-    """The admin token: as configured (a mounted Secret's value), else the credentials folder's, else None."""
-    if configured:
-        return configured
-    try:
-        return read_token(token_path(credentials_dir, ADMIN))
-    except CredentialError:
-        return None
 
 
 def bearer(token: str) -> dict[str, str]:
     """The request headers that present `token`."""
     return {"Authorization": f"Bearer {token}"}
+
+
+@dataclass(frozen=True)
+class ClientCredential:
+    """What a client of the aggregator presents: its token, and for mutual TLS its certificate and key, with
+    the CA that the aggregator's certificate must be signed by."""
+
+    name: str
+    token: str
+    certificate: Path
+    key: Path
+    ca: Path
+
+    @classmethod
+    def from_directory(cls, directory: Path, name: str, *, token: str | None = None) -> ClientCredential:
+        """`name`'s credential in a credentials folder (`token` given: that token instead of `name.token`)."""
+        return cls(name, token or read_token(token_path(directory, name)), pki.cert_path(directory, name),
+                   pki.key_path(directory, name), pki.cert_path(directory, pki.CA))
+
+
+def admin_credential(configured_token: str | None, credentials_dir: Path) -> ClientCredential | None:
+    """The admin's credential: the token as configured (a mounted Secret's value), else the credentials
+    folder's, with the admin certificate from that folder; None without a token."""
+    try:
+        return ClientCredential.from_directory(credentials_dir, ADMIN, token=configured_token)
+    except CredentialError:
+        return None
+
+
+class AccessDenied(Exception):
+    """A caller the aggregator refuses: `status` 401 (no valid credential) or 403 (a credential that does not
+    match)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class _Reloading(Generic[T]):
+    """A value loaded from a file, loaded again when the file changes. A file that cannot be loaded keeps the
+    last good value (and says so once), so a half-provisioned folder never locks everyone out."""
+
+    def __init__(self, path: Path, load: Callable[[Path], T], empty: T) -> None:
+        """Loads `path` now (its errors raised: a service should not start on an unusable file); `empty` if it
+        does not exist yet."""
+        self.path, self._load, self._value = path, load, empty
+        self._signature = self._current_signature()
+        if self._signature is not None:
+            self._value = load(path)
+
+    def _current_signature(self) -> tuple[int, int, int] | None:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def get(self) -> T:
+        signature = self._current_signature()
+        if signature is not None and signature != self._signature:
+            self._signature = signature
+            try:
+                self._value = self._load(self.path)
+                log.info("%s: loaded", self.path)
+            except (CredentialError, pki.PkiError) as error:
+                log.error("%s: keeping the previous version: %s", self.path, error)
+        return self._value
+
+
+def common_name(certificate: x509.Certificate) -> str | None:
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
+class Gatekeeper:
+    """Decides who a caller is, from the credentials folder as it is now.
+
+    With `require_certificate` (the aggregator over mutual TLS), a token is accepted only together with a
+    certificate that is not revoked and names the token's holder: hospital-2's certificate with hospital-1's
+    token is refused. Without it (plain HTTP in tests and benchmarks on loopback), the token alone decides.
+    """
+
+    def __init__(self, directory: Path, *, require_certificate: bool) -> None:
+        registry = directory / REGISTRY_FILE_NAME
+        if not registry.exists():
+            raise CredentialError(f"{registry}: no credentials registry; run `health-mlops provision` first")
+        if require_certificate and not (directory / pki.CRL_FILE_NAME).exists():
+            raise CredentialError(f"{directory / pki.CRL_FILE_NAME}: no certificate revocation list; run "
+                                  "`health-mlops provision` to issue the consortium's certificates")
+        self.require_certificate = require_certificate
+        self._tokens = _Reloading(registry, TokenAuthority.from_path, TokenAuthority({}))
+        self._revoked = _Reloading(directory / pki.CRL_FILE_NAME, lambda _: pki.revoked_serials(directory),
+                                   set[int]())
+
+    @property
+    def hospitals(self) -> list[str]:
+        return self._tokens.get().hospitals
+
+    def identify(self, authorization: str | None, certificate: x509.Certificate | None) -> Identity:
+        identity = self._tokens.get().identify(authorization)
+        if identity is None:
+            raise AccessDenied(401, "missing or unknown bearer token")
+        if not self.require_certificate:
+            return identity
+        if certificate is None:
+            raise AccessDenied(401, "a consortium client certificate is required")
+        if certificate.serial_number in self._revoked.get():
+            raise AccessDenied(401, f"the client certificate of {common_name(certificate)} has been revoked")
+        if common_name(certificate) != identity.name:
+            raise AccessDenied(403, f"the token is {identity.name}'s but the client certificate is "
+                                    f"{common_name(certificate)}'s")
+        return identity

@@ -1,12 +1,14 @@
-"""The aggregator's HTTP API over real loopback HTTP (the service in a thread): who may do what, and how
-bad requests are answered."""
+"""The aggregator's HTTP API over real loopback HTTPS with mutual TLS (the service in a thread): who may do what,
+how revocation reaches the running service, and how bad requests are answered."""
 
 from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,37 +16,50 @@ import httpx
 import pytest
 
 from health_mlops.audit import read_audit
-from health_mlops.fl.aggregator import AggregatorService, create_app
+from health_mlops.fl.aggregator import AggregatorService, create_app, create_ops_app
 from health_mlops.fl.coordinator import TaskResult
-from health_mlops.fl.loopback import BackgroundServer
 from health_mlops.fl.messages import encode_result
 from health_mlops.fl.store import CheckpointStore
-from health_mlops.security import ADMIN, TokenAuthority, bearer, provision, read_token, token_path
+from health_mlops.http_server import BackgroundServer
+from health_mlops.pki import CA, SERVER, cert_path, key_path
+from health_mlops.security import ADMIN, Gatekeeper, bearer, provision, read_token, token_path
 from health_mlops.spec import load_spec
+from health_mlops.tls import client_context, server_context
+from tests.conftest import run_cli
 
 SPEC = load_spec("health-risk")
+REVOCATION_DEADLINE_S = 5.0  # the acceptance: refused within 5 s of `provision --revoke`, no restart
 
 
 class Api:
-    def __init__(self, url: str, credentials: Path, audit_log: Path) -> None:
-        self.url, self.credentials, self.audit_log = url, credentials, audit_log
+    def __init__(self, url: str, ops_url: str, credentials: Path, audit_log: Path) -> None:
+        self.url, self.ops_url, self.credentials, self.audit_log = url, ops_url, credentials, audit_log
 
-    def client(self, who: str | None, node: str = "test-node") -> httpx.Client:
+    def tls(self, holder: str) -> ssl.SSLContext:
+        """A client context presenting `holder`'s certificate."""
+        return client_context(cert_path(self.credentials, holder), key_path(self.credentials, holder),
+                              cert_path(self.credentials, CA))
+
+    def client(self, who: str | None, node: str = "test-node", *, certificate: str | None = None) -> httpx.Client:
+        """`who`'s token (None: no token) over TLS with `certificate`'s holder's certificate (default: `who`'s,
+        or hospital-1's for a caller without a token)."""
         headers = {"X-Node-Id": node}
         if who is not None:
             headers.update(bearer(read_token(token_path(self.credentials, who))))
-        return httpx.Client(base_url=self.url, headers=headers, timeout=10)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=10,
+                            verify=self.tls(certificate or who or "hospital-1"))
 
 
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[Api]:
     credentials = tmp_path / "credentials"
     provision(credentials, ["hospital-1", "hospital-2", "hospital-3"])
-    authority = TokenAuthority.from_directory(credentials)
-    app = create_app(lambda: AggregatorService(SPEC, CheckpointStore(tmp_path / "models"), authority,
+    gatekeeper = Gatekeeper(credentials, require_certificate=True)
+    tls = server_context(cert_path(credentials, SERVER), key_path(credentials, SERVER), cert_path(credentials, CA))
+    app = create_app(lambda: AggregatorService(SPEC, CheckpointStore(tmp_path / "models"), gatekeeper,
                                                audit_log=tmp_path / "audit.log"))
-    with BackgroundServer(app) as server:
-        yield Api(server.url, credentials, tmp_path / "audit.log")
+    with BackgroundServer(app, tls=tls) as server, BackgroundServer(create_ops_app(app)) as ops:
+        yield Api(server.url, ops.url, credentials, tmp_path / "audit.log")
 
 
 def start_run(api: Api, **body: object) -> dict:
@@ -58,12 +73,80 @@ def test_callers_without_a_known_token_are_refused(api: Api) -> None:
     with api.client(None) as anonymous:
         assert anonymous.get("/v1/runs").status_code == 401
         assert anonymous.get("/v1/tasks/next").status_code == 401
-    with httpx.Client(base_url=api.url, headers={"Authorization": "Bearer made-up"}) as forger:
+    with httpx.Client(base_url=api.url, headers={"Authorization": "Bearer made-up"},
+                      verify=api.tls("hospital-1")) as forger:
         assert forger.get("/v1/runs").status_code == 401
-    with api.client(None) as anonymous:  # health and metrics stay open for probes and Prometheus
-        assert anonymous.get("/healthz").status_code == 200
-        assert anonymous.get("/readyz").status_code == 200
-        assert "health_mlops_runs_active" in anonymous.get("/metrics").text
+
+
+def test_a_connection_without_a_consortium_client_certificate_fails_in_the_handshake(api: Api,
+                                                                                      tmp_path: Path) -> None:
+    token = bearer(read_token(token_path(api.credentials, ADMIN)))
+    only_ca = ssl.create_default_context(cafile=str(cert_path(api.credentials, CA)))
+    with pytest.raises(httpx.TransportError), httpx.Client(base_url=api.url, headers=token, verify=only_ca) as bare:
+        bare.get("/v1/runs")
+    # A certificate from another CA, however well formed, is no consortium certificate.
+    provision(tmp_path / "other-consortium", ["hospital-1"])
+    foreign = ssl.create_default_context(cafile=str(cert_path(api.credentials, CA)))
+    foreign.load_cert_chain(cert_path(tmp_path / "other-consortium", "hospital-1"),
+                            key_path(tmp_path / "other-consortium", "hospital-1"))
+    with pytest.raises(httpx.TransportError), httpx.Client(base_url=api.url, headers=token, verify=foreign) as other:
+        other.get("/v1/runs")
+    with pytest.raises(httpx.TransportError), httpx.Client(base_url=api.url.replace("https", "http")) as plain:
+        plain.get("/v1/runs", headers=token)
+
+
+def test_a_token_is_refused_with_another_holders_certificate(api: Api) -> None:
+    with api.client("hospital-1", certificate="hospital-2") as mismatched:
+        response = mismatched.get("/v1/whoami")
+        assert response.status_code == 403 and "hospital-2" in response.json()["detail"]
+    with api.client(ADMIN, certificate="hospital-1") as hospital_as_admin:
+        assert hospital_as_admin.get("/v1/runs").status_code == 403
+    with api.client("hospital-1") as matched:
+        assert matched.get("/v1/whoami").json() == {"role": "hospital", "hospital": "hospital-1"}
+
+
+def wait_for_status(client: httpx.Client, path: str, status: int) -> float:
+    """Seconds until `path` answers `status` (asserting it does within the revocation deadline)."""
+    started = time.monotonic()
+    while (answer := client.get(path).status_code) != status:
+        assert time.monotonic() - started < REVOCATION_DEADLINE_S, f"{path} still answers {answer}"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_revocation_and_rotation_reach_the_running_aggregator_without_a_restart(api: Api) -> None:
+    home = api.credentials.parent / "cli-home"
+    with api.client("hospital-2") as hospital_2:  # its connection, certificate and token, made before the revoke
+        assert hospital_2.get("/v1/whoami").status_code == 200
+        run_cli("provision", "--out", str(api.credentials), "--revoke", "hospital-2", home=home)
+        wait_for_status(hospital_2, "/v1/whoami", 401)  # on the same kept-alive connection
+    with api.client(ADMIN) as admin:  # and the run enrols the hospitals that are provisioned now
+        response = admin.post("/v1/runs", json={"hospitals": ["hospital-2"]})
+        assert response.status_code == 422 and "hospital-2" in response.text
+    # Rotation: the new token and certificate work at once; the old token, and the old certificate with the new
+    # token, do not.
+    old_token = bearer(read_token(token_path(api.credentials, "hospital-1")))
+    old_tls = api.tls("hospital-1")
+    with httpx.Client(base_url=api.url, headers=old_token, verify=old_tls) as old:
+        assert old.get("/v1/whoami").status_code == 200
+        run_cli("provision", "--out", str(api.credentials), "--rotate", "hospital-1", home=home)
+        wait_for_status(old, "/v1/whoami", 401)
+    with api.client("hospital-1") as rotated:
+        assert rotated.get("/v1/whoami").json()["hospital"] == "hospital-1"
+        new_token = dict(rotated.headers)["authorization"]
+    with httpx.Client(base_url=api.url, headers={"Authorization": new_token}, verify=old_tls) as old_certificate:
+        response = old_certificate.get("/v1/whoami")
+        assert response.status_code == 401 and "revoked" in response.json()["detail"]
+
+
+def test_probes_and_metrics_are_on_the_operations_port_and_not_on_the_api(api: Api) -> None:
+    with httpx.Client(base_url=api.ops_url) as ops:  # plain HTTP, no credential: the kubelet and Prometheus
+        assert ops.get("/healthz").status_code == 200
+        assert ops.get("/readyz").status_code == 200
+        assert "health_mlops_runs_active" in ops.get("/metrics").text
+        assert ops.get("/v1/runs").status_code == 404
+    with api.client("hospital-1") as hospital:  # per-hospital model metrics are not for other hospitals
+        assert hospital.get("/metrics").status_code == 404
 
 
 def test_admin_endpoints_refuse_hospital_tokens_and_hospital_endpoints_refuse_the_admin(api: Api) -> None:
@@ -174,6 +257,6 @@ def test_start_run_command_asks_the_aggregator_with_the_configured_parameters(ap
     bad = subprocess.run(command, env={**env, "HEALTH_MLOPS_FL_STRATEGY": "fedmagic"}, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "HEALTH_MLOPS_FL_STRATEGY" in bad.stderr and "fedmagic" in bad.stderr
-    away = subprocess.run(command, env={**env, "HEALTH_MLOPS_AGGREGATOR_URL": "http://127.0.0.1:9"},
+    away = subprocess.run(command, env={**env, "HEALTH_MLOPS_AGGREGATOR_URL": "https://127.0.0.1:9"},
                           capture_output=True, text=True, timeout=120)
-    assert away.returncode == 1 and "cannot reach the aggregator at http://127.0.0.1:9" in away.stderr
+    assert away.returncode == 1 and "cannot reach the aggregator at https://127.0.0.1:9" in away.stderr

@@ -83,10 +83,10 @@ def test_diabetes_runs_pooled_and_local_with_r2(tmp_path: Path, home: Path) -> N
 
 
 def test_demo_trains_as_processes_prints_the_table_and_serves_the_champion(home: Path) -> None:
-    base = free_port_range(15)
+    base = free_port_range(16)
     command = [sys.executable, "-m", "health_mlops.cli", "demo", "--rows-per-hospital", "600", "--rounds", "3",
                "--port", str(base), "--node-api-port", str(base + 1), "--node-metrics-port", str(base + 7),
-               "--dashboard-port", str(base + 13), "--prometheus-port", str(base + 14)]
+               "--dashboard-port", str(base + 13), "--prometheus-port", str(base + 14), "--ops-port", str(base + 15)]
     demo = subprocess.Popen(command, env={**os.environ, "HEALTH_MLOPS_HOME": str(home)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     dashboard = f"http://127.0.0.1:{base + 13}"
@@ -99,7 +99,8 @@ def test_demo_trains_as_processes_prints_the_table_and_serves_the_champion(home:
     for text in ("federated", "pooled", "local-only", "Bayes-optimal", "hospital-5", "overall",
                  "v1 registered, champion"):
         assert text in stdout
-    assert (home / "credentials" / "hospital-5.token").is_file()
+    for issued in ("hospital-5.token", "hospital-5.crt", "hospital-5.key", "ca.crt", "aggregator.crt", "admin.crt"):
+        assert (home / "credentials" / issued).is_file()  # provisioned on the first run, with no manual step
     logs = sorted(p.name for p in (home / "logs").iterdir())
     assert logs == ["aggregator.log", "dashboard.log", "hospital-1-a.log", "hospital-1-b.log", "hospital-2-a.log",
                     "hospital-3-a.log", "hospital-4-a.log", "hospital-5-a.log", "prometheus.log"]
@@ -125,7 +126,7 @@ def test_ctrl_c_stops_every_process_the_demo_started(home: Path) -> None:
     base = free_port_range(13)
     command = [sys.executable, "-m", "health_mlops.cli", "demo", "--hospitals", "3", "--rows-per-hospital", "600",
                "--rounds", "500", "--port", str(base), "--node-api-port", str(base + 1),
-               "--node-metrics-port", str(base + 7)]
+               "--node-metrics-port", str(base + 7), "--ops-port", str(base + 12)]
     demo = subprocess.Popen(command, env={**os.environ, "HEALTH_MLOPS_HOME": str(home)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     aggregator_log = home / "logs" / "aggregator.log"
@@ -134,8 +135,8 @@ def test_ctrl_c_stops_every_process_the_demo_started(home: Path) -> None:
         assert demo.poll() is None, demo.communicate()
         assert time.monotonic() < deadline, "the demo's run never got going"
         time.sleep(0.2)
-    central = f"http://127.0.0.1:{base}"
-    assert len(processes_mentioning(central)) == 4  # three hospitals, hospital-1 twice
+    central = f"https://127.0.0.1:{base}"
+    assert len(processes_mentioning(central)) == 4  # three hospitals, hospital-1 twice, all over TLS
     demo.send_signal(signal.SIGINT)
     _, stderr = demo.communicate(timeout=60)
     assert demo.returncode == 130, stderr

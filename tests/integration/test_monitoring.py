@@ -53,7 +53,7 @@ def test_the_local_config_is_what_the_demo_writes_for_its_default_ports() -> Non
     from health_mlops.prometheus import local_config, local_targets
 
     plan = node_plan(Path("data"), hospital_ids(5), {})
-    expected = local_config(local_targets(aggregator_port=8080, node_metrics_port=8001,
+    expected = local_config(local_targets(aggregator_port=8081, node_metrics_port=8001,
                                           nodes=[(p.hospital_id, p.node_id) for p in plan], dashboard_port=7860),
                             rule_files=["alerts.yml"])
     assert (MONITORING / "prometheus-local.yml").read_text() == expected
@@ -89,12 +89,12 @@ def short_rules(folder: Path) -> Path:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("monitoring")
     base = free_port_range(13)
-    ports = {"aggregator": base, "node_api": base + 1, "node_metrics": base + 5, "dashboard": base + 11,
-             "prometheus": base + 12}
+    ports = {"aggregator": base, "node_api": base + 1, "node_metrics": base + 5, "aggregator_ops": base + 9,
+             "dashboard": base + 11, "prometheus": base + 12}
     command = [sys.executable, "-m", "health_mlops.cli", "demo", "--hospitals", "3", "--rows-per-hospital", "600",
                "--rounds", "8", "--port", str(ports["aggregator"]), "--node-api-port", str(ports["node_api"]),
                "--node-metrics-port", str(ports["node_metrics"]), "--dashboard-port", str(ports["dashboard"]),
-               "--prometheus-port", str(ports["prometheus"])]
+               "--prometheus-port", str(ports["prometheus"]), "--ops-port", str(ports["aggregator_ops"])]
     env = {**os.environ, "HEALTH_MLOPS_HOME": str(root / "home"),
            "HEALTH_MLOPS_PROMETHEUS_RULES": str(short_rules(root)), "HEALTH_MLOPS_PROMETHEUS_SCRAPE_INTERVAL_S": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -169,7 +169,7 @@ def exposed_names(text: str) -> set[str]:
 def test_every_dashboard_and_alert_query_uses_metrics_the_services_expose(demo: dict[str, Any]) -> None:
     ports = demo["ports"]
     pages = [httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-             for port in (ports["aggregator"], ports["node_metrics"] + 1, ports["dashboard"])]
+             for port in (ports["aggregator_ops"], ports["node_metrics"] + 1, ports["dashboard"])]
     exposed = set().union(*(exposed_names(page) for page in pages))
     used: dict[str, set[str]] = {}
     for board in sorted((MONITORING / "grafana" / "dashboards").glob("*.json")):

@@ -14,7 +14,7 @@ import pytest
 from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.preprocess import Preprocessor, stats_of_frame
 from health_mlops.data.synthetic import generate_dataset
-from health_mlops.fl.loopback import BackgroundServer
+from health_mlops.http_server import BackgroundServer
 from health_mlops.ml.evaluate import predict_frame
 from health_mlops.ml.model import build_model, weights_as_numpy
 from health_mlops.ml.onnx import export_onnx

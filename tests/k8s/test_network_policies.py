@@ -118,9 +118,11 @@ def intended() -> set[tuple[str, str, int]]:
                ("aggregator", "dashboard", "mlflow", "prometheus", "grafana", "start-training")}
     nodes = [f"{h}/federated-node" for h in HOSPITALS]
     flows = {(OUTSIDE, central["dashboard"], 7860), (OUTSIDE, central["grafana"], 3000)}
-    flows |= {(node, central["aggregator"], 8080) for node in nodes}  # hospitals reach only the aggregator
-    for name in ("dashboard", "prometheus", "start-training"):
+    flows |= {(node, central["aggregator"], 8080) for node in nodes}  # hospitals reach only the aggregator's API
+    for name in ("dashboard", "start-training"):  # as the admin
         flows.add((central[name], central["aggregator"], 8080))
+    # Only Prometheus reads the operations port, whose metrics carry every hospital's model metrics.
+    flows.add((central["prometheus"], central["aggregator"], 8081))
     flows |= {(central[name], central["mlflow"], 5000) for name in ("aggregator", "dashboard")}
     flows.add((central["grafana"], central["prometheus"], 9090))
     flows.add((central["prometheus"], central["dashboard"], 7860))  # the aggregator it scrapes is above

@@ -13,7 +13,7 @@ from health_mlops.fl.coordinator import RunConfig
 from health_mlops.fl.simulation import run_federated_in_memory
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.ml.baselines import split_hospitals
-from health_mlops.security import TokenAuthority
+from health_mlops.security import Gatekeeper, provision
 from health_mlops.serving.sources import hospitals_from_view, runs_from_views
 from health_mlops.spec import load_spec
 
@@ -27,7 +27,9 @@ def view(tmp_path_factory: pytest.TempPathFactory) -> dict:
     generate_dataset(root / "data", n_hospitals=3, rows_per_hospital=1000, seed=5, split_seed=42, test_fraction=0.2)
     splits = split_hospitals(load_hospitals(root / "data", SPEC), seed=42, test_fraction=0.2)
     _, run = run_federated_in_memory(SPEC, splits, RunConfig(rounds=2, local_epochs=1))
-    service = AggregatorService(SPEC, CheckpointStore(root / "models"), TokenAuthority({}))
+    provision(root / "credentials", [])
+    gatekeeper = Gatekeeper(root / "credentials", require_certificate=False)
+    service = AggregatorService(SPEC, CheckpointStore(root / "models"), gatekeeper)
     return service.view(run).model_dump(mode="json")
 
 

@@ -10,16 +10,18 @@ import pytest
 
 from health_mlops.files import write_atomically
 from health_mlops.fl.store import CheckpointError, CheckpointStore
-from health_mlops.security import (ADMIN, REGISTRY_FILE_NAME, CredentialError, Identity, TokenAuthority, bearer,
-                                   provision, read_token, token_path)
+from health_mlops.pki import cert_path, load_certificate, rotate
+from health_mlops.security import (ADMIN, REGISTRY_FILE_NAME, AccessDenied, CredentialError, Gatekeeper, Identity,
+                                   TokenAuthority, bearer, provision, read_token, revoke_token, rotate_token,
+                                   token_path)
 
 
 def test_provision_issues_private_tokens_and_the_registry_holds_only_digests(tmp_path: Path) -> None:
-    issued = provision(tmp_path, ["hospital-1", "hospital-2"])
-    assert issued == [ADMIN, "hospital-1", "hospital-2"]
-    tokens = {name: read_token(token_path(tmp_path, name)) for name in issued}
+    holders = [ADMIN, "hospital-1", "hospital-2"]
+    assert provision(tmp_path, ["hospital-1", "hospital-2"]) == [*holders, "aggregator"]  # it has no token
+    tokens = {name: read_token(token_path(tmp_path, name)) for name in holders}
     assert len(set(tokens.values())) == 3
-    for name in issued:
+    for name in holders:
         assert stat.S_IMODE(token_path(tmp_path, name).stat().st_mode) == 0o600
     registry = (tmp_path / REGISTRY_FILE_NAME).read_text()
     assert not any(token in registry for token in tokens.values())
@@ -92,3 +94,45 @@ def test_deleting_a_token_and_provisioning_again_revokes_it(tmp_path: Path) -> N
     assert authority.identify(bearer(read_token(token_path(tmp_path, "hospital-1")))["Authorization"]) == Identity(
         "hospital", "hospital-1")
     assert authority.hospitals == ["hospital-1", "hospital-2"]
+
+
+def test_the_gatekeeper_binds_a_token_to_its_holders_certificate(tmp_path: Path) -> None:
+    provision(tmp_path, ["hospital-1", "hospital-2"])
+    gatekeeper = Gatekeeper(tmp_path, require_certificate=True)
+    token = bearer(read_token(token_path(tmp_path, "hospital-1")))["Authorization"]
+    own, other = (load_certificate(cert_path(tmp_path, name)) for name in ("hospital-1", "hospital-2"))
+    assert gatekeeper.identify(token, own) == Identity("hospital", "hospital-1")
+    for certificate, status in ((other, 403), (None, 401)):
+        with pytest.raises(AccessDenied) as denied:
+            gatekeeper.identify(token, certificate)
+        assert denied.value.status == status
+    assert Gatekeeper(tmp_path, require_certificate=False).identify(token, None) == Identity("hospital", "hospital-1")
+
+
+def test_the_gatekeeper_sees_rotation_and_revocation_without_being_rebuilt(tmp_path: Path) -> None:
+    provision(tmp_path, ["hospital-1", "hospital-2"])
+    gatekeeper = Gatekeeper(tmp_path, require_certificate=True)
+    old_token = bearer(read_token(token_path(tmp_path, "hospital-1")))["Authorization"]
+    old_certificate = load_certificate(cert_path(tmp_path, "hospital-1"))
+    assert gatekeeper.identify(old_token, old_certificate).hospital == "hospital-1"
+    rotate_token(tmp_path, "hospital-1")
+    rotate(tmp_path, "hospital-1")
+    new_token = bearer(read_token(token_path(tmp_path, "hospital-1")))["Authorization"]
+    with pytest.raises(AccessDenied, match="unknown bearer token"):
+        gatekeeper.identify(old_token, old_certificate)
+    with pytest.raises(AccessDenied, match="revoked"):
+        gatekeeper.identify(new_token, old_certificate)
+    assert gatekeeper.identify(new_token, load_certificate(cert_path(tmp_path, "hospital-1"))).hospital == "hospital-1"
+    revoke_token(tmp_path, "hospital-2")
+    assert gatekeeper.hospitals == ["hospital-1"]
+
+
+def test_an_unreadable_registry_keeps_the_gatekeepers_last_good_one(tmp_path: Path) -> None:
+    provision(tmp_path, ["hospital-1"])
+    gatekeeper = Gatekeeper(tmp_path, require_certificate=False)
+    token = bearer(read_token(token_path(tmp_path, "hospital-1")))["Authorization"]
+    (tmp_path / REGISTRY_FILE_NAME).write_text("{not json")
+    assert gatekeeper.identify(token, None).hospital == "hospital-1"
+    with pytest.raises(CredentialError, match="no certificate revocation list"):
+        (tmp_path / "crl.pem").unlink()
+        Gatekeeper(tmp_path, require_certificate=True)

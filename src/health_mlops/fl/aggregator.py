@@ -6,6 +6,9 @@ accepted result and every change that opens or closes a round, starts or ends a 
 restarted aggregator resumes at the last durably closed round with the results it had acknowledged, and never
 applies a round twice. Nodes long-poll `GET /v1/tasks/next`; they are woken the moment a round opens. A
 completed run's model is exported and registered in a worker thread.
+
+The API is served over mutual TLS: who a caller is comes from its token and its client certificate together
+(`security.Gatekeeper`). Probes and metrics are on a separate plain-HTTP operations port (`create_ops_app`).
 """
 
 from __future__ import annotations
@@ -38,8 +41,11 @@ from health_mlops.fl.simulation import initial_weights
 from health_mlops.fl.store import CheckpointError, CheckpointStore
 from health_mlops.http_errors import install_validation_handler
 from health_mlops.monitoring import AggregatorMetrics
-from health_mlops.security import Identity, TokenAuthority
+from health_mlops.http_server import BackgroundServer
+from health_mlops.pki import CA, SERVER, cert_path, key_path
+from health_mlops.security import AccessDenied, Gatekeeper, Identity
 from health_mlops.spec import DatasetSpec
+from health_mlops.tls import TlsScopeProtocol, peer_certificate, server_context
 
 if TYPE_CHECKING:  # MLflow is imported only by an aggregator that registers models
     from health_mlops.fl.publish import Publisher
@@ -58,7 +64,7 @@ DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024
 class AggregatorService:
     """The coordinator plus what a service needs around it: persistence, wake-ups, metrics."""
 
-    def __init__(self, spec: DatasetSpec, store: CheckpointStore, authority: TokenAuthority,
+    def __init__(self, spec: DatasetSpec, store: CheckpointStore, gatekeeper: Gatekeeper,
                  metrics: AggregatorMetrics | None = None, clock: Callable[[], float] = time.time,
                  max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES, publisher: Publisher | None = None,
                  audit_log: Path | None = None) -> None:
@@ -68,7 +74,7 @@ class AggregatorService:
         self.publisher = publisher
         self.registrations: dict[str, dict[str, Any]] = {}
         self.store = store
-        self.authority = authority
+        self.gatekeeper = gatekeeper
         self.metrics = metrics or AggregatorMetrics()
         self.clock = clock
         self.coordinator = restore_coordinator(store, spec)
@@ -199,11 +205,11 @@ class AggregatorService:
     # --- operations the routes call -------------------------------------------------------------------
 
     async def start_run(self, request: RunRequest) -> Run:
-        enrolled = request.hospitals if request.hospitals is not None else self.authority.hospitals
-        unknown = sorted(set(enrolled) - set(self.authority.hospitals))
+        provisioned = self.gatekeeper.hospitals
+        enrolled = request.hospitals if request.hospitals is not None else provisioned
+        unknown = sorted(set(enrolled) - set(provisioned))
         if unknown:
-            raise HTTPException(422, f"hospitals: {unknown} have no credentials; provisioned: "
-                                     f"{self.authority.hospitals}")
+            raise HTTPException(422, f"hospitals: {unknown} have no credentials; provisioned: {provisioned}")
         if not enrolled:
             raise HTTPException(422, "hospitals: no hospital is provisioned or named")
         if request.config.min_hospitals > len(enrolled):
@@ -292,11 +298,12 @@ async def _service(request: Request) -> AggregatorService:
 Service = Annotated[AggregatorService, Depends(_service)]
 
 
-async def _caller(svc: Service, authorization: Annotated[str | None, Header()] = None) -> Identity:
-    identity = svc.authority.identify(authorization)
-    if identity is None:
-        raise HTTPException(401, "missing or unknown bearer token", headers={"WWW-Authenticate": "Bearer"})
-    return identity
+async def _caller(request: Request, svc: Service, authorization: Annotated[str | None, Header()] = None) -> Identity:
+    try:
+        return svc.gatekeeper.identify(authorization, peer_certificate(request.scope))
+    except AccessDenied as denied:
+        headers = {"WWW-Authenticate": "Bearer"} if denied.status == 401 else None
+        raise HTTPException(denied.status, str(denied), headers=headers) from None
 
 
 Caller = Annotated[Identity, Depends(_caller)]
@@ -437,33 +444,58 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
         svc.metrics.results.labels(kind, "accepted").inc()
         return ResultAccepted(task_id=task.id, round=task.round, run_round=svc.coordinator.runs[task.run_id].round)
 
-    @app.get("/healthz", response_class=PlainTextResponse)
-    async def healthz() -> str:
-        return "ok"
-
-    @app.get("/readyz", response_class=PlainTextResponse)
-    async def readyz(request: Request, _: Service) -> Response:
-        if request.app.state.ticker.done():  # deadlines would no longer be applied
-            return PlainTextResponse("the deadline ticker has stopped", status_code=503)
-        return PlainTextResponse("ready")
-
-    @app.get("/metrics")
-    async def metrics(svc: Service) -> Response:
-        return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
     return app
 
 
-def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: str, port: int,
-          registry_factory: Callable[[], Registry], quality_gate_tolerance: float, audit_log: Path) -> None:
-    """Run the aggregator until SIGINT/SIGTERM (what `health-mlops aggregator` and its container run)."""
-    authority = TokenAuthority.from_directory(credentials_dir)  # fail now, with the file named, not per request
+def create_ops_app(api: FastAPI) -> FastAPI:
+    """The operations port's app: liveness and readiness for the kubelet, metrics for Prometheus. It carries no
+    credential and holds every hospital's model metrics, so it is plain HTTP on its own port, which only the
+    monitoring stack and the kubelet may reach (k8s/06-autoscaling-ingress.yaml); hospitals reach the API only.
+    """
+    ops = FastAPI(title="Health MLOps aggregator operations", version="1", docs_url=None, redoc_url=None,
+                  openapi_url=None)
+
+    @ops.get("/healthz", response_class=PlainTextResponse)
+    async def healthz() -> str:
+        return "ok"
+
+    @ops.get("/readyz", response_class=PlainTextResponse)
+    async def readyz() -> Response:
+        if getattr(api.state, "service", None) is None:
+            return PlainTextResponse("the aggregator is still loading its checkpoint", status_code=503)
+        if api.state.ticker.done():  # deadlines would no longer be applied
+            return PlainTextResponse("the deadline ticker has stopped", status_code=503)
+        return PlainTextResponse("ready")
+
+    @ops.get("/metrics")
+    async def metrics() -> Response:
+        service: AggregatorService | None = getattr(api.state, "service", None)
+        if service is None:
+            return PlainTextResponse("the aggregator is still loading its checkpoint", status_code=503)
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return ops
+
+
+def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: str, port: int, ops_port: int,
+          plain_http: bool, registry_factory: Callable[[], Registry], quality_gate_tolerance: float,
+          audit_log: Path) -> None:
+    """Run the aggregator until SIGINT/SIGTERM (what `health-mlops aggregator` and its container run): the API
+    on `port` over mutual TLS (plain HTTP if `plain_http`), health and metrics on `ops_port`."""
+    # Everything that can be wrong with the folders fails now, with the file named, not per request.
+    gatekeeper = Gatekeeper(credentials_dir, require_certificate=not plain_http)
+    tls = None if plain_http else server_context(cert_path(credentials_dir, SERVER), key_path(credentials_dir, SERVER),
+                                                 cert_path(credentials_dir, CA))
     store = CheckpointStore(models_dir)
     store.lock()  # one aggregator per models directory
     restore_coordinator(store, spec)  # likewise: an unusable checkpoint stops the start with its path named
     from health_mlops.fl.publish import Publisher
 
+    if plain_http:
+        log.warning("serving the API over plain HTTP: tokens travel in the clear and no client certificate is "
+                    "checked; for loopback experiments only")
     publisher = Publisher(registry_factory, store, quality_gate_tolerance)
-    uvicorn.run(create_app(lambda: AggregatorService(spec, store, authority, publisher=publisher,
-                                                     audit_log=audit_log)),
-                host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
+    app = create_app(lambda: AggregatorService(spec, store, gatekeeper, publisher=publisher, audit_log=audit_log))
+    with BackgroundServer(create_ops_app(app), host=host, port=ops_port):
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2,
+                    **({} if tls is None else {"http": TlsScopeProtocol, "ssl_context_factory": lambda *_: tls}))

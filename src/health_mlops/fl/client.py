@@ -1,6 +1,8 @@
 """The one client of the aggregator's protocol. Hospital nodes use `HospitalClient`; the demo, `start-run`, the
 dashboard's federation view and the loopback harness use `AdminClient`. Paths, credentials and timeouts live
-here and nowhere else, so that transport security is decided in one place.
+here and nowhere else, so that transport security is decided in one place: an `https://` aggregator is
+verified against the consortium CA and shown the client's certificate (mutual TLS); `http://` is plain, for
+an aggregator started with `--plain-http` on loopback.
 
 Errors are httpx's: `httpx.TransportError` when the aggregator cannot be reached, `httpx.HTTPStatusError` for
 an answer other than the expected one; `submit_result` and `heartbeat` return the status instead, because a
@@ -15,7 +17,8 @@ from typing import Any, Self
 import httpx
 
 from health_mlops.fl.messages import SAFETENSORS_MEDIA_TYPE, RunRequest, RunView, TaskMessage
-from health_mlops.security import bearer
+from health_mlops.security import ClientCredential, bearer
+from health_mlops.tls import client_context
 
 ADMIN_TIMEOUT_S = 30.0
 # A request that is not a long poll gets this long to connect, send and answer.
@@ -27,12 +30,14 @@ class RunRefused(Exception):
 
 
 class _AggregatorClient:
-    def __init__(self, base_url: str, token: str, *, timeout: httpx.Timeout | float,
+    def __init__(self, base_url: str, credential: ClientCredential, *, timeout: httpx.Timeout | float,
                  headers: dict[str, str] | None = None,
                  on_response: Callable[[httpx.Response], None] | None = None) -> None:
         hooks = {"response": [on_response]} if on_response is not None else {}
-        self._http = httpx.Client(base_url=base_url, headers={**bearer(token), **(headers or {})}, timeout=timeout,
-                                  event_hooks=hooks)
+        verify = (client_context(credential.certificate, credential.key, credential.ca)
+                  if base_url.startswith("https://") else True)
+        self._http = httpx.Client(base_url=base_url, headers={**bearer(credential.token), **(headers or {})},
+                                  timeout=timeout, event_hooks=hooks, verify=verify)
 
     def close(self) -> None:
         self._http.close()
@@ -48,9 +53,9 @@ class HospitalClient(_AggregatorClient):
     """A node's calls: who am I, the next task (long poll), a round's weights, heartbeats and results.
     `on_response` sees every answer (the node counts any answer as the aggregator being reachable)."""
 
-    def __init__(self, base_url: str, token: str, *, node_id: str, poll_wait_s: float,
+    def __init__(self, base_url: str, credential: ClientCredential, *, node_id: str, poll_wait_s: float,
                  on_response: Callable[[httpx.Response], None] | None = None) -> None:
-        super().__init__(base_url, token, headers={"X-Node-Id": node_id}, on_response=on_response,
+        super().__init__(base_url, credential, headers={"X-Node-Id": node_id}, on_response=on_response,
                          timeout=httpx.Timeout(REQUEST_TIMEOUT_S, read=poll_wait_s + REQUEST_TIMEOUT_S))
         self.poll_wait_s = poll_wait_s
 
@@ -80,8 +85,8 @@ class HospitalClient(_AggregatorClient):
 class AdminClient(_AggregatorClient):
     """The consortium admin's calls: start, follow and cancel runs, fetch a run's final weights."""
 
-    def __init__(self, base_url: str, token: str, *, timeout_s: float = ADMIN_TIMEOUT_S) -> None:
-        super().__init__(base_url, token, timeout=timeout_s)
+    def __init__(self, base_url: str, credential: ClientCredential, *, timeout_s: float = ADMIN_TIMEOUT_S) -> None:
+        super().__init__(base_url, credential, timeout=timeout_s)
 
     def start_run(self, request: RunRequest) -> RunView:
         response = self._http.post("/v1/runs", json=request.model_dump(mode="json"))

@@ -1,5 +1,6 @@
-"""A whole federation in one process over real loopback HTTP: the aggregator service on an ephemeral port and
-one node thread per hospital, exactly the code `health-mlops aggregator` and `health-mlops node` run.
+"""A whole federation in one process over real loopback HTTPS: the aggregator service on an ephemeral port and
+one node thread per hospital, exactly the code `health-mlops aggregator` and `health-mlops node` run, with
+mutual TLS as deployed (or plain HTTP, to measure what TLS costs).
 
 For experiments and benchmarks (`health-mlops train --mode federated`): it measures what the protocol
 costs on top of the hospitals' compute. Credentials and checkpoints go to a temporary folder.
@@ -7,7 +8,6 @@ costs on top of the hospitals' compute. Credentials and checkpoints go to a temp
 
 from __future__ import annotations
 
-import socket
 import statistics
 import tempfile
 import threading
@@ -15,9 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import uvicorn
-from fastapi import FastAPI
 
 from health_mlops.data.hospital import HospitalData
 from health_mlops.fl.aggregator import AggregatorService, create_app
@@ -27,35 +24,11 @@ from health_mlops.fl.messages import RunRequest, RunView, decode_weights
 from health_mlops.fl.node import HospitalNode
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.fl.strategies import Weights
-from health_mlops.security import ADMIN, TokenAuthority, provision, read_token, token_path
+from health_mlops.http_server import BackgroundServer
+from health_mlops.pki import CA, SERVER, cert_path, key_path
+from health_mlops.security import ADMIN, ClientCredential, Gatekeeper, provision
 from health_mlops.spec import DatasetSpec
-
-
-class BackgroundServer:
-    """A uvicorn server on 127.0.0.1 in a daemon thread, on a port the OS picks (or the one given)."""
-
-    def __init__(self, app: FastAPI, port: int = 0) -> None:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind(("127.0.0.1", port))
-        self.port = self._socket.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
-
-    def __enter__(self) -> BackgroundServer:
-        self._thread.start()
-        while not self._server.started:
-            if not self._thread.is_alive():
-                raise RuntimeError(f"the server on port {self.port} did not start")
-            time.sleep(0.005)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._socket.close()
+from health_mlops.tls import server_context
 
 
 @dataclass(frozen=True)
@@ -87,26 +60,29 @@ class LoopbackResult:
 
 
 def run_federation_over_loopback(spec: DatasetSpec, hospitals: dict[str, HospitalData], config: RunConfig, *,
-                                 split_seed: int, test_fraction: float,
+                                 split_seed: int, test_fraction: float, plain_http: bool = False,
                                  on_progress: Callable[[RunView], None] | None = None) -> LoopbackResult:
     """Start the aggregator and a node per hospital, run one training run to its end, stop everything."""
     with tempfile.TemporaryDirectory(prefix="health-mlops-loopback-") as scratch:
         credentials = Path(scratch) / "credentials"
         provision(credentials, list(hospitals))
-        authority = TokenAuthority.from_directory(credentials)
+        gatekeeper = Gatekeeper(credentials, require_certificate=not plain_http)
+        tls = None if plain_http else server_context(cert_path(credentials, SERVER), key_path(credentials, SERVER),
+                                                     cert_path(credentials, CA))
         store = CheckpointStore(Path(scratch) / "models")
-        app = create_app(lambda: AggregatorService(spec, store, authority))
+        app = create_app(lambda: AggregatorService(spec, store, gatekeeper))
         stop = threading.Event()
-        with BackgroundServer(app) as server:
+        with BackgroundServer(app, tls=tls) as server:
             nodes = [HospitalNode(data=data, spec=spec, node_id=f"{hospital_id}-loopback", city="",
-                                  central_url=server.url, token=read_token(token_path(credentials, hospital_id)),
+                                  central_url=server.url,
+                                  credential=ClientCredential.from_directory(credentials, hospital_id),
                                   split_seed=split_seed, test_fraction=test_fraction, poll_wait_s=2.0)
                      for hospital_id, data in hospitals.items()]
             threads = [threading.Thread(target=n.run, args=(stop,), name=n.hospital_id, daemon=True) for n in nodes]
             for thread in threads:
                 thread.start()
             try:
-                with AdminClient(server.url, read_token(token_path(credentials, ADMIN))) as admin:
+                with AdminClient(server.url, ClientCredential.from_directory(credentials, ADMIN)) as admin:
                     started = time.perf_counter()
                     view = admin.start_run(RunRequest(config=config))
                     while view.status == "running":

@@ -30,6 +30,7 @@ from health_mlops.fl.client import HospitalClient
 from health_mlops.fl.messages import TaskMessage, decode_weights, encode_result
 from health_mlops.fl.strategies import Weights
 from health_mlops.monitoring import NodeMetrics
+from health_mlops.security import ClientCredential
 from health_mlops.spec import DatasetSpec
 
 log = logging.getLogger("health_mlops.node")
@@ -58,7 +59,7 @@ class NodeStatus:
 
 class HospitalNode:
     def __init__(self, *, data: HospitalData, spec: DatasetSpec, node_id: str, city: str, central_url: str,
-                 token: str, split_seed: int, test_fraction: float, poll_wait_s: float = 20.0,
+                 credential: ClientCredential, split_seed: int, test_fraction: float, poll_wait_s: float = 20.0,
                  metrics: NodeMetrics | None = None) -> None:
         self.hospital_id = data.hospital_id
         self.node_id = node_id
@@ -74,7 +75,7 @@ class HospitalNode:
         self.metrics.data_rows.labels(self.hospital_id, "valid").set(data.rows_valid)
         self.metrics.data_rows.labels(self.hospital_id, "quarantined").set(data.rows_quarantined)
         self.status = NodeStatus()
-        self._client = HospitalClient(central_url, token, node_id=node_id, poll_wait_s=poll_wait_s,
+        self._client = HospitalClient(central_url, credential, node_id=node_id, poll_wait_s=poll_wait_s,
                                       on_response=lambda _: self._reachable())
         self._weights: tuple[tuple[str, int], Weights] | None = None  # the last round's weights, by (run, round)
         self._lease_renewed = time.monotonic()  # when the current task's lease was last granted or renewed
@@ -110,8 +111,16 @@ class HospitalNode:
                 self.work(task)
 
     def check_identity(self) -> None:
-        """Refuse to serve this hospital's data under another hospital's credential."""
-        hospital = self._client.whoami()
+        """Refuse to serve this hospital's data under another hospital's credential. A 401 is not final (the
+        aggregator may not have read a newly provisioned credential yet); a 403 is: token and certificate
+        belong to different holders."""
+        try:
+            hospital = self._client.whoami()
+        except httpx.HTTPStatusError as error:
+            if error.response.status_code == 403:
+                raise IdentityMismatch(f"the aggregator refuses this node's credential: {_detail(error.response)}; "
+                                       f"give it {self.hospital_id}'s token and certificate") from None
+            raise
         if hospital != self.hospital_id:
             raise IdentityMismatch(f"this node serves {self.hospital_id}'s data but its credential is "
                                    f"{hospital or 'the admin'}'s; give it {self.hospital_id}'s token")

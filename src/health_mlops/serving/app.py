@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from health_mlops.config import Settings
 from health_mlops.monitoring import ServingMetrics
 from health_mlops.registry import Registry
-from health_mlops.security import admin_token
+from health_mlops.security import admin_credential
 from health_mlops.serving.api import create_serving_app
 from health_mlops.serving.model import ChampionWatcher
 from health_mlops.serving.predictor import Predictor
@@ -24,7 +24,8 @@ def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float
     watcher = ChampionWatcher(Registry(settings.home, spec.name), poll_s=poll_s)
     predictor = Predictor(spec, watcher, ServingMetrics())
     app = create_serving_app(spec, watcher, predictor=predictor)
-    sources = DashboardSources(registry, spec.primary_metric, settings.aggregator_url, admin_token(settings.admin_token, settings.credentials_dir))
+    sources = DashboardSources(registry, spec.primary_metric, settings.aggregator_url,
+                               admin_credential(settings.admin_token, settings.credentials_dir))
     dashboard = Dashboard(spec, predictor, registry, sources, settings.credentials_dir)
     with suppress(Exception):  # the champion now, if any, so the Predict form starts at a typical patient
         watcher.refresh()

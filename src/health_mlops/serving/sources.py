@@ -17,6 +17,8 @@ import httpx
 
 from health_mlops.fl.client import AdminClient
 from health_mlops.registry import EXPERIMENT_NAME, Registry
+from health_mlops.security import ClientCredential
+from health_mlops.tls import TlsError
 
 log = logging.getLogger("health_mlops.dashboard")
 RUNS_FROM_REGISTRY = 5
@@ -92,11 +94,12 @@ def hospitals_from_view(view: dict[str, Any], metric: str) -> list[HospitalStatu
 
 
 class DashboardSources:
-    def __init__(self, registry: Registry, metric: str, aggregator_url: str | None, admin_token: str | None) -> None:
+    def __init__(self, registry: Registry, metric: str, aggregator_url: str | None,
+                 admin: ClientCredential | None) -> None:
         self.registry = registry
         self.metric = metric
         self.aggregator_url = aggregator_url
-        self.admin_token = admin_token
+        self.admin = admin
         self._lock = threading.Lock()
         self._cached: tuple[float, FederationState] | None = None
 
@@ -113,12 +116,14 @@ class DashboardSources:
 
     def _look(self) -> FederationState:
         problem = "no aggregator configured"
-        if self.aggregator_url and self.admin_token:
+        if self.aggregator_url and self.admin:
             try:
-                with AdminClient(self.aggregator_url, self.admin_token, timeout_s=AGGREGATOR_TIMEOUT_S) as admin:
+                with AdminClient(self.aggregator_url, self.admin, timeout_s=AGGREGATOR_TIMEOUT_S) as admin:
                     views = sorted(admin.runs(), key=lambda v: v["id"])
                 return FederationState(f"aggregator {self.aggregator_url}", runs_from_views(views, self.metric),
                                        hospitals_from_view(views[-1], self.metric) if views else [])
+            except TlsError as error:
+                problem = str(error)
             except (httpx.HTTPError, ValueError, KeyError) as error:
                 problem = f"aggregator not reachable: {type(error).__name__}"
         elif self.aggregator_url:
