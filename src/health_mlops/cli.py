@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from health_mlops.config import Settings, get_settings, get_training_defaults
+from health_mlops.config import Settings, get_settings, get_training_defaults, settings_audit_log
 from health_mlops.data.diabetes import write_diabetes_sites
 from health_mlops.data.hospital import HospitalData, load_hospitals
 from health_mlops.data.io import DataError
@@ -44,6 +44,9 @@ data_app = typer.Typer(help="Generate and validate hospital data.", no_args_is_h
 app.add_typer(data_app, name="data")
 registry_app = typer.Typer(help="Model versions in the registry: list, promote, roll back.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
+audit_app = typer.Typer(help="The audit log: verify that no line was changed, removed, inserted or reordered.",
+                        no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 out = Console(highlight=False)
 if not out.is_terminal:
@@ -399,6 +402,7 @@ def aggregator(
     spec: Annotated[str | None, typer.Option(help="built-in spec name or YAML path (default: settings)")] = None,
 ) -> None:
     """Run the aggregator service: runs, rounds, checkpoints (resumes from the last one on restart)."""
+    from health_mlops.audit import AuditError
     from health_mlops.fl.aggregator import serve
     from health_mlops.fl.store import CheckpointError
     from health_mlops.registry import Registry
@@ -410,10 +414,11 @@ def aggregator(
     try:
         with _clean_errors():
             dataset = load_spec(spec or settings.spec)
+        audit = settings_audit_log(settings)
         serve(dataset, settings.models_dir, settings.credentials_dir, host=host, port=port, ops_port=ops_port,
-              plain_http=plain_http, registry_factory=lambda: Registry(settings.home, dataset.name),
-              quality_gate_tolerance=settings.quality_gate_tolerance, audit_log=settings.audit_log)
-    except (CredentialError, CheckpointError, TlsError) as exc:
+              plain_http=plain_http, registry_factory=lambda: Registry(settings.home, dataset.name, audit=audit),
+              quality_gate_tolerance=settings.quality_gate_tolerance, audit=audit)
+    except (CredentialError, CheckpointError, TlsError, AuditError) as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
 
@@ -479,14 +484,37 @@ def _registry(spec: str | None) -> Registry:
     settings = get_settings()
     with _clean_errors():
         dataset = load_spec(spec or settings.spec)
-    return Registry(settings.home, dataset.name)
+    return Registry(settings.home, dataset.name, audit=settings_audit_log(settings))
 
 
-def _actor() -> str:
+def _cli_user() -> str:
     import getpass
     import socket
 
-    return f"admin (cli: {getpass.getuser()}@{socket.gethostname()})"
+    return f"cli: {getpass.getuser()}@{socket.gethostname()}"
+
+
+def _admin_actor(registry: Registry, action: str, token_file: Path | None) -> str:
+    """The actor of a registry change: the admin, proven by the admin token (`--admin-token-file`,
+    HEALTH_MLOPS_ADMIN_TOKEN or the credentials folder's) checked against the credentials registry. A refusal
+    is audited and ends the command with exit code 2."""
+    from health_mlops.security import ADMIN, CredentialError, TokenAuthority, bearer, read_token, token_path
+
+    settings = get_settings()
+    try:
+        token = (read_token(token_file) if token_file else settings.admin_token
+                 or read_token(token_path(settings.credentials_dir, ADMIN)))
+        identity = TokenAuthority.from_directory(settings.credentials_dir).identify(bearer(token)["Authorization"])
+        problem = None if identity is not None and identity.role == ADMIN else "that is not the admin token"
+    except CredentialError as exc:
+        problem = str(exc)
+    if problem is not None:
+        registry.audit.append(f"registry {action}", f"unknown ({_cli_user()})", outcome="refused 401",
+                              model=registry.model_name, reason=problem)
+        err.print(f"[bold red]error:[/] {action} needs the admin credential: {problem}", markup=True,
+                  soft_wrap=True)
+        raise typer.Exit(2)
+    return f"admin ({_cli_user()})"
 
 
 def _print_versions(registry: Registry) -> None:
@@ -515,14 +543,20 @@ def registry_list(spec: SpecOption = None,
     _print_versions(registry)
 
 
+AdminTokenOption = Annotated[Path | None, typer.Option(help="the admin token (default: env "
+                                                             "HEALTH_MLOPS_ADMIN_TOKEN, else <credentials>/admin.token)")]
+
+
 @registry_app.command("promote")
-def registry_promote(version: Annotated[int, typer.Argument(min=1)], spec: SpecOption = None) -> None:
-    """Make VERSION the champion (written to the audit log)."""
+def registry_promote(version: Annotated[int, typer.Argument(min=1)], spec: SpecOption = None,
+                     admin_token_file: AdminTokenOption = None) -> None:
+    """Make VERSION the champion (needs the admin credential; written to the audit log)."""
     from health_mlops.registry import RegistryError
 
     registry = _registry(spec)
+    actor = _admin_actor(registry, "promote", admin_token_file)
     try:
-        promoted = registry.promote(version, actor=_actor())
+        promoted = registry.promote(version, actor=actor)
     except RegistryError as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True)
         raise typer.Exit(2) from None
@@ -530,17 +564,40 @@ def registry_promote(version: Annotated[int, typer.Argument(min=1)], spec: SpecO
 
 
 @registry_app.command("rollback")
-def registry_rollback(spec: SpecOption = None) -> None:
-    """Make the previous champion champion again (written to the audit log)."""
+def registry_rollback(spec: SpecOption = None, admin_token_file: AdminTokenOption = None) -> None:
+    """Make the previous champion (by MLflow's version history) champion again (needs the admin credential;
+    written to the audit log)."""
     from health_mlops.registry import RegistryError
 
     registry = _registry(spec)
+    actor = _admin_actor(registry, "rollback", admin_token_file)
     try:
-        restored = registry.rollback(actor=_actor())
+        restored = registry.rollback(actor=actor)
     except RegistryError as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True)
         raise typer.Exit(2) from None
     out.print(f"rolled back: v{restored.version} is champion again; audit log: {registry.audit_log}")
+
+
+@audit_app.command("verify")
+def audit_verify(log: Annotated[Path | None, typer.Option(help="default: $HEALTH_MLOPS_HOME/audit.log")] = None) -> None:
+    """Check the audit log's hash chain (and MACs, if the credentials folder has the audit key); exit 1 naming the
+    first line that was changed, removed, inserted or reordered."""
+    from health_mlops.audit import AuditError, load_audit_key, verify_audit
+
+    settings = get_settings()
+    path = log or settings.audit_log
+    try:
+        key = load_audit_key(settings.credentials_dir)
+    except AuditError as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+    checked, problem = verify_audit(path, key)
+    if problem is not None:
+        err.print(f"[bold red]{path}:[/] {problem}", markup=True, soft_wrap=True)
+        raise typer.Exit(1)
+    out.print(f"{path}: {checked} lines, the chain is intact" + (" and every MAC matches the audit key" if key else
+              " (no audit key in the credentials folder: hashes checked, MACs not)"), soft_wrap=True)
 
 
 @app.command()

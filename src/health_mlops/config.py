@@ -7,9 +7,13 @@ that sets `HEALTH_MLOPS_HOME` sees its own value.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from health_mlops.audit import AuditLog
 
 
 class TrainingDefaults(BaseSettings):
@@ -105,6 +109,13 @@ class NodeSettings(BaseSettings):
 
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_audit_log(settings: Settings) -> AuditLog:
+    """The audit log of these settings, with the audit key if `provision` issued one."""
+    from health_mlops.audit import AuditLog, load_audit_key
+
+    return AuditLog(settings.audit_log, load_audit_key(settings.credentials_dir))
 
 
 def get_training_defaults() -> TrainingDefaults:

@@ -46,6 +46,9 @@ class AggregatorMetrics:
         self.checkpoint_duration = Histogram("health_mlops_checkpoint_duration_seconds",
                                              "Time to write a checkpoint durably", buckets=_DURATION_BUCKETS,
                                              registry=r)
+        self.auth_failures = Counter("health_mlops_auth_failures_total",
+                                     "Requests refused for their credential: 401 none or unknown, 403 not allowed",
+                                     ["status"], registry=r)
 
 
 class NodeMetrics:

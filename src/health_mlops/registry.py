@@ -25,9 +25,10 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from health_mlops.audit import append_audit, read_audit
+from health_mlops.audit import AuditLog
 
 CHAMPION = "champion"
+CHAMPION_SINCE = "champion_since"  # version tag: when it last became champion (seconds since the epoch)
 CHALLENGER = "challenger"
 EXPERIMENT_NAME = "federated-training"
 MODEL_FILE = "model.onnx"
@@ -87,14 +88,18 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 class Registry:
     def __init__(self, home: Path, model_name: str, *, tracking_uri: str | None = None,
-                 audit_log: Path | None = None) -> None:
+                 audit: AuditLog | None = None) -> None:
         self.home = home
         self.model_name = model_name
         self.tracking_uri = tracking_uri or default_tracking_uri(home)
         if self.tracking_uri.startswith("sqlite:///"):
             Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
-        self.audit_log = audit_log or home / "audit.log"  # the same file as Settings.audit_log
+        self.audit = audit or AuditLog(home / "audit.log")  # the same file as Settings.audit_log
+
+    @property
+    def audit_log(self) -> Path:
+        return self.audit.path
 
     # --- writing --------------------------------------------------------------------------------------
 
@@ -139,6 +144,7 @@ class Registry:
             tags={"metric_name": record.metric_name, "metric": repr(metric),
                   "federation_run": record.federation_run})
         version = int(created.version)
+        self._audit("register", version, "aggregator", f"{record.federation_run}: {record.metric_name} {metric:.4f}")
         champion = self.champion()
         if champion is None or metric >= champion.metric - tolerance:
             self._set_champion(version, actor="quality-gate", action="promote",
@@ -153,6 +159,9 @@ class Registry:
         return self.version(version)
 
     def _set_champion(self, version: int, *, actor: str, action: str, reason: str) -> None:
+        # When each version last became champion is kept by MLflow itself, on the version: rollback reads it
+        # there, never from the audit log (which records, and decides nothing).
+        self.client.set_model_version_tag(self.model_name, str(version), CHAMPION_SINCE, repr(time.time()))
         self.client.set_registered_model_alias(self.model_name, CHAMPION, str(version))
         try:
             challenger = self.client.get_model_version_by_alias(self.model_name, CHALLENGER)
@@ -163,7 +172,7 @@ class Registry:
         self._audit(action, version, actor, reason)
 
     def _audit(self, action: str, version: int, actor: str, reason: str) -> None:
-        append_audit(self.audit_log, action, actor, model=self.model_name, version=version, reason=reason)
+        self.audit.append(action, actor, model=self.model_name, version=version, reason=reason)
 
     def promote(self, version: int, *, actor: str) -> ModelVersion:
         self.version(version)  # refuses an unknown version
@@ -171,22 +180,24 @@ class Registry:
         return self.version(version)
 
     def rollback(self, *, actor: str) -> ModelVersion:
-        """Make the champion before the current one champion again."""
+        """Make the champion before the current one champion again: of the other versions that were ever
+        champion (by MLflow's version tags), the one that was most recently."""
         current = self.champion()
         if current is None:
             raise RegistryError("there is no champion to roll back from")
-        history = [e["version"] for e in self.audit_entries() if e["action"] in ("promote", "rollback")]
-        earlier = [v for v in history if v != current.version]
+        earlier = sorted((float(raw.tags[CHAMPION_SINCE]), int(raw.version))
+                         for raw in self.client.search_model_versions(f"name='{self.model_name}'")
+                         if CHAMPION_SINCE in raw.tags and int(raw.version) != current.version)
         if not earlier:
             raise RegistryError(f"v{current.version} is the only model that was ever champion")
-        target = earlier[-1]
+        target = earlier[-1][1]
         self._set_champion(target, actor=actor, action="rollback", reason=f"from v{current.version}")
         return self.version(target)
 
     # --- reading --------------------------------------------------------------------------------------
 
     def audit_entries(self) -> list[dict[str, Any]]:
-        return [e for e in read_audit(self.audit_log) if e.get("model") == self.model_name]
+        return [e for e in self.audit.entries() if e.get("model") == self.model_name]
 
     def version(self, version: int) -> ModelVersion:
         try:

@@ -30,6 +30,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from health_mlops import pki
+from health_mlops.audit import KEY_FILE_NAME, issue_audit_key
 from health_mlops.files import write_private
 
 T = TypeVar("T")
@@ -73,8 +74,8 @@ def read_token(path: Path) -> str:
 
 def provision(directory: Path, hospitals: list[str], *, server_names: list[str] | None = None) -> list[str]:
     """Issue what is missing: a token and a client certificate for the admin and every hospital, the CA and
-    the aggregator's certificate (`pki.ensure_certificates`, with `server_names` beside the default names);
-    return the names newly issued.
+    the aggregator's certificate (`pki.ensure_certificates`, with `server_names` beside the default names),
+    and the audit log's key; return the names newly issued.
 
     Existing credentials are kept, so running it again to add a hospital does not lock the others out. The
     registry is rebuilt from the token files present (`revoke_token` and `rotate_token` change one).
@@ -89,7 +90,8 @@ def provision(directory: Path, hospitals: list[str], *, server_names: list[str] 
     _write_registry(directory)
     holders = [path.name.removesuffix(".token") for path in sorted(directory.glob("*.token"))]
     certified = pki.ensure_certificates(directory, holders, server_names=server_names)
-    return list(dict.fromkeys([*issued, *certified]))
+    audit_key = [KEY_FILE_NAME] if issue_audit_key(directory) else []
+    return list(dict.fromkeys([*issued, *certified, *audit_key]))
 
 
 def rotate_token(directory: Path, name: str) -> None:
@@ -204,9 +206,10 @@ class AccessDenied(Exception):
     """A caller the aggregator refuses: `status` 401 (no valid credential) or 403 (a credential that does not
     match)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, claimed: str | None = None) -> None:
         super().__init__(reason)
         self.status = status
+        self.claimed = claimed  # whose the token was, if it was a valid one
 
 
 class _Reloading(Generic[T]):
@@ -276,10 +279,11 @@ class Gatekeeper:
         if not self.require_certificate:
             return identity
         if certificate is None:
-            raise AccessDenied(401, "a consortium client certificate is required")
+            raise AccessDenied(401, "a consortium client certificate is required", claimed=identity.name)
         if certificate.serial_number in self._revoked.get():
-            raise AccessDenied(401, f"the client certificate of {common_name(certificate)} has been revoked")
+            raise AccessDenied(401, f"the client certificate of {common_name(certificate)} has been revoked",
+                               claimed=identity.name)
         if common_name(certificate) != identity.name:
             raise AccessDenied(403, f"the token is {identity.name}'s but the client certificate is "
-                                    f"{common_name(certificate)}'s")
+                                    f"{common_name(certificate)}'s", claimed=identity.name)
         return identity

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from health_mlops.audit import read_audit
+from health_mlops.audit import AuditLog, verify_audit
 from health_mlops.fl.aggregator import AggregatorService, create_app, create_ops_app
 from health_mlops.fl.coordinator import TaskResult
 from health_mlops.fl.messages import encode_result
@@ -57,7 +57,7 @@ def api(tmp_path: Path) -> Iterator[Api]:
     gatekeeper = Gatekeeper(credentials, require_certificate=True)
     tls = server_context(cert_path(credentials, SERVER), key_path(credentials, SERVER), cert_path(credentials, CA))
     app = create_app(lambda: AggregatorService(SPEC, CheckpointStore(tmp_path / "models"), gatekeeper,
-                                               audit_log=tmp_path / "audit.log"))
+                                               audit=AuditLog(tmp_path / "audit.log")))
     with BackgroundServer(app, tls=tls) as server, BackgroundServer(create_ops_app(app)) as ops:
         yield Api(server.url, ops.url, credentials, tmp_path / "audit.log")
 
@@ -76,6 +76,29 @@ def test_callers_without_a_known_token_are_refused(api: Api) -> None:
     with httpx.Client(base_url=api.url, headers={"Authorization": "Bearer made-up"},
                       verify=api.tls("hospital-1")) as forger:
         assert forger.get("/v1/runs").status_code == 401
+
+
+def test_refused_attempts_are_audited_counted_and_the_log_verifies(api: Api) -> None:
+    run = start_run(api)
+    with api.client("hospital-1") as hospital:
+        assert hospital.post(f"/v1/runs/{run['id']}/cancel").status_code == 403
+    for authorization in ("Bearer garbage", "", "Basic x"):
+        with httpx.Client(base_url=api.url, headers={"Authorization": authorization},
+                          verify=api.tls("hospital-2")) as forger:
+            assert forger.post(f"/v1/runs/{run['id']}/cancel").status_code == 401
+    with api.client("hospital-1", certificate="hospital-2") as mismatched:
+        assert mismatched.get("/v1/runs").status_code == 403
+    entries = AuditLog(api.audit_log).entries()
+    refused = [(e["action"], e["actor"], e["outcome"]) for e in entries if e["outcome"] != "ok"]
+    cancel = f"POST /v1/runs/{run['id']}/cancel"
+    assert refused == [(cancel, "hospital-1", "refused 403"), *[(cancel, "unknown", "refused 401")] * 3,
+                       ("GET /v1/runs", "hospital-1", "refused 403")]
+    assert all(e["source"] == "127.0.0.1" for e in entries if e["outcome"] != "ok")
+    assert verify_audit(api.audit_log) == (len(entries), None)
+    with httpx.Client(base_url=api.ops_url) as ops:
+        metrics = ops.get("/metrics").text
+    assert 'health_mlops_auth_failures_total{status="401"} 3.0' in metrics
+    assert 'health_mlops_auth_failures_total{status="403"} 2.0' in metrics
 
 
 def test_a_connection_without_a_consortium_client_certificate_fails_in_the_handshake(api: Api,
@@ -228,8 +251,8 @@ def test_malformed_stats_are_refused_and_the_aggregator_keeps_answering(api: Api
         view = admin.get(f"/v1/runs/{run['id']}").json()
         assert view["rejected"] == {"bad_metadata": 1}
         admin.post(f"/v1/runs/{run['id']}/cancel")
-    actions = [e["action"] for e in read_audit(api.audit_log)]
-    assert actions == ["start_run", "cancel_run"]
+    actions = [e["action"] for e in AuditLog(api.audit_log).entries()]
+    assert actions == ["start_run", "run_ended", "cancel_run"]
 
 
 def test_start_run_command_asks_the_aggregator_with_the_configured_parameters(api: Api, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def test_the_quality_gate_keeps_a_worse_model_as_challenger(registry: Registry) 
     assert near.aliases == [CHAMPION]
     assert worse.aliases == [CHALLENGER]
     assert registry.champion() is not None and registry.champion().version == 2
-    assert [e["action"] for e in registry.audit_entries()] == ["promote", "promote", "challenger"]
+    assert [e["action"] for e in registry.audit_entries()] == ["register", "promote", "register", "promote",
+                                                               "register", "challenger"]
 
 
 def test_promote_and_rollback_are_audited(registry: Registry) -> None:
@@ -57,6 +59,20 @@ def test_promote_and_rollback_are_audited(registry: Registry) -> None:
                                                                               ("rollback", 1, "admin")]
     with pytest.raises(RegistryError, match="no version 9"):
         registry.promote(9, actor="admin")
+
+
+def test_rollback_follows_mlflow_not_the_audit_log(registry: Registry) -> None:
+    for name, auc in (("run-a", 0.80), ("run-b", 0.81), ("run-c", 0.60), ("run-d", 0.82)):
+        registry.register(record(name, auc), tolerance=0.0)  # champions: v1, v2, then v4; v3 a challenger
+    lines = registry.audit_log.read_text().splitlines()
+    # A forger removes the line that made v2 champion and appends one that says v3 was made champion.
+    forged = json.loads(next(line for line in lines if '"promote"' in line and '"version": 2' in line))
+    lines = [line for line in lines if not ('"promote"' in line and '"version": 2' in line)]
+    lines.append(json.dumps({**forged, "version": 3, "seq": len(lines) + 1}))
+    registry.audit_log.write_text("\n".join(lines) + "\n")
+    assert registry.rollback(actor="admin").version == 2  # the champion before v4, as MLflow recorded it
+    assert registry.champion().version == 2
+    assert registry.rollback(actor="admin").version == 4  # and back: v3 never was champion
 
 
 def test_nothing_to_roll_back_is_a_clear_error(registry: Registry) -> None:

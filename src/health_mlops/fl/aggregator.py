@@ -29,7 +29,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Res
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from health_mlops.audit import append_audit
+from health_mlops.audit import AuditLog
 from health_mlops.data.preprocess import encoded_columns
 from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, Run, RunStatus,
                                          TaskKind)
@@ -67,9 +67,9 @@ class AggregatorService:
     def __init__(self, spec: DatasetSpec, store: CheckpointStore, gatekeeper: Gatekeeper,
                  metrics: AggregatorMetrics | None = None, clock: Callable[[], float] = time.time,
                  max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES, publisher: Publisher | None = None,
-                 audit_log: Path | None = None) -> None:
+                 audit: AuditLog | None = None) -> None:
         self.spec = spec
-        self.audit_log = audit_log
+        self.audit_log = audit
         self.max_result_bytes = max_result_bytes
         self.publisher = publisher
         self.registrations: dict[str, dict[str, Any]] = {}
@@ -148,13 +148,22 @@ class AggregatorService:
             elif before[2] != status and run.status is not RunStatus.running:
                 self.metrics.runs_ended.labels(status).inc()
                 log.info("%s: %s %s", run_id, status, run.reason)
+                self.audit("run_ended", "aggregator", run=run_id, status=status, reason=run.reason)
                 if run.status is RunStatus.completed:
                     self._publish(run)
         self._update_gauges()
 
-    def audit(self, action: str, identity: Identity, **details: Any) -> None:
+    def audit(self, action: str, actor: str, *, outcome: str = "ok", **details: Any) -> None:
         if self.audit_log is not None:
-            append_audit(self.audit_log, action, identity.name, **details)
+            self.audit_log.append(action, actor, outcome=outcome, **details)
+
+    def refuse(self, request: Request, status: int, reason: str, actor: str | None) -> HTTPException:
+        """A refused credential: counted, audited (who it claimed to be, from where, for what), and answered."""
+        self.metrics.auth_failures.labels(str(status)).inc()
+        source = request.client.host if request.client else None
+        self.audit(f"{request.method} {request.url.path}", actor or "unknown", outcome=f"refused {status}",
+                   reason=reason, source=source)
+        return HTTPException(status, reason, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
     def _publish(self, run: Run) -> None:
         """Register the run's final model in a worker thread; the event loop keeps serving meanwhile."""
@@ -302,22 +311,21 @@ async def _caller(request: Request, svc: Service, authorization: Annotated[str |
     try:
         return svc.gatekeeper.identify(authorization, peer_certificate(request.scope))
     except AccessDenied as denied:
-        headers = {"WWW-Authenticate": "Bearer"} if denied.status == 401 else None
-        raise HTTPException(denied.status, str(denied), headers=headers) from None
+        raise svc.refuse(request, denied.status, str(denied), denied.claimed) from None
 
 
 Caller = Annotated[Identity, Depends(_caller)]
 
 
-async def _hospital(identity: Caller) -> str:
+async def _hospital(request: Request, svc: Service, identity: Caller) -> str:
     if identity.hospital is None:
-        raise HTTPException(403, "this endpoint is for hospital nodes; the admin token cannot use it")
+        raise svc.refuse(request, 403, "this endpoint is for hospital nodes; the admin cannot use it", identity.name)
     return identity.hospital
 
 
-async def _admin(identity: Caller) -> Identity:
+async def _admin(request: Request, svc: Service, identity: Caller) -> Identity:
     if identity.role != "admin":
-        raise HTTPException(403, "this endpoint needs the admin token")
+        raise svc.refuse(request, 403, "this endpoint needs the admin credential", identity.name)
     return identity
 
 
@@ -378,7 +386,7 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
     @app.post("/v1/runs", status_code=201)
     async def start_run(request: RunRequest, svc: Service, identity: Admin) -> RunView:
         run = await svc.start_run(request)
-        svc.audit("start_run", identity, run=run.id, hospitals=run.hospitals, config=run.config.model_dump())
+        svc.audit("start_run", identity.name, run=run.id, hospitals=run.hospitals, config=run.config.model_dump())
         return svc.view(run)
 
     @app.get("/v1/runs")
@@ -393,7 +401,7 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
     async def cancel_run(run_id: str, svc: Service, identity: Admin) -> RunView:
         _run_of(svc, run_id)
         run = await svc.change(lambda now: svc.coordinator.cancel_run(run_id))
-        svc.audit("cancel_run", identity, run=run_id)
+        svc.audit("cancel_run", identity.name, run=run_id)
         return svc.view(run)
 
     @app.get("/v1/whoami")
@@ -479,7 +487,7 @@ def create_ops_app(api: FastAPI) -> FastAPI:
 
 def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: str, port: int, ops_port: int,
           plain_http: bool, registry_factory: Callable[[], Registry], quality_gate_tolerance: float,
-          audit_log: Path) -> None:
+          audit: AuditLog) -> None:
     """Run the aggregator until SIGINT/SIGTERM (what `health-mlops aggregator` and its container run): the API
     on `port` over mutual TLS (plain HTTP if `plain_http`), health and metrics on `ops_port`."""
     # Everything that can be wrong with the folders fails now, with the file named, not per request.
@@ -495,7 +503,7 @@ def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: s
         log.warning("serving the API over plain HTTP: tokens travel in the clear and no client certificate is "
                     "checked; for loopback experiments only")
     publisher = Publisher(registry_factory, store, quality_gate_tolerance)
-    app = create_app(lambda: AggregatorService(spec, store, gatekeeper, publisher=publisher, audit_log=audit_log))
+    app = create_app(lambda: AggregatorService(spec, store, gatekeeper, publisher=publisher, audit=audit))
     with BackgroundServer(create_ops_app(app), host=host, port=ops_port):
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2,
                     **({} if tls is None else {"http": TlsScopeProtocol, "ssl_context_factory": lambda *_: tls}))

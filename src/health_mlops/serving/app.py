@@ -7,7 +7,7 @@ from contextlib import suppress
 import gradio as gr
 from fastapi import FastAPI
 
-from health_mlops.config import Settings
+from health_mlops.config import Settings, settings_audit_log
 from health_mlops.monitoring import ServingMetrics
 from health_mlops.registry import Registry
 from health_mlops.security import admin_credential
@@ -20,7 +20,7 @@ from health_mlops.spec import DatasetSpec
 
 
 def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float) -> FastAPI:
-    registry = Registry(settings.home, spec.name)
+    registry = Registry(settings.home, spec.name, audit=settings_audit_log(settings))
     watcher = ChampionWatcher(Registry(settings.home, spec.name), poll_s=poll_s)
     predictor = Predictor(spec, watcher, ServingMetrics())
     app = create_serving_app(spec, watcher, predictor=predictor)

@@ -173,14 +173,18 @@ class Dashboard:
 
     def promote(self, token: str, version: float | None) -> tuple[str, pd.DataFrame]:
         return self._admin_action(token, lambda: self.registry.promote(int(version or 0), actor="admin (dashboard)"),
-                                  "promoted")
+                                  "promote", "promoted")
 
     def rollback(self, token: str) -> tuple[str, pd.DataFrame]:
-        return self._admin_action(token, lambda: self.registry.rollback(actor="admin (dashboard)"), "rolled back to")
+        return self._admin_action(token, lambda: self.registry.rollback(actor="admin (dashboard)"), "rollback",
+                                  "rolled back to")
 
-    def _admin_action(self, token: str, action: Callable[[], Any], verb: str) -> tuple[str, pd.DataFrame]:
+    def _admin_action(self, token: str, action: Callable[[], Any], name: str,
+                      verb: str) -> tuple[str, pd.DataFrame]:
         refusal = self._admin_refusal(token)
         if refusal:
+            self.registry.audit.append(f"dashboard {name}", "unknown (dashboard)", outcome="refused 401",
+                                       model=self.registry.model_name, reason=refusal)
             return f"**Refused:** {refusal}", self.models()
         try:
             version = action()

@@ -1,0 +1,55 @@
+"""The registry and audit commands as a user runs them: registry changes need the admin credential (a refusal is
+audited), and `audit verify` proves the log or names the first bad line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from health_mlops.audit import AuditLog, load_audit_key
+from health_mlops.registry import Registry
+from health_mlops.security import provision
+from tests.conftest import run_cli
+from tests.unit.test_registry import record
+
+
+@pytest.fixture
+def registry(home: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("HEALTH_MLOPS_ADMIN_TOKEN", raising=False)
+    provision(home / "credentials", ["hospital-1"])
+    registry = Registry(home, "health-risk", audit=AuditLog(home / "audit.log", load_audit_key(home / "credentials")))
+    registry.register(record("run-a", 0.80), tolerance=0.0)
+    registry.register(record("run-b", 0.70), tolerance=0.0)  # a challenger
+    return registry
+
+
+def test_registry_changes_need_the_admin_credential(registry: Registry, home: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    hospital_token = home / "credentials" / "hospital-1.token"
+    refused = run_cli("registry", "promote", "2", "--admin-token-file", str(hospital_token), home=home, check=False)
+    assert refused.returncode == 2 and "needs the admin credential" in refused.stderr
+    monkeypatch.setenv("HEALTH_MLOPS_ADMIN_TOKEN", "guessed")
+    guessed = run_cli("registry", "rollback", home=home, check=False)
+    assert guessed.returncode == 2 and "not the admin token" in guessed.stderr
+    assert registry.champion() is not None and registry.champion().version == 1  # nothing changed
+    monkeypatch.delenv("HEALTH_MLOPS_ADMIN_TOKEN")
+
+    assert "v2 is now champion" in run_cli("registry", "promote", "2", home=home).stdout
+    assert "v1 is champion again" in run_cli("registry", "rollback", home=home).stdout
+    entries = registry.audit_entries()
+    refusals = [(e["action"], e["outcome"]) for e in entries if e["outcome"] != "ok"]
+    assert refusals == [("registry promote", "refused 401"), ("registry rollback", "refused 401")]
+    changes = [(e["action"], e["version"], e["actor"].split(" (")[0]) for e in entries[-2:]]
+    assert changes == [("promote", 2, "admin"), ("rollback", 1, "admin")]
+
+
+def test_audit_verify_passes_an_intact_log_and_names_a_tampered_line(registry: Registry, home: Path) -> None:
+    intact = run_cli("audit", "verify", home=home)
+    assert "the chain is intact and every MAC matches the audit key" in intact.stdout
+    lines = (home / "audit.log").read_text().splitlines()
+    lines[1] = lines[1].replace('"actor": "quality-gate"', '"actor": "admin"')
+    (home / "audit.log").write_text("\n".join(lines) + "\n")
+    tampered = run_cli("audit", "verify", home=home, check=False)
+    assert tampered.returncode == 1 and "line 2: changed" in tampered.stderr
