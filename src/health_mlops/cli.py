@@ -612,6 +612,7 @@ def dashboard(
 
     import uvicorn
 
+    from health_mlops.http_server import protocol_options
     from health_mlops.serving.app import create_dashboard_app
 
     settings = get_settings()
@@ -625,7 +626,8 @@ def dashboard(
     gc.freeze()
     # One worker: the dashboard's sessions live in the process. No access log and no proxy-header parsing:
     # both cost every prediction, and the API logs nothing per request.
-    uvicorn.run(served, host=host, port=port, log_level="warning", access_log=False, proxy_headers=False)
+    uvicorn.run(served, host=host, port=port, log_level="warning", access_log=False, proxy_headers=False,
+                **protocol_options(None))
 
 
 def _configure_logging() -> None:

@@ -1,7 +1,9 @@
-"""One answer for invalid requests in every service: 422 with each error's field and reason, always JSON.
+"""One answer for invalid requests in every service: 422 with each error's field and reason, always JSON, never
+the input.
 
-FastAPI's default answer echoes the offending input, which fails to serialise when that input is not valid
-JSON on the way out (an infinite number, NaN) and turns a client's mistake into a 500.
+FastAPI's default answer echoes the offending input: a patient's values would travel back (and into any log of
+the response), a large invalid body would come back as large, and an input that is not valid JSON on the way
+out (an infinite number, NaN) would turn a client's mistake into a 500.
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ def json_safe(value: Any) -> Any:
     return str(value)
 
 
+# What an error says: where (loc: the field, and the row in a batch), what kind, why, and the limit it broke.
+_KEPT = ("loc", "type", "msg", "ctx")
+
+
+def without_input(errors: list[Any]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in error.items() if k in _KEPT} for error in errors]
+
+
 def install_validation_handler(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": json_safe(list(error.errors()))}, status_code=422)
+        return JSONResponse({"detail": json_safe(without_input(list(error.errors())))}, status_code=422)

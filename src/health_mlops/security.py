@@ -21,6 +21,8 @@ import json
 import logging
 import os
 import secrets
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,3 +289,37 @@ class Gatekeeper:
             raise AccessDenied(403, f"the token is {identity.name}'s but the client certificate is "
                                     f"{common_name(certificate)}'s", claimed=identity.name)
         return identity
+
+
+class FailureThrottle:
+    """Slows down a source that keeps presenting bad credentials, and says so once.
+
+    Per source (an IP address), failures within `window_s` are counted; past `free` of them, each further
+    refusal waits `base_delay_s` doubled per failure, up to `max_delay_s`, before it is answered. The first
+    failure in a window is logged (WARNING); the rest are only counted, so a guessing attack cannot flood the
+    log. Memory is bounded: at most `max_sources` sources are remembered, the stalest forgotten first.
+    """
+
+    def __init__(self, *, free: int = 5, base_delay_s: float = 0.1, max_delay_s: float = 2.0,
+                 window_s: float = 60.0, max_sources: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.free, self.base_delay_s, self.max_delay_s = free, base_delay_s, max_delay_s
+        self.window_s, self.max_sources, self.clock = window_s, max_sources, clock
+        self._failures: OrderedDict[str, tuple[float, int]] = OrderedDict()  # source -> (window start, count)
+
+    def failed(self, source: str, reason: str) -> float:
+        """Record a failure from `source`; the seconds to wait before answering it."""
+        now = self.clock()
+        started, count = self._failures.pop(source, (now, 0))
+        if now - started > self.window_s:
+            started, count = now, 0
+        count += 1
+        self._failures[source] = (started, count)
+        while len(self._failures) > self.max_sources:
+            self._failures.popitem(last=False)
+        if count == 1:
+            log.warning("refused a credential from %s: %s (further failures from it in the next %.0f s are "
+                        "counted in health_mlops_auth_failures_total, not logged)", source, reason, self.window_s)
+        if count <= self.free:
+            return 0.0
+        return min(self.base_delay_s * 2 ** (count - self.free - 1), self.max_delay_s)

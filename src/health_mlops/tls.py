@@ -4,7 +4,7 @@ the application.
 The aggregator requires a consortium client certificate (mutual TLS): a connection without one fails in the
 handshake. uvicorn verifies it, but does not tell the application whose certificate it was: it does not
 implement the ASGI TLS extension (https://asgi.readthedocs.io/en/latest/specs/tls.html; encode/uvicorn#1530).
-`TlsScopeProtocol`
+`http_server.GuardedHttpProtocol`
 is uvicorn's own HTTP protocol plus that extension: when a TLS connection is made, it reads the verified peer
 certificate from the connection's `SSLObject` once and adds `scope["extensions"]["tls"]` to every request on
 that connection. Everything else (parsing, keep-alive, flow control, timeouts) stays uvicorn's. We chose this
@@ -14,14 +14,12 @@ as a header, which anything that can reach the aggregator's plain port could for
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 _TLS_VERSION_CODES = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}  # as the ASGI TLS extension numbers them
@@ -72,23 +70,6 @@ def tls_extension(ssl_object: ssl.SSLObject) -> dict[str, Any]:
     version = ssl_object.version()
     return {"server_cert": None, "client_cert_chain": chain, "client_cert_name": name, "client_cert_error": None,
             "tls_version": _TLS_VERSION_CODES.get(version or ""), "cipher_suite": None}
-
-
-class TlsScopeProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
-    """uvicorn's HTTP protocol, with the ASGI TLS extension in the scope of requests made over TLS."""
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            extension = tls_extension(ssl_object)
-            app = self.app
-
-            async def with_tls(scope: dict[str, Any], receive: Any, send: Any) -> None:
-                scope["extensions"] = {**(scope.get("extensions") or {}), "tls": extension}
-                await app(scope, receive, send)
-
-            self.app = with_tls  # this protocol object serves this one connection
 
 
 @lru_cache(maxsize=1024)

@@ -22,7 +22,7 @@ from health_mlops.fl.messages import encode_result
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.http_server import BackgroundServer
 from health_mlops.pki import CA, SERVER, cert_path, key_path
-from health_mlops.security import ADMIN, Gatekeeper, bearer, provision, read_token, token_path
+from health_mlops.security import ADMIN, FailureThrottle, Gatekeeper, bearer, provision, read_token, token_path
 from health_mlops.spec import load_spec
 from health_mlops.tls import client_context, server_context
 from tests.conftest import run_cli
@@ -57,7 +57,8 @@ def api(tmp_path: Path) -> Iterator[Api]:
     gatekeeper = Gatekeeper(credentials, require_certificate=True)
     tls = server_context(cert_path(credentials, SERVER), key_path(credentials, SERVER), cert_path(credentials, CA))
     app = create_app(lambda: AggregatorService(SPEC, CheckpointStore(tmp_path / "models"), gatekeeper,
-                                               audit=AuditLog(tmp_path / "audit.log")))
+                                               audit=AuditLog(tmp_path / "audit.log"),
+                                               throttle=FailureThrottle(free=20, base_delay_s=0.2)))
     with BackgroundServer(app, tls=tls) as server, BackgroundServer(create_ops_app(app)) as ops:
         yield Api(server.url, ops.url, credentials, tmp_path / "audit.log")
 

@@ -11,9 +11,9 @@ import pytest
 from health_mlops.files import write_atomically
 from health_mlops.fl.store import CheckpointError, CheckpointStore
 from health_mlops.pki import cert_path, load_certificate, rotate
-from health_mlops.security import (ADMIN, REGISTRY_FILE_NAME, AccessDenied, CredentialError, Gatekeeper, Identity,
-                                   TokenAuthority, bearer, provision, read_token, revoke_token, rotate_token,
-                                   token_path)
+from health_mlops.security import (ADMIN, REGISTRY_FILE_NAME, AccessDenied, CredentialError, FailureThrottle,
+                                   Gatekeeper, Identity, TokenAuthority, bearer, provision, read_token, revoke_token,
+                                   rotate_token, token_path)
 
 
 def test_provision_issues_private_tokens_and_the_registry_holds_only_digests(tmp_path: Path) -> None:
@@ -136,3 +136,24 @@ def test_an_unreadable_registry_keeps_the_gatekeepers_last_good_one(tmp_path: Pa
     with pytest.raises(CredentialError, match="no certificate revocation list"):
         (tmp_path / "crl.pem").unlink()
         Gatekeeper(tmp_path, require_certificate=True)
+
+
+def test_repeated_failures_from_a_source_are_slowed_down_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    throttle = FailureThrottle(free=3, base_delay_s=0.1, max_delay_s=1.0, window_s=60, clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="health_mlops.security"):
+        delays = [throttle.failed("10.0.0.7", "unknown token") for _ in range(9)]
+    assert delays == [0, 0, 0, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert throttle.failed("10.0.0.8", "unknown token") == 0  # another source is not slowed down
+    assert len([r for r in caplog.records if "10.0.0.7" in r.getMessage()]) == 1
+    now[0] = 61.0  # a new window
+    assert throttle.failed("10.0.0.7", "unknown token") == 0
+
+
+def test_the_throttle_remembers_a_bounded_number_of_sources() -> None:
+    throttle = FailureThrottle(free=0, base_delay_s=0.1, max_sources=100)
+    assert throttle.failed("10.9.9.9", "unknown token") == 0.1
+    assert throttle.failed("10.9.9.9", "unknown token") == 0.2  # remembered
+    for i in range(100):  # a hundred newer sources push it out
+        throttle.failed(f"10.0.0.{i}", "unknown token")
+    assert throttle.failed("10.9.9.9", "unknown token") == 0.1

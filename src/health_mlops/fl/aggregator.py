@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -39,13 +41,14 @@ from health_mlops.fl.messages import (SAFETENSORS_MEDIA_TYPE, LeaseMessage, Mess
                                       encode_weights, weighted_metrics)
 from health_mlops.fl.simulation import initial_weights
 from health_mlops.fl.store import CheckpointError, CheckpointStore
+from health_mlops.http_edge import KIB, BodyLimit
 from health_mlops.http_errors import install_validation_handler
 from health_mlops.monitoring import AggregatorMetrics
-from health_mlops.http_server import BackgroundServer
+from health_mlops.http_server import BackgroundServer, protocol_options
 from health_mlops.pki import CA, SERVER, cert_path, key_path
-from health_mlops.security import AccessDenied, Gatekeeper, Identity
+from health_mlops.security import AccessDenied, FailureThrottle, Gatekeeper, Identity
 from health_mlops.spec import DatasetSpec
-from health_mlops.tls import TlsScopeProtocol, peer_certificate, server_context
+from health_mlops.tls import peer_certificate, server_context
 
 if TYPE_CHECKING:  # MLflow is imported only by an aggregator that registers models
     from health_mlops.fl.publish import Publisher
@@ -59,6 +62,15 @@ TICK_SECONDS = 0.25
 MAX_NODE_ID_LENGTH = 128
 # A result is one model's weights; far beyond any model this task trains, small enough to refuse abuse.
 DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024
+MAX_RUN_REQUEST_BYTES = 64 * KIB  # a run's config and hospital list
+MAX_OTHER_BODY_BYTES = 1 * KIB  # heartbeat and cancel take no body
+
+
+def body_limit(path: str, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> int:
+    """The most bytes a request body to `path` may hold."""
+    if path.startswith("/v1/tasks/") and path.endswith("/result"):
+        return max_result_bytes
+    return MAX_RUN_REQUEST_BYTES if path == "/v1/runs" else MAX_OTHER_BODY_BYTES
 
 
 class AggregatorService:
@@ -66,15 +78,15 @@ class AggregatorService:
 
     def __init__(self, spec: DatasetSpec, store: CheckpointStore, gatekeeper: Gatekeeper,
                  metrics: AggregatorMetrics | None = None, clock: Callable[[], float] = time.time,
-                 max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES, publisher: Publisher | None = None,
-                 audit: AuditLog | None = None) -> None:
+                 publisher: Publisher | None = None, audit: AuditLog | None = None,
+                 throttle: FailureThrottle | None = None) -> None:
         self.spec = spec
         self.audit_log = audit
-        self.max_result_bytes = max_result_bytes
         self.publisher = publisher
         self.registrations: dict[str, dict[str, Any]] = {}
         self.store = store
         self.gatekeeper = gatekeeper
+        self.throttle = throttle or FailureThrottle()
         self.metrics = metrics or AggregatorMetrics()
         self.clock = clock
         self.coordinator = restore_coordinator(store, spec)
@@ -157,12 +169,16 @@ class AggregatorService:
         if self.audit_log is not None:
             self.audit_log.append(action, actor, outcome=outcome, **details)
 
-    def refuse(self, request: Request, status: int, reason: str, actor: str | None) -> HTTPException:
-        """A refused credential: counted, audited (who it claimed to be, from where, for what), and answered."""
+    async def refuse(self, request: Request, status: int, reason: str, actor: str | None) -> HTTPException:
+        """A refused credential: counted, audited (who it claimed to be, from where, for what), slowed down
+        per source when it repeats, and answered."""
         self.metrics.auth_failures.labels(str(status)).inc()
-        source = request.client.host if request.client else None
+        source = request.client.host if request.client else "unknown"
         self.audit(f"{request.method} {request.url.path}", actor or "unknown", outcome=f"refused {status}",
                    reason=reason, source=source)
+        delay = self.throttle.failed(source, reason)
+        if delay:
+            await asyncio.sleep(delay)
         return HTTPException(status, reason, headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
     def _publish(self, run: Run) -> None:
@@ -311,7 +327,7 @@ async def _caller(request: Request, svc: Service, authorization: Annotated[str |
     try:
         return svc.gatekeeper.identify(authorization, peer_certificate(request.scope))
     except AccessDenied as denied:
-        raise svc.refuse(request, denied.status, str(denied), denied.claimed) from None
+        raise await svc.refuse(request, denied.status, str(denied), denied.claimed) from None
 
 
 Caller = Annotated[Identity, Depends(_caller)]
@@ -319,13 +335,14 @@ Caller = Annotated[Identity, Depends(_caller)]
 
 async def _hospital(request: Request, svc: Service, identity: Caller) -> str:
     if identity.hospital is None:
-        raise svc.refuse(request, 403, "this endpoint is for hospital nodes; the admin cannot use it", identity.name)
+        raise await svc.refuse(request, 403, "this endpoint is for hospital nodes; the admin cannot use it",
+                               identity.name)
     return identity.hospital
 
 
 async def _admin(request: Request, svc: Service, identity: Caller) -> Identity:
     if identity.role != "admin":
-        raise svc.refuse(request, 403, "this endpoint needs the admin credential", identity.name)
+        raise await svc.refuse(request, 403, "this endpoint needs the admin credential", identity.name)
     return identity
 
 
@@ -347,20 +364,6 @@ def _refusal(error: Exception) -> HTTPException:
     return HTTPException(409, str(error))
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it exceeds `limit` (a declared length is not trusted alone)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"a result may hold at most {limit} bytes; this one declares {declared}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"a result may hold at most {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _run_of(svc: AggregatorService, run_id: str) -> Run:
     run = svc.coordinator.runs.get(run_id)
     if run is None:
@@ -368,8 +371,10 @@ def _run_of(svc: AggregatorService, run_id: str) -> Run:
     return run
 
 
-def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
-    """The FastAPI app; the service is built inside the app's event loop (its wake-ups belong to it)."""
+def create_app(service_factory: Callable[[], AggregatorService],
+               max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> BodyLimit:
+    """The FastAPI app behind its byte limits; the service is built inside the app's event loop (its wake-ups
+    belong to it)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -383,9 +388,18 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
     app = FastAPI(title="Health MLOps aggregator", version="1", lifespan=lifespan)
     install_validation_handler(app)
 
-    @app.post("/v1/runs", status_code=201)
-    async def start_run(request: RunRequest, svc: Service, identity: Admin) -> RunView:
-        run = await svc.start_run(request)
+    run_request_body = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": RunRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+
+    @app.post("/v1/runs", status_code=201, response_model=RunView, openapi_extra=run_request_body)
+    async def start_run(request: Request, svc: Service, identity: Admin) -> RunView:
+        # The body is read only now, after the credential was checked (a declared body parameter would be
+        # read and parsed first); `BodyLimit` has bounded its size.
+        try:
+            run_request = RunRequest.model_validate_json(await request.body())
+        except ValidationError as error:
+            raise RequestValidationError([{**e, "loc": ["body", *e["loc"]]} for e in error.errors()]) from None
+        run = await svc.start_run(run_request)
         svc.audit("start_run", identity.name, run=run.id, hospitals=run.hospitals, config=run.config.model_dump())
         return svc.view(run)
 
@@ -435,7 +449,7 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
                            else Forbidden(f"task {task_id} belongs to another hospital"))
         kind = owned.kind.value
         try:
-            result = decode_result(await _read_limited(request, svc.max_result_bytes))
+            result = decode_result(await request.body())  # its size bounded by `BodyLimit`
         except MessageError as error:
             svc.metrics.results.labels(kind, "unreadable").inc()
             return JSONResponse({"detail": str(error), "reason": "unreadable"}, status_code=422)
@@ -452,10 +466,10 @@ def create_app(service_factory: Callable[[], AggregatorService]) -> FastAPI:
         svc.metrics.results.labels(kind, "accepted").inc()
         return ResultAccepted(task_id=task.id, round=task.round, run_round=svc.coordinator.runs[task.run_id].round)
 
-    return app
+    return BodyLimit(app, lambda path: body_limit(path, max_result_bytes))
 
 
-def create_ops_app(api: FastAPI) -> FastAPI:
+def create_ops_app(api: BodyLimit) -> FastAPI:
     """The operations port's app: liveness and readiness for the kubelet, metrics for Prometheus. It carries no
     credential and holds every hospital's model metrics, so it is plain HTTP on its own port, which only the
     monitoring stack and the kubelet may reach (k8s/06-autoscaling-ingress.yaml); hospitals reach the API only.
@@ -506,4 +520,4 @@ def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: s
     app = create_app(lambda: AggregatorService(spec, store, gatekeeper, publisher=publisher, audit=audit))
     with BackgroundServer(create_ops_app(app), host=host, port=ops_port):
         uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2,
-                    **({} if tls is None else {"http": TlsScopeProtocol, "ssl_context_factory": lambda *_: tls}))
+                    **protocol_options(tls))

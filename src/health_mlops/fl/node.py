@@ -29,6 +29,7 @@ from health_mlops.fl.hospital import HospitalWorker
 from health_mlops.fl.client import HospitalClient
 from health_mlops.fl.messages import TaskMessage, decode_weights, encode_result
 from health_mlops.fl.strategies import Weights
+from health_mlops.http_server import protocol_options
 from health_mlops.monitoring import NodeMetrics
 from health_mlops.security import ClientCredential
 from health_mlops.spec import DatasetSpec
@@ -303,7 +304,7 @@ def serve(node: HospitalNode, *, host: str, api_port: int, metrics_port: int) ->
     worker.start()
     try:
         uvicorn.run(create_node_app(node, worker), host=host, port=api_port, log_level="warning",
-                    timeout_graceful_shutdown=2)
+                    timeout_graceful_shutdown=2, **protocol_options(None))
     finally:
         stop.set()
         worker.join(timeout=2)  # a long poll in flight is abandoned; its lease, if any, expires

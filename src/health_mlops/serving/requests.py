@@ -20,6 +20,9 @@ from health_mlops.data.preprocess import serving_matrix
 from health_mlops.spec import DatasetSpec
 
 MAX_BATCH_ROWS = 200_000
+# A batch with invalid rows is answered with the first ones: enough to fix the request, and the answer and the
+# memory it takes stay small however many rows are wrong (a million empty rows would be 15 million errors).
+MAX_REPORTED_ROWS = 20
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -112,11 +115,38 @@ class RowEncoder:
         return np.array([values], dtype=np.float32)
 
     def batch(self, body: bytes) -> np.ndarray:
-        """The input of a `{"rows": [...]}` body, or InvalidRequest naming each bad row and field."""
+        """The input of a `{"rows": [...]}` body, or InvalidRequest naming the first bad rows and their fields."""
         try:
             return self.matrix(self._many.decode(body).rows)
         except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
-            return self._validated(self.batch_model, parse_json(body), lambda b: b.rows)
+            value = parse_json(body)
+        rows = value.get("rows") if isinstance(value, dict) else None
+        if not isinstance(rows, list) or not rows or set(value) != {"rows"}:  # the envelope is wrong: say how
+            return self._validated(self.batch_model, {**value, "rows": rows[:1]} if isinstance(rows, list) else value,
+                                   lambda b: b.rows)
+        if len(rows) > MAX_BATCH_ROWS:
+            raise InvalidRequest([{"loc": ["body", "rows"], "type": "too_long",
+                                   "msg": f"a batch may hold at most {MAX_BATCH_ROWS} rows; this one has {len(rows)}"}])
+        return self.matrix_of(self._validated_rows(rows))
+
+    def _validated_rows(self, rows: list[Any]) -> list[BaseModel]:
+        """Each row validated on its own, stopping after `MAX_REPORTED_ROWS` invalid ones."""
+        valid: list[BaseModel] = []
+        errors: list[dict[str, Any]] = []
+        invalid_rows = 0
+        for index, row in enumerate(rows):
+            try:
+                valid.append(self.row_model.model_validate(row))
+            except ValidationError as error:
+                errors += [{**e, "loc": ["body", "rows", index, *e["loc"]]} for e in error.errors()]
+                invalid_rows += 1
+                if invalid_rows == MAX_REPORTED_ROWS:
+                    errors.append({"loc": ["body", "rows"], "type": "too_many_invalid_rows",
+                                   "msg": f"stopped after the first {MAX_REPORTED_ROWS} invalid rows"})
+                    break
+        if errors:
+            raise InvalidRequest(errors)
+        return valid
 
     def matrix(self, rows: list[Any]) -> np.ndarray:
         """The input of rows decoded by the fast path."""

@@ -1,0 +1,217 @@
+"""The edge holds, tried as an attacker would against the real processes: bodies of a gigabyte, a batch of a
+million empty rows, aborted uploads, and connections that never send a request. Memory is measured on the
+server process itself (its peak resident set, reset before each attempt)."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from health_mlops.demo import Processes, wait_ready
+from health_mlops.pki import CA, cert_path, key_path
+from health_mlops.security import ADMIN, bearer, provision, read_token, token_path
+from health_mlops.tls import client_context
+from tests.conftest import free_port_range
+
+GIB = 1024**3
+MIB = 1024**2
+CHUNK = 256 * 1024
+
+
+@dataclass
+class Services:
+    home: Path
+    processes: Processes
+    aggregator_port: int
+    dashboard_port: int
+
+    def pid(self, name: str) -> int:
+        return self.processes.children[name].process.pid
+
+    def tls(self, holder: str) -> ssl.SSLContext:
+        credentials = self.home / "credentials"
+        return client_context(cert_path(credentials, holder), key_path(credentials, holder),
+                              cert_path(credentials, CA))
+
+    def token(self, holder: str) -> str:
+        return read_token(token_path(self.home / "credentials", holder))
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    home = tmp_path_factory.mktemp("edge") / "home"
+    provision(home / "credentials", ["hospital-1", "hospital-2"])
+    base = free_port_range(3)
+    env = {**os.environ, "HEALTH_MLOPS_HOME": str(home), "HEALTH_MLOPS_AGGREGATOR_URL": f"https://127.0.0.1:{base}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with Processes(home / "logs", env) as processes:
+        aggregator = processes.start("aggregator", ["aggregator", "--port", str(base), "--ops-port", str(base + 1)])
+        dashboard = processes.start("dashboard", ["dashboard", "--port", str(base + 2)])
+        wait_ready(f"http://127.0.0.1:{base + 1}/readyz", aggregator)
+        wait_ready(f"http://127.0.0.1:{base + 2}/readyz", dashboard, timeout_s=180)
+        yield Services(home, processes, base, base + 2)
+
+
+def peak_growth_mb(pid: int, attempt: Callable[[], object]) -> tuple[object, float]:
+    """What `attempt` returns, and how far the process's resident set rose above where it was, at its peak."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current resident set
+    before = _status_kib(pid, "VmRSS")
+    outcome = attempt()
+    return outcome, (_status_kib(pid, "VmHWM") - before) / 1024
+
+
+def _status_kib(pid: int, field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
+    assert match is not None
+    return int(match.group(1))
+
+
+def stream_post(port: int, path: str, headers: dict[str, str], *, tls: ssl.SSLContext | None = None,
+                total: int = GIB, declared: bool = False, first: bytes = b"", stop_after: int | None = None) -> int:
+    """POST up to `total` bytes (chunked, or with a declared Content-Length) until the server answers; its status.
+    `stop_after`: close the connection after that many bytes instead, as a client that goes away (status 0)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+    connection = tls.wrap_socket(raw, server_hostname="127.0.0.1") if tls else raw
+    framing = {"Content-Length": str(total)} if declared else {"Transfer-Encoding": "chunked"}
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "127.0.0.1", **framing, **headers}.items())
+    answer: bytes | None = None
+    try:
+        connection.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode())
+        sent, chunk = 0, first or b"x" * CHUNK
+        while sent < total and not answer:
+            if stop_after is not None and sent >= stop_after:
+                return 0
+            answer = _available(connection)
+            if not answer:
+                connection.sendall(chunk if declared else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+                chunk = b"x" * CHUNK
+    except OSError:
+        pass  # the server stopped reading and closed: its answer was sent first
+    try:
+        answer = answer or connection.recv(4096)
+    finally:
+        connection.close()
+    return int(answer.split(b" ", 2)[1])
+
+
+def _available(connection: socket.socket) -> bytes | None:
+    """What the server has sent so far, without waiting (a TLS session ticket is not an answer)."""
+    if not select.select([connection], [], [], 0)[0]:
+        return None
+    connection.setblocking(False)
+    try:
+        return connection.recv(4096) or None
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return None
+    finally:
+        connection.settimeout(60)
+
+
+def test_a_gigabyte_to_the_aggregator_is_refused_with_its_memory_flat(services: Services) -> None:
+    pid, port, admin = services.pid("aggregator"), services.aggregator_port, services.tls(ADMIN)
+    token = {"Authorization": f"Bearer {services.token(ADMIN)}", "Content-Type": "application/json"}
+    attempts = {
+        "no token": lambda: stream_post(port, "/v1/runs", {}, tls=admin),
+        "admin, streamed": lambda: stream_post(port, "/v1/runs", token, tls=admin),
+        "admin, declared": lambda: stream_post(port, "/v1/runs", token, tls=admin, declared=True),
+    }
+    with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=services.tls("hospital-1"),
+                      headers=bearer(services.token("hospital-1"))) as hospital:
+        run = httpx.post(f"https://127.0.0.1:{port}/v1/runs", headers=bearer(services.token(ADMIN)), verify=admin,
+                         json={"hospitals": ["hospital-1", "hospital-2"], "config": {"min_hospitals": 2}})
+        assert run.status_code == 201, run.text
+        task = hospital.get("/v1/tasks/next").json()["id"]
+    attempts["hospital, its own task's result"] = lambda: stream_post(
+        port, f"/v1/tasks/{task}/result", bearer(services.token("hospital-1")), tls=services.tls("hospital-1"))
+    outcomes = {name: peak_growth_mb(pid, attempt) for name, attempt in attempts.items()}
+    assert {name: status for name, (status, _) in outcomes.items()} == {
+        "no token": 401, "admin, streamed": 413, "admin, declared": 413, "hospital, its own task's result": 413}
+    assert {name: growth for name, (_, growth) in outcomes.items() if growth >= 100} == {}
+
+
+def test_a_gigabyte_to_the_dashboard_is_refused_with_its_memory_flat(services: Services) -> None:
+    pid, port = services.pid("dashboard"), services.dashboard_port
+    json_body = {"Content-Type": "application/json"}
+    part = (b'--B\r\nContent-Disposition: form-data; name="files"; filename="batch.csv"\r\n'
+            b"Content-Type: text/csv\r\n\r\n")
+    attempts = {
+        "/api/v1/predict": lambda: stream_post(port, "/api/v1/predict", json_body),
+        "/api/v1/predict/batch": lambda: stream_post(port, "/api/v1/predict/batch", json_body),
+        "/api/v1/predict/batch, declared": lambda: stream_post(port, "/api/v1/predict/batch", json_body,
+                                                               declared=True),
+        "/gradio_api/upload": lambda: stream_post(port, "/gradio_api/upload",
+                                                  {"Content-Type": "multipart/form-data; boundary=B"}, first=part),
+        "/gradio_api/queue/join": lambda: stream_post(port, "/gradio_api/queue/join", json_body),
+    }
+    outcomes = {name: peak_growth_mb(pid, attempt) for name, attempt in attempts.items()}
+    assert {name: status for name, (status, _) in outcomes.items()} == dict.fromkeys(attempts, 413)
+    assert {name: growth for name, (_, growth) in outcomes.items() if growth >= 100} == {}
+
+
+def test_a_million_empty_rows_get_a_short_422_while_health_checks_keep_answering(services: Services) -> None:
+    port, pid = services.dashboard_port, services.pid("dashboard")
+    body = b'{"rows": [' + b",".join([b"{}"] * 1_000_000) + b"]}"
+    health: list[int] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            while not done.is_set():
+                health.append(client.get("/healthz").status_code)
+                time.sleep(0.02)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        response, growth = peak_growth_mb(pid, lambda: httpx.post(
+            f"http://127.0.0.1:{port}/api/v1/predict/batch", content=body,
+            headers={"Content-Type": "application/json"}, timeout=120))
+    finally:
+        done.set()
+        prober.join()
+    assert isinstance(response, httpx.Response)
+    assert response.status_code == 422 and "at most 200000 rows" in response.text
+    assert len(response.content) < 1000  # names the field, echoes nothing
+    assert growth < 200
+    assert health and set(health) == {200}
+
+
+def test_invalid_rows_are_named_without_their_values(services: Services) -> None:
+    rows = [{"age": 1234.5678, "sex": "secret-value"} for _ in range(5000)]
+    response = httpx.post(f"http://127.0.0.1:{services.dashboard_port}/api/v1/predict/batch", json={"rows": rows},
+                          timeout=60)
+    assert response.status_code == 422
+    assert "1234.5678" not in response.text and "secret-value" not in response.text
+    errors = response.json()["detail"]
+    assert {e["loc"][2] for e in errors if len(e["loc"]) > 2} == set(range(20))  # the first 20 invalid rows
+    assert errors[-1]["type"] == "too_many_invalid_rows"
+
+
+def test_a_client_that_goes_away_is_one_info_line_and_idle_connections_are_closed(services: Services) -> None:
+    log = services.processes.children["dashboard"].log_path
+    before = log.read_text()
+    for _ in range(5):  # uploads abandoned half-way
+        assert stream_post(services.dashboard_port, "/api/v1/predict/batch", {"Content-Type": "application/json"},
+                           total=8 * MIB, declared=True, stop_after=2 * MIB) == 0
+    deadline = time.monotonic() + 30
+    while (added := log.read_text()[len(before):]).count("went away") < 5:
+        assert time.monotonic() < deadline, added
+        time.sleep(0.1)
+    assert "Traceback" not in added and "ERROR" not in added
+    idle = socket.create_connection(("127.0.0.1", services.dashboard_port), timeout=120)
+    try:
+        assert idle.recv(1) == b""  # closed by the server; no request was ever sent
+    finally:
+        idle.close()
