@@ -613,13 +613,19 @@ def dashboard(
     import uvicorn
 
     from health_mlops.http_server import protocol_options
+    from health_mlops.security import CredentialError
     from health_mlops.serving.app import create_dashboard_app
 
     settings = get_settings()
     _configure_logging()
     with _clean_errors():
         dataset = load_spec(spec or settings.spec)
-    served = create_dashboard_app(settings, dataset, poll_s=poll_seconds)
+    os.umask(0o077)  # uploads and batch results hold patient rows: every file this process writes is 0600
+    try:
+        served = create_dashboard_app(settings, dataset, poll_s=poll_seconds)
+    except CredentialError as exc:  # an API key file that cannot be read
+        err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
     # What is loaded now (MLflow, Gradio, their modules: ~380,000 objects) lives as long as the process. A full
     # garbage collection walks all of it, 210 ms during which no request is answered; frozen, it is skipped.
     gc.collect()

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
                                           "federated test metric is worse than the champion's by more than this")
     poll_wait_s: float = Field(20.0, gt=0, le=300, description="how long a node's long poll for a task waits")
     aggregator_url: str = Field("https://127.0.0.1:8080", description="where the dashboard reads live training")
+    api_key: str | None = Field(None, description="the key the dashboard's REST API (/api/v1) requires; unset "
+                                "(and no api_key_file): open, as on loopback for the demo")
+    api_key_file: Path | None = Field(None, description="a file holding that key (a mounted Secret)")
     admin_token: str | None = Field(None, description="the dashboard's admin token for the aggregator (else read "
                                     "from the credentials folder)")
     prometheus_rules: Path | None = Field(None, description="alert rules for the demo's Prometheus (default: the "

@@ -105,3 +105,23 @@ class BodyLimit:
             if not refused:
                 client = scope.get("client") or ("?", 0)
                 log.info("%s:%s went away during %s %s", client[0], client[1], scope["method"], scope["path"])
+
+
+class BlockedPaths:
+    """Answers 404 for paths under `prefixes` without passing them to the application: the parts of a framework
+    (Gradio's developer, proxy, recording and programmatic-call routes) that this service does not use, so they
+    cannot be used against it."""
+
+    def __init__(self, app: ASGIApp, prefixes: tuple[str, ...]) -> None:
+        self.app = app
+        self.prefixes = prefixes
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefixes):
+            for message in _refusal(404, "Not Found"):
+                await send(message)
+            return
+        await self.app(scope, receive, send)

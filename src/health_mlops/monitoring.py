@@ -14,6 +14,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 
 
+def auth_failures(registry: CollectorRegistry) -> Counter:
+    return Counter("health_mlops_auth_failures_total",
+                   "Requests refused for their credential: 401 none or unknown, 403 not allowed", ["status"],
+                   registry=registry)
+
+
 class AggregatorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -46,9 +52,7 @@ class AggregatorMetrics:
         self.checkpoint_duration = Histogram("health_mlops_checkpoint_duration_seconds",
                                              "Time to write a checkpoint durably", buckets=_DURATION_BUCKETS,
                                              registry=r)
-        self.auth_failures = Counter("health_mlops_auth_failures_total",
-                                     "Requests refused for their credential: 401 none or unknown, 403 not allowed",
-                                     ["status"], registry=r)
+        self.auth_failures = auth_failures(r)
 
 
 class NodeMetrics:
@@ -76,6 +80,7 @@ class ServingMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.auth_failures = auth_failures(r)
         self.predictions = Counter("health_mlops_predictions_total", "Prediction requests, by endpoint and outcome",
                                    ["endpoint", "outcome"], registry=r)
         self.rows = Counter("health_mlops_predicted_rows_total", "Rows predicted through the batch endpoint",

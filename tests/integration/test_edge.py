@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import re
 import select
+import signal
 import socket
 import ssl
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -215,3 +217,19 @@ def test_a_client_that_goes_away_is_one_info_line_and_idle_connections_are_close
         assert idle.recv(1) == b""  # closed by the server; no request was ever sent
     finally:
         idle.close()
+
+
+def test_uploads_are_private_and_removed_when_the_dashboard_stops(services: Services) -> None:
+    csv = b"heart_rate,spo2\n80,97\n"
+    response = httpx.post(f"http://127.0.0.1:{services.dashboard_port}/gradio_api/upload",
+                          files={"files": ("patients.csv", csv, "text/csv")}, timeout=30)
+    assert response.status_code == 200, response.text
+    scratch = services.home / "scratch" / f"dashboard-{services.pid('dashboard')}"
+    stored = Path(response.json()[0])
+    assert stored.is_relative_to(scratch) and stored.read_bytes() == csv
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert stat.S_IMODE(scratch.stat().st_mode) == 0o700
+    dashboard = services.processes.children["dashboard"].process
+    dashboard.send_signal(signal.SIGTERM)  # the last test of this module: the dashboard stops
+    dashboard.wait(timeout=60)
+    assert not scratch.exists()

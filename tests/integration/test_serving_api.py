@@ -229,6 +229,38 @@ def test_dashboard_command_serves_the_api(tmp_path: Path) -> None:
         process.wait(timeout=10)
 
 
+def test_the_dashboard_command_requires_the_api_key_from_its_file(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port_range, wait_until_ready
+
+    key_file = tmp_path / "api-key"
+    key_file.write_text("s3cret-key\n")
+    port = free_port_range(1)
+    env = {**os.environ, "HEALTH_MLOPS_HOME": str(tmp_path), "HEALTH_MLOPS_API_KEY_FILE": str(key_file)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "health_mlops.cli", "dashboard", "--port", str(port)]
+    missing = subprocess.run(command, env={**env, "HEALTH_MLOPS_API_KEY_FILE": str(tmp_path / "absent")},
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "absent" in missing.stderr
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}/readyz", process, timeout_s=60)
+        model = f"http://127.0.0.1:{port}/api/v1/model"
+        assert httpx.get(model).status_code == 401
+        assert httpx.get(model, headers={"X-API-Key": "s3cret"}).status_code == 401
+        assert httpx.get(model, headers={"X-API-Key": "s3cret-key"}).status_code == 200
+        assert httpx.get(model, headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200  # probes need no key
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert 'health_mlops_auth_failures_total{status="401"} 2.0' in metrics
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
 def test_readiness_says_when_the_registry_cannot_be_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 

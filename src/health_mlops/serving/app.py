@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from contextlib import suppress
+import os
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 
 import gradio as gr
+from fastapi import FastAPI
 
 from health_mlops.config import Settings, settings_audit_log
-from health_mlops.http_edge import KIB, MIB, BodyLimit
+from health_mlops.http_edge import KIB, MIB, BlockedPaths, BodyLimit
 from health_mlops.monitoring import ServingMetrics
 from health_mlops.registry import Registry
-from health_mlops.security import admin_credential
+from health_mlops.security import admin_credential, read_token
 from health_mlops.serving.api import create_serving_app
 from health_mlops.serving.model import ChampionWatcher
 from health_mlops.serving.predictor import Predictor
@@ -25,6 +30,14 @@ MAX_PREDICT_BYTES = 64 * KIB
 MAX_BATCH_BYTES = 64 * MIB
 MAX_OTHER_BYTES = 1 * MIB
 UPLOAD_PATH = "/gradio_api/upload"
+# Gradio routes the dashboard does not use (its UI talks over the queue, uploads and file routes): developer
+# reload and "vibe" editing, the URL proxy, run history, screen recording, custom components, media streams,
+# its own monitoring page, login (there is no Gradio login; admin actions take the admin token), and the
+# programmatic call routes (one answers 500 to an empty body). Each is in the authorization matrix as 404.
+BLOCKED_GRADIO_PATHS = ("/gradio_api/dev/", "/gradio_api/vibe-", "/gradio_api/undo-vibe-edit", "/gradio_api/proxy=",
+                        "/gradio_api/run-history/", "/gradio_api/runs", "/gradio_api/process_recording",
+                        "/gradio_api/custom_component/", "/gradio_api/stream/", "/gradio_api/call/",
+                        "/gradio_api/api/", "/gradio_api/run/", "/monitoring", "/login", "/logout")
 
 
 def dashboard_body_limit(path: str) -> int:
@@ -35,16 +48,41 @@ def dashboard_body_limit(path: str) -> int:
     return MAX_OTHER_BYTES
 
 
-def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float) -> BodyLimit:
+def scratch_folder(settings: Settings) -> Path:
+    """This dashboard process's private folder (0700) for uploaded files and batch results: patient rows."""
+    folder = settings.home / "scratch" / f"dashboard-{os.getpid()}"
+    folder.mkdir(parents=True, mode=0o700)
+    return folder
+
+
+def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float) -> BlockedPaths:
+    """The dashboard behind its byte limits. Uploads and batch results go to a private scratch folder, which is
+    removed when the app stops (Gradio's own sweep removes an upload an hour after it arrived)."""
+    scratch = scratch_folder(settings)
+    # Gradio reads its upload folder from the environment each time it stores a file; this process is the
+    # dashboard, so setting it here points every upload into the private folder.
+    os.environ["GRADIO_TEMP_DIR"] = str(scratch / "uploads")
     registry = Registry(settings.home, spec.name, audit=settings_audit_log(settings))
     watcher = ChampionWatcher(Registry(settings.home, spec.name), poll_s=poll_s)
     predictor = Predictor(spec, watcher, ServingMetrics())
-    app = create_serving_app(spec, watcher, predictor=predictor)
+    api_key = settings.api_key or (read_token(settings.api_key_file) if settings.api_key_file else None)
+    app = create_serving_app(spec, watcher, predictor=predictor, api_key=api_key)
     sources = DashboardSources(registry, spec.primary_metric, settings.aggregator_url,
                                admin_credential(settings.admin_token, settings.credentials_dir))
-    dashboard = Dashboard(spec, predictor, registry, sources, settings.credentials_dir)
+    dashboard = Dashboard(spec, predictor, registry, sources, settings.credentials_dir, scratch=scratch / "results")
     with suppress(Exception):  # the champion now, if any, so the Predict form starts at a typical patient
         watcher.refresh()
     mounted = gr.mount_gradio_app(app, build_dashboard(dashboard, refresh_s=poll_s), path="/",
                                   max_file_size=MAX_BATCH_BYTES)
-    return BodyLimit(mounted, dashboard_body_limit)
+    gradio_lifespan = mounted.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(served: FastAPI) -> AsyncIterator[None]:
+        try:
+            async with gradio_lifespan(served):
+                yield
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    mounted.router.lifespan_context = lifespan
+    return BlockedPaths(BodyLimit(mounted, dashboard_body_limit), BLOCKED_GRADIO_PATHS)

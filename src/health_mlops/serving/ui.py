@@ -7,7 +7,6 @@ Monitoring reads the serving metrics and the champion's drift scores.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ from health_mlops.data.preprocess import serving_matrix
 from health_mlops.data.validate import validate_table
 from health_mlops.monitoring import histogram_quantile
 from health_mlops.registry import Registry, RegistryError
-from health_mlops.security import ADMIN, CredentialError, TokenAuthority
+from health_mlops.security import ADMIN, CredentialError, FailureThrottle, TokenAuthority
 from health_mlops.serving.drift import MIN_ROWS, SIGNIFICANT_PSI
 from health_mlops.serving.predictor import NoChampion, Predictor
 from health_mlops.serving.sources import DashboardSources, FederationState
@@ -42,7 +41,7 @@ class Dashboard:
     """The callbacks behind the tabs; each returns what its outputs show and never raises at the user."""
 
     def __init__(self, spec: DatasetSpec, predictor: Predictor, registry: Registry, sources: DashboardSources,
-                 credentials_dir: Path) -> None:
+                 credentials_dir: Path, *, scratch: Path) -> None:
         self.spec = spec
         self.predictor = predictor
         self.registry = registry
@@ -50,7 +49,9 @@ class Dashboard:
         self.credentials_dir = credentials_dir
         self.metric = spec.primary_metric
         self._last_count: tuple[float, float] | None = None  # (time, predictions) at the last monitoring view
-        self._scratch = Path(tempfile.mkdtemp(prefix="health-mlops-batch-"))
+        self._scratch = scratch  # batch results: patient rows, in the dashboard's private folder
+        scratch.mkdir(mode=0o700, exist_ok=True)
+        self._throttle = FailureThrottle()
 
     # --- Predict ----------------------------------------------------------------------------------------
 
@@ -171,20 +172,22 @@ class Dashboard:
         identity = authority.identify(f"Bearer {token.strip()}") if token and token.strip() else None
         return None if identity is not None and identity.role == ADMIN else "that is not the admin token"
 
-    def promote(self, token: str, version: float | None) -> tuple[str, pd.DataFrame]:
+    def promote(self, token: str, version: float | None, request: gr.Request) -> tuple[str, pd.DataFrame]:
         return self._admin_action(token, lambda: self.registry.promote(int(version or 0), actor="admin (dashboard)"),
-                                  "promote", "promoted")
+                                  "promote", "promoted", request)
 
-    def rollback(self, token: str) -> tuple[str, pd.DataFrame]:
+    def rollback(self, token: str, request: gr.Request) -> tuple[str, pd.DataFrame]:
         return self._admin_action(token, lambda: self.registry.rollback(actor="admin (dashboard)"), "rollback",
-                                  "rolled back to")
+                                  "rolled back to", request)
 
-    def _admin_action(self, token: str, action: Callable[[], Any], name: str,
-                      verb: str) -> tuple[str, pd.DataFrame]:
+    def _admin_action(self, token: str, action: Callable[[], Any], name: str, verb: str,
+                      request: gr.Request | None) -> tuple[str, pd.DataFrame]:
         refusal = self._admin_refusal(token)
         if refusal:
+            source = request.client.host if request is not None and request.client else "unknown"
             self.registry.audit.append(f"dashboard {name}", "unknown (dashboard)", outcome="refused 401",
-                                       model=self.registry.model_name, reason=refusal)
+                                       model=self.registry.model_name, reason=refusal, source=source)
+            time.sleep(self._throttle.failed(source, refusal))  # a worker thread: guessing slows, others do not
             return f"**Refused:** {refusal}", self.models()
         try:
             version = action()
@@ -242,7 +245,8 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
     spec = dashboard.spec
     model = dashboard.predictor.watcher.current
     typical = model.typical if model else None
-    with gr.Blocks(title="Health MLOps") as blocks:
+    # Uploaded files (patient rows) are swept every 10 minutes once an hour old, and all at shutdown.
+    with gr.Blocks(title="Health MLOps", delete_cache=(600, 3600)) as blocks:
         gr.Markdown(f"# Health MLOps: {spec.name}\n{spec.description}")
         with gr.Tab("Predict"):
             inputs: list[gr.components.Component] = []
