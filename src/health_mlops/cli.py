@@ -357,7 +357,7 @@ def provision(
     """Issue credentials once: the consortium CA, the aggregator's server certificate, and for the admin and
     each hospital a token and a client certificate (existing ones are kept); rotate or revoke one."""
     from health_mlops.data.synthetic import hospital_ids
-    from health_mlops.pki import SERVER, PkiError
+    from health_mlops.pki import DASHBOARD, SERVER, PkiError
     from health_mlops.pki import revoke as revoke_certificate
     from health_mlops.pki import rotate as rotate_certificate
     from health_mlops.security import ADMIN, CredentialError, revoke_token, rotate_token
@@ -371,16 +371,16 @@ def provision(
     directory = out_dir or get_settings().credentials_dir
     try:
         for name in revoke or []:
-            if name in (ADMIN, SERVER):
+            if name in (ADMIN, SERVER, DASHBOARD):
                 raise CredentialError(f"{name}: cannot be revoked, only rotated (--rotate {name})")
             revoke_token(directory, name)
             revoke_certificate(directory, name)
             out.print(f"revoked {name}: its token and certificate no longer work")
         for name in rotate or []:
-            if name != SERVER:
+            if name not in (SERVER, DASHBOARD):
                 rotate_token(directory, name)
             rotate_certificate(directory, name, server_names=server_name)
-            out.print(f"rotated {name}: give it the new {name}.crt/.key" + ("" if name == SERVER else
+            out.print(f"rotated {name}: give it the new {name}.crt/.key" + ("" if name in (SERVER, DASHBOARD) else
                                                                            f" and {name}.token"))
         new = issue(directory, names, server_names=server_name)
     except (CredentialError, PkiError) as exc:
@@ -615,6 +615,7 @@ def dashboard(
     from health_mlops.http_server import protocol_options
     from health_mlops.security import CredentialError
     from health_mlops.serving.app import create_dashboard_app
+    from health_mlops.tls import TlsError, server_context
 
     settings = get_settings()
     _configure_logging()
@@ -622,8 +623,13 @@ def dashboard(
         dataset = load_spec(spec or settings.spec)
     os.umask(0o077)  # uploads and batch results hold patient rows: every file this process writes is 0600
     try:
+        tls = None
+        if settings.dashboard_tls_cert or settings.dashboard_tls_key:
+            if not (settings.dashboard_tls_cert and settings.dashboard_tls_key):
+                raise TlsError("HEALTH_MLOPS_DASHBOARD_TLS_CERT and HEALTH_MLOPS_DASHBOARD_TLS_KEY go together")
+            tls = server_context(settings.dashboard_tls_cert, settings.dashboard_tls_key, client_ca=None)
         served = create_dashboard_app(settings, dataset, poll_s=poll_seconds)
-    except CredentialError as exc:  # an API key file that cannot be read
+    except (CredentialError, TlsError) as exc:  # an API key file, a certificate or a key that cannot be read
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
     # What is loaded now (MLflow, Gradio, their modules: ~380,000 objects) lives as long as the process. A full
@@ -633,7 +639,7 @@ def dashboard(
     # One worker: the dashboard's sessions live in the process. No access log and no proxy-header parsing:
     # both cost every prediction, and the API logs nothing per request.
     uvicorn.run(served, host=host, port=port, log_level="warning", access_log=False, proxy_headers=False,
-                **protocol_options(None))
+                **protocol_options(tls))
 
 
 def _configure_logging() -> None:

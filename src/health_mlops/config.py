@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="the key the dashboard's REST API (/api/v1) requires; unset "
                                 "(and no api_key_file): open, as on loopback for the demo")
     api_key_file: Path | None = Field(None, description="a file holding that key (a mounted Secret)")
+    dashboard_tls_cert: Path | None = Field(None, description="the dashboard serves HTTPS with this certificate "
+                                            "(`provision` issues dashboard.crt) and dashboard_tls_key; unset: HTTP")
+    dashboard_tls_key: Path | None = None
     admin_token: str | None = Field(None, description="the dashboard's admin token for the aggregator (else read "
                                     "from the credentials folder)")
     prometheus_rules: Path | None = Field(None, description="alert rules for the demo's Prometheus (default: the "

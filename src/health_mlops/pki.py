@@ -1,9 +1,10 @@
-"""The consortium's certificates: a CA, the aggregator's server certificate, one client certificate per
-hospital and one for the admin, and a certificate revocation list. `health-mlops provision` keeps them in the
-credentials folder beside the tokens (`security.py`); keys are written 0600.
+"""The consortium's certificates: a CA, the aggregator's and the dashboard's server certificates, one client
+certificate per hospital and one for the admin, and a certificate revocation list. `health-mlops provision`
+keeps them in the credentials folder beside the tokens (`security.py`); keys are written 0600.
 
     ca.crt, ca.key             the consortium CA (the key stays with whoever provisions)
     aggregator.crt/.key        the aggregator's server certificate: every name it is reached by
+    dashboard.crt/.key         the dashboard's (when it serves TLS itself, as in Kubernetes)
     admin.crt/.key             the admin's client certificate
     hospital-1.crt/.key, ...   a client certificate per hospital, its id in the subject's common name
     crl.pem                    the serial numbers revoked so far, signed by the CA
@@ -27,6 +28,7 @@ from health_mlops.files import write_atomically, write_private
 
 CA = "ca"
 SERVER = "aggregator"
+DASHBOARD = "dashboard"
 CRL_FILE_NAME = "crl.pem"
 ORGANISATION = "Health MLOps consortium"
 CA_VALIDITY = dt.timedelta(days=3650)
@@ -35,6 +37,8 @@ LEAF_VALIDITY = dt.timedelta(days=397)  # the longest browsers accept; rotation 
 # re-reads the file, and every `provision` re-signs it), so a short validity would only risk refusing everyone.
 CRL_VALIDITY = LEAF_VALIDITY
 # The names the aggregator is reached by: loopback for the demo, its Service in Kubernetes (k8s/07-aggregator.yaml).
+DEFAULT_DASHBOARD_NAMES = ("localhost", "127.0.0.1", "::1", "dashboard", "dashboard.health-mlops-central",
+                           "dashboard.health-mlops-central.svc", "dashboard.health-mlops-central.svc.cluster.local")
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1", "aggregator", "aggregator.health-mlops-central",
                         "aggregator.health-mlops-central.svc", "aggregator.health-mlops-central.svc.cluster.local")
 
@@ -187,15 +191,17 @@ def _current(directory: Path, name: str, action: str) -> x509.Certificate:
 
 
 def ensure_certificates(directory: Path, clients: list[str], *, server_names: list[str] | None = None) -> list[str]:
-    """Issue whatever is missing: the CA, the aggregator's certificate and a client certificate for each of
-    `clients`; return the names newly issued. Existing certificates are kept. The CRL is re-signed each time."""
+    """Issue whatever is missing: the CA, the aggregator's certificate (its default names and `server_names`),
+    the dashboard's, and a client certificate for each of `clients`; return the names newly issued. Existing
+    certificates are kept. The CRL is re-signed each time."""
     directory.mkdir(parents=True, exist_ok=True)
     issuer = _ensure_ca(directory)
     issued = []
-    if not cert_path(directory, SERVER).exists():
-        _issue(directory, issuer, SERVER, server_names=list(dict.fromkeys([*DEFAULT_SERVER_NAMES,
-                                                                            *(server_names or [])])))
-        issued.append(SERVER)
+    servers = {SERVER: [*DEFAULT_SERVER_NAMES, *(server_names or [])], DASHBOARD: list(DEFAULT_DASHBOARD_NAMES)}
+    for name, names in servers.items():
+        if not cert_path(directory, name).exists():
+            _issue(directory, issuer, name, server_names=list(dict.fromkeys(names)))
+            issued.append(name)
     for name in dict.fromkeys(clients):
         if not cert_path(directory, name).exists():
             _issue(directory, issuer, name, server_names=None)
@@ -208,10 +214,10 @@ def rotate(directory: Path, name: str, *, server_names: list[str] | None = None)
     """A new key and certificate for `name`; the old certificate is revoked."""
     issuer = _load_issuer(directory)
     current = _current(directory, name, "rotate")
-    if name == SERVER:
+    if name in (SERVER, DASHBOARD):
         kept = [str(n.value) for n in current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value]
-        server_names = list(dict.fromkeys([*kept, *(server_names or [])]))
-    _issue(directory, issuer, name, server_names=server_names if name == SERVER else None)
+        server_names = list(dict.fromkeys([*kept, *((server_names or []) if name == SERVER else [])]))
+    _issue(directory, issuer, name, server_names=server_names if name in (SERVER, DASHBOARD) else None)
     _write_crl(directory, issuer, revoke=current)
 
 

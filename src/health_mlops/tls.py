@@ -35,17 +35,20 @@ def _existing(*paths: Path) -> None:
             raise TlsError(f"{path}: missing; run `health-mlops provision` to issue the consortium's certificates")
 
 
-def server_context(certificate: Path, key: Path, ca: Path) -> ssl.SSLContext:
-    """The aggregator's side: its certificate, and a client certificate signed by the consortium CA required."""
-    _existing(certificate, key, ca)
+def server_context(certificate: Path, key: Path, *, client_ca: Path | None) -> ssl.SSLContext:
+    """A server's side: its certificate, and with `client_ca` (the aggregator) a client certificate signed by
+    that CA required."""
+    _existing(certificate, key, *([client_ca] if client_ca else []))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MINIMUM_VERSION
     try:
         context.load_cert_chain(certificate, key)
-        context.load_verify_locations(ca)
+        if client_ca is not None:
+            context.load_verify_locations(client_ca)
     except ssl.SSLError as exc:
-        raise TlsError(f"{certificate}, {key} or {ca}: not a usable certificate, key and CA ({exc})") from None
-    context.verify_mode = ssl.CERT_REQUIRED
+        raise TlsError(f"{certificate}, {key} or {client_ca}: not a usable certificate, key and CA ({exc})") from None
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 

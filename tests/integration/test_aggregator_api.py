@@ -55,7 +55,8 @@ def api(tmp_path: Path) -> Iterator[Api]:
     credentials = tmp_path / "credentials"
     provision(credentials, ["hospital-1", "hospital-2", "hospital-3"])
     gatekeeper = Gatekeeper(credentials, require_certificate=True)
-    tls = server_context(cert_path(credentials, SERVER), key_path(credentials, SERVER), cert_path(credentials, CA))
+    tls = server_context(cert_path(credentials, SERVER), key_path(credentials, SERVER),
+                         client_ca=cert_path(credentials, CA))
     app = create_app(lambda: AggregatorService(SPEC, CheckpointStore(tmp_path / "models"), gatekeeper,
                                                audit=AuditLog(tmp_path / "audit.log"),
                                                throttle=FailureThrottle(free=20, base_delay_s=0.2)))
@@ -196,6 +197,9 @@ def test_a_hospital_gets_only_its_own_task_and_cannot_answer_for_another(api: Ap
         assert first.post(f"/v1/tasks/{task['id']}/heartbeat").status_code == 200
     with api.client("hospital-1", node="another-replica") as replica:
         assert replica.post(f"/v1/tasks/{task['id']}/heartbeat").status_code == 409  # lease held by test-node
+    refused = [(e["actor"], e["action"].split(" ")[0], e["outcome"]) for e in AuditLog(api.audit_log).entries()
+               if e["outcome"] != "ok"]
+    assert refused == [("hospital-2", "POST", "refused 403")] * 2 + [("hospital-3", "GET", "refused 403")]
 
 
 def test_invalid_run_requests_are_refused_naming_the_field(api: Api) -> None:

@@ -130,7 +130,8 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
         shutil.copy(credentials / name, revoked / name)
     revoke_token(credentials, "hospital-4")
     revoke_certificate(credentials, "hospital-4")
-    tls = server_context(cert_path(credentials, SERVER), key_path(credentials, SERVER), cert_path(credentials, CA))
+    tls = server_context(cert_path(credentials, SERVER), key_path(credentials, SERVER),
+                         client_ca=cert_path(credentials, CA))
     app = create_app(lambda: AggregatorService(SPEC, CheckpointStore(root / "models"),
                                                Gatekeeper(credentials, require_certificate=True),
                                                throttle=FailureThrottle(free=10_000)))  # every caller is loopback

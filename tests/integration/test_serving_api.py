@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -256,6 +258,45 @@ def test_the_dashboard_command_requires_the_api_key_from_its_file(tmp_path: Path
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200  # probes need no key
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         assert 'health_mlops_auth_failures_total{status="401"} 2.0' in metrics
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_the_dashboard_serves_https_with_its_provisioned_certificate(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from health_mlops.pki import CA, DASHBOARD, cert_path, key_path
+    from health_mlops.security import provision
+    from tests.conftest import free_port_range
+
+    credentials = tmp_path / "credentials"
+    provision(credentials, [])
+    port = free_port_range(1)
+    env = {**os.environ, "HEALTH_MLOPS_HOME": str(tmp_path),
+           "HEALTH_MLOPS_DASHBOARD_TLS_CERT": str(cert_path(credentials, DASHBOARD)),
+           "HEALTH_MLOPS_DASHBOARD_TLS_KEY": str(key_path(credentials, DASHBOARD))}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    command = [sys.executable, "-m", "health_mlops.cli", "dashboard", "--port", str(port)]
+    without_key = {k: v for k, v in env.items() if k != "HEALTH_MLOPS_DASHBOARD_TLS_KEY"}
+    half = subprocess.run(command, env=without_key, capture_output=True, text=True, timeout=120)
+    assert half.returncode == 2 and "go together" in half.stderr
+    consortium_ca = ssl.create_default_context(cafile=str(cert_path(credentials, CA)))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # ready over HTTPS, the certificate verified against the consortium CA
+            try:
+                if httpx.get(f"https://localhost:{port}/readyz", verify=consortium_ca).is_success:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr
+            time.sleep(0.2)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/readyz")  # no plain HTTP beside it
     finally:
         process.terminate()
         process.wait(timeout=10)

@@ -18,7 +18,7 @@ from health_mlops.security import (ADMIN, REGISTRY_FILE_NAME, AccessDenied, Cred
 
 def test_provision_issues_private_tokens_and_the_registry_holds_only_digests(tmp_path: Path) -> None:
     holders = [ADMIN, "hospital-1", "hospital-2"]
-    assert provision(tmp_path, ["hospital-1", "hospital-2"]) == [*holders, "aggregator", "audit.key"]
+    assert provision(tmp_path, ["hospital-1", "hospital-2"]) == [*holders, "aggregator", "dashboard", "audit.key"]
     tokens = {name: read_token(token_path(tmp_path, name)) for name in holders}
     assert len(set(tokens.values())) == 3
     for name in holders:

@@ -265,7 +265,7 @@ class AggregatorService:
         if run is None:
             raise HTTPException(404, f"no run {run_id}")
         if identity.hospital is not None and identity.hospital not in run.hospitals:
-            raise HTTPException(403, f"{identity.hospital} is not enrolled in {run_id}")
+            raise Forbidden(f"{identity.hospital} is not enrolled in {run_id}")
         if round_number == run.round and run.status is RunStatus.running:
             return self._encoded_weights(run)
         if round_number > run.round:
@@ -356,11 +356,13 @@ Admin = Annotated[Identity, Depends(_admin)]
 NodeId = Annotated[str, Depends(_node_id)]
 
 
-def _refusal(error: Exception) -> HTTPException:
+async def _refusal(svc: AggregatorService, request: Request, error: Exception, actor: str) -> HTTPException:
+    """The answer to a coordinator's refusal; one that touches another hospital's task or a run the caller is
+    not enrolled in is refused like a bad credential (audited, counted, slowed down)."""
     if isinstance(error, NotFound):
         return HTTPException(404, str(error))
     if isinstance(error, Forbidden):
-        return HTTPException(403, str(error))
+        return await svc.refuse(request, 403, str(error), actor)
     return HTTPException(409, str(error))
 
 
@@ -430,23 +432,28 @@ def create_app(service_factory: Callable[[], AggregatorService],
         return Response(status_code=204) if task is None else task
 
     @app.get("/v1/runs/{run_id}/rounds/{round_number}/weights")
-    async def round_weights(run_id: str, round_number: int, svc: Service, identity: Caller) -> Response:
-        return Response(svc.weights(run_id, round_number, identity), media_type=SAFETENSORS_MEDIA_TYPE)
+    async def round_weights(run_id: str, round_number: int, request: Request, svc: Service,
+                            identity: Caller) -> Response:
+        try:
+            return Response(svc.weights(run_id, round_number, identity), media_type=SAFETENSORS_MEDIA_TYPE)
+        except Forbidden as error:
+            raise await _refusal(svc, request, error, identity.name) from None
 
     @app.post("/v1/tasks/{task_id}/heartbeat")
-    async def heartbeat(task_id: str, svc: Service, hospital: Hospital, node: NodeId) -> LeaseMessage:
+    async def heartbeat(task_id: str, request: Request, svc: Service, hospital: Hospital,
+                        node: NodeId) -> LeaseMessage:
         try:
             task = await svc.change(lambda now: svc.coordinator.heartbeat(task_id, hospital, node, now))
         except (NotFound, Forbidden, Conflict) as error:
-            raise _refusal(error) from None
+            raise await _refusal(svc, request, error, hospital) from None
         return LeaseMessage(task_id=task.id, lease_expires=task.lease_expires)
 
     @app.post("/v1/tasks/{task_id}/result")
     async def submit_result(task_id: str, request: Request, svc: Service, hospital: Hospital, node: NodeId) -> Any:
         owned = svc.coordinator.tasks.get(task_id)
         if owned is None or owned.hospital != hospital:  # before reading the body: another's task is not ours
-            raise _refusal(NotFound(f"no task {task_id}") if owned is None
-                           else Forbidden(f"task {task_id} belongs to another hospital"))
+            raise await _refusal(svc, request, NotFound(f"no task {task_id}") if owned is None
+                                 else Forbidden(f"task {task_id} belongs to another hospital"), hospital)
         kind = owned.kind.value
         try:
             result = decode_result(await request.body())  # its size bounded by `BodyLimit`
@@ -462,7 +469,7 @@ def create_app(service_factory: Callable[[], AggregatorService],
             return JSONResponse({"detail": str(error), "reason": error.reason}, status_code=422)
         except (NotFound, Forbidden, Conflict) as error:
             svc.metrics.results.labels(kind, "refused").inc()
-            raise _refusal(error) from None
+            raise await _refusal(svc, request, error, hospital) from None
         svc.metrics.results.labels(kind, "accepted").inc()
         return ResultAccepted(task_id=task.id, round=task.round, run_round=svc.coordinator.runs[task.run_id].round)
 
@@ -507,7 +514,7 @@ def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: s
     # Everything that can be wrong with the folders fails now, with the file named, not per request.
     gatekeeper = Gatekeeper(credentials_dir, require_certificate=not plain_http)
     tls = None if plain_http else server_context(cert_path(credentials_dir, SERVER), key_path(credentials_dir, SERVER),
-                                                 cert_path(credentials_dir, CA))
+                                                 client_ca=cert_path(credentials_dir, CA))
     store = CheckpointStore(models_dir)
     store.lock()  # one aggregator per models directory
     restore_coordinator(store, spec)  # likewise: an unusable checkpoint stops the start with its path named

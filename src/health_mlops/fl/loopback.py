@@ -68,7 +68,7 @@ def run_federation_over_loopback(spec: DatasetSpec, hospitals: dict[str, Hospita
         provision(credentials, list(hospitals))
         gatekeeper = Gatekeeper(credentials, require_certificate=not plain_http)
         tls = None if plain_http else server_context(cert_path(credentials, SERVER), key_path(credentials, SERVER),
-                                                     cert_path(credentials, CA))
+                                                     client_ca=cert_path(credentials, CA))
         store = CheckpointStore(Path(scratch) / "models")
         app = create_app(lambda: AggregatorService(spec, store, gatekeeper))
         stop = threading.Event()
