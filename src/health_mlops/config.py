@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     spec: str = Field("health-risk", description="dataset spec: a built-in name or a YAML path")
     models_dir_override: Path | None = Field(None, alias="HEALTH_MLOPS_MODELS_DIR",
                                              description="checkpoints and model artifacts (default: home/models)")
+    audit_log_override: Path | None = Field(None, alias="HEALTH_MLOPS_AUDIT_LOG",
+                                            description="the audit log (default: home/audit.log)")
     credentials_dir_override: Path | None = Field(None, alias="HEALTH_MLOPS_CREDENTIALS_DIR",
                                                   description="tokens from `provision` (default: home/credentials)")
     token: str | None = Field(None, description="a node's bearer token (else read from the credentials folder)")
@@ -87,8 +89,8 @@ class Settings(BaseSettings):
 
     @property
     def audit_log(self) -> Path:
-        """Every admin action and model promotion, one JSON line each."""
-        return self.home / "audit.log"
+        """Every admin action, refused attempt and model promotion, one hash-chained JSON line each."""
+        return self.audit_log_override or self.home / "audit.log"
 
     @property
     def models_dir(self) -> Path:

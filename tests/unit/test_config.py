@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -25,3 +27,11 @@ def test_an_unknown_strategy_or_zero_rounds_is_refused_naming_it(monkeypatch: py
     monkeypatch.setenv("HEALTH_MLOPS_FL_ROUNDS", "0")
     with pytest.raises(ValidationError, match="rounds"):
         get_federation_defaults()
+
+
+def test_the_audit_log_lives_in_home_unless_placed_elsewhere(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HEALTH_MLOPS_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HEALTH_MLOPS_AUDIT_LOG", raising=False)
+    assert get_settings().audit_log == tmp_path / "home" / "audit.log"
+    monkeypatch.setenv("HEALTH_MLOPS_AUDIT_LOG", str(tmp_path / "volume" / "audit.log"))  # the aggregator's volume
+    assert get_settings().audit_log == tmp_path / "volume" / "audit.log"
