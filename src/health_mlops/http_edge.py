@@ -41,7 +41,8 @@ def _refusal(status: int, detail: str) -> list[Message]:
 
 
 class BodyLimit:
-    """Refuses request bodies over `limit_for(path)` bytes with 413; logs a client disconnect as one INFO line."""
+    """Refuses request bodies over `limit_for(path)` bytes with 413 and stalled ones with 408; logs a client
+    disconnect as one INFO line."""
 
     def __init__(self, app: ASGIApp, limit_for: Callable[[str], int], *,
                  body_timeout_s: float = BODY_TIMEOUT_S) -> None:
