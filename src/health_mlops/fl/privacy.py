@@ -1,0 +1,157 @@
+"""Differential privacy for a federated run: DP-SGD at each hospital, and its budget accounted over the run.
+
+A hospital trains with DP-SGD as Opacus implements it: each record's gradient is clipped to `max_grad_norm`,
+Gaussian noise of `noise_multiplier × max_grad_norm` is added to each batch's sum, and batches are Poisson
+samples of the hospital's training rows (rate = batch size / rows). The privacy loss of the whole run at one
+hospital is the composition of every step of every round, accounted with Rényi DP (Opacus' RDP accountant):
+`plan_privacy` finds the noise that keeps it within (ε, δ) for the run's rounds, local epochs and that
+hospital's row count, and refuses a budget that cannot be met with a usable amount of noise. Evaluation scores
+only test rows, which DP-SGD never touches, so it spends nothing. The round-0 statistics (counts, sums, small
+categories suppressed) are not covered by this budget.
+
+Pure: no network; the coordinator plans, the hospital trains, both through this module.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from health_mlops.ml.train import TrainResult, loss_function
+from health_mlops.ml.train_config import TrainConfig
+
+# Past this much noise per clipped gradient, a model of this size learns next to nothing: a budget that needs
+# more is refused rather than spent on a useless model.
+MAX_NOISE_MULTIPLIER = 10.0
+# The planned run may spend at most this much more than asked, from the noise search's tolerance.
+EPSILON_TOLERANCE = 0.01
+
+
+class PrivacyConfig(BaseModel):
+    """A run's privacy budget: (ε, δ) for the whole run at each hospital, and how DP-SGD spends it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    epsilon: float = Field(gt=0, le=100, description="the privacy loss allowed over the whole run")
+    delta: float = Field(1e-5, gt=0, lt=1e-2, description="the probability that the ε bound fails")
+    max_grad_norm: float = Field(1.0, gt=0, le=1000, description="each record's gradient is clipped to this norm")
+    noise_multiplier: float | None = Field(None, gt=0, le=MAX_NOISE_MULTIPLIER,
+                                           description="noise per clipped gradient; default: the least that meets ε")
+
+
+class BudgetRefused(Exception):
+    """A privacy budget that cannot be met; the message says why and what would."""
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """How one hospital spends the run's budget."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float  # each record's chance to be in a batch
+    steps: int  # optimiser steps over the whole run
+    epsilon: float  # what the whole run spends (≤ the budget)
+    delta: float
+
+
+def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """The ε of `steps` DP-SGD steps at this noise and sampling rate, by the RDP accountant."""
+    if steps == 0:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(noise_multiplier, sample_rate, steps)]
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound holds, if not the tightest
+        warnings.simplefilter("ignore", UserWarning)
+        return float(accountant.get_epsilon(delta))
+
+
+def plan_privacy(config: PrivacyConfig, *, rows: int, batch_size: int, rounds: int, local_epochs: int) -> PrivacyPlan:
+    """The noise that keeps a hospital with `rows` training rows within the budget over the whole run."""
+    if rows <= batch_size:
+        raise BudgetRefused(f"a hospital with {rows} training rows cannot sample batches of {batch_size}: "
+                            f"lower batch_size below {rows}")
+    sample_rate = batch_size / rows
+    steps = rounds * local_epochs * math.ceil(rows / batch_size)
+    noise = config.noise_multiplier
+    if noise is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                noise = float(get_noise_multiplier(target_epsilon=config.epsilon, target_delta=config.delta,
+                                                   sample_rate=sample_rate, steps=steps, accountant="rdp",
+                                                   epsilon_tolerance=EPSILON_TOLERANCE))
+        except ValueError as error:
+            raise BudgetRefused(f"ε = {config.epsilon:g} at δ = {config.delta:g} cannot be met over {steps} steps "
+                                f"at sampling rate {sample_rate:.4f} ({error})") from None
+        if noise > MAX_NOISE_MULTIPLIER:
+            raise BudgetRefused(f"ε = {config.epsilon:g} at δ = {config.delta:g} over {rounds} rounds × "
+                                f"{local_epochs} local epochs at {rows} rows needs noise multiplier {noise:.1f} "
+                                f"(at most {MAX_NOISE_MULTIPLIER:g} is useful): allow a larger ε, or train fewer "
+                                "rounds or epochs")
+    spent = epsilon_spent(noise, sample_rate, steps, config.delta)
+    if spent > config.epsilon + EPSILON_TOLERANCE:
+        raise BudgetRefused(f"noise multiplier {noise:g} spends ε = {spent:.2f} over the run, more than the "
+                            f"{config.epsilon:g} allowed: raise the noise or leave it unset to have it planned")
+    return PrivacyPlan(noise, config.max_grad_norm, sample_rate, steps, spent, config.delta)
+
+
+def train_model_private(model: nn.Module, features: np.ndarray, target: np.ndarray, task: str,
+                        config: TrainConfig, plan: PrivacyPlan, *, epochs: int) -> tuple[TrainResult, int]:
+    """`epochs` epochs of DP-SGD (Adam on the noisy clipped gradients) in place; the result and the number of
+    optimiser steps taken (what the round spends)."""
+    if config.proximal_mu > 0:  # the proximal term acts on the parameters, outside the per-record gradients
+        raise BudgetRefused("FedProx's proximal term is not private under DP-SGD: use fedavg or a server optimiser")
+    started = time.perf_counter()
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    y = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)).reshape(-1, 1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=config.batch_size,
+                                         generator=torch.Generator().manual_seed(config.seed))
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    loss_fn = loss_function(task)
+    with warnings.catch_warnings():
+        # Opacus says its noise comes from torch's generator, not a cryptographic one (secure_mode, much slower:
+        # a later choice), and torch that the first layer's inputs need no gradient (they are data).
+        warnings.simplefilter("ignore", UserWarning)
+        model.train()
+        engine = PrivacyEngine(accountant="rdp")
+        private, optimiser, loader = engine.make_private(
+            module=model, optimizer=optimiser, data_loader=loader, noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm, poisson_sampling=True)
+        private.train()
+        steps, total, seen = _private_epochs(private, optimiser, loader, loss_fn, epochs)
+    model.eval()
+    return TrainResult(examples=len(x), mean_loss=total / max(seen, 1), seconds=time.perf_counter() - started), steps
+
+
+def _private_epochs(private: nn.Module, optimiser: torch.optim.Optimizer, loader: torch.utils.data.DataLoader,
+                    loss_fn: nn.Module, epochs: int) -> tuple[int, float, int]:
+    """(steps, the last epoch's summed loss, its records); the hooks come off at the end."""
+    steps, total, seen = 0, 0.0, 0
+    try:
+        for _ in range(epochs):
+            total, seen = 0.0, 0
+            for batch_x, batch_y in loader:
+                optimiser.zero_grad(set_to_none=True)
+                output = private(batch_x)
+                # A Poisson sample may be empty: its zero per-record gradients still get their noise, and the
+                # step counts in the budget.
+                loss = loss_fn(output, batch_y) if len(batch_x) else output.sum()
+                loss.backward()
+                total += float(loss.detach()) * len(batch_x)
+                seen += len(batch_x)
+                optimiser.step()
+                steps += 1
+    finally:
+        private._close()  # type: ignore[operator]  # the hooks come off: the model is a plain module again
+    return steps, total, seen
