@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -36,6 +36,9 @@ from safetensors.numpy import save as save_tensors
 from health_mlops.fl.errors import Conflict, CoordinatorError, Forbidden, NotFound, Rejected
 from health_mlops.fl.metadata import check_metadata
 from health_mlops.fl.strategies import ClientUpdate, ServerOptimiserState, StrategyConfig, Weights, aggregate
+
+if TYPE_CHECKING:  # fl/privacy imports Opacus and torch; the serving side reads run configs without them
+    from health_mlops.fl.privacy import PrivacyPlan
 
 
 class TaskKind(str, Enum):
@@ -63,6 +66,23 @@ __all__ = ["Conflict", "Coordinator", "CoordinatorError", "Forbidden", "NotFound
            "RunStatus", "Task", "TaskKind", "TaskResult"]
 
 
+# Past this much noise per clipped gradient, a model of this size learns next to nothing: a privacy budget that
+# needs more is refused rather than spent on a useless model (fl/privacy.py plans it).
+MAX_NOISE_MULTIPLIER = 10.0
+
+
+class PrivacyConfig(BaseModel):
+    """A run's privacy budget: (ε, δ) for the whole run at each hospital, and how DP-SGD spends it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    epsilon: float = Field(gt=0, le=100, description="the privacy loss allowed over the whole run")
+    delta: float = Field(1e-5, gt=0, lt=1e-2, description="the probability that the ε bound fails")
+    max_grad_norm: float = Field(1.0, gt=0, le=1000, description="each record's gradient is clipped to this norm")
+    noise_multiplier: float | None = Field(None, gt=0, le=MAX_NOISE_MULTIPLIER,
+                                           description="noise per clipped gradient; default: the least that meets ε")
+
+
 class RunConfig(BaseModel):
     """Everything that defines a training run; validated, so a bad value is refused naming its field."""
 
@@ -80,6 +100,14 @@ class RunConfig(BaseModel):
     max_round_retries: int = Field(2, ge=0, le=100)
     update_norm_bound: float = Field(100.0, gt=0, description="an update farther than this (L2) is refused")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the initial global model")
+    privacy: PrivacyConfig | None = Field(None, description="differential privacy (DP-SGD) and its budget")
+
+    @model_validator(mode="after")
+    def _privacy_with_a_private_strategy(self) -> RunConfig:
+        if self.privacy is not None and self.strategy.name == "fedprox":
+            raise ValueError("privacy: FedProx's proximal term acts on the weights outside DP-SGD's per-record "
+                             "gradients, so it is not private; use fedavg or a server optimiser (fedadam, fedyogi)")
+        return self
 
     @model_validator(mode="after")
     def _deadline_outlasts_a_lease(self) -> RunConfig:
@@ -147,6 +175,48 @@ class Run:
         if round_number == 0:
             return TaskKind.stats
         return TaskKind.evaluate if round_number == self.final_round else TaskKind.fit
+
+
+def privacy_refusal(config: RunConfig, training_rows: Mapping[str, int]) -> str | None:
+    """Why the run's privacy budget cannot be met at some hospital (its training rows known from round 0), or
+    None (also without a budget)."""
+    if config.privacy is None:
+        return None
+    from health_mlops.fl.privacy import BudgetRefused
+
+    for hospital, rows in sorted(training_rows.items()):
+        try:
+            plan_for(config, rows)
+        except BudgetRefused as refused:
+            return f"privacy budget refused at {hospital}: {refused}"
+    return None
+
+
+def privacy_spent(run: Run) -> dict[str, float]:
+    """The ε each hospital has spent so far, from the DP-SGD steps its fit results report (empty without DP)."""
+    if run.config.privacy is None:
+        return {}
+    from health_mlops.fl.privacy import epsilon_spent  # Opacus needs torch: only where DP is used
+
+    steps: dict[str, int] = dict.fromkeys(run.example_limits, 0)
+    for record in run.history:
+        for hospital, metadata in record.hospitals.items():
+            steps[hospital] += int(metadata.get("dp_steps") or 0)
+    spent = {}
+    for hospital, taken in steps.items():
+        plan = plan_for(run.config, run.example_limits[hospital])
+        spent[hospital] = epsilon_spent(plan.noise_multiplier, plan.sample_rate, taken, plan.delta)
+    return spent
+
+
+def plan_for(config: RunConfig, rows: int) -> PrivacyPlan:
+    """The DP-SGD plan of a hospital with `rows` training rows in a run with a privacy budget; the hospital
+    computes the same from the same numbers."""
+    from health_mlops.fl.privacy import plan_privacy  # Opacus needs torch: only where DP is used
+
+    assert config.privacy is not None
+    return plan_privacy(config.privacy, rows=rows, batch_size=config.batch_size, rounds=config.rounds,
+                        local_epochs=config.local_epochs)
 
 
 # Turns the hospitals' stats results into the run's preprocessing (a dict stored with the run).
@@ -334,7 +404,12 @@ class Coordinator:
         kind = run.kind_of(run.round)
         if kind is TaskKind.stats:
             preprocessing = self._stats_reducer([r.metadata for r in results.values()])
-            run.example_limits = {h: int(r.metadata["count"]) for h, r in results.items()}
+            example_limits = {h: int(r.metadata["count"]) for h, r in results.items()}
+            refusal = privacy_refusal(run.config, example_limits)
+            if refusal is not None:  # before any hospital trains
+                self._end(run, RunStatus.failed, refusal)
+                return
+            run.example_limits = example_limits
             run.preprocessing = preprocessing
         elif kind is TaskKind.fit:
             updates = [ClientUpdate(r.tensors, int(r.metadata["num_examples"])) for r in results.values()]

@@ -16,7 +16,7 @@ import pandas as pd
 
 from health_mlops.data.preprocess import (Preprocessor, encoded_columns, feature_histograms, mean_and_scale,
                                           stats_of_frame)
-from health_mlops.fl.coordinator import RunConfig, TaskKind, TaskResult
+from health_mlops.fl.coordinator import RunConfig, TaskKind, TaskResult, plan_for
 from health_mlops.fl.strategies import Weights
 from health_mlops.ml.evaluate import evaluate_frame
 from health_mlops.ml.model import model_with_weights, weights_as_numpy
@@ -103,7 +103,16 @@ class HospitalWorker:
                                    batch_size=config.batch_size, weight_decay=config.weight_decay,
                                    proximal_mu=config.strategy.proximal_mu if config.strategy.name == "fedprox" else 0.0,
                                    seed=round_number)
-        result = train_model(model, preprocessor.features(self.train), preprocessor.target(self.train),
-                             self.spec.task, train_config)
+        features, target = preprocessor.features(self.train), preprocessor.target(self.train)
+        privacy: dict[str, int] = {}
+        if config.privacy is None:
+            result = train_model(model, features, target, self.spec.task, train_config)
+        else:  # DP-SGD, with the noise the aggregator planned for this hospital's rows (the same function)
+            from health_mlops.fl.privacy import train_model_private  # Opacus: 1.4 s to import, only when used
+
+            plan = plan_for(config, len(self.train))
+            result, steps = train_model_private(model, features, target, self.spec.task, train_config, plan,
+                                                epochs=config.local_epochs)
+            privacy["dp_steps"] = steps
         return TaskResult({"num_examples": result.examples, "num_test_examples": len(self.test), "metrics": evaluation,
-                           "train_loss": result.mean_loss}, weights_as_numpy(model))
+                           "train_loss": result.mean_loss, **privacy}, weights_as_numpy(model))

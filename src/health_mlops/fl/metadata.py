@@ -49,6 +49,7 @@ class EvaluationMetadata(_Strict):
 
 class FitMetadata(EvaluationMetadata):
     train_loss: FiniteFloat | None = None
+    dp_steps: Count | None = None  # DP-SGD steps taken this round (what it spent of the privacy budget)
 
 
 _MODELS: dict[str, type[_Strict]] = {"stats": StatsMetadata, "fit": FitMetadata, "evaluate": EvaluationMetadata}

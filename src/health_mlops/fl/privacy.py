@@ -24,29 +24,14 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from health_mlops.fl.coordinator import MAX_NOISE_MULTIPLIER, PrivacyConfig
 from health_mlops.ml.train import TrainResult, loss_function
 from health_mlops.ml.train_config import TrainConfig
 
-# Past this much noise per clipped gradient, a model of this size learns next to nothing: a budget that needs
-# more is refused rather than spent on a useless model.
-MAX_NOISE_MULTIPLIER = 10.0
 # The planned run may spend at most this much more than asked, from the noise search's tolerance.
 EPSILON_TOLERANCE = 0.01
-
-
-class PrivacyConfig(BaseModel):
-    """A run's privacy budget: (ε, δ) for the whole run at each hospital, and how DP-SGD spends it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    epsilon: float = Field(gt=0, le=100, description="the privacy loss allowed over the whole run")
-    delta: float = Field(1e-5, gt=0, lt=1e-2, description="the probability that the ε bound fails")
-    max_grad_norm: float = Field(1.0, gt=0, le=1000, description="each record's gradient is clipped to this norm")
-    noise_multiplier: float | None = Field(None, gt=0, le=MAX_NOISE_MULTIPLIER,
-                                           description="noise per clipped gradient; default: the least that meets ε")
 
 
 class BudgetRefused(Exception):

@@ -1,0 +1,60 @@
+"""A federated run with differential privacy, in memory (the same coordinator and hospital code as the services):
+each hospital trains with DP-SGD, what it spends is accounted from the steps it reports, and a budget that cannot
+be met ends the run after round 0, before any hospital trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from health_mlops.data.hospital import load_hospitals
+from health_mlops.data.synthetic import generate_dataset
+from health_mlops.fl.coordinator import (Coordinator, PrivacyConfig, RunConfig, RunStatus, StrategyConfig, TaskKind,
+                                         privacy_spent)
+from health_mlops.fl.hospital import HospitalWorker, reduce_stats
+from health_mlops.fl.simulation import initial_weights, run_federated_in_memory
+from health_mlops.ml.baselines import HospitalSplit, split_hospitals
+from health_mlops.spec import load_spec
+
+SPEC = load_spec("health-risk")
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory: pytest.TempPathFactory) -> list[HospitalSplit]:
+    root = tmp_path_factory.mktemp("dp") / "data"
+    generate_dataset(root, n_hospitals=3, rows_per_hospital=800, seed=4, split_seed=42, test_fraction=0.2)
+    return split_hospitals(load_hospitals(root, SPEC), seed=42, test_fraction=0.2)
+
+
+def test_each_hospital_spends_at_most_its_budget_over_the_run(splits: list[HospitalSplit]) -> None:
+    config = RunConfig(rounds=3, local_epochs=1, batch_size=32, min_hospitals=3,
+                       privacy=PrivacyConfig(epsilon=2.0, delta=1e-5))
+    _, run = run_federated_in_memory(SPEC, splits, config)
+    assert run.status is RunStatus.completed
+    fits = [r for r in run.history if r.kind is TaskKind.fit]
+    assert all(m["dp_steps"] == 20 for r in fits for m in r.hospitals.values())  # 640 rows / 32 a batch
+    spent = privacy_spent(run)
+    assert sorted(spent) == sorted(s.hospital_id for s in splits)
+    assert all(1.9 <= eps <= 2.0 + 0.01 for eps in spent.values()), spent  # the whole budget, no more
+    assert all(np.isfinite(w).all() for w in run.weights.values())
+
+
+def test_a_budget_that_cannot_be_met_ends_the_run_before_any_hospital_trains(splits: list[HospitalSplit]) -> None:
+    config = RunConfig(rounds=3, min_hospitals=3, batch_size=32, privacy=PrivacyConfig(epsilon=0.05))
+    coordinator = Coordinator(reduce_stats)
+    workers = {s.hospital_id: HospitalWorker(s.hospital_id, SPEC, s.train, s.test) for s in splits}
+    run = coordinator.start_run("dp", config, list(workers), initial_weights(SPEC, 0), now=0.0)
+    for hospital, worker in workers.items():
+        task = coordinator.next_task(hospital, "node", 0.0)
+        assert task is not None and task.kind is TaskKind.stats
+        coordinator.submit(task.id, hospital, "node", worker.handle(task.kind, config, {}, {}, 0), 0.0)
+    assert run.status is RunStatus.failed and "privacy budget refused at hospital-1" in run.reason
+    assert "cannot be met" in run.reason or "noise multiplier" in run.reason
+    assert all(coordinator.next_task(h, "node", 1.0) is None for h in workers)  # nobody gets a fit task
+
+
+def test_privacy_with_fedprox_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="privacy"):
+        RunConfig(strategy=StrategyConfig(name="fedprox", proximal_mu=0.1), privacy=PrivacyConfig(epsilon=3))
