@@ -87,6 +87,8 @@ demo: setup
 
 bench: setup debs-bench
 	$(BIN)/python benchmarks/federation_overhead.py
+	$(BIN)/python benchmarks/poisoning.py
+	$(BIN)/python benchmarks/privacy.py
 	$(BIN)/python benchmarks/serving.py
 
 clean:

@@ -66,6 +66,18 @@ class Mode(str, Enum):
 # The CLI's choices are the strategies module's names: one list, so a new strategy appears here by itself.
 Strategy = Enum("Strategy", {name: name for name in STRATEGY_NAMES}, type=str)  # type: ignore[misc]
 
+# Differential privacy, the same four options on every command that starts a federated run.
+DpEpsilon = Annotated[float | None, typer.Option(
+    "--dp-epsilon", help="train with differential privacy (DP-SGD at every hospital): the ε each hospital may "
+                         "spend over the whole run; a budget that cannot be met is refused before training")]
+DpDelta = Annotated[float, typer.Option("--dp-delta", help="with --dp-epsilon: the δ of the (ε, δ) guarantee")]
+DpNoise = Annotated[float | None, typer.Option(
+    "--dp-noise-multiplier", help="with --dp-epsilon: noise per clipped gradient (default: the least that meets ε)")]
+DpClip = Annotated[float, typer.Option("--dp-max-grad-norm",
+                                       help="with --dp-epsilon: each record's gradient is clipped to this norm")]
+_DP_OPTIONS = {"epsilon": "--dp-epsilon", "delta": "--dp-delta", "noise_multiplier": "--dp-noise-multiplier",
+               "max_grad_norm": "--dp-max-grad-norm"}
+
 
 @contextmanager
 def _clean_errors() -> Iterator[None]:
@@ -208,6 +220,10 @@ def train(
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     rounds: Annotated[int | None, typer.Option(min=1, help="federated: training rounds")] = None,
     strategy: Annotated[Strategy, typer.Option(help="federated: aggregation strategy")] = Strategy["fedavg"],
+    dp_epsilon: DpEpsilon = None,
+    dp_delta: DpDelta = 1e-5,
+    dp_noise_multiplier: DpNoise = None,
+    dp_max_grad_norm: DpClip = 1.0,
     json_output: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,
 ) -> None:
     """Train a baseline or a federation and score it on every hospital's test rows."""
@@ -221,9 +237,15 @@ def train(
     with _clean_errors():
         dataset = _resolve_spec(spec, data)
         splits = _load_splits(data, dataset, settings)
+    if mode is not Mode.federated and dp_epsilon is not None:
+        err.print("[bold red]error:[/] --dp-epsilon: differential privacy is for --mode federated", markup=True)
+        raise typer.Exit(2)
     if mode is Mode.federated:
-        result = _train_federated(data, dataset, splits, settings, rounds=rounds, local_epochs=epochs,
-                                  learning_rate=learning_rate, batch_size=batch_size, strategy=strategy)
+        config = _run_config(dataset, len(splits), epsilon=dp_epsilon, delta=dp_delta,
+                             noise_multiplier=dp_noise_multiplier, max_grad_norm=dp_max_grad_norm, rounds=rounds,
+                             local_epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+                             strategy=strategy)
+        result = _train_federated(data, dataset, splits, settings, config)
     else:
         config = TrainConfig.for_task(get_training_defaults(), dataset, epochs=epochs, learning_rate=learning_rate,
                                       batch_size=batch_size)
@@ -245,6 +267,7 @@ def train(
     out.print(comparison_table(dataset, columns, title=f"{dataset.name}: {mode.value} training"))
     if "timing" in document:
         out.print("timing: " + ", ".join(f"{k} {v}" for k, v in document["timing"].items()))
+    _print_privacy(document.get("privacy"))
 
 
 def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: object) -> RunConfig:
@@ -254,32 +277,76 @@ def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: obje
     from health_mlops.ml.train_config import TrainConfig
 
     given = {k: v for k, v in overrides.items() if v is not None}
-    local = TrainConfig.for_task(get_training_defaults(), dataset, learning_rate=given.pop("learning_rate", None),
+    defaults = get_training_defaults()
+    if given.get("privacy") is not None:  # DP-SGD's own defaults, unless given
+        given = {"learning_rate": defaults.dp_learning_rate, "batch_size": defaults.dp_batch_size, **given}
+    local = TrainConfig.for_task(defaults, dataset, learning_rate=given.pop("learning_rate", None),
                                  batch_size=given.pop("batch_size", None))
     strategy = given.pop("strategy", Strategy["fedavg"])
     return RunConfig(learning_rate=local.learning_rate, batch_size=local.batch_size, weight_decay=local.weight_decay,
                      min_hospitals=hospitals, strategy=StrategyConfig(name=Strategy(strategy).value), **given)
 
 
+def _run_config(dataset: DatasetSpec, hospitals: int, *, epsilon: float | None, delta: float,
+                noise_multiplier: float | None, max_grad_norm: float, **overrides: object) -> RunConfig:
+    """`federated_run_config` with the --dp-* options; a value that cannot be used ends the command (exit 2)
+    naming its option."""
+    from pydantic import ValidationError
+
+    from health_mlops.fl.coordinator import PrivacyConfig
+
+    if epsilon is None and noise_multiplier is not None:
+        err.print("[bold red]error:[/] --dp-noise-multiplier needs --dp-epsilon (the budget it must meet)", markup=True)
+        raise typer.Exit(2)
+    try:
+        privacy = None if epsilon is None else PrivacyConfig(epsilon=epsilon, delta=delta,
+                                                              noise_multiplier=noise_multiplier,
+                                                              max_grad_norm=max_grad_norm)
+        return federated_run_config(dataset, hospitals, privacy=privacy, **overrides)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        option = _DP_OPTIONS.get(where, where) if where else "--strategy"  # a model check: privacy with FedProx
+        err.print(f"[bold red]error:[/] {option}: {problem['msg']}", markup=True, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def privacy_json(view: RunView) -> dict[str, object] | None:
+    """What `--json` says of a run's privacy: the largest ε over hospitals, δ, and each hospital's ε."""
+    if view.privacy is None:
+        return None
+    return {"epsilon": view.privacy.epsilon, "delta": view.privacy.delta, "budget_epsilon": view.privacy.budget_epsilon,
+            "hospitals": {h: p.epsilon for h, p in view.privacy.hospitals.items()}}
+
+
+def _print_privacy(privacy: dict[str, object] | None) -> None:
+    """One line under a result trained with differential privacy (`privacy_json`)."""
+    if privacy is not None:
+        out.print(f"differential privacy: ε = {privacy['epsilon']:.2f} (the most any hospital spent; budget "
+                  f"{privacy['budget_epsilon']:g}), δ = {privacy['delta']:g}", soft_wrap=True)
+
+
 def _train_federated(data: Path, dataset: DatasetSpec, splits: list[HospitalSplit], settings: Settings,
-                     **overrides: object) -> ExperimentResult:
-    from health_mlops.fl.loopback import run_federation_over_loopback
+                     config: RunConfig) -> ExperimentResult:
+    from health_mlops.fl.loopback import RunEnded, run_federation_over_loopback
     from health_mlops.fl.simulation import score_global_model
 
-    config = federated_run_config(dataset, len(splits), rounds=overrides["rounds"],
-                                  local_epochs=overrides["local_epochs"], learning_rate=overrides["learning_rate"],
-                                  batch_size=overrides["batch_size"], strategy=overrides["strategy"])
     with _clean_errors():
         hospitals = load_hospitals(data, dataset)
-    with _progress() as progress:
-        task = progress.add_task("federated rounds", total=config.rounds + 2)
-        outcome = run_federation_over_loopback(
-            dataset, hospitals, config, split_seed=settings.split_seed, test_fraction=settings.test_fraction,
-            on_progress=lambda view: progress.update(task, completed=len(view.history)))
+    try:
+        with _progress() as progress:
+            task = progress.add_task("federated rounds", total=config.rounds + 2)
+            outcome = run_federation_over_loopback(
+                dataset, hospitals, config, split_seed=settings.split_seed, test_fraction=settings.test_fraction,
+                on_progress=lambda view: progress.update(task, completed=len(view.history)))
+    except RunEnded as ended:
+        err.print(f"[bold red]error:[/] {ended}", markup=True, soft_wrap=True)
+        raise typer.Exit(1) from None
     result = score_global_model(dataset, splits, outcome.run.preprocessing, outcome.weights)
     result.extra["timing"] = outcome.timing.to_json()
     result.extra["run"] = {"id": outcome.run.id, "config": outcome.run.config.model_dump(mode="json"),
-                           "rejected": outcome.run.rejected}
+                           "rejected": outcome.run.rejected, "suppressed": outcome.run.suppressed}
+    result.extra["privacy"] = privacy_json(outcome.run)
     return result
 
 
@@ -289,6 +356,10 @@ def start_run(
     strategy: Annotated[Strategy | None, typer.Option(help="env HEALTH_MLOPS_FL_STRATEGY (fedavg)")] = None,
     hospital: Annotated[list[str] | None, typer.Option(help="a hospital to enrol (repeat); default: every "
                                                            "provisioned hospital")] = None,
+    dp_epsilon: DpEpsilon = None,
+    dp_delta: DpDelta = 1e-5,
+    dp_noise_multiplier: DpNoise = None,
+    dp_max_grad_norm: DpClip = 1.0,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Ask the aggregator (HEALTH_MLOPS_AGGREGATOR_URL, admin token) to start a federated run."""
@@ -318,9 +389,9 @@ def start_run(
     with _clean_errors():
         dataset = load_spec(settings.spec)
     chosen = Strategy(strategy.value if strategy else federation.strategy)
-    config = federated_run_config(dataset, len(hospital) if hospital else federation.min_hospitals,
-                                  rounds=rounds or federation.rounds, local_epochs=federation.local_epochs,
-                                  strategy=chosen)
+    config = _run_config(dataset, len(hospital) if hospital else federation.min_hospitals, epsilon=dp_epsilon,
+                         delta=dp_delta, noise_multiplier=dp_noise_multiplier, max_grad_norm=dp_max_grad_norm,
+                         rounds=rounds or federation.rounds, local_epochs=federation.local_epochs, strategy=chosen)
     request = RunRequest(config=config, hospitals=hospital or None)
     try:
         with AdminClient(settings.aggregator_url, credential) as admin:
@@ -338,8 +409,11 @@ def start_run(
     if json_output:
         _print_json(run.model_dump(mode="json"))
     else:
+        privacy = run.config.privacy
         out.print(f"started {run.id}: {run.config.rounds} rounds of {run.config.strategy.name} "
-                  f"over {', '.join(run.hospitals)}", soft_wrap=True)
+                  f"over {', '.join(run.hospitals)}" + ("" if privacy is None else
+                                                          f", differential privacy ε ≤ {privacy.epsilon:g} at "
+                                                          f"δ = {privacy.delta:g} per hospital"), soft_wrap=True)
 
 
 @app.command()
@@ -519,13 +593,13 @@ def _admin_actor(registry: Registry, action: str, token_file: Path | None) -> st
 
 def _print_versions(registry: Registry) -> None:
     table = Table(title=f"{registry.model_name} in {registry.tracking_uri}")
-    for column in ("version", "aliases", "metric", "federation run", "created"):
+    for column in ("version", "aliases", "metric", "privacy", "federation run", "created"):
         table.add_column(column, justify="right" if column in ("version", "metric") else "left")
     from datetime import datetime
 
     for v in registry.versions():
-        table.add_row(str(v.version), ", ".join(v.aliases), f"{v.metric_name} {v.metric:.4f}", v.federation_run,
-                      f"{datetime.fromtimestamp(v.created_at):%Y-%m-%d %H:%M:%S}")
+        table.add_row(str(v.version), ", ".join(v.aliases), f"{v.metric_name} {v.metric:.4f}", v.privacy_text(),
+                      v.federation_run, f"{datetime.fromtimestamp(v.created_at):%Y-%m-%d %H:%M:%S}")
     out.print(table)
 
 
@@ -678,6 +752,10 @@ def demo(
                                                                "dashboard")] = False,
     dashboard_port: Annotated[int, typer.Option(help="where the dashboard serves the champion")] = 7860,
     prometheus_port: Annotated[int, typer.Option(help="where Debian's prometheus serves, if installed")] = 9090,
+    dp_epsilon: DpEpsilon = None,
+    dp_delta: DpDelta = 1e-5,
+    dp_noise_multiplier: DpNoise = None,
+    dp_max_grad_norm: DpClip = 1.0,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The whole federation on loopback: aggregator and nodes as processes, trained live, compared with pooled
@@ -705,7 +783,9 @@ def demo(
         dataset = _resolve_spec(None, data)
         splits = _load_splits(data, dataset, settings)
     reference_file = json.loads((data / "reference.json").read_text(encoding="utf-8"))
-    request = RunRequest(config=federated_run_config(dataset, hospitals, rounds=rounds), hospitals=names)
+    request = RunRequest(config=_run_config(dataset, hospitals, epsilon=dp_epsilon, delta=dp_delta,
+                                            noise_multiplier=dp_noise_multiplier, max_grad_norm=dp_max_grad_norm,
+                                            rounds=rounds), hospitals=names)
     ports = Ports(port, ops_port, node_api_port, node_metrics_port)
     serve = not (no_serve or json_output)
     try:
@@ -724,8 +804,10 @@ def demo(
             columns, counted = _compare(dataset, splits, data, view, body, settings)
             if json_output:
                 _print_json({"data": str(data), "run": {"id": view.id, "rounds": view.config.rounds,
-                                                        "rejected": view.rejected, "counted_from": counted},
-                             "model": view.model, "round_overhead_ms": round_overheads_ms(view), **columns})
+                                                        "rejected": view.rejected, "counted_from": counted,
+                                                        "suppressed": view.suppressed},
+                             "privacy": privacy_json(view), "model": view.model,
+                             "round_overhead_ms": round_overheads_ms(view), **columns})
                 return
             _print_demo_outcome(dataset, columns, view, counted, names[0], data)
             if serve:
@@ -768,6 +850,7 @@ def _print_demo_outcome(dataset: DatasetSpec, columns: dict[str, dict], view: Ru
     out.print(comparison_table(dataset, columns, title="federated vs pooled vs local-only vs Bayes-optimal"))
     out.print(f"run {view.id}: {view.config.rounds} rounds, each hospital counted once per round "
               f"({first}'s results came from {', '.join(counted[first])}); data: {data}", soft_wrap=True)
+    _print_privacy(privacy_json(view))
     model = view.model or {}
     if model.get("status") == "registered":
         out.print(f"model: {dataset.name} v{model['version']} registered, {', '.join(model['aliases']) or 'no alias'} "

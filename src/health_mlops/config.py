@@ -26,6 +26,9 @@ class TrainingDefaults(BaseSettings):
     batch_size: int = Field(64, ge=1)
     weight_decay: float = Field(1e-3, ge=0, description="L2 penalty; rare events overfit without it")
     seed: int = 0
+    # DP-SGD adds its noise once per batch, so it learns from large batches at a larger step (README: Privacy).
+    dp_batch_size: int = Field(512, ge=1, description="batch size of a federated run with differential privacy")
+    dp_learning_rate: float = Field(0.01, gt=0, description="learning rate of a run with differential privacy")
 
 
 class FederationDefaults(BaseSettings):

@@ -30,6 +30,7 @@ from health_mlops.audit import AuditLog
 CHAMPION = "champion"
 CHAMPION_SINCE = "champion_since"  # version tag: when it last became champion (seconds since the epoch)
 CHALLENGER = "challenger"
+PRIVACY_EPSILON, PRIVACY_DELTA = "privacy_epsilon", "privacy_delta"  # version tags of a DP-trained model
 EXPERIMENT_NAME = "federated-training"
 MODEL_FILE = "model.onnx"
 SPEC_FILE = "spec.yaml"
@@ -50,11 +51,16 @@ class ModelVersion:
     federation_run: str
     mlflow_run_id: str
     created_at: float
+    privacy: dict[str, float] | None = None  # {"epsilon", "delta"} of a model trained with differential privacy
+
+    def privacy_text(self) -> str:
+        """How users see a version's privacy: "ε 2.91, δ 1e-05", or "none" (trained without DP)."""
+        return "none" if self.privacy is None else f"ε {self.privacy['epsilon']:.2f}, δ {self.privacy['delta']:g}"
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "metric_name": self.metric_name, "metric": self.metric,
                 "aliases": self.aliases, "federation_run": self.federation_run,
-                "mlflow_run_id": self.mlflow_run_id, "created_at": self.created_at}
+                "mlflow_run_id": self.mlflow_run_id, "created_at": self.created_at, "privacy": self.privacy}
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,9 @@ class TrainingRecord:
     metric_name: str  # the task's primary metric, higher is better
     onnx_model: bytes
     spec_yaml: str
+    # With differential privacy: the largest ε any hospital spent over the run, its δ, and each hospital's ε.
+    privacy: dict[str, float] | None = None
+    hospital_epsilons: dict[str, float] | None = None
 
 
 def default_tracking_uri(home: Path) -> str:
@@ -123,6 +132,10 @@ class Registry:
         metrics += [Metric(f"{hospital}.{name}", value, now_ms, step)
                     for step, hospital, values in record.hospital_metrics for name, value in values.items()]
         metrics += [Metric(f"final.{name}", value, now_ms, 0) for name, value in record.final_metrics.items()]
+        if record.privacy is not None:
+            metrics += [Metric(f"privacy.{name}", value, now_ms, 0) for name, value in record.privacy.items()]
+            metrics += [Metric(f"{hospital}.privacy_epsilon", value, now_ms, 0)
+                        for hospital, value in (record.hospital_epsilons or {}).items()]
         params = [Param(k, str(v)) for k, v in flatten(record.params).items()]
         self.client.log_batch(run_id, params=params)
         for start in range(0, len(metrics), _MLFLOW_BATCH):
@@ -139,10 +152,12 @@ class Registry:
         except MlflowException:
             pass  # it exists
         metric = record.final_metrics[record.metric_name]
+        privacy = {} if record.privacy is None else {PRIVACY_EPSILON: repr(record.privacy["epsilon"]),
+                                                     PRIVACY_DELTA: repr(record.privacy["delta"])}
         created = self.client.create_model_version(
             self.model_name, f"runs:/{run_id}/{_ARTIFACT_DIR}", run_id=run_id,
             tags={"metric_name": record.metric_name, "metric": repr(metric),
-                  "federation_run": record.federation_run})
+                  "federation_run": record.federation_run, **privacy})
         version = int(created.version)
         self._audit("register", version, "aggregator", f"{record.federation_run}: {record.metric_name} {metric:.4f}")
         champion = self.champion()
@@ -207,7 +222,9 @@ class Registry:
         return ModelVersion(version=int(raw.version), metric_name=raw.tags.get("metric_name", ""),
                             metric=float(raw.tags.get("metric", "nan")), aliases=sorted(raw.aliases or []),
                             federation_run=raw.tags.get("federation_run", ""), mlflow_run_id=raw.run_id or "",
-                            created_at=raw.creation_timestamp / 1000)
+                            created_at=raw.creation_timestamp / 1000,
+                            privacy={"epsilon": float(raw.tags[PRIVACY_EPSILON]),
+                                     "delta": float(raw.tags[PRIVACY_DELTA])} if PRIVACY_EPSILON in raw.tags else None)
 
     def versions(self) -> list[ModelVersion]:
         try:

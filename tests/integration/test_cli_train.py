@@ -41,6 +41,41 @@ def test_train_federated_adds_the_timing_of_its_rounds(tmp_path: Path, home: Pat
     assert 0.5 < result["overall"]["auc"] <= 1
 
 
+def test_train_federated_with_differential_privacy_reports_what_each_hospital_spent(tmp_path: Path,
+                                                                                   home: Path) -> None:
+    data = tmp_path / "d"
+    run_cli("data", "generate", "--out", str(data), "--hospitals", "3", "--rows-per-hospital", "800", home=home)
+    result = run_cli_json("train", "--data", str(data), "--mode", "federated", "--rounds", "3", "--dp-epsilon", "3",
+                          home=home)
+    privacy = result["privacy"]
+    assert privacy["delta"] == 1e-5 and privacy["budget_epsilon"] == 3
+    assert sorted(privacy["hospitals"]) == ["hospital-1", "hospital-2", "hospital-3"]
+    assert privacy["epsilon"] == max(privacy["hospitals"].values())
+    assert all(2.5 < eps <= 3.01 for eps in privacy["hospitals"].values())  # the budget spent, never more
+    assert result["run"]["config"]["privacy"]["epsilon"] == 3
+    assert sorted(result["run"]["suppressed"]) == ["hospital-1", "hospital-2", "hospital-3"]
+    assert 0.5 < result["overall"]["auc"] <= 1
+    plain = run_cli_json("train", "--data", str(data), "--mode", "federated", "--rounds", "1", home=home)
+    assert plain["privacy"] is None
+
+
+def test_a_privacy_budget_or_option_that_cannot_be_used_is_refused_naming_it(tmp_path: Path, home: Path) -> None:
+    data = tmp_path / "d"
+    run_cli("data", "generate", "--out", str(data), "--hospitals", "2", "--rows-per-hospital", "400", home=home)
+    federated = ("train", "--data", str(data), "--mode", "federated", "--rounds", "2")
+    refused = run_cli(*federated, "--dp-epsilon", "0.05", home=home, check=False)
+    assert refused.returncode == 1, refused.stderr
+    assert "privacy budget refused at hospital-1" in refused.stderr and "Traceback" not in refused.stderr
+    for options, named in [(("--dp-noise-multiplier", "2"), "--dp-noise-multiplier needs --dp-epsilon"),
+                           (("--dp-epsilon", "2", "--dp-delta", "0.5"), "--dp-delta"),
+                           (("--dp-epsilon", "-1"), "--dp-epsilon"),
+                           (("--dp-epsilon", "2", "--strategy", "fedprox"), "FedProx")]:
+        result = run_cli(*federated, *options, home=home, check=False)
+        assert result.returncode == 2 and named in result.stderr, (options, result.stderr)
+    pooled = run_cli("train", "--data", str(data), "--mode", "pooled", "--dp-epsilon", "2", home=home, check=False)
+    assert pooled.returncode == 2 and "--mode federated" in pooled.stderr
+
+
 @pytest.fixture(scope="module")
 def acceptance(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """The acceptance data (5 hospitals x 4000 patient-days, seed 7) trained pooled, local-only and federated."""

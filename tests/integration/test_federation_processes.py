@@ -65,11 +65,12 @@ class Cluster:
         self.aggregator = child
         return child
 
-    def start_node(self, hospital: str, node_id: str) -> Child:
+    def start_node(self, hospital: str, node_id: str, *, central_url: str | None = None) -> Child:
+        """A node process; `central_url`: where it finds the aggregator, if not directly."""
         index = len(self.nodes) + 1
         child = self.processes.start(node_id, [
             "node", "--hospital-id", hospital, "--node-id", node_id, "--data-dir", str(self.data / hospital),
-            "--central-url", self.central, "--api-port", str(self.base + index),
+            "--central-url", central_url or self.central, "--api-port", str(self.base + index),
             "--metrics-port", str(self.base + 10 + index)])
         wait_ready(f"http://127.0.0.1:{self.base + index}/readyz", child)
         self.nodes[node_id] = child

@@ -9,7 +9,7 @@ import pytest
 from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.synthetic import generate_dataset
 from health_mlops.fl.aggregator import AggregatorService
-from health_mlops.fl.coordinator import RunConfig
+from health_mlops.fl.coordinator import PrivacyConfig, RunConfig
 from health_mlops.fl.simulation import run_federated_in_memory
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.ml.baselines import split_hospitals
@@ -20,17 +20,32 @@ from health_mlops.spec import load_spec
 SPEC = load_spec("health-risk")
 
 
-@pytest.fixture(scope="module")
-def view(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def completed_view(root: Path, config: RunConfig) -> dict:
     """A completed three-hospital run as `GET /v1/runs` shows it."""
-    root = tmp_path_factory.mktemp("sources")
     generate_dataset(root / "data", n_hospitals=3, rows_per_hospital=1000, seed=5, split_seed=42, test_fraction=0.2)
     splits = split_hospitals(load_hospitals(root / "data", SPEC), seed=42, test_fraction=0.2)
-    _, run = run_federated_in_memory(SPEC, splits, RunConfig(rounds=2, local_epochs=1))
+    _, run = run_federated_in_memory(SPEC, splits, config)
     provision(root / "credentials", [])
     gatekeeper = Gatekeeper(root / "credentials", require_certificate=False)
     service = AggregatorService(SPEC, CheckpointStore(root / "models"), gatekeeper)
     return service.view(run).model_dump(mode="json")
+
+
+@pytest.fixture(scope="module")
+def view(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return completed_view(tmp_path_factory.mktemp("sources"), RunConfig(rounds=2, local_epochs=1))
+
+
+def test_a_private_runs_budget_and_each_hospitals_epsilon_and_suppressed_cells_are_shown(tmp_path: Path) -> None:
+    config = RunConfig(rounds=1, batch_size=128, privacy=PrivacyConfig(epsilon=2.0))
+    private = completed_view(tmp_path, config)
+    (run,) = runs_from_views([private], "auc")
+    assert run.privacy is not None and run.privacy["budget_epsilon"] == 2.0
+    hospitals = hospitals_from_view(private, "auc")
+    assert all(h.epsilon is not None and 1.9 < h.epsilon <= 2.0 for h in hospitals)
+    assert max(h.epsilon for h in hospitals if h.epsilon) == run.privacy["epsilon"]
+    assert all(h.suppressed == private["suppressed"][h.hospital] for h in hospitals)
+    assert all(set(h.suppressed or {}) == {"categories", "histogram_bins"} for h in hospitals)
 
 
 def test_curves_skip_round_zero_and_follow_each_hospital(view: dict) -> None:
@@ -45,7 +60,7 @@ def test_hospitals_show_their_rows_and_last_round(view: dict) -> None:
     hospitals = hospitals_from_view(view, "auc")
     assert [h.hospital for h in hospitals] == ["hospital-1", "hospital-2", "hospital-3"]
     for hospital in hospitals:
-        assert hospital.status == "idle (run completed)"
+        assert hospital.status == "idle (run completed)" and hospital.epsilon is None  # trained without DP
         assert 700 < hospital.rows < 900 and hospital.rows_quarantined == 0  # its training rows, counted in round 0
         assert hospital.last_round == 3 and 0 <= hospital.metric <= 1
     running = {**view, "status": "running", "open_tasks": [{"hospital": "hospital-2", "status": "leased",

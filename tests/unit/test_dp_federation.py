@@ -12,7 +12,8 @@ import pytest
 from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.synthetic import generate_dataset
 from health_mlops.fl.coordinator import (Coordinator, PrivacyConfig, RunConfig, RunStatus, StrategyConfig, TaskKind,
-                                         privacy_spent)
+                                         privacy_report, privacy_spent)
+from health_mlops.fl.publish import training_record
 from health_mlops.fl.hospital import HospitalWorker, reduce_stats
 from health_mlops.fl.simulation import initial_weights, run_federated_in_memory
 from health_mlops.ml.baselines import HospitalSplit, split_hospitals
@@ -39,6 +40,19 @@ def test_each_hospital_spends_at_most_its_budget_over_the_run(splits: list[Hospi
     assert sorted(spent) == sorted(s.hospital_id for s in splits)
     assert all(1.9 <= eps <= 2.0 + 0.01 for eps in spent.values()), spent  # the whole budget, no more
     assert all(np.isfinite(w).all() for w in run.weights.values())
+    report = privacy_report(run)
+    assert report is not None and report["epsilon"] == max(spent.values()) and report["delta"] == 1e-5
+    assert {h: p["epsilon"] for h, p in report["hospitals"].items()} == spent
+    assert all(p["noise_multiplier"] > 0.5 for p in report["hospitals"].values())
+    record = training_record(run, SPEC)  # what the registry gets: the run's ε and δ with the model
+    assert record.privacy == {"epsilon": max(spent.values()), "delta": 1e-5}
+    assert record.hospital_epsilons == spent
+
+
+def test_a_run_without_a_budget_reports_no_privacy(splits: list[HospitalSplit]) -> None:
+    _, run = run_federated_in_memory(SPEC, splits, RunConfig(rounds=1, min_hospitals=3))
+    assert privacy_report(run) is None and privacy_spent(run) == {}
+    assert training_record(run, SPEC).privacy is None
 
 
 def test_a_budget_that_cannot_be_met_ends_the_run_before_any_hospital_trains(splits: list[HospitalSplit]) -> None:

@@ -8,7 +8,7 @@ import pandas as pd
 from health_mlops.data.preprocess import Preprocessor, encoded_columns, histogram_edges, stats_of_frame
 from health_mlops.data.synthetic import CITIES, generate_city_days
 from health_mlops.fl.coordinator import RunConfig
-from health_mlops.fl.hospital import hospital_stats, preprocessor_from, reduce_stats
+from health_mlops.fl.hospital import hospital_stats, preprocessor_from, reduce_stats, suppressed_cells
 from health_mlops.fl.simulation import run_federated_in_memory
 from health_mlops.ml.baselines import HospitalSplit
 from health_mlops.spec import load_spec
@@ -41,6 +41,21 @@ def test_small_cells_are_suppressed_and_left_out_of_their_column() -> None:
     reduced = reduce_stats([stats, *[hospital_stats(f, SPEC, 5) for f in frames[1:]]])
     others = pd.concat(frames[1:])
     assert reduced["mean"][column] == (others["smoker"] == "current").mean()
+
+
+def test_suppressed_cells_are_counted_from_what_is_sent() -> None:
+    frame = city_frames()[0].assign(smoker="never", diabetes="0")
+    frame.loc[:2, "smoker"] = "current"  # 3 current smokers, 2 former: both categories below 5
+    frame.loc[3:4, "smoker"] = "former"
+    frame.loc[:3, "diabetes"] = "1"  # 4 with diabetes
+    stats = hospital_stats(frame, SPEC, small_cell_threshold=5)
+    edges = {f.name: histogram_edges(f) for f in SPEC.features if f.type == "numeric"}
+    small_bins = sum(int(((0 < c) & (c < 5)).sum()) for name, e in edges.items()
+                     for c in [np.histogram(frame[name], bins=e)[0]])
+    assert suppressed_cells(stats) == {"categories": 3, "histogram_bins": small_bins}
+    assert small_bins > 0  # the tails of 400 patient-days hold bins of a few patients
+    assert suppressed_cells(hospital_stats(frame, SPEC, small_cell_threshold=0)) == {"categories": 0,
+                                                                                     "histogram_bins": 0}
 
 
 def test_histograms_are_summed_over_hospitals_with_small_bins_suppressed() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,20 @@ def test_the_first_model_is_champion_and_its_run_is_logged(registry: Registry, t
     assert [(m.step, m.value) for m in history] == [(1, 0.6), (2, 0.7)]
     assert registry.client.get_run(version.mlflow_run_id).data.params["strategy.name"] == "fedavg"
     assert (tmp_path / "mlflow" / "mlflow.db").is_file()
+
+
+def test_a_private_models_epsilon_and_delta_are_stored_with_its_version(registry: Registry) -> None:
+    private = replace(record("run-dp", 0.78), privacy={"epsilon": 2.91, "delta": 1e-5},
+                      hospital_epsilons={"hospital-1": 2.91, "hospital-2": 2.5})
+    version = registry.register(private, tolerance=0.005)
+    assert registry.version(version.version).privacy == {"epsilon": 2.91, "delta": 1e-5}
+    assert version.to_json()["privacy"] == {"epsilon": 2.91, "delta": 1e-5}
+    assert version.privacy_text() == "ε 2.91, δ 1e-05"
+    metrics = registry.client.get_run(version.mlflow_run_id).data.metrics
+    assert metrics["privacy.epsilon"] == 2.91 and metrics["privacy.delta"] == 1e-5
+    assert metrics["hospital-2.privacy_epsilon"] == 2.5
+    plain = registry.register(record("run-plain", 0.80), tolerance=0.005)
+    assert plain.privacy is None and plain.privacy_text() == "none"
 
 
 def test_the_quality_gate_keeps_a_worse_model_as_challenger(registry: Registry) -> None:

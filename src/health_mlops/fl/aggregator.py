@@ -34,8 +34,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from health_mlops.audit import AuditLog
 from health_mlops.data.preprocess import encoded_columns
 from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, Run, RunStatus,
-                                         TaskKind)
-from health_mlops.fl.hospital import reduce_stats
+                                         TaskKind, privacy_report)
+from health_mlops.fl.hospital import reduce_stats, suppressed_cells
 from health_mlops.fl.messages import (SAFETENSORS_MEDIA_TYPE, LeaseMessage, MessageError, OpenTaskView,
                                       ResultAccepted, RoundView, RunRequest, RunView, TaskMessage, decode_result,
                                       encode_weights, weighted_metrics)
@@ -288,7 +288,10 @@ class AggregatorService:
         return RunView(id=run.id, status=run.status.value, reason=run.reason, round=run.round, attempt=run.attempt,
                        final_round=run.final_round, hospitals=run.hospitals, config=run.config,
                        preprocessing=run.preprocessing, rejected=run.rejected, open_tasks=open_tasks,
-                       history=history, model=self.registrations.get(run.id))
+                       history=history, model=self.registrations.get(run.id),
+                       suppressed={h: suppressed_cells(m) for r in run.history if r.kind is TaskKind.stats
+                                   for h, m in r.hospitals.items()},
+                       privacy=privacy_report(run))
 
     async def tick_forever(self) -> None:
         while True:

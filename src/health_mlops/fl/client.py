@@ -32,8 +32,10 @@ class RunRefused(Exception):
 class _AggregatorClient:
     def __init__(self, base_url: str, credential: ClientCredential, *, timeout: httpx.Timeout | float,
                  headers: dict[str, str] | None = None,
+                 on_request: Callable[[httpx.Request], None] | None = None,
                  on_response: Callable[[httpx.Response], None] | None = None) -> None:
-        hooks = {"response": [on_response]} if on_response is not None else {}
+        hooks: dict[str, list[Callable[..., Any]]] = {"request": [on_request] if on_request else [],
+                                                      "response": [on_response] if on_response else []}
         verify = (client_context(credential.certificate, credential.key, credential.ca)
                   if base_url.startswith("https://") else True)
         self._http = httpx.Client(base_url=base_url, headers={**bearer(credential.token), **(headers or {})},
@@ -51,11 +53,14 @@ class _AggregatorClient:
 
 class HospitalClient(_AggregatorClient):
     """A node's calls: who am I, the next task (long poll), a round's weights, heartbeats and results.
-    `on_response` sees every answer (the node counts any answer as the aggregator being reachable)."""
+    `on_request` sees every request as it is sent (the node keeps a list of what left the hospital);
+    `on_response` every answer (the node counts any answer as the aggregator being reachable)."""
 
     def __init__(self, base_url: str, credential: ClientCredential, *, node_id: str, poll_wait_s: float,
+                 on_request: Callable[[httpx.Request], None] | None = None,
                  on_response: Callable[[httpx.Response], None] | None = None) -> None:
-        super().__init__(base_url, credential, headers={"X-Node-Id": node_id}, on_response=on_response,
+        super().__init__(base_url, credential, headers={"X-Node-Id": node_id}, on_request=on_request,
+                         on_response=on_response,
                          timeout=httpx.Timeout(REQUEST_TIMEOUT_S, read=poll_wait_s + REQUEST_TIMEOUT_S))
         self.poll_wait_s = poll_wait_s
 

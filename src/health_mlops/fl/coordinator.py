@@ -22,6 +22,7 @@ incoming global model on its own test rows), and round R+1 evaluates the final m
 from __future__ import annotations
 
 import base64
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -209,14 +210,33 @@ def privacy_spent(run: Run) -> dict[str, float]:
     return spent
 
 
+def privacy_report(run: Run) -> dict[str, Any] | None:
+    """A run's privacy as its users see it (None without DP): the largest ε any hospital has spent so far, δ, the
+    budget, and each hospital's ε and noise multiplier. `epsilon` is what the run may claim: every hospital's
+    records are protected at least that well."""
+    if run.config.privacy is None:
+        return None
+    spent = privacy_spent(run)
+    budget = run.config.privacy
+    return {"epsilon": max(spent.values(), default=0.0), "delta": budget.delta, "budget_epsilon": budget.epsilon,
+            "max_grad_norm": budget.max_grad_norm,
+            "hospitals": {h: {"epsilon": eps, "noise_multiplier": plan_for(run.config, run.example_limits[h])
+                              .noise_multiplier} for h, eps in spent.items()}}
+
+
 def plan_for(config: RunConfig, rows: int) -> PrivacyPlan:
     """The DP-SGD plan of a hospital with `rows` training rows in a run with a privacy budget; the hospital
     computes the same from the same numbers."""
+    assert config.privacy is not None
+    return _plan(config.privacy, rows, config.batch_size, config.rounds, config.local_epochs)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(privacy: PrivacyConfig, rows: int, batch_size: int, rounds: int, local_epochs: int) -> PrivacyPlan:
+    # Planning searches the noise (tens of ms); a run view asks for every hospital's plan each time it is read.
     from health_mlops.fl.privacy import plan_privacy  # Opacus needs torch: only where DP is used
 
-    assert config.privacy is not None
-    return plan_privacy(config.privacy, rows=rows, batch_size=config.batch_size, rounds=config.rounds,
-                        local_epochs=config.local_epochs)
+    return plan_privacy(privacy, rows=rows, batch_size=batch_size, rounds=rounds, local_epochs=local_epochs)
 
 
 # Turns the hospitals' stats results into the run's preprocessing (a dict stored with the run).

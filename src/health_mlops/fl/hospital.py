@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,14 @@ def hospital_stats(frame: pd.DataFrame, spec: DatasetSpec, small_cell_threshold:
                   for name, counts in feature_histograms(frame, spec).items()}
     return {"count": stats.count, "sums": sums, "sums_of_squares": squares, "target_sum": stats.target_sum,
             "target_sum_of_squares": stats.target_sum_of_squares, "histograms": histograms}
+
+
+def suppressed_cells(stats: Mapping[str, Any]) -> dict[str, int]:
+    """How many cells a stats result withheld as too small: categories (a null sum) and histogram bins (a null
+    count). Derived from what was sent, so the node and the aggregator report the same numbers."""
+    return {"categories": sum(value is None for value in stats.get("sums") or []),
+            "histogram_bins": sum(count is None for counts in (stats.get("histograms") or {}).values()
+                                  for count in counts)}
 
 
 def reduce_stats(results: list[dict[str, Any]]) -> dict[str, Any]:

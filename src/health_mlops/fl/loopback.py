@@ -52,6 +52,10 @@ def round_overheads_ms(view: RunView) -> list[float]:
     return overheads
 
 
+class RunEnded(RuntimeError):
+    """The run ended without completing (failed or cancelled); the message says why."""
+
+
 @dataclass
 class LoopbackResult:
     run: RunView
@@ -92,14 +96,14 @@ def run_federation_over_loopback(spec: DatasetSpec, hospitals: dict[str, Hospita
                             on_progress(view)
                     wall = time.perf_counter() - started
                     if view.status != "completed":
-                        raise RuntimeError(f"the federated run ended {view.status}: {view.reason}")
+                        raise RunEnded(f"the federated run ended {view.status}: {view.reason}")
                     body = admin.round_weights(view.id, view.final_round)
-            finally:
+            finally:  # the nodes stop before the server: a long poll in flight ends with its answer, not a 500
                 stop.set()
-            for thread in threads:
-                thread.join(timeout=5)
-            for node in nodes:
-                node.close()
+                for thread in threads:
+                    thread.join(timeout=5)
+                for node in nodes:
+                    node.close()
     overheads = round_overheads_ms(view)
     timing = Timing(len(overheads), wall, statistics.median(overheads) if overheads else 0.0)
     return LoopbackResult(view, decode_weights(body)[0], timing)

@@ -126,6 +126,21 @@ class OpenTaskView(BaseModel):
     lease_expires: float
 
 
+class HospitalPrivacy(BaseModel):
+    epsilon: float  # spent so far
+    noise_multiplier: float  # planned for its training rows
+
+
+class PrivacyView(BaseModel):
+    """A differentially private run's budget and what it has spent (`fl.coordinator.privacy_report`)."""
+
+    epsilon: float  # the largest ε any hospital has spent so far: what the run (and its model) may claim
+    delta: float
+    budget_epsilon: float
+    max_grad_norm: float
+    hospitals: dict[str, HospitalPrivacy]
+
+
 class RunView(BaseModel):
     id: str
     status: str
@@ -140,6 +155,9 @@ class RunView(BaseModel):
     open_tasks: list[OpenTaskView]
     history: list[RoundView]
     model: dict[str, Any] | None = None  # the registry's answer once a completed run's model is registered
+    # hospital -> cells its round-0 stats withheld as too small ({"categories": n, "histogram_bins": m})
+    suppressed: dict[str, dict[str, int]] = {}
+    privacy: PrivacyView | None = None  # with a privacy budget: what the run has spent
 
 
 def weighted_metrics(hospitals: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +25,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_s
 
 from health_mlops.data.hospital import HospitalData
 from health_mlops.data.split import split_indices
-from health_mlops.fl.coordinator import TaskResult
-from health_mlops.fl.hospital import HospitalWorker
 from health_mlops.fl.client import HospitalClient
-from health_mlops.fl.messages import TaskMessage, decode_weights, encode_result
+from health_mlops.fl.coordinator import TaskKind, TaskResult
+from health_mlops.fl.hospital import HospitalWorker, suppressed_cells
+from health_mlops.fl.messages import MessageError, TaskMessage, decode_weights, encode_result
 from health_mlops.fl.strategies import Weights
 from health_mlops.http_server import protocol_options
 from health_mlops.monitoring import NodeMetrics
@@ -39,10 +40,52 @@ log = logging.getLogger("health_mlops.node")
 # Back-off while the aggregator cannot be reached: start small (a restart takes a second), cap it.
 _BACKOFF_START_S = 0.2
 _BACKOFF_MAX_S = 5.0
+# Requests kept in the status's list of what left the hospital: a whole 20-round run is a few hundred.
+SENT_LOG_LIMIT = 5000
 
 
 class IdentityMismatch(Exception):
     """The node's credential belongs to another hospital than its data."""
+
+
+class SentLog:
+    """Every request the node sent to the aggregator (the hospital's outbound traffic), newest last: method, path,
+    header names, body size, and for a result what its body holds (tensor shapes, metadata). Kept for the last
+    `limit` requests, with running totals; written by the worker and heartbeat threads."""
+
+    def __init__(self, limit: int = SENT_LOG_LIMIT) -> None:
+        self._entries: deque[dict[str, Any]] = deque(maxlen=limit)
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.body_bytes = 0
+
+    def record(self, request: httpx.Request) -> None:
+        body = request.content
+        entry: dict[str, Any] = {"at": time.time(), "method": request.method,
+                                 "path": request.url.raw_path.decode("ascii"),
+                                 "headers": sorted(request.headers.keys()), "body_bytes": len(body)}
+        if body:
+            entry["content"] = describe_body(body)
+        with self._lock:
+            self._entries.append(entry)
+            self.requests += 1
+            self.body_bytes += len(body)
+
+    def view(self) -> dict[str, Any]:
+        with self._lock:
+            return {"requests": self.requests, "body_bytes": self.body_bytes, "kept": len(self._entries),
+                    "log": list(self._entries)}
+
+
+def describe_body(body: bytes) -> dict[str, Any]:
+    """What a result body carries: each tensor's dtype and shape, and the metadata (counts, sums, suppressed
+    histograms, metrics) as sent."""
+    try:
+        tensors, metadata = decode_weights(body)
+    except MessageError as error:
+        return {"unreadable": str(error)}
+    return {"tensors": {name: {"dtype": str(t.dtype), "shape": list(t.shape)} for name, t in sorted(tensors.items())},
+            "metadata": metadata}
 
 
 @dataclass
@@ -55,7 +98,9 @@ class NodeStatus:
     current_task: str | None = None
     fatal: str | None = None  # why the worker stopped for good (a credential for another hospital)
     outcomes: dict[str, int] = field(default_factory=dict)
-    sent: dict[str, int] = field(default_factory=dict)  # what left the hospital: results by kind
+    sent: dict[str, int] = field(default_factory=dict)  # results accepted, by kind
+    suppressed: dict[str, Any] | None = None  # cells the last stats result withheld as too small
+    transmissions: SentLog = field(default_factory=SentLog)
 
 
 class HospitalNode:
@@ -77,6 +122,7 @@ class HospitalNode:
         self.metrics.data_rows.labels(self.hospital_id, "quarantined").set(data.rows_quarantined)
         self.status = NodeStatus()
         self._client = HospitalClient(central_url, credential, node_id=node_id, poll_wait_s=poll_wait_s,
+                                      on_request=self.status.transmissions.record,
                                       on_response=lambda _: self._reachable())
         self._weights: tuple[tuple[str, int], Weights] | None = None  # the last round's weights, by (run, round)
         self._lease_renewed = time.monotonic()  # when the current task's lease was last granted or renewed
@@ -144,6 +190,8 @@ class HospitalNode:
                 result = self.worker.handle(task.kind, task.config, weights, task.preprocessing, task.round)
             self.metrics.task_duration.labels(self.hospital_id, task.kind.value).observe(
                 result.metadata["compute_seconds"])
+            if task.kind is TaskKind.stats:
+                self._report_suppression(task, result)
             outcome = self._submit(task, result)
         except httpx.TransportError as error:
             self._unreachable(error)
@@ -163,6 +211,13 @@ class HospitalNode:
         log.info("%s/%s: %s %s round %d: %s", self.hospital_id, self.node_id, task.run_id, task.kind.value,
                  task.round, outcome)
         return outcome
+
+    def _report_suppression(self, task: TaskMessage, result: TaskResult) -> None:
+        cells = suppressed_cells(result.metadata)
+        self.status.suppressed = {"run_id": task.run_id, **cells}
+        log.info("%s/%s: %s stats withhold %d categories and %d histogram bins held by fewer than %d patients",
+                 self.hospital_id, self.node_id, task.run_id, cells["categories"], cells["histogram_bins"],
+                 self.worker.small_cell_threshold)
 
     def _round_weights(self, task: TaskMessage) -> Weights:
         if task.weights_path is None:
@@ -231,13 +286,15 @@ class HospitalNode:
             "current_task": self.status.current_task, "last_task": self.status.last_task,
             "fatal": self.status.fatal,
             "tasks_by_outcome": self.status.outcomes, "results_sent_by_kind": self.status.sent,
+            "suppressed": self.status.suppressed, "sent": self.status.transmissions.view(),
             "data": {"rows_valid": self.data.rows_valid, "rows_quarantined": self.data.rows_quarantined,
                      "rows_train": len(self.worker.train), "rows_test": len(self.worker.test),
                      "files": [{"file": r.file, "rows_read": r.rows_read, "rows_valid": r.rows_valid,
                                 "rows_quarantined": r.rows_quarantined, "reasons": r.reasons}
                                for r in self.data.reports]},
             "leaves_the_hospital": "model weights, example counts, metrics on the local test split, and "
-                                   "per-column counts/sums/sums of squares with small cells suppressed",
+                                   "per-column counts/sums/sums of squares with small cells suppressed; "
+                                   "`sent` lists every request",
         }
 
 

@@ -14,6 +14,7 @@ Pure: no network; the coordinator plans, the hospital trains, both through this 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -50,6 +51,7 @@ class PrivacyPlan:
     delta: float
 
 
+@functools.lru_cache(maxsize=1024)  # a run view accounts every hospital each time it is read
 def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """The ε of `steps` DP-SGD steps at this noise and sampling rate, by the RDP accountant."""
     if steps == 0:
@@ -91,6 +93,15 @@ def plan_privacy(config: PrivacyConfig, *, rows: int, batch_size: int, rounds: i
     return PrivacyPlan(noise, config.max_grad_norm, sample_rate, steps, spent, config.delta)
 
 
+def _quiet_known_warnings() -> None:
+    """Two warnings every DP-SGD round would print, filtered by message, process-wide (`catch_warnings` is not
+    thread-safe, and the loopback harness trains hospitals in threads; adding a filter again replaces it). Opacus
+    says its noise comes from torch's generator, not a cryptographic one (secure_mode, much slower: a later
+    choice); torch, that the first layer's inputs need no gradient (they are data)."""
+    warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
+
 def train_model_private(model: nn.Module, features: np.ndarray, target: np.ndarray, task: str,
                         config: TrainConfig, plan: PrivacyPlan, *, epochs: int) -> tuple[TrainResult, int]:
     """`epochs` epochs of DP-SGD (Adam on the noisy clipped gradients) in place; the result and the number of
@@ -104,17 +115,14 @@ def train_model_private(model: nn.Module, features: np.ndarray, target: np.ndarr
                                          generator=torch.Generator().manual_seed(config.seed))
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     loss_fn = loss_function(task)
-    with warnings.catch_warnings():
-        # Opacus says its noise comes from torch's generator, not a cryptographic one (secure_mode, much slower:
-        # a later choice), and torch that the first layer's inputs need no gradient (they are data).
-        warnings.simplefilter("ignore", UserWarning)
-        model.train()
-        engine = PrivacyEngine(accountant="rdp")
-        private, optimiser, loader = engine.make_private(
-            module=model, optimizer=optimiser, data_loader=loader, noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm, poisson_sampling=True)
-        private.train()
-        steps, total, seen = _private_epochs(private, optimiser, loader, loss_fn, epochs)
+    _quiet_known_warnings()
+    model.train()
+    engine = PrivacyEngine(accountant="rdp")
+    private, optimiser, loader = engine.make_private(
+        module=model, optimizer=optimiser, data_loader=loader, noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm, poisson_sampling=True)
+    private.train()
+    steps, total, seen = _private_epochs(private, optimiser, loader, loss_fn, epochs)
     model.eval()
     return TrainResult(examples=len(x), mean_loss=total / max(seen, 1), seconds=time.perf_counter() - started), steps
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from health_mlops.fl.coordinator import Run, TaskKind
+from health_mlops.fl.coordinator import Run, TaskKind, privacy_report
 from health_mlops.fl.messages import weighted_metrics
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.ml.onnx import export_onnx
@@ -27,13 +27,16 @@ def training_record(run: Run, spec: DatasetSpec) -> TrainingRecord:
     (each round evaluates the incoming model first); the final `evaluate` round scores the final model."""
     evaluated = [r for r in run.history if r.kind is not TaskKind.stats]
     final = evaluated[-1]
+    privacy = privacy_report(run)
     return TrainingRecord(
         federation_run=run.id, params={**run.config.model_dump(), "hospitals": ",".join(run.hospitals)},
         round_metrics=[(r.round, weighted_metrics(r.hospitals)) for r in evaluated],
         hospital_metrics=[(r.round, hospital, _numbers(metadata.get("metrics") or {}))
                           for r in evaluated for hospital, metadata in r.hospitals.items()],
         final_metrics=weighted_metrics(final.hospitals), metric_name=spec.primary_metric,
-        onnx_model=export_onnx(spec, run.preprocessing, run.weights), spec_yaml=spec_to_yaml(spec))
+        onnx_model=export_onnx(spec, run.preprocessing, run.weights), spec_yaml=spec_to_yaml(spec),
+        privacy=None if privacy is None else {"epsilon": privacy["epsilon"], "delta": privacy["delta"]},
+        hospital_epsilons=None if privacy is None else {h: p["epsilon"] for h, p in privacy["hospitals"].items()})
 
 
 class Publisher:

@@ -5,6 +5,7 @@ For experiments on the core: it exercises exactly the coordinator and hospital l
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -24,10 +25,17 @@ def initial_weights(spec: DatasetSpec, seed: int) -> dict[str, np.ndarray]:
 
 
 def run_federated_in_memory(spec: DatasetSpec, splits: list[HospitalSplit], config: RunConfig, *,
-                            seed: int = 0) -> tuple[ExperimentResult, Run]:
-    """Train federatedly; score the final global model on every hospital's test rows."""
+                            seed: int = 0, worker_overrides: Mapping[str, HospitalWorker] | None = None,
+                            ) -> tuple[ExperimentResult, Run]:
+    """Train federatedly; score the final global model on every hospital's test rows.
+
+    `worker_overrides` stands in for some hospitals' own workers (e.g. the attacker of benchmarks/poisoning.py).
+    """
     coordinator = Coordinator(reduce_stats)
     workers = {s.hospital_id: HospitalWorker(s.hospital_id, spec, s.train, s.test) for s in splits}
+    if unknown := sorted(set(worker_overrides or {}) - set(workers)):
+        raise ValueError(f"worker_overrides for hospitals not in the splits: {unknown}")
+    workers.update(worker_overrides or {})
     run = coordinator.start_run("simulation", config, list(workers), initial_weights(spec, seed), now=0.0)
     now = 0.0
     while run.status is RunStatus.running:

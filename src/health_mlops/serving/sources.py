@@ -33,6 +33,7 @@ class TrainingRun:
     status: str
     global_metric: list[tuple[int, float]]  # (round, example-weighted metric of the model entering it)
     hospital_metric: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None  # the run view's privacy (budget and ε spent), with DP
 
 
 @dataclass
@@ -43,6 +44,8 @@ class HospitalStatus:
     rows_quarantined: int | None
     last_round: int | None
     metric: float | None  # its latest evaluation of the global model
+    suppressed: dict[str, int] | None = None  # cells its round-0 stats withheld as too small
+    epsilon: float | None = None  # privacy spent so far, in a run with differential privacy
 
 
 @dataclass
@@ -64,7 +67,7 @@ def runs_from_views(views: list[dict[str, Any]], metric: str) -> list[TrainingRu
                 value = (metadata.get("metrics") or {}).get(metric)
                 if value is not None:
                     per_hospital.setdefault(hospital, []).append((r["round"], value))
-        runs.append(TrainingRun(view["id"], view["status"], curve, per_hospital))
+        runs.append(TrainingRun(view["id"], view["status"], curve, per_hospital, view.get("privacy")))
     return runs
 
 
@@ -86,10 +89,12 @@ def hospitals_from_view(view: dict[str, Any], metric: str) -> list[HospitalStatu
         else:
             status = "waiting for a node to take its task"
         counted = stats["hospitals"].get(hospital) if stats else None
+        spent = ((view.get("privacy") or {}).get("hospitals") or {}).get(hospital)
         found.append(HospitalStatus(
             hospital, status, counted.get("count") if counted else None,
             counted.get("rows_quarantined") if counted else None, last["round"] if last else None,
-            ((last["hospitals"][hospital].get("metrics") or {}).get(metric)) if last else None))
+            ((last["hospitals"][hospital].get("metrics") or {}).get(metric)) if last else None,
+            (view.get("suppressed") or {}).get(hospital), spent["epsilon"] if spent else None))
     return found
 
 

@@ -140,15 +140,22 @@ class Dashboard:
         per_hospital.update_layout(title=f"{latest.id if latest else 'no run yet'}: {self.metric} at each hospital",
                                    height=360, xaxis={"title": "round", "dtick": 1}, yaxis_title=self.metric)
         note = _source_note(state) + ("" if state.runs else "\n\nNo training run yet: `health-mlops demo` starts one.")
+        if latest is not None and latest.privacy is not None:
+            privacy = latest.privacy
+            note += (f"\n\n{latest.id} trains with differential privacy (DP-SGD): ε spent so far "
+                     f"**{privacy['epsilon']:.2f}** of {privacy['budget_epsilon']:g} at δ = {privacy['delta']:g} "
+                     "(the most any hospital has spent).")
         return note, overall, per_hospital
 
     def hospitals(self, state: FederationState) -> tuple[str, pd.DataFrame]:
         table = pd.DataFrame([{"hospital": h.hospital, "status": h.status, "rows trained on": h.rows,
                                "rows quarantined": h.rows_quarantined, "last round": h.last_round,
-                               self.metric: None if h.metric is None else round(h.metric, 4)}
+                               self.metric: None if h.metric is None else round(h.metric, 4),
+                               "small cells suppressed": _suppressed(h.suppressed),
+                               "privacy ε spent": None if h.epsilon is None else round(h.epsilon, 3)}
                               for h in state.hospitals],
                              columns=["hospital", "status", "rows trained on", "rows quarantined", "last round",
-                                      self.metric])
+                                      self.metric, "small cells suppressed", "privacy ε spent"])
         return _source_note(state), table
 
     # --- Models ------------------------------------------------------------------------------------------
@@ -159,10 +166,12 @@ class Dashboard:
         except Exception:  # noqa: BLE001 - the registry may be away; show nothing rather than fail the page
             versions = []
         return pd.DataFrame([{"version": v.version, "aliases": ", ".join(v.aliases), "metric": v.metric_name,
-                              "value": round(v.metric, 4), "federation run": v.federation_run,
+                              "value": round(v.metric, 4), "differential privacy": v.privacy_text(),
+                              "federation run": v.federation_run,
                               "registered": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at))}
                              for v in reversed(versions)],
-                            columns=["version", "aliases", "metric", "value", "federation run", "registered"])
+                            columns=["version", "aliases", "metric", "value", "differential privacy", "federation run",
+                                     "registered"])
 
     def _admin_refusal(self, token: str) -> str | None:
         try:
@@ -227,6 +236,12 @@ class Dashboard:
                        f"the training population (below 0.1 stable; above {SIGNIFICANT_PSI} shifted)."
                        if scores else f" Drift is shown from {MIN_ROWS} scored rows on ({model.drift.rows_seen} so far).")
         return header + "\n\n" + "\n".join(lines), drift
+
+
+def _suppressed(cells: dict[str, int] | None) -> str | None:
+    if cells is None:
+        return None
+    return f"{cells.get('categories', 0)} categories, {cells.get('histogram_bins', 0)} histogram bins"
 
 
 def _shown(value: float | str) -> str:
