@@ -572,16 +572,16 @@ def _admin_actor(registry: Registry, action: str, token_file: Path | None) -> st
     """The actor of a registry change: the admin, proven by the admin token (`--admin-token-file`,
     HEALTH_MLOPS_ADMIN_TOKEN or the credentials folder's) checked against the credentials registry. A refusal
     is audited and ends the command with exit code 2."""
-    from health_mlops.security import ADMIN, CredentialError, TokenAuthority, bearer, read_token, token_path
+    from health_mlops.security import ADMIN, CredentialError, admin_refusal, read_token, token_path
 
     settings = get_settings()
     try:
         token = (read_token(token_file) if token_file else settings.admin_token
                  or read_token(token_path(settings.credentials_dir, ADMIN)))
-        identity = TokenAuthority.from_directory(settings.credentials_dir).identify(bearer(token)["Authorization"])
-        problem = None if identity is not None and identity.role == ADMIN else "that is not the admin token"
     except CredentialError as exc:
-        problem = str(exc)
+        problem: str | None = str(exc)
+    else:
+        problem = admin_refusal(token, settings.credentials_dir)
     if problem is not None:
         registry.audit.append(f"registry {action}", f"unknown ({_cli_user()})", outcome="refused 401",
                               model=registry.model_name, reason=problem)

@@ -204,6 +204,17 @@ def admin_credential(configured_token: str | None, credentials_dir: Path) -> Cli
         return None
 
 
+def admin_refusal(token: str | None, credentials_dir: Path) -> str | None:
+    """Why `token` is not the admin's by the credentials registry in `credentials_dir`, or None when it is (the
+    check of the admin actions outside the aggregator: the CLI's registry commands and the dashboard's)."""
+    try:
+        authority = TokenAuthority.from_directory(credentials_dir)
+    except CredentialError as error:
+        return f"admin actions are unavailable: {error}"
+    identity = authority.identify(f"Bearer {token.strip()}") if token and token.strip() else None
+    return None if identity is not None and identity.role == ADMIN else "that is not the admin token"
+
+
 class AccessDenied(Exception):
     """A caller the aggregator refuses: `status` 401 (no valid credential) or 403 (a credential that does not
     match)."""

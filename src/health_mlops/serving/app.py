@@ -82,6 +82,7 @@ def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float
             async with gradio_lifespan(served):
                 yield
         finally:
+            sources.close()
             shutil.rmtree(scratch, ignore_errors=True)
 
     mounted.router.lifespan_context = lifespan

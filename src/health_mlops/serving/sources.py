@@ -107,6 +107,9 @@ class DashboardSources:
         self.admin = admin
         self._lock = threading.Lock()
         self._cached: tuple[float, FederationState] | None = None
+        # One client, kept: its TLS context and kept-alive connection serve every look (a new one each second
+        # would repeat the handshake); dropped after a failure, so the next look starts afresh.
+        self._client: AdminClient | None = None
 
     def federation(self) -> FederationState:
         """The current state, shared by every open dashboard for a short while."""
@@ -123,20 +126,27 @@ class DashboardSources:
         problem = "no aggregator configured"
         if self.aggregator_url and self.admin:
             try:
-                with AdminClient(self.aggregator_url, self.admin, timeout_s=AGGREGATOR_TIMEOUT_S) as admin:
-                    views = sorted(admin.runs(), key=lambda v: v["id"])
+                if self._client is None:
+                    self._client = AdminClient(self.aggregator_url, self.admin, timeout_s=AGGREGATOR_TIMEOUT_S)
+                views = sorted(self._client.runs(), key=lambda v: v["id"])
                 return FederationState(f"aggregator {self.aggregator_url}", runs_from_views(views, self.metric),
                                        hospitals_from_view(views[-1], self.metric) if views else [])
             except TlsError as error:
                 problem = str(error)
             except (httpx.HTTPError, ValueError, KeyError) as error:
                 problem = f"aggregator not reachable: {type(error).__name__}"
+            self.close()
         elif self.aggregator_url:
             problem = "no admin token for the aggregator"
         runs = self.runs_from_registry()
         hospitals = [HospitalStatus(h, "unknown (no live view)", None, None, curve[-1][0], curve[-1][1])
                      for h, curve in runs[-1].hospital_metric.items() if curve] if runs else []
         return FederationState(f"registry ({problem})", runs, hospitals)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def runs_from_registry(self) -> list[TrainingRun]:
         """The last completed runs the registry logged, oldest first."""

@@ -22,7 +22,7 @@ from health_mlops.data.preprocess import serving_matrix
 from health_mlops.data.validate import validate_table
 from health_mlops.monitoring import histogram_quantile
 from health_mlops.registry import Registry, RegistryError
-from health_mlops.security import ADMIN, CredentialError, FailureThrottle, TokenAuthority
+from health_mlops.security import FailureThrottle, admin_refusal
 from health_mlops.serving.drift import MIN_ROWS, SIGNIFICANT_PSI
 from health_mlops.serving.predictor import NoChampion, Predictor
 from health_mlops.serving.sources import DashboardSources, FederationState
@@ -173,14 +173,6 @@ class Dashboard:
                             columns=["version", "aliases", "metric", "value", "differential privacy", "federation run",
                                      "registered"])
 
-    def _admin_refusal(self, token: str) -> str | None:
-        try:
-            authority = TokenAuthority.from_directory(self.credentials_dir)
-        except CredentialError as error:
-            return f"admin actions are unavailable: {error}"
-        identity = authority.identify(f"Bearer {token.strip()}") if token and token.strip() else None
-        return None if identity is not None and identity.role == ADMIN else "that is not the admin token"
-
     def promote(self, token: str, version: float | None, request: gr.Request) -> tuple[str, pd.DataFrame]:
         return self._admin_action(token, lambda: self.registry.promote(int(version or 0), actor="admin (dashboard)"),
                                   "promote", "promoted", request)
@@ -191,7 +183,7 @@ class Dashboard:
 
     def _admin_action(self, token: str, action: Callable[[], Any], name: str, verb: str,
                       request: gr.Request | None) -> tuple[str, pd.DataFrame]:
-        refusal = self._admin_refusal(token)
+        refusal = admin_refusal(token, self.credentials_dir)
         if refusal:
             source = request.client.host if request is not None and request.client else "unknown"
             self.registry.audit.append(f"dashboard {name}", "unknown (dashboard)", outcome="refused 401",
