@@ -52,6 +52,9 @@ class AggregatorMetrics:
         self.checkpoint_duration = Histogram("health_mlops_checkpoint_duration_seconds",
                                              "Time to write a checkpoint durably", buckets=_DURATION_BUCKETS,
                                              registry=r)
+        self.checkpoint_bytes = Counter("health_mlops_checkpoint_bytes_total",
+                                        "Bytes written durably: the state, accepted results, round weights",
+                                        ["file"], registry=r)
         self.auth_failures = auth_failures(r)
 
 

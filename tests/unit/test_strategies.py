@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.server.strategy import aggregate as flwr_aggregate
 
-from health_mlops.fl.strategies import (ClientUpdate, ServerOptimiserConfig, ServerOptimiserState,
+from health_mlops.fl.strategies import (ClientUpdate, RoundAggregation, ServerOptimiserConfig, ServerOptimiserState,
                                         StrategyConfig, aggregate, aggregate_fedavg, aggregate_median,
                                         aggregate_trimmed_mean, server_optimiser_step)
 
@@ -103,3 +103,59 @@ def test_server_optimisers_match_flower_over_several_rounds(name: str, variant: 
         parameters, _ = flower.aggregate_fit(step - 1 if variant == "adam" else step, results, [])
         for mine, reference in zip(current.values(), parameters_to_ndarrays(parameters), strict=True):
             np.testing.assert_allclose(mine, reference, rtol=1e-6, atol=1e-9)
+
+
+# --- streaming and chunked aggregation: the same numbers, whatever the order of arrival or the chunk size ---
+
+def float32_updates(rng: np.random.Generator, n: int, size: int) -> list[ClientUpdate]:
+    return [ClientUpdate({"w": rng.normal(size=(size, 3)).astype(np.float32), "b": rng.normal(size=size)
+                          .astype(np.float32)}, int(rng.integers(1, 5000))) for _ in range(n)]
+
+
+def test_the_running_sum_is_the_exact_weighted_mean_of_float32_updates() -> None:
+    rng = np.random.default_rng(3)
+    updates = float32_updates(rng, 50, 20_000)  # longer than one fold chunk
+    folded = aggregate_fedavg(updates)
+    examples = np.array([u.num_examples for u in updates], dtype=np.float64)
+    for name in ("w", "b"):
+        exact = np.tensordot(examples / examples.sum(), np.stack([u.weights[name].astype(np.float64)
+                                                                 for u in updates]), axes=1)
+        np.testing.assert_allclose(folded[name], exact, rtol=1e-12, atol=1e-14)
+        assert folded[name].dtype == np.float64 and folded[name].shape == updates[0].weights[name].shape
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedyogi", "median", "trimmed_mean"])
+def test_a_round_fed_result_by_result_in_any_order_aggregates_like_the_whole_round(name: str) -> None:
+    rng = np.random.default_rng(8)
+    updates = float32_updates(rng, 7, 100)
+    current = {"w": np.zeros((100, 3)), "b": np.zeros(100)}
+    whole, _ = aggregate(StrategyConfig(name=name), current, updates, ServerOptimiserState())
+    streamed = RoundAggregation(StrategyConfig(name=name), current)
+    for index in rng.permutation(len(updates)):
+        streamed.add(updates[index])
+    assert streamed.updates == len(updates)
+    weights, _ = streamed.finish(ServerOptimiserState())
+    for tensor in ("w", "b"):
+        np.testing.assert_allclose(weights[tensor], whole[tensor], rtol=1e-12, atol=1e-12)
+
+
+def test_robust_strategies_give_the_same_answer_in_chunks_of_any_size() -> None:
+    updates = float32_updates(np.random.default_rng(4), 9, 1000)
+    for chunk_bytes in (1, 8 * 9 * 7, 10**9):  # one element at a time, 7 at a time, all at once
+        np.testing.assert_array_equal(aggregate_median(updates, chunk_bytes=chunk_bytes)["w"],
+                                      aggregate_median(updates)["w"])
+        np.testing.assert_array_equal(aggregate_trimmed_mean(updates, 0.25, chunk_bytes=chunk_bytes)["w"],
+                                      aggregate_trimmed_mean(updates, 0.25)["w"])
+    flower = flwr_aggregate.aggregate_median(as_flower(updates))
+    np.testing.assert_allclose(aggregate_median(updates, chunk_bytes=100)["w"], flower[0], rtol=1e-7)
+
+
+def test_an_update_with_other_tensors_or_no_examples_is_refused_by_the_round() -> None:
+    current = {"w": np.zeros(3)}
+    for name in ("fedavg", "median"):
+        streamed = RoundAggregation(StrategyConfig(name=name), current)
+        streamed.add(ClientUpdate({"w": np.ones(3)}, 5))
+        with pytest.raises(ValueError, match="different tensors"):
+            streamed.add(ClientUpdate({"other": np.ones(3)}, 5))
+    with pytest.raises(ValueError, match="examples"):
+        RoundAggregation(StrategyConfig(name="fedavg"), current).add(ClientUpdate({"w": np.ones(3)}, 0))

@@ -33,12 +33,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from health_mlops.audit import AuditLog
 from health_mlops.data.preprocess import encoded_columns
-from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, Run, RunStatus,
-                                         TaskKind, privacy_report)
+from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, Run, RunStatus, Task,
+                                         TaskKind, TaskResult, privacy_report)
 from health_mlops.fl.hospital import reduce_stats, suppressed_cells
 from health_mlops.fl.messages import (SAFETENSORS_MEDIA_TYPE, LeaseMessage, MessageError, OpenTaskView,
                                       ResultAccepted, RoundView, RunRequest, RunView, TaskMessage, decode_result,
-                                      encode_weights, weighted_metrics)
+                                      decode_weights, encode_weights, weighted_metrics)
 from health_mlops.fl.simulation import initial_weights
 from health_mlops.fl.store import CheckpointError, CheckpointStore
 from health_mlops.http_edge import KIB, BodyLimit
@@ -91,6 +91,12 @@ class AggregatorService:
         self.clock = clock
         self.coordinator = restore_coordinator(store, spec)
         self.coordinator.resume(clock())
+        # Result files on disk (removed once no durable state names them), and those written whose result the
+        # coordinator has not yet been offered (never removed meanwhile).
+        self._result_files_written = self._result_files()
+        self._results_in_flight: set[tuple[str, str]] = set()
+        for run_id, reference in store.result_references() - self._result_files_written:
+            store.remove_result(run_id, reference)  # written, but its acceptance never became durable
         self._progress = self._progress_marks()
         self._weights_cache: dict[tuple[str, int], bytes] = {}
         self._wakeup = asyncio.Event()
@@ -105,6 +111,33 @@ class AggregatorService:
                     self.registrations[run.id] = outcome
 
     # --- state changes --------------------------------------------------------------------------------
+
+    def _result_files(self) -> set[tuple[str, str]]:
+        """(run, reference) of every accepted result the coordinator holds: their files must be kept."""
+        return {(self.coordinator.tasks[task_id].run_id, result.reference)
+                for task_id, result in self.coordinator.results.items() if result.reference}
+
+    async def submit(self, task: Task, hospital: str, node: str, result: TaskResult, body: bytes) -> Task:
+        """Offer a result to the coordinator and checkpoint. A fit result is first written to its own file (a
+        name new for each submission, so a duplicate never touches the accepted one's file); once the state no
+        longer names it (refused, or its round closed) and that state is durable, the file is removed."""
+        if task.kind is TaskKind.fit:
+            result.reference = f"{task.id}.{secrets.token_hex(4)}"
+            written = (task.run_id, result.reference)
+            self._results_in_flight.add(written)
+            self._result_files_written.add(written)
+            await asyncio.get_running_loop().run_in_executor(self._writer, self._write_result, task.run_id,
+                                                             result.reference, body)
+
+        def offer(now: float) -> Task:
+            self._results_in_flight.discard((task.run_id, result.reference))
+            return self.coordinator.submit(task.id, hospital, node, result, now)
+
+        return await self.change(offer, checkpoint=True)
+
+    def _write_result(self, run_id: str, reference: str, body: bytes) -> None:
+        self.store.save_result(run_id, reference, body)
+        self.metrics.checkpoint_bytes.labels("result").inc(len(body))
 
     def _progress_marks(self) -> dict[str, tuple[int, int, str, int]]:
         return {r.id: (r.round, r.attempt, r.status.value, len(r.history)) for r in self.coordinator.runs.values()}
@@ -130,19 +163,25 @@ class AggregatorService:
                    if self.coordinator.runs[run_id].status is RunStatus.running
                    and self._progress.get(run_id, (None,))[0] != round_number]
         snapshot = self.coordinator.snapshot()  # taken now, in the loop; written in order by one thread
+        obsolete = self._result_files_written - self._result_files() - self._results_in_flight
+        self._result_files_written -= obsolete
         previous, self._progress = self._progress, marks
         self.wake_waiters()
         try:  # what follows only reports the change, and must not break the service
             self._report(previous, marks)
         except Exception:
             log.exception("reporting a state change failed")
-        await asyncio.get_running_loop().run_in_executor(self._writer, self._write, weights, snapshot)
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._write, weights, snapshot, obsolete)
 
-    def _write(self, weights: list[tuple[str, int, bytes]], snapshot: dict[str, Any]) -> None:
+    def _write(self, weights: list[tuple[str, int, bytes]], snapshot: dict[str, Any],
+               obsolete: set[tuple[str, str]]) -> None:
         started = time.perf_counter()
         for run_id, round_number, body in weights:
             self.store.save_weights(run_id, round_number, body)
-        self.store.save_state(snapshot)
+            self.metrics.checkpoint_bytes.labels("weights").inc(len(body))
+        self.metrics.checkpoint_bytes.labels("state").inc(self.store.save_state(snapshot))
+        for run_id, reference in obsolete:  # only once the state that no longer names them is durable
+            self.store.remove_result(run_id, reference)
         self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
 
     def _report(self, previous: dict[str, tuple[int, int, str, int]],
@@ -310,8 +349,10 @@ def restore_coordinator(store: CheckpointStore, spec: DatasetSpec) -> Coordinato
     if saved is None:
         return Coordinator(reduce_stats, stats_columns=columns)
     try:
-        return Coordinator.restore(saved, reduce_stats, stats_columns=columns)
-    except (KeyError, TypeError, ValueError) as error:
+        return Coordinator.restore(saved, reduce_stats, stats_columns=columns,
+                                   result_tensors=lambda task, reference: decode_weights(
+                                       store.load_result(task.run_id, reference))[0])
+    except (KeyError, TypeError, ValueError, MessageError) as error:
         raise CheckpointError(f"{store.state_path}: not a checkpoint this version can resume "
                               f"({type(error).__name__}: {error})") from None
 
@@ -458,14 +499,14 @@ def create_app(service_factory: Callable[[], AggregatorService],
             raise await _refusal(svc, request, NotFound(f"no task {task_id}") if owned is None
                                  else Forbidden(f"task {task_id} belongs to another hospital"), hospital)
         kind = owned.kind.value
+        body = await request.body()  # its size bounded by `BodyLimit`
         try:
-            result = decode_result(await request.body())  # its size bounded by `BodyLimit`
+            result = decode_result(body)
         except MessageError as error:
             svc.metrics.results.labels(kind, "unreadable").inc()
             return JSONResponse({"detail": str(error), "reason": "unreadable"}, status_code=422)
         try:
-            task = await svc.change(lambda now: svc.coordinator.submit(task_id, hospital, node, result, now),
-                              checkpoint=True)
+            task = await svc.submit(owned, hospital, node, result, body)
         except Rejected as error:
             svc.metrics.results.labels(kind, "rejected").inc()
             svc.metrics.updates_rejected.labels(error.reason).inc()

@@ -36,7 +36,7 @@ from safetensors.numpy import save as save_tensors
 
 from health_mlops.fl.errors import Conflict, CoordinatorError, Forbidden, NotFound, Rejected
 from health_mlops.fl.metadata import check_metadata
-from health_mlops.fl.strategies import ClientUpdate, ServerOptimiserState, StrategyConfig, Weights, aggregate
+from health_mlops.fl.strategies import ClientUpdate, RoundAggregation, ServerOptimiserState, StrategyConfig, Weights
 
 if TYPE_CHECKING:  # fl/privacy imports Opacus and torch; the serving side reads run configs without them
     from health_mlops.fl.privacy import PrivacyPlan
@@ -133,10 +133,12 @@ class Task:
 
 @dataclass
 class TaskResult:
-    """What a hospital sends back: metrics and counts as JSON, tensors (fit only) by name."""
+    """What a hospital sends back: metrics and counts as JSON, tensors (fit only) by name. `reference` names
+    where the service keeps the result durably (its own file), so that a snapshot holds no tensors."""
 
     metadata: dict[str, Any]
     tensors: Weights = field(default_factory=dict)
+    reference: str = ""
 
 
 @dataclass
@@ -268,6 +270,9 @@ class Coordinator:
         self.runs: dict[str, Run] = {}
         self.tasks: dict[str, Task] = {}
         self.results: dict[str, TaskResult] = {}  # accepted results of open rounds, by task id
+        # run id -> its open fit round's aggregation, fed as results are accepted (rebuilt from `results` on
+        # restore, so it is never checkpointed)
+        self._aggregations: dict[str, RoundAggregation] = {}
         self._stats_reducer = stats_reducer
 
     # --- runs -----------------------------------------------------------------------------------------
@@ -311,7 +316,8 @@ class Coordinator:
                 if t.run_id == run.id and t.round == run.round and t.attempt == run.attempt]
 
     def _clear_round(self, run: Run) -> None:
-        """Drop the open round's stored results and abandon its unanswered tasks."""
+        """Drop the open round's stored results and aggregation, and abandon its unanswered tasks."""
+        self._aggregations.pop(run.id, None)
         for task in self._round_tasks(run):
             self.results.pop(task.id, None)
             if task.status in (TaskStatus.pending, TaskStatus.leased):
@@ -371,9 +377,22 @@ class Coordinator:
             self._maybe_close(run, now)
             raise
         task.status = TaskStatus.done
-        self.results[task.id] = result
+        self._accept(run, task, result)
         self._maybe_close(run, now)
         return task
+
+    def _accept(self, run: Run, task: Task, result: TaskResult) -> None:
+        """Keep an accepted result; a fit result's update goes into the round's aggregation now (closing the
+        round then costs one pass, not one per hospital). A weighted strategy keeps nothing of the tensors once
+        folded: the service has the result in its own file, for a restore."""
+        if task.kind is TaskKind.fit:
+            if run.id not in self._aggregations:
+                self._aggregations[run.id] = RoundAggregation(run.config.strategy, run.weights)
+            aggregation = self._aggregations[run.id]
+            aggregation.add(ClientUpdate(result.tensors, int(result.metadata["num_examples"])))
+            if not aggregation.keeps_updates:
+                result = TaskResult(result.metadata, reference=result.reference)
+        self.results[task.id] = result
 
     def _check_result(self, run: Run, task: Task, result: TaskResult) -> None:
         check_metadata(task.kind.value, result.metadata, columns=self._stats_columns)
@@ -418,7 +437,8 @@ class Coordinator:
         self._open_round(run, now)
 
     def _close_round(self, run: Run, answered: list[Task], now: float) -> None:
-        # Compute everything first, change state after: an error here leaves the round as it was.
+        # Compute everything first, change state after (aggregating consumes the round's running sum: if it
+        # fails, the run ends with the reason).
         results = {t.hospital: self.results[t.id] for t in answered}
         nodes = {t.hospital: t.holder or "" for t in answered}
         kind = run.kind_of(run.round)
@@ -432,8 +452,11 @@ class Coordinator:
             run.example_limits = example_limits
             run.preprocessing = preprocessing
         elif kind is TaskKind.fit:
-            updates = [ClientUpdate(r.tensors, int(r.metadata["num_examples"])) for r in results.values()]
-            run.weights, run.optimiser = aggregate(run.config.strategy, run.weights, updates, run.optimiser)
+            try:
+                run.weights, run.optimiser = self._aggregations[run.id].finish(run.optimiser)
+            except (ValueError, FloatingPointError) as error:  # the running sum is spent: the round cannot close
+                self._end(run, RunStatus.failed, f"round {run.round}: aggregation failed: {error}")
+                return
         self._clear_round(run)
         run.history.append(RoundRecord(run.round, kind, {h: r.metadata for h, r in results.items()}, nodes,
                                        run.round_opened_at, now, run.attempt + 1))
@@ -448,14 +471,17 @@ class Coordinator:
     # --- snapshot -------------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """The whole state as JSON-able data (weights as base64 safetensors)."""
+        """The whole state as JSON-able data (the global weights as base64 safetensors), but for accepted
+        results' tensors: the service keeps each in its own file (`restore` reads them back)."""
         return {"runs": [_run_to_dict(r) for r in self.runs.values()],
                 "tasks": [{**vars(t), "kind": t.kind.value, "status": t.status.value} for t in self.tasks.values()],
-                "results": {k: {"metadata": r.metadata, "tensors": _encode(r.tensors)} for k, r in self.results.items()}}
+                "results": {k: {"metadata": r.metadata, "reference": r.reference} for k, r in self.results.items()}}
 
     @classmethod
-    def restore(cls, data: Mapping[str, Any], stats_reducer: StatsReducer, *,
-                stats_columns: int | None = None) -> Coordinator:
+    def restore(cls, data: Mapping[str, Any], stats_reducer: StatsReducer, *, stats_columns: int | None = None,
+                result_tensors: Callable[[Task, str], Weights] | None = None) -> Coordinator:
+        """The coordinator `snapshot` captured; `result_tensors(task, reference)` gives back an accepted fit
+        result's tensors."""
         coordinator = cls(stats_reducer, stats_columns=stats_columns)
         for raw in data["runs"]:
             run = _run_from_dict(raw)
@@ -463,7 +489,15 @@ class Coordinator:
         for raw in data["tasks"]:
             task = Task(**{**raw, "kind": TaskKind(raw["kind"]), "status": TaskStatus(raw["status"])})
             coordinator.tasks[task.id] = task
-        coordinator.results = {k: TaskResult(v["metadata"], _decode(v["tensors"])) for k, v in data["results"].items()}
+        for task_id, raw in data["results"].items():  # in the order they were accepted
+            task = coordinator.tasks[task_id]
+            tensors: Weights = {}
+            reference = raw.get("reference", "")
+            if task.kind is TaskKind.fit:
+                if result_tensors is None:
+                    raise ValueError(f"the accepted result of {task_id} needs its tensors to be restored")
+                tensors = result_tensors(task, reference)
+            coordinator._accept(coordinator.runs[task.run_id], task, TaskResult(raw["metadata"], tensors, reference))
         return coordinator
 
     def resume(self, now: float) -> None:

@@ -4,8 +4,11 @@ Every write is atomic (write a temporary file, fsync it, rename it over the old 
 crash at any instant leaves either the previous checkpoint or the new one, never a torn file. Layout under
 the models directory:
 
-    aggregator/state.json                       the whole coordinator (runs, tasks, accepted results of open
-                                                rounds), rewritten at every accepted result and round change
+    aggregator/state.json                       the coordinator (runs, tasks, accepted results' metadata and
+                                                file names), rewritten at every accepted result and round change
+    runs/<run id>/results/<name>.safetensors    an accepted fit result, as the hospital sent it: written before
+                                                the hospital is answered, removed once its round's closing is
+                                                durable (so a checkpoint costs O(model) per result, not O(N·model))
     runs/<run id>/round-<r>.safetensors         global weights entering round r (kept for every round)
     runs/<run id>/registration.json             the registry's answer for the run's final model
 """
@@ -40,8 +43,11 @@ class CheckpointStore:
         except BlockingIOError:
             raise CheckpointError(f"{self.models_dir}: another aggregator is using this models directory") from None
 
-    def save_state(self, snapshot: dict[str, Any]) -> None:
-        write_atomically(self.state_path, json.dumps(snapshot, separators=(",", ":")).encode("utf-8"))
+    def save_state(self, snapshot: dict[str, Any]) -> int:
+        """Write the coordinator's snapshot; the bytes written."""
+        body = json.dumps(snapshot, separators=(",", ":")).encode("utf-8")
+        write_atomically(self.state_path, body)
+        return len(body)
 
     def load_state(self) -> dict[str, Any] | None:
         """The last checkpoint, or None on a first start."""
@@ -61,6 +67,27 @@ class CheckpointStore:
 
     def save_weights(self, run_id: str, round_number: int, body: bytes) -> None:
         write_atomically(self.weights_path(run_id, round_number), body)
+
+    def result_path(self, run_id: str, reference: str) -> Path:
+        return self.models_dir / "runs" / run_id / "results" / f"{reference}.safetensors"
+
+    def save_result(self, run_id: str, reference: str, body: bytes) -> None:
+        write_atomically(self.result_path(run_id, reference), body)
+
+    def load_result(self, run_id: str, reference: str) -> bytes:
+        path = self.result_path(run_id, reference)
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"{path}: an accepted result the checkpoint names cannot be read ({exc})") from None
+
+    def remove_result(self, run_id: str, reference: str) -> None:
+        self.result_path(run_id, reference).unlink(missing_ok=True)
+
+    def result_references(self) -> set[tuple[str, str]]:
+        """Every kept result file, as (run id, reference)."""
+        return {(path.parent.parent.name, path.name.removesuffix(".safetensors"))
+                for path in (self.models_dir / "runs").glob("*/results/*.safetensors")}
 
     def registration_path(self, run_id: str) -> Path:
         return self.models_dir / "runs" / run_id / "registration.json"

@@ -1,0 +1,152 @@
+"""What the aggregator writes durably, over real loopback HTTPS (the service in a thread, restarted on the same
+models directory): each accepted fit result in its own file before the hospital is answered, a state that
+holds no tensors, result files removed once their round's closing is durable, and a restart mid-round that
+aggregates exactly what an undisturbed aggregator would.
+
+The hospitals are played by hand with leases far longer than the test, so nothing here depends on speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from health_mlops.data.hospital import load_hospitals
+from health_mlops.data.synthetic import generate_dataset
+from health_mlops.fl.aggregator import AggregatorService, create_app, create_ops_app
+from health_mlops.fl.coordinator import TaskKind, TaskResult
+from health_mlops.fl.hospital import HospitalWorker
+from health_mlops.fl.messages import TaskMessage, decode_weights, encode_result
+from health_mlops.fl.store import CheckpointStore
+from health_mlops.fl.strategies import ClientUpdate, aggregate_fedavg
+from health_mlops.http_server import BackgroundServer
+from health_mlops.ml.baselines import split_hospitals
+from health_mlops.pki import CA, SERVER, cert_path, key_path
+from health_mlops.security import ADMIN, Gatekeeper, bearer, provision, read_token, token_path
+from health_mlops.spec import load_spec
+from health_mlops.tls import client_context, server_context
+
+SPEC = load_spec("health-risk")
+HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
+CONFIG = {"rounds": 2, "min_hospitals": 3, "lease_s": 3600, "round_deadline_s": 7200}
+
+
+class Aggregator:
+    """The service on a models directory; `restart()` stops it and starts a new one on the same directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.credentials, self.models = root / "credentials", root / "models"
+        provision(self.credentials, HOSPITALS)
+        self.store = CheckpointStore(self.models)
+
+    @contextmanager
+    def serving(self) -> Iterator[tuple[str, str]]:
+        gatekeeper = Gatekeeper(self.credentials, require_certificate=True)
+        tls = server_context(cert_path(self.credentials, SERVER), key_path(self.credentials, SERVER),
+                             client_ca=cert_path(self.credentials, CA))
+        app = create_app(lambda: AggregatorService(SPEC, CheckpointStore(self.models), gatekeeper))
+        with BackgroundServer(app, tls=tls) as server, BackgroundServer(create_ops_app(app)) as ops:
+            yield server.url, ops.url
+
+    def client(self, url: str, who: str) -> httpx.Client:
+        tls = client_context(cert_path(self.credentials, who), key_path(self.credentials, who),
+                             cert_path(self.credentials, CA))
+        return httpx.Client(base_url=url, timeout=30, verify=tls,
+                            headers={**bearer(read_token(token_path(self.credentials, who))), "X-Node-Id": who})
+
+    def result_files(self, run_id: str) -> list[Path]:
+        return sorted((self.models / "runs" / run_id / "results").glob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, HospitalWorker]:
+    root = tmp_path_factory.mktemp("checkpoint-data")
+    generate_dataset(root, n_hospitals=3, rows_per_hospital=300, seed=2, split_seed=42, test_fraction=0.2)
+    splits = split_hospitals(load_hospitals(root, SPEC), seed=42, test_fraction=0.2)
+    return {s.hospital_id: HospitalWorker(s.hospital_id, SPEC, s.train, s.test) for s in splits}
+
+
+def next_task(client: httpx.Client) -> TaskMessage:
+    response = client.get("/v1/tasks/next")
+    assert response.status_code == 200, response.text
+    return TaskMessage.model_validate(response.json())
+
+
+def result_body(client: httpx.Client, worker: HospitalWorker, task: TaskMessage) -> bytes:
+    weights = decode_weights(client.get(task.weights_path).content)[0] if task.weights_path else {}
+    return encode_result(worker.handle(task.kind, task.config, weights, task.preprocessing, task.round))
+
+
+def answer(aggregator: Aggregator, url: str, hospital: str, worker: HospitalWorker) -> bytes:
+    with aggregator.client(url, hospital) as client:
+        task = next_task(client)
+        body = result_body(client, worker, task)
+        response = client.post(f"/v1/tasks/{task.id}/result", content=body)
+        assert response.status_code == 200, response.text
+    return body
+
+
+def test_each_result_has_its_own_file_and_a_restart_mid_round_aggregates_the_same(
+        tmp_path: Path, workers: dict[str, HospitalWorker]) -> None:
+    aggregator = Aggregator(tmp_path)
+    with aggregator.serving() as (url, ops):
+        with aggregator.client(url, ADMIN) as admin:
+            run_id = admin.post("/v1/runs", json={"config": CONFIG}).json()["id"]
+        for hospital in HOSPITALS:  # round 0: stats, no tensors, no result files
+            answer(aggregator, url, hospital, workers[hospital])
+        assert aggregator.result_files(run_id) == []
+        state_before = aggregator.store.state_path.stat().st_size
+        sent = {h: answer(aggregator, url, h, workers[h]) for h in HOSPITALS[:2]}  # round 1: two of three fits
+        files = aggregator.result_files(run_id)
+        assert len(files) == 2 and sorted(f.read_bytes() for f in files) == sorted(sent.values())  # as sent
+        # The state names the files and holds the results' metadata only: it grew by far less than one result.
+        assert aggregator.store.state_path.stat().st_size - state_before < min(map(len, sent.values())) / 4
+        assert '"tensors"' not in aggregator.store.state_path.read_text()
+        metrics = httpx.get(f"{ops}/metrics").text
+        assert f'health_mlops_checkpoint_bytes_total{{file="result"}} {float(sum(map(len, sent.values())))}' in metrics
+
+    # Stray files a crash could leave (written, never accepted) go at the next start; accepted ones stay.
+    stray = aggregator.result_files(run_id)[0].with_name(f"{run_id}.r1.a0.hospital-3.deadbeef.safetensors")
+    stray.write_bytes(b"written before a crash")
+    with aggregator.serving() as (url, _):
+        assert aggregator.result_files(run_id) == files
+        sent["hospital-3"] = answer(aggregator, url, "hospital-3", workers["hospital-3"])  # closes round 1
+        with aggregator.client(url, ADMIN) as admin:
+            view = admin.get(f"/v1/runs/{run_id}").json()
+            entering_round_2 = decode_weights(admin.get(f"/v1/runs/{run_id}/rounds/2/weights").content)[0]
+    assert view["round"] == 2 and [r["round"] for r in view["history"]] == [0, 1]
+    assert aggregator.result_files(run_id) == []  # removed once the closing was durable
+    updates = [ClientUpdate(decode_weights(body)[0], int(decode_weights(body)[1]["num_examples"]))
+               for body in sent.values()]
+    expected = aggregate_fedavg(updates)  # what an aggregator that never stopped computes
+    for name, tensor in expected.items():
+        np.testing.assert_allclose(entering_round_2[name], tensor.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_a_refused_result_leaves_no_file(tmp_path: Path, workers: dict[str, HospitalWorker]) -> None:
+    aggregator = Aggregator(tmp_path)
+    with aggregator.serving() as (url, _):
+        with aggregator.client(url, ADMIN) as admin:
+            run_id = admin.post("/v1/runs", json={"config": CONFIG}).json()["id"]
+        for hospital in HOSPITALS:
+            answer(aggregator, url, hospital, workers[hospital])
+        with aggregator.client(url, "hospital-1") as client:
+            task = next_task(client)
+            assert task.kind is TaskKind.fit
+            tensors, metadata = decode_weights(result_body(client, workers["hospital-1"], task))
+            tensors = {name: np.full_like(t, np.nan) for name, t in tensors.items()}
+            refused = client.post(f"/v1/tasks/{task.id}/result", content=encode_result(TaskResult(metadata, tensors)))
+            assert refused.status_code == 422 and refused.json()["reason"] == "non_finite"
+        assert aggregator.result_files(run_id) == []
+        answer(aggregator, url, "hospital-2", workers["hospital-2"])
+        with aggregator.client(url, "hospital-2") as late:  # a duplicate of an accepted result: 409, no file
+            accepted = aggregator.result_files(run_id)
+            assert len(accepted) == 1
+            duplicate = late.post(f"/v1/tasks/{run_id}.r1.a0.hospital-2/result", content=accepted[0].read_bytes())
+            assert duplicate.status_code == 409
+        assert aggregator.result_files(run_id) == accepted
