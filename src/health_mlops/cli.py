@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from health_mlops import faults
 from health_mlops.config import Settings, get_settings, get_training_defaults, settings_audit_log
 from health_mlops.data.diabetes import write_diabetes_sites
 from health_mlops.data.hospital import HospitalData, load_hospitals
@@ -486,13 +487,14 @@ def aggregator(
     settings = get_settings()
     _configure_logging()
     try:
+        faults.arm(settings.crash_at)
         with _clean_errors():
             dataset = load_spec(spec or settings.spec)
         audit = settings_audit_log(settings)
         serve(dataset, settings.models_dir, settings.credentials_dir, host=host, port=port, ops_port=ops_port,
               plain_http=plain_http, registry_factory=lambda: Registry(settings.home, dataset.name, audit=audit),
               quality_gate_tolerance=settings.quality_gate_tolerance, audit=audit)
-    except (CredentialError, CheckpointError, TlsError, AuditError) as exc:
+    except (CredentialError, CheckpointError, TlsError, AuditError, ValueError) as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
 

@@ -84,6 +84,8 @@ class Settings(BaseSettings):
                                           "repository's monitoring/alerts.yml)")
     prometheus_scrape_interval_s: float = Field(5.0, gt=0, le=300, description="the demo's Prometheus scrape and "
                                                 "rule evaluation interval")
+    crash_at: str | None = Field(None, description="tests only: kill the aggregator at this crash point, "
+                                 "`<point>[:<n>]` (faults.py)")
 
     @property
     def quality_dir(self) -> Path:

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -78,16 +78,16 @@ class Processes:
     env: dict[str, str]
     children: dict[str, Child] = field(default_factory=dict)
 
-    def start(self, name: str, args: list[str]) -> Child:
-        """`health-mlops <args>` as a child."""
-        return self.start_program(name, [sys.executable, "-m", "health_mlops.cli", *args])
+    def start(self, name: str, args: list[str], *, env: Mapping[str, str] | None = None) -> Child:
+        """`health-mlops <args>` as a child (with `env` added to the environment)."""
+        return self.start_program(name, [sys.executable, "-m", "health_mlops.cli", *args], env=env)
 
-    def start_program(self, name: str, command: list[str]) -> Child:
+    def start_program(self, name: str, command: list[str], *, env: Mapping[str, str] | None = None) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         log = open(log_path, "wb")  # noqa: SIM115 - closed in stop_all
         try:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})},
                                        start_new_session=True)
         except OSError:
             log.close()

@@ -4,17 +4,20 @@ one) and privately (readable by the owner only, even over a file that existed wi
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, *, before_rename: Callable[[], None] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+    if before_rename is not None:
+        before_rename()
     os.replace(temporary, path)
     folder = os.open(path.parent, os.O_RDONLY)
     try:

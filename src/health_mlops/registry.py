@@ -30,6 +30,7 @@ from health_mlops.audit import AuditLog
 CHAMPION = "champion"
 CHAMPION_SINCE = "champion_since"  # version tag: when it last became champion (seconds since the epoch)
 CHALLENGER = "challenger"
+QUALITY_GATE = "quality_gate"  # version tag: the gate has decided its alias (a registration is complete)
 PRIVACY_EPSILON, PRIVACY_DELTA = "privacy_epsilon", "privacy_delta"  # version tags of a DP-trained model
 EXPERIMENT_NAME = "federated-training"
 MODEL_FILE = "model.onnx"
@@ -122,7 +123,22 @@ class Registry:
         return self.client.create_experiment(EXPERIMENT_NAME, artifact_location=location)
 
     def register(self, record: TrainingRecord, *, tolerance: float) -> ModelVersion:
-        """Log the run, register its model, and apply the quality gate."""
+        """Log the run, register its model, and apply the quality gate. Idempotent: a federated run registered
+        before (an aggregator that crashed before it recorded the registration registers again) gets its
+        existing version, and the quality gate applied if the crash came before it."""
+        version = self._version_of(record.federation_run)
+        if version is None:
+            version = self._create_version(record)
+        if QUALITY_GATE not in self.client.get_model_version(self.model_name, str(version)).tags:
+            self._quality_gate(version, record, tolerance)
+        return self.version(version)
+
+    def _version_of(self, federation_run: str) -> int | None:
+        found = [int(v.version) for v in self.client.search_model_versions(f"name='{self.model_name}'")
+                 if v.tags.get("federation_run") == federation_run]
+        return min(found) if found else None
+
+    def _create_version(self, record: TrainingRecord) -> int:
         run = self.client.create_run(self._experiment_id(), run_name=record.federation_run,
                                      tags={"federation_run": record.federation_run})
         run_id = run.info.run_id
@@ -160,8 +176,14 @@ class Registry:
                   "federation_run": record.federation_run, **privacy})
         version = int(created.version)
         self._audit("register", version, "aggregator", f"{record.federation_run}: {record.metric_name} {metric:.4f}")
+        return version
+
+    def _quality_gate(self, version: int, record: TrainingRecord, tolerance: float) -> None:
+        metric = record.final_metrics[record.metric_name]
         champion = self.champion()
-        if champion is None or metric >= champion.metric - tolerance:
+        if champion is not None and champion.version == version:
+            pass  # promoted before a crash cut the gate short
+        elif champion is None or metric >= champion.metric - tolerance:
             self._set_champion(version, actor="quality-gate", action="promote",
                                reason=f"{record.metric_name} {metric:.4f}" + (
                                    "" if champion is None else f" vs champion v{champion.version} "
@@ -171,7 +193,7 @@ class Registry:
             self._audit("challenger", version, "quality-gate",
                         f"{record.metric_name} {metric:.4f} below champion v{champion.version} "
                         f"{champion.metric:.4f} - {tolerance}")
-        return self.version(version)
+        self.client.set_model_version_tag(self.model_name, str(version), QUALITY_GATE, "applied")
 
     def _set_champion(self, version: int, *, actor: str, action: str, reason: str) -> None:
         # When each version last became champion is kept by MLflow itself, on the version: rollback reads it

@@ -6,6 +6,7 @@ Each test starts its own processes with their own state folder, and kills some o
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -58,9 +59,11 @@ class Cluster:
         self.admin = httpx.Client(base_url=self.central, timeout=30, verify=admin_tls,
                                   headers=bearer(read_token(token_path(self.credentials, ADMIN))))
 
-    def start_aggregator(self) -> Child:
+    def start_aggregator(self, *, crash_at: str | None = None) -> Child:
+        """The aggregator; `crash_at`: the crash point (faults.py) at which it kills itself."""
         child = self.processes.start(f"aggregator-{len(self.processes.children)}",
-                                     ["aggregator", "--port", str(self.base), "--ops-port", str(self.base + 19)])
+                                     ["aggregator", "--port", str(self.base), "--ops-port", str(self.base + 19)],
+                                     env={"HEALTH_MLOPS_CRASH_AT": crash_at} if crash_at else None)
         wait_ready(f"{self.ops}/readyz", child)
         self.aggregator = child
         return child
@@ -275,3 +278,65 @@ def test_a_node_with_another_hospitals_token_refuses_to_serve(cluster: Cluster, 
         time.sleep(0.1)
     assert "hospital-2" in status["fatal"]
     assert httpx.get(f"http://127.0.0.1:{api}/readyz").status_code == 503
+
+
+def test_a_hospital_without_valid_rows_is_left_out_with_its_reason_and_nothing_answers_500(
+        tmp_path: Path, data: Path) -> None:
+    copied = tmp_path / "data"
+    shutil.copytree(data, copied)
+    csv = copied / "hospital-3" / "patient_days.csv"
+    lines = csv.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split(",")
+    column = header.index("heart_rate")
+    rows = [line.split(",") for line in lines[1:]]
+    for row in rows:
+        row[column] = "999"  # out of range: every row is quarantined
+    csv.write_text("\n".join([lines[0], *(",".join(r) for r in rows)]) + "\n", encoding="utf-8")
+    cluster = Cluster(tmp_path / "home", copied)
+    try:
+        cluster.start_aggregator()
+        for hospital in HOSPITALS:
+            cluster.start_node(hospital, f"{hospital}-a")
+        run_id = cluster.start_run(rounds=2, local_epochs=1, min_hospitals=2, lease_s=30)
+        final = cluster.wait_for(run_id, lambda v: v.status != "running")
+        assert final.status == "completed", final.reason
+        assert final.excluded == {"hospital-3": "no valid training rows (0 counted in round 0)"}
+        assert all(sorted(r.hospitals) == ["hospital-1", "hospital-2"] for r in final.history[1:])
+        api_port, _ = cluster.node_ports["hospital-3-a"]
+        status = httpx.get(f"http://127.0.0.1:{api_port}/v1/status").json()
+        assert status["data"]["rows_train"] == 0 and status["data"]["rows_quarantined"] == 1500
+        assert "no valid training rows" in cluster.nodes["hospital-3-a"].log_tail(50)
+        assert " 500 " not in cluster.aggregator.log_tail(200) and "Traceback" not in cluster.aggregator.log_tail(200)
+    finally:
+        cluster.admin.close()
+        cluster.processes.stop_all()
+
+
+def test_a_replica_paused_past_its_lease_gets_409_for_its_late_result(cluster: Cluster, data: Path) -> None:
+    cluster.start_aggregator()
+    start_standard_nodes(cluster)
+    run_id = cluster.start_run(local_epochs=30, lease_s=2)  # long enough to be caught computing
+    view = cluster.wait_for(run_id, lambda v: v.round >= 1 and any(
+        t.hospital == "hospital-1" and t.status == "leased" and t.holder for t in v.open_tasks))
+    paused_round = view.round
+    paused = next(t.holder for t in view.open_tasks if t.hospital == "hospital-1")
+    assert paused is not None
+    cluster.nodes[paused].process.send_signal(signal.SIGSTOP)  # no heartbeats: its lease runs out
+    try:
+        after = cluster.wait_for(run_id, lambda v: v.round > paused_round or v.status != "running", timeout_s=180)
+    finally:
+        cluster.nodes[paused].process.send_signal(signal.SIGCONT)
+    other = "hospital-1-b" if paused == "hospital-1-a" else "hospital-1-a"
+    assert next(r for r in after.history if r.round == paused_round).nodes["hospital-1"] == other
+
+    api_port, _ = cluster.node_ports[paused]
+    deadline = time.monotonic() + 180
+    while (status := httpx.get(f"http://127.0.0.1:{api_port}/v1/status", timeout=10).json())[
+            "tasks_by_outcome"].get("conflict", 0) == 0:
+        assert time.monotonic() < deadline, f"the paused replica's late result was not refused: {status}"
+        time.sleep(0.2)
+    late = [e for e in status["sent"]["log"] if e["path"].endswith(f".r{paused_round}.a0.hospital-1/result")]
+    assert late, "the late result was never sent"
+    final = cluster.wait_for(run_id, lambda v: v.status != "running", timeout_s=180)
+    assert final.status == "completed"
+    assert_each_hospital_counted_once_per_round(final, train_rows(data))

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, Rejected, RunConfig, RunStatus, TaskKind,
-                                         TaskResult)
+from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, RunConfig, RunStatus,
+                                         TaskKind, TaskResult)
 from health_mlops.fl.strategies import StrategyConfig
 
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
@@ -189,3 +189,57 @@ def test_old_rounds_tasks_are_forgotten_but_a_late_duplicate_is_still_a_conflict
     assert late is not None
     with pytest.raises(Conflict):
         coordinator.submit(late.id, "hospital-1", "a", TaskResult(fitted(), {"w": np.ones(3), "b": np.ones(1)}), now=2.0)
+    # A result for a round long closed (its task forgotten): still a conflict, never averaged, never "not found".
+    forgotten = "run-1.r1.a0.hospital-2"
+    assert forgotten not in coordinator.tasks
+    with pytest.raises(Conflict, match="round 1 of run-1 has closed"):
+        coordinator.submit(forgotten, "hospital-2", "a", TaskResult(fitted(), {"w": np.ones(3)}), now=2.0)
+    with pytest.raises(Conflict):
+        coordinator.heartbeat(forgotten, "hospital-2", "a", now=2.0)
+    for unknown, hospital in [("run-1.r9.a0.hospital-2", "hospital-2"), ("run-9.r1.a0.hospital-2", "hospital-2"),
+                              (forgotten, "hospital-3"), ("garbage", "hospital-2")]:
+        with pytest.raises(NotFound):
+            coordinator.heartbeat(unknown, hospital, "a", now=2.0)
+
+
+def test_a_hospital_without_training_rows_is_left_out_with_its_reason() -> None:
+    coordinator = start(RunConfig(rounds=1, min_hospitals=2, round_deadline_s=60, lease_s=10))
+    run = coordinator.runs["run-1"]
+    for hospital, count in zip(HOSPITALS, [10, 0, 10], strict=True):
+        task = coordinator.next_task(hospital, "a", 1.0)
+        assert task is not None
+        coordinator.submit(task.id, hospital, "a", TaskResult(stats(count)), 1.0)
+    assert run.status is RunStatus.running and run.round == 1
+    assert run.excluded == {"hospital-2": "no valid training rows (0 counted in round 0)"}
+    assert run.preprocessing == {"count": 20}  # from the hospitals that have rows
+    assert coordinator.next_task("hospital-2", "a", 2.0) is None  # no work for it in this run
+    for hospital in ("hospital-1", "hospital-3"):
+        answer(coordinator, hospital, now=2.0)
+    for hospital in ("hospital-1", "hospital-3"):
+        answer(coordinator, hospital, now=3.0)
+    assert run.status is RunStatus.completed and sorted(run.history[-1].hospitals) == ["hospital-1", "hospital-3"]
+    restored = Coordinator.restore(json.loads(json.dumps(coordinator.snapshot())), stats_reducer)
+    assert restored.runs["run-1"].excluded == run.excluded
+
+
+def test_too_few_hospitals_with_rows_or_stats_that_cannot_be_combined_end_the_run_with_the_reason() -> None:
+    coordinator = start(RunConfig(rounds=1, min_hospitals=2, round_deadline_s=60, lease_s=10))
+    for hospital, count in zip(HOSPITALS, [10, 0, 0], strict=True):
+        task = coordinator.next_task(hospital, "a", 1.0)
+        assert task is not None
+        coordinator.submit(task.id, hospital, "a", TaskResult(stats(count)), 1.0)
+    run = coordinator.runs["run-1"]
+    assert run.status is RunStatus.failed
+    assert run.reason.startswith("round 0: 1 hospital(s) have training rows, 2 needed (hospital-2: no valid")
+
+    def unusable(metadata: list[dict]) -> dict:
+        raise ValueError("the sums do not describe the same columns")
+
+    broken = Coordinator(unusable)
+    broken.start_run("run-2", RunConfig(rounds=1, min_hospitals=3), HOSPITALS, INITIAL, 0.0)
+    for hospital in HOSPITALS:
+        task = broken.next_task(hospital, "a", 1.0)
+        assert task is not None
+        broken.submit(task.id, hospital, "a", TaskResult(stats(10)), 1.0)  # answered, not raised at the hospital
+    assert broken.runs["run-2"].status is RunStatus.failed
+    assert "cannot be combined: the sums do not describe the same columns" in broken.runs["run-2"].reason

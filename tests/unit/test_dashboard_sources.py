@@ -68,3 +68,6 @@ def test_hospitals_show_their_rows_and_last_round(view: dict) -> None:
     statuses = {h.hospital: h.status for h in hospitals_from_view(running, "auc")}
     assert statuses == {"hospital-1": "done for this round", "hospital-2": "working (hospital-2-a)",
                         "hospital-3": "done for this round"}
+    left_out = {**running, "excluded": {"hospital-3": "no valid training rows (0 counted in round 0)"}}
+    statuses = {h.hospital: h.status for h in hospitals_from_view(left_out, "auc")}
+    assert statuses["hospital-3"] == "left out: no valid training rows (0 counted in round 0)"

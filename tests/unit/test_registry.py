@@ -103,3 +103,19 @@ def test_the_registry_does_not_pull_in_torch() -> None:
 
     code = "import sys, health_mlops.registry; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_registering_a_run_again_returns_its_version_and_decides_the_gate_once(registry: Registry) -> None:
+    first = registry.register(record("run-a", 0.80), tolerance=0.005)
+    again = registry.register(record("run-a", 0.80), tolerance=0.005)  # a restarted aggregator, say
+    assert again.version == first.version and [v.version for v in registry.versions()] == [1]
+    assert [e["action"] for e in registry.audit_entries()] == ["register", "promote"]
+
+
+def test_a_registration_cut_short_before_the_gate_is_completed_by_the_next(registry: Registry) -> None:
+    registry.register(record("run-a", 0.80), tolerance=0.005)
+    version = registry._create_version(record("run-b", 0.70))  # the crash came before the quality gate
+    assert registry.version(version).aliases == []
+    completed = registry.register(record("run-b", 0.70), tolerance=0.005)
+    assert completed.version == version == 2 and completed.aliases == [CHALLENGER]
+    assert [v.version for v in registry.versions()] == [1, 2]

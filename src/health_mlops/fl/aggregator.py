@@ -33,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from health_mlops.audit import AuditLog
 from health_mlops.data.preprocess import encoded_columns
+from health_mlops.faults import crash_point
 from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, Run, RunStatus, Task,
                                          TaskKind, TaskResult, privacy_report)
 from health_mlops.fl.hospital import reduce_stats, suppressed_cells
@@ -133,7 +134,9 @@ class AggregatorService:
             self._results_in_flight.discard((task.run_id, result.reference))
             return self.coordinator.submit(task.id, hospital, node, result, now)
 
-        return await self.change(offer, checkpoint=True)
+        accepted = await self.change(offer, checkpoint=True)
+        crash_point("result_accepted")
+        return accepted
 
     def _write_result(self, run_id: str, reference: str, body: bytes) -> None:
         self.store.save_result(run_id, reference, body)
@@ -176,6 +179,8 @@ class AggregatorService:
     def _write(self, weights: list[tuple[str, int, bytes]], snapshot: dict[str, Any],
                obsolete: set[tuple[str, str]]) -> None:
         started = time.perf_counter()
+        if weights:
+            crash_point("round_closed_weights_unwritten")
         for run_id, round_number, body in weights:
             self.store.save_weights(run_id, round_number, body)
             self.metrics.checkpoint_bytes.labels("weights").inc(len(body))
@@ -330,7 +335,7 @@ class AggregatorService:
                        history=history, model=self.registrations.get(run.id),
                        suppressed={h: suppressed_cells(m) for r in run.history if r.kind is TaskKind.stats
                                    for h, m in r.hospitals.items()},
-                       privacy=privacy_report(run))
+                       privacy=privacy_report(run), excluded=run.excluded)
 
     async def tick_forever(self) -> None:
         while True:
@@ -496,7 +501,7 @@ def create_app(service_factory: Callable[[], AggregatorService],
     async def submit_result(task_id: str, request: Request, svc: Service, hospital: Hospital, node: NodeId) -> Any:
         owned = svc.coordinator.tasks.get(task_id)
         if owned is None or owned.hospital != hospital:  # before reading the body: another's task is not ours
-            raise await _refusal(svc, request, NotFound(f"no task {task_id}") if owned is None
+            raise await _refusal(svc, request, svc.coordinator.unknown_task(task_id, hospital) if owned is None
                                  else Forbidden(f"task {task_id} belongs to another hospital"), hospital)
         kind = owned.kind.value
         body = await request.body()  # its size bounded by `BodyLimit`

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import functools
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -66,6 +67,9 @@ class TaskStatus(str, Enum):
 __all__ = ["Conflict", "Coordinator", "CoordinatorError", "Forbidden", "NotFound", "Rejected", "Run", "RunConfig",
            "RunStatus", "Task", "TaskKind", "TaskResult"]
 
+
+# A task's id: `<run>.r<round>.a<attempt>.<hospital>` (`Coordinator._open_round`).
+_TASK_ID = re.compile(r"(?P<run>.+)\.r(?P<round>\d+)\.a(?P<attempt>\d+)\.(?P<hospital>[^.]+)")
 
 # Past this much noise per clipped gradient, a model of this size learns next to nothing: a privacy budget that
 # needs more is refused rather than spent on a useless model (fl/privacy.py plans it).
@@ -167,6 +171,7 @@ class Run:
     optimiser: ServerOptimiserState = ServerOptimiserState()
     preprocessing: dict[str, Any] = field(default_factory=dict)
     example_limits: dict[str, int] = field(default_factory=dict)  # hospital -> training rows it counted in round 0
+    excluded: dict[str, str] = field(default_factory=dict)  # hospital -> why it was left out of the run
     history: list[RoundRecord] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
 
@@ -308,8 +313,23 @@ class Coordinator:
         run.round_deadline = now + run.config.round_deadline_s
         kind = run.kind_of(run.round)
         for hospital in run.hospitals:
+            if hospital in run.excluded:
+                continue
             task_id = f"{run.id}.r{run.round}.a{run.attempt}.{hospital}"
             self.tasks[task_id] = Task(task_id, run.id, run.round, run.attempt, kind, hospital)
+
+    def unknown_task(self, task_id: str, hospital: str) -> CoordinatorError:
+        """Why a task this coordinator does not hold is refused. Tasks of closed rounds are forgotten (a
+        long-lived aggregator must not grow without bound), but their ids say whose and which round they
+        were: a late answer to one is a `Conflict`, like any result from a replica that lost its lease, and is
+        never averaged. Any other id is `NotFound`."""
+        found = _TASK_ID.fullmatch(task_id)
+        run = self.runs.get(found["run"]) if found else None
+        if found and run is not None and found["hospital"] == hospital and (
+                int(found["round"]) < run.round or run.status is not RunStatus.running):
+            return Conflict(f"task {task_id}: round {found['round']} of {run.id} has closed; a late result is "
+                            "never averaged")
+        return NotFound(f"no task {task_id}")
 
     def _round_tasks(self, run: Run) -> list[Task]:
         return [t for t in self.tasks.values()
@@ -351,7 +371,7 @@ class Coordinator:
     def _held_task(self, task_id: str, hospital: str, node: str, now: float) -> Task:
         task = self.tasks.get(task_id)
         if task is None:
-            raise NotFound(f"no task {task_id}")
+            raise self.unknown_task(task_id, hospital)
         if task.hospital != hospital:
             raise Forbidden(f"task {task_id} belongs to another hospital")
         if task.status is TaskStatus.done:
@@ -426,6 +446,15 @@ class Coordinator:
         else:
             self._retry_or_fail(run, len(answered), now)
 
+    @staticmethod
+    def _stats_refusal(run: Run, training_rows: Mapping[str, int], excluded: Mapping[str, str]) -> str | None:
+        """Why the run cannot train on the hospitals that have rows, or None. Hospitals without rows are left
+        out (each fit would be refused); the run goes on if enough remain."""
+        if len(training_rows) >= run.config.min_hospitals:
+            return None
+        return (f"round 0: {len(training_rows)} hospital(s) have training rows, {run.config.min_hospitals} needed "
+                f"({', '.join(f'{h}: {why}' for h, why in sorted(excluded.items()))})")
+
     def _retry_or_fail(self, run: Run, answered: int, now: float) -> None:
         self._clear_round(run)
         if run.attempt >= run.config.max_round_retries:
@@ -443,13 +472,18 @@ class Coordinator:
         nodes = {t.hospital: t.holder or "" for t in answered}
         kind = run.kind_of(run.round)
         if kind is TaskKind.stats:
-            preprocessing = self._stats_reducer([r.metadata for r in results.values()])
-            example_limits = {h: int(r.metadata["count"]) for h, r in results.items()}
-            refusal = privacy_refusal(run.config, example_limits)
+            example_limits = {h: int(r.metadata["count"]) for h, r in results.items() if r.metadata["count"] > 0}
+            excluded = {h: "no valid training rows (0 counted in round 0)" for h in results if h not in example_limits}
+            refusal = self._stats_refusal(run, example_limits, excluded) or privacy_refusal(run.config, example_limits)
+            if refusal is None:
+                try:
+                    preprocessing = self._stats_reducer([results[h].metadata for h in example_limits])
+                except (ValueError, ArithmeticError) as error:
+                    refusal = f"round 0: the hospitals' statistics cannot be combined: {error}"
             if refusal is not None:  # before any hospital trains
                 self._end(run, RunStatus.failed, refusal)
                 return
-            run.example_limits = example_limits
+            run.example_limits, run.excluded = example_limits, excluded
             run.preprocessing = preprocessing
         elif kind is TaskKind.fit:
             try:
@@ -502,10 +536,12 @@ class Coordinator:
 
     def resume(self, now: float) -> None:
         """After a restore: give every open round a full deadline from now, so an outage of the aggregator
-        does not count against the hospitals."""
-        for run in self.runs.values():
+        does not count against the hospitals; a round whose every task was answered before the outage (its
+        closing was lost) closes now rather than at that deadline."""
+        for run in list(self.runs.values()):
             if run.status is RunStatus.running:
                 run.round_deadline = now + run.config.round_deadline_s
+                self._maybe_close(run, now)
 
 
 def _encode(weights: Mapping[str, np.ndarray]) -> str:
@@ -522,7 +558,7 @@ def _run_to_dict(run: Run) -> dict[str, Any]:
         "reason": run.reason, "round": run.round, "attempt": run.attempt, "round_opened_at": run.round_opened_at,
         "round_deadline": run.round_deadline,
         "weights": _encode(run.weights), "preprocessing": run.preprocessing, "rejected": dict(run.rejected),
-        "example_limits": dict(run.example_limits),
+        "example_limits": dict(run.example_limits), "excluded": dict(run.excluded),
         "optimiser": {"first_moment": _encode(run.optimiser.first_moment),
                       "second_moment": _encode(run.optimiser.second_moment), "steps": run.optimiser.steps},
         "history": [{**vars(h), "kind": h.kind.value} for h in run.history],
@@ -538,4 +574,5 @@ def _run_from_dict(raw: Mapping[str, Any]) -> Run:
         optimiser=ServerOptimiserState(_decode(optimiser["first_moment"]), _decode(optimiser["second_moment"]),
                                        optimiser["steps"]),
         preprocessing=raw["preprocessing"], rejected=dict(raw["rejected"]), example_limits=dict(raw["example_limits"]),
+        excluded=dict(raw.get("excluded", {})),
         history=[RoundRecord(**{**h, "kind": TaskKind(h["kind"])}) for h in raw["history"]])

@@ -157,6 +157,7 @@ class RunView(BaseModel):
     model: dict[str, Any] | None = None  # the registry's answer once a completed run's model is registered
     # hospital -> cells its round-0 stats withheld as too small ({"categories": n, "histogram_bins": m})
     suppressed: dict[str, dict[str, int]] = {}
+    excluded: dict[str, str] = {}  # hospital -> why it was left out of the run (no training rows)
     privacy: PrivacyView | None = None  # with a privacy budget: what the run has spent
 
 

@@ -117,6 +117,9 @@ class HospitalNode:
         self.worker = HospitalWorker(data.hospital_id, spec, data.frame.iloc[train].reset_index(drop=True),
                                      data.frame.iloc[test].reset_index(drop=True),
                                      rows_quarantined=data.rows_quarantined)
+        if self.worker.train.empty:
+            log.warning("%s/%s: no valid training rows (%d quarantined): the aggregator will leave this hospital "
+                        "out of runs; see the data quality report", data.hospital_id, node_id, data.rows_quarantined)
         self.metrics = metrics or NodeMetrics(data.hospital_id, node_id, city)
         self.metrics.data_rows.labels(self.hospital_id, "valid").set(data.rows_valid)
         self.metrics.data_rows.labels(self.hospital_id, "quarantined").set(data.rows_quarantined)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from health_mlops.faults import crash_point
 from health_mlops.fl.coordinator import Run, TaskKind, privacy_report
 from health_mlops.fl.messages import weighted_metrics
 from health_mlops.fl.store import CheckpointStore
@@ -53,6 +54,7 @@ class Publisher:
             if self._registry is None:
                 self._registry = self._registry_factory()
             version = self._registry.register(record, tolerance=self.tolerance)
+            crash_point("model_registered_unrecorded")
             outcome: dict[str, Any] = {"status": "registered", **version.to_json()}
         except Exception as error:  # noqa: BLE001 - any registry failure is reported on the run, not raised
             outcome = {"status": "failed", "reason": f"{type(error).__name__}: {error}"}

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from health_mlops.faults import crash_point
 from health_mlops.files import write_atomically
 
 
@@ -46,7 +47,7 @@ class CheckpointStore:
     def save_state(self, snapshot: dict[str, Any]) -> int:
         """Write the coordinator's snapshot; the bytes written."""
         body = json.dumps(snapshot, separators=(",", ":")).encode("utf-8")
-        write_atomically(self.state_path, body)
+        write_atomically(self.state_path, body, before_rename=lambda: crash_point("checkpoint_unrenamed"))
         return len(body)
 
     def load_state(self) -> dict[str, Any] | None:

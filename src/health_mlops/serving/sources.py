@@ -80,7 +80,9 @@ def hospitals_from_view(view: dict[str, Any], metric: str) -> list[HospitalStatu
         reported = [r for r in view["history"] if hospital in r["hospitals"]]
         last = reported[-1] if reported else None
         task = open_tasks.get(hospital)
-        if view["status"] != "running":
+        if hospital in (view.get("excluded") or {}):
+            status = f"left out: {view['excluded'][hospital]}"
+        elif view["status"] != "running":
             status = f"idle (run {view['status']})"
         elif task is None:
             status = "done for this round"
