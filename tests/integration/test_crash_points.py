@@ -17,21 +17,13 @@ import pytest
 
 from health_mlops.fl.messages import RunView, decode_weights
 from health_mlops.fl.strategies import Weights
-from tests.conftest import run_cli, run_cli_json
-from tests.integration.test_federation_processes import HOSPITALS, Cluster
+from tests.conftest import run_cli_json
+from tests.integration.test_federation_processes import HOSPITALS, Cluster, data  # noqa: F401 - a fixture
 
 # A round deadline far beyond the test: a round may close only because every hospital answered, never because
 # time ran out (a restored round whose closing was lost must close at once).
 RUN = {"rounds": 3, "local_epochs": 1, "min_hospitals": 3, "lease_s": 10, "round_deadline_s": 3600, "seed": 5}
 DEATH_TIMEOUT_S = 300  # generous: the wait ends as soon as the aggregator dies
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("crash-data") / "data"
-    run_cli("data", "generate", "--out", str(root), "--hospitals", "3", "--rows-per-hospital", "800", "--seed", "9",
-            home=root.parent / "generate-home")
-    return root
 
 
 @contextmanager
