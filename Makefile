@@ -89,6 +89,7 @@ bench: setup debs-bench
 	$(BIN)/python benchmarks/federation_overhead.py
 	$(BIN)/python benchmarks/poisoning.py
 	$(BIN)/python benchmarks/privacy.py
+	$(BIN)/python benchmarks/aggregation.py
 	$(BIN)/python benchmarks/serving.py
 
 clean:

@@ -23,7 +23,8 @@ from health_mlops.fl.coordinator import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker
 from health_mlops.fl.messages import TaskMessage, decode_weights, encode_result
 from health_mlops.fl.store import CheckpointStore
-from health_mlops.fl.strategies import ClientUpdate, aggregate_fedavg
+from health_mlops.fl.strategies import (ClientUpdate, ServerOptimiserState, StrategyConfig, aggregate,
+                                        aggregate_fedavg)
 from health_mlops.http_server import BackgroundServer
 from health_mlops.ml.baselines import split_hospitals
 from health_mlops.pki import CA, SERVER, cert_path, key_path
@@ -150,3 +151,33 @@ def test_a_refused_result_leaves_no_file(tmp_path: Path, workers: dict[str, Hosp
             duplicate = late.post(f"/v1/tasks/{run_id}.r1.a0.hospital-2/result", content=accepted[0].read_bytes())
             assert duplicate.status_code == 409
         assert aggregator.result_files(run_id) == accepted
+
+
+def test_a_restart_resumes_the_server_optimiser_from_its_own_file(tmp_path: Path,
+                                                                  workers: dict[str, HospitalWorker]) -> None:
+    aggregator = Aggregator(tmp_path)
+    config = StrategyConfig(name="fedyogi")
+    with aggregator.serving() as (url, _):
+        with aggregator.client(url, ADMIN) as admin:
+            run_id = admin.post("/v1/runs", json={"config": {**CONFIG, "strategy": {"name": "fedyogi"}}}).json()["id"]
+            for hospital in HOSPITALS:
+                answer(aggregator, url, hospital, workers[hospital])
+            entering = [decode_weights(admin.get(f"/v1/runs/{run_id}/rounds/1/weights").content)[0]]
+        first_round = [answer(aggregator, url, h, workers[h]) for h in HOSPITALS]
+    state_text = aggregator.store.state_path.read_text()
+    assert '"weights"' not in state_text and "moment" not in state_text  # arrays live in their own files
+    assert aggregator.store.optimiser_path(run_id, 2).is_file()
+    with aggregator.serving() as (url, _):  # restarted between the two fit rounds
+        second_round = [answer(aggregator, url, h, workers[h]) for h in HOSPITALS]
+        with aggregator.client(url, ADMIN) as admin:
+            final = decode_weights(admin.get(f"/v1/runs/{run_id}/rounds/3/weights").content)[0]
+
+    def updates(bodies: list[bytes]) -> list[ClientUpdate]:
+        return [ClientUpdate(decode_weights(b)[0], int(decode_weights(b)[1]["num_examples"])) for b in bodies]
+
+    # What an aggregator that never stopped computes: two FedYogi steps, the second from the first's moments.
+    weights, state = aggregate(config, entering[0], updates(first_round), ServerOptimiserState())
+    weights = {name: tensor.astype(np.float32) for name, tensor in weights.items()}  # as sent and kept
+    expected, _ = aggregate(config, weights, updates(second_round), state)
+    for name, tensor in expected.items():
+        np.testing.assert_allclose(final[name], tensor.astype(np.float32), rtol=1e-6, atol=1e-7)

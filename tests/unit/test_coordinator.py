@@ -47,6 +47,15 @@ def answer(coordinator: Coordinator, hospital: str, now: float, value: float = 1
     coordinator.submit(task.id, hospital, node, result, now)
 
 
+def arrays_of(coordinator: Coordinator) -> RoundArrays:
+    """What the service's files hold: each run's weights and optimiser moments entering its current round."""
+    def arrays(run_id: str, round_number: int) -> tuple[dict, dict, dict]:
+        run = coordinator.runs[run_id]
+        assert round_number == run.round
+        return run.weights, run.optimiser.first_moment, run.optimiser.second_moment
+    return arrays
+
+
 def test_a_run_goes_stats_fit_evaluate_and_completes() -> None:
     coordinator = start()
     run = coordinator.runs["run-1"]
@@ -150,7 +159,8 @@ def test_snapshot_and_restore_resume_the_same_run() -> None:
     interrupted = start(config)
     drive(interrupted, range(2))
     snapshot = json.loads(json.dumps(interrupted.snapshot()))  # through JSON, as the checkpoint file is
-    restored = Coordinator.restore(snapshot, stats_reducer)
+    assert "weights" not in json.dumps(snapshot) and "moment" not in json.dumps(snapshot)  # arrays: in files
+    restored = Coordinator.restore(snapshot, stats_reducer, round_arrays=arrays_of(interrupted))
     assert restored.runs["run-1"].round == 2 and restored.runs["run-1"].optimiser.steps == 1
     drive(restored, range(3))
     final, reference = restored.runs["run-1"], undisturbed.runs["run-1"]
@@ -218,7 +228,8 @@ def test_a_hospital_without_training_rows_is_left_out_with_its_reason() -> None:
     for hospital in ("hospital-1", "hospital-3"):
         answer(coordinator, hospital, now=3.0)
     assert run.status is RunStatus.completed and sorted(run.history[-1].hospitals) == ["hospital-1", "hospital-3"]
-    restored = Coordinator.restore(json.loads(json.dumps(coordinator.snapshot())), stats_reducer)
+    restored = Coordinator.restore(json.loads(json.dumps(coordinator.snapshot())), stats_reducer,
+                                   round_arrays=arrays_of(coordinator))
     assert restored.runs["run-1"].excluded == run.excluded
 
 

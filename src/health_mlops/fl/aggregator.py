@@ -42,6 +42,7 @@ from health_mlops.fl.messages import (SAFETENSORS_MEDIA_TYPE, LeaseMessage, Mess
                                       decode_weights, encode_weights, weighted_metrics)
 from health_mlops.fl.simulation import initial_weights
 from health_mlops.fl.store import CheckpointError, CheckpointStore
+from health_mlops.fl.strategies import Weights
 from health_mlops.http_edge import KIB, BodyLimit
 from health_mlops.http_errors import install_validation_handler
 from health_mlops.monitoring import AggregatorMetrics
@@ -161,7 +162,8 @@ class AggregatorService:
                 await self._persist(marks)
 
     async def _persist(self, marks: dict[str, tuple[int, int, str, int]]) -> None:
-        weights = [(run_id, round_number, self._encoded_weights(self.coordinator.runs[run_id]))
+        # A run entering a new round: its weights and optimiser moments, which the state does not hold.
+        weights = [(self.coordinator.runs[run_id], round_number, self._encoded_weights(self.coordinator.runs[run_id]))
                    for run_id, (round_number, *_) in marks.items()
                    if self.coordinator.runs[run_id].status is RunStatus.running
                    and self._progress.get(run_id, (None,))[0] != round_number]
@@ -176,14 +178,17 @@ class AggregatorService:
             log.exception("reporting a state change failed")
         await asyncio.get_running_loop().run_in_executor(self._writer, self._write, weights, snapshot, obsolete)
 
-    def _write(self, weights: list[tuple[str, int, bytes]], snapshot: dict[str, Any],
+    def _write(self, weights: list[tuple[Run, int, bytes]], snapshot: dict[str, Any],
                obsolete: set[tuple[str, str]]) -> None:
         started = time.perf_counter()
         if weights:
             crash_point("round_closed_weights_unwritten")
-        for run_id, round_number, body in weights:
-            self.store.save_weights(run_id, round_number, body)
+        for run, round_number, body in weights:
+            self.store.save_weights(run.id, round_number, body)
             self.metrics.checkpoint_bytes.labels("weights").inc(len(body))
+            if run.optimiser.steps:  # the moments of that round: replaced, never changed, by the next close
+                self.metrics.checkpoint_bytes.labels("optimiser").inc(self.store.save_optimiser(
+                    run.id, round_number, run.optimiser.first_moment, run.optimiser.second_moment))
         self.metrics.checkpoint_bytes.labels("state").inc(self.store.save_state(snapshot))
         for run_id, reference in obsolete:  # only once the state that no longer names them is durable
             self.store.remove_result(run_id, reference)
@@ -353,8 +358,15 @@ def restore_coordinator(store: CheckpointStore, spec: DatasetSpec) -> Coordinato
     saved = store.load_state()
     if saved is None:
         return Coordinator(reduce_stats, stats_columns=columns)
+    def round_arrays(run_id: str, round_number: int) -> tuple[Weights, Weights, Weights]:
+        body = store.load_weights(run_id, round_number)
+        if body is None:
+            raise CheckpointError(f"{store.weights_path(run_id, round_number)}: missing, and the checkpoint "
+                                  f"resumes {run_id} at round {round_number}")
+        return (decode_weights(body)[0], *store.load_optimiser(run_id, round_number))
+
     try:
-        return Coordinator.restore(saved, reduce_stats, stats_columns=columns,
+        return Coordinator.restore(saved, reduce_stats, stats_columns=columns, round_arrays=round_arrays,
                                    result_tensors=lambda task, reference: decode_weights(
                                        store.load_result(task.run_id, reference))[0])
     except (KeyError, TypeError, ValueError, MessageError) as error:

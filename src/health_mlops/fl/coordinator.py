@@ -21,7 +21,6 @@ incoming global model on its own test rows), and round R+1 evaluates the final m
 
 from __future__ import annotations
 
-import base64
 import functools
 import math
 import re
@@ -32,8 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from safetensors.numpy import load as load_tensors
-from safetensors.numpy import save as save_tensors
 
 from health_mlops.fl.errors import Conflict, CoordinatorError, Forbidden, NotFound, Rejected
 from health_mlops.fl.metadata import check_metadata
@@ -248,6 +245,8 @@ def _plan(privacy: PrivacyConfig, rows: int, batch_size: int, rounds: int, local
 
 # Turns the hospitals' stats results into the run's preprocessing (a dict stored with the run).
 StatsReducer = Callable[[list[dict[str, Any]]], dict[str, Any]]
+# (run id, round) -> the run's weights and server optimiser moments (first, second) entering that round.
+RoundArrays = Callable[[str, int], tuple[Weights, Weights, Weights]]
 
 
 def validate_update(current: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], norm_bound: float) -> None:
@@ -290,8 +289,7 @@ class Coordinator:
             raise ValueError("a run needs at least one enrolled hospital")
         if config.min_hospitals > len(hospitals):
             raise ValueError(f"min_hospitals {config.min_hospitals} exceeds the {len(hospitals)} enrolled")
-        run = Run(run_id, config, sorted(hospitals), weights={k: v.astype(np.float64) for k, v in
-                                                               initial_weights.items()})
+        run = Run(run_id, config, sorted(hospitals), weights=_as_sent(initial_weights))
         self.runs[run_id] = run
         self._open_round(run, now)
         return run
@@ -487,7 +485,8 @@ class Coordinator:
             run.preprocessing = preprocessing
         elif kind is TaskKind.fit:
             try:
-                run.weights, run.optimiser = self._aggregations[run.id].finish(run.optimiser)
+                aggregated, run.optimiser = self._aggregations[run.id].finish(run.optimiser)
+                run.weights = _as_sent(aggregated)
             except (ValueError, FloatingPointError) as error:  # the running sum is spent: the round cannot close
                 self._end(run, RunStatus.failed, f"round {run.round}: aggregation failed: {error}")
                 return
@@ -505,20 +504,22 @@ class Coordinator:
     # --- snapshot -------------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """The whole state as JSON-able data (the global weights as base64 safetensors), but for accepted
-        results' tensors: the service keeps each in its own file (`restore` reads them back)."""
+        """The whole state as JSON-able data but its arrays, which the service keeps in files of their own and
+        `restore` reads back: each run's weights and server optimiser moments entering its round, and each
+        accepted result's tensors. A snapshot is therefore small, whatever the model's size."""
         return {"runs": [_run_to_dict(r) for r in self.runs.values()],
                 "tasks": [{**vars(t), "kind": t.kind.value, "status": t.status.value} for t in self.tasks.values()],
                 "results": {k: {"metadata": r.metadata, "reference": r.reference} for k, r in self.results.items()}}
 
     @classmethod
-    def restore(cls, data: Mapping[str, Any], stats_reducer: StatsReducer, *, stats_columns: int | None = None,
+    def restore(cls, data: Mapping[str, Any], stats_reducer: StatsReducer, *, round_arrays: RoundArrays,
+                stats_columns: int | None = None,
                 result_tensors: Callable[[Task, str], Weights] | None = None) -> Coordinator:
-        """The coordinator `snapshot` captured; `result_tensors(task, reference)` gives back an accepted fit
-        result's tensors."""
+        """The coordinator `snapshot` captured; `round_arrays(run, round)` gives back a run's arrays entering its
+        round, `result_tensors(task, reference)` an accepted fit result's tensors."""
         coordinator = cls(stats_reducer, stats_columns=stats_columns)
         for raw in data["runs"]:
-            run = _run_from_dict(raw)
+            run = _run_from_dict(raw, round_arrays)
             coordinator.runs[run.id] = run
         for raw in data["tasks"]:
             task = Task(**{**raw, "kind": TaskKind(raw["kind"]), "status": TaskStatus(raw["status"])})
@@ -544,35 +545,31 @@ class Coordinator:
                 self._maybe_close(run, now)
 
 
-def _encode(weights: Mapping[str, np.ndarray]) -> str:
-    return base64.b64encode(save_tensors(dict(weights))).decode("ascii") if weights else ""
-
-
-def _decode(text: str) -> Weights:
-    return dict(load_tensors(base64.b64decode(text))) if text else {}
+def _as_sent(weights: Mapping[str, np.ndarray]) -> Weights:
+    """The global weights as hospitals receive them and the service keeps them (float32, the model's own
+    precision): aggregated in float64, kept as sent, so a restored run continues from exactly its weights."""
+    return {name: np.asarray(tensor, dtype=np.float32) for name, tensor in weights.items()}
 
 
 def _run_to_dict(run: Run) -> dict[str, Any]:
+    """A run's state but its arrays (weights, server optimiser moments): the service keeps those per round."""
     return {
         "id": run.id, "config": run.config.model_dump(), "hospitals": run.hospitals, "status": run.status.value,
         "reason": run.reason, "round": run.round, "attempt": run.attempt, "round_opened_at": run.round_opened_at,
-        "round_deadline": run.round_deadline,
-        "weights": _encode(run.weights), "preprocessing": run.preprocessing, "rejected": dict(run.rejected),
+        "round_deadline": run.round_deadline, "preprocessing": run.preprocessing, "rejected": dict(run.rejected),
         "example_limits": dict(run.example_limits), "excluded": dict(run.excluded),
-        "optimiser": {"first_moment": _encode(run.optimiser.first_moment),
-                      "second_moment": _encode(run.optimiser.second_moment), "steps": run.optimiser.steps},
+        "optimiser_steps": run.optimiser.steps,
         "history": [{**vars(h), "kind": h.kind.value} for h in run.history],
     }
 
 
-def _run_from_dict(raw: Mapping[str, Any]) -> Run:
-    optimiser = raw["optimiser"]
+def _run_from_dict(raw: Mapping[str, Any], arrays: RoundArrays) -> Run:
+    weights, first_moment, second_moment = arrays(raw["id"], raw["round"])
     return Run(
         id=raw["id"], config=RunConfig.model_validate(raw["config"]), hospitals=list(raw["hospitals"]),
         status=RunStatus(raw["status"]), reason=raw["reason"], round=raw["round"], attempt=raw["attempt"],
-        round_opened_at=raw["round_opened_at"], round_deadline=raw["round_deadline"], weights=_decode(raw["weights"]),
-        optimiser=ServerOptimiserState(_decode(optimiser["first_moment"]), _decode(optimiser["second_moment"]),
-                                       optimiser["steps"]),
+        round_opened_at=raw["round_opened_at"], round_deadline=raw["round_deadline"], weights=_as_sent(weights),
+        optimiser=ServerOptimiserState(first_moment, second_moment, raw["optimiser_steps"]),
         preprocessing=raw["preprocessing"], rejected=dict(raw["rejected"]), example_limits=dict(raw["example_limits"]),
         excluded=dict(raw.get("excluded", {})),
         history=[RoundRecord(**{**h, "kind": TaskKind(h["kind"])}) for h in raw["history"]])

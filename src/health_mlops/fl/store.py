@@ -10,6 +10,7 @@ the models directory:
                                                 the hospital is answered, removed once its round's closing is
                                                 durable (so a checkpoint costs O(model) per result, not O(N·model))
     runs/<run id>/round-<r>.safetensors         global weights entering round r (kept for every round)
+    runs/<run id>/round-<r>.optimiser.safetensors  FedAdam/FedYogi's moments entering round r (float64)
     runs/<run id>/registration.json             the registry's answer for the run's final model
 """
 
@@ -20,8 +21,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
+
 from health_mlops.faults import crash_point
 from health_mlops.files import write_atomically
+
+Weights = dict[str, Any]  # name -> numpy array
+_FIRST, _SECOND = "first/", "second/"  # tensor name prefixes of the optimiser's moments in one file
 
 
 class CheckpointError(Exception):
@@ -102,6 +110,28 @@ class CheckpointStore:
             return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
         except ValueError:
             return None  # torn by hand: register again
+
+    def optimiser_path(self, run_id: str, round_number: int) -> Path:
+        return self.models_dir / "runs" / run_id / f"round-{round_number}.optimiser.safetensors"
+
+    def save_optimiser(self, run_id: str, round_number: int, first: Weights, second: Weights) -> int:
+        """The server optimiser's moments entering a round; the bytes written."""
+        body = save_tensors({**{f"{_FIRST}{k}": v for k, v in first.items()},
+                             **{f"{_SECOND}{k}": v for k, v in second.items()}})
+        write_atomically(self.optimiser_path(run_id, round_number), body)
+        return len(body)
+
+    def load_optimiser(self, run_id: str, round_number: int) -> tuple[Weights, Weights]:
+        """(first, second) moments entering a round; empty before the optimiser's first step."""
+        path = self.optimiser_path(run_id, round_number)
+        if not path.exists():
+            return {}, {}
+        try:
+            tensors = load_tensors(path.read_bytes())
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointError(f"{path}: cannot read the server optimiser's state ({exc})") from None
+        return ({k.removeprefix(_FIRST): v for k, v in tensors.items() if k.startswith(_FIRST)},
+                {k.removeprefix(_SECOND): v for k, v in tensors.items() if k.startswith(_SECOND)})
 
     def load_weights(self, run_id: str, round_number: int) -> bytes | None:
         path = self.weights_path(run_id, round_number)
