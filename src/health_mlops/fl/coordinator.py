@@ -65,8 +65,12 @@ __all__ = ["Conflict", "Coordinator", "CoordinatorError", "Forbidden", "NotFound
            "RunStatus", "Task", "TaskKind", "TaskResult"]
 
 
-# A task's id: `<run>.r<round>.a<attempt>.<hospital>` (`Coordinator._open_round`).
+# A task's id, `<run>.r<round>.a<attempt>.<hospital>`: made by `_task_id`, read back by `unknown_task`.
 _TASK_ID = re.compile(r"(?P<run>.+)\.r(?P<round>\d+)\.a(?P<attempt>\d+)\.(?P<hospital>[^.]+)")
+
+
+def _task_id(run_id: str, round_number: int, attempt: int, hospital: str) -> str:
+    return f"{run_id}.r{round_number}.a{attempt}.{hospital}"
 
 # Past this much noise per clipped gradient, a model of this size learns next to nothing: a privacy budget that
 # needs more is refused rather than spent on a useless model (fl/privacy.py plans it).
@@ -313,7 +317,7 @@ class Coordinator:
         for hospital in run.hospitals:
             if hospital in run.excluded:
                 continue
-            task_id = f"{run.id}.r{run.round}.a{run.attempt}.{hospital}"
+            task_id = _task_id(run.id, run.round, run.attempt, hospital)
             self.tasks[task_id] = Task(task_id, run.id, run.round, run.attempt, kind, hospital)
 
     def unknown_task(self, task_id: str, hospital: str) -> CoordinatorError:

@@ -50,6 +50,19 @@ def decode_weights(body: bytes) -> tuple[Weights, dict[str, Any]]:
     return tensors, metadata
 
 
+def describe_result(body: bytes) -> dict[str, Any]:
+    """What a result body carries, from its header alone (no tensor is copied): each tensor's dtype and shape,
+    and the metadata as sent."""
+    try:
+        header_length = int.from_bytes(body[:8], "little")
+        header = json.loads(body[8:8 + header_length])
+        raw = header.pop("__metadata__", {}).get(_METADATA_KEY)
+        tensors = {name: {"dtype": spec["dtype"], "shape": spec["shape"]} for name, spec in sorted(header.items())}
+        return {"tensors": tensors, "metadata": {} if raw is None else json.loads(raw)}
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        return {"unreadable": f"{type(exc).__name__}: {exc}"}
+
+
 def encode_result(result: TaskResult) -> bytes:
     return encode_weights(result.tensors, result.metadata)
 

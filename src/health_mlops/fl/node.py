@@ -28,7 +28,7 @@ from health_mlops.data.split import split_indices
 from health_mlops.fl.client import HospitalClient
 from health_mlops.fl.coordinator import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker, suppressed_cells
-from health_mlops.fl.messages import MessageError, TaskMessage, decode_weights, encode_result
+from health_mlops.fl.messages import TaskMessage, decode_weights, describe_result, encode_result
 from health_mlops.fl.strategies import Weights
 from health_mlops.http_server import protocol_options
 from health_mlops.monitoring import NodeMetrics
@@ -65,7 +65,7 @@ class SentLog:
                                  "path": request.url.raw_path.decode("ascii"),
                                  "headers": sorted(request.headers.keys()), "body_bytes": len(body)}
         if body:
-            entry["content"] = describe_body(body)
+            entry["content"] = describe_result(body)  # the header only: no tensor is copied
         with self._lock:
             self._entries.append(entry)
             self.requests += 1
@@ -75,17 +75,6 @@ class SentLog:
         with self._lock:
             return {"requests": self.requests, "body_bytes": self.body_bytes, "kept": len(self._entries),
                     "log": list(self._entries)}
-
-
-def describe_body(body: bytes) -> dict[str, Any]:
-    """What a result body carries: each tensor's dtype and shape, and the metadata (counts, sums, suppressed
-    histograms, metrics) as sent."""
-    try:
-        tensors, metadata = decode_weights(body)
-    except MessageError as error:
-        return {"unreadable": str(error)}
-    return {"tensors": {name: {"dtype": str(t.dtype), "shape": list(t.shape)} for name, t in sorted(tensors.items())},
-            "metadata": metadata}
 
 
 @dataclass
