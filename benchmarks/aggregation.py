@@ -6,7 +6,7 @@ goes through the code path the aggregator's coordinator uses: a `RoundAggregatio
 updates one by one (`add`, as `Coordinator._accept` does for each accepted result), then `finish(state)` (as
 `_close_round` does). The time is that of construction + the N `add` + `finish`: the whole aggregation cost of a
 round. The model is one float32 tensor of P elements (the strategies work tensor by tensor, so one tensor is the
-worst case for their temporaries); `current`, the global model before the round, is float64 as the coordinator
+worst case for their temporaries); `current`, the global model before the round, is float32 as the coordinator
 keeps it. Updates are the global model plus a small per-hospital delta (seeded: base ~ 0.1 N(0,1), delta ~
 0.01 N(0,1)); example counts are seeded integers in [100, 5000].
 
@@ -24,13 +24,13 @@ Timings are the median of `--repeats` runs (default 3; bound and strategies inte
 Memory: in a separate run (tracing slows Python), `tracemalloc` (numpy reports its allocations to it) gives the
 peak of the bytes allocated from the start of the round (construction) to the end of `finish`, above what was
 allocated before: the inputs (memory-mapped, not allocations) and the global model are excluded; everything the
-round allocates is included, its float64 outputs too. "kept" is what is still allocated after `finish` (the new
+round allocates is included, its float32 outputs too. "kept" is what is still allocated after `finish` (the new
 global weights, and for fedyogi the new optimiser state). fedyogi is measured on a first round, from an empty
-`ServerOptimiserState()`: its two float64 moments are created during the round and counted. Ratios are to one
+`ServerOptimiserState()`: its two float32 moments are created during the round and counted. Ratios are to one
 update's bytes (4P).
 
-Accumulator error (N=200, a sample of coordinates): FedAvg's float64 running sum (our `RoundAggregation`), a plain
-float32 running sum and a compensated (Kahan) float32 one, against the exact weighted mean (`math.fsum` of the
+Accumulator error (N=200, a sample of coordinates): FedAvg's cascade of float32 partial sums (our `RoundAggregation`),
+a float64 running sum, a plain float32 running sum and a compensated (Kahan) float32 one, against the exact weighted mean (`math.fsum` of the
 exact float64 products, divided once), in float32 ulps of the exact value.
 
 Run with `make bench` (or `python benchmarks/aggregation.py [--hospitals N ...] [--params P ...]
@@ -38,15 +38,21 @@ Run with `make bench` (or `python benchmarks/aggregation.py [--hospitals N ...] 
 CPUs, 8 GB of temporary files at 200 x 10M). `--hospitals N --params P --json` runs one size and prints only a
 JSON list of {"strategy", "hospitals", "params", "seconds", "bound_seconds", "peak_extra_bytes", "update_bytes"}
 on stdout.
+
+Threads: FedAvg's fold is a BLAS call (saxpy), and OpenBLAS would spread it over every CPU where numpy's sum uses
+one; the benchmark pins BLAS to one thread (OPENBLAS_NUM_THREADS=1, unless set) so that both sides use one CPU.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy and scipy load OpenBLAS
 
 import argparse
 import gc
 import json
 import math
-import os
 import signal
 import statistics
 import sys
@@ -100,7 +106,7 @@ class Measurement:
 
 
 def write_updates(folder: Path, hospitals: int, params: int, seed: int) -> tuple[list[Path], list[int], np.ndarray]:
-    """N update files (float32 .npy), their example counts, and the global model before the round (float64)."""
+    """N update files (float32 .npy), their example counts, and the global model before the round (float32)."""
     base = (0.1 * np.random.default_rng([seed, params]).standard_normal(params, dtype=np.float32)).astype(np.float32)
     paths = []
     for hospital in range(hospitals):
@@ -116,7 +122,7 @@ def write_updates(folder: Path, hospitals: int, params: int, seed: int) -> tuple
         del array
         paths.append(path)
     examples = [int(n) for n in np.random.default_rng([seed, hospitals]).integers(100, 5001, size=hospitals)]
-    return paths, examples, base.astype(np.float64)
+    return paths, examples, base
 
 
 def open_updates(paths: Sequence[Path]) -> list[np.ndarray]:
@@ -239,12 +245,13 @@ class Error:
     max_ulps: float  # in float32 ulps of the exact mean
     median_ulps: float
     max_relative: float
+    max_of_magnitude: float  # error / the weighted mean of the values' magnitudes (what rounding scales with)
     differs: float  # share of coordinates whose result, rounded to float32, is not the exact mean rounded to float32
 
 
 def accumulator_errors(hospitals: int = 200, coordinates: int = 100_000, seed: int = SEED) -> list[Error]:
-    """FedAvg's weighted mean of `hospitals` updates on `coordinates` weights: our float64 running sum, a plain and
-    a compensated float32 running sum, each against the exact mean."""
+    """FedAvg's weighted mean of `hospitals` updates on `coordinates` weights: our cascade of float32 partial sums, a
+    float64 running sum, a plain and a compensated float32 running sum, each against the exact mean."""
     base = (0.1 * np.random.default_rng([seed, 0]).standard_normal(coordinates)).astype(np.float32)
     updates = [(base + 0.01 * np.random.default_rng([seed, 1, h]).standard_normal(coordinates, dtype=np.float32))
                .astype(np.float32) for h in range(hospitals)]
@@ -253,12 +260,17 @@ def accumulator_errors(hospitals: int = 200, coordinates: int = 100_000, seed: i
     # float32 x an integer below 2**13 is exact in float64 (24 + 13 bits); fsum rounds their sum once.
     products = np.stack([u.astype(np.float64) * n for u, n in zip(updates, examples)]).T.copy()
     exact = np.array([math.fsum(row) for row in products]) / total_examples
+    magnitude = np.abs(products).sum(axis=1) / total_examples
 
-    ours = RoundAggregation(StrategyConfig(name="fedavg"), {TENSOR: base.astype(np.float64)})
+    ours = RoundAggregation(StrategyConfig(name="fedavg"), {TENSOR: base})
     for update, n in zip(updates, examples):
         ours.add(ClientUpdate({TENSOR: update}, n))
-    float64_sum = ours.finish(ServerOptimiserState())[0][TENSOR]
+    cascade = ours.finish(ServerOptimiserState())[0][TENSOR]
 
+    float64_sum = np.zeros(coordinates, dtype=np.float64)
+    for update, n in zip(updates, examples):
+        float64_sum += update.astype(np.float64) * n
+    float64_sum /= total_examples
     plain = np.zeros(coordinates, dtype=np.float32)
     kahan, compensation = np.zeros(coordinates, dtype=np.float32), np.zeros(coordinates, dtype=np.float32)
     for update, n in zip(updates, examples):
@@ -274,11 +286,13 @@ def accumulator_errors(hospitals: int = 200, coordinates: int = 100_000, seed: i
     ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
     exact32 = exact.astype(np.float32)
     errors = []
-    for method, value in (("float64 running sum (ours)", float64_sum), ("float32 running sum", plain),
+    for method, value in (("float32 partial sums of 16, cascaded (ours)", cascade),
+                          ("float64 running sum", float64_sum), ("float32 running sum", plain),
                           ("Kahan float32 running sum", kahan)):
         error = np.abs(value.astype(np.float64) - exact)
         errors.append(Error(method, float(np.max(error / ulp)), float(np.median(error / ulp)),
-                            float(np.max(error / np.abs(exact))), float(np.mean(value.astype(np.float32) != exact32))))
+                            float(np.max(error / np.abs(exact))), float(np.max(error / magnitude)),
+                            float(np.mean(value.astype(np.float32) != exact32))))
     return errors
 
 
@@ -329,10 +343,10 @@ def verdicts(measurements: Sequence[Measurement]) -> list[str]:
 def error_lines(errors: Sequence[Error], hospitals: int, coordinates: int) -> list[str]:
     header = (f"Accumulator error, FedAvg over {hospitals} hospitals, {coordinates:,} coordinates, against the exact "
               f"weighted mean (math.fsum of exact float64 products, divided once); ulp: float32 ulp of the exact mean")
-    rows = ["| accumulator | max error (ulp) | median error (ulp) | max relative error | float32 result ≠ exact "
-            "rounded to float32 |", "|---|---:|---:|---:|---:|"]
-    rows += [f"| {e.method} | {e.max_ulps:.3g} | {e.median_ulps:.3g} | {e.max_relative:.2e} | {100 * e.differs:.2f} % |"
-             for e in errors]
+    rows = ["| accumulator | max error (ulp) | median error (ulp) | max relative error | max error / mean magnitude "
+            "| float32 result ≠ exact rounded to float32 |", "|---|---:|---:|---:|---:|---:|"]
+    rows += [f"| {e.method} | {e.max_ulps:.3g} | {e.median_ulps:.3g} | {e.max_relative:.2e} | "
+             f"{e.max_of_magnitude:.2e} | {100 * e.differs:.2f} % |" for e in errors]
     return [header, "", *rows]
 
 
@@ -344,7 +358,7 @@ def markdown(measurements: Sequence[Measurement], bound_peaks: dict[tuple[int, i
              "model one float32 tensor of P elements, updates memory-mapped `.npy` files (page cache warm). "
              "bound: the plain in-place float32 sum `total += update` of the same files in the same run. "
              "seconds: median of `runs` runs. peak extra: tracemalloc peak above the inputs and the global model "
-             "(float64 output and, for fedyogi, its first round's two moments included); kept: still allocated "
+             "(float32 output and, for fedyogi, its first round's two moments included); kept: still allocated "
              "after finish. update: 4P bytes. Method and definitions: the docstring of benchmarks/aggregation.py.",
              "",
              "| " + " | ".join(HEADERS) + " |",
@@ -410,11 +424,12 @@ def main() -> None:
         error_table = Table(title=f"FedAvg accumulator error, {ERROR_HOSPITALS} hospitals, "
                                   f"{ERROR_COORDINATES:,} coordinates, "
                                   "vs exact (float32 ulps of the exact mean)")
-        for name in ("accumulator", "max ulp", "median ulp", "max relative", "≠ exact in float32"):
+        for name in ("accumulator", "max ulp", "median ulp", "max relative", "max / magnitude",
+                     "≠ exact in float32"):
             error_table.add_column(name, justify="left" if name == "accumulator" else "right")
         for e in errors:
             error_table.add_row(e.method, f"{e.max_ulps:.3g}", f"{e.median_ulps:.3g}", f"{e.max_relative:.2e}",
-                                f"{100 * e.differs:.2f} %")
+                                f"{e.max_of_magnitude:.2e}", f"{100 * e.differs:.2f} %")
         console.print(error_table)
     console.print(f"{len(sizes)} sizes in {minutes:.1f} min")
     command = "python benchmarks/aggregation.py" + ("" if sys.argv[1:] == [] else " " + " ".join(sys.argv[1:]))
