@@ -6,24 +6,39 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, BinaryIO
 
 
-def write_atomically(path: Path, data: bytes, *, before_rename: Callable[[], None] | None = None) -> None:
+def temporary_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place (hidden, so no reader globbing for it sees it)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def open_atomically(path: Path) -> BinaryIO:
+    """A handle to write `path` through, a piece at a time: nothing is at `path` until `commit_atomically`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
+    return open(temporary_path(path), "wb")  # noqa: SIM115 - closed by commit_atomically
+
+
+def commit_atomically(handle: BinaryIO, path: Path, *, before_rename: Callable[[], None] | None = None) -> None:
+    """Make what was written through `handle` (from `open_atomically(path)`) durable and put it at `path`."""
+    with handle:
         handle.flush()
         os.fsync(handle.fileno())
     if before_rename is not None:
         before_rename()
-    os.replace(temporary, path)
+    os.replace(temporary_path(path), path)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)  # make the rename itself durable
     finally:
         os.close(folder)
+
+
+def write_atomically(path: Path, data: bytes, *, before_rename: Callable[[], None] | None = None) -> None:
+    handle = open_atomically(path)
+    handle.write(data)
+    commit_atomically(handle, path, before_rename=before_rename)
 
 
 def open_private(path: Path) -> IO[str]:

@@ -8,6 +8,7 @@ The hospitals are played by hand with leases far longer than the test, so nothin
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,8 +115,10 @@ def test_each_result_has_its_own_file_and_a_restart_mid_round_aggregates_the_sam
     # Stray files a crash could leave (written, never accepted) go at the next start; accepted ones stay.
     stray = aggregator.result_files(run_id)[0].with_name(f"{run_id}.r1.a0.hospital-3.deadbeef.safetensors")
     stray.write_bytes(b"written before a crash")
+    partial = stray.with_name(f".{run_id}.r1.a0.hospital-3.cafebabe.safetensors.tmp")
+    partial.write_bytes(b"half a body, cut by a crash")
     with aggregator.serving() as (url, _):
-        assert aggregator.result_files(run_id) == files
+        assert aggregator.result_files(run_id) == files and not partial.exists()
         sent["hospital-3"] = answer(aggregator, url, "hospital-3", workers["hospital-3"])  # closes round 1
         with aggregator.client(url, ADMIN) as admin:
             view = admin.get(f"/v1/runs/{run_id}").json()
@@ -181,3 +184,37 @@ def test_a_restart_resumes_the_server_optimiser_from_its_own_file(tmp_path: Path
     expected, _ = aggregate(config, weights, updates(second_round), state)
     for name, tensor in expected.items():
         np.testing.assert_allclose(final[name], tensor.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_a_fit_result_cut_short_or_unreadable_leaves_no_file_and_the_task_open(
+        tmp_path: Path, workers: dict[str, HospitalWorker]) -> None:
+    """A fit result is written to disk as it arrives: a body that is not a result, half a result, or one the
+    client abandons midway leaves nothing behind (not even a partial file), and the hospital can still answer."""
+    aggregator = Aggregator(tmp_path)
+    with aggregator.serving() as (url, _):
+        with aggregator.client(url, ADMIN) as admin:
+            run_id = admin.post("/v1/runs", json={"config": CONFIG}).json()["id"]
+        results = aggregator.models / "runs" / run_id / "results"
+        for hospital in HOSPITALS:  # round 0: stats
+            answer(aggregator, url, hospital, workers[hospital])
+        with aggregator.client(url, "hospital-1") as client:
+            task = next_task(client)
+            assert task.kind is TaskKind.fit
+            body = result_body(client, workers["hospital-1"], task)
+            for unreadable in (b"garbage", body[:len(body) // 2]):
+                response = client.post(f"/v1/tasks/{task.id}/result", content=unreadable)
+                assert response.status_code == 422 and response.json()["reason"] == "unreadable", response.text
+                assert [p for p in results.rglob("*") if p.is_file()] == []
+
+            def abandoned() -> Iterator[bytes]:
+                yield body[:1024]
+                raise ConnectionAbortedError("the hospital went away")
+
+            with pytest.raises(ConnectionAbortedError):
+                client.post(f"/v1/tasks/{task.id}/result", content=abandoned())
+            # The aggregator notices the connection drop on its own time: wait for its clean-up, however long.
+            while [p for p in results.rglob("*") if p.is_file()]:
+                time.sleep(0.05)
+            response = client.post(f"/v1/tasks/{task.id}/result", content=body)
+            assert response.status_code == 200, response.text
+        assert [p.read_bytes() for p in aggregator.result_files(run_id)] == [body]

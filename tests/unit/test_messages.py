@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from health_mlops.fl.coordinator import TaskResult
-from health_mlops.fl.messages import MessageError, decode_result, encode_result, weighted_metrics
+from health_mlops.fl.messages import MessageError, decode_result, encode_result, map_result, weighted_metrics
 
 
 def test_a_result_round_trips_with_tensors_and_metadata() -> None:
@@ -34,3 +36,33 @@ def test_federated_metrics_are_weighted_by_test_examples() -> None:
     hospitals = {"a": {"num_test_examples": 300, "metrics": {"auc": 0.9}},
                  "b": {"num_test_examples": 100, "metrics": {"auc": 0.5}}}
     assert weighted_metrics(hospitals) == pytest.approx({"auc": 0.8})
+
+
+def test_a_result_file_is_read_memory_mapped_with_its_metadata(tmp_path: Path) -> None:
+    tensors = {"layer.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "empty": np.zeros(0, np.float32),
+               "layer.bias": np.array([0.5, -1.25])}
+    path = tmp_path / "result.safetensors"
+    path.write_bytes(encode_result(TaskResult({"num_examples": 7}, tensors)))
+    mapped = map_result(path)
+    assert mapped.metadata == {"num_examples": 7}
+    for name, value in tensors.items():
+        assert mapped.tensors[name].dtype == np.float32 and mapped.tensors[name].shape == value.shape
+        np.testing.assert_array_equal(mapped.tensors[name], value.astype(np.float32))
+    assert isinstance(mapped.tensors["layer.weight"], np.memmap)  # read from the file when used, not loaded
+    assert not mapped.tensors["layer.weight"].flags.writeable
+
+
+@pytest.mark.parametrize("body", [b"", b"not a safetensors file", b"\xff" * 16])
+def test_unreadable_result_files_are_message_errors(tmp_path: Path, body: bytes) -> None:
+    path = tmp_path / "result.safetensors"
+    path.write_bytes(body)
+    with pytest.raises(MessageError):
+        map_result(path)
+
+
+def test_a_result_file_cut_short_is_a_message_error(tmp_path: Path) -> None:
+    body = encode_result(TaskResult({"num_examples": 7}, {"w": np.ones(1000, np.float32)}))
+    path = tmp_path / "result.safetensors"
+    path.write_bytes(body[:len(body) - 1])
+    with pytest.raises(MessageError):
+        map_result(path)

@@ -39,7 +39,7 @@ from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFo
 from health_mlops.fl.hospital import reduce_stats, suppressed_cells
 from health_mlops.fl.messages import (SAFETENSORS_MEDIA_TYPE, LeaseMessage, MessageError, OpenTaskView,
                                       ResultAccepted, RoundView, RunRequest, RunView, TaskMessage, decode_result,
-                                      decode_weights, encode_weights, weighted_metrics)
+                                      decode_weights, encode_weights, map_result, weighted_metrics)
 from health_mlops.fl.simulation import initial_weights
 from health_mlops.fl.store import CheckpointError, CheckpointStore
 from health_mlops.fl.strategies import Weights
@@ -119,18 +119,37 @@ class AggregatorService:
         return {(self.coordinator.tasks[task_id].run_id, result.reference)
                 for task_id, result in self.coordinator.results.items() if result.reference}
 
-    async def submit(self, task: Task, hospital: str, node: str, result: TaskResult, body: bytes) -> Task:
-        """Offer a result to the coordinator and checkpoint. A fit result is first written to its own file (a
-        name new for each submission, so a duplicate never touches the accepted one's file); once the state no
-        longer names it (refused, or its round closed) and that state is durable, the file is removed."""
-        if task.kind is TaskKind.fit:
-            result.reference = f"{task.id}.{secrets.token_hex(4)}"
-            written = (task.run_id, result.reference)
-            self._results_in_flight.add(written)
-            self._result_files_written.add(written)
-            await asyncio.get_running_loop().run_in_executor(self._writer, self._write_result, task.run_id,
-                                                             result.reference, body)
+    async def receive_result(self, task: Task, body: AsyncIterator[bytes]) -> TaskResult:
+        """A fit result, streamed to its own file as its body arrives (a name new for each submission, so a
+        duplicate never touches the accepted one's file), made durable, then read back memory-mapped: the
+        aggregator never holds a whole update in memory. Once no state names the file (refused, or its round
+        closed) and that state is durable, it is removed; an unreadable one (MessageError) at once."""
+        reference = f"{task.id}.{secrets.token_hex(4)}"
+        written = (task.run_id, reference)
+        self._results_in_flight.add(written)
+        self._result_files_written.add(written)
+        try:
+            handle = self.store.open_result(task.run_id, reference)
+            try:
+                async for chunk in body:
+                    handle.write(chunk)  # into the page cache: brief; made durable by the writer thread
+            except BaseException:
+                handle.close()
+                raise
+            size = await asyncio.get_running_loop().run_in_executor(self._writer, self.store.commit_result,
+                                                                    task.run_id, reference, handle)
+            self.metrics.checkpoint_bytes.labels("result").inc(size)
+            result = map_result(self.store.result_path(task.run_id, reference))
+        except BaseException:  # unreadable, cut short by the client or the body limit, or cancelled
+            self._results_in_flight.discard(written)
+            self._result_files_written.discard(written)
+            self.store.remove_result(*written)
+            raise
+        result.reference = reference
+        return result
 
+    async def submit(self, task: Task, hospital: str, node: str, result: TaskResult) -> Task:
+        """Offer a result to the coordinator and checkpoint (a fit result comes from `receive_result`)."""
         def offer(now: float) -> Task:
             self._results_in_flight.discard((task.run_id, result.reference))
             return self.coordinator.submit(task.id, hospital, node, result, now)
@@ -138,10 +157,6 @@ class AggregatorService:
         accepted = await self.change(offer, checkpoint=True)
         crash_point("result_accepted")
         return accepted
-
-    def _write_result(self, run_id: str, reference: str, body: bytes) -> None:
-        self.store.save_result(run_id, reference, body)
-        self.metrics.checkpoint_bytes.labels("result").inc(len(body))
 
     def _progress_marks(self) -> dict[str, tuple[int, int, str, int]]:
         return {r.id: (r.round, r.attempt, r.status.value, len(r.history)) for r in self.coordinator.runs.values()}
@@ -358,6 +373,7 @@ def restore_coordinator(store: CheckpointStore, spec: DatasetSpec) -> Coordinato
     saved = store.load_state()
     if saved is None:
         return Coordinator(reduce_stats, stats_columns=columns)
+
     def round_arrays(run_id: str, round_number: int) -> tuple[Weights, Weights, Weights]:
         body = store.load_weights(run_id, round_number)
         if body is None:
@@ -365,10 +381,17 @@ def restore_coordinator(store: CheckpointStore, spec: DatasetSpec) -> Coordinato
                                   f"resumes {run_id} at round {round_number}")
         return (decode_weights(body)[0], *store.load_optimiser(run_id, round_number))
 
+    def result_tensors(task: Task, reference: str) -> Weights:
+        path = store.result_path(task.run_id, reference)
+        try:
+            return map_result(path).tensors
+        except MessageError as error:
+            raise CheckpointError(f"{path}: an accepted result the checkpoint names cannot be read "
+                                  f"({error})") from None
+
     try:
         return Coordinator.restore(saved, reduce_stats, stats_columns=columns, round_arrays=round_arrays,
-                                   result_tensors=lambda task, reference: decode_weights(
-                                       store.load_result(task.run_id, reference))[0])
+                                   result_tensors=result_tensors)
     except (KeyError, TypeError, ValueError, MessageError) as error:
         raise CheckpointError(f"{store.state_path}: not a checkpoint this version can resume "
                               f"({type(error).__name__}: {error})") from None
@@ -516,14 +539,16 @@ def create_app(service_factory: Callable[[], AggregatorService],
             raise await _refusal(svc, request, svc.coordinator.unknown_task(task_id, hospital) if owned is None
                                  else Forbidden(f"task {task_id} belongs to another hospital"), hospital)
         kind = owned.kind.value
-        body = await request.body()  # its size bounded by `BodyLimit`
-        try:
-            result = decode_result(body)
+        try:  # the body's size is bounded by `BodyLimit`
+            if owned.kind is TaskKind.fit:
+                result = await svc.receive_result(owned, request.stream())
+            else:
+                result = decode_result(await request.body())
         except MessageError as error:
             svc.metrics.results.labels(kind, "unreadable").inc()
             return JSONResponse({"detail": str(error), "reason": "unreadable"}, status_code=422)
         try:
-            task = await svc.submit(owned, hospital, node, result, body)
+            task = await svc.submit(owned, hospital, node, result)
         except Rejected as error:
             svc.metrics.results.labels(kind, "rejected").inc()
             svc.metrics.updates_rejected.labels(error.reason).inc()

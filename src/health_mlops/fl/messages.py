@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
@@ -41,13 +42,52 @@ def decode_weights(body: bytes) -> tuple[Weights, dict[str, Any]]:
         tensors = dict(load_tensors(body))
         header_length = int.from_bytes(body[:8], "little")
         raw = json.loads(body[8:8 + header_length]).get("__metadata__", {}).get(_METADATA_KEY)
-        metadata = {} if raw is None else json.loads(raw)
     except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         # Any way a body can fail to parse (a dtype numpy lacks, nesting too deep, ...) is the sender's error.
         raise MessageError(f"body is not a readable safetensors result: {type(exc).__name__}: {exc}") from None
+    return tensors, _metadata(raw)
+
+
+def _metadata(raw: str | None) -> dict[str, Any]:
+    try:
+        metadata = {} if raw is None else json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise MessageError(f"result metadata is not JSON: {exc}") from None
     if not isinstance(metadata, dict):
         raise MessageError("result metadata must be a JSON object")
-    return tensors, metadata
+    return metadata
+
+
+# safetensors' dtype names of the arrays numpy can hold (it has no bfloat16 or float8).
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+                 "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+
+
+def map_result(path: Path) -> TaskResult:
+    """A result file's tensors as read-only arrays memory-mapped from it, so that they are read a block at a time
+    when used and never held whole in memory, and its metadata; raises MessageError for anything unreadable.
+    safetensors checks the header (every tensor's byte range against its dtype and shape, in the file); numpy
+    then views the data where the header says it lies."""
+    try:
+        with safe_open(path, framework="numpy") as handle:
+            names, raw = list(handle.keys()), (handle.metadata() or {}).get(_METADATA_KEY)
+        with open(path, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_length))
+    except (SafetensorError, OSError, ValueError, RecursionError) as exc:
+        raise MessageError(f"body is not a readable safetensors result: {type(exc).__name__}: {exc}") from None
+    data_start = 8 + header_length
+    data = (np.memmap(path, dtype=np.uint8, mode="r", offset=data_start) if path.stat().st_size > data_start
+            else np.empty(0, dtype=np.uint8))
+    tensors: Weights = {}
+    for name in names:
+        spec = header[name]
+        if spec["dtype"] not in _NUMPY_DTYPES:
+            raise MessageError(f"body is not a readable safetensors result: {name} is {spec['dtype']}, "
+                               "which numpy cannot hold")
+        begin, end = spec["data_offsets"]
+        tensors[name] = data[begin:end].view(_NUMPY_DTYPES[spec["dtype"]]).reshape(spec["shape"])
+    return TaskResult(_metadata(raw), tensors)
 
 
 def describe_result(body: bytes) -> dict[str, Any]:

@@ -6,11 +6,12 @@ the models directory:
 
     aggregator/state.json                       the coordinator (runs, tasks, accepted results' metadata and
                                                 file names), rewritten at every accepted result and round change
-    runs/<run id>/results/<name>.safetensors    an accepted fit result, as the hospital sent it: written before
-                                                the hospital is answered, removed once its round's closing is
-                                                durable (so a checkpoint costs O(model) per result, not O(N·model))
+    runs/<run id>/results/<name>.safetensors    a fit result, as the hospital sent it: streamed to disk as it
+                                                arrives and durable before it is offered to the coordinator (which
+                                                reads it memory-mapped), removed once no durable state names it
+                                                (so a checkpoint costs O(model) per result, not O(N·model))
     runs/<run id>/round-<r>.safetensors         global weights entering round r (kept for every round)
-    runs/<run id>/round-<r>.optimiser.safetensors  FedAdam/FedYogi's moments entering round r (float64)
+    runs/<run id>/round-<r>.optimiser.safetensors  FedAdam/FedYogi's moments entering round r
     runs/<run id>/registration.json             the registry's answer for the run's final model
 """
 
@@ -19,14 +20,14 @@ from __future__ import annotations
 import fcntl
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 
 from health_mlops.faults import crash_point
-from health_mlops.files import write_atomically
+from health_mlops.files import commit_atomically, open_atomically, temporary_path, write_atomically
 
 Weights = dict[str, Any]  # name -> numpy array
 _FIRST, _SECOND = "first/", "second/"  # tensor name prefixes of the optimiser's moments in one file
@@ -80,23 +81,26 @@ class CheckpointStore:
     def result_path(self, run_id: str, reference: str) -> Path:
         return self.models_dir / "runs" / run_id / "results" / f"{reference}.safetensors"
 
-    def save_result(self, run_id: str, reference: str, body: bytes) -> None:
-        write_atomically(self.result_path(run_id, reference), body)
+    def open_result(self, run_id: str, reference: str) -> BinaryIO:
+        """A result file to write as its body arrives; it exists once `commit_result` returns."""
+        return open_atomically(self.result_path(run_id, reference))
 
-    def load_result(self, run_id: str, reference: str) -> bytes:
-        path = self.result_path(run_id, reference)
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise CheckpointError(f"{path}: an accepted result the checkpoint names cannot be read ({exc})") from None
+    def commit_result(self, run_id: str, reference: str, handle: BinaryIO) -> int:
+        """Make a result written through `open_result` durable and put it in place; its size in bytes."""
+        size = handle.tell()
+        commit_atomically(handle, self.result_path(run_id, reference))
+        return size
 
     def remove_result(self, run_id: str, reference: str) -> None:
-        self.result_path(run_id, reference).unlink(missing_ok=True)
+        path = self.result_path(run_id, reference)
+        path.unlink(missing_ok=True)
+        temporary_path(path).unlink(missing_ok=True)
 
     def result_references(self) -> set[tuple[str, str]]:
-        """Every kept result file, as (run id, reference)."""
-        return {(path.parent.parent.name, path.name.removesuffix(".safetensors"))
-                for path in (self.models_dir / "runs").glob("*/results/*.safetensors")}
+        """Every result file, as (run id, reference), those cut short in writing included."""
+        return {(path.parent.parent.name, path.name.removeprefix(".").removesuffix(".tmp").removesuffix(".safetensors"))
+                for pattern in ("*/results/*.safetensors", "*/results/.*.safetensors.tmp")
+                for path in (self.models_dir / "runs").glob(pattern)}
 
     def registration_path(self, run_id: str) -> Path:
         return self.models_dir / "runs" / run_id / "registration.json"
