@@ -218,3 +218,33 @@ def test_a_fit_result_cut_short_or_unreadable_leaves_no_file_and_the_task_open(
             response = client.post(f"/v1/tasks/{task.id}/result", content=body)
             assert response.status_code == 200, response.text
         assert [p.read_bytes() for p in aggregator.result_files(run_id)] == [body]
+
+
+def test_completed_runs_leave_the_state_and_keep_their_record_and_final_model(
+        tmp_path: Path, workers: dict[str, HospitalWorker]) -> None:
+    aggregator = Aggregator(tmp_path)
+    config = {**CONFIG, "rounds": 1}
+    state_sizes, run_ids = [], []
+    with aggregator.serving() as (url, _):
+        for _ in range(3):  # three runs one after the other, each to completion (stats, fit, evaluate)
+            with aggregator.client(url, ADMIN) as admin:
+                run_ids.append(admin.post("/v1/runs", json={"config": config}).json()["id"])
+            for _ in range(3):
+                for hospital in HOSPITALS:
+                    answer(aggregator, url, hospital, workers[hospital])
+            state_sizes.append(aggregator.store.state_path.stat().st_size)
+        with aggregator.client(url, ADMIN) as admin:
+            before = {run_id: admin.get(f"/v1/runs/{run_id}").json() for run_id in run_ids}
+            final = admin.get(f"/v1/runs/{run_ids[0]}/rounds/2/weights").content
+    assert all(view["status"] == "completed" for view in before.values())
+    assert state_sizes[0] == state_sizes[1] == state_sizes[2]  # the state does not grow with completed runs
+    for run_id in run_ids:  # compacted: the record, the final model; no other round's arrays, no result file
+        folder = aggregator.models / "runs" / run_id
+        assert sorted(p.name for p in folder.iterdir()) == ["round-2.safetensors", "run.json"]
+    with aggregator.serving() as (url, _):  # restarted: the ended runs are read back from their records
+        with aggregator.client(url, ADMIN) as admin:
+            after = {run_id: admin.get(f"/v1/runs/{run_id}").json() for run_id in run_ids}
+            assert [view["id"] for view in admin.get("/v1/runs").json()] == run_ids
+            assert admin.get(f"/v1/runs/{run_ids[0]}/rounds/2/weights").content == final
+            assert admin.get(f"/v1/runs/{run_ids[0]}/rounds/1/weights").status_code == 404
+    assert after == before

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, RunConfig, RunStatus,
-                                         TaskKind, TaskResult)
+from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, ResultAccepted,
+                                         ResultRejected, RoundClosed, RoundOpened, RunConfig, RunEnded, RunStarted,
+                                         RunStatus, TaskKind, TaskResult)
 from health_mlops.fl.strategies import StrategyConfig
 
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
@@ -229,7 +230,8 @@ def test_a_hospital_without_training_rows_is_left_out_with_its_reason() -> None:
         answer(coordinator, hospital, now=3.0)
     assert run.status is RunStatus.completed and sorted(run.history[-1].hospitals) == ["hospital-1", "hospital-3"]
     restored = Coordinator.restore(json.loads(json.dumps(coordinator.snapshot())), stats_reducer,
-                                   round_arrays=arrays_of(coordinator))
+                                   round_arrays=arrays_of(coordinator),
+                                   ended_runs=[json.loads(json.dumps(coordinator.run_record("run-1")))])
     assert restored.runs["run-1"].excluded == run.excluded
 
 
@@ -254,3 +256,51 @@ def test_too_few_hospitals_with_rows_or_stats_that_cannot_be_combined_end_the_ru
         broken.submit(task.id, hospital, "a", TaskResult(stats(10)), 1.0)  # answered, not raised at the hospital
     assert broken.runs["run-2"].status is RunStatus.failed
     assert "cannot be combined: the sums do not describe the same columns" in broken.runs["run-2"].reason
+
+
+def test_every_operation_reports_what_happened() -> None:
+    coordinator = start(RunConfig(rounds=1, min_hospitals=2, round_deadline_s=60, lease_s=10))
+    assert coordinator.take_events() == [RunStarted("run-1"), RoundOpened("run-1", 0, 0)]
+    assert coordinator.take_events() == []  # each event is taken once
+    for hospital in HOSPITALS:
+        answer(coordinator, hospital, now=1.0)
+    events = coordinator.take_events()
+    assert events[:3] == [ResultAccepted("run-1", f"run-1.r0.a0.{h}", TaskKind.stats) for h in HOSPITALS]
+    assert [type(e) for e in events[3:]] == [RoundClosed, RoundOpened]
+    assert events[3].record is coordinator.runs["run-1"].history[0] and events[4] == RoundOpened("run-1", 1, 0)
+    task = coordinator.next_task("hospital-1", "a", 2.0)
+    assert task is not None and coordinator.take_events() == []  # a lease changes nothing durable
+    with pytest.raises(Rejected):
+        coordinator.submit(task.id, "hospital-1", "a", TaskResult(fitted(), {"w": np.full(3, np.nan),
+                                                                            "b": np.ones(1)}), 2.0)
+    assert coordinator.take_events() == [ResultRejected("run-1", task.id, TaskKind.fit, "non_finite")]
+    coordinator.cancel_run("run-1")
+    assert coordinator.take_events() == [RunEnded("run-1", RunStatus.cancelled, "cancelled by an admin")]
+
+
+def test_the_snapshot_holds_running_runs_only_and_ended_ones_come_back_from_their_records() -> None:
+    coordinator = Coordinator(stats_reducer)
+    config = RunConfig(rounds=1, min_hospitals=3, round_deadline_s=60, lease_s=10)
+    sizes = []
+    for number in range(1, 4):  # three runs, each completed before the next starts
+        coordinator.start_run(f"run-{number}", config, HOSPITALS, INITIAL, now=float(number))
+        for _ in range(3):
+            for hospital in HOSPITALS:
+                answer(coordinator, hospital, now=float(number))
+        assert coordinator.runs[f"run-{number}"].status is RunStatus.completed
+        sizes.append(len(json.dumps(coordinator.snapshot())))
+    assert sizes[0] == sizes[1] == sizes[2] and json.loads(json.dumps(coordinator.snapshot()))["runs"] == []
+    coordinator.start_run("run-4", config, HOSPITALS, INITIAL, now=4.0)
+    records = [json.loads(json.dumps(coordinator.run_record(f"run-{n}"))) for n in range(1, 4)]
+    restored = Coordinator.restore(json.loads(json.dumps(coordinator.snapshot())), stats_reducer,
+                                   round_arrays=arrays_of(coordinator), ended_runs=records)
+    assert list(restored.runs) == ["run-1", "run-2", "run-3", "run-4"]
+    for number in range(1, 4):
+        ended, original = restored.runs[f"run-{number}"], coordinator.runs[f"run-{number}"]
+        assert ended.status is RunStatus.completed and ended.history == original.history
+        assert ended.weights == {}  # an ended run's arrays are in the service's files, not in memory
+    assert restored.runs["run-4"].round == 0 and restored.take_events() == []
+    with pytest.raises(ValueError, match="running"):
+        coordinator.run_record("run-4")
+    coordinator.release_arrays("run-1")
+    assert coordinator.runs["run-1"].weights == {}

@@ -44,7 +44,7 @@ def test_each_hospital_spends_at_most_its_budget_over_the_run(splits: list[Hospi
     assert report is not None and report["epsilon"] == max(spent.values()) and report["delta"] == 1e-5
     assert {h: p["epsilon"] for h, p in report["hospitals"].items()} == spent
     assert all(p["noise_multiplier"] > 0.5 for p in report["hospitals"].values())
-    record = training_record(run, SPEC)  # what the registry gets: the run's ε and δ with the model
+    record = training_record(run, SPEC, run.weights)  # what the registry gets: the run's ε and δ with the model
     assert record.privacy == {"epsilon": max(spent.values()), "delta": 1e-5}
     assert record.hospital_epsilons == spent
 
@@ -52,7 +52,7 @@ def test_each_hospital_spends_at_most_its_budget_over_the_run(splits: list[Hospi
 def test_a_run_without_a_budget_reports_no_privacy(splits: list[HospitalSplit]) -> None:
     _, run = run_federated_in_memory(SPEC, splits, RunConfig(rounds=1, min_hospitals=3))
     assert privacy_report(run) is None and privacy_spent(run) == {}
-    assert training_record(run, SPEC).privacy is None
+    assert training_record(run, SPEC, run.weights).privacy is None
 
 
 def test_a_budget_that_cannot_be_met_ends_the_run_before_any_hospital_trains(splits: list[HospitalSplit]) -> None:

@@ -34,11 +34,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from health_mlops.audit import AuditLog
 from health_mlops.data.preprocess import encoded_columns
 from health_mlops.faults import crash_point
-from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, Run, RunStatus, Task,
-                                         TaskKind, TaskResult, privacy_report)
+from health_mlops.fl.coordinator import (Conflict, Coordinator, Event, Forbidden, NotFound, Rejected, ResultAccepted,
+                                         ResultRejected, RoundClosed, RoundOpened, Run, RunEnded, RunStarted,
+                                         RunStatus, Task, TaskKind, TaskResult, privacy_report)
 from health_mlops.fl.hospital import reduce_stats, suppressed_cells
 from health_mlops.fl.messages import (SAFETENSORS_MEDIA_TYPE, LeaseMessage, MessageError, OpenTaskView,
-                                      ResultAccepted, RoundView, RunRequest, RunView, TaskMessage, decode_result,
+                                      ResultReceipt, RoundView, RunRequest, RunView, TaskMessage, decode_result,
                                       decode_weights, encode_weights, map_result, weighted_metrics)
 from health_mlops.fl.simulation import initial_weights
 from health_mlops.fl.store import CheckpointError, CheckpointStore
@@ -92,6 +93,15 @@ class AggregatorService:
         self.metrics = metrics or AggregatorMetrics()
         self.clock = clock
         self.coordinator = restore_coordinator(store, spec)
+        # Runs that ended before the restart: each has its record (a state from before records were kept still
+        # holds them) and is compacted (the restart may have cut its compaction short).
+        for run in self.coordinator.runs.values():
+            if run.status is not RunStatus.running:
+                if not store.run_record_path(run.id).exists():
+                    store.save_run_record(run.id, self.coordinator.run_record(run.id))
+                store.compact_run(run.id, run.round)
+        # Rounds settled before the restart close now; their events are persisted by the first change (the
+        # deadline ticker's, within TICK_SECONDS).
         self.coordinator.resume(clock())
         # Result files on disk (removed once no durable state names them), and those written whose result the
         # coordinator has not yet been offered (never removed meanwhile).
@@ -99,7 +109,6 @@ class AggregatorService:
         self._results_in_flight: set[tuple[str, str]] = set()
         for run_id, reference in store.result_references() - self._result_files_written:
             store.remove_result(run_id, reference)  # written, but its acceptance never became durable
-        self._progress = self._progress_marks()
         self._weights_cache: dict[tuple[str, int], bytes] = {}
         self._wakeup = asyncio.Event()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")  # one: writes stay in order
@@ -158,43 +167,47 @@ class AggregatorService:
         crash_point("result_accepted")
         return accepted
 
-    def _progress_marks(self) -> dict[str, tuple[int, int, str, int]]:
-        return {r.id: (r.round, r.attempt, r.status.value, len(r.history)) for r in self.coordinator.runs.values()}
-
     async def change(self, operation: Callable[[float], T], *, checkpoint: bool = False) -> T:
-        """Run one coordinator operation; if it moved any run on (or `checkpoint`: it took a result), write the
-        checkpoint before answering. Waiting nodes are woken first: a new round's tasks go out while the
-        checkpoint is written (if that write is lost in a crash, so are those tasks; the restored round is
-        handed out again).
+        """Run one coordinator operation; if it did anything durable (its events) or `checkpoint` (it took a
+        result), write the checkpoint before answering. Waiting nodes are woken first: a new round's tasks go
+        out while the checkpoint is written (if that write is lost in a crash, so are those tasks; the restored
+        round is handed out again).
 
         The checkpoint is written even when the operation raised (a rejected update can close a round).
         """
         try:
             return operation(self.clock())
         finally:
-            marks = self._progress_marks()
-            if checkpoint or marks != self._progress:
-                await self._persist(marks)
+            events = self.coordinator.take_events()
+            if checkpoint or events:
+                await self._persist(events)
 
-    async def _persist(self, marks: dict[str, tuple[int, int, str, int]]) -> None:
-        # A run entering a new round: its weights and optimiser moments, which the state does not hold.
-        weights = [(self.coordinator.runs[run_id], round_number, self._encoded_weights(self.coordinator.runs[run_id]))
-                   for run_id, (round_number, *_) in marks.items()
-                   if self.coordinator.runs[run_id].status is RunStatus.running
-                   and self._progress.get(run_id, (None,))[0] != round_number]
+    async def _persist(self, events: list[Event]) -> None:
+        runs = self.coordinator.runs
+        # A run entering a new round: its weights and optimiser moments, which the state does not hold (a retry
+        # of the round has the same ones).
+        weights = [(runs[e.run_id], e.round, self._encoded_weights(runs[e.run_id])) for e in events
+                   if isinstance(e, RoundOpened) and e.attempt == 0 and runs[e.run_id].round == e.round
+                   and runs[e.run_id].status is RunStatus.running]
+        # A run that ended: its record leaves the state for a file of its own, and its arrays leave memory
+        # (its last round's weights are in their file).
+        ended = [runs[e.run_id] for e in events if isinstance(e, RunEnded)]
+        records = [(run.id, run.round, self.coordinator.run_record(run.id)) for run in ended]
+        for run in ended:
+            self.coordinator.release_arrays(run.id)
         snapshot = self.coordinator.snapshot()  # taken now, in the loop; written in order by one thread
         obsolete = self._result_files_written - self._result_files() - self._results_in_flight
         self._result_files_written -= obsolete
-        previous, self._progress = self._progress, marks
         self.wake_waiters()
         try:  # what follows only reports the change, and must not break the service
-            self._report(previous, marks)
+            self._report(events)
         except Exception:
             log.exception("reporting a state change failed")
-        await asyncio.get_running_loop().run_in_executor(self._writer, self._write, weights, snapshot, obsolete)
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._write, weights, records, snapshot,
+                                                         obsolete)
 
-    def _write(self, weights: list[tuple[Run, int, bytes]], snapshot: dict[str, Any],
-               obsolete: set[tuple[str, str]]) -> None:
+    def _write(self, weights: list[tuple[Run, int, bytes]], records: list[tuple[str, int, dict[str, Any]]],
+               snapshot: dict[str, Any], obsolete: set[tuple[str, str]]) -> None:
         started = time.perf_counter()
         if weights:
             crash_point("round_closed_weights_unwritten")
@@ -204,29 +217,37 @@ class AggregatorService:
             if run.optimiser.steps:  # the moments of that round: replaced, never changed, by the next close
                 self.metrics.checkpoint_bytes.labels("optimiser").inc(self.store.save_optimiser(
                     run.id, round_number, run.optimiser.first_moment, run.optimiser.second_moment))
+        for run_id, _, record in records:  # before the state that no longer holds them
+            self.metrics.checkpoint_bytes.labels("run").inc(self.store.save_run_record(run_id, record))
         self.metrics.checkpoint_bytes.labels("state").inc(self.store.save_state(snapshot))
         for run_id, reference in obsolete:  # only once the state that no longer names them is durable
             self.store.remove_result(run_id, reference)
+        for run_id, last_round, _ in records:
+            self.store.compact_run(run_id, last_round)
         self.metrics.checkpoint_duration.observe(time.perf_counter() - started)
 
-    def _report(self, previous: dict[str, tuple[int, int, str, int]],
-                marks: dict[str, tuple[int, int, str, int]]) -> None:
-        for run_id, (_, _, status, closed) in marks.items():
-            run = self.coordinator.runs[run_id]
-            before = previous.get(run_id)
-            for record in run.history[before[3] if before else 0:closed]:
-                self._observe_round(record.kind, record.closed_at - record.opened_at, record.hospitals)
-                log.info("%s: round %d (%s) closed with %d/%d hospitals in %.3f s", run_id, record.round,
-                         record.kind.value, len(record.hospitals), len(run.hospitals),
-                         record.closed_at - record.opened_at)
-            if before is None:
-                log.info("%s: started with %s", run_id, ", ".join(run.hospitals))
-            elif before[2] != status and run.status is not RunStatus.running:
-                self.metrics.runs_ended.labels(status).inc()
-                log.info("%s: %s %s", run_id, status, run.reason)
-                self.audit("run_ended", "aggregator", run=run_id, status=status, reason=run.reason)
-                if run.status is RunStatus.completed:
-                    self._publish(run)
+    def _report(self, events: list[Event]) -> None:
+        runs = self.coordinator.runs
+        for event in events:
+            match event:
+                case RunStarted(run_id=run_id):
+                    log.info("%s: started with %s", run_id, ", ".join(runs[run_id].hospitals))
+                case RoundClosed(run_id=run_id, record=record):
+                    self._observe_round(record.kind, record.closed_at - record.opened_at, record.hospitals)
+                    log.info("%s: round %d (%s) closed with %d/%d hospitals in %.3f s", run_id, record.round,
+                             record.kind.value, len(record.hospitals), len(runs[run_id].hospitals),
+                             record.closed_at - record.opened_at)
+                case ResultAccepted(kind=kind):
+                    self.metrics.results.labels(kind.value, "accepted").inc()
+                case ResultRejected(kind=kind, reason=reason):
+                    self.metrics.results.labels(kind.value, "rejected").inc()
+                    self.metrics.updates_rejected.labels(reason).inc()
+                case RunEnded(run_id=run_id, status=status, reason=reason):
+                    self.metrics.runs_ended.labels(status.value).inc()
+                    log.info("%s: %s %s", run_id, status.value, reason)
+                    self.audit("run_ended", "aggregator", run=run_id, status=status.value, reason=reason)
+                    if status is RunStatus.completed:
+                        self._publish(runs[run_id])
         self._update_gauges()
 
     def audit(self, action: str, actor: str, *, outcome: str = "ok", **details: Any) -> None:
@@ -370,9 +391,7 @@ class AggregatorService:
 def restore_coordinator(store: CheckpointStore, spec: DatasetSpec) -> Coordinator:
     """The coordinator as last checkpointed (a fresh one on a first start)."""
     columns = len(encoded_columns(spec))
-    saved = store.load_state()
-    if saved is None:
-        return Coordinator(reduce_stats, stats_columns=columns)
+    saved = store.load_state() or {"runs": [], "tasks": [], "results": {}}  # a first start: nothing
 
     def round_arrays(run_id: str, round_number: int) -> tuple[Weights, Weights, Weights]:
         body = store.load_weights(run_id, round_number)
@@ -391,7 +410,7 @@ def restore_coordinator(store: CheckpointStore, spec: DatasetSpec) -> Coordinato
 
     try:
         return Coordinator.restore(saved, reduce_stats, stats_columns=columns, round_arrays=round_arrays,
-                                   result_tensors=result_tensors)
+                                   result_tensors=result_tensors, ended_runs=store.load_run_records())
     except (KeyError, TypeError, ValueError, MessageError) as error:
         raise CheckpointError(f"{store.state_path}: not a checkpoint this version can resume "
                               f"({type(error).__name__}: {error})") from None
@@ -538,7 +557,7 @@ def create_app(service_factory: Callable[[], AggregatorService],
         if owned is None or owned.hospital != hospital:  # before reading the body: another's task is not ours
             raise await _refusal(svc, request, svc.coordinator.unknown_task(task_id, hospital) if owned is None
                                  else Forbidden(f"task {task_id} belongs to another hospital"), hospital)
-        kind = owned.kind.value
+        kind = owned.kind.value  # accepted and rejected results are counted from the coordinator's events
         try:  # the body's size is bounded by `BodyLimit`
             if owned.kind is TaskKind.fit:
                 result = await svc.receive_result(owned, request.stream())
@@ -550,14 +569,11 @@ def create_app(service_factory: Callable[[], AggregatorService],
         try:
             task = await svc.submit(owned, hospital, node, result)
         except Rejected as error:
-            svc.metrics.results.labels(kind, "rejected").inc()
-            svc.metrics.updates_rejected.labels(error.reason).inc()
             return JSONResponse({"detail": str(error), "reason": error.reason}, status_code=422)
         except (NotFound, Forbidden, Conflict) as error:
             svc.metrics.results.labels(kind, "refused").inc()
             raise await _refusal(svc, request, error, hospital) from None
-        svc.metrics.results.labels(kind, "accepted").inc()
-        return ResultAccepted(task_id=task.id, round=task.round, run_round=svc.coordinator.runs[task.run_id].round)
+        return ResultReceipt(task_id=task.id, round=task.round, run_round=svc.coordinator.runs[task.run_id].round)
 
     return BodyLimit(app, lambda path: body_limit(path, max_result_bytes))
 

@@ -12,8 +12,11 @@ clock. The rules it enforces:
 - A round closes when every enrolled hospital has answered, or at its deadline when at least
   `min_hospitals` have; otherwise it is retried with fresh tasks, and after `max_round_retries` the run
   fails with a clear reason.
-- `snapshot()` captures the whole state; `Coordinator.restore()` brings it back, so a restarted aggregator
-  resumes at the last closed round.
+- Every operation reports what it did as events (`take_events()`: a run started or ended, a round opened or
+  closed, a result accepted or rejected), which the service persists, logs and counts.
+- `snapshot()` captures the running runs; an ended run's record (`run_record`) is kept apart by the service,
+  so the snapshot does not grow with completed runs. `Coordinator.restore()` brings both back, so a
+  restarted aggregator resumes at the last closed round.
 
 Round 0 collects statistics (`stats`), rounds 1..R train (`fit`, each hospital first evaluating the
 incoming global model on its own test rows), and round R+1 evaluates the final model (`evaluate`).
@@ -24,7 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -277,6 +280,49 @@ def validate_update(current: Mapping[str, np.ndarray], update: Mapping[str, np.n
         raise Rejected("norm_exceeded", f"update norm {math.sqrt(squared):.3g} exceeds the bound {norm_bound:g}")
 
 
+@dataclass(frozen=True)
+class RunStarted:
+    run_id: str
+
+
+@dataclass(frozen=True)
+class RoundOpened:
+    run_id: str
+    round: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class RoundClosed:
+    run_id: str
+    record: RoundRecord
+
+
+@dataclass(frozen=True)
+class RunEnded:
+    run_id: str
+    status: RunStatus
+    reason: str
+
+
+@dataclass(frozen=True)
+class ResultAccepted:
+    run_id: str
+    task_id: str
+    kind: TaskKind
+
+
+@dataclass(frozen=True)
+class ResultRejected:
+    run_id: str
+    task_id: str
+    kind: TaskKind
+    reason: str
+
+
+Event = RunStarted | RoundOpened | RoundClosed | RunEnded | ResultAccepted | ResultRejected
+
+
 class Coordinator:
     def __init__(self, stats_reducer: StatsReducer, *, stats_columns: int | None = None) -> None:
         self._stats_columns = stats_columns  # how many columns a stats result must describe, when known
@@ -287,6 +333,12 @@ class Coordinator:
         # restore, so it is never checkpointed)
         self._aggregations: dict[str, RoundAggregation] = {}
         self._stats_reducer = stats_reducer
+        self._events: list[Event] = []
+
+    def take_events(self) -> list[Event]:
+        """What happened since the last call, in order."""
+        events, self._events = self._events, []
+        return events
 
     # --- runs -----------------------------------------------------------------------------------------
 
@@ -300,6 +352,7 @@ class Coordinator:
             raise ValueError(f"min_hospitals {config.min_hospitals} exceeds the {len(hospitals)} enrolled")
         run = Run(run_id, config, sorted(hospitals), weights=_as_sent(initial_weights))
         self.runs[run_id] = run
+        self._events.append(RunStarted(run_id))
         self._open_round(run, now)
         return run
 
@@ -324,6 +377,7 @@ class Coordinator:
                 continue
             task_id = _task_id(run.id, run.round, run.attempt, hospital)
             self.tasks[task_id] = Task(task_id, run.id, run.round, run.attempt, kind, hospital)
+        self._events.append(RoundOpened(run.id, run.round, run.attempt))
 
     def unknown_task(self, task_id: str, hospital: str) -> CoordinatorError:
         """Why a task this coordinator does not hold is refused. Tasks of closed rounds are forgotten (a
@@ -359,6 +413,15 @@ class Coordinator:
     def _end(self, run: Run, status: RunStatus, reason: str) -> None:
         run.status, run.reason = status, reason
         self._clear_round(run)
+        self._forget_tasks_before(run, run.round + 1)  # any late answer is a Conflict (`unknown_task`)
+        self._events.append(RunEnded(run.id, status, reason))
+
+    def release_arrays(self, run_id: str) -> None:
+        """Drop an ended run's weights and optimiser moments from memory (the service keeps them in files)."""
+        run = self._run(run_id)
+        if run.status is RunStatus.running:
+            raise ValueError(f"{run_id} is running: its arrays are needed")
+        run.weights, run.optimiser = {}, ServerOptimiserState(steps=run.optimiser.steps)
 
     # --- tasks ----------------------------------------------------------------------------------------
 
@@ -401,10 +464,12 @@ class Coordinator:
         except Rejected as refusal:
             task.status = TaskStatus.rejected
             run.rejected[refusal.reason] = run.rejected.get(refusal.reason, 0) + 1
+            self._events.append(ResultRejected(run.id, task.id, task.kind, refusal.reason))
             self._maybe_close(run, now)
             raise
         task.status = TaskStatus.done
         self._accept(run, task, result)
+        self._events.append(ResultAccepted(run.id, task.id, task.kind))
         self._maybe_close(run, now)
         return task
 
@@ -502,6 +567,7 @@ class Coordinator:
         self._clear_round(run)
         run.history.append(RoundRecord(run.round, kind, {h: r.metadata for h, r in results.items()}, nodes,
                                        run.round_opened_at, now, run.attempt + 1))
+        self._events.append(RoundClosed(run.id, run.history[-1]))
         self._forget_tasks_before(run, run.round)
         if run.round == run.final_round:
             self._end(run, RunStatus.completed, "")
@@ -513,22 +579,35 @@ class Coordinator:
     # --- snapshot -------------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """The whole state as JSON-able data but its arrays, which the service keeps in files of their own and
-        `restore` reads back: each run's weights and server optimiser moments entering its round, and each
-        accepted result's tensors. A snapshot is therefore small, whatever the model's size."""
-        return {"runs": [_run_to_dict(r) for r in self.runs.values()],
+        """The running runs' state as JSON-able data but its arrays, which the service keeps in files of their own
+        and `restore` reads back: each run's weights and server optimiser moments entering its round, and each
+        accepted result's tensors. A snapshot is therefore small, whatever the model's size, and ended runs are
+        not in it (their records, `run_record`, are kept apart): it does not grow with the runs completed."""
+        return {"runs": [_run_to_dict(r) for r in self.runs.values() if r.status is RunStatus.running],
                 "tasks": [{**vars(t), "kind": t.kind.value, "status": t.status.value} for t in self.tasks.values()],
                 "results": {k: {"metadata": r.metadata, "reference": r.reference} for k, r in self.results.items()}}
 
+    def run_record(self, run_id: str) -> dict[str, Any]:
+        """An ended run as JSON-able data (its history, outcome and settings; no arrays), for `restore`."""
+        run = self._run(run_id)
+        if run.status is RunStatus.running:
+            raise ValueError(f"{run_id} is running: its state is in the snapshot")
+        return _run_to_dict(run)
+
     @classmethod
     def restore(cls, data: Mapping[str, Any], stats_reducer: StatsReducer, *, round_arrays: RoundArrays,
-                stats_columns: int | None = None,
-                result_tensors: Callable[[Task, str], Weights] | None = None) -> Coordinator:
-        """The coordinator `snapshot` captured; `round_arrays(run, round)` gives back a run's arrays entering its
-        round, `result_tensors(task, reference)` an accepted fit result's tensors."""
+                stats_columns: int | None = None, result_tensors: Callable[[Task, str], Weights] | None = None,
+                ended_runs: Iterable[Mapping[str, Any]] = ()) -> Coordinator:
+        """The coordinator `snapshot` captured, with the `ended_runs` records (`run_record`) beside it, in the
+        order they started; `round_arrays(run, round)` gives back a running run's arrays entering its round,
+        `result_tensors(task, reference)` an accepted fit result's tensors. Ended runs come back without
+        arrays."""
         coordinator = cls(stats_reducer, stats_columns=stats_columns)
-        for raw in data["runs"]:
-            run = _run_from_dict(raw, round_arrays)
+        running = {raw["id"] for raw in data["runs"]}
+        for raw in sorted([*data["runs"], *(r for r in ended_runs if r["id"] not in running)],
+                          key=lambda raw: raw["id"]):  # ids begin with the start time
+            ended = RunStatus(raw["status"]) is not RunStatus.running
+            run = _run_from_dict(raw, (lambda *_: ({}, {}, {})) if ended else round_arrays)
             coordinator.runs[run.id] = run
         for raw in data["tasks"]:
             task = Task(**{**raw, "kind": TaskKind(raw["kind"]), "status": TaskStatus(raw["status"])})
@@ -542,6 +621,7 @@ class Coordinator:
                     raise ValueError(f"the accepted result of {task_id} needs its tensors to be restored")
                 tensors = result_tensors(task, reference)
             coordinator._accept(coordinator.runs[task.run_id], task, TaskResult(raw["metadata"], tensors, reference))
+        coordinator._events.clear()  # what restoring replayed had happened before
         return coordinator
 
     def resume(self, now: float) -> None:

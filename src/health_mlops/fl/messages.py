@@ -155,7 +155,9 @@ class LeaseMessage(BaseModel):
     lease_expires: float
 
 
-class ResultAccepted(BaseModel):
+class ResultReceipt(BaseModel):
+    """The answer to an accepted result."""
+
     task_id: str
     round: int
     run_round: int  # the run's round after this result (it moves on when the result closed the round)

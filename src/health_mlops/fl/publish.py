@@ -12,8 +12,9 @@ from typing import Any
 
 from health_mlops.faults import crash_point
 from health_mlops.fl.coordinator import Run, TaskKind, privacy_report
-from health_mlops.fl.messages import weighted_metrics
-from health_mlops.fl.store import CheckpointStore
+from health_mlops.fl.messages import decode_weights, weighted_metrics
+from health_mlops.fl.store import CheckpointError, CheckpointStore
+from health_mlops.fl.strategies import Weights
 from health_mlops.ml.onnx import export_onnx
 from health_mlops.registry import Registry, TrainingRecord
 from health_mlops.spec import DatasetSpec, spec_to_yaml
@@ -23,7 +24,7 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 
 
-def training_record(run: Run, spec: DatasetSpec) -> TrainingRecord:
+def training_record(run: Run, spec: DatasetSpec, weights: Weights) -> TrainingRecord:
     """What the registry keeps of a completed run. Step r holds the metrics of the model entering round r
     (each round evaluates the incoming model first); the final `evaluate` round scores the final model."""
     evaluated = [r for r in run.history if r.kind is not TaskKind.stats]
@@ -35,7 +36,7 @@ def training_record(run: Run, spec: DatasetSpec) -> TrainingRecord:
         hospital_metrics=[(r.round, hospital, _numbers(metadata.get("metrics") or {}))
                           for r in evaluated for hospital, metadata in r.hospitals.items()],
         final_metrics=weighted_metrics(final.hospitals), metric_name=spec.primary_metric,
-        onnx_model=export_onnx(spec, run.preprocessing, run.weights), spec_yaml=spec_to_yaml(spec),
+        onnx_model=export_onnx(spec, run.preprocessing, weights), spec_yaml=spec_to_yaml(spec),
         privacy=None if privacy is None else {"epsilon": privacy["epsilon"], "delta": privacy["delta"]},
         hospital_epsilons=None if privacy is None else {h: p["epsilon"] for h, p in privacy["hospitals"].items()})
 
@@ -48,9 +49,13 @@ class Publisher:
         self.tolerance = tolerance
 
     def publish(self, run: Run, spec: DatasetSpec) -> dict[str, Any]:
-        """Export and register a completed run's model (in a worker thread); the outcome is kept with the run."""
+        """Export and register a completed run's model (in a worker thread); the outcome is kept with the run.
+        The final weights are read from the run's last round's file (an ended run keeps no arrays in memory)."""
         try:
-            record = training_record(run, spec)
+            body = self._store.load_weights(run.id, run.round)
+            if body is None:
+                raise CheckpointError(f"{self._store.weights_path(run.id, run.round)}: the final weights are missing")
+            record = training_record(run, spec, decode_weights(body)[0])
             if self._registry is None:
                 self._registry = self._registry_factory()
             version = self._registry.register(record, tolerance=self.tolerance)

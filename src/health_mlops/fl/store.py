@@ -4,8 +4,9 @@ Every write is atomic (write a temporary file, fsync it, rename it over the old 
 crash at any instant leaves either the previous checkpoint or the new one, never a torn file. Layout under
 the models directory:
 
-    aggregator/state.json                       the coordinator (runs, tasks, accepted results' metadata and
-                                                file names), rewritten at every accepted result and round change
+    aggregator/state.json                       the coordinator's running runs (tasks, accepted results' metadata
+                                                and file names), rewritten at every accepted result and round
+                                                change; it does not grow with the runs completed
     runs/<run id>/results/<name>.safetensors    a fit result, as the hospital sent it: streamed to disk as it
                                                 arrives and durable before it is offered to the coordinator (which
                                                 reads it memory-mapped), removed once no durable state names it
@@ -13,6 +14,11 @@ the models directory:
     runs/<run id>/round-<r>.safetensors         global weights entering round r (kept for every round)
     runs/<run id>/round-<r>.optimiser.safetensors  FedAdam/FedYogi's moments entering round r
     runs/<run id>/registration.json             the registry's answer for the run's final model
+    runs/<run id>/run.json                      an ended run's record (settings, history, outcome), written
+                                                before the state that no longer holds it
+
+An ended run is compacted once the state without it is durable: only its record, its last round's weights (a
+completed run's final model) and its registration stay.
 """
 
 from __future__ import annotations
@@ -101,6 +107,36 @@ class CheckpointStore:
         return {(path.parent.parent.name, path.name.removeprefix(".").removesuffix(".tmp").removesuffix(".safetensors"))
                 for pattern in ("*/results/*.safetensors", "*/results/.*.safetensors.tmp")
                 for path in (self.models_dir / "runs").glob(pattern)}
+
+    def run_record_path(self, run_id: str) -> Path:
+        return self.models_dir / "runs" / run_id / "run.json"
+
+    def save_run_record(self, run_id: str, record: dict[str, Any]) -> int:
+        """An ended run's record; the bytes written."""
+        body = json.dumps(record, separators=(",", ":")).encode("utf-8")
+        write_atomically(self.run_record_path(run_id), body)
+        return len(body)
+
+    def load_run_records(self) -> list[dict[str, Any]]:
+        """Every ended run's record."""
+        records = []
+        for path in sorted((self.models_dir / "runs").glob("*/run.json")):
+            try:
+                records.append(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{path}: cannot read an ended run's record ({exc}); restore it from a "
+                                      "backup or move its run folder aside") from None
+        return records
+
+    def compact_run(self, run_id: str, last_round: int) -> None:
+        """Remove what an ended run no longer needs: weights and optimiser moments of every round but its last,
+        and result files."""
+        folder = self.models_dir / "runs" / run_id
+        for path in [*folder.glob("round-*.safetensors"), *folder.glob("results/*"), *folder.glob("results/.*")]:
+            if path != self.weights_path(run_id, last_round):
+                path.unlink(missing_ok=True)
+        if (folder / "results").is_dir():
+            (folder / "results").rmdir()
 
     def registration_path(self, run_id: str) -> Path:
         return self.models_dir / "runs" / run_id / "registration.json"
