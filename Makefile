@@ -12,7 +12,7 @@ PIP_INSTALL := pip install --quiet --disable-pip-version-check
 TEST_DEBS := chromium libatomic1 prometheus
 BENCH_DEBS := wrk
 
-.PHONY: setup python-venv test demo bench clean debs-test debs-bench checkov k8s-hospital e2e fresh-check
+.PHONY: setup python-venv test demo bench clean debs-test debs-bench checkov flower k8s-hospital e2e fresh-check
 
 # Installs the Debian packages named in $(1) that are missing (as root, or with sudo). Without their
 # recommendations: prometheus would bring node-exporter, a service on :9100. Debian's prometheus starts a service
@@ -64,6 +64,22 @@ $(CHECKOV_STAMP): | python-venv
 
 checkov: $(CHECKOV_STAMP)
 
+# Flower's deployment engine for benchmarks/flower_comparison.py, in a venv of its own (its pins are not the
+# project's). torch comes as for the project (scripts/install-torch.sh: the CPU build); health-mlops goes in
+# editable without its dependencies, plus the few its model, data and hospital code import, so the Flower app runs
+# the project's own code. Pinned: 1.42.0 is the newest 1.42 release, the one the comparison is about.
+FLOWER_VERSION := 1.42.0
+FLOWER_STAMP := .venv-flower/.installed-$(FLOWER_VERSION)
+$(FLOWER_STAMP): pyproject.toml scripts/install-torch.sh | python-venv
+	$(PYTHON) -m venv --clear .venv-flower
+	bash scripts/install-torch.sh .venv-flower/bin/python
+	.venv-flower/bin/$(PIP_INSTALL) flwr==$(FLOWER_VERSION) torch==$$(sed -n 's/^ *"torch==\([^"]*\)".*/\1/p' \
+		pyproject.toml) numpy pandas pyarrow pydantic pydantic-settings pyyaml scikit-learn
+	.venv-flower/bin/$(PIP_INSTALL) --no-deps -e .
+	touch $(FLOWER_STAMP)
+
+flower: $(FLOWER_STAMP)
+
 test: setup debs-test checkov
 	$(BIN)/python -m pytest -q
 
@@ -85,11 +101,13 @@ k8s-hospital:
 demo: setup
 	$(BIN)/health-mlops demo $(DEMO_ARGS)
 
-bench: setup debs-bench
+bench: setup debs-bench flower
 	$(BIN)/python benchmarks/federation_overhead.py
+	$(BIN)/python benchmarks/flower_comparison.py
 	$(BIN)/python benchmarks/poisoning.py
 	$(BIN)/python benchmarks/privacy.py
 	$(BIN)/python benchmarks/aggregation.py
+	$(BIN)/python benchmarks/round_at_scale.py
 	$(BIN)/python benchmarks/serving.py
 
 clean:

@@ -213,12 +213,13 @@ def cancel_stale_runs(admin: AdminClient, console: Console) -> None:
 
 def run_federation(processes: Processes, *, data: Path, hospitals: list[str], cities: dict[str, str],
                    request: RunRequest, home: Path, credentials_dir: Path, ports: Ports, metric: str,
-                   console: Console) -> tuple[RunView, bytes]:
-    """Start the aggregator and every node in `processes`, train one run live, and return its final view and
-    the final global weights. The processes keep running (the caller's `Processes` stops them)."""
+                   console: Console, plan: list[NodePlan] | None = None) -> tuple[RunView, bytes]:
+    """Start the aggregator and every node in `processes` (`plan`, by default `node_plan`'s), train one run live,
+    and return its final view and the final global weights. The processes keep running (the caller's
+    `Processes` stops them)."""
     from health_mlops.security import ADMIN, ClientCredential
 
-    plan = node_plan(data, hospitals, cities)
+    plan = plan if plan is not None else node_plan(data, hospitals, cities)
     check_ports_free(ports.all_ports(len(plan)))
     central = f"https://127.0.0.1:{ports.aggregator}"
     aggregator = processes.start("aggregator", ["aggregator", "--port", str(ports.aggregator),

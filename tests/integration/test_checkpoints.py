@@ -8,6 +8,7 @@ The hospitals are played by hand with leases far longer than the test, so nothin
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -248,3 +249,68 @@ def test_completed_runs_leave_the_state_and_keep_their_record_and_final_model(
             assert admin.get(f"/v1/runs/{run_ids[0]}/rounds/2/weights").content == final
             assert admin.get(f"/v1/runs/{run_ids[0]}/rounds/1/weights").status_code == 404
     assert after == before
+
+
+class HeldStore(CheckpointStore):
+    """A store whose state writes can be held at the door, to see which changes a write covers."""
+
+    def __init__(self, models_dir: Path) -> None:
+        super().__init__(models_dir)
+        self.state_writes = 0
+        self.hold = threading.Event()
+        self.hold.set()
+        self.holding = threading.Event()
+
+    def save_state(self, snapshot: dict) -> int:
+        self.state_writes += 1
+        if not self.hold.is_set():
+            self.holding.set()
+            self.hold.wait()
+        return super().save_state(snapshot)
+
+
+def test_one_state_write_covers_every_result_accepted_while_the_previous_one_was_under_way(
+        tmp_path: Path, workers: dict[str, HospitalWorker]) -> None:
+    aggregator = Aggregator(tmp_path)
+    store = HeldStore(aggregator.models)
+    gatekeeper = Gatekeeper(aggregator.credentials, require_certificate=True)
+    tls = server_context(cert_path(aggregator.credentials, SERVER), key_path(aggregator.credentials, SERVER),
+                         client_ca=cert_path(aggregator.credentials, CA))
+    app = create_app(lambda: AggregatorService(SPEC, store, gatekeeper))
+    with BackgroundServer(app, tls=tls) as server:
+        url = server.url
+        with aggregator.client(url, ADMIN) as admin:
+            run_id = admin.post("/v1/runs", json={"config": CONFIG}).json()["id"]
+        for hospital in HOSPITALS:  # round 0
+            answer(aggregator, url, hospital, workers[hospital])
+        posts = {}
+        for hospital in HOSPITALS:
+            with aggregator.client(url, hospital) as client:
+                task = next_task(client)
+                posts[hospital] = (task.id, result_body(client, workers[hospital], task))
+        answers: dict[str, int] = {}
+
+        def post(hospital: str) -> None:
+            with aggregator.client(url, hospital) as client:
+                task_id, body = posts[hospital]
+                answers[hospital] = client.post(f"/v1/tasks/{task_id}/result", content=body).status_code
+
+        store.hold.clear()
+        first = threading.Thread(target=post, args=("hospital-1",))
+        first.start()
+        store.holding.wait()  # hospital-1's acceptance is being written, and held there
+        writes_before = store.state_writes
+        others = [threading.Thread(target=post, args=(h,)) for h in HOSPITALS[1:]]
+        for thread in others:
+            thread.start()
+        with aggregator.client(url, ADMIN) as admin:  # both accepted in memory: the round closed
+            deadline = time.monotonic() + 300  # far beyond any machine; only a hang reaches it
+            while admin.get(f"/v1/runs/{run_id}").json()["round"] != 2:
+                assert time.monotonic() < deadline, "the results were not accepted while a state write was held"
+                time.sleep(0.05)
+        store.hold.set()
+        for thread in [first, *others]:
+            thread.join()
+    assert answers == {hospital: 200 for hospital in HOSPITALS}
+    # Two results and the round's closing, made durable by one write after the held one.
+    assert store.state_writes == writes_before + 1

@@ -56,7 +56,7 @@ def undisturbed(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Weights
 
 @pytest.mark.parametrize("crash_at", [
     "result_accepted:5",  # round 1's second fit result: durable, its hospital never answered
-    "checkpoint_unrenamed:7",  # a state written to its temporary file, the old one still in place
+    "checkpoint_unrenamed:4",  # a state written to its temporary file, the old one still in place
     "round_closed_weights_unwritten:3",  # round 1 closed in memory, round 2's weights and the state unwritten
     "model_registered_unrecorded:1",  # the model is in MLflow, the aggregator has not recorded it
 ])

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from health_mlops.fl.coordinator import TaskResult
-from health_mlops.fl.messages import MessageError, decode_result, encode_result, map_result, weighted_metrics
+from health_mlops.fl.messages import (MessageError, decode_result, encode_result, encode_weights, map_result,
+                                      weighted_metrics, weights_view)
 
 
 def test_a_result_round_trips_with_tensors_and_metadata() -> None:
@@ -66,3 +67,13 @@ def test_a_result_file_cut_short_is_a_message_error(tmp_path: Path) -> None:
     path.write_bytes(body[:len(body) - 1])
     with pytest.raises(MessageError):
         map_result(path)
+
+
+def test_the_global_weights_are_viewed_in_their_encoded_body_without_a_copy() -> None:
+    weights = {"layer.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "empty": np.zeros((0, 3), np.float32)}
+    body = encode_weights(weights)
+    viewed = weights_view(body)
+    for name, value in weights.items():
+        np.testing.assert_array_equal(viewed[name], value)
+        assert viewed[name].shape == value.shape and not viewed[name].flags.writeable
+    assert np.shares_memory(viewed["layer.weight"], np.frombuffer(body, dtype=np.uint8))

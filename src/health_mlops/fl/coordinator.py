@@ -170,6 +170,7 @@ class Run:
     reason: str = ""
     round: int = 0
     attempt: int = 0
+    started_at: float = 0.0
     round_opened_at: float = 0.0
     round_deadline: float = 0.0
     weights: Weights = field(default_factory=dict)
@@ -350,7 +351,7 @@ class Coordinator:
             raise ValueError("a run needs at least one enrolled hospital")
         if config.min_hospitals > len(hospitals):
             raise ValueError(f"min_hospitals {config.min_hospitals} exceeds the {len(hospitals)} enrolled")
-        run = Run(run_id, config, sorted(hospitals), weights=_as_sent(initial_weights))
+        run = Run(run_id, config, sorted(hospitals), started_at=now, weights=_as_sent(initial_weights))
         self.runs[run_id] = run
         self._events.append(RunStarted(run_id))
         self._open_round(run, now)
@@ -476,14 +477,15 @@ class Coordinator:
     def _accept(self, run: Run, task: Task, result: TaskResult) -> None:
         """Keep an accepted result; a fit result's update goes into the round's aggregation now (closing the
         round then costs one pass, not one per hospital). A weighted strategy keeps nothing of the tensors once
-        folded: the service has the result in its own file, for a restore."""
+        folded (the service has the result in its own file, for a restore), and they are taken from `result`
+        too, so that the caller holding it while its answer waits for a checkpoint keeps nothing alive."""
         if task.kind is TaskKind.fit:
             if run.id not in self._aggregations:
                 self._aggregations[run.id] = RoundAggregation(run.config.strategy, run.weights)
             aggregation = self._aggregations[run.id]
             aggregation.add(ClientUpdate(result.tensors, int(result.metadata["num_examples"])))
             if not aggregation.keeps_updates:
-                result = TaskResult(result.metadata, reference=result.reference)
+                result.tensors = {}
         self.results[task.id] = result
 
     def _check_result(self, run: Run, task: Task, result: TaskResult) -> None:
@@ -598,14 +600,14 @@ class Coordinator:
     def restore(cls, data: Mapping[str, Any], stats_reducer: StatsReducer, *, round_arrays: RoundArrays,
                 stats_columns: int | None = None, result_tensors: Callable[[Task, str], Weights] | None = None,
                 ended_runs: Iterable[Mapping[str, Any]] = ()) -> Coordinator:
-        """The coordinator `snapshot` captured, with the `ended_runs` records (`run_record`) beside it, in the
-        order they started; `round_arrays(run, round)` gives back a running run's arrays entering its round,
+        """The coordinator `snapshot` captured, with the `ended_runs` records (`run_record`) beside it (runs in
+        the order they started); `round_arrays(run, round)` gives back a running run's arrays entering its round,
         `result_tensors(task, reference)` an accepted fit result's tensors. Ended runs come back without
         arrays."""
         coordinator = cls(stats_reducer, stats_columns=stats_columns)
         running = {raw["id"] for raw in data["runs"]}
         for raw in sorted([*data["runs"], *(r for r in ended_runs if r["id"] not in running)],
-                          key=lambda raw: raw["id"]):  # ids begin with the start time
+                          key=lambda raw: raw.get("started_at", 0.0)):  # stable: ties keep their order
             ended = RunStatus(raw["status"]) is not RunStatus.running
             run = _run_from_dict(raw, (lambda *_: ({}, {}, {})) if ended else round_arrays)
             coordinator.runs[run.id] = run
@@ -644,7 +646,8 @@ def _run_to_dict(run: Run) -> dict[str, Any]:
     """A run's state but its arrays (weights, server optimiser moments): the service keeps those per round."""
     return {
         "id": run.id, "config": run.config.model_dump(), "hospitals": run.hospitals, "status": run.status.value,
-        "reason": run.reason, "round": run.round, "attempt": run.attempt, "round_opened_at": run.round_opened_at,
+        "reason": run.reason, "round": run.round, "attempt": run.attempt, "started_at": run.started_at,
+        "round_opened_at": run.round_opened_at,
         "round_deadline": run.round_deadline, "preprocessing": run.preprocessing, "rejected": dict(run.rejected),
         "example_limits": dict(run.example_limits), "excluded": dict(run.excluded),
         "optimiser_steps": run.optimiser.steps,
@@ -657,6 +660,7 @@ def _run_from_dict(raw: Mapping[str, Any], arrays: RoundArrays) -> Run:
     return Run(
         id=raw["id"], config=RunConfig.model_validate(raw["config"]), hospitals=list(raw["hospitals"]),
         status=RunStatus(raw["status"]), reason=raw["reason"], round=raw["round"], attempt=raw["attempt"],
+        started_at=raw.get("started_at", 0.0),
         round_opened_at=raw["round_opened_at"], round_deadline=raw["round_deadline"], weights=_as_sent(weights),
         optimiser=ServerOptimiserState(first_moment, second_moment, raw["optimiser_steps"]),
         preprocessing=raw["preprocessing"], rejected=dict(raw["rejected"]), example_limits=dict(raw["example_limits"]),

@@ -25,3 +25,7 @@ class Rejected(CoordinatorError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+class Invalid(CoordinatorError):
+    """A request that cannot be acted on as asked (422); the text names the field and why."""

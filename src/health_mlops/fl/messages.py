@@ -63,6 +63,21 @@ _NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": 
                  "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
 
+def weights_view(body: bytes) -> Weights:
+    """The tensors of a safetensors body made by `encode_weights`, as read-only views of its bytes (no copy)."""
+    header_length = int.from_bytes(body[:8], "little")
+    header = json.loads(body[8:8 + header_length])
+    data_start = 8 + header_length
+    tensors: Weights = {}
+    for name, spec in header.items():
+        if name != "__metadata__":
+            begin, end = spec["data_offsets"]
+            dtype = np.dtype(_NUMPY_DTYPES[spec["dtype"]])
+            tensors[name] = np.frombuffer(body, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                          offset=data_start + begin).reshape(spec["shape"])
+    return tensors
+
+
 def map_result(path: Path) -> TaskResult:
     """A result file's tensors as read-only arrays memory-mapped from it, so that they are read a block at a time
     when used and never held whole in memory, and its metadata; raises MessageError for anything unreadable.
