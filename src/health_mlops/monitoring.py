@@ -53,7 +53,7 @@ class AggregatorMetrics:
                                              "Time to write a checkpoint durably", buckets=_DURATION_BUCKETS,
                                              registry=r)
         self.checkpoint_bytes = Counter("health_mlops_checkpoint_bytes_total",
-                                        "Bytes written durably: the state, accepted results, round weights",
+                                        "Bytes written durably, by file (state, result, weights, optimiser, history, run)",
                                         ["file"], registry=r)
         self.auth_failures = auth_failures(r)
 

@@ -8,6 +8,7 @@ The hospitals are played by hand with leases far longer than the test, so nothin
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -314,3 +315,33 @@ def test_one_state_write_covers_every_result_accepted_while_the_previous_one_was
     assert answers == {hospital: 200 for hospital in HOSPITALS}
     # Two results and the round's closing, made durable by one write after the held one.
     assert store.state_writes == writes_before + 1
+
+
+def test_closed_rounds_are_appended_once_and_a_line_the_state_does_not_count_is_dropped(
+        tmp_path: Path, workers: dict[str, HospitalWorker]) -> None:
+    aggregator = Aggregator(tmp_path)
+    with aggregator.serving() as (url, _):
+        with aggregator.client(url, ADMIN) as admin:
+            run_id = admin.post("/v1/runs", json={"config": CONFIG}).json()["id"]
+        for _ in range(2):  # rounds 0 and 1
+            for hospital in HOSPITALS:
+                answer(aggregator, url, hospital, workers[hospital])
+        with aggregator.client(url, ADMIN) as admin:
+            before = admin.get(f"/v1/runs/{run_id}").json()
+    history = aggregator.store.history_path(run_id)
+    assert [json.loads(line)["round"] for line in history.read_text().splitlines()] == [0, 1]
+    state = json.loads(aggregator.store.state_path.read_text())
+    assert state["runs"][0]["history_length"] == 2 and "history" not in state["runs"][0]
+    with history.open("a") as handle:  # appended before a crash stopped the state that would have counted it
+        handle.write(history.read_text().splitlines()[-1] + "\n")
+    with aggregator.serving() as (url, _):
+        with aggregator.client(url, ADMIN) as admin:
+            assert admin.get(f"/v1/runs/{run_id}").json()["history"] == before["history"]
+        assert len(history.read_text().splitlines()) == 2
+        for _ in range(2):  # round 2 (fit) and the final evaluation
+            for hospital in HOSPITALS:
+                answer(aggregator, url, hospital, workers[hospital])
+        with aggregator.client(url, ADMIN) as admin:
+            after = admin.get(f"/v1/runs/{run_id}").json()
+    assert after["status"] == "completed" and [r["round"] for r in after["history"]] == [0, 1, 2, 3]
+    assert not history.exists()  # the ended run's record holds its history

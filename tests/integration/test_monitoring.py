@@ -143,7 +143,9 @@ def test_prometheus_scrapes_every_process_and_sees_the_training(demo: dict[str, 
 def test_a_killed_node_fires_hospital_node_down(demo: dict[str, Any]) -> None:
     prometheus = demo["prometheus"]
     eventually(lambda: query(prometheus, 'up{node="hospital-2-a"} == 1'), "hospital-2's node up first")
-    (pid,) = processes_mentioning("--node-id hospital-2-a")
+    # This demo's node: another federation on the machine (a parallel test run) may have a hospital-2-a too.
+    ours = set(processes_mentioning(f"--central-url https://127.0.0.1:{demo['ports']['aggregator']}"))
+    (pid,) = [p for p in processes_mentioning("--node-id hospital-2-a") if p in ours]
     os.kill(pid, signal.SIGKILL)
 
     def firing() -> list[dict]:

@@ -9,7 +9,7 @@ import pytest
 
 from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, ResultAccepted,
                                          ResultRejected, RoundClosed, RoundOpened, RunConfig, RunEnded, RunStarted,
-                                         RunStatus, TaskKind, TaskResult)
+                                         RunStatus, TaskKind, TaskResult, round_record_to_dict)
 from health_mlops.fl.strategies import StrategyConfig
 
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
@@ -55,6 +55,13 @@ def arrays_of(coordinator: Coordinator) -> RoundArrays:
         assert round_number == run.round
         return run.weights, run.optimiser.first_moment, run.optimiser.second_moment
     return arrays
+
+
+def history_of(coordinator: Coordinator) -> RoundHistory:
+    """What the service's history files hold: each run's closed rounds, as JSON."""
+    def history(run_id: str, rounds: int) -> list[dict]:
+        return json.loads(json.dumps([round_record_to_dict(h) for h in coordinator.runs[run_id].history[:rounds]]))
+    return history
 
 
 def test_a_run_goes_stats_fit_evaluate_and_completes() -> None:
@@ -161,7 +168,9 @@ def test_snapshot_and_restore_resume_the_same_run() -> None:
     drive(interrupted, range(2))
     snapshot = json.loads(json.dumps(interrupted.snapshot()))  # through JSON, as the checkpoint file is
     assert "weights" not in json.dumps(snapshot) and "moment" not in json.dumps(snapshot)  # arrays: in files
-    restored = Coordinator.restore(snapshot, stats_reducer, round_arrays=arrays_of(interrupted))
+    assert "history" not in snapshot["runs"][0] and snapshot["runs"][0]["history_length"] == 2  # in its file
+    restored = Coordinator.restore(snapshot, stats_reducer, round_arrays=arrays_of(interrupted),
+                                   round_history=history_of(interrupted))
     assert restored.runs["run-1"].round == 2 and restored.runs["run-1"].optimiser.steps == 1
     drive(restored, range(3))
     final, reference = restored.runs["run-1"], undisturbed.runs["run-1"]
@@ -293,7 +302,8 @@ def test_the_snapshot_holds_running_runs_only_and_ended_ones_come_back_from_thei
     coordinator.start_run("run-4", config, HOSPITALS, INITIAL, now=4.0)
     records = [json.loads(json.dumps(coordinator.run_record(f"run-{n}"))) for n in range(1, 4)]
     restored = Coordinator.restore(json.loads(json.dumps(coordinator.snapshot())), stats_reducer,
-                                   round_arrays=arrays_of(coordinator), ended_runs=records)
+                                   round_arrays=arrays_of(coordinator), ended_runs=records,
+                                   round_history=history_of(coordinator))
     assert list(restored.runs) == ["run-1", "run-2", "run-3", "run-4"]
     for number in range(1, 4):
         ended, original = restored.runs[f"run-{number}"], coordinator.runs[f"run-{number}"]

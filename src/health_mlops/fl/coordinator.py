@@ -14,9 +14,10 @@ clock. The rules it enforces:
   fails with a clear reason.
 - Every operation reports what it did as events (`take_events()`: a run started or ended, a round opened or
   closed, a result accepted or rejected), which the service persists, logs and counts.
-- `snapshot()` captures the running runs; an ended run's record (`run_record`) is kept apart by the service,
-  so the snapshot does not grow with completed runs. `Coordinator.restore()` brings both back, so a
-  restarted aggregator resumes at the last closed round.
+- `snapshot()` captures the running runs but their closed rounds (each `RoundClosed` event carries its
+  record, which the service appends to a file once); an ended run's record (`run_record`) is kept apart too,
+  so the snapshot grows neither with rounds closed nor with runs completed. `Coordinator.restore()` brings
+  them all back, so a restarted aggregator resumes at the last closed round.
 
 Round 0 collects statistics (`stats`), rounds 1..R train (`fit`, each hospital first evaluating the
 incoming global model on its own test rows), and round R+1 evaluates the final model (`evaluate`).
@@ -256,6 +257,8 @@ def _plan(privacy: PrivacyConfig, rows: int, batch_size: int, rounds: int, local
 StatsReducer = Callable[[list[dict[str, Any]]], dict[str, Any]]
 # (run id, round) -> the run's weights and server optimiser moments (first, second) entering that round.
 RoundArrays = Callable[[str, int], tuple[Weights, Weights, Weights]]
+# (run id, number of rounds closed) -> those rounds' records (`round_record_to_dict`), in order.
+RoundHistory = Callable[[str, int], list[Mapping[str, Any]]]
 
 
 def validate_update(current: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], norm_bound: float) -> None:
@@ -583,9 +586,12 @@ class Coordinator:
     def snapshot(self) -> dict[str, Any]:
         """The running runs' state as JSON-able data but its arrays, which the service keeps in files of their own
         and `restore` reads back: each run's weights and server optimiser moments entering its round, and each
-        accepted result's tensors. A snapshot is therefore small, whatever the model's size, and ended runs are
-        not in it (their records, `run_record`, are kept apart): it does not grow with the runs completed."""
-        return {"runs": [_run_to_dict(r) for r in self.runs.values() if r.status is RunStatus.running],
+        accepted result's tensors; and each run's closed rounds (`RoundClosed` events carry them, for a file the
+        service appends to) but their number. A snapshot is therefore small, whatever the model's size and the
+        rounds closed, and ended runs are not in it (their records, `run_record`, are kept apart): it does not grow
+        with the runs completed."""
+        return {"runs": [_run_to_dict(r, with_history=False) for r in self.runs.values()
+                         if r.status is RunStatus.running],
                 "tasks": [{**vars(t), "kind": t.kind.value, "status": t.status.value} for t in self.tasks.values()],
                 "results": {k: {"metadata": r.metadata, "reference": r.reference} for k, r in self.results.items()}}
 
@@ -594,22 +600,22 @@ class Coordinator:
         run = self._run(run_id)
         if run.status is RunStatus.running:
             raise ValueError(f"{run_id} is running: its state is in the snapshot")
-        return _run_to_dict(run)
+        return _run_to_dict(run, with_history=True)
 
     @classmethod
     def restore(cls, data: Mapping[str, Any], stats_reducer: StatsReducer, *, round_arrays: RoundArrays,
                 stats_columns: int | None = None, result_tensors: Callable[[Task, str], Weights] | None = None,
-                ended_runs: Iterable[Mapping[str, Any]] = ()) -> Coordinator:
+                ended_runs: Iterable[Mapping[str, Any]] = (), round_history: RoundHistory | None = None) -> Coordinator:
         """The coordinator `snapshot` captured, with the `ended_runs` records (`run_record`) beside it (runs in
         the order they started); `round_arrays(run, round)` gives back a running run's arrays entering its round,
-        `result_tensors(task, reference)` an accepted fit result's tensors. Ended runs come back without
-        arrays."""
+        `round_history(run, rounds)` its first `rounds` closed rounds' records, `result_tensors(task, reference)`
+        an accepted fit result's tensors. Ended runs come back without arrays."""
         coordinator = cls(stats_reducer, stats_columns=stats_columns)
         running = {raw["id"] for raw in data["runs"]}
         for raw in sorted([*data["runs"], *(r for r in ended_runs if r["id"] not in running)],
                           key=lambda raw: raw.get("started_at", 0.0)):  # stable: ties keep their order
             ended = RunStatus(raw["status"]) is not RunStatus.running
-            run = _run_from_dict(raw, (lambda *_: ({}, {}, {})) if ended else round_arrays)
+            run = _run_from_dict(raw, (lambda *_: ({}, {}, {})) if ended else round_arrays, round_history)
             coordinator.runs[run.id] = run
         for raw in data["tasks"]:
             task = Task(**{**raw, "kind": TaskKind(raw["kind"]), "status": TaskStatus(raw["status"])})
@@ -642,21 +648,33 @@ def _as_sent(weights: Mapping[str, np.ndarray]) -> Weights:
     return {name: np.asarray(tensor, dtype=np.float32) for name, tensor in weights.items()}
 
 
-def _run_to_dict(run: Run) -> dict[str, Any]:
-    """A run's state but its arrays (weights, server optimiser moments): the service keeps those per round."""
+def round_record_to_dict(record: RoundRecord) -> dict[str, Any]:
+    return {**vars(record), "kind": record.kind.value}
+
+
+def _run_to_dict(run: Run, *, with_history: bool) -> dict[str, Any]:
+    """A run's state but its arrays (weights, server optimiser moments), which the service keeps per round, and
+    unless `with_history` its closed rounds' records (which it keeps in a file of their own) but their number."""
+    history: dict[str, Any] = ({"history": [round_record_to_dict(h) for h in run.history]} if with_history
+                               else {"history_length": len(run.history)})
     return {
         "id": run.id, "config": run.config.model_dump(), "hospitals": run.hospitals, "status": run.status.value,
         "reason": run.reason, "round": run.round, "attempt": run.attempt, "started_at": run.started_at,
         "round_opened_at": run.round_opened_at,
         "round_deadline": run.round_deadline, "preprocessing": run.preprocessing, "rejected": dict(run.rejected),
         "example_limits": dict(run.example_limits), "excluded": dict(run.excluded),
-        "optimiser_steps": run.optimiser.steps,
-        "history": [{**vars(h), "kind": h.kind.value} for h in run.history],
+        "optimiser_steps": run.optimiser.steps, **history,
     }
 
 
-def _run_from_dict(raw: Mapping[str, Any], arrays: RoundArrays) -> Run:
+def _run_from_dict(raw: Mapping[str, Any], arrays: RoundArrays, history: RoundHistory | None) -> Run:
     weights, first_moment, second_moment = arrays(raw["id"], raw["round"])
+    if "history" in raw:
+        records = raw["history"]
+    elif history is None:
+        raise ValueError(f"the closed rounds of {raw['id']} are needed to restore it")
+    else:
+        records = history(raw["id"], raw["history_length"])
     return Run(
         id=raw["id"], config=RunConfig.model_validate(raw["config"]), hospitals=list(raw["hospitals"]),
         status=RunStatus(raw["status"]), reason=raw["reason"], round=raw["round"], attempt=raw["attempt"],
@@ -665,4 +683,4 @@ def _run_from_dict(raw: Mapping[str, Any], arrays: RoundArrays) -> Run:
         optimiser=ServerOptimiserState(first_moment, second_moment, raw["optimiser_steps"]),
         preprocessing=raw["preprocessing"], rejected=dict(raw["rejected"]), example_limits=dict(raw["example_limits"]),
         excluded=dict(raw.get("excluded", {})),
-        history=[RoundRecord(**{**h, "kind": TaskKind(h["kind"])}) for h in raw["history"]])
+        history=[RoundRecord(**{**h, "kind": TaskKind(h["kind"])}) for h in records])

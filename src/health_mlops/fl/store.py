@@ -6,13 +6,16 @@ the models directory:
 
     aggregator/state.json                       the coordinator's running runs (tasks, accepted results' metadata
                                                 and file names), rewritten at every accepted result and round
-                                                change; it does not grow with the runs completed
+                                                change; it grows neither with rounds closed nor runs completed
     runs/<run id>/results/<name>.safetensors    a fit result, as the hospital sent it: streamed to disk as it
                                                 arrives and durable before it is offered to the coordinator (which
                                                 reads it memory-mapped), removed once no durable state names it
                                                 (so a checkpoint costs O(model) per result, not O(N·model))
     runs/<run id>/round-<r>.safetensors         global weights entering round r (kept for every round)
     runs/<run id>/round-<r>.optimiser.safetensors  FedAdam/FedYogi's moments entering round r
+    runs/<run id>/history.jsonl                 a running run's closed rounds, one line each, appended once (the
+                                                state says how many lines are its own: a line appended before a
+                                                crash cut the state's write short is dropped at the restart)
     runs/<run id>/registration.json             the registry's answer for the run's final model
     runs/<run id>/run.json                      an ended run's record (settings, history, outcome), written
                                                 before the state that no longer holds it
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -128,11 +132,43 @@ class CheckpointStore:
                                       "backup or move its run folder aside") from None
         return records
 
+    def history_path(self, run_id: str) -> Path:
+        return self.models_dir / "runs" / run_id / "history.jsonl"
+
+    def append_history(self, run_id: str, records: list[dict[str, Any]]) -> int:
+        """Closed rounds' records, appended durably; the bytes written."""
+        body = b"".join(json.dumps(r, separators=(",", ":")).encode("utf-8") + b"\n" for r in records)
+        path = self.history_path(run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab") as handle:
+            handle.write(body)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return len(body)
+
+    def load_history(self, run_id: str, rounds: int) -> list[dict[str, Any]]:
+        """A running run's first `rounds` closed rounds. Lines beyond them (appended before a crash cut short the
+        state that would count them) are cut off the file, so that appends continue after the state's last."""
+        path = self.history_path(run_id)
+        if rounds == 0:
+            path.unlink(missing_ok=True)
+            return []
+        try:
+            with open(path, "r+b") as handle:
+                lines = [handle.readline() for _ in range(rounds)]
+                if not all(line.endswith(b"\n") for line in lines):
+                    raise ValueError(f"fewer than the {rounds} whole lines the checkpoint counts")
+                handle.truncate(handle.tell())
+            return [json.loads(line) for line in lines]
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: cannot read the run's closed rounds ({exc})") from None
+
     def compact_run(self, run_id: str, last_round: int) -> None:
         """Remove what an ended run no longer needs: weights and optimiser moments of every round but its last,
         and result files."""
         folder = self.models_dir / "runs" / run_id
-        for path in [*folder.glob("round-*.safetensors"), *folder.glob("results/*"), *folder.glob("results/.*")]:
+        for path in [*folder.glob("round-*.safetensors"), *folder.glob("results/*"), *folder.glob("results/.*"),
+                     self.history_path(run_id)]:
             if path != self.weights_path(run_id, last_round):
                 path.unlink(missing_ok=True)
         if (folder / "results").is_dir():

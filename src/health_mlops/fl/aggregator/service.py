@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from health_mlops.audit import AuditLog
 from health_mlops.data.preprocess import encoded_columns
 from health_mlops.faults import crash_point
-from health_mlops.fl.coordinator import (Conflict, Coordinator, Event, Forbidden, NotFound, RoundOpened, Run, RunEnded,
-                                         RunStatus, Task, TaskKind, TaskResult, privacy_report)
+from health_mlops.fl.coordinator import (Conflict, Coordinator, Event, Forbidden, NotFound, RoundClosed, RoundOpened,
+                                         Run, RunEnded, RunStatus, Task, TaskKind, TaskResult, privacy_report,
+                                         round_record_to_dict)
 from health_mlops.fl.errors import Invalid
 from health_mlops.fl.aggregator.reporting import Reporting
 from health_mlops.fl.hospital import reduce_stats, suppressed_cells
@@ -51,14 +52,17 @@ T = TypeVar("T")
 
 @dataclass
 class _Checkpoint:
-    """What one write makes durable: weights of rounds that opened, records of runs that ended, the latest
-    state, and result files no longer named by it; `written` resolves once it is durable."""
+    """What one write makes durable: weights of rounds that opened, records of rounds that closed and of runs
+    that ended, the latest state, and result files no longer named by it; `written` resolves once it is
+    durable."""
 
     weights: list[tuple[Run, int, bytes]] = field(default_factory=list)
+    history: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     records: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
     obsolete: set[tuple[str, str]] = field(default_factory=set)
     snapshot: dict[str, Any] = field(default_factory=dict)
     written: asyncio.Future[None] | None = None
+
 
 # How often deadlines and expired leases are looked at when no request comes in.
 TICK_SECONDS = 0.25
@@ -209,6 +213,9 @@ class AggregatorService:
         # (its last round's weights are in their file).
         ended = [runs[e.run_id] for e in events if isinstance(e, RunEnded)]
         records = [(run.id, run.round, self.coordinator.run_record(run.id)) for run in ended]
+        # A running run's closed round: appended once to its history file (an ended run's is in its record).
+        history = [(e.run_id, round_record_to_dict(e.record)) for e in events
+                   if isinstance(e, RoundClosed) and runs[e.run_id].status is RunStatus.running]
         for run in ended:
             self.coordinator.release_arrays(run.id)
             self._weights_cache.pop(run.id, None)
@@ -229,6 +236,7 @@ class AggregatorService:
                 checkpoint = self._next_checkpoint = _Checkpoint()
                 checkpoint.written = asyncio.get_running_loop().run_in_executor(self._writer, self._write, checkpoint)
             checkpoint.weights += weights
+            checkpoint.history += history
             checkpoint.records += records
             checkpoint.obsolete |= obsolete
             checkpoint.snapshot = snapshot  # the latest state holds every earlier change
@@ -241,8 +249,8 @@ class AggregatorService:
         with self._gathering:
             if self._next_checkpoint is checkpoint:
                 self._next_checkpoint = None
-        weights, records, snapshot, obsolete = (checkpoint.weights, checkpoint.records, checkpoint.snapshot,
-                                                checkpoint.obsolete)
+        weights, history, records, snapshot, obsolete = (checkpoint.weights, checkpoint.history,
+                                                         checkpoint.records, checkpoint.snapshot, checkpoint.obsolete)
         started = time.perf_counter()
         if weights:
             crash_point("round_closed_weights_unwritten")
@@ -252,6 +260,9 @@ class AggregatorService:
             if run.optimiser.steps:  # the moments of that round: replaced, never changed, by the next close
                 self.metrics.checkpoint_bytes.labels("optimiser").inc(self.store.save_optimiser(
                     run.id, round_number, run.optimiser.first_moment, run.optimiser.second_moment))
+        for run_id in dict.fromkeys(run_id for run_id, _ in history):  # before the state that counts them
+            self.metrics.checkpoint_bytes.labels("history").inc(
+                self.store.append_history(run_id, [record for owner, record in history if owner == run_id]))
         for run_id, _, record in records:  # before the state that no longer holds them
             self.metrics.checkpoint_bytes.labels("run").inc(self.store.save_run_record(run_id, record))
         self.metrics.checkpoint_bytes.labels("state").inc(self.store.save_state(snapshot))
@@ -392,7 +403,8 @@ def restore_coordinator(store: CheckpointStore, spec: DatasetSpec) -> Coordinato
 
     try:
         return Coordinator.restore(saved, reduce_stats, stats_columns=columns, round_arrays=round_arrays,
-                                   result_tensors=result_tensors, ended_runs=store.load_run_records())
+                                   result_tensors=result_tensors, ended_runs=store.load_run_records(),
+                                   round_history=store.load_history)
     except (KeyError, TypeError, ValueError, MessageError) as error:
         raise CheckpointError(f"{store.state_path}: not a checkpoint this version can resume "
                               f"({type(error).__name__}: {error})") from None
