@@ -40,8 +40,7 @@ def decode_weights(body: bytes) -> tuple[Weights, dict[str, Any]]:
     """(tensors, metadata) from a safetensors body; raises MessageError for anything unreadable."""
     try:
         tensors = dict(load_tensors(body))
-        header_length = int.from_bytes(body[:8], "little")
-        raw = json.loads(body[8:8 + header_length]).get("__metadata__", {}).get(_METADATA_KEY)
+        raw = _header(body)[0].get("__metadata__", {}).get(_METADATA_KEY)
     except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         # Any way a body can fail to parse (a dtype numpy lacks, nesting too deep, ...) is the sender's error.
         raise MessageError(f"body is not a readable safetensors result: {type(exc).__name__}: {exc}") from None
@@ -63,19 +62,30 @@ _NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": 
                  "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
 
-def weights_view(body: bytes) -> Weights:
-    """The tensors of a safetensors body made by `encode_weights`, as read-only views of its bytes (no copy)."""
-    header_length = int.from_bytes(body[:8], "little")
-    header = json.loads(body[8:8 + header_length])
-    data_start = 8 + header_length
+def _header(body: bytes) -> tuple[dict[str, Any], int]:
+    """A safetensors body's header (an 8-byte little-endian length, then JSON) and where its data begins."""
+    length = int.from_bytes(body[:8], "little")
+    return json.loads(body[8:8 + length]), 8 + length
+
+
+def _views(header: Mapping[str, Any], data: np.ndarray) -> Weights:
+    """The tensors `header` describes, as views of `data` (the bytes after the header): no copy."""
     tensors: Weights = {}
     for name, spec in header.items():
-        if name != "__metadata__":
-            begin, end = spec["data_offsets"]
-            dtype = np.dtype(_NUMPY_DTYPES[spec["dtype"]])
-            tensors[name] = np.frombuffer(body, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                                          offset=data_start + begin).reshape(spec["shape"])
+        if name == "__metadata__":
+            continue
+        if spec["dtype"] not in _NUMPY_DTYPES:
+            raise MessageError(f"body is not a readable safetensors result: {name} is {spec['dtype']}, "
+                               "which numpy cannot hold")
+        begin, end = spec["data_offsets"]
+        tensors[name] = data[begin:end].view(_NUMPY_DTYPES[spec["dtype"]]).reshape(spec["shape"])
     return tensors
+
+
+def weights_view(body: bytes) -> Weights:
+    """The tensors of a safetensors body made by `encode_weights`, as read-only views of its bytes."""
+    header, data_start = _header(body)
+    return _views(header, np.frombuffer(body, dtype=np.uint8, offset=data_start))
 
 
 def map_result(path: Path) -> TaskResult:
@@ -85,32 +95,22 @@ def map_result(path: Path) -> TaskResult:
     then views the data where the header says it lies."""
     try:
         with safe_open(path, framework="numpy") as handle:
-            names, raw = list(handle.keys()), (handle.metadata() or {}).get(_METADATA_KEY)
+            raw = (handle.metadata() or {}).get(_METADATA_KEY)
         with open(path, "rb") as handle:
-            header_length = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(header_length))
+            prefix = handle.read(8)
+            header, data_start = _header(prefix + handle.read(int.from_bytes(prefix, "little")))
     except (SafetensorError, OSError, ValueError, RecursionError) as exc:
         raise MessageError(f"body is not a readable safetensors result: {type(exc).__name__}: {exc}") from None
-    data_start = 8 + header_length
     data = (np.memmap(path, dtype=np.uint8, mode="r", offset=data_start) if path.stat().st_size > data_start
             else np.empty(0, dtype=np.uint8))
-    tensors: Weights = {}
-    for name in names:
-        spec = header[name]
-        if spec["dtype"] not in _NUMPY_DTYPES:
-            raise MessageError(f"body is not a readable safetensors result: {name} is {spec['dtype']}, "
-                               "which numpy cannot hold")
-        begin, end = spec["data_offsets"]
-        tensors[name] = data[begin:end].view(_NUMPY_DTYPES[spec["dtype"]]).reshape(spec["shape"])
-    return TaskResult(_metadata(raw), tensors)
+    return TaskResult(_metadata(raw), _views(header, data))
 
 
 def describe_result(body: bytes) -> dict[str, Any]:
     """What a result body carries, from its header alone (no tensor is copied): each tensor's dtype and shape,
     and the metadata as sent."""
     try:
-        header_length = int.from_bytes(body[:8], "little")
-        header = json.loads(body[8:8 + header_length])
+        header = _header(body)[0]
         raw = header.pop("__metadata__", {}).get(_METADATA_KEY)
         tensors = {name: {"dtype": spec["dtype"], "shape": spec["shape"]} for name, spec in sorted(header.items())}
         return {"tensors": tensors, "metadata": {} if raw is None else json.loads(raw)}
