@@ -151,9 +151,9 @@ def global_weights(spec: DatasetSpec, seed: int = 0) -> dict[str, np.ndarray]:
 def stats_body(spec: DatasetSpec) -> bytes:
     """A round-0 result: counts and sums of the right length (mean 0, scale 1), nothing suppressed."""
     columns = len(encoded_columns(spec))
-    return encode_weights({}, {"count": EXAMPLES, "sums": [0.0] * columns,
-                               "sums_of_squares": [float(EXAMPLES)] * columns, "target_sum": 100.0,
-                               "target_sum_of_squares": 100.0})
+    return bytes(encode_weights({}, {"count": EXAMPLES, "sums": [0.0] * columns,
+                                     "sums_of_squares": [float(EXAMPLES)] * columns, "target_sum": 100.0,
+                                     "target_sum_of_squares": 100.0}))
 
 
 def fit_bodies(base: dict[str, np.ndarray], hospitals: int, delay_s: float, seed: int) -> list[bytes]:
@@ -169,7 +169,7 @@ def fit_bodies(base: dict[str, np.ndarray], hospitals: int, delay_s: float, seed
             noise *= np.float32(NOISE)
             noise += tensor
             update[name] = noise
-        bodies.append(encode_weights(update, metadata))
+        bodies.append(bytes(encode_weights(update, metadata)))
     return bodies
 
 

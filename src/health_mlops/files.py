@@ -35,7 +35,7 @@ def commit_atomically(handle: BinaryIO, path: Path, *, before_rename: Callable[[
         os.close(folder)
 
 
-def write_atomically(path: Path, data: bytes, *, before_rename: Callable[[], None] | None = None) -> None:
+def write_atomically(path: Path, data: bytes | memoryview, *, before_rename: Callable[[], None] | None = None) -> None:
     handle = open_atomically(path)
     handle.write(data)
     commit_atomically(handle, path, before_rename=before_rename)

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
+
 
 from health_mlops.fl.coordinator import TaskResult
+from health_mlops.fl.mapped import mapping_of
 from health_mlops.fl.messages import (MessageError, decode_result, encode_result, encode_weights, map_result,
                                       weighted_metrics, weights_view)
 
@@ -20,6 +23,22 @@ def test_a_result_round_trips_with_tensors_and_metadata() -> None:
     assert set(decoded.tensors) == set(tensors)
     for name, value in tensors.items():
         np.testing.assert_array_equal(decoded.tensors[name], value)
+
+
+def test_encoded_weights_are_a_safetensors_body_that_safetensors_reads(tmp_path: Path) -> None:
+    weights = {"b.weight": np.arange(12, dtype=np.float64).reshape(3, 4).T,  # float64, not contiguous
+               "a.bias": np.array([0.1, -2.5], np.float32), "empty": np.zeros((0, 5), np.float32),
+               "scalar": np.float32(3.0)}
+    body = bytes(encode_weights(weights, {"round": 2}))
+    (tmp_path / "weights.safetensors").write_bytes(body)
+    with safe_open(tmp_path / "weights.safetensors", framework="numpy") as handle:
+        assert handle.metadata() == {"metadata": '{"round": 2}'}
+        assert sorted(handle.keys()) == sorted(weights)
+        for name, value in weights.items():
+            read = handle.get_tensor(name)
+            assert read.dtype == np.float32 and read.shape == np.shape(value)
+            np.testing.assert_array_equal(read, np.asarray(value, dtype=np.float32))
+    assert int.from_bytes(body[:8], "little") % 8 == 0  # the data 8-byte aligned, as safetensors writes it
 
 
 def test_a_stats_result_has_metadata_only() -> None:
@@ -49,7 +68,7 @@ def test_a_result_file_is_read_memory_mapped_with_its_metadata(tmp_path: Path) -
     for name, value in tensors.items():
         assert mapped.tensors[name].dtype == np.float32 and mapped.tensors[name].shape == value.shape
         np.testing.assert_array_equal(mapped.tensors[name], value.astype(np.float32))
-    assert isinstance(mapped.tensors["layer.weight"], np.memmap)  # read from the file when used, not loaded
+    assert mapping_of(mapped.tensors["layer.weight"]) is not None  # read from the file when used, not loaded
     assert not mapped.tensors["layer.weight"].flags.writeable
 
 

@@ -37,6 +37,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from health_mlops.fl.errors import Conflict, CoordinatorError, Forbidden, NotFound, Rejected
+from health_mlops.fl.mapped import blocks
 from health_mlops.fl.metadata import check_metadata
 from health_mlops.fl.strategies import (FOLD_CHUNK_ELEMENTS, ClientUpdate, RoundAggregation, ServerOptimiserState,
                                         StrategyConfig, Weights)
@@ -273,13 +274,15 @@ def validate_update(current: Mapping[str, np.ndarray], update: Mapping[str, np.n
             raise Rejected("wrong_dtype", f"{name} is {tensor.dtype}; updates are float32 or float64")
         if tensor.shape != reference.shape:
             raise Rejected("wrong_shape", f"{name} has shape {list(tensor.shape)}, expected {list(reference.shape)}")
-        flat, flat_reference = tensor.reshape(-1), np.asarray(reference).reshape(-1)
-        for start in range(0, flat.size, FOLD_CHUNK_ELEMENTS):  # no temporary the size of the model
-            chunk = flat[start:start + FOLD_CHUNK_ELEMENTS]
-            if not np.isfinite(chunk).all():
-                raise Rejected("non_finite", f"{name} holds NaN or infinite values")
-            change = chunk.astype(np.float64) - flat_reference[start:start + FOLD_CHUNK_ELEMENTS]
-            squared += float(np.dot(change, change))
+        flat_reference = np.asarray(reference).reshape(-1)
+        for block_start, block in blocks(tensor):  # a mapped update is never resident as a whole
+            for start in range(0, block.size, FOLD_CHUNK_ELEMENTS):  # no temporary the size of the model
+                chunk = block[start:start + FOLD_CHUNK_ELEMENTS]
+                if not np.isfinite(chunk).all():
+                    raise Rejected("non_finite", f"{name} holds NaN or infinite values")
+                at = block_start + start
+                change = chunk.astype(np.float64) - flat_reference[at:at + FOLD_CHUNK_ELEMENTS]
+                squared += float(np.dot(change, change))
     if math.sqrt(squared) > norm_bound:
         raise Rejected("norm_exceeded", f"update norm {math.sqrt(squared):.3g} exceeds the bound {norm_bound:g}")
 

@@ -16,9 +16,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as load_tensors
-from safetensors.numpy import save as save_tensors
 
 from health_mlops.fl.coordinator import Run, RunConfig, Task, TaskKind, TaskResult
+from health_mlops.fl.mapped import map_file
 from health_mlops.fl.strategies import Weights
 
 SAFETENSORS_MEDIA_TYPE = "application/octet-stream"
@@ -29,11 +29,32 @@ class MessageError(ValueError):
     """A body that is not a valid message; the text says what is wrong."""
 
 
-def encode_weights(weights: Mapping[str, np.ndarray], metadata: Mapping[str, Any] | None = None) -> bytes:
-    """Weights as float32 safetensors (what the model computes in), with optional JSON metadata."""
-    header = {_METADATA_KEY: json.dumps(metadata, allow_nan=False)} if metadata is not None else None
-    tensors = {name: np.ascontiguousarray(value, dtype=np.float32) for name, value in weights.items()}
-    return save_tensors(tensors, metadata=header)
+def encode_weights(weights: Mapping[str, np.ndarray], metadata: Mapping[str, Any] | None = None) -> memoryview:
+    """Weights as a float32 safetensors body (what the model computes in), with optional JSON metadata: a
+    read-only view of one buffer (`bytes(...)` where bytes are needed).
+
+    The tensors are written straight into that buffer, so the model is copied once; safetensors' own `save`
+    copies it three times (numpy's bytes of each tensor, its serialised buffer, the Python bytes of that), which
+    at the aggregator's round close is the difference between two models in memory and four. The layout is
+    safetensors' (tensors in name order, the data 8-byte aligned), and safetensors reads it."""
+    arrays = {name: np.asarray(weights[name]) for name in sorted(weights)}
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        header["__metadata__"] = {_METADATA_KEY: json.dumps(metadata, allow_nan=False)}
+    end = 0
+    for name, array in arrays.items():
+        begin, end = end, end + 4 * array.size
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [begin, end]}
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    buffer = bytearray(8 + len(encoded) + end)
+    buffer[:8] = len(encoded).to_bytes(8, "little")
+    buffer[8:8 + len(encoded)] = encoded
+    data = np.frombuffer(buffer, dtype=np.uint8, offset=8 + len(encoded))
+    for name, array in arrays.items():
+        begin, end = header[name]["data_offsets"]
+        np.copyto(data[begin:end].view("<f4").reshape(array.shape), array, casting="same_kind")
+    return memoryview(buffer).toreadonly()
 
 
 def decode_weights(body: bytes) -> tuple[Weights, dict[str, Any]]:
@@ -62,10 +83,10 @@ _NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": 
                  "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
 
-def _header(body: bytes) -> tuple[dict[str, Any], int]:
+def _header(body: bytes | memoryview) -> tuple[dict[str, Any], int]:
     """A safetensors body's header (an 8-byte little-endian length, then JSON) and where its data begins."""
     length = int.from_bytes(body[:8], "little")
-    return json.loads(body[8:8 + length]), 8 + length
+    return json.loads(bytes(body[8:8 + length])), 8 + length
 
 
 def _views(header: Mapping[str, Any], data: np.ndarray) -> Weights:
@@ -82,7 +103,7 @@ def _views(header: Mapping[str, Any], data: np.ndarray) -> Weights:
     return tensors
 
 
-def weights_view(body: bytes) -> Weights:
+def weights_view(body: bytes | memoryview) -> Weights:
     """The tensors of a safetensors body made by `encode_weights`, as read-only views of its bytes."""
     header, data_start = _header(body)
     return _views(header, np.frombuffer(body, dtype=np.uint8, offset=data_start))
@@ -90,7 +111,8 @@ def weights_view(body: bytes) -> Weights:
 
 def map_result(path: Path) -> TaskResult:
     """A result file's tensors as read-only arrays memory-mapped from it, so that they are read a block at a time
-    when used and never held whole in memory, and its metadata; raises MessageError for anything unreadable.
+    when used and never held whole in memory (`mapped.blocks`), and its metadata; raises MessageError for anything
+    unreadable.
     safetensors checks the header (every tensor's byte range against its dtype and shape, in the file); numpy
     then views the data where the header says it lies."""
     try:
@@ -99,10 +121,9 @@ def map_result(path: Path) -> TaskResult:
         with open(path, "rb") as handle:
             prefix = handle.read(8)
             header, data_start = _header(prefix + handle.read(int.from_bytes(prefix, "little")))
+        data = map_file(path, data_start)
     except (SafetensorError, OSError, ValueError, RecursionError) as exc:
         raise MessageError(f"body is not a readable safetensors result: {type(exc).__name__}: {exc}") from None
-    data = (np.memmap(path, dtype=np.uint8, mode="r", offset=data_start) if path.stat().st_size > data_start
-            else np.empty(0, dtype=np.uint8))
     return TaskResult(_metadata(raw), _views(header, data))
 
 
@@ -119,7 +140,7 @@ def describe_result(body: bytes) -> dict[str, Any]:
 
 
 def encode_result(result: TaskResult) -> bytes:
-    return encode_weights(result.tensors, result.metadata)
+    return bytes(encode_weights(result.tensors, result.metadata))
 
 
 def decode_result(body: bytes) -> TaskResult:

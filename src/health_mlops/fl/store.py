@@ -34,10 +34,10 @@ from typing import Any, BinaryIO
 
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
-from safetensors.numpy import save as save_tensors
 
 from health_mlops.faults import crash_point
 from health_mlops.files import commit_atomically, open_atomically, temporary_path, write_atomically
+from health_mlops.fl.messages import encode_weights
 
 Weights = dict[str, Any]  # name -> numpy array
 _FIRST, _SECOND = "first/", "second/"  # tensor name prefixes of the optimiser's moments in one file
@@ -85,7 +85,7 @@ class CheckpointStore:
     def weights_path(self, run_id: str, round_number: int) -> Path:
         return self.models_dir / "runs" / run_id / f"round-{round_number}.safetensors"
 
-    def save_weights(self, run_id: str, round_number: int, body: bytes) -> None:
+    def save_weights(self, run_id: str, round_number: int, body: bytes | memoryview) -> None:
         write_atomically(self.weights_path(run_id, round_number), body)
 
     def result_path(self, run_id: str, reference: str) -> Path:
@@ -192,8 +192,8 @@ class CheckpointStore:
 
     def save_optimiser(self, run_id: str, round_number: int, first: Weights, second: Weights) -> int:
         """The server optimiser's moments entering a round; the bytes written."""
-        body = save_tensors({**{f"{_FIRST}{k}": v for k, v in first.items()},
-                             **{f"{_SECOND}{k}": v for k, v in second.items()}})
+        body = encode_weights({**{f"{_FIRST}{k}": v for k, v in first.items()},
+                                 **{f"{_SECOND}{k}": v for k, v in second.items()}})
         write_atomically(self.optimiser_path(run_id, round_number), body)
         return len(body)
 

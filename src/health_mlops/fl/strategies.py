@@ -22,6 +22,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.linalg.blas import saxpy
 
+from health_mlops.fl.mapped import blocks
+
 Weights = dict[str, np.ndarray]
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean"]
 STRATEGY_NAMES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean")
@@ -80,23 +82,23 @@ class WeightedMean:
             raise ValueError("updates hold different tensors")
         if num_examples <= 0:
             raise ValueError("an update must report training examples")
-        flats = {name: np.ascontiguousarray(weights[name], dtype=np.float32).reshape(-1) for name in self._shapes}
-        for name, flat in flats.items():
-            if flat.size != math.prod(self._shapes[name]):
-                raise ValueError(f"{name} has {flat.size} values, expected shape {list(self._shapes[name])}")
-        self._add_to_level(0, flats, float(num_examples))
+        for name, shape in self._shapes.items():
+            if np.size(weights[name]) != math.prod(shape):
+                raise ValueError(f"{name} has {np.size(weights[name])} values, expected shape {list(shape)}")
+        self._add_to_level(0, weights, float(num_examples))
         self.examples += num_examples
         self.updates += 1
 
-    def _add_to_level(self, level: int, flats: Mapping[str, np.ndarray], factor: float) -> None:
+    def _add_to_level(self, level: int, weights: Mapping[str, np.ndarray], factor: float) -> None:
         if level == len(self._levels):
             self._levels.append({name: np.zeros(math.prod(shape), dtype=np.float32)
                                  for name, shape in self._shapes.items()})
             self._additions.append(0)
         sums = self._levels[level]
-        for name, flat in flats.items():
-            if flat.size:
-                sums[name] = saxpy(flat, sums[name], a=factor)  # in place: sums[name] is float32 and contiguous
+        for name in self._shapes:
+            for start, block in blocks(weights[name]):  # a mapped update is never resident as a whole
+                # In place: a slice of a contiguous float32 array is one too.
+                saxpy(np.asarray(block, dtype=np.float32), sums[name][start:start + block.size], a=factor)
         self._additions[level] += 1
         if self._additions[level] == CASCADE_FANOUT:
             self._add_to_level(level + 1, sums, 1.0)
@@ -143,7 +145,8 @@ def _coordinatewise(updates: Sequence[ClientUpdate], reduce_sorted: Callable[[np
                     chunk_bytes: int) -> Weights:
     """`reduce_sorted` applied to blocks of coordinates, each row one coordinate's values from every hospital,
     sorted: the block is copied into one reused buffer (at most `chunk_bytes`) and sorted along its rows, which
-    are contiguous. Updates may be arrays read lazily (memory-mapped), which are then read a block at a time.
+    are contiguous. Updates may be arrays mapped from files (`mapped.map_file`), which are then read a block at a
+    time and never resident as a whole.
     The result has the updates' precision (float32 when they all are)."""
     names = _names(updates)
     result: Weights = {}
@@ -153,11 +156,12 @@ def _coordinatewise(updates: Sequence[ClientUpdate], reduce_sorted: Callable[[np
         rows = max(1, chunk_bytes // (dtype.itemsize * len(flats)))
         block = np.empty((min(rows, flats[0].size), len(flats)), dtype=dtype)
         out = np.empty(flats[0].size, dtype=dtype)
-        for start in range(0, out.size, rows):
-            stop = min(start + rows, out.size)
+        # Every hospital's next block at once (a mapped update's block leaves memory when it has been copied).
+        for parts in zip(*(blocks(flat, rows) for flat in flats)):
+            start, stop = parts[0][0], parts[0][0] + parts[0][1].size
             sorted_values = block[:stop - start]
-            for column, flat in enumerate(flats):
-                sorted_values[:, column] = flat[start:stop]
+            for column, (_, values) in enumerate(parts):
+                sorted_values[:, column] = values
             sorted_values.sort(axis=1)
             out[start:stop] = reduce_sorted(sorted_values)
         result[name] = out.reshape(np.shape(updates[0].weights[name]))

@@ -56,7 +56,7 @@ class _Checkpoint:
     that ended, the latest state, and result files no longer named by it; `written` resolves once it is
     durable."""
 
-    weights: list[tuple[Run, int, bytes]] = field(default_factory=list)
+    weights: list[tuple[Run, int, memoryview]] = field(default_factory=list)
     history: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     records: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
     obsolete: set[tuple[str, str]] = field(default_factory=set)
@@ -101,7 +101,7 @@ class AggregatorService:
         self._results_in_flight: set[tuple[str, str]] = set()
         for run_id, reference in store.result_references() - self._result_files_written:
             store.remove_result(run_id, reference)  # written, but its acceptance never became durable
-        self._weights_cache: dict[str, tuple[int, bytes]] = {}  # run -> its open round and its weights as sent
+        self._weights_cache: dict[str, tuple[int, memoryview]] = {}  # run -> its open round and its weights as sent
         self._wakeup = asyncio.Event()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")  # one: writes stay in order
         # Result files are made durable apart, several at a time: one is named by a state only once it is
@@ -290,7 +290,7 @@ class AggregatorService:
         self._wakeup.set()
         self._wakeup = asyncio.Event()
 
-    def _encoded_weights(self, run: Run) -> bytes:
+    def _encoded_weights(self, run: Run) -> memoryview:
         """A running run's weights entering its open round, as sent. The run's weights then become read-only
         views of these bytes: the model is held once in memory, not twice."""
         cached = self._weights_cache.get(run.id)
@@ -340,7 +340,7 @@ class AggregatorService:
             raise NotFound(f"no run {run_id}")
         return run
 
-    def weights(self, run_id: str, round_number: int, identity: Identity) -> bytes:
+    def weights(self, run_id: str, round_number: int, identity: Identity) -> bytes | memoryview:
         run = self.run(run_id)
         if identity.hospital is not None and identity.hospital not in run.hospitals:
             raise Forbidden(f"{identity.hospital} is not enrolled in {run_id}")
