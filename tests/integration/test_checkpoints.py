@@ -24,6 +24,7 @@ from health_mlops.data.synthetic import generate_dataset
 from health_mlops.fl.aggregator import AggregatorService, create_app, create_ops_app
 from health_mlops.fl.coordinator import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker
+from health_mlops.fl.mapped import mapping_of
 from health_mlops.fl.messages import TaskMessage, decode_weights, encode_result
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.fl.strategies import (ClientUpdate, ServerOptimiserState, StrategyConfig, aggregate,
@@ -55,6 +56,7 @@ class Aggregator:
                              client_ca=cert_path(self.credentials, CA))
         app = create_app(lambda: AggregatorService(SPEC, CheckpointStore(self.models), gatekeeper))
         with BackgroundServer(app, tls=tls) as server, BackgroundServer(create_ops_app(app)) as ops:
+            self.service: AggregatorService = app.state.service
             yield server.url, ops.url
 
     def client(self, url: str, who: str) -> httpx.Client:
@@ -132,6 +134,24 @@ def test_each_result_has_its_own_file_and_a_restart_mid_round_aggregates_the_sam
     expected = aggregate_fedavg(updates)  # what an aggregator that never stopped computes
     for name, tensor in expected.items():
         np.testing.assert_allclose(entering_round_2[name], tensor.astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_an_open_rounds_weights_are_read_from_their_durable_file_not_held_in_memory(
+        tmp_path: Path, workers: dict[str, HospitalWorker]) -> None:
+    aggregator = Aggregator(tmp_path)
+    with aggregator.serving() as (url, _):
+        with aggregator.client(url, ADMIN) as admin:
+            run_id = admin.post("/v1/runs", json={"config": CONFIG}).json()["id"]
+        for hospital in HOSPITALS:  # round 0 closes: round 1 opens, its weights written before the last answer
+            answer(aggregator, url, hospital, workers[hospital])
+        run = aggregator.service.coordinator.runs[run_id]
+        assert run.round == 1 and all(mapping_of(tensor) is not None for tensor in run.weights.values())
+        with aggregator.client(url, "hospital-1") as client:
+            downloaded = client.get(next_task(client).weights_path)
+        on_disk = aggregator.store.weights_path(run_id, 1).read_bytes()
+        assert downloaded.content == on_disk and downloaded.headers["content-length"] == str(len(on_disk))
+        for name, tensor in decode_weights(on_disk)[0].items():
+            np.testing.assert_array_equal(run.weights[name], tensor)
 
 
 def test_a_refused_result_leaves_no_file(tmp_path: Path, workers: dict[str, HospitalWorker]) -> None:

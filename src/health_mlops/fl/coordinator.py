@@ -37,7 +37,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from health_mlops.fl.errors import Conflict, CoordinatorError, Forbidden, NotFound, Rejected
-from health_mlops.fl.mapped import blocks
+from health_mlops.fl.mapped import LOCKSTEP_ELEMENTS, blocks
 from health_mlops.fl.metadata import check_metadata
 from health_mlops.fl.strategies import (FOLD_CHUNK_ELEMENTS, ClientUpdate, RoundAggregation, ServerOptimiserState,
                                         StrategyConfig, Weights)
@@ -274,14 +274,15 @@ def validate_update(current: Mapping[str, np.ndarray], update: Mapping[str, np.n
             raise Rejected("wrong_dtype", f"{name} is {tensor.dtype}; updates are float32 or float64")
         if tensor.shape != reference.shape:
             raise Rejected("wrong_shape", f"{name} has shape {list(tensor.shape)}, expected {list(reference.shape)}")
-        flat_reference = np.asarray(reference).reshape(-1)
-        for block_start, block in blocks(tensor):  # a mapped update is never resident as a whole
+        # Update and global weights side by side, a block at a time: either may be mapped from its file, and
+        # neither is then resident as a whole.
+        for (_, block), (_, reference_block) in zip(blocks(tensor, LOCKSTEP_ELEMENTS),
+                                                    blocks(reference, LOCKSTEP_ELEMENTS)):
             for start in range(0, block.size, FOLD_CHUNK_ELEMENTS):  # no temporary the size of the model
                 chunk = block[start:start + FOLD_CHUNK_ELEMENTS]
                 if not np.isfinite(chunk).all():
                     raise Rejected("non_finite", f"{name} holds NaN or infinite values")
-                at = block_start + start
-                change = chunk.astype(np.float64) - flat_reference[at:at + FOLD_CHUNK_ELEMENTS]
+                change = chunk.astype(np.float64) - reference_block[start:start + FOLD_CHUNK_ELEMENTS]
                 squared += float(np.dot(change, change))
     if math.sqrt(squared) > norm_bound:
         raise Rejected("norm_exceeded", f"update norm {math.sqrt(squared):.3g} exceeds the bound {norm_bound:g}")

@@ -20,6 +20,8 @@ import numpy as np
 
 # A block: large enough that the call to let it go costs nothing next to reading it, small enough to stay in cache.
 BLOCK_BYTES = 4 * 1024 * 1024
+# Elements per block when tensors of different dtypes (float32, float64) are walked side by side.
+LOCKSTEP_ELEMENTS = BLOCK_BYTES // 8
 
 
 def map_file(path: Path, offset: int) -> np.ndarray:

@@ -212,3 +212,10 @@ class CheckpointStore:
     def load_weights(self, run_id: str, round_number: int) -> bytes | None:
         path = self.weights_path(run_id, round_number)
         return path.read_bytes() if path.exists() else None
+
+    def open_weights(self, run_id: str, round_number: int) -> BinaryIO | None:
+        """A round's weights file opened for reading, or None if it is not kept."""
+        try:
+            return open(self.weights_path(run_id, round_number), "rb")  # noqa: SIM115 - the caller closes it
+        except FileNotFoundError:
+            return None

@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.linalg.blas import saxpy
 
-from health_mlops.fl.mapped import blocks
+from health_mlops.fl.mapped import LOCKSTEP_ELEMENTS, blocks
 
 Weights = dict[str, np.ndarray]
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean"]
@@ -229,26 +229,27 @@ def server_optimiser_step(current: Mapping[str, np.ndarray], averaged: Mapping[s
     second: Weights = {}
     for name, base in current.items():
         shape = np.shape(base)
-        flat_base, flat_target = np.asarray(base).reshape(-1), np.asarray(averaged[name]).reshape(-1)
+        flat_target = np.asarray(averaged[name]).reshape(-1)
         old_m, old_v = (np.asarray(moments[name]).reshape(-1) if name in moments else None
                         for moments in (state.first_moment, state.second_moment))
-        weights_out = flat_target if overwrite_averaged else np.empty(flat_base.size, dtype=np.float32)
-        m_out, v_out = np.empty(flat_base.size, dtype=np.float32), np.empty(flat_base.size, dtype=np.float32)
-        for start in range(0, flat_base.size, FOLD_CHUNK_ELEMENTS):
-            chunk = slice(start, min(start + FOLD_CHUNK_ELEMENTS, flat_base.size))
-            base64 = flat_base[chunk].astype(np.float64)
-            delta = flat_target[chunk] - base64
-            m = (1 - b1) * delta
-            if old_m is not None:
-                m += b1 * old_m[chunk]
-            squared = delta * delta
-            v = old_v[chunk].astype(np.float64) if old_v is not None else np.zeros_like(squared)
-            if variant == "adam":
-                v = b2 * v + (1 - b2) * squared
-            else:
-                v -= (1 - b2) * squared * np.sign(v - squared)
-            weights_out[chunk] = base64 + eta * m / (np.sqrt(v) + config.tau)
-            m_out[chunk], v_out[chunk] = m, v
+        weights_out = flat_target if overwrite_averaged else np.empty(flat_target.size, dtype=np.float32)
+        m_out, v_out = np.empty(flat_target.size, dtype=np.float32), np.empty(flat_target.size, dtype=np.float32)
+        for block_start, base_block in blocks(base, LOCKSTEP_ELEMENTS):  # the current weights may be mapped
+            for offset in range(0, base_block.size, FOLD_CHUNK_ELEMENTS):
+                base64 = base_block[offset:offset + FOLD_CHUNK_ELEMENTS].astype(np.float64)
+                chunk = slice(block_start + offset, block_start + offset + base64.size)
+                delta = flat_target[chunk] - base64
+                m = (1 - b1) * delta
+                if old_m is not None:
+                    m += b1 * old_m[chunk]
+                squared = delta * delta
+                v = old_v[chunk].astype(np.float64) if old_v is not None else np.zeros_like(squared)
+                if variant == "adam":
+                    v = b2 * v + (1 - b2) * squared
+                else:
+                    v -= (1 - b2) * squared * np.sign(v - squared)
+                weights_out[chunk] = base64 + eta * m / (np.sqrt(v) + config.tau)
+                m_out[chunk], v_out[chunk] = m, v
         new_weights[name], first[name], second[name] = (a.reshape(shape) for a in (weights_out, m_out, v_out))
     return new_weights, replace(state, first_moment=first, second_moment=second, steps=step)
 

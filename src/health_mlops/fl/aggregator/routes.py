@@ -4,13 +4,14 @@ exception handler per kind of refusal, so no route maps errors itself."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, BinaryIO
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from health_mlops.fl.aggregator.dependencies import Admin, Caller, Hospital, NodeId, Service, refuse
@@ -25,6 +26,22 @@ from health_mlops.http_errors import install_validation_handler
 DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024
 MAX_RUN_REQUEST_BYTES = 64 * KIB  # a run's config and hospital list
 MAX_OTHER_BODY_BYTES = 1 * KIB  # heartbeat and cancel take no body
+
+
+# Weights are sent a piece at a time, each once the connection has taken the one before: 50 hospitals downloading
+# a large model at once hold 50 pieces in the aggregator's send buffers, not 50 models.
+PIECE_BYTES = 256 * KIB
+
+
+async def _pieces(body: memoryview | BinaryIO) -> AsyncIterator[bytes | memoryview]:
+    """A body in PIECE_BYTES pieces: from memory, or read from an open file (closed at the end) off the loop."""
+    if isinstance(body, memoryview):
+        for start in range(0, len(body), PIECE_BYTES):
+            yield body[start:start + PIECE_BYTES]
+        return
+    with body:
+        while piece := await asyncio.to_thread(body.read, PIECE_BYTES):
+            yield piece
 
 
 def body_limit(path: str, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> int:
@@ -127,7 +144,10 @@ def create_app(service_factory: Callable[[], AggregatorService],
 
     @app.get("/v1/runs/{run_id}/rounds/{round_number}/weights")
     async def round_weights(run_id: str, round_number: int, svc: Service, identity: Caller) -> Response:
-        return Response(svc.weights(run_id, round_number, identity), media_type=SAFETENSORS_MEDIA_TYPE)
+        body = svc.weights(run_id, round_number, identity)
+        size = len(body) if isinstance(body, memoryview) else os.fstat(body.fileno()).st_size
+        return StreamingResponse(_pieces(body), media_type=SAFETENSORS_MEDIA_TYPE,
+                                 headers={"content-length": str(size)})
 
     @app.post("/v1/tasks/{task_id}/heartbeat")
     async def heartbeat(task_id: str, svc: Service, hospital: Hospital, node: NodeId) -> LeaseMessage:

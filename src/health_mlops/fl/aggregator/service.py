@@ -21,11 +21,12 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from health_mlops.audit import AuditLog
 from health_mlops.data.preprocess import encoded_columns
 from health_mlops.faults import crash_point
+from health_mlops.memory import return_free_memory
 from health_mlops.fl.coordinator import (Conflict, Coordinator, Event, Forbidden, NotFound, RoundClosed, RoundOpened,
                                          Run, RunEnded, RunStatus, Task, TaskKind, TaskResult, privacy_report,
                                          round_record_to_dict)
@@ -33,7 +34,7 @@ from health_mlops.fl.errors import Invalid
 from health_mlops.fl.aggregator.reporting import Reporting
 from health_mlops.fl.hospital import reduce_stats, suppressed_cells
 from health_mlops.fl.messages import (MessageError, OpenTaskView, RoundView, RunRequest, RunView, TaskMessage,
-                                      decode_result, decode_weights, encode_weights, map_result, weighted_metrics,
+                                      decode_result, encode_weights, map_result, weighted_metrics,
                                       weights_view)
 from health_mlops.fl.simulation import initial_weights
 from health_mlops.fl.store import CheckpointError, CheckpointStore
@@ -101,7 +102,8 @@ class AggregatorService:
         self._results_in_flight: set[tuple[str, str]] = set()
         for run_id, reference in store.result_references() - self._result_files_written:
             store.remove_result(run_id, reference)  # written, but its acceptance never became durable
-        self._weights_cache: dict[str, tuple[int, memoryview]] = {}  # run -> its open round and its weights as sent
+        # run -> its open round and its weights as sent, until their file is durable (then read from the file)
+        self._weights_cache: dict[str, tuple[int, memoryview]] = {}
         self._wakeup = asyncio.Event()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")  # one: writes stay in order
         # Result files are made durable apart, several at a time: one is named by a state only once it is
@@ -171,6 +173,7 @@ class AggregatorService:
             self.store.remove_result(*written)
             raise
         result.reference = reference
+        return_free_memory()  # the body's read buffers, freed amid other connections' (memory.py)
         return result
 
     async def submit(self, task: Task, hospital: str, node: str, result: TaskResult) -> Task:
@@ -241,6 +244,8 @@ class AggregatorService:
             checkpoint.obsolete |= obsolete
             checkpoint.snapshot = snapshot  # the latest state holds every earlier change
         await asyncio.shield(checkpoint.written)
+        for run, round_number, _ in weights:
+            self._weights_written(run, round_number)
 
     def _write(self, checkpoint: _Checkpoint) -> None:
         """In the writer thread: make a checkpoint durable. From the moment it begins, the changes that follow
@@ -291,15 +296,22 @@ class AggregatorService:
         self._wakeup = asyncio.Event()
 
     def _encoded_weights(self, run: Run) -> memoryview:
-        """A running run's weights entering its open round, as sent. The run's weights then become read-only
-        views of these bytes: the model is held once in memory, not twice."""
+        """A running run's weights entering the round that just opened, as sent. The run's weights then become
+        read-only views of these bytes: the model is held once in memory, not twice."""
+        self._weights_cache.pop(run.id, None)  # the previous round's bytes go before the next are made
+        body = encode_weights(run.weights)
+        run.weights = weights_view(body)
+        self._weights_cache[run.id] = (run.round, body)
+        return body
+
+    def _weights_written(self, run: Run, round_number: int) -> None:
+        """Once a round's weights file is durable, the run's weights are read from it (mapped a block at a time:
+        a round holds none of the model in memory) and it is what hospitals download."""
         cached = self._weights_cache.get(run.id)
-        if cached is None or cached[0] != run.round:
-            self._weights_cache.pop(run.id, None)  # the previous round's bytes go before the next are made
-            body = encode_weights(run.weights)
-            run.weights = weights_view(body)
-            cached = self._weights_cache[run.id] = (run.round, body)
-        return cached[1]
+        if cached is None or cached[0] != round_number or run.round != round_number:
+            return  # the run has moved on (or ended) since
+        run.weights = map_result(self.store.weights_path(run.id, round_number)).tensors
+        del self._weights_cache[run.id]
 
     # --- operations the routes call -------------------------------------------------------------------
 
@@ -340,18 +352,21 @@ class AggregatorService:
             raise NotFound(f"no run {run_id}")
         return run
 
-    def weights(self, run_id: str, round_number: int, identity: Identity) -> bytes | memoryview:
+    def weights(self, run_id: str, round_number: int, identity: Identity) -> memoryview | BinaryIO:
+        """A round's global weights as sent: in memory until their file is durable, then that file, opened (it
+        stays readable if compaction removes it while it is being sent)."""
         run = self.run(run_id)
         if identity.hospital is not None and identity.hospital not in run.hospitals:
             raise Forbidden(f"{identity.hospital} is not enrolled in {run_id}")
-        if round_number == run.round and run.status is RunStatus.running:
-            return self._encoded_weights(run)
         if round_number > run.round:
             raise NotFound(f"round {round_number} of {run_id} has not opened yet")
-        body = self.store.load_weights(run_id, round_number)
-        if body is None:
+        cached = self._weights_cache.get(run_id)
+        if cached is not None and cached[0] == round_number:
+            return cached[1]
+        handle = self.store.open_weights(run_id, round_number)
+        if handle is None:
             raise NotFound(f"no weights kept for round {round_number} of {run_id}")
-        return body
+        return handle
 
     def view(self, run: Run) -> RunView:
         open_tasks = [OpenTaskView(hospital=t.hospital, status=t.status.value, holder=t.holder,
@@ -387,11 +402,10 @@ def restore_coordinator(store: CheckpointStore, spec: DatasetSpec) -> Coordinato
     saved = store.load_state() or {"runs": [], "tasks": [], "results": {}}  # a first start: nothing
 
     def round_arrays(run_id: str, round_number: int) -> tuple[Weights, Weights, Weights]:
-        body = store.load_weights(run_id, round_number)
-        if body is None:
-            raise CheckpointError(f"{store.weights_path(run_id, round_number)}: missing, and the checkpoint "
-                                  f"resumes {run_id} at round {round_number}")
-        return (decode_weights(body)[0], *store.load_optimiser(run_id, round_number))
+        path = store.weights_path(run_id, round_number)
+        if not path.exists():
+            raise CheckpointError(f"{path}: missing, and the checkpoint resumes {run_id} at round {round_number}")
+        return (map_result(path).tensors, *store.load_optimiser(run_id, round_number))
 
     def result_tensors(task: Task, reference: str) -> Weights:
         path = store.result_path(task.run_id, reference)
