@@ -59,6 +59,10 @@ class Aggregator:
             self.service: AggregatorService = app.state.service
             yield server.url, ops.url
 
+    def start_run(self, url: str) -> str:
+        with self.client(url, ADMIN) as admin:
+            return str(admin.post("/v1/runs", json={"config": CONFIG}).json()["id"])
+
     def client(self, url: str, who: str) -> httpx.Client:
         tls = client_context(cert_path(self.credentials, who), key_path(self.credentials, who),
                              cert_path(self.credentials, CA))
@@ -101,8 +105,7 @@ def test_each_result_has_its_own_file_and_a_restart_mid_round_aggregates_the_sam
         tmp_path: Path, workers: dict[str, HospitalWorker]) -> None:
     aggregator = Aggregator(tmp_path)
     with aggregator.serving() as (url, ops):
-        with aggregator.client(url, ADMIN) as admin:
-            run_id = admin.post("/v1/runs", json={"config": CONFIG}).json()["id"]
+        run_id = aggregator.start_run(url)
         for hospital in HOSPITALS:  # round 0: stats, no tensors, no result files
             answer(aggregator, url, hospital, workers[hospital])
         assert aggregator.result_files(run_id) == []
@@ -140,8 +143,7 @@ def test_an_open_rounds_weights_are_read_from_their_durable_file_not_held_in_mem
         tmp_path: Path, workers: dict[str, HospitalWorker]) -> None:
     aggregator = Aggregator(tmp_path)
     with aggregator.serving() as (url, _):
-        with aggregator.client(url, ADMIN) as admin:
-            run_id = admin.post("/v1/runs", json={"config": CONFIG}).json()["id"]
+        run_id = aggregator.start_run(url)
         for hospital in HOSPITALS:  # round 0 closes: round 1 opens, its weights written before the last answer
             answer(aggregator, url, hospital, workers[hospital])
         run = aggregator.service.coordinator.runs[run_id]
@@ -157,8 +159,7 @@ def test_an_open_rounds_weights_are_read_from_their_durable_file_not_held_in_mem
 def test_a_refused_result_leaves_no_file(tmp_path: Path, workers: dict[str, HospitalWorker]) -> None:
     aggregator = Aggregator(tmp_path)
     with aggregator.serving() as (url, _):
-        with aggregator.client(url, ADMIN) as admin:
-            run_id = admin.post("/v1/runs", json={"config": CONFIG}).json()["id"]
+        run_id = aggregator.start_run(url)
         for hospital in HOSPITALS:
             answer(aggregator, url, hospital, workers[hospital])
         with aggregator.client(url, "hospital-1") as client:
@@ -214,8 +215,7 @@ def test_a_fit_result_cut_short_or_unreadable_leaves_no_file_and_the_task_open(
     client abandons midway leaves nothing behind (not even a partial file), and the hospital can still answer."""
     aggregator = Aggregator(tmp_path)
     with aggregator.serving() as (url, _):
-        with aggregator.client(url, ADMIN) as admin:
-            run_id = admin.post("/v1/runs", json={"config": CONFIG}).json()["id"]
+        run_id = aggregator.start_run(url)
         results = aggregator.models / "runs" / run_id / "results"
         for hospital in HOSPITALS:  # round 0: stats
             answer(aggregator, url, hospital, workers[hospital])
@@ -300,8 +300,7 @@ def test_one_state_write_covers_every_result_accepted_while_the_previous_one_was
     app = create_app(lambda: AggregatorService(SPEC, store, gatekeeper))
     with BackgroundServer(app, tls=tls) as server:
         url = server.url
-        with aggregator.client(url, ADMIN) as admin:
-            run_id = admin.post("/v1/runs", json={"config": CONFIG}).json()["id"]
+        run_id = aggregator.start_run(url)
         for hospital in HOSPITALS:  # round 0
             answer(aggregator, url, hospital, workers[hospital])
         posts = {}
@@ -341,8 +340,7 @@ def test_closed_rounds_are_appended_once_and_a_line_the_state_does_not_count_is_
         tmp_path: Path, workers: dict[str, HospitalWorker]) -> None:
     aggregator = Aggregator(tmp_path)
     with aggregator.serving() as (url, _):
-        with aggregator.client(url, ADMIN) as admin:
-            run_id = admin.post("/v1/runs", json={"config": CONFIG}).json()["id"]
+        run_id = aggregator.start_run(url)
         for _ in range(2):  # rounds 0 and 1
             for hospital in HOSPITALS:
                 answer(aggregator, url, hospital, workers[hospital])
