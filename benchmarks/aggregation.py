@@ -11,10 +11,11 @@ keeps it. Updates are the global model plus a small per-hospital delta (seeded: 
 0.01 N(0,1)); example counts are seeded integers in [100, 5000].
 
 Inputs. Each hospital's update is a `.npy` file in a temporary folder under /tmp (`np.lib.format.open_memmap`),
-passed as a read-only memory-mapped array: the design the robust strategies rely on (per-result files read chunk
-by chunk), and 200 x 10M float32 is 8 GB. The bound and every strategy read the same files the same way: the
-files are read once before any timing (page cache warm), and every timed run maps them afresh (so each pays the
-same page-mapping faults). The folder is removed at the end.
+passed as a read-only array mapped as the aggregator maps a result file (`health_mlops.fl.mapped.map_file`: the
+strategies read it a block at a time and let each block's pages go once read), and 200 x 10M float32 is 8 GB.
+The bound and every strategy read the same files: the files are read once before any timing (page cache warm),
+and every timed run maps them afresh (so each pays the same page-mapping faults; the bound lets nothing go). The
+folder is removed at the end.
 
 The bound: the plain in-place numpy sum of the same bytes, `total += update` over the N float32 updates into a
 preallocated float32 `total`, timed in the same run on the same files. A strategy's ratio is its time / the bound.
@@ -68,6 +69,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from health_mlops.fl.mapped import map_file
 from health_mlops.fl.strategies import ClientUpdate, RoundAggregation, ServerOptimiserState, StrategyConfig
 
 HOSPITALS = (5, 50, 200)
@@ -126,8 +128,9 @@ def write_updates(folder: Path, hospitals: int, params: int, seed: int) -> tuple
 
 
 def open_updates(paths: Sequence[Path]) -> list[np.ndarray]:
-    """The updates as read-only memory maps, mapped afresh."""
-    return [np.load(path, mmap_mode="r") for path in paths]
+    """The updates as read-only memory maps, mapped afresh as the aggregator maps a result (`map_file`: read a
+    block at a time, each block let go once read)."""
+    return [map_file(path, np.load(path, mmap_mode="r").offset).view(np.float32) for path in paths]
 
 
 # --- one run ------------------------------------------------------------------------------------------------

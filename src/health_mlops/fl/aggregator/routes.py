@@ -34,13 +34,15 @@ PIECE_BYTES = 256 * KIB
 
 
 async def _pieces(body: memoryview | BinaryIO) -> AsyncIterator[bytes | memoryview]:
-    """A body in PIECE_BYTES pieces: from memory, or read from an open file (closed at the end) off the loop."""
+    """A body in PIECE_BYTES pieces: from memory, or read from an open file (closed at the end). The file was
+    written moments ago, so a piece comes from the page cache in tens of microseconds: read in the loop, as
+    result bodies are written, rather than paying a thread hop per piece."""
     if isinstance(body, memoryview):
         for start in range(0, len(body), PIECE_BYTES):
             yield body[start:start + PIECE_BYTES]
         return
     with body:
-        while piece := await asyncio.to_thread(body.read, PIECE_BYTES):
+        while piece := body.read(PIECE_BYTES):
             yield piece
 
 

@@ -67,6 +67,8 @@ class _Checkpoint:
 
 # How often deadlines and expired leases are looked at when no request comes in.
 TICK_SECONDS = 0.25
+# A result body from this size on leaves enough freed buffers to be worth giving back (a small model's are reused).
+RETURN_MEMORY_AFTER_BYTES = 8 * 1024 * 1024
 
 
 class AggregatorService:
@@ -173,7 +175,8 @@ class AggregatorService:
             self.store.remove_result(*written)
             raise
         result.reference = reference
-        return_free_memory()  # the body's read buffers, freed amid other connections' (memory.py)
+        if size >= RETURN_MEMORY_AFTER_BYTES:
+            return_free_memory()  # the body's read buffers, freed amid other connections' (memory.py)
         return result
 
     async def submit(self, task: Task, hospital: str, node: str, result: TaskResult) -> Task:
