@@ -8,6 +8,8 @@ message naming the file and the problem.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 import sys
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ from health_mlops.fl.strategies import STRATEGY_NAMES
 from health_mlops.spec import DatasetSpec, SpecError, load_spec
 
 if TYPE_CHECKING:  # training modules import torch and the registry MLflow; `data` commands should not pay for it
+    from health_mlops.data.usability import SiteAssessment
     from health_mlops.demo import Ports, Processes
     from health_mlops.fl.coordinator import RunConfig
     from health_mlops.fl.messages import RunView
@@ -105,7 +108,18 @@ def _progress() -> Progress:
 
 
 def _print_json(document: object) -> None:
-    sys.stdout.write(json.dumps(document, indent=2, default=float) + "\n")
+    """Strict JSON: an undefined value (NaN, infinite) is null, which every parser reads."""
+    sys.stdout.write(json.dumps(_strict(document), indent=2, default=float, allow_nan=False) + "\n")
+
+
+def _strict(value: object) -> object:
+    if isinstance(value, numbers.Real) and not isinstance(value, int):  # float, numpy's floats
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(item) for item in value]
+    return value
 
 
 @data_app.command("generate")
@@ -170,24 +184,48 @@ def data_validate(
     spec: Annotated[str | None, typer.Option(help="built-in spec name or YAML path")] = None,
     report_dir: Annotated[Path | None, typer.Option(help="where reports and quarantined rows go")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="print every file's report as JSON")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="exit 2 when any hospital is left out or warned "
+                                                          "about")] = False,
 ) -> None:
-    """Check every row against the spec; quarantine invalid rows (with line and reason), keep the rest."""
+    """Check every row against the spec; quarantine invalid rows (with line and reason), keep the rest; say which
+    hospitals cannot take part in training and why. Exit 0: every hospital usable; 1: usable, with hospitals left
+    out or warnings; 2: no hospital usable (or, with --strict, any of these)."""
+    from health_mlops.data.usability import assess_sites
+
     settings = get_settings()
     with _clean_errors():
         dataset = _resolve_spec(spec, path)
         quality_dir = report_dir or settings.quality_dir / path.resolve().name
         hospitals = load_hospitals(path, spec=dataset, quality_dir=quality_dir)
     reports = _unique_reports(hospitals)
+    sites = assess_sites(hospitals, dataset)
+    flagged = [a for a in sites.values() if a.excluded or a.warnings]
+    usable = [a for a in sites.values() if a.excluded is None]
+    code = 2 if not usable or (strict and flagged) else 1 if flagged else 0
     if json_output:
         _print_json({"spec": dataset.name, "report_dir": str(quality_dir),
-                     "hospitals": {h: {"rows_valid": d.rows_valid} for h, d in hospitals.items()},
-                     "files": [r.model_dump(mode="json") for r in reports]})
-        return
-    for report in reports:
-        _print_report(report)
-    quarantined = sum(r.rows_quarantined for r in reports)
-    out.print(f"{len(reports)} file(s), {sum(r.rows_valid for r in reports)} valid rows, {quarantined} quarantined; "
-              f"reports and quarantined rows in {quality_dir}")
+                     "hospitals": {h: a.to_json() for h, a in sites.items()},
+                     "files": [r.model_dump(mode="json") for r in reports], "exit_code": code})
+    else:
+        for report in reports:
+            _print_report(report)
+        quarantined = sum(r.rows_quarantined for r in reports)
+        out.print(f"{len(reports)} file(s), {sum(r.rows_valid for r in reports)} valid rows, {quarantined} "
+                  f"quarantined; reports and quarantined rows in {quality_dir}")
+        for assessment in flagged:
+            _print_site(assessment)
+        if not usable:
+            err.print("[bold red]error:[/] no hospital has data that can be trained on", markup=True)
+    if code:
+        raise typer.Exit(code)
+
+
+def _print_site(assessment: SiteAssessment) -> None:
+    if assessment.excluded is not None:
+        err.print(f"[bold yellow]{assessment.hospital}[/]: left out of training: {assessment.excluded}",
+                  markup=True, soft_wrap=True)
+    for warning in assessment.warnings:
+        err.print(f"[yellow]{assessment.hospital}[/]: warning: {warning}", markup=True, soft_wrap=True)
 
 
 def _unique_reports(hospitals: dict[str, HospitalData]) -> list[FileReport]:
@@ -199,14 +237,24 @@ def _unique_reports(hospitals: dict[str, HospitalData]) -> list[FileReport]:
     return list(seen.values())
 
 
-def _load_splits(data: Path, dataset: DatasetSpec, settings: Settings) -> list[HospitalSplit]:
+def _load_splits(data: Path, dataset: DatasetSpec, settings: Settings) -> tuple[list[HospitalSplit], dict[str, str]]:
+    """The train/test split of every hospital that can take part, and those left out with the reason (each said on
+    stderr); no usable hospital ends the command (exit 2)."""
+    from health_mlops.data.usability import assess_sites, excluded, usable
     from health_mlops.ml.baselines import split_hospitals
 
     hospitals = load_hospitals(data, dataset, quality_dir=settings.quality_dir / data.resolve().name)
     quarantined = sum(h.rows_quarantined for h in hospitals.values())
     if quarantined:
         err.print(f"{quarantined} invalid row(s) quarantined; see {settings.quality_dir / data.resolve().name}")
-    return split_hospitals(hospitals, seed=settings.split_seed, test_fraction=settings.test_fraction)
+    sites = assess_sites(hospitals, dataset)
+    for assessment in sites.values():
+        _print_site(assessment)
+    kept = usable(hospitals, sites)
+    if not kept:
+        err.print("[bold red]error:[/] no hospital has data that can be trained on", markup=True)
+        raise typer.Exit(2)
+    return split_hospitals(kept, seed=settings.split_seed, test_fraction=settings.test_fraction), excluded(sites)
 
 
 @app.command()
@@ -237,7 +285,7 @@ def train(
     torch.set_num_threads(settings.torch_threads)
     with _clean_errors():
         dataset = _resolve_spec(spec, data)
-        splits = _load_splits(data, dataset, settings)
+        splits, left_out = _load_splits(data, dataset, settings)
     if mode is not Mode.federated and dp_epsilon is not None:
         err.print("[bold red]error:[/] --dp-epsilon: differential privacy is for --mode federated", markup=True)
         raise typer.Exit(2)
@@ -255,6 +303,7 @@ def train(
         with _progress() as progress:
             task = progress.add_task(f"training {mode.value}", total=total)
             result = runner(dataset, splits, config, on_epoch=lambda _name, _epoch: progress.advance(task))
+    result.extra["excluded"] = left_out
     reference = read_reference(data, split_seed=settings.split_seed, test_fraction=settings.test_fraction)
     document = result.to_json()
     if reference is not None:
@@ -346,7 +395,8 @@ def _train_federated(data: Path, dataset: DatasetSpec, splits: list[HospitalSpli
     result = score_global_model(dataset, splits, outcome.run.preprocessing, outcome.weights)
     result.extra["timing"] = outcome.timing.to_json()
     result.extra["run"] = {"id": outcome.run.id, "config": outcome.run.config.model_dump(mode="json"),
-                           "rejected": outcome.run.rejected, "suppressed": outcome.run.suppressed}
+                           "rejected": outcome.run.rejected, "suppressed": outcome.run.suppressed,
+                           "excluded": outcome.run.excluded}
     result.extra["privacy"] = privacy_json(outcome.run)
     return result
 
@@ -783,7 +833,7 @@ def demo(
         err.print(f"issued credentials for {', '.join(issued)} in {settings.credentials_dir}")
     with _clean_errors():
         dataset = _resolve_spec(None, data)
-        splits = _load_splits(data, dataset, settings)
+        splits, _ = _load_splits(data, dataset, settings)
     reference_file = json.loads((data / "reference.json").read_text(encoding="utf-8"))
     request = RunRequest(config=_run_config(dataset, hospitals, epsilon=dp_epsilon, delta=dp_delta,
                                             noise_multiplier=dp_noise_multiplier, max_grad_norm=dp_max_grad_norm,

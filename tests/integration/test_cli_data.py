@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run_cli, run_cli_json
 from tests.unit.test_validate import CORRUPTIONS, REPEATED_HEADER_LINE, SHORT_LINE, write_corrupted_csv
+
+# The corrupted file's valid rows are few, all without an event.
+ONE_CLASS = ("every valid row has adverse_event_7d = 0: a model of its own learns one answer, and an AUC on its rows "
+             "is undefined")
 
 
 def test_generate_prints_how_hospitals_differ(tmp_path: Path, home: Path) -> None:
@@ -23,14 +28,19 @@ def test_validate_reports_and_writes_the_quarantine(tmp_path: Path, home: Path) 
     folder = tmp_path / "hospital-9"
     folder.mkdir()
     write_corrupted_csv(folder / "export.csv")
-    report = run_cli_json("data", "validate", str(folder), home=home)
+    validated = run_cli("data", "validate", str(folder), "--json", home=home, check=False)
+    report = json.loads(validated.stdout)
     (file_report,) = report["files"]
     assert [q["line"] for q in file_report["quarantined"]] == sorted({*CORRUPTIONS, REPEATED_HEADER_LINE, SHORT_LINE})
-    assert report["hospitals"] == {"hospital-9": {"rows_valid": file_report["rows_valid"]}}
+    assert report["hospitals"] == {"hospital-9": {"rows_valid": file_report["rows_valid"],
+                                                  "rows_quarantined": file_report["rows_quarantined"],
+                                                  "excluded": None, "warnings": [ONE_CLASS]}}
+    assert report["exit_code"] == validated.returncode == 1  # usable, with a warning
     quarantine = Path(report["report_dir"]) / "hospital-9" / "export.csv.quarantine.csv"
     assert quarantine.is_file()
-    human = run_cli("data", "validate", str(folder), home=home).stdout
-    assert "line 4: age: 150 is out of range (allowed 18 to 110 years)" in human
+    human = run_cli("data", "validate", str(folder), home=home, check=False)
+    assert "line 4: age: 150 is out of range (allowed 18 to 110 years)" in human.stdout
+    assert human.returncode == 1 and f"hospital-9: warning: {ONE_CLASS}" in human.stderr
 
 
 def _missing_path(folder: Path) -> Path:

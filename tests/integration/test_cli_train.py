@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 
 from tests.conftest import free_port_range, run_cli, run_cli_json, wait_until_ready
@@ -26,6 +28,41 @@ def test_train_json_has_the_documented_shape(tmp_path: Path, home: Path) -> None
         assert list(result["per_hospital"]) == ["hospital-1", "hospital-2", "hospital-3"]
         assert set(result["reference"]) == {"overall", "per_hospital"}
         assert 0.5 < result["overall"]["auc"] <= 1
+
+
+def strict_json(text: str) -> dict:
+    """JSON as a strict parser reads it: a bare NaN or Infinity is an error."""
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_hospital_without_valid_rows_is_named_by_validate_and_left_out_of_every_mode(tmp_path: Path,
+                                                                                       home: Path) -> None:
+    data = tmp_path / "d"
+    run_cli("data", "generate", "--out", str(data), "--hospitals", "3", "--rows-per-hospital", "400", home=home)
+    path = data / "hospital-3" / "patient_days.csv"
+    frame = pd.read_csv(path)
+    frame["spo2"] = 0  # "not measured" recorded as 0: out of range, every row quarantined
+    frame.to_csv(path, index=False)
+    reason = f"no valid rows: all {len(frame)} rows invalid (quarantined)"
+
+    validated = run_cli("data", "validate", str(data), home=home, check=False)
+    assert validated.returncode == 1 and f"hospital-3: left out of training: {reason}" in validated.stderr
+    assert run_cli("data", "validate", str(data), "--strict", home=home, check=False).returncode == 2
+    report = strict_json(run_cli("data", "validate", str(data), "--json", home=home, check=False).stdout)
+    assert report["exit_code"] == 1 and report["hospitals"]["hospital-3"]["excluded"] == reason
+    assert report["hospitals"]["hospital-1"]["excluded"] is None
+
+    for mode, options in (("pooled", ["--epochs", "2"]), ("local", ["--epochs", "2"]),
+                          ("federated", ["--rounds", "2"])):
+        trained = run_cli("train", "--data", str(data), "--mode", mode, *options, "--json", home=home)
+        result = strict_json(trained.stdout)
+        assert list(result["per_hospital"]) == ["hospital-1", "hospital-2"], mode
+        assert result["excluded"] == {"hospital-3": reason}, mode
+        assert "hospital-3: left out of training" in trained.stderr and "Traceback" not in trained.stderr, mode
+    assert list(result["run"]["excluded"]) == ["hospital-3"]  # the federation left it out in round 0 too
 
 
 def test_train_federated_adds_the_timing_of_its_rounds(tmp_path: Path, home: Path) -> None:

@@ -1,0 +1,58 @@
+"""Whether each hospital's data can take part in training, and what a user should know before it does.
+
+A hospital with no valid rows cannot take part: it is left out, with the reason, in every mode (pooled, local and
+federated), never a traceback or a server error. One whose valid rows hold a single outcome class can, with a
+warning: in a federation or a pooled model its rows still teach what that class looks like, but a model of its own
+learns one answer, and any AUC on its rows is undefined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from health_mlops.data.hospital import HospitalData
+from health_mlops.spec import DatasetSpec
+
+
+@dataclass(frozen=True)
+class SiteAssessment:
+    hospital: str
+    rows_valid: int
+    rows_quarantined: int
+    excluded: str | None  # why the hospital cannot take part; None if it can
+    warnings: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        return {"rows_valid": self.rows_valid, "rows_quarantined": self.rows_quarantined, "excluded": self.excluded,
+                "warnings": list(self.warnings)}
+
+
+def assess_site(data: HospitalData, spec: DatasetSpec) -> SiteAssessment:
+    """What stands in the way of one hospital's data, if anything."""
+    valid, quarantined = data.rows_valid, data.rows_quarantined
+    if valid == 0:
+        why = f"all {quarantined} rows invalid (quarantined)" if quarantined else "no rows"
+        return SiteAssessment(data.hospital_id, valid, quarantined, f"no valid rows: {why}")
+    warnings = []
+    if spec.task == "binary":
+        classes = sorted(int(c) for c in data.frame[spec.target.name].unique())
+        if len(classes) == 1:
+            warnings.append(f"every valid row has {spec.target.name} = {classes[0]}: a model of its own learns one "
+                            f"answer, and an AUC on its rows is undefined")
+    return SiteAssessment(data.hospital_id, valid, quarantined, None, tuple(warnings))
+
+
+def assess_sites(hospitals: Mapping[str, HospitalData], spec: DatasetSpec) -> dict[str, SiteAssessment]:
+    return {hospital_id: assess_site(data, spec) for hospital_id, data in hospitals.items()}
+
+
+def usable(hospitals: Mapping[str, HospitalData], assessments: Mapping[str, SiteAssessment]
+           ) -> dict[str, HospitalData]:
+    """The hospitals that can take part."""
+    return {h: data for h, data in hospitals.items() if assessments[h].excluded is None}
+
+
+def excluded(assessments: Mapping[str, SiteAssessment]) -> dict[str, str]:
+    """Hospital -> why it is left out."""
+    return {h: a.excluded for h, a in assessments.items() if a.excluded is not None}

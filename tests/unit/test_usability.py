@@ -1,0 +1,32 @@
+"""Which hospitals can take part in training, and what is said about the others."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from health_mlops.data.hospital import HospitalData
+from health_mlops.data.usability import assess_sites, excluded, usable
+from health_mlops.data.validate import FileReport
+from health_mlops.spec import load_spec
+
+SPEC = load_spec("health-risk")
+TARGET = SPEC.target.name
+
+
+def hospital(name: str, outcomes: list[int], quarantined: int = 0) -> HospitalData:
+    report = FileReport(file=f"{name}.csv", rows_read=len(outcomes) + quarantined, rows_valid=len(outcomes),
+                        rows_quarantined=quarantined, reasons={}, ignored_columns=[], quarantined=[])
+    return HospitalData(name, pd.DataFrame({TARGET: outcomes}), [report])
+
+
+def test_a_hospital_without_valid_rows_is_left_out_with_why_and_a_single_class_is_a_warning() -> None:
+    hospitals = {"a": hospital("a", [0, 1, 0]), "b": hospital("b", [], quarantined=40), "c": hospital("c", []),
+                 "d": hospital("d", [0, 0, 0, 0])}
+    sites = assess_sites(hospitals, SPEC)
+    assert excluded(sites) == {"b": "no valid rows: all 40 rows invalid (quarantined)", "c": "no valid rows: no rows"}
+    assert list(usable(hospitals, sites)) == ["a", "d"]
+    assert sites["a"].warnings == () and sites["b"].warnings == ()
+    (warning,) = sites["d"].warnings
+    assert f"every valid row has {TARGET} = 0" in warning and "AUC" in warning
+    assert sites["b"].to_json() == {"rows_valid": 0, "rows_quarantined": 40,
+                                    "excluded": "no valid rows: all 40 rows invalid (quarantined)", "warnings": []}
