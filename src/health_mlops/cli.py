@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, get_args
 
 import typer
 from rich.console import Console
@@ -25,19 +25,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from health_mlops import faults
-from health_mlops.config import Settings, get_settings, get_training_defaults, settings_audit_log
+from health_mlops.config import Settings, TrainingDefaults, get_settings, get_training_defaults, settings_audit_log
 from health_mlops.data.diabetes import write_diabetes_sites
 from health_mlops.data.hospital import HospitalData, load_hospitals
 from health_mlops.data.io import DataError
 from health_mlops.data.synthetic import SPEC_FILE_NAME, generate_dataset, read_reference
 from health_mlops.data.validate import FileReport
-from health_mlops.fl.strategies import STRATEGY_NAMES
-from health_mlops.spec import DatasetSpec, SpecError, load_spec
+from health_mlops.fl.coordinator import RunConfig
+from health_mlops.fl.strategies import STRATEGY_NAMES, ServerOptimiserConfig, StrategyConfig
+from health_mlops.spec import DatasetSpec, ModelDefaults, SpecError, load_spec
 
 if TYPE_CHECKING:  # training modules import torch and the registry MLflow; `data` commands should not pay for it
     from health_mlops.data.usability import SiteAssessment
     from health_mlops.demo import Ports, Processes
-    from health_mlops.fl.coordinator import RunConfig
     from health_mlops.fl.messages import RunView
     from health_mlops.ml.baselines import ExperimentResult, HospitalSplit
     from health_mlops.registry import Registry
@@ -67,6 +67,15 @@ class Mode(str, Enum):
     federated = "federated"
 
 
+# Defaults shown in --help, read from where they are defined.
+_TRAINING = TrainingDefaults.model_fields
+_RUN = RunConfig.model_fields
+_STRATEGY = StrategyConfig.model_fields
+
+# The model kinds are the spec's: one list.
+ModelKind = Enum("ModelKind", {kind: kind for kind in get_args(ModelDefaults.model_fields["kind"].annotation)},
+                 type=str)  # type: ignore[misc]
+
 # The CLI's choices are the strategies module's names: one list, so a new strategy appears here by itself.
 Strategy = Enum("Strategy", {name: name for name in STRATEGY_NAMES}, type=str)  # type: ignore[misc]
 
@@ -80,7 +89,7 @@ DpNoise = Annotated[float | None, typer.Option(
 DpClip = Annotated[float, typer.Option("--dp-max-grad-norm",
                                        help="with --dp-epsilon: each record's gradient is clipped to this norm")]
 _DP_OPTIONS = {"epsilon": "--dp-epsilon", "delta": "--dp-delta", "noise_multiplier": "--dp-noise-multiplier",
-               "max_grad_norm": "--dp-max-grad-norm"}
+               "max_grad_norm": "--dp-max-grad-norm", "proximal_mu": "--proximal-mu", "trim_fraction": "--trim-fraction"}
 
 
 @contextmanager
@@ -237,10 +246,11 @@ def _unique_reports(hospitals: dict[str, HospitalData]) -> list[FileReport]:
     return list(seen.values())
 
 
-def _load_splits(data: Path, dataset: DatasetSpec, settings: Settings) -> tuple[list[HospitalSplit], dict[str, str]]:
-    """The train/test split of every hospital that can take part, and those left out with the reason (each said on
-    stderr); no usable hospital ends the command (exit 2)."""
-    from health_mlops.data.usability import assess_sites, excluded, usable
+def _load_splits(data: Path, dataset: DatasetSpec, settings: Settings
+                 ) -> tuple[list[HospitalSplit], dict[str, str], dict[str, list[str]]]:
+    """The train/test split of every hospital that can take part, those left out with the reason, and warnings
+    about the others (each said on stderr); no usable hospital ends the command (exit 2)."""
+    from health_mlops.data.usability import assess_sites, excluded, warning_about_test_rows, usable
     from health_mlops.ml.baselines import split_hospitals
 
     hospitals = load_hospitals(data, dataset, quality_dir=settings.quality_dir / data.resolve().name)
@@ -254,7 +264,14 @@ def _load_splits(data: Path, dataset: DatasetSpec, settings: Settings) -> tuple[
     if not kept:
         err.print("[bold red]error:[/] no hospital has data that can be trained on", markup=True)
         raise typer.Exit(2)
-    return split_hospitals(kept, seed=settings.split_seed, test_fraction=settings.test_fraction), excluded(sites)
+    splits = split_hospitals(kept, seed=settings.split_seed, test_fraction=settings.test_fraction)
+    warnings = {h: list(sites[h].warnings) for h in kept}
+    for split in splits:
+        warning = warning_about_test_rows(split.test, dataset)
+        if warning is not None:
+            err.print(f"[yellow]{split.hospital_id}[/]: warning: {warning}", markup=True, soft_wrap=True)
+            warnings[split.hospital_id].append(warning)
+    return splits, excluded(sites), {h: w for h, w in warnings.items() if w}
 
 
 @app.command()
@@ -263,12 +280,31 @@ def train(
     mode: Annotated[Mode, typer.Option(help="pooled: one model on all rows; local: one model per hospital; "
                                             "federated: aggregator and nodes over loopback HTTP")],
     spec: Annotated[str | None, typer.Option(help="built-in spec name or YAML path")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="epochs (pooled, local) or local epochs per round "
-                                                           "(federated)")] = None,
-    learning_rate: Annotated[float | None, typer.Option(min=0.0)] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
-    rounds: Annotated[int | None, typer.Option(min=1, help="federated: training rounds")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help=f"epochs (pooled, local; default: the spec's "
+                                                           f"training.epochs, else {_TRAINING['epochs'].default}) or "
+                                                           f"local epochs per round (federated; default: the "
+                                                           f"spec's epochs spread over the rounds, else "
+                                                           f"{_RUN['local_epochs'].default})")] = None,
+    learning_rate: Annotated[float | None, typer.Option(
+        min=0.0, help=f"default: the spec's, else {_TRAINING['learning_rate'].default}")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help=f"default: the spec's, else {_TRAINING['batch_size'].default}")] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        min=0.0, help=f"L2 penalty; default {_TRAINING['weight_decay'].default}")] = None,
+    model: Annotated[ModelKind | None, typer.Option(help="default: the spec's model")] = None,
+    hidden: Annotated[str | None, typer.Option(help="mlp hidden layer widths, e.g. 64,32; default: the "
+                                                    "spec's")] = None,
+    rounds: Annotated[int | None, typer.Option(
+        min=1, help=f"federated: training rounds; default {_RUN['rounds'].default}")] = None,
     strategy: Annotated[Strategy, typer.Option(help="federated: aggregation strategy")] = Strategy["fedavg"],
+    proximal_mu: Annotated[float | None, typer.Option(
+        min=0.0, help=f"fedprox: the proximal term's weight; default {_STRATEGY['proximal_mu'].default}")] = None,
+    server_learning_rate: Annotated[float | None, typer.Option(
+        min=0.0, help=f"fedadam, fedyogi: the server optimiser's step; default "
+                      f"{ServerOptimiserConfig.model_fields['learning_rate'].default}")] = None,
+    trim_fraction: Annotated[float | None, typer.Option(
+        min=0.0, max=0.49, help=f"trimmed_mean: share cut from each end; default "
+                                f"{_STRATEGY['trim_fraction'].default}")] = None,
     dp_epsilon: DpEpsilon = None,
     dp_delta: DpDelta = 1e-5,
     dp_noise_multiplier: DpNoise = None,
@@ -284,26 +320,37 @@ def train(
     settings = get_settings()
     torch.set_num_threads(settings.torch_threads)
     with _clean_errors():
-        dataset = _resolve_spec(spec, data)
-        splits, left_out = _load_splits(data, dataset, settings)
+        dataset = _with_model(_resolve_spec(spec, data), model, hidden)
+        splits, left_out, warnings = _load_splits(data, dataset, settings)
     if mode is not Mode.federated and dp_epsilon is not None:
         err.print("[bold red]error:[/] --dp-epsilon: differential privacy is for --mode federated", markup=True)
         raise typer.Exit(2)
+    strategy_options = {"--proximal-mu": (proximal_mu, {"fedprox"}),
+                        "--server-learning-rate": (server_learning_rate, {"fedadam", "fedyogi"}),
+                        "--trim-fraction": (trim_fraction, {"trimmed_mean"})}
+    for option, (value, strategies) in strategy_options.items():
+        if value is not None and (mode is not Mode.federated or Strategy(strategy).value not in strategies):
+            err.print(f"[bold red]error:[/] {option}: only for --mode federated with --strategy "
+                      f"{' or '.join(sorted(strategies))}", markup=True)
+            raise typer.Exit(2)
     if mode is Mode.federated:
         config = _run_config(dataset, len(splits), epsilon=dp_epsilon, delta=dp_delta,
                              noise_multiplier=dp_noise_multiplier, max_grad_norm=dp_max_grad_norm, rounds=rounds,
                              local_epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-                             strategy=strategy)
+                             weight_decay=weight_decay, strategy=strategy, proximal_mu=proximal_mu,
+                             server_learning_rate=server_learning_rate, trim_fraction=trim_fraction)
         result = _train_federated(data, dataset, splits, settings, config)
     else:
         config = TrainConfig.for_task(get_training_defaults(), dataset, epochs=epochs, learning_rate=learning_rate,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, weight_decay=weight_decay)
         runner = run_pooled if mode is Mode.pooled else run_local
         total = config.epochs * (1 if mode is Mode.pooled else len(splits))
         with _progress() as progress:
             task = progress.add_task(f"training {mode.value}", total=total)
             result = runner(dataset, splits, config, on_epoch=lambda _name, _epoch: progress.advance(task))
     result.extra["excluded"] = left_out
+    result.extra["warnings"] = warnings
+    result.extra["model"] = dataset.model.model_dump(mode="json")
     reference = read_reference(data, split_seed=settings.split_seed, test_fraction=settings.test_fraction)
     document = result.to_json()
     if reference is not None:
@@ -321,9 +368,10 @@ def train(
 
 
 def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: object) -> RunConfig:
-    """A run over every hospital with the task's training settings; `overrides` that are None are not given."""
-    from health_mlops.fl.coordinator import RunConfig
-    from health_mlops.fl.strategies import StrategyConfig
+    """A run over every hospital with the task's training settings; `overrides` that are None are not given.
+
+    The spec's `training.epochs` (passes over the data a model of the task needs) are spread over the rounds:
+    each hospital trains ceil(epochs / rounds) local epochs a round unless `local_epochs` is given."""
     from health_mlops.ml.train_config import TrainConfig
 
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -331,10 +379,35 @@ def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: obje
     if given.get("privacy") is not None:  # DP-SGD's own defaults, unless given
         given = {"learning_rate": defaults.dp_learning_rate, "batch_size": defaults.dp_batch_size, **given}
     local = TrainConfig.for_task(defaults, dataset, learning_rate=given.pop("learning_rate", None),
-                                 batch_size=given.pop("batch_size", None))
-    strategy = given.pop("strategy", Strategy["fedavg"])
+                                 batch_size=given.pop("batch_size", None), weight_decay=given.pop("weight_decay", None))
+    if "local_epochs" not in given and dataset.training.epochs is not None:
+        rounds = int(given.get("rounds", RunConfig.model_fields["rounds"].default))
+        given["local_epochs"] = -(-dataset.training.epochs // rounds)
+    strategy: dict[str, object] = {"name": Strategy(given.pop("strategy", Strategy["fedavg"])).value}
+    for option in ("proximal_mu", "trim_fraction"):
+        if option in given:
+            strategy[option] = given.pop(option)
+    if "server_learning_rate" in given:
+        strategy["server"] = ServerOptimiserConfig(learning_rate=given.pop("server_learning_rate"))
     return RunConfig(learning_rate=local.learning_rate, batch_size=local.batch_size, weight_decay=local.weight_decay,
-                     min_hospitals=hospitals, strategy=StrategyConfig(name=Strategy(strategy).value), **given)
+                     min_hospitals=hospitals, strategy=StrategyConfig(**strategy), **given)
+
+
+def _with_model(dataset: DatasetSpec, kind: ModelKind | None, hidden: str | None) -> DatasetSpec:
+    """The spec with the model asked for on the command line (a bad --hidden ends the command, exit 2)."""
+    if kind is None and hidden is None:
+        return dataset
+    model = dataset.model.model_copy(update={"kind": kind.value} if kind is not None else {})
+    if hidden is not None:
+        try:
+            widths = tuple(int(width) for width in hidden.split(","))
+        except ValueError:
+            widths = ()
+        if not widths or min(widths) < 1:
+            err.print(f"[bold red]error:[/] --hidden: {hidden!r} is not a list of layer widths like 64,32", markup=True)
+            raise typer.Exit(2)
+        model = model.model_copy(update={"hidden": widths})
+    return dataset.model_copy(update={"model": model})
 
 
 def _run_config(dataset: DatasetSpec, hospitals: int, *, epsilon: float | None, delta: float,
@@ -833,7 +906,7 @@ def demo(
         err.print(f"issued credentials for {', '.join(issued)} in {settings.credentials_dir}")
     with _clean_errors():
         dataset = _resolve_spec(None, data)
-        splits, _ = _load_splits(data, dataset, settings)
+        splits, _, _ = _load_splits(data, dataset, settings)
     reference_file = json.loads((data / "reference.json").read_text(encoding="utf-8"))
     request = RunRequest(config=_run_config(dataset, hospitals, epsilon=dp_epsilon, delta=dp_delta,
                                             noise_multiplier=dp_noise_multiplier, max_grad_norm=dp_max_grad_norm,

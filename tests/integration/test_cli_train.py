@@ -65,6 +65,36 @@ def test_a_hospital_without_valid_rows_is_named_by_validate_and_left_out_of_ever
     assert list(result["run"]["excluded"]) == ["hospital-3"]  # the federation left it out in round 0 too
 
 
+def test_every_training_knob_reaches_the_run_and_the_specs_epochs_are_spread_over_the_rounds(tmp_path: Path,
+                                                                                             home: Path) -> None:
+    data = tmp_path / "d"
+    run_cli("data", "generate", "--out", str(data), "--hospitals", "2", "--rows-per-hospital", "300", home=home)
+    result = run_cli_json("train", "--data", str(data), "--mode", "federated", "--rounds", "1", "--epochs", "2",
+                          "--strategy", "fedprox", "--proximal-mu", "0.25", "--weight-decay", "0.02",
+                          "--learning-rate", "0.005", "--batch-size", "16", "--model", "mlp", "--hidden", "8,4",
+                          home=home)
+    config = result["run"]["config"]
+    assert (config["local_epochs"], config["weight_decay"], config["learning_rate"], config["batch_size"]) == (
+        2, 0.02, 0.005, 16)
+    assert config["strategy"]["name"] == "fedprox" and config["strategy"]["proximal_mu"] == 0.25
+    assert result["model"] == {"kind": "mlp", "hidden": [8, 4]}
+    yogi = run_cli_json("train", "--data", str(data), "--mode", "federated", "--rounds", "1", "--strategy", "fedyogi",
+                        "--server-learning-rate", "0.05", home=home)
+    assert yogi["run"]["config"]["strategy"]["server"]["learning_rate"] == 0.05
+    assert run_cli_json("train", "--data", str(data), "--mode", "pooled", "--epochs", "1", "--model", "linear",
+                        home=home)["model"]["kind"] == "linear"
+    for refused, option in ((["--mode", "federated", "--proximal-mu", "0.1"], "--proximal-mu"),  # fedavg has none
+                            (["--mode", "pooled", "--trim-fraction", "0.1"], "--trim-fraction"),
+                            (["--mode", "pooled", "--hidden", "8,x"], "--hidden")):
+        answer = run_cli("train", "--data", str(data), *refused, home=home, check=False)
+        assert answer.returncode == 2 and f"error: {option}" in answer.stderr, refused
+
+    diabetes = tmp_path / "diabetes"  # its spec asks 200 epochs of its 350 training rows
+    run_cli("data", "generate", "--spec", "diabetes", "--out", str(diabetes), home=home)
+    spread = run_cli_json("train", "--data", str(diabetes), "--mode", "federated", "--rounds", "8", home=home)
+    assert spread["run"]["config"]["local_epochs"] == 25
+
+
 def test_train_federated_adds_the_timing_of_its_rounds(tmp_path: Path, home: Path) -> None:
     data = tmp_path / "d"
     run_cli("data", "generate", "--out", str(data), "--hospitals", "3", "--rows-per-hospital", "800", home=home)

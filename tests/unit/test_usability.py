@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from health_mlops.data.hospital import HospitalData
-from health_mlops.data.usability import assess_sites, excluded, usable
+from health_mlops.data.usability import assess_sites, excluded, warning_about_test_rows, usable
 from health_mlops.data.validate import FileReport
 from health_mlops.spec import load_spec
 
@@ -30,3 +30,10 @@ def test_a_hospital_without_valid_rows_is_left_out_with_why_and_a_single_class_i
     assert f"every valid row has {TARGET} = 0" in warning and "AUC" in warning
     assert sites["b"].to_json() == {"rows_valid": 0, "rows_quarantined": 40,
                                     "excluded": "no valid rows: all 40 rows invalid (quarantined)", "warnings": []}
+
+
+def test_test_rows_that_cannot_measure_an_auc_are_said_so() -> None:
+    assert warning_about_test_rows(pd.DataFrame({TARGET: [0, 1, 0]}), SPEC) is None
+    one_class = warning_about_test_rows(pd.DataFrame({TARGET: [0, 0, 0, 0, 0]}), SPEC)
+    assert one_class is not None and f"its 5 test rows all have {TARGET} = 0" in one_class and "null" in one_class
+    assert "no test rows" in str(warning_about_test_rows(pd.DataFrame({TARGET: []}), SPEC))

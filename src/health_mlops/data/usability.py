@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import pandas as pd
+
 from health_mlops.data.hospital import HospitalData
 from health_mlops.spec import DatasetSpec
 
@@ -56,3 +58,14 @@ def usable(hospitals: Mapping[str, HospitalData], assessments: Mapping[str, Site
 def excluded(assessments: Mapping[str, SiteAssessment]) -> dict[str, str]:
     """Hospital -> why it is left out."""
     return {h: a.excluded for h, a in assessments.items() if a.excluded is not None}
+
+
+def warning_about_test_rows(test: pd.DataFrame, spec: DatasetSpec) -> str | None:
+    """What a hospital's test rows cannot measure, if anything: none, or a single outcome class (binary tasks)."""
+    if test.empty:
+        return "no test rows: too small to test on; its metrics are undefined (null)"
+    if spec.task == "binary" and test[spec.target.name].nunique() == 1:
+        value = int(test[spec.target.name].iloc[0])
+        return (f"its {len(test)} test rows all have {spec.target.name} = {value}: too few to test on; its AUC is "
+                f"undefined (null)")
+    return None
