@@ -112,9 +112,8 @@ def weights_view(body: bytes | memoryview) -> Weights:
 def map_result(path: Path) -> TaskResult:
     """A result file's tensors as read-only arrays memory-mapped from it, so that they are read a block at a time
     when used and never held whole in memory (`mapped.blocks`), and its metadata; raises MessageError for anything
-    unreadable.
-    safetensors checks the header (every tensor's byte range against its dtype and shape, in the file); numpy
-    then views the data where the header says it lies."""
+    unreadable. safetensors checks the header (every tensor's byte range against its dtype and shape, in the
+    file); numpy then views the data where the header says it lies."""
     try:
         with safe_open(path, framework="numpy") as handle:
             raw = (handle.metadata() or {}).get(_METADATA_KEY)
