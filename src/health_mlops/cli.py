@@ -88,8 +88,10 @@ DpNoise = Annotated[float | None, typer.Option(
     "--dp-noise-multiplier", help="with --dp-epsilon: noise per clipped gradient (default: the least that meets ε)")]
 DpClip = Annotated[float, typer.Option("--dp-max-grad-norm",
                                        help="with --dp-epsilon: each record's gradient is clipped to this norm")]
-_DP_OPTIONS = {"epsilon": "--dp-epsilon", "delta": "--dp-delta", "noise_multiplier": "--dp-noise-multiplier",
-               "max_grad_norm": "--dp-max-grad-norm", "proximal_mu": "--proximal-mu", "trim_fraction": "--trim-fraction"}
+# A run-config field a refusal names -> the option that sets it.
+_OPTION_OF_FIELD = {"epsilon": "--dp-epsilon", "delta": "--dp-delta", "noise_multiplier": "--dp-noise-multiplier",
+                    "max_grad_norm": "--dp-max-grad-norm", "proximal_mu": "--proximal-mu",
+                    "trim_fraction": "--trim-fraction"}
 
 
 @contextmanager
@@ -381,7 +383,7 @@ def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: obje
     local = TrainConfig.for_task(defaults, dataset, learning_rate=given.pop("learning_rate", None),
                                  batch_size=given.pop("batch_size", None), weight_decay=given.pop("weight_decay", None))
     if "local_epochs" not in given and dataset.training.epochs is not None:
-        rounds = int(given.get("rounds", RunConfig.model_fields["rounds"].default))
+        rounds = int(given.get("rounds", _RUN["rounds"].default))
         given["local_epochs"] = -(-dataset.training.epochs // rounds)
     strategy: dict[str, object] = {"name": Strategy(given.pop("strategy", Strategy["fedavg"])).value}
     for option in ("proximal_mu", "trim_fraction"):
@@ -429,7 +431,7 @@ def _run_config(dataset: DatasetSpec, hospitals: int, *, epsilon: float | None, 
     except ValidationError as exc:
         problem = exc.errors()[0]
         where = ".".join(str(part) for part in problem["loc"])
-        option = _DP_OPTIONS.get(where, where) if where else "--strategy"  # a model check: privacy with FedProx
+        option = _OPTION_OF_FIELD.get(where, where) if where else "--strategy"  # a model check: privacy with FedProx
         err.print(f"[bold red]error:[/] {option}: {problem['msg']}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
 
