@@ -77,6 +77,11 @@ class BackgroundServer:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
 
+    @property
+    def started(self) -> bool:
+        """Whether it accepts connections."""
+        return self._server.started
+
     def __enter__(self) -> BackgroundServer:
         self._thread.start()
         while not self._server.started:

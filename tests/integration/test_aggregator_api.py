@@ -60,7 +60,8 @@ def api(tmp_path: Path) -> Iterator[Api]:
     app = create_app(lambda: AggregatorService(SPEC, CheckpointStore(tmp_path / "models"), gatekeeper,
                                                audit=AuditLog(tmp_path / "audit.log"),
                                                throttle=FailureThrottle(free=20, base_delay_s=0.2)))
-    with BackgroundServer(app, tls=tls) as server, BackgroundServer(create_ops_app(app)) as ops:
+    with BackgroundServer(app, tls=tls) as server, BackgroundServer(
+            create_ops_app(app, api_listening=lambda: server.started)) as ops:
         yield Api(server.url, ops.url, credentials, tmp_path / "audit.log")
 
 

@@ -135,7 +135,8 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
     app = create_app(lambda: AggregatorService(SPEC, CheckpointStore(root / "models"),
                                                Gatekeeper(credentials, require_certificate=True),
                                                throttle=FailureThrottle(free=10_000)))  # every caller is loopback
-    with BackgroundServer(app, tls=tls) as api, BackgroundServer(create_ops_app(app)) as ops:
+    with BackgroundServer(app, tls=tls) as api, BackgroundServer(
+            create_ops_app(app, api_listening=lambda: api.started)) as ops:
         consortium = Consortium(api.url, ops.url, credentials, revoked)
         yield consortium
         consortium.close()
@@ -144,7 +145,7 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
 def test_every_endpoint_has_a_row_for_every_caller() -> None:
     app = create_app(lambda: None)  # type: ignore[arg-type,return-value]
     assert routes(app) == {(r.method, r.path) for r in API}
-    assert routes(create_ops_app(app)) == {(r.method, r.path) for r in OPERATIONS}
+    assert routes(create_ops_app(app, api_listening=lambda: True)) == {(r.method, r.path) for r in OPERATIONS}
     assert all(set(r.expected) == set(CALLERS) for r in [*API, *OPERATIONS])
 
 

@@ -55,7 +55,8 @@ class Aggregator:
         tls = server_context(cert_path(self.credentials, SERVER), key_path(self.credentials, SERVER),
                              client_ca=cert_path(self.credentials, CA))
         app = create_app(lambda: AggregatorService(SPEC, CheckpointStore(self.models), gatekeeper))
-        with BackgroundServer(app, tls=tls) as server, BackgroundServer(create_ops_app(app)) as ops:
+        with BackgroundServer(app, tls=tls) as server, BackgroundServer(
+                create_ops_app(app, api_listening=lambda: server.started)) as ops:
             self.service: AggregatorService = app.state.service
             yield server.url, ops.url
 

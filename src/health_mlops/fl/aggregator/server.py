@@ -30,10 +30,12 @@ if TYPE_CHECKING:  # MLflow is imported only by an aggregator that registers mod
 log = logging.getLogger("health_mlops.aggregator")
 
 
-def create_ops_app(api: BodyLimit) -> FastAPI:
+def create_ops_app(api: BodyLimit, api_listening: Callable[[], bool]) -> FastAPI:
     """The operations port's app: liveness and readiness for the kubelet, metrics for Prometheus. It carries no
     credential and holds every hospital's model metrics, so it is plain HTTP on its own port, which only the
     monitoring stack and the kubelet may reach (k8s/06-autoscaling-ingress.yaml); hospitals reach the API only.
+    Ready means the API accepts connections: uvicorn runs the app's startup (the checkpoint loaded) before it
+    opens its socket, and a client sent there in between is refused.
     """
     ops = FastAPI(title="Health MLOps aggregator operations", version="1", docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -48,6 +50,8 @@ def create_ops_app(api: BodyLimit) -> FastAPI:
             return PlainTextResponse("the aggregator is still loading its checkpoint", status_code=503)
         if api.state.ticker.done():  # deadlines would no longer be applied
             return PlainTextResponse("the deadline ticker has stopped", status_code=503)
+        if not api_listening():
+            return PlainTextResponse("the API is not yet accepting connections", status_code=503)
         return PlainTextResponse("ready")
 
     @ops.get("/metrics")
@@ -79,6 +83,7 @@ def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: s
                     "checked; for loopback experiments only")
     publisher = Publisher(registry_factory, store, quality_gate_tolerance)
     app = create_app(lambda: AggregatorService(spec, store, gatekeeper, publisher=publisher, audit=audit))
-    with BackgroundServer(create_ops_app(app), host=host, port=ops_port):
-        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2,
-                    **protocol_options(tls))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2,
+                                           **protocol_options(tls)))
+    with BackgroundServer(create_ops_app(app, api_listening=lambda: server.started), host=host, port=ops_port):
+        server.run()
