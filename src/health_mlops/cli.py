@@ -183,6 +183,9 @@ def _print_report(report: FileReport) -> None:
     out.print(f"[bold]{report.file}[/]: {report.rows_read} rows read, {report.rows_valid} valid, {status}")
     if report.ignored_columns:
         out.print(f"  columns not in the spec, ignored: {', '.join(report.ignored_columns)}")
+    if report.missing_values:
+        counts = ", ".join(f"{name} {n}" for name, n in report.missing_values.items())
+        out.print(f"  not measured, filled in for training: {counts}")
     for q in report.quarantined[:_ROWS_SHOWN]:
         out.print(f"  line {q.line}: {q.summary}", markup=False)
     if report.rows_quarantined > _ROWS_SHOWN:

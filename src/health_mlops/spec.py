@@ -27,6 +27,25 @@ class Source(str, Enum):
     laboratory = "laboratory"
 
 
+class MissingPolicy(BaseModel):
+    """How a feature's "not measured" is written and treated: an empty field is always missing, and so is any of
+    `codes` (e.g. a lab export's 0 or -9); a missing value is imputed with the federated mean (numeric) or the most
+    common category, and `indicator` adds a 0/1 input saying it was missing."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    codes: tuple[str, ...] = ()
+    impute: Literal["mean", "mode"] | None = None  # mean for numeric features, mode for categorical (the default)
+    indicator: bool = False
+
+    @field_validator("codes", mode="before")
+    @classmethod
+    def _codes_as_strings(cls, value: object) -> object:
+        if isinstance(value, list | tuple):
+            return tuple(str(v).strip() for v in value)
+        return value
+
+
 class Feature(BaseModel):
     """One input column: its type, unit, allowed values and where it comes from."""
 
@@ -40,6 +59,7 @@ class Feature(BaseModel):
     min: float | None = None
     max: float | None = None
     categories: tuple[str, ...] | None = None
+    missing: MissingPolicy | None = None  # None: a missing value makes the row invalid
 
     @field_validator("categories", mode="before")
     @classmethod
@@ -63,7 +83,30 @@ class Feature(BaseModel):
                 raise ValueError(f"categorical feature {self.name!r} needs distinct categories")
             if self.min is not None or self.max is not None:
                 raise ValueError(f"categorical feature {self.name!r} cannot have min/max")
+        if self.missing is not None:
+            self._check_missing(self.missing)
         return self
+
+    def _check_missing(self, missing: MissingPolicy) -> None:
+        if self.type == "numeric":
+            if missing.impute == "mode":
+                raise ValueError(f"numeric feature {self.name!r} imputes its mean, not a mode")
+            for code in missing.codes:
+                try:
+                    float(code)
+                except ValueError:
+                    raise ValueError(f"feature {self.name!r}: missing code {code!r} is not a number") from None
+        else:
+            if missing.impute == "mean":
+                raise ValueError(f"categorical feature {self.name!r} imputes its most common category (mode), "
+                                 "not a mean")
+            clashing = sorted(set(missing.codes) & set(self.categories or ()))
+            if clashing:
+                raise ValueError(f"feature {self.name!r}: missing codes {clashing} are also categories")
+
+    @property
+    def has_indicator(self) -> bool:
+        return self.missing is not None and self.missing.indicator
 
     def allowed(self) -> str:
         """Human wording of the allowed values, used in every validation message."""

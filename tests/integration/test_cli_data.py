@@ -34,7 +34,7 @@ def test_validate_reports_and_writes_the_quarantine(tmp_path: Path, home: Path) 
     assert [q["line"] for q in file_report["quarantined"]] == sorted({*CORRUPTIONS, REPEATED_HEADER_LINE, SHORT_LINE})
     assert report["hospitals"] == {"hospital-9": {"rows_valid": file_report["rows_valid"],
                                                   "rows_quarantined": file_report["rows_quarantined"],
-                                                  "excluded": None, "warnings": [ONE_CLASS]}}
+                                                  "missing_values": {}, "excluded": None, "warnings": [ONE_CLASS]}}
     assert report["exit_code"] == validated.returncode == 1  # usable, with a warning
     quarantine = Path(report["report_dir"]) / "hospital-9" / "export.csv.quarantine.csv"
     assert quarantine.is_file()

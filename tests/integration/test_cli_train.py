@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
+import yaml
 
 from tests.conftest import free_port_range, run_cli, run_cli_json, wait_until_ready
 
@@ -63,6 +64,46 @@ def test_a_hospital_without_valid_rows_is_named_by_validate_and_left_out_of_ever
         assert result["excluded"] == {"hospital-3": reason}, mode
         assert "hospital-3: left out of training" in trained.stderr and "Traceback" not in trained.stderr, mode
     assert list(result["run"]["excluded"]) == ["hospital-3"]  # the federation left it out in round 0 too
+
+
+def test_a_hospital_that_writes_not_measured_as_0_trains_in_every_mode_with_federated_imputation(
+        tmp_path: Path, home: Path) -> None:
+    data = tmp_path / "d"
+    run_cli("data", "generate", "--out", str(data), "--hospitals", "3", "--rows-per-hospital", "400", home=home)
+    spec = yaml.safe_load((data / "spec.yaml").read_text())
+    spo2 = next(f for f in spec["features"] if f["name"] == "spo2")
+    spo2["missing"] = {"codes": [0, -9], "impute": "mean", "indicator": True}
+    (data / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    path = data / "hospital-2" / "patient_days.csv"
+    frame = pd.read_csv(path)
+    frame.loc[::3, "spo2"] = 0  # this hospital's lab export writes "not measured" as 0 (and once as -9)
+    frame.loc[1, "spo2"] = -9
+    frame.loc[2, "spo2"] = 20  # a real out-of-range value is still invalid
+    frame.to_csv(path, index=False)
+    not_measured = len(frame.loc[::3]) + 1
+
+    report = strict_json(run_cli("data", "validate", str(data), "--json", home=home).stdout)
+    assert report["exit_code"] == 0
+    assert report["hospitals"]["hospital-2"]["missing_values"] == {"spo2": not_measured}
+    assert report["hospitals"]["hospital-2"]["rows_quarantined"] == 1
+    assert report["hospitals"]["hospital-1"]["missing_values"] == {}
+
+    imputed = {}
+    for mode, options in (("pooled", ["--epochs", "10"]), ("local", ["--epochs", "2"]),
+                          ("federated", ["--rounds", "2"])):
+        result = strict_json(run_cli("train", "--data", str(data), "--mode", mode, *options, "--json",
+                                     home=home).stdout)
+        assert list(result["per_hospital"]) == ["hospital-1", "hospital-2", "hospital-3"], mode
+        assert result["excluded"] == {} and isinstance(result["per_hospital"]["hospital-2"]["auc"], float), mode
+        imputed[mode] = result["imputation"]
+        if mode == "pooled":  # trained long enough to rank: the filled-in rows still score
+            assert result["per_hospital"]["hospital-2"]["auc"] > 0.8
+    # The federation's fill-in comes from the hospitals' round-0 counts and sums of the values they measured; it
+    # is exactly the pooled rows' mean of measured values, which a 0 taken at face value would pull far down.
+    measured = pd.concat(pd.read_csv(data / h / "patient_days.csv")["spo2"] for h in ("hospital-1", "hospital-3"))
+    assert imputed["federated"]["spo2"] == pytest.approx(imputed["pooled"]["spo2"], rel=1e-9)
+    assert abs(imputed["federated"]["spo2"] - measured.mean()) < 0.5
+    assert set(imputed["local"]) == {"hospital-1", "hospital-2", "hospital-3"}
 
 
 def test_every_training_knob_reaches_the_run_and_the_specs_epochs_are_spread_over_the_rounds(tmp_path: Path,

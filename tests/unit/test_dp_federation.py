@@ -4,6 +4,7 @@ be met ends the run after round 0, before any hospital trains."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,7 @@ def test_a_run_without_a_budget_reports_no_privacy(splits: list[HospitalSplit]) 
 
 def test_a_budget_that_cannot_be_met_ends_the_run_before_any_hospital_trains(splits: list[HospitalSplit]) -> None:
     config = RunConfig(rounds=3, min_hospitals=3, batch_size=32, privacy=PrivacyConfig(epsilon=0.05))
-    coordinator = Coordinator(reduce_stats)
+    coordinator = Coordinator(partial(reduce_stats, SPEC))
     workers = {s.hospital_id: HospitalWorker(s.hospital_id, SPEC, s.train, s.test) for s in splits}
     run = coordinator.start_run("dp", config, list(workers), initial_weights(SPEC, 0), now=0.0)
     for hospital, worker in workers.items():

@@ -23,7 +23,7 @@ def city_frames(rows: int = 400) -> list[pd.DataFrame]:
 
 def test_global_standardisation_from_hospital_stats_equals_pooled_standardisation() -> None:
     frames = city_frames()
-    reduced = reduce_stats([hospital_stats(f, SPEC, small_cell_threshold=0) for f in frames])
+    reduced = reduce_stats(SPEC, [hospital_stats(f, SPEC, small_cell_threshold=0) for f in frames])
     pooled = Preprocessor.from_stats(SPEC, stats_of_frame(pd.concat(frames, ignore_index=True), SPEC))
     federated = preprocessor_from(SPEC, reduced)
     np.testing.assert_allclose(federated.mean, pooled.mean, rtol=1e-9)
@@ -38,7 +38,7 @@ def test_small_cells_are_suppressed_and_left_out_of_their_column() -> None:
     column = encoded_columns(SPEC).index("smoker=current")
     assert stats["sums"][column] is None and stats["sums_of_squares"][column] is None
     assert stats["sums"][encoded_columns(SPEC).index("smoker=never")] == len(frames[0]) - 3
-    reduced = reduce_stats([stats, *[hospital_stats(f, SPEC, 5) for f in frames[1:]]])
+    reduced = reduce_stats(SPEC, [stats, *[hospital_stats(f, SPEC, 5) for f in frames[1:]]])
     others = pd.concat(frames[1:])
     assert reduced["mean"][column] == (others["smoker"] == "current").mean()
 
@@ -64,9 +64,9 @@ def test_histograms_are_summed_over_hospitals_with_small_bins_suppressed() -> No
     edges = histogram_edges(next(f for f in SPEC.features if f.name == "age"))
     counts = [np.histogram(f["age"], bins=edges)[0] for f in frames]
     assert parts[0]["histograms"]["age"] == [None if 0 < c < 5 else c for c in counts[0]]
-    summed = reduce_stats(parts)["histograms"]["age"]
+    summed = reduce_stats(SPEC, parts)["histograms"]["age"]
     assert summed == sum(np.where((0 < c) & (c < 5), 0, c) for c in counts).tolist()
-    assert sorted(reduce_stats(parts)["histograms"]) == sorted(f.name for f in SPEC.features if f.type == "numeric")
+    assert sorted(reduce_stats(SPEC, parts)["histograms"]) == sorted(f.name for f in SPEC.features if f.type == "numeric")
 
 
 def test_federated_training_in_memory_learns_and_counts_every_round() -> None:

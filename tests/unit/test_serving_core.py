@@ -92,7 +92,7 @@ def exported_with_histograms(frame: pd.DataFrame) -> bytes:
     from health_mlops.fl.hospital import hospital_stats, reduce_stats
 
     halves = [frame.iloc[: len(frame) // 2], frame.iloc[len(frame) // 2:]]
-    preprocessing = reduce_stats([hospital_stats(part, SPEC, small_cell_threshold=5) for part in halves])
+    preprocessing = reduce_stats(SPEC, [hospital_stats(part, SPEC, small_cell_threshold=5) for part in halves])
     model = build_model(SPEC.model, len(preprocessing["mean"]), seed=0)
     return export_onnx(SPEC, preprocessing, weights_as_numpy(model))
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from health_mlops.data.hospital import HospitalData
+from health_mlops.data.synthetic import CITIES, generate_city_days
 from health_mlops.data.usability import assess_sites, excluded, warning_about_test_rows, usable
 from health_mlops.data.validate import FileReport
 from health_mlops.spec import load_spec
@@ -16,7 +18,8 @@ TARGET = SPEC.target.name
 def hospital(name: str, outcomes: list[int], quarantined: int = 0) -> HospitalData:
     report = FileReport(file=f"{name}.csv", rows_read=len(outcomes) + quarantined, rows_valid=len(outcomes),
                         rows_quarantined=quarantined, reasons={}, ignored_columns=[], quarantined=[])
-    return HospitalData(name, pd.DataFrame({TARGET: outcomes}), [report])
+    rows = generate_city_days(CITIES[0], len(outcomes), np.random.default_rng(0)).drop(columns="_risk")
+    return HospitalData(name, rows.assign(**{TARGET: outcomes}), [report])
 
 
 def test_a_hospital_without_valid_rows_is_left_out_with_why_and_a_single_class_is_a_warning() -> None:
@@ -28,8 +31,20 @@ def test_a_hospital_without_valid_rows_is_left_out_with_why_and_a_single_class_i
     assert sites["a"].warnings == () and sites["b"].warnings == ()
     (warning,) = sites["d"].warnings
     assert f"every valid row has {TARGET} = 0" in warning and "AUC" in warning
-    assert sites["b"].to_json() == {"rows_valid": 0, "rows_quarantined": 40,
+    assert sites["b"].to_json() == {"rows_valid": 0, "rows_quarantined": 40, "missing_values": {},
                                     "excluded": "no valid rows: all 40 rows invalid (quarantined)", "warnings": []}
+
+
+def test_values_not_measured_are_counted_and_a_feature_never_measured_is_a_warning() -> None:
+    some = hospital("some", [0, 1, 0, 1])
+    some.frame.loc[:1, "spo2"] = np.nan
+    never = hospital("never", [0, 1, 0])
+    never.frame["spo2"] = np.nan
+    sites = assess_sites({"some": some, "never": never}, SPEC)
+    assert sites["some"].missing_values == {"spo2": 2} and sites["some"].warnings == ()
+    assert sites["never"].missing_values == {"spo2": 3} and sites["never"].excluded is None
+    (warning,) = sites["never"].warnings
+    assert "spo2 is never measured here" in warning and "mean" in warning
 
 
 def test_test_rows_that_cannot_measure_an_auc_are_said_so() -> None:

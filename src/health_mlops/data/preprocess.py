@@ -16,43 +16,69 @@ from health_mlops.spec import DatasetSpec, Feature
 
 # A column whose variance is below this is left unscaled (e.g. a category no hospital has).
 _MIN_VARIANCE = 1e-12
+# The name of a missingness indicator column is the feature's name with this suffix.
+MISSING_SUFFIX = ":missing"
 
 
 def encoded_columns(spec: DatasetSpec) -> list[str]:
-    """Names of the model's input columns: numeric features as they are, one column per category."""
+    """Names of the model's input columns: numeric features as they are, one column per category, then one
+    missingness indicator per feature whose spec asks for one."""
     names: list[str] = []
     for feature in spec.features:
         if feature.type == "numeric":
             names.append(feature.name)
         else:
             names.extend(f"{feature.name}={c}" for c in feature.categories or ())
+    names.extend(f"{f.name}{MISSING_SUFFIX}" for f in spec.features if f.has_indicator)
     return names
 
 
+def value_width(feature: Feature) -> int:
+    """How many encoded columns hold a feature's value: 1, or one per category."""
+    return 1 if feature.type == "numeric" else len(feature.categories or ())
+
+
+def feature_columns(spec: DatasetSpec) -> dict[str, list[int]]:
+    """Each feature's encoded columns (its value or categories, and its indicator if any)."""
+    columns: dict[str, list[int]] = {}
+    for j, name in enumerate(encoded_columns(spec)):
+        feature = name.split("=", 1)[0].removesuffix(MISSING_SUFFIX)
+        columns.setdefault(feature, []).append(j)
+    return columns
+
+
 def encode_features(frame: pd.DataFrame, spec: DatasetSpec) -> np.ndarray:
-    """The (rows × encoded columns) float64 matrix of validated rows."""
+    """The (rows × encoded columns) float64 matrix of validated rows. A missing value (allowed by the spec) is
+    NaN in its feature's columns, all of a categorical feature's, until the `Preprocessor` fills it in."""
     blocks: list[np.ndarray] = []
+    indicators: list[np.ndarray] = []
     for feature in spec.features:
         values = frame[feature.name].to_numpy()
         if feature.type == "numeric":
-            blocks.append(values.astype(np.float64)[:, None])
+            block = values.astype(np.float64)[:, None]
         else:
             categories = np.asarray(feature.categories, dtype=object)
-            blocks.append((values[:, None] == categories[None, :]).astype(np.float64))
+            block = (values[:, None] == categories[None, :]).astype(np.float64)
+            block[pd.isna(values)] = np.nan
+        blocks.append(block)
+        if feature.has_indicator:
+            indicators.append(np.isnan(block[:, :1]).astype(np.float64))
+    blocks += indicators
     return np.hstack(blocks) if blocks else np.zeros((len(frame), 0))
 
 
 def serving_matrix(frame: pd.DataFrame, spec: DatasetSpec) -> np.ndarray:
-    """The exported model's input: one float32 column per spec feature, categories as their index in the spec
-    (the ONNX graph one-hot encodes and standardises them itself)."""
+    """The exported model's input: one float32 column per spec feature, categories as their index in the spec,
+    a missing value as NaN (the ONNX graph fills it in, one-hot encodes and standardises itself)."""
     columns = []
     for feature in spec.features:
         values = frame[feature.name].to_numpy()
         if feature.type == "numeric":
             columns.append(values.astype(np.float32))
         else:
-            index = {category: i for i, category in enumerate(feature.categories or ())}
-            columns.append(np.fromiter((index[v] for v in values), dtype=np.float32, count=len(values)))
+            index = {category: float(i) for i, category in enumerate(feature.categories or ())}
+            columns.append(np.fromiter((np.nan if pd.isna(v) else index[v] for v in values), dtype=np.float32,
+                                       count=len(values)))
     return np.column_stack(columns) if columns else np.zeros((len(frame), 0), dtype=np.float32)
 
 
@@ -63,9 +89,11 @@ def encode_target(frame: pd.DataFrame, spec: DatasetSpec) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ColumnStats:
-    """Count, sum and sum of squares of each encoded column and of the target: all preprocessing needs."""
+    """Count, observed (not missing) count, sum and sum of squares of each encoded column over its observed
+    values, and the target's sums: all preprocessing needs, imputation included."""
 
     count: int
+    observed: np.ndarray
     sums: np.ndarray
     sums_of_squares: np.ndarray
     target_sum: float
@@ -73,31 +101,9 @@ class ColumnStats:
 
     @classmethod
     def of(cls, features: np.ndarray, target: np.ndarray) -> ColumnStats:
-        return cls(count=len(features), sums=features.sum(axis=0), sums_of_squares=(features**2).sum(axis=0),
+        return cls(count=len(features), observed=(~np.isnan(features)).sum(axis=0).astype(np.float64),
+                   sums=np.nansum(features, axis=0), sums_of_squares=np.nansum(features**2, axis=0),
                    target_sum=float(target.sum()), target_sum_of_squares=float((target**2).sum()))
-
-    def __add__(self, other: ColumnStats) -> ColumnStats:
-        return ColumnStats(self.count + other.count, self.sums + other.sums,
-                           self.sums_of_squares + other.sums_of_squares,
-                           self.target_sum + other.target_sum,
-                           self.target_sum_of_squares + other.target_sum_of_squares)
-
-    def to_dict(self) -> dict[str, object]:
-        return {"count": self.count, "sums": self.sums.tolist(), "sums_of_squares": self.sums_of_squares.tolist(),
-                "target_sum": self.target_sum, "target_sum_of_squares": self.target_sum_of_squares}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, object]) -> ColumnStats:
-        return cls(count=int(data["count"]), sums=np.asarray(data["sums"], dtype=np.float64),
-                   sums_of_squares=np.asarray(data["sums_of_squares"], dtype=np.float64),
-                   target_sum=float(data["target_sum"]), target_sum_of_squares=float(data["target_sum_of_squares"]))
-
-
-def sum_stats(parts: list[ColumnStats]) -> ColumnStats:
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total
 
 
 def mean_and_scale(count: int | np.ndarray, sums: np.ndarray, sums_of_squares: np.ndarray
@@ -109,30 +115,57 @@ def mean_and_scale(count: int | np.ndarray, sums: np.ndarray, sums_of_squares: n
     return mean, scale
 
 
+def fill_values(spec: DatasetSpec, observed: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """What a missing value becomes, per encoded column: a numeric feature's mean over its observed values, or
+    a 1 in the column of a categorical feature's most common category (0 in its others). Indicator columns are
+    never missing."""
+    fill = np.zeros(len(sums))
+    columns = feature_columns(spec)
+    for feature in spec.features:
+        own = columns[feature.name][:value_width(feature)]
+        if feature.type == "numeric":
+            middle = ((feature.min or 0.0) + (feature.max or 0.0)) / 2  # no hospital measured it: any value does
+            fill[own[0]] = sums[own[0]] / observed[own[0]] if observed[own[0]] > 0 else middle
+        else:
+            fill[own[int(np.argmax(np.nan_to_num(sums[own])))]] = 1.0
+    return fill
+
+
+def standardisation(counts: int | np.ndarray, observed: np.ndarray, sums: np.ndarray, sums_of_squares: np.ndarray,
+                    fill: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and scale of each column after its missing values take `fill`, exactly, from the observed sums."""
+    missing = counts - observed
+    return mean_and_scale(counts, sums + missing * fill, sums_of_squares + missing * fill**2)
+
+
 @dataclass(frozen=True)
 class Preprocessor:
-    """Standardisation of inputs (and of the target for regression), fixed before training starts."""
+    """Imputation and standardisation of inputs (and of the target for regression), fixed before training."""
 
     spec: DatasetSpec
     mean: np.ndarray
     scale: np.ndarray
     target_mean: float
     target_scale: float
+    fill: np.ndarray  # per encoded column: the value a missing entry takes (see `fill_values`)
 
     @classmethod
     def from_stats(cls, spec: DatasetSpec, stats: ColumnStats) -> Preprocessor:
         if stats.count == 0:
             raise ValueError("cannot standardise from zero rows")
-        mean, scale = mean_and_scale(stats.count, stats.sums, stats.sums_of_squares)
+        fill = fill_values(spec, stats.observed, stats.sums)
+        mean, scale = standardisation(stats.count, stats.observed, stats.sums, stats.sums_of_squares, fill)
         if spec.task == "binary":  # a probability needs no scaling
-            return cls(spec, mean, scale, 0.0, 1.0)
+            return cls(spec, mean, scale, 0.0, 1.0, fill)
         t_mean, t_scale = mean_and_scale(stats.count, np.array([stats.target_sum]),
                                           np.array([stats.target_sum_of_squares]))
-        return cls(spec, mean, scale, float(t_mean[0]), float(t_scale[0]))
+        return cls(spec, mean, scale, float(t_mean[0]), float(t_scale[0]), fill)
 
     def features(self, frame: pd.DataFrame) -> np.ndarray:
-        """Standardised float32 model inputs."""
-        return ((encode_features(frame, self.spec) - self.mean) / self.scale).astype(np.float32)
+        """Imputed, standardised float32 model inputs."""
+        encoded = encode_features(frame, self.spec)
+        encoded = np.where(np.isnan(encoded), self.fill, encoded)
+        return ((encoded - self.mean) / self.scale).astype(np.float32)
 
     def target(self, frame: pd.DataFrame) -> np.ndarray:
         """The training target: 0/1 for binary tasks, standardised for regression (float32)."""
@@ -141,6 +174,22 @@ class Preprocessor:
     def restore_target(self, predictions: np.ndarray) -> np.ndarray:
         """Back from the model's scale to the target's unit (identity for binary probabilities)."""
         return predictions * self.target_scale + self.target_mean
+
+
+def serving_fill(spec: DatasetSpec, fill: np.ndarray) -> list[float]:
+    """`fill` as the exported model's input takes it: per spec feature, a value or a category's index."""
+    columns = feature_columns(spec)
+    values = []
+    for feature in spec.features:
+        own = fill[columns[feature.name][:value_width(feature)]]
+        values.append(float(own[0]) if feature.type == "numeric" else float(np.argmax(own)))
+    return values
+
+
+def imputation(spec: DatasetSpec, fill: np.ndarray) -> dict[str, float | str]:
+    """What each feature the spec allows to be missing is filled in with: a value, or a category."""
+    return {f.name: value if f.type == "numeric" else (f.categories or ())[int(value)]
+            for f, value in zip(spec.features, serving_fill(spec, fill), strict=True) if f.missing is not None}
 
 
 def stats_of_frame(frame: pd.DataFrame, spec: DatasetSpec) -> ColumnStats:
@@ -166,5 +215,6 @@ def feature_histograms(frame: pd.DataFrame, spec: DatasetSpec) -> dict[str, np.n
     for feature in spec.features:
         edges = histogram_edges(feature)
         if edges is not None:
-            found[feature.name] = np.histogram(frame[feature.name].to_numpy(dtype=np.float64), bins=edges)[0]
+            values = frame[feature.name].to_numpy(dtype=np.float64)
+            found[feature.name] = np.histogram(values[~np.isnan(values)], bins=edges)[0]
     return found

@@ -9,7 +9,7 @@ learns one answer, and any AUC on its rows is undefined.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -24,10 +24,11 @@ class SiteAssessment:
     rows_quarantined: int
     excluded: str | None  # why the hospital cannot take part; None if it can
     warnings: tuple[str, ...] = ()
+    missing_values: Mapping[str, int] = field(default_factory=dict)  # valid rows "not measured", per feature
 
     def to_json(self) -> dict[str, object]:
-        return {"rows_valid": self.rows_valid, "rows_quarantined": self.rows_quarantined, "excluded": self.excluded,
-                "warnings": list(self.warnings)}
+        return {"rows_valid": self.rows_valid, "rows_quarantined": self.rows_quarantined,
+                "missing_values": dict(self.missing_values), "excluded": self.excluded, "warnings": list(self.warnings)}
 
 
 def assess_site(data: HospitalData, spec: DatasetSpec) -> SiteAssessment:
@@ -36,13 +37,18 @@ def assess_site(data: HospitalData, spec: DatasetSpec) -> SiteAssessment:
     if valid == 0:
         why = f"all {quarantined} rows invalid (quarantined)" if quarantined else "no rows"
         return SiteAssessment(data.hospital_id, valid, quarantined, f"no valid rows: {why}")
+    missing = {f.name: int(n) for f in spec.features if (n := data.frame[f.name].isna().sum())}
     warnings = []
     if spec.task == "binary":
         classes = sorted(int(c) for c in data.frame[spec.target.name].unique())
         if len(classes) == 1:
             warnings.append(f"every valid row has {spec.target.name} = {classes[0]}: a model of its own learns one "
                             f"answer, and an AUC on its rows is undefined")
-    return SiteAssessment(data.hospital_id, valid, quarantined, None, tuple(warnings))
+    for name, n in missing.items():
+        if n == valid:
+            warnings.append(f"{name} is never measured here: it is filled in with the other hospitals' "
+                            f"{'mean' if spec.by_name[name].type == 'numeric' else 'most common value'}")
+    return SiteAssessment(data.hospital_id, valid, quarantined, None, tuple(warnings), missing)
 
 
 def assess_sites(hospitals: Mapping[str, HospitalData], spec: DatasetSpec) -> dict[str, SiteAssessment]:

@@ -55,6 +55,7 @@ class FileReport(BaseModel):
     rows_read: int
     rows_valid: int
     rows_quarantined: int
+    missing_values: dict[str, int] = {}  # per column: valid rows where the spec allows "not measured"
     reasons: dict[str, int]
     ignored_columns: list[str]
     quarantined: list[QuarantinedRow]
@@ -73,6 +74,19 @@ class ValidatedTable:
 def _is_missing(values: pd.Series) -> np.ndarray:
     text = values.astype(str).str.strip().str.lower()
     return (values.isna() | text.isin(MISSING_TOKENS)).to_numpy()
+
+
+def _is_missing_code(values: pd.Series, feature: Feature) -> np.ndarray:
+    """Which values are one of the feature's "not measured" codes (numbers compared as numbers: 0 is 0.0)."""
+    assert feature.missing is not None
+    codes = feature.missing.codes
+    if not codes:
+        return np.zeros(len(values), dtype=bool)
+    text = values.map(_canonical_text)
+    if feature.type == "numeric":
+        parsed = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
+        return np.isin(parsed, np.array([float(c) for c in codes]))
+    return text.str.lower().isin({c.lower() for c in codes}).to_numpy()
 
 
 def _canonical_text(value: object) -> str:
@@ -99,7 +113,9 @@ def _check_categorical(values: pd.Series, feature: Feature, missing: np.ndarray
     text = values.map(_canonical_text)
     canonical = text.str.lower().map(lookup)
     unknown = ~missing & canonical.isna().to_numpy()
-    return canonical.to_numpy(dtype=object), {Reason.unknown_category: unknown}, text.tolist()
+    typed = canonical.to_numpy(dtype=object)
+    typed[missing] = None
+    return typed, {Reason.unknown_category: unknown}, text.tolist()
 
 
 def _message(feature: Feature, reason: Reason, shown: str) -> str:
@@ -145,16 +161,22 @@ def validate_table(table: RawTable, spec: DatasetSpec, *, require_site: bool = F
     checked = ~header_repeat
 
     typed: dict[str, np.ndarray] = {}
+    not_measured: dict[str, np.ndarray] = {}  # values the spec allows to be missing (imputed in training)
     for feature in columns:
         values = rows[feature.name]
         missing = _is_missing(values) & checked
+        if feature.missing is not None:
+            missing |= _is_missing_code(values, feature) & checked
         if feature.type == "numeric":
             parsed, failures, shown = _check_numeric(values, feature, missing)
         else:
             parsed, failures, shown = _check_categorical(values, feature, missing)
         typed[feature.name] = parsed
-        add(missing, lambda i, f=feature: Problem(column=f.name, reason=Reason.missing_value,
-                                                  message=_message(f, Reason.missing_value, "")))
+        if feature.missing is not None:
+            not_measured[feature.name] = missing
+        else:
+            add(missing, lambda i, f=feature: Problem(column=f.name, reason=Reason.missing_value,
+                                                      message=_message(f, Reason.missing_value, "")))
         for reason, mask in failures.items():
             add(mask & checked, lambda i, f=feature, r=reason, s=shown: Problem(
                 column=f.name, reason=r, message=_message(f, r, s[i])))
@@ -175,6 +197,7 @@ def validate_table(table: RawTable, spec: DatasetSpec, *, require_site: bool = F
     quarantined.sort(key=lambda q: q.line)
 
     frame = pd.DataFrame({name: values[~bad] for name, values in typed.items()})
+    missing_values = {name: int(mask[~bad].sum()) for name, mask in not_measured.items() if mask[~bad].any()}
     for feature in columns:
         if feature.type == "numeric":
             frame[feature.name] = frame[feature.name].astype(np.float64)
@@ -186,7 +209,7 @@ def validate_table(table: RawTable, spec: DatasetSpec, *, require_site: bool = F
             reasons[p.reason.value] = reasons.get(p.reason.value, 0) + 1
     report = FileReport(
         file=str(table.path), rows_read=table.rows_read, rows_valid=int((~bad).sum()),
-        rows_quarantined=len(quarantined), reasons=reasons, ignored_columns=ignored, quarantined=quarantined)
+        rows_quarantined=len(quarantined), missing_values=missing_values, reasons=reasons, ignored_columns=ignored, quarantined=quarantined)
     return ValidatedTable(frame=frame, report=report, quarantined_rows=_quarantined_rows(table, bad, quarantined),
                           lines=table.lines[~bad])
 

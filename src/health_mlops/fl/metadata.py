@@ -28,6 +28,7 @@ class _Strict(BaseModel):
 
 class StatsMetadata(_Strict):
     count: Count
+    observed: list[Count | None] | None = None  # per column: rows not missing (None: suppressed; absent: all)
     sums: list[FiniteFloat | None]  # None: a suppressed small cell
     sums_of_squares: list[FiniteFloat | None]
     target_sum: FiniteFloat
@@ -72,6 +73,11 @@ def check_metadata(kind: str, metadata: dict[str, Any], *, columns: int | None) 
             raise Rejected("bad_metadata", f"sums: expected {columns} columns, got {sorted(lengths)}")
         if len(lengths) != 1:
             raise Rejected("bad_metadata", "sums and sums_of_squares differ in length")
+        if parsed.observed is not None:
+            if len(parsed.observed) != len(parsed.sums):
+                raise Rejected("bad_metadata", "observed and sums differ in length")
+            if any(o is not None and o > parsed.count for o in parsed.observed):
+                raise Rejected("bad_metadata", "observed: more observed rows than the count")
     elif isinstance(parsed, EvaluationMetadata):
         unknown = sorted(set(parsed.metrics) - METRIC_NAMES)
         if unknown:

@@ -6,11 +6,12 @@ For experiments on the core: it exercises exactly the coordinator and hospital l
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
 
-from health_mlops.data.preprocess import encoded_columns
+from health_mlops.data.preprocess import encoded_columns, imputation
 from health_mlops.fl.coordinator import Coordinator, Run, RunConfig, RunStatus
 from health_mlops.fl.hospital import HospitalWorker, preprocessor_from, reduce_stats
 from health_mlops.fl.strategies import Weights
@@ -31,7 +32,7 @@ def run_federated_in_memory(spec: DatasetSpec, splits: list[HospitalSplit], conf
 
     `worker_overrides` stands in for some hospitals' own workers (e.g. the attacker of benchmarks/poisoning.py).
     """
-    coordinator = Coordinator(reduce_stats)
+    coordinator = Coordinator(partial(reduce_stats, spec))
     workers = {s.hospital_id: HospitalWorker(s.hospital_id, spec, s.train, s.test) for s in splits}
     if unknown := sorted(set(worker_overrides or {}) - set(workers)):
         raise ValueError(f"worker_overrides for hospitals not in the splits: {unknown}")
@@ -62,4 +63,5 @@ def score_global_model(spec: DatasetSpec, splits: list[HospitalSplit], preproces
     model = model_with_weights(spec.model, len(preprocessor.mean), weights)
     predictions = [predict_frame(model, preprocessor, s.test) for s in splits]
     overall, per_hospital = score_predictions(spec, splits, predictions)
-    return ExperimentResult("federated", spec.task, spec.primary_metric, overall, per_hospital)
+    return ExperimentResult("federated", spec.task, spec.primary_metric, overall, per_hospital,
+                            {"imputation": imputation(spec, preprocessor.fill)})

@@ -15,7 +15,7 @@ import pandas as pd
 from torch import nn
 
 from health_mlops.data.hospital import HospitalData
-from health_mlops.data.preprocess import Preprocessor, encode_target, stats_of_frame
+from health_mlops.data.preprocess import Preprocessor, encode_target, imputation, stats_of_frame
 from health_mlops.data.split import split_indices
 from health_mlops.ml.evaluate import predict_frame
 from health_mlops.ml.metrics import task_metrics
@@ -90,16 +90,19 @@ def run_pooled(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConf
     model, preprocessor = _fit(spec, pooled, config, _hook(on_epoch, "pooled"))
     predictions = [predict_frame(model, preprocessor, s.test) for s in splits]
     overall, per_hospital = score_predictions(spec, splits, predictions)
-    return ExperimentResult("pooled", spec.task, spec.primary_metric, overall, per_hospital)
+    return ExperimentResult("pooled", spec.task, spec.primary_metric, overall, per_hospital,
+                            {"imputation": imputation(spec, preprocessor.fill)})
 
 
 def run_local(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConfig,
               on_epoch: EpochHook | None = None) -> ExperimentResult:
     """One model per hospital, each trained and scored on its own hospital's rows only."""
     predictions = []
+    imputed: dict[str, dict[str, float | str]] = {}
     for split in splits:
         model, preprocessor = _fit(spec, split.train, config, _hook(on_epoch, split.hospital_id))
         predictions.append(predict_frame(model, preprocessor, split.test))
+        imputed[split.hospital_id] = imputation(spec, preprocessor.fill)
     overall, per_hospital = score_predictions(spec, splits, predictions)
-    return ExperimentResult("local", spec.task, spec.primary_metric, overall, per_hospital)
+    return ExperimentResult("local", spec.task, spec.primary_metric, overall, per_hospital, {"imputation": imputed})
 

@@ -1,8 +1,9 @@
 """Export a trained model to ONNX with its preprocessing inside, so serving needs neither torch nor the stats.
 
 The graph's input `features` is a float32 matrix with one column per spec feature, in spec order: numeric
-features as their value, categorical features as the index of their category in the spec. Inside, the graph
-one-hot encodes the categories, standardises every column with the run's global mean and scale, applies the
+features as their value, categorical features as the index of their category in the spec, NaN for a value the
+spec allows to be missing. Inside, the graph fills missing values in (the run's federated mean or most common
+category) and adds the spec's missingness indicators, one-hot encodes the categories, standardises every column with the run's global mean and scale, applies the
 network, and outputs `prediction`: the event probability for binary tasks, the value in the target's unit for
 regression. The graph is built directly from the weight arrays (a chain of Gemm and Relu, as in
 `ml.model.build_model`), so exporting needs no tracing and works from the aggregator's numpy weights.
@@ -20,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from health_mlops.data.preprocess import serving_fill
 from health_mlops.spec import DatasetSpec
 
 INPUT_NAME = "features"
@@ -59,6 +61,13 @@ def export_onnx(spec: DatasetSpec, preprocessing: Mapping[str, Any], weights: Ma
     # category); Equal against each column's category code makes the one-hot columns, and Where keeps numeric
     # columns as they are. Six nodes whatever the number of features: a single prediction's cost is mostly
     # per node, so this beats a Slice and Concat per feature several times over.
+    source = INPUT_NAME
+    if any(f.missing is not None for f in spec.features):  # NaN is "not measured": fill it, flag it
+        fill = serving_fill(spec, np.asarray(preprocessing["fill"], dtype=np.float64))
+        nodes += [helper.make_node("IsNaN", [INPUT_NAME], ["is_missing"]),
+                  helper.make_node("Where", ["is_missing", constant("fill", np.array(fill, dtype=np.float32)),
+                                             INPUT_NAME], ["filled"])]
+        source = "filled"
     sources: list[int] = []
     codes: list[float] = []
     is_numeric: list[bool] = []
@@ -69,13 +78,22 @@ def export_onnx(spec: DatasetSpec, preprocessing: Mapping[str, Any], weights: Ma
             codes.append(float(code))
             is_numeric.append(feature.type == "numeric")
     nodes += [
-        helper.make_node("Gather", [INPUT_NAME, constant("sources", np.array(sources, dtype=np.int64))],
+        helper.make_node("Gather", [source, constant("sources", np.array(sources, dtype=np.int64))],
                          ["spread"], axis=1),
         helper.make_node("Equal", ["spread", constant("codes", np.array(codes, dtype=np.float32))], ["is_code"]),
         helper.make_node("Cast", ["is_code"], ["one_hot"], to=TensorProto.FLOAT),
         helper.make_node("Where", [constant("is_numeric", np.array(is_numeric)), "spread", "one_hot"], ["encoded"]),
     ]
-    nodes.append(helper.make_node("Sub", ["encoded", constant("mean", np.asarray(preprocessing["mean"],
+    encoded = "encoded"
+    indicators = [j for j, f in enumerate(spec.features) if f.has_indicator]
+    if indicators:  # after every feature's columns, as `encoded_columns` orders them
+        nodes += [helper.make_node("Cast", ["is_missing"], ["missing_flags"], to=TensorProto.FLOAT),
+                  helper.make_node("Gather", ["missing_flags", constant("indicator_sources",
+                                                                        np.array(indicators, dtype=np.int64))],
+                                   ["indicators"], axis=1),
+                  helper.make_node("Concat", ["encoded", "indicators"], ["encoded_all"], axis=1)]
+        encoded = "encoded_all"
+    nodes.append(helper.make_node("Sub", [encoded, constant("mean", np.asarray(preprocessing["mean"],
                                                                                dtype=np.float32))], ["centred"]))
     nodes.append(helper.make_node("Div", ["centred", constant("scale", np.asarray(preprocessing["scale"],
                                                                                 dtype=np.float32))], ["x0"]))
@@ -150,6 +168,7 @@ def feature_reference(spec: DatasetSpec, onnx_model: bytes) -> FeatureReference:
             width = len(feature.categories or ())
             frequencies[feature.name] = [float(v) for v in mean[column:column + width]]
             column += width
+    column += sum(f.has_indicator for f in spec.features)
     if column != len(mean):
         raise ValueError(f"the model has {len(mean)} encoded columns; spec {spec.name} describes {column}")
     histograms = json.loads(metadata.get(HISTOGRAMS_KEY, "{}"))

@@ -73,17 +73,20 @@ class InputDrift:
         return len(self._rows)
 
     def scores(self) -> dict[str, float]:
-        """Each feature's PSI over the window; empty until MIN_ROWS rows have been scored."""
+        """Each feature's PSI over the window's measured values; none until a feature has MIN_ROWS of them."""
         if len(self._rows) < MIN_ROWS:
             return {}
         rows = np.stack(list(self._rows)).astype(np.float64)
         found: dict[str, float] = {}
         for j, feature in enumerate(self.spec.features):
+            values = rows[:, j][~np.isnan(rows[:, j])]  # a missing value is no evidence of drift either way
+            if len(values) < MIN_ROWS:
+                continue
             if feature.type == "numeric":
                 inner, expected = self._bins[feature.name]
-                served = np.bincount(np.searchsorted(inner, rows[:, j], side="right"), minlength=len(expected))
+                served = np.bincount(np.searchsorted(inner, values, side="right"), minlength=len(expected))
             else:
                 expected = self._frequencies[feature.name]
-                served = np.bincount(rows[:, j].astype(np.int64), minlength=len(expected))
-            found[feature.name] = population_stability(served / len(rows), expected)
+                served = np.bincount(values.astype(np.int64), minlength=len(expected))
+            found[feature.name] = population_stability(served / len(values), expected)
         return found

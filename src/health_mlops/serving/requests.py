@@ -9,15 +9,16 @@ row, field and allowed value at fault.
 # No `from __future__ import annotations`: the request models are built at run time with `create_model`.
 import itertools
 import operator
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import msgspec
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 from health_mlops.data.preprocess import serving_matrix
-from health_mlops.spec import DatasetSpec
+from health_mlops.spec import DatasetSpec, Feature
 
 MAX_BATCH_ROWS = 200_000
 # A batch with invalid rows is answered with the first ones: enough to fix the request, and the answer and the
@@ -47,9 +48,22 @@ def row_model(spec: DatasetSpec) -> type[BaseModel]:
         else:
             categories = tuple(feature.categories or ())
             annotation = Annotated[Literal[categories], Field(description=description)]  # type: ignore[valid-type]
+        if feature.missing is not None:  # "not measured": null, or one of the spec's codes, as in data files
+            annotation = Annotated[annotation | None, BeforeValidator(partial(_code_as_null, feature))]
         fields[feature.name] = (annotation, ...)
     return create_model(f"{spec.name.title().replace('-', '')}Row", __config__=ConfigDict(extra="forbid"),
                         **fields)
+
+
+def _code_as_null(feature: Feature, value: Any) -> Any:
+    assert feature.missing is not None
+    if isinstance(value, bool) or value is None:
+        return value
+    if feature.type == "numeric":
+        codes = {float(c) for c in feature.missing.codes}
+        return None if isinstance(value, int | float) and float(value) in codes else value
+    return None if isinstance(value, str) and value.strip().lower() in {c.lower() for c in feature.missing.codes} \
+        else value
 
 
 def parse_json(body: bytes) -> Any:
@@ -67,9 +81,11 @@ def row_struct(spec: DatasetSpec) -> type[msgspec.Struct]:
         if feature.type == "numeric":
             low = -FLOAT32_MAX if feature.min is None else feature.min  # bounds also keep out ±inf (1e400)
             high = FLOAT32_MAX if feature.max is None else feature.max
-            fields.append((feature.name, Annotated[float, msgspec.Meta(ge=low, le=high)]))
+            annotation: Any = Annotated[float, msgspec.Meta(ge=low, le=high)]
         else:
-            fields.append((feature.name, Literal[tuple(feature.categories or ())]))  # type: ignore[misc]
+            annotation = Literal[tuple(feature.categories or ())]  # type: ignore[misc]
+        # null is "not measured" where the spec allows it; its codes (-9) take the validating path
+        fields.append((feature.name, annotation | None if feature.missing is not None else annotation))
     return msgspec.defstruct("Row", fields, forbid_unknown_fields=True)
 
 
@@ -91,7 +107,8 @@ class RowEncoder:
         self._numeric_columns = [j for j, f in enumerate(spec.features) if f.type == "numeric"]
         self._numeric_values = operator.attrgetter(*numeric) if len(numeric) > 1 else (
             lambda r: (getattr(r, numeric[0]),) if numeric else ())
-        self._categorical = [(j, operator.attrgetter(f.name), {c: float(i) for i, c in enumerate(f.categories or ())})
+        self._categorical = [(j, operator.attrgetter(f.name),
+                              {None: np.nan, **{c: float(i) for i, c in enumerate(f.categories or ())}})
                              for j, f in enumerate(spec.features) if f.type != "numeric"]
 
     def strict_row(self, body: bytes) -> Any | None:
@@ -107,7 +124,7 @@ class RowEncoder:
         if row is None:
             return self._validated(self.row_model, parse_json(body), lambda r: [r])
         # One row is built in plain Python and handed to numpy once: per-column numpy calls cost more here.
-        values = [0.0] * len(self.spec.features)
+        values: list[float | None] = [0.0] * len(self.spec.features)  # numpy reads None (not measured) as NaN
         for j, value in zip(self._numeric_columns, self._numeric_values(row), strict=True):
             values[j] = value
         for j, value_of, index in self._categorical:
@@ -153,7 +170,7 @@ class RowEncoder:
         matrix = np.empty((len(rows), len(self.spec.features)), dtype=np.float32)
         if self._numeric_columns:
             values = np.fromiter(itertools.chain.from_iterable(map(self._numeric_values, rows)), dtype=np.float32,
-                                 count=len(rows) * len(self._numeric_columns))
+                                 count=len(rows) * len(self._numeric_columns))  # None (not measured) becomes NaN
             matrix[:, self._numeric_columns] = values.reshape(len(rows), -1)
         for j, value_of, index in self._categorical:
             matrix[:, j] = np.fromiter(map(index.__getitem__, map(value_of, rows)), dtype=np.float32, count=len(rows))

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from health_mlops.audit import AuditLog
@@ -418,7 +419,7 @@ def restore_coordinator(store: CheckpointStore, spec: DatasetSpec) -> Coordinato
                                   f"({error})") from None
 
     try:
-        return Coordinator.restore(saved, reduce_stats, stats_columns=columns, round_arrays=round_arrays,
+        return Coordinator.restore(saved, partial(reduce_stats, spec), stats_columns=columns, round_arrays=round_arrays,
                                    result_tensors=result_tensors, ended_runs=store.load_run_records(),
                                    round_history=store.load_history)
     except (KeyError, TypeError, ValueError, MessageError) as error:
