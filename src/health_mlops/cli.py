@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import sys
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from health_mlops import faults
+from health_mlops import faults, strict_json
 from health_mlops.config import Settings, TrainingDefaults, get_settings, get_training_defaults, settings_audit_log
 from health_mlops.data.diabetes import write_diabetes_sites
 from health_mlops.data.hospital import HospitalData, load_hospitals
@@ -120,17 +119,7 @@ def _progress() -> Progress:
 
 def _print_json(document: object) -> None:
     """Strict JSON: an undefined value (NaN, infinite) is null, which every parser reads."""
-    sys.stdout.write(json.dumps(_strict(document), indent=2, default=float, allow_nan=False) + "\n")
-
-
-def _strict(value: object) -> object:
-    if isinstance(value, numbers.Real) and not isinstance(value, int):  # float, numpy's floats
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _strict(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict(item) for item in value]
-    return value
+    sys.stdout.write(strict_json.dumps(document, indent=2) + "\n")
 
 
 @data_app.command("generate")
@@ -367,6 +356,8 @@ def train(
     if reference is not None:
         columns = {"Bayes-optimal": reference, **columns}
     out.print(comparison_table(dataset, columns, title=f"{dataset.name}: {mode.value} training"))
+    if dataset.task == "binary":
+        out.print(clinical_table(document))
     if "timing" in document:
         out.print("timing: " + ", ".join(f"{k} {v}" for k, v in document["timing"].items()))
     _print_privacy(document.get("privacy"))
@@ -608,7 +599,7 @@ def aggregator(
     from health_mlops.audit import AuditError
     from health_mlops.fl.aggregator import serve
     from health_mlops.fl.store import CheckpointError
-    from health_mlops.registry import Registry
+    from health_mlops.registry import QualityGate, Registry
     from health_mlops.security import CredentialError
     from health_mlops.tls import TlsError
 
@@ -621,7 +612,8 @@ def aggregator(
         audit = settings_audit_log(settings)
         serve(dataset, settings.models_dir, settings.credentials_dir, host=host, port=port, ops_port=ops_port,
               plain_http=plain_http, registry_factory=lambda: Registry(settings.home, dataset.name, audit=audit),
-              quality_gate_tolerance=settings.quality_gate_tolerance, audit=audit)
+              quality_gate=QualityGate(settings.quality_gate_tolerance, settings.quality_gate_calibration),
+              audit=audit)
     except (CredentialError, CheckpointError, TlsError, AuditError, ValueError) as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -853,8 +845,17 @@ def _configure_logging() -> None:
                         stream=sys.stderr)
 
 
+def _cell(metrics: dict, metric: str) -> str:
+    value = metrics.get(metric)
+    if value is None or not math.isfinite(value):
+        return "—"
+    interval = metrics.get(f"{metric}_ci")
+    return f"{value:.3f}" + (f" [dim]({interval[0]:.2f}–{interval[1]:.2f})[/]" if interval else "")
+
+
 def comparison_table(dataset: DatasetSpec, columns: dict[str, dict], *, title: str) -> Table:
-    """Hospitals as rows, ways of training as columns, the task's primary metric in each cell."""
+    """Hospitals as rows, ways of training as columns, the task's primary metric (and its 95% interval) in each
+    cell; then the mean over hospitals (what the field reports) and the score over all test rows together."""
     metric = dataset.primary_metric
     table = Table(title=f"{title} ({metric.upper() if metric == 'auc' else 'R²'} on each hospital's test rows)")
     table.add_column("hospital")
@@ -862,9 +863,37 @@ def comparison_table(dataset: DatasetSpec, columns: dict[str, dict], *, title: s
         table.add_column(name, justify="right")
     hospitals = next(iter(columns.values()))["per_hospital"]
     for hospital_id in hospitals:
-        table.add_row(hospital_id, *(f"{c['per_hospital'][hospital_id][metric]:.3f}" for c in columns.values()))
+        table.add_row(hospital_id, *(_cell(c["per_hospital"][hospital_id], metric) for c in columns.values()))
     table.add_section()
-    table.add_row("[bold]overall[/]", *(f"[bold]{c['overall'][metric]:.3f}[/]" for c in columns.values()))
+    table.add_row("[bold]mean over hospitals[/]",
+                  *(f"[bold]{_cell(c.get('mean_over_hospitals') or {}, metric)}[/]" for c in columns.values()))
+    table.add_row("all test rows", *(_cell(c["overall"], metric) for c in columns.values()))
+    return table
+
+
+_CLINICAL_COLUMNS = (("Brier", "brier"), ("cal. slope", "calibration_slope"),
+                     ("cal. intercept", "calibration_intercept"), ("sens.", "sensitivity"), ("spec.", "specificity"),
+                     ("PPV", "ppv"), ("NPV", "npv"), ("bal. acc.", "balanced_accuracy"))
+
+
+def clinical_table(result: dict) -> Table:
+    """A binary model as a clinician reads it: ranking with its interval, probabilities, decisions at the
+    threshold, per hospital and as the mean over hospitals."""
+    threshold = result.get("threshold")
+    shown = f"{threshold:.3f}" if isinstance(threshold, float) else "each hospital's own"
+    table = Table(title=f"{result['mode']}: calibration, and decisions at the threshold ({shown})")
+    table.add_column("hospital", no_wrap=True)
+    table.add_column("AUC (95% CI)", justify="right", no_wrap=True)
+    for title, _ in _CLINICAL_COLUMNS:
+        table.add_column(title, justify="right")
+
+    def row(name: str, metrics: dict) -> list[str]:
+        return [name, _cell(metrics, "auc"), *(_cell(metrics, key) for _, key in _CLINICAL_COLUMNS)]
+
+    for hospital_id, metrics in result["per_hospital"].items():
+        table.add_row(*row(hospital_id, metrics))
+    table.add_section()
+    table.add_row(*row("mean over hospitals", result["mean_over_hospitals"]))
     return table
 
 

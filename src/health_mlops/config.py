@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     token: str | None = Field(None, description="a node's bearer token (else read from the credentials folder)")
     quality_gate_tolerance: float = Field(0.005, ge=0, description="a new model becomes champion unless its "
                                           "federated test metric is worse than the champion's by more than this")
+    quality_gate_calibration: float | None = Field(None, gt=0, description="binary tasks: a new model becomes "
+                                                   "champion only if its calibration slope (mean over hospitals) "
+                                                   "is within 1 ± this; unset: not checked")
     poll_wait_s: float = Field(20.0, gt=0, le=300, description="how long a node's long poll for a task waits")
     aggregator_url: str = Field("https://127.0.0.1:8080", description="where the dashboard reads live training")
     api_key: str | None = Field(None, description="the key the dashboard's REST API (/api/v1) requires; unset "

@@ -13,11 +13,12 @@ and imports no torch, so the serving image can use it.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
+from health_mlops import strict_json
 from health_mlops.audit import AuditLog
 
 CHAMPION = "champion"
@@ -35,6 +37,7 @@ PRIVACY_EPSILON, PRIVACY_DELTA = "privacy_epsilon", "privacy_delta"  # version t
 EXPERIMENT_NAME = "federated-training"
 MODEL_FILE = "model.onnx"
 SPEC_FILE = "spec.yaml"
+REPORT_FILE = "report.json"
 _ARTIFACT_DIR = "model"
 _MLFLOW_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 
@@ -79,6 +82,30 @@ class TrainingRecord:
     # With differential privacy: the largest ε any hospital spent over the run, its δ, and each hospital's ε.
     privacy: dict[str, float] | None = None
     hospital_epsilons: dict[str, float] | None = None
+    pooled_metrics: dict[str, float] = field(default_factory=dict)  # every test row together, from counts
+    report: dict[str, Any] | None = None  # the federated model report (fl.report), stored as report.json
+
+
+@dataclass(frozen=True)
+class QualityGate:
+    """When a new version becomes champion: its metric no worse than the champion's by more than `tolerance`,
+    and, if `calibration_band` is set, its calibration slope (mean over hospitals) within 1 ± that band."""
+
+    tolerance: float = 0.005
+    calibration_band: float | None = None
+
+    def refusal(self, record: TrainingRecord, champion: ModelVersion | None) -> str | None:
+        """Why `record` may not become champion over `champion`, or None."""
+        metric = record.final_metrics[record.metric_name]
+        if champion is not None and metric < champion.metric - self.tolerance:
+            return (f"{record.metric_name} {metric:.4f} below champion v{champion.version} {champion.metric:.4f} "
+                    f"- {self.tolerance}")
+        if self.calibration_band is not None:
+            slope = record.final_metrics.get("calibration_slope")
+            if slope is None or abs(slope - 1) > self.calibration_band:
+                shown = "undefined" if slope is None else f"{slope:.3f}"
+                return f"calibration slope {shown} outside 1 ± {self.calibration_band}"
+        return None
 
 
 def default_tracking_uri(home: Path) -> str:
@@ -122,7 +149,7 @@ class Registry:
             location = (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
         return self.client.create_experiment(EXPERIMENT_NAME, artifact_location=location)
 
-    def register(self, record: TrainingRecord, *, tolerance: float) -> ModelVersion:
+    def register(self, record: TrainingRecord, *, gate: QualityGate) -> ModelVersion:
         """Log the run, register its model, and apply the quality gate. Idempotent: a federated run registered
         before (an aggregator that crashed before it recorded the registration registers again) gets its
         existing version, and the quality gate applied if the crash came before it."""
@@ -130,7 +157,7 @@ class Registry:
         if version is None:
             version = self._create_version(record)
         if QUALITY_GATE not in self.client.get_model_version(self.model_name, str(version)).tags:
-            self._quality_gate(version, record, tolerance)
+            self._quality_gate(version, record, gate)
         return self.version(version)
 
     def _version_of(self, federation_run: str) -> int | None:
@@ -148,6 +175,7 @@ class Registry:
         metrics += [Metric(f"{hospital}.{name}", value, now_ms, step)
                     for step, hospital, values in record.hospital_metrics for name, value in values.items()]
         metrics += [Metric(f"final.{name}", value, now_ms, 0) for name, value in record.final_metrics.items()]
+        metrics += [Metric(f"all_test_rows.{name}", value, now_ms, 0) for name, value in record.pooled_metrics.items()]
         if record.privacy is not None:
             metrics += [Metric(f"privacy.{name}", value, now_ms, 0) for name, value in record.privacy.items()]
             metrics += [Metric(f"{hospital}.privacy_epsilon", value, now_ms, 0)
@@ -161,6 +189,8 @@ class Registry:
             folder.mkdir()
             (folder / MODEL_FILE).write_bytes(record.onnx_model)
             (folder / SPEC_FILE).write_text(record.spec_yaml, encoding="utf-8")
+            if record.report is not None:
+                (folder / REPORT_FILE).write_text(strict_json.dumps(record.report), encoding="utf-8")
             self.client.log_artifacts(run_id, str(folder), _ARTIFACT_DIR)
         self.client.set_terminated(run_id)
         try:
@@ -178,21 +208,20 @@ class Registry:
         self._audit("register", version, "aggregator", f"{record.federation_run}: {record.metric_name} {metric:.4f}")
         return version
 
-    def _quality_gate(self, version: int, record: TrainingRecord, tolerance: float) -> None:
+    def _quality_gate(self, version: int, record: TrainingRecord, gate: QualityGate) -> None:
         metric = record.final_metrics[record.metric_name]
         champion = self.champion()
+        refusal = gate.refusal(record, champion)
         if champion is not None and champion.version == version:
             pass  # promoted before a crash cut the gate short
-        elif champion is None or metric >= champion.metric - tolerance:
+        elif refusal is None:
             self._set_champion(version, actor="quality-gate", action="promote",
                                reason=f"{record.metric_name} {metric:.4f}" + (
                                    "" if champion is None else f" vs champion v{champion.version} "
-                                                               f"{champion.metric:.4f} - {tolerance}"))
+                                                               f"{champion.metric:.4f} - {gate.tolerance}"))
         else:
             self.client.set_registered_model_alias(self.model_name, CHALLENGER, str(version))
-            self._audit("challenger", version, "quality-gate",
-                        f"{record.metric_name} {metric:.4f} below champion v{champion.version} "
-                        f"{champion.metric:.4f} - {tolerance}")
+            self._audit("challenger", version, "quality-gate", refusal)
         self.client.set_model_version_tag(self.model_name, str(version), QUALITY_GATE, "applied")
 
     def _set_champion(self, version: int, *, actor: str, action: str, reason: str) -> None:
@@ -261,6 +290,16 @@ class Registry:
         except MlflowException:
             return None
         return self.version(int(raw.version))
+
+    def load_report(self, version: int) -> dict[str, Any] | None:
+        """The federated model report of a version (None for versions registered before reports existed)."""
+        raw = self.client.get_model_version(self.model_name, str(version))
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                path = Path(self.client.download_artifacts(raw.run_id, f"{_ARTIFACT_DIR}/{REPORT_FILE}", scratch))
+            except (MlflowException, OSError):
+                return None
+            return json.loads(path.read_text(encoding="utf-8"))
 
     def load_artifacts(self, version: int) -> tuple[bytes, str]:
         """(ONNX model, spec YAML) of a version."""

@@ -158,6 +158,8 @@ class DatasetSpec(BaseModel):
     site_column: str | None = None
     model: ModelDefaults = ModelDefaults()
     training: TrainingHints = TrainingHints()
+    # Binary tasks: the risk at or above which a patient is flagged; unset, the training rows' event rate
+    decision_threshold: float | None = Field(None, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _check_names(self) -> DatasetSpec:
@@ -169,6 +171,8 @@ class DatasetSpec(BaseModel):
             raise ValueError(f"target {self.target.name!r} is also listed as a feature")
         if self.task == "regression" and (self.target.min is None or self.target.max is None):
             raise ValueError("a regression target needs min and max")
+        if self.task == "regression" and self.decision_threshold is not None:
+            raise ValueError("a decision threshold is for binary tasks")
         return self
 
     @property
@@ -195,6 +199,11 @@ class DatasetSpec(BaseModel):
     @property
     def primary_metric(self) -> str:
         return "auc" if self.task == "binary" else "r2"
+
+    def threshold_for(self, event_rate: float) -> float:
+        """The decision threshold of a model trained on rows with this event rate: the spec's, or the rate (a
+        patient is flagged when their risk is above the training population's)."""
+        return self.decision_threshold if self.decision_threshold is not None else event_rate
 
 
 class SpecError(Exception):

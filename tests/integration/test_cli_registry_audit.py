@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from health_mlops.audit import AuditLog, load_audit_key
-from health_mlops.registry import Registry
+from health_mlops.registry import QualityGate, Registry
 from health_mlops.security import provision
 from tests.conftest import run_cli
 from tests.unit.test_registry import record
@@ -20,8 +20,8 @@ def registry(home: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
     monkeypatch.delenv("HEALTH_MLOPS_ADMIN_TOKEN", raising=False)
     provision(home / "credentials", ["hospital-1"])
     registry = Registry(home, "health-risk", audit=AuditLog(home / "audit.log", load_audit_key(home / "credentials")))
-    registry.register(record("run-a", 0.80), tolerance=0.0)
-    registry.register(record("run-b", 0.70), tolerance=0.0)  # a challenger
+    registry.register(record("run-a", 0.80), gate=QualityGate(tolerance=0.0))
+    registry.register(record("run-b", 0.70), gate=QualityGate(tolerance=0.0))  # a challenger
     return registry
 
 

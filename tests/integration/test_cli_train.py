@@ -25,9 +25,17 @@ def test_train_json_has_the_documented_shape(tmp_path: Path, home: Path) -> None
         result = run_cli_json("train", "--data", str(data), "--mode", mode, "--epochs", "2", home=home)
         assert result["mode"] == mode
         assert result["task"] == "binary" and result["metric"] == "auc"
-        assert set(result["overall"]) == {"auc", "accuracy", "brier", "log_loss"}
+        metrics = {"auc", "auc_ci", "brier", "log_loss", "accuracy", "sensitivity", "specificity", "ppv", "npv",
+                   "balanced_accuracy", "calibration_slope", "calibration_intercept"}
+        assert set(result["overall"]) == set(result["mean_over_hospitals"]) == metrics
         assert list(result["per_hospital"]) == ["hospital-1", "hospital-2", "hospital-3"]
-        assert set(result["reference"]) == {"overall", "per_hospital"}
+        for hospital in result["per_hospital"].values():
+            assert set(hospital) == metrics | {"undefined"}
+            low, high = hospital["auc_ci"] or (None, None)
+            assert hospital["auc"] is None or low is None or low <= hospital["auc"] <= high
+            assert all(hospital[name] is None for name in hospital["undefined"])  # each null says why
+        assert set(result["reference"]) == {"overall", "per_hospital", "mean_over_hospitals"}
+        assert 0 < (result["threshold"] if mode == "pooled" else result["threshold"]["hospital-1"]) < 0.2
         assert 0.5 < result["overall"]["auc"] <= 1
 
 
@@ -239,8 +247,8 @@ def test_demo_trains_as_processes_prints_the_table_and_serves_the_champion(home:
     demo.send_signal(signal.SIGINT)
     stdout, stderr = demo.communicate(timeout=60)
     assert demo.returncode == 0, stderr
-    for text in ("federated", "pooled", "local-only", "Bayes-optimal", "hospital-5", "overall",
-                 "v1 registered, champion"):
+    for text in ("federated", "pooled", "local-only", "Bayes-optimal", "hospital-5", "mean over hospitals",
+                 "all test rows", "v1 registered, champion"):
         assert text in stdout
     for issued in ("hospital-5.token", "hospital-5.crt", "hospital-5.key", "ca.crt", "aggregator.crt", "admin.crt"):
         assert (home / "credentials" / issued).is_file()  # provisioned on the first run, with no manual step

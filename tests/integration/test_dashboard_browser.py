@@ -123,3 +123,20 @@ def test_hospitals_and_models_are_listed_and_a_wrong_token_is_refused(browser_pa
     page.get_by_role("tab", name="Monitoring").click()
     expect(page.locator("#monitoring")).to_contain_text("Serving model v1", timeout=TIMEOUT_MS)
     page.screenshot(path=SCREENSHOTS / "monitoring.png", full_page=True)
+
+
+def test_the_models_tab_shows_the_champions_report_with_roc_and_calibration(browser_page: Page) -> None:
+    page = browser_page
+    page.get_by_role("tab", name="Models").click()
+    summary = page.locator("#model-report")
+    expect(summary).to_contain_text("Champion v1: federated model report", timeout=TIMEOUT_MS)
+    expect(summary).to_contain_text("fedavg, 3 rounds, 3 hospitals; no differential privacy")
+    table = page.locator("#model-report-table")
+    for text in ("hospital-1", "hospital-3", "mean over hospitals", "all test rows (from counts)",
+                 "calibration slope"):
+        expect(table).to_contain_text(text)
+    # Each plot: the reference line, then one curve per hospital.
+    expect(page.locator("#model-roc .js-plotly-plot .scatterlayer .trace")).to_have_count(4)
+    expect(page.locator("#model-calibration .js-plotly-plot .scatterlayer .trace")).to_have_count(4)
+    expect(page.locator("#model-roc")).to_contain_text("ROC curve per hospital")
+    page.screenshot(path=SCREENSHOTS / "models.png", full_page=True)

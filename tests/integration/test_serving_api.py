@@ -22,7 +22,7 @@ from health_mlops.ml.model import build_model, weights_as_numpy
 from health_mlops.ml.onnx import export_onnx
 from health_mlops.ml.train import train_model
 from health_mlops.ml.train_config import TrainConfig
-from health_mlops.registry import Registry, TrainingRecord
+from health_mlops.registry import QualityGate, Registry, TrainingRecord
 from health_mlops.serving.api import create_serving_app
 from health_mlops.serving.model import ChampionWatcher
 from health_mlops.spec import load_spec, spec_to_yaml
@@ -48,16 +48,19 @@ def trained(frame_rows: list[dict], seed: int) -> tuple[bytes, list[float]]:
     model = build_model(SPEC.model, len(preprocessor.mean), seed=seed)
     train_model(model, preprocessor.features(frame), preprocessor.target(frame), SPEC.task,
                 TrainConfig(epochs=1, learning_rate=0.01, batch_size=64, seed=seed))
-    body = export_onnx(SPEC, {"mean": preprocessor.mean.tolist(), "scale": preprocessor.scale.tolist()},
-                       weights_as_numpy(model))
+    body = export_onnx(SPEC, {"mean": preprocessor.mean.tolist(), "scale": preprocessor.scale.tolist(),
+                              "threshold": THRESHOLD}, weights_as_numpy(model))
     return body, predict_frame(model, preprocessor, frame).tolist()
+
+
+THRESHOLD = 1 / 7  # the training rows' event rate: what a run chooses when the spec sets none
 
 
 def register(registry: Registry, onnx_model: bytes, name: str, auc: float) -> int:
     record = TrainingRecord(federation_run=name, params={}, round_metrics=[], hospital_metrics=[],
                             final_metrics={"auc": auc}, metric_name="auc", onnx_model=onnx_model,
                             spec_yaml=spec_to_yaml(SPEC))
-    return registry.register(record, tolerance=0.0).version
+    return registry.register(record, gate=QualityGate(tolerance=0.0)).version
 
 
 @pytest.fixture
@@ -89,9 +92,12 @@ def test_predictions_match_the_trained_model_and_carry_the_version(serving: tupl
     one = httpx.post(f"{url}/api/v1/predict", json=patients[0]).json()
     assert one["model_version"] == version and one["task"] == "binary"
     assert one["prediction"] == pytest.approx(expected[0], rel=1e-4)
+    assert one["threshold"] == pytest.approx(THRESHOLD) and one["class"] == int(one["prediction"] >= THRESHOLD)
     batch = httpx.post(f"{url}/api/v1/predict/batch", json={"rows": patients}, timeout=30).json()
     np.testing.assert_allclose(batch["predictions"], expected, rtol=1e-4, atol=1e-6)
-    assert httpx.get(f"{url}/api/v1/model").json()["version"] == version
+    assert batch["classes"] == [int(p >= THRESHOLD) for p in batch["predictions"]] and 0 < sum(batch["classes"])
+    described = httpx.get(f"{url}/api/v1/model").json()
+    assert described["version"] == version and described["decision_threshold"] == pytest.approx(THRESHOLD)
     assert 'health_mlops_predictions_total{endpoint="predict",outcome="ok"} 1.0' in httpx.get(f"{url}/metrics").text
 
 

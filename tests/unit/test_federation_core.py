@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from health_mlops.data.preprocess import Preprocessor, encoded_columns, histogram_edges, stats_of_frame
+from health_mlops.data.preprocess import Preprocessor, encode_target, encoded_columns, histogram_edges, stats_of_frame
 from health_mlops.data.synthetic import CITIES, generate_city_days
 from health_mlops.fl.coordinator import RunConfig
 from health_mlops.fl.hospital import hospital_stats, preprocessor_from, reduce_stats, suppressed_cells
 from health_mlops.fl.simulation import run_federated_in_memory
 from health_mlops.ml.baselines import HospitalSplit
+from health_mlops.ml.evaluate import predict_frame
+from health_mlops.ml.metrics import BinarySummary, binary_metrics, combine
+from health_mlops.ml.model import model_with_weights
 from health_mlops.spec import load_spec
 
 SPEC = load_spec("health-risk")
@@ -81,3 +85,34 @@ def test_federated_training_in_memory_learns_and_counts_every_round() -> None:
     after = np.mean([m["metrics"]["log_loss"] for m in final.hospitals.values()])
     assert after < before
     assert result.mode == "federated" and 0.5 < result.overall["auc"] <= 1
+
+
+def test_each_hospitals_metrics_are_computed_at_the_hospital_exactly_as_centrally_and_only_counts_leave() -> None:
+    splits = [HospitalSplit(f"hospital-{i}", frame.iloc[:320], frame.iloc[320:])
+              for i, frame in enumerate(city_frames(), start=1)]
+    result, run = run_federated_in_memory(SPEC, splits, RunConfig(rounds=5, local_epochs=10, min_hospitals=3))
+    final = run.history[-1]
+    assert all(m["metrics"]["npv"] is not None and m["metrics"]["auc"] > 0.8 for m in final.hospitals.values())
+    threshold = run.preprocessing["threshold"]
+    assert threshold == pytest.approx(np.mean([s.train[SPEC.target.name].astype(float).mean() for s in splits]))
+    preprocessor = preprocessor_from(SPEC, run.preprocessing)
+    model = model_with_weights(SPEC.model, len(preprocessor.mean), run.weights)
+    summaries = []
+    for split in splits:
+        sent = final.hospitals[split.hospital_id]
+        y, p = encode_target(split.test, SPEC), predict_frame(model, preprocessor, split.test)
+        central = binary_metrics(y, p, threshold)  # the same rows, scored where they are not
+        undefined_as_nan = {k: np.nan if v is None else v for k, v in sent["metrics"].items()}  # sent as null
+        assert undefined_as_nan == pytest.approx(central, rel=1e-9, abs=1e-12, nan_ok=True), split.hospital_id
+        assert set(sent) <= {"num_examples", "num_test_examples", "metrics", "summary", "compute_seconds"}
+        summaries.append(BinarySummary.from_json(sent["summary"]))
+        assert summaries[-1] == BinarySummary.of(y, p, threshold)
+    combined = combine(summaries).metrics()
+    pooled_y = np.concatenate([encode_target(s.test, SPEC) for s in splits])
+    pooled_p = np.concatenate([predict_frame(model, preprocessor, s.test) for s in splits])
+    pooled = binary_metrics(pooled_y, pooled_p, threshold, bootstrap=0)
+    for name in ("brier", "log_loss", "accuracy", "sensitivity", "specificity", "ppv", "npv", "balanced_accuracy"):
+        assert combined[name] == pytest.approx(pooled[name], rel=1e-9, abs=1e-12, nan_ok=True), name
+    assert abs(combined["auc"] - pooled["auc"]) <= combined["auc_error_bound"]
+    assert result.mean_over_hospitals["auc"] == pytest.approx(np.mean([final.hospitals[s.hospital_id]["metrics"]["auc"]
+                                                                       for s in splits]), rel=1e-9)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from health_mlops.registry import CHALLENGER, CHAMPION, Registry, RegistryError, TrainingRecord
+from health_mlops.registry import CHALLENGER, CHAMPION, QualityGate, Registry, RegistryError, TrainingRecord
 
 
 def record(name: str, auc: float) -> TrainingRecord:
@@ -28,7 +28,7 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
 
 
 def test_the_first_model_is_champion_and_its_run_is_logged(registry: Registry, tmp_path: Path) -> None:
-    version = registry.register(record("run-a", 0.80), tolerance=0.005)
+    version = registry.register(record("run-a", 0.80), gate=QualityGate(tolerance=0.005))
     assert version.version == 1 and version.aliases == [CHAMPION] and version.metric == 0.80
     assert registry.load_artifacts(1) == (b"onnx-run-a", "name: test\n")
     history = registry.client.get_metric_history(version.mlflow_run_id, "global.auc")
@@ -40,21 +40,42 @@ def test_the_first_model_is_champion_and_its_run_is_logged(registry: Registry, t
 def test_a_private_models_epsilon_and_delta_are_stored_with_its_version(registry: Registry) -> None:
     private = replace(record("run-dp", 0.78), privacy={"epsilon": 2.91, "delta": 1e-5},
                       hospital_epsilons={"hospital-1": 2.91, "hospital-2": 2.5})
-    version = registry.register(private, tolerance=0.005)
+    version = registry.register(private, gate=QualityGate(tolerance=0.005))
     assert registry.version(version.version).privacy == {"epsilon": 2.91, "delta": 1e-5}
     assert version.to_json()["privacy"] == {"epsilon": 2.91, "delta": 1e-5}
     assert version.privacy_text() == "ε 2.91, δ 1e-05"
     metrics = registry.client.get_run(version.mlflow_run_id).data.metrics
     assert metrics["privacy.epsilon"] == 2.91 and metrics["privacy.delta"] == 1e-5
     assert metrics["hospital-2.privacy_epsilon"] == 2.5
-    plain = registry.register(record("run-plain", 0.80), tolerance=0.005)
+    plain = registry.register(record("run-plain", 0.80), gate=QualityGate(tolerance=0.005))
     assert plain.privacy is None and plain.privacy_text() == "none"
 
 
+def test_the_quality_gate_may_require_calibration_and_says_why_it_refused(registry: Registry) -> None:
+    gate = QualityGate(tolerance=0.005, calibration_band=0.2)
+    overconfident = replace(record("run-a", 0.90), final_metrics={"auc": 0.90, "calibration_slope": 0.6})
+    assert registry.register(overconfident, gate=gate).aliases == [CHALLENGER]
+    assert registry.audit_entries()[-1]["reason"] == "calibration slope 0.600 outside 1 ± 0.2"
+    unknown = replace(record("run-b", 0.90), final_metrics={"auc": 0.90})  # slope undefined: not shown calibrated
+    assert registry.register(unknown, gate=gate).aliases == [CHALLENGER]
+    calibrated = replace(record("run-c", 0.85), final_metrics={"auc": 0.85, "calibration_slope": 1.1})
+    assert registry.register(calibrated, gate=gate).aliases == [CHAMPION]
+
+
+def test_the_model_report_is_stored_with_the_version_in_strict_json(registry: Registry) -> None:
+    report = {"per_hospital": {"hospital-1": {"auc": 0.8, "npv": float("nan")}}, "version": 1}
+    version = registry.register(replace(record("run-a", 0.8), report=report, pooled_metrics={"brier": 0.05}),
+                                gate=QualityGate()).version
+    assert registry.load_report(version) == {"per_hospital": {"hospital-1": {"auc": 0.8, "npv": None}}, "version": 1}
+    run = registry.client.get_run(registry.version(version).mlflow_run_id)
+    assert run.data.metrics["all_test_rows.brier"] == 0.05
+    assert registry.load_report(registry.register(record("run-b", 0.8), gate=QualityGate()).version) is None
+
+
 def test_the_quality_gate_keeps_a_worse_model_as_challenger(registry: Registry) -> None:
-    registry.register(record("run-a", 0.80), tolerance=0.005)
-    near = registry.register(record("run-b", 0.797), tolerance=0.005)  # within tolerance: promoted
-    worse = registry.register(record("run-c", 0.70), tolerance=0.005)
+    registry.register(record("run-a", 0.80), gate=QualityGate(tolerance=0.005))
+    near = registry.register(record("run-b", 0.797), gate=QualityGate(tolerance=0.005))  # within tolerance
+    worse = registry.register(record("run-c", 0.70), gate=QualityGate(tolerance=0.005))
     assert near.aliases == [CHAMPION]
     assert worse.aliases == [CHALLENGER]
     assert registry.champion() is not None and registry.champion().version == 2
@@ -63,8 +84,8 @@ def test_the_quality_gate_keeps_a_worse_model_as_challenger(registry: Registry) 
 
 
 def test_promote_and_rollback_are_audited(registry: Registry) -> None:
-    registry.register(record("run-a", 0.80), tolerance=0.0)
-    registry.register(record("run-b", 0.70), tolerance=0.0)  # challenger
+    registry.register(record("run-a", 0.80), gate=QualityGate(tolerance=0.0))
+    registry.register(record("run-b", 0.70), gate=QualityGate(tolerance=0.0))  # challenger
     assert registry.promote(2, actor="admin").aliases == [CHAMPION]
     assert registry.version(1).aliases == []
     assert registry.rollback(actor="admin").version == 1
@@ -78,7 +99,7 @@ def test_promote_and_rollback_are_audited(registry: Registry) -> None:
 
 def test_rollback_follows_mlflow_not_the_audit_log(registry: Registry) -> None:
     for name, auc in (("run-a", 0.80), ("run-b", 0.81), ("run-c", 0.60), ("run-d", 0.82)):
-        registry.register(record(name, auc), tolerance=0.0)  # champions: v1, v2, then v4; v3 a challenger
+        registry.register(record(name, auc), gate=QualityGate(tolerance=0.0))  # champions: v1, v2, then v4; v3 a challenger
     lines = registry.audit_log.read_text().splitlines()
     # A forger removes the line that made v2 champion and appends one that says v3 was made champion.
     forged = json.loads(next(line for line in lines if '"promote"' in line and '"version": 2' in line))
@@ -93,7 +114,7 @@ def test_rollback_follows_mlflow_not_the_audit_log(registry: Registry) -> None:
 def test_nothing_to_roll_back_is_a_clear_error(registry: Registry) -> None:
     with pytest.raises(RegistryError, match="no champion"):
         registry.rollback(actor="admin")
-    registry.register(record("run-a", 0.8), tolerance=0.0)
+    registry.register(record("run-a", 0.8), gate=QualityGate(tolerance=0.0))
     with pytest.raises(RegistryError, match="only model"):
         registry.rollback(actor="admin")
 
@@ -106,16 +127,16 @@ def test_the_registry_does_not_pull_in_torch() -> None:
 
 
 def test_registering_a_run_again_returns_its_version_and_decides_the_gate_once(registry: Registry) -> None:
-    first = registry.register(record("run-a", 0.80), tolerance=0.005)
-    again = registry.register(record("run-a", 0.80), tolerance=0.005)  # a restarted aggregator, say
+    first = registry.register(record("run-a", 0.80), gate=QualityGate(tolerance=0.005))
+    again = registry.register(record("run-a", 0.80), gate=QualityGate(tolerance=0.005))  # a restarted aggregator, say
     assert again.version == first.version and [v.version for v in registry.versions()] == [1]
     assert [e["action"] for e in registry.audit_entries()] == ["register", "promote"]
 
 
 def test_a_registration_cut_short_before_the_gate_is_completed_by_the_next(registry: Registry) -> None:
-    registry.register(record("run-a", 0.80), tolerance=0.005)
+    registry.register(record("run-a", 0.80), gate=QualityGate(tolerance=0.005))
     version = registry._create_version(record("run-b", 0.70))  # the crash came before the quality gate
     assert registry.version(version).aliases == []
-    completed = registry.register(record("run-b", 0.70), tolerance=0.005)
+    completed = registry.register(record("run-b", 0.70), gate=QualityGate(tolerance=0.005))
     assert completed.version == version == 2 and completed.aliases == [CHALLENGER]
     assert [v.version for v in registry.versions()] == [1, 2]

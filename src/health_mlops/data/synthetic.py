@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from health_mlops.data.split import split_indices
-from health_mlops.ml.metrics import binary_metrics
+from health_mlops.ml.metrics import binary_metrics, mean_over_hospitals, weighted_auc
 from health_mlops.spec import DatasetSpec, load_spec, spec_to_yaml
 
 DATA_FILE_NAME = "patient_days.csv"
@@ -247,7 +247,6 @@ def generate_dataset(out: Path, *, n_hospitals: int = 5, rows_per_hospital: int 
         frame.to_csv(folder / DATA_FILE_NAME, index=False)
         _, test = split_indices(len(frame), hospital_id, seed=split_seed, test_fraction=test_fraction)
         target = frame[spec.target.name].astype(int).to_numpy()
-        per_hospital[hospital_id] = binary_metrics(target[test], risk[test])
         test_targets.append(target[test])
         test_risks.append(risk[test])
         summaries.append(HospitalSummary(
@@ -255,13 +254,18 @@ def generate_dataset(out: Path, *, n_hospitals: int = 5, rows_per_hospital: int 
             mean_age=float(frame["age"].mean()), mean_pm25=float(frame["pm25"].mean()),
             mean_temperature=float(frame["temperature"].mean()),
             asthma_copd_share=float((frame["asthma_copd"] == "1").mean()),
-            bayes_auc=per_hospital[hospital_id]["auc"]))
+            bayes_auc=float(weighted_auc(target[test], risk[test], np.ones((1, len(test))))[0])))
+    # The true risk, flagged like a model trained on these rows: at the spec's threshold or the event rate.
+    threshold = spec.threshold_for(sum(s.event_rate * s.rows for s in summaries) / sum(s.rows for s in summaries))
+    for summary, target, risk in zip(summaries, test_targets, test_risks, strict=True):
+        per_hospital[summary.hospital_id] = binary_metrics(target, risk, threshold, bootstrap=0)
     reference = {
         "kind": "bayes_optimal",
         "description": "the true event probability of each test row, scored like a model",
         "split": {"seed": split_seed, "test_fraction": test_fraction},
         "generator": {"seed": seed, "hospitals": n_hospitals, "rows_per_hospital": rows_per_hospital},
-        "overall": binary_metrics(np.concatenate(test_targets), np.concatenate(test_risks)),
+        "threshold": threshold,
+        "overall": binary_metrics(np.concatenate(test_targets), np.concatenate(test_risks), threshold, bootstrap=0),
         "per_hospital": per_hospital,
         "cities": {s.hospital_id: s.city for s in summaries},
     }
@@ -277,4 +281,5 @@ def read_reference(root: Path, *, split_seed: int, test_fraction: float) -> dict
     reference = json.loads(path.read_text(encoding="utf-8"))
     if reference.get("split") != {"seed": split_seed, "test_fraction": test_fraction}:
         return None  # scored on other test rows than the models will be: not comparable
-    return {"overall": reference["overall"], "per_hospital": reference["per_hospital"]}
+    return {"overall": reference["overall"], "per_hospital": reference["per_hospital"],
+            "mean_over_hospitals": mean_over_hospitals(reference["per_hospital"])}

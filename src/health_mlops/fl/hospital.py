@@ -20,6 +20,7 @@ from health_mlops.data.preprocess import (Preprocessor, encoded_columns, feature
 from health_mlops.fl.coordinator import RunConfig, TaskKind, TaskResult, plan_for
 from health_mlops.fl.strategies import Weights
 from health_mlops.ml.evaluate import evaluate_frame
+from health_mlops.ml.metrics import BOOTSTRAP_REPLICATES
 from health_mlops.ml.model import model_with_weights, weights_as_numpy
 from health_mlops.ml.train import train_model
 from health_mlops.ml.train_config import TrainConfig
@@ -83,8 +84,16 @@ def reduce_stats(spec: DatasetSpec, results: list[dict[str, Any]]) -> dict[str, 
     shared = set.intersection(*(set(r.get("histograms") or {}) for r in results)) if results else set()
     histograms = {name: np.sum([[0 if v is None else v for v in r["histograms"][name]] for r in results],
                                axis=0).astype(int).tolist() for name in sorted(shared)}
-    return {"count": int(total), "mean": mean.tolist(), "scale": scale.tolist(), "fill": fill.tolist(),
-            "target_mean": float(target_mean[0]), "target_scale": float(target_scale[0]), "histograms": histograms}
+    found = {"count": int(total), "mean": mean.tolist(), "scale": scale.tolist(), "fill": fill.tolist(),
+             "target_mean": float(target_mean[0]), "target_scale": float(target_scale[0]), "histograms": histograms}
+    if spec.task == "binary":  # the target's mean is the training rows' event rate
+        found["threshold"] = spec.threshold_for(float(target_mean[0]))
+    return found
+
+
+def decision_threshold(preprocessing: Mapping[str, Any]) -> float:
+    """The run's decision threshold (runs from before thresholds were chosen flagged risks from 0.5)."""
+    return float(preprocessing.get("threshold", 0.5))
 
 
 def preprocessor_from(spec: DatasetSpec, preprocessing: dict[str, Any]) -> Preprocessor:
@@ -122,12 +131,17 @@ class HospitalWorker:
                                "rows_quarantined": self.rows_quarantined})
         preprocessor = preprocessor_from(self.spec, preprocessing)
         model = model_with_weights(self.spec.model, len(preprocessor.mean), weights)
-        # The incoming global model, before training; an undefined metric (e.g. AUC on one class) is None.
-        evaluation = {k: (v if math.isfinite(v) else None) for k, v in evaluate_frame(model, preprocessor,
-                                                                                      self.test).items()}
-        if kind is TaskKind.evaluate:
+        # The incoming global model, before training; an undefined metric (e.g. AUC on one class) is None. The
+        # final model's evaluation adds the AUC's bootstrap interval (done here, where the rows are) and the
+        # counts and sums that metrics over all hospitals are built from.
+        final = kind is TaskKind.evaluate
+        metrics, summary = evaluate_frame(model, preprocessor, self.test, threshold=decision_threshold(preprocessing),
+                                          bootstrap=BOOTSTRAP_REPLICATES if final else 0)
+        evaluation = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+        if final:
             return TaskResult({"num_examples": len(self.test), "num_test_examples": len(self.test),
-                               "metrics": evaluation})
+                               "metrics": evaluation,
+                               **({"summary": summary.to_json()} if summary is not None else {})})
         train_config = TrainConfig(epochs=config.local_epochs, learning_rate=config.learning_rate,
                                    batch_size=config.batch_size, weight_decay=config.weight_decay,
                                    proximal_mu=config.strategy.proximal_mu if config.strategy.name == "fedprox" else 0.0,

@@ -13,9 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from health_mlops.data.preprocess import HISTOGRAM_BINS
 from health_mlops.fl.errors import Rejected
+from health_mlops.ml.metrics import BINARY_METRICS, CALIBRATION_BINS, REGRESSION_METRICS, SCORE_BINS
 
 # The metric names hospitals may report (those of ml.metrics); anything else would become new time series.
-METRIC_NAMES = frozenset({"auc", "accuracy", "brier", "log_loss", "r2", "rmse", "mae"})
+METRIC_NAMES = frozenset({*BINARY_METRICS, *REGRESSION_METRICS})
 MAX_ROWS = 10**9  # far beyond any hospital; keeps example weights and sums finite
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -41,10 +42,26 @@ class StatsMetadata(_Strict):
     compute_seconds: FiniteFloat = 0.0
 
 
+class SummaryMetadata(_Strict):
+    """A binary model's counts and sums on a hospital's test rows (`ml.metrics.BinarySummary`)."""
+
+    threshold: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+    confusion: Annotated[list[Count], Field(min_length=4, max_length=4)]
+    squared_error_sum: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    log_loss_sum: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    calibration_count: Annotated[list[Count], Field(min_length=CALIBRATION_BINS, max_length=CALIBRATION_BINS)]
+    calibration_predicted: Annotated[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]],
+                                     Field(min_length=CALIBRATION_BINS, max_length=CALIBRATION_BINS)]
+    calibration_observed: Annotated[list[Count], Field(min_length=CALIBRATION_BINS, max_length=CALIBRATION_BINS)]
+    score_positive: Annotated[list[Count], Field(min_length=SCORE_BINS, max_length=SCORE_BINS)]
+    score_negative: Annotated[list[Count], Field(min_length=SCORE_BINS, max_length=SCORE_BINS)]
+
+
 class EvaluationMetadata(_Strict):
     num_examples: Annotated[int, Field(strict=True, gt=0, le=MAX_ROWS)]
     num_test_examples: Count
     metrics: dict[str, FiniteFloat | None] = Field(max_length=len(METRIC_NAMES))  # None: undefined (one class)
+    summary: SummaryMetadata | None = None  # the final model's evaluation of a binary task
     compute_seconds: FiniteFloat = 0.0
 
 
@@ -82,3 +99,5 @@ def check_metadata(kind: str, metadata: dict[str, Any], *, columns: int | None) 
         unknown = sorted(set(parsed.metrics) - METRIC_NAMES)
         if unknown:
             raise Rejected("bad_metadata", f"metrics: unknown names {unknown}; allowed {sorted(METRIC_NAMES)}")
+        if parsed.summary is not None and sum(parsed.summary.confusion) != parsed.num_test_examples:
+            raise Rejected("bad_metadata", "summary: its confusion counts do not add up to num_test_examples")

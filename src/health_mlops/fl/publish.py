@@ -1,5 +1,5 @@
-"""From a completed run to a registered model: the federated evaluation as its metrics, the global weights
-exported to ONNX with the run's preprocessing inside, and the registry's quality gate.
+"""From a completed run to a registered model: the federated evaluation as its metrics and its model report, the
+global weights exported to ONNX with the run's preprocessing inside, and the registry's quality gate.
 
 Registration talks to MLflow (a database, possibly a server), so the aggregator runs it in a worker thread;
 its outcome is written beside the run's checkpoints, so a restarted aggregator registers what it had not.
@@ -13,40 +13,43 @@ from typing import Any
 from health_mlops.faults import crash_point
 from health_mlops.fl.coordinator import Run, TaskKind, privacy_report
 from health_mlops.fl.messages import decode_weights, weighted_metrics
+from health_mlops.fl.report import model_report
 from health_mlops.fl.store import CheckpointError, CheckpointStore
 from health_mlops.fl.strategies import Weights
 from health_mlops.ml.onnx import export_onnx
-from health_mlops.registry import Registry, TrainingRecord
+from health_mlops.registry import QualityGate, Registry, TrainingRecord
 from health_mlops.spec import DatasetSpec, spec_to_yaml
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def training_record(run: Run, spec: DatasetSpec, weights: Weights) -> TrainingRecord:
     """What the registry keeps of a completed run. Step r holds the metrics of the model entering round r
     (each round evaluates the incoming model first); the final `evaluate` round scores the final model."""
     evaluated = [r for r in run.history if r.kind is not TaskKind.stats]
-    final = evaluated[-1]
     privacy = privacy_report(run)
+    report = model_report(run, spec)
     return TrainingRecord(
         federation_run=run.id, params={**run.config.model_dump(), "hospitals": ",".join(run.hospitals)},
         round_metrics=[(r.round, weighted_metrics(r.hospitals)) for r in evaluated],
         hospital_metrics=[(r.round, hospital, _numbers(metadata.get("metrics") or {}))
                           for r in evaluated for hospital, metadata in r.hospitals.items()],
-        final_metrics=weighted_metrics(final.hospitals), metric_name=spec.primary_metric,
+        # The model's metrics are the mean over hospitals (each hospital counts once, as the field reports)
+        final_metrics=_numbers(report["mean_over_hospitals"]), metric_name=spec.primary_metric,
+        pooled_metrics=_numbers(report.get("all_test_rows") or {}), report=report,
         onnx_model=export_onnx(spec, run.preprocessing, weights), spec_yaml=spec_to_yaml(spec),
         privacy=None if privacy is None else {"epsilon": privacy["epsilon"], "delta": privacy["delta"]},
         hospital_epsilons=None if privacy is None else {h: p["epsilon"] for h, p in privacy["hospitals"].items()})
 
 
 class Publisher:
-    def __init__(self, registry_factory: Callable[[], Registry], store: CheckpointStore, tolerance: float) -> None:
+    def __init__(self, registry_factory: Callable[[], Registry], store: CheckpointStore, gate: QualityGate) -> None:
         self._registry_factory = registry_factory
         self._registry: Registry | None = None
         self._store = store
-        self.tolerance = tolerance
+        self.gate = gate
 
     def publish(self, run: Run, spec: DatasetSpec) -> dict[str, Any]:
         """Export and register a completed run's model (in a worker thread); the outcome is kept with the run.
@@ -58,7 +61,7 @@ class Publisher:
             record = training_record(run, spec, decode_weights(body)[0])
             if self._registry is None:
                 self._registry = self._registry_factory()
-            version = self._registry.register(record, tolerance=self.tolerance)
+            version = self._registry.register(record, gate=self.gate)
             crash_point("model_registered_unrecorded")
             outcome: dict[str, Any] = {"status": "registered", **version.to_json()}
         except Exception as error:  # noqa: BLE001 - any registry failure is reported on the run, not raised

@@ -13,7 +13,7 @@ import numpy as np
 
 from health_mlops.data.preprocess import encoded_columns, imputation
 from health_mlops.fl.coordinator import Coordinator, Run, RunConfig, RunStatus
-from health_mlops.fl.hospital import HospitalWorker, preprocessor_from, reduce_stats
+from health_mlops.fl.hospital import HospitalWorker, decision_threshold, preprocessor_from, reduce_stats
 from health_mlops.fl.strategies import Weights
 from health_mlops.ml.baselines import ExperimentResult, HospitalSplit, score_predictions
 from health_mlops.ml.evaluate import predict_frame
@@ -62,6 +62,8 @@ def score_global_model(spec: DatasetSpec, splits: list[HospitalSplit], preproces
     preprocessor = preprocessor_from(spec, preprocessing)
     model = model_with_weights(spec.model, len(preprocessor.mean), weights)
     predictions = [predict_frame(model, preprocessor, s.test) for s in splits]
-    overall, per_hospital = score_predictions(spec, splits, predictions)
-    return ExperimentResult("federated", spec.task, spec.primary_metric, overall, per_hospital,
-                            {"imputation": imputation(spec, preprocessor.fill)})
+    threshold = decision_threshold(preprocessing)
+    scores = score_predictions(spec, splits, predictions, [threshold] * len(splits))
+    return ExperimentResult("federated", spec.task, spec.primary_metric, *scores,
+                            extra={"imputation": imputation(spec, preprocessor.fill),
+                                   **({"threshold": threshold} if spec.task == "binary" else {})})

@@ -7,7 +7,8 @@ beat the second at every hospital.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +19,7 @@ from health_mlops.data.hospital import HospitalData
 from health_mlops.data.preprocess import Preprocessor, encode_target, imputation, stats_of_frame
 from health_mlops.data.split import split_indices
 from health_mlops.ml.evaluate import predict_frame
-from health_mlops.ml.metrics import task_metrics
+from health_mlops.ml.metrics import mean_over_hospitals, task_metrics, undefined_reasons
 from health_mlops.ml.model import build_model
 from health_mlops.ml.train import train_model
 from health_mlops.ml.train_config import TrainConfig
@@ -43,27 +44,57 @@ def split_hospitals(hospitals: dict[str, HospitalData], *, seed: int, test_fract
 
 @dataclass
 class ExperimentResult:
-    """Scores of one way of training, overall (all hospitals' test rows together) and per hospital."""
+    """Scores of one way of training: per hospital (each on its own test rows), their mean over hospitals (what
+    the field reports), and overall (every hospital's test rows together). `undefined` says, per hospital, why a
+    metric is null."""
 
     mode: str
     task: str
     metric: str
     overall: dict[str, float]
     per_hospital: dict[str, dict[str, float]]
+    mean_over_hospitals: dict[str, float | None] = field(default_factory=dict)
+    undefined: dict[str, dict[str, str]] = field(default_factory=dict)
     extra: dict[str, object] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
-        return {"mode": self.mode, "task": self.task, "metric": self.metric, "overall": self.overall,
-                "per_hospital": self.per_hospital, **self.extra}
+        return {"mode": self.mode, "task": self.task, "metric": self.metric, "overall": _shaped(self.overall),
+                "per_hospital": {h: {**_shaped(m), "undefined": self.undefined.get(h, {})}
+                                 for h, m in self.per_hospital.items()},
+                "mean_over_hospitals": _shaped(self.mean_over_hospitals), **self.extra}
 
 
-def score_predictions(spec: DatasetSpec, splits: list[HospitalSplit], predictions: list[np.ndarray]) -> tuple[
-        dict[str, float], dict[str, dict[str, float]]]:
+def _shaped(metrics: Mapping[str, float | None]) -> dict[str, object]:
+    """Metrics as `--json` gives them: the AUC's interval as `auc_ci: [low, high]` (null if undefined), its
+    standard error left out; NaN becomes null when printed."""
+    shaped: dict[str, object] = {k: v for k, v in metrics.items() if k not in ("auc_ci_low", "auc_ci_high", "auc_se")}
+    if "auc_ci_low" in metrics:
+        low, high = metrics["auc_ci_low"], metrics["auc_ci_high"]
+        defined = low is not None and high is not None and math.isfinite(low) and math.isfinite(high)
+        shaped["auc_ci"] = [low, high] if defined else None
+    return shaped
+
+
+def event_rate(spec: DatasetSpec, train: pd.DataFrame) -> float:
+    return float(encode_target(train, spec).mean()) if len(train) else 0.5
+
+
+def score_predictions(spec: DatasetSpec, splits: list[HospitalSplit], predictions: list[np.ndarray],
+                      thresholds: list[float]) -> tuple[dict[str, float], dict[str, dict[str, float]],
+                                                        dict[str, float | None], dict[str, dict[str, str]]]:
+    """(overall, per hospital, mean over hospitals, why undefined) of each hospital's predictions on its test
+    rows, each flagged at its model's threshold (binary tasks)."""
     targets = [encode_target(s.test, spec) for s in splits]
-    per_hospital = {s.hospital_id: task_metrics(spec.task, y, p)
-                    for s, y, p in zip(splits, targets, predictions, strict=True)}
-    overall = task_metrics(spec.task, np.concatenate(targets), np.concatenate(predictions))
-    return overall, per_hospital
+    per_hospital = {s.hospital_id: task_metrics(spec.task, y, p, threshold=t)
+                    for s, y, p, t in zip(splits, targets, predictions, thresholds, strict=True)}
+    undefined = {}
+    if spec.task == "binary":
+        undefined = {s.hospital_id: undefined_reasons(y, p, t, spec.target.name)
+                     for s, y, p, t in zip(splits, targets, predictions, thresholds, strict=True)}
+    # Overall, each row is flagged at its own hospital's model's threshold.
+    row_thresholds = np.concatenate([np.full(len(y), t) for y, t in zip(targets, thresholds, strict=True)])
+    overall = task_metrics(spec.task, np.concatenate(targets), np.concatenate(predictions), threshold=row_thresholds)
+    return overall, per_hospital, mean_over_hospitals(per_hospital), undefined
 
 
 # Progress hook: called with (hospital id, or "pooled", epoch) after each epoch.
@@ -89,9 +120,11 @@ def run_pooled(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConf
     pooled = pd.concat([s.train for s in splits], ignore_index=True)
     model, preprocessor = _fit(spec, pooled, config, _hook(on_epoch, "pooled"))
     predictions = [predict_frame(model, preprocessor, s.test) for s in splits]
-    overall, per_hospital = score_predictions(spec, splits, predictions)
-    return ExperimentResult("pooled", spec.task, spec.primary_metric, overall, per_hospital,
-                            {"imputation": imputation(spec, preprocessor.fill)})
+    threshold = spec.threshold_for(event_rate(spec, pooled))
+    scores = score_predictions(spec, splits, predictions, [threshold] * len(splits))
+    return ExperimentResult("pooled", spec.task, spec.primary_metric, *scores,
+                            extra={"imputation": imputation(spec, preprocessor.fill),
+                                   **({"threshold": threshold} if spec.task == "binary" else {})})
 
 
 def run_local(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConfig,
@@ -103,6 +136,11 @@ def run_local(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConfi
         model, preprocessor = _fit(spec, split.train, config, _hook(on_epoch, split.hospital_id))
         predictions.append(predict_frame(model, preprocessor, split.test))
         imputed[split.hospital_id] = imputation(spec, preprocessor.fill)
-    overall, per_hospital = score_predictions(spec, splits, predictions)
-    return ExperimentResult("local", spec.task, spec.primary_metric, overall, per_hospital, {"imputation": imputed})
+    # Each hospital's own model flags risks above its own training rows' event rate.
+    thresholds = [spec.threshold_for(event_rate(spec, split.train)) for split in splits]
+    scores = score_predictions(spec, splits, predictions, thresholds)
+    extra: dict[str, object] = {"imputation": imputed}
+    if spec.task == "binary":
+        extra["threshold"] = {split.hospital_id: t for split, t in zip(splits, thresholds, strict=True)}
+    return ExperimentResult("local", spec.task, spec.primary_metric, *scores, extra=extra)
 

@@ -7,7 +7,7 @@ import pandas as pd
 from torch import nn
 
 from health_mlops.data.preprocess import Preprocessor, encode_target
-from health_mlops.ml.metrics import task_metrics
+from health_mlops.ml.metrics import BinarySummary, task_metrics
 from health_mlops.ml.train import predict
 
 
@@ -17,6 +17,11 @@ def predict_frame(model: nn.Module, preprocessor: Preprocessor, frame: pd.DataFr
     return preprocessor.restore_target(predict(model, preprocessor.features(frame), task))
 
 
-def evaluate_frame(model: nn.Module, preprocessor: Preprocessor, frame: pd.DataFrame) -> dict[str, float]:
+def evaluate_frame(model: nn.Module, preprocessor: Preprocessor, frame: pd.DataFrame, *, threshold: float,
+                   bootstrap: int) -> tuple[dict[str, float], BinarySummary | None]:
+    """The model's metrics on these rows (`ml.metrics`), and for a binary task the counts and sums that build
+    metrics over several hospitals' rows."""
     spec = preprocessor.spec
-    return task_metrics(spec.task, encode_target(frame, spec), predict_frame(model, preprocessor, frame))
+    y, prediction = encode_target(frame, spec), predict_frame(model, preprocessor, frame)
+    metrics = task_metrics(spec.task, y, prediction, threshold=threshold, bootstrap=bootstrap)
+    return metrics, BinarySummary.of(y, prediction, threshold) if spec.task == "binary" else None

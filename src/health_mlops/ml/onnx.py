@@ -28,6 +28,7 @@ INPUT_NAME = "features"
 OUTPUT_NAME = "prediction"
 OPSET = 17
 HISTOGRAMS_KEY = "health_mlops.histograms"  # metadata: feature -> row counts on the spec's histogram grid
+THRESHOLD_KEY = "health_mlops.decision_threshold"  # metadata (binary tasks): the risk at which a patient is flagged
 _LAYER = re.compile(r"^(\d+)\.(weight|bias)$")
 
 
@@ -125,8 +126,17 @@ def export_onnx(spec: DatasetSpec, preprocessing: Mapping[str, Any], weights: Ma
     if preprocessing.get("histograms"):  # the training population's distribution, for drift detection
         entry = model.metadata_props.add()
         entry.key, entry.value = HISTOGRAMS_KEY, json.dumps(preprocessing["histograms"])
+    if spec.task == "binary" and preprocessing.get("threshold") is not None:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = THRESHOLD_KEY, repr(float(preprocessing["threshold"]))
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def decision_threshold(onnx_model: bytes) -> float | None:
+    """The decision threshold stored with an exported binary model (None: exported before thresholds were)."""
+    metadata = {p.key: p.value for p in onnx.load_from_string(onnx_model).metadata_props}
+    return float(metadata[THRESHOLD_KEY]) if THRESHOLD_KEY in metadata else None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime
 
-from health_mlops.ml.onnx import INPUT_NAME, OUTPUT_NAME, FeatureReference, feature_reference
+from health_mlops.ml.onnx import INPUT_NAME, OUTPUT_NAME, FeatureReference, decision_threshold, feature_reference
 from health_mlops.registry import Registry
 from health_mlops.serving.drift import InputDrift
 from health_mlops.spec import DatasetSpec, load_spec_text
@@ -33,6 +33,7 @@ class ServedModel:
     reference: FeatureReference  # the training population, for explanations and drift
     typical: list[float]  # the model input of a typical patient of that population
     drift: InputDrift  # the rows this model has scored, against its own training population
+    threshold: float | None  # binary tasks: the risk at or above which a patient is flagged (class 1)
 
     @classmethod
     def load(cls, onnx_model: bytes, spec_yaml: str, *, version: int, metric_name: str, metric: float,
@@ -43,15 +44,19 @@ class ServedModel:
         spec = load_spec_text(spec_yaml)
         reference = feature_reference(spec, onnx_model)
         return cls(version, metric_name, metric, federation_run, spec, session, reference,
-                   reference.typical_row(spec), InputDrift(spec, reference))
+                   reference.typical_row(spec), InputDrift(spec, reference), decision_threshold(onnx_model))
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         (prediction,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: features})
         return prediction
 
+    def classes(self, predictions: np.ndarray) -> list[int] | None:
+        """Each prediction as a decision: 1 at or above the model's threshold (None without one)."""
+        return None if self.threshold is None else (predictions >= self.threshold).astype(int).tolist()
+
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "metrics": {self.metric_name: self.metric},
-                "federation_run": self.federation_run}
+                "federation_run": self.federation_run, "decision_threshold": self.threshold}
 
 
 class ChampionWatcher:

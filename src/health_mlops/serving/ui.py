@@ -1,7 +1,8 @@
 """The dashboard: Gradio tabs over the same predictor, registry and federation as the REST API.
 
 Predict and Batch score in-process with the champion (counted as endpoint "ui" in the serving metrics);
-Training and Hospitals follow the federation live; Models promotes and rolls back with the admin token;
+Training and Hospitals follow the federation live; Models shows the champion's federated model report and promotes
+and rolls back with the admin token;
 Monitoring reads the serving metrics and the champion's drift scores.
 """
 
@@ -52,6 +53,7 @@ class Dashboard:
         self._scratch = scratch  # batch results: patient rows, in the dashboard's private folder
         scratch.mkdir(mode=0o700, exist_ok=True)
         self._throttle = FailureThrottle()
+        self._reports: dict[int, dict[str, Any] | None] = {}
 
     # --- Predict ----------------------------------------------------------------------------------------
 
@@ -173,6 +175,26 @@ class Dashboard:
                             columns=["version", "aliases", "metric", "value", "differential privacy", "federation run",
                                      "registered"])
 
+    def champion_report(self) -> tuple[str, pd.DataFrame, go.Figure | None, go.Figure | None]:
+        """The champion's federated model report: a summary, the per-hospital table, ROC and calibration plots."""
+        empty = pd.DataFrame(columns=_REPORT_COLUMNS)
+        try:
+            champion = self.registry.champion()
+            report = None if champion is None else self._report(champion.version)
+        except Exception:  # noqa: BLE001 - the registry may be away; say so rather than fail the page
+            return "The registry cannot be read just now.", empty, None, None
+        if champion is None:
+            return "No champion yet: a model report appears when the first model is registered.", empty, None, None
+        if report is None:
+            return f"Champion v{champion.version} was registered before model reports existed.", empty, None, None
+        return (_report_summary(champion.version, report), _report_table(report), _roc_figure(report),
+                _calibration_figure(report))
+
+    def _report(self, version: int) -> dict[str, Any] | None:
+        if version not in self._reports:  # a version's report never changes: read it once
+            self._reports[version] = self.registry.load_report(version)
+        return self._reports[version]
+
     def promote(self, token: str, version: float | None, request: gr.Request) -> tuple[str, pd.DataFrame]:
         return self._admin_action(token, lambda: self.registry.promote(int(version or 0), actor="admin (dashboard)"),
                                   "promote", "promoted", request)
@@ -228,6 +250,100 @@ class Dashboard:
                        f"the training population (below 0.1 stable; above {SIGNIFICANT_PSI} shifted)."
                        if scores else f" Drift is shown from {MIN_ROWS} scored rows on ({model.drift.rows_seen} so far).")
         return header + "\n\n" + "\n".join(lines), drift
+
+
+_REPORT_METRICS = (("Brier", "brier"), ("calibration slope", "calibration_slope"),
+                   ("calibration intercept", "calibration_intercept"), ("sensitivity", "sensitivity"),
+                   ("specificity", "specificity"), ("PPV", "ppv"), ("NPV", "npv"),
+                   ("balanced accuracy", "balanced_accuracy"))
+_REPORT_COLUMNS = ["hospital", "AUC (95% CI)", *(title for title, _ in _REPORT_METRICS), "test rows",
+                   "training rows", "events", "quarantined", "not measured"]
+
+
+def _number(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _auc_cell(metrics: dict[str, Any]) -> str:
+    auc, low, high = metrics.get("auc"), metrics.get("auc_ci_low"), metrics.get("auc_ci_high")
+    if auc is None:
+        return "–"
+    return f"{auc:.3f} ({low:.2f}–{high:.2f})" if low is not None and high is not None else f"{auc:.3f}"
+
+
+def _report_table(report: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for hospital, metrics in report["per_hospital"].items():
+        data = report.get("data", {}).get(hospital, {})
+        missing = ", ".join(f"{name} {n}" for name, n in (data.get("missing_values") or {}).items() if n) or "–"
+        rows.append([hospital, _auc_cell(metrics), *(_number(metrics.get(key)) for _, key in _REPORT_METRICS),
+                     report.get("test_rows", {}).get(hospital, "–"), data.get("rows", "–"), data.get("events", "–"),
+                     data.get("rows_quarantined", "–"), missing])
+    mean = report["mean_over_hospitals"]
+    rows.append(["mean over hospitals", _auc_cell(mean), *(_number(mean.get(key)) for _, key in _REPORT_METRICS),
+                 *["" for _ in range(5)]])
+    pooled = report.get("all_test_rows")
+    if pooled:
+        auc = "–" if pooled.get("auc") is None else f"{pooled['auc']:.3f} (± {pooled['auc_error_bound']:.3f})"
+        rows.append(["all test rows (from counts)", auc,
+                     *(_number(pooled.get(key)) for _, key in _REPORT_METRICS), *["" for _ in range(5)]])
+    return pd.DataFrame(rows, columns=_REPORT_COLUMNS)
+
+
+def _report_summary(version: int, report: dict[str, Any]) -> str:
+    config = report.get("config", {})
+    privacy = report.get("privacy")
+    lines = [f"### Champion v{version}: federated model report",
+             f"Federation run `{report['federation_run']}`: {config.get('strategy', {}).get('name', '?')}, "
+             f"{config.get('rounds', '?')} rounds, {len(report['per_hospital'])} hospitals; "
+             + ("differential privacy ε = {:.2f}, δ = {:g}.".format(privacy["epsilon"], privacy["delta"])
+                if privacy else "no differential privacy.")]
+    if report.get("threshold") is not None:
+        lines.append(f"Decisions (sensitivity to balanced accuracy) flag a risk at or above "
+                     f"**{100 * report['threshold']:.1f} %**. Each hospital computed its metrics on its own test rows; "
+                     "the AUC's 95% interval is a bootstrap done there. \"All test rows\" is built from counts only; "
+                     "its AUC is exact to within the ± shown.")
+    for hospital, why in (report.get("excluded") or {}).items():
+        lines.append(f"- {hospital}: left out ({why})")
+    for hospital, reasons in (report.get("undefined") or {}).items():
+        if "auc" in reasons:
+            lines.append(f"- {hospital}: AUC undefined ({reasons['auc']})")
+    return "\n\n".join(lines)
+
+
+def _roc_figure(report: dict[str, Any]) -> go.Figure | None:
+    curves = report.get("curves")
+    if not curves:
+        return None
+    figure = go.Figure()
+    figure.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dot", "color": "grey"}, name="chance")
+    for hospital, curve in curves.items():
+        auc = report["per_hospital"][hospital].get("auc")
+        figure.add_scatter(x=curve["roc"]["fpr"], y=curve["roc"]["tpr"], mode="lines", line_shape="hv",
+                           name=f"{hospital} (AUC {_number(auc)})")
+    figure.update_layout(title="ROC curve per hospital (final model, each on its own test rows)",
+                         xaxis_title="false positive rate (1 − specificity)", yaxis_title="true positive rate "
+                         "(sensitivity)", xaxis_range=[0, 1], yaxis_range=[0, 1.02], height=420)
+    return figure
+
+
+def _calibration_figure(report: dict[str, Any]) -> go.Figure | None:
+    curves = report.get("curves")
+    if not curves:
+        return None
+    figure = go.Figure()
+    top = max([b["predicted"] for c in curves.values() for b in c["reliability"]]
+              + [b["observed"] for c in curves.values() for b in c["reliability"]] + [0.05])
+    figure.add_scatter(x=[0, top], y=[0, top], mode="lines", line={"dash": "dot", "color": "grey"},
+                       name="perfectly calibrated")
+    for hospital, curve in curves.items():
+        bins = curve["reliability"]
+        figure.add_scatter(x=[b["predicted"] for b in bins], y=[b["observed"] for b in bins], mode="lines+markers",
+                           text=[f"{b['rows']} rows" for b in bins], name=hospital)
+    figure.update_layout(title="Calibration: observed event rate by predicted risk",
+                         xaxis_title="mean predicted risk", yaxis_title="observed event rate",
+                         xaxis_range=[0, top * 1.05], yaxis_range=[0, top * 1.05], height=420)
+    return figure
 
 
 def _suppressed(cells: dict[str, int] | None) -> str | None:
@@ -300,8 +416,16 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
                 promote_button = gr.Button("Promote to champion")
                 rollback_button = gr.Button("Roll back to the previous champion")
             admin_result = gr.Markdown(elem_id="admin-result")
-            promote_button.click(dashboard.promote, [admin_token, version], [admin_result, versions])
-            rollback_button.click(dashboard.rollback, admin_token, [admin_result, versions])
+            report_summary = gr.Markdown(elem_id="model-report")
+            report_table = gr.Dataframe(label="the champion on each hospital's test rows", elem_id="model-report-table")
+            with gr.Row():
+                roc_plot = gr.Plot(label="ROC", elem_id="model-roc")
+                calibration_plot = gr.Plot(label="calibration", elem_id="model-calibration")
+            report_outputs = [report_summary, report_table, roc_plot, calibration_plot]
+            promote_button.click(dashboard.promote, [admin_token, version], [admin_result, versions]).then(
+                dashboard.champion_report, None, report_outputs)
+            rollback_button.click(dashboard.rollback, admin_token, [admin_result, versions]).then(
+                dashboard.champion_report, None, report_outputs)
         with gr.Tab("Hospitals"):
             hospitals_note = gr.Markdown()
             hospitals_table = gr.Dataframe(elem_id="hospitals")
@@ -314,4 +438,5 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
                                                hospitals_table])
             event(dashboard.monitoring, None, [monitoring_summary, drift_table])
         blocks.load(dashboard.models, None, versions)
+        blocks.load(dashboard.champion_report, None, report_outputs)
     return blocks

@@ -25,7 +25,7 @@ from health_mlops.spec import DatasetSpec
 from health_mlops.tls import server_context
 
 if TYPE_CHECKING:  # MLflow is imported only by an aggregator that registers models
-    from health_mlops.registry import Registry
+    from health_mlops.registry import QualityGate, Registry
 
 log = logging.getLogger("health_mlops.aggregator")
 
@@ -65,7 +65,7 @@ def create_ops_app(api: BodyLimit, api_listening: Callable[[], bool]) -> FastAPI
 
 
 def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: str, port: int, ops_port: int,
-          plain_http: bool, registry_factory: Callable[[], Registry], quality_gate_tolerance: float,
+          plain_http: bool, registry_factory: Callable[[], Registry], quality_gate: QualityGate,
           audit: AuditLog) -> None:
     """Run the aggregator until SIGINT/SIGTERM (what `health-mlops aggregator` and its container run): the API
     on `port` over mutual TLS (plain HTTP if `plain_http`), health and metrics on `ops_port`."""
@@ -81,7 +81,7 @@ def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: s
     if plain_http:
         log.warning("serving the API over plain HTTP: tokens travel in the clear and no client certificate is "
                     "checked; for loopback experiments only")
-    publisher = Publisher(registry_factory, store, quality_gate_tolerance)
+    publisher = Publisher(registry_factory, store, quality_gate)
     app = create_app(lambda: AggregatorService(spec, store, gatekeeper, publisher=publisher, audit=audit))
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2,
                                            **protocol_options(tls)))

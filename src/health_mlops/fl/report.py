@@ -1,0 +1,87 @@
+"""The federated model report: what a consortium reads about a model before it trusts it, built from what the
+hospitals sent (no rows, no I/O here).
+
+For the final model, per hospital: the metrics it computed on its own test rows, its ROC and reliability curves
+(from its score and calibration counts); over hospitals: the mean (what the field reports) and the metrics of
+all test rows together, built from the counts (the AUC within its stated bound). Then how training went (each
+round's metrics and losses), the data each hospital brought (rows, events, quarantined, missing values) and the
+privacy settings. It is stored in MLflow with the model version and shown in the dashboard's Models tab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from health_mlops.data.preprocess import MISSING_SUFFIX, encoded_columns, feature_columns, value_width
+from health_mlops.fl.coordinator import Run, TaskKind, privacy_report
+from health_mlops.fl.messages import weighted_metrics
+from health_mlops.ml.metrics import BinarySummary, combine, mean_over_hospitals, undefined_from_counts
+from health_mlops.spec import DatasetSpec
+
+REPORT_VERSION = 1
+ROC_POINTS = 101  # a curve is sent at most this many points: enough to draw, small to store
+
+
+def _thinned(fpr: list[float], tpr: list[float]) -> dict[str, list[float]]:
+    """The ROC curve's corners only (a step curve drawn from its corners is the same curve), thinned evenly."""
+    points = [(x, y) for i, (x, y) in enumerate(zip(fpr, tpr, strict=True))
+              if i in (0, len(fpr) - 1) or (x, y) != (fpr[i - 1], tpr[i - 1])]
+    if len(points) > ROC_POINTS:
+        keep = np.unique(np.linspace(0, len(points) - 1, ROC_POINTS).round().astype(int))
+        points = [points[k] for k in keep]
+    return {"fpr": [round(x, 6) for x, _ in points], "tpr": [round(y, 6) for _, y in points]}
+
+
+def _finite(metrics: Mapping[str, Any]) -> dict[str, float | None]:
+    return {k: (float(v) if isinstance(v, int | float) and np.isfinite(v) else None) for k, v in metrics.items()}
+
+
+def data_summary(run: Run, spec: DatasetSpec) -> dict[str, dict[str, Any]]:
+    """Per hospital, from its round-0 counts: training rows, events (binary tasks), rows quarantined, and values
+    missing per feature that allows them (null where the hospital withheld a small count)."""
+    stats = next((r.hospitals for r in run.history if r.kind is TaskKind.stats), {})
+    columns = feature_columns(spec)
+    found: dict[str, dict[str, Any]] = {}
+    for hospital, sent in stats.items():
+        observed = sent.get("observed") or [sent["count"]] * len(sent["sums"])
+        missing: dict[str, int | None] = {}
+        for feature in spec.features:
+            if feature.missing is not None:  # a feature's value columns share its observed count, unless withheld
+                counts = [observed[j] for j in columns[feature.name][:value_width(feature)] if observed[j] is not None]
+                missing[feature.name] = sent["count"] - counts[0] if counts else None
+        found[hospital] = {"rows": sent["count"], "rows_quarantined": sent.get("rows_quarantined", 0),
+                           "missing_values": missing,
+                           **({"events": round(sent["target_sum"])} if spec.task == "binary" else {})}
+    return found
+
+
+def model_report(run: Run, spec: DatasetSpec) -> dict[str, Any]:
+    """The report of a completed run's final model (see the module's docstring)."""
+    evaluated = [r for r in run.history if r.kind is not TaskKind.stats]
+    final = evaluated[-1]
+    per_hospital = {h: _finite(m.get("metrics") or {}) for h, m in final.hospitals.items()}
+    report: dict[str, Any] = {
+        "version": REPORT_VERSION, "federation_run": run.id, "task": spec.task, "metric": spec.primary_metric,
+        "threshold": run.preprocessing.get("threshold"), "per_hospital": per_hospital,
+        "test_rows": {h: m.get("num_test_examples", 0) for h, m in final.hospitals.items()},
+        "mean_over_hospitals": mean_over_hospitals(per_hospital),
+        "history": [{"round": r.round, "kind": r.kind.value, "global": weighted_metrics(r.hospitals),
+                     "hospitals": {h: {"metrics": _finite(m.get("metrics") or {}), "train_loss": m.get("train_loss")}
+                                   for h, m in r.hospitals.items()}} for r in evaluated],
+        "data": data_summary(run, spec), "excluded": dict(run.excluded),
+        "config": run.config.model_dump(mode="json"), "privacy": privacy_report(run),
+        "missing_indicators": [c.removesuffix(MISSING_SUFFIX) for c in encoded_columns(spec)
+                               if c.endswith(MISSING_SUFFIX)],
+    }
+    summaries = {h: BinarySummary.from_json(m["summary"]) for h, m in final.hospitals.items() if m.get("summary")}
+    if summaries:
+        report["undefined"] = {h: undefined_from_counts(s, spec.target.name) for h, s in summaries.items()}
+        report["curves"] = {h: {"roc": _thinned(*s.roc_curve()), "reliability": s.reliability()}
+                            for h, s in summaries.items()}
+        pooled = combine(summaries.values())
+        report["all_test_rows"] = {**_finite(pooled.metrics()), "reliability": pooled.reliability(),
+                                   "roc": _thinned(*pooled.roc_curve())}
+    return report
