@@ -54,9 +54,10 @@ def main() -> None:
         root = Path(scratch)
         data = root / "data"
         generate_dataset(data, n_hospitals=5, rows_per_hospital=4000, seed=7, split_seed=settings.split_seed,
-                         test_fraction=settings.test_fraction)
+                         test_fraction=settings.test_fraction, stratify=settings.stratified_split)
         hospitals = load_hospitals(data, spec)
-        splits = split_hospitals(hospitals, seed=settings.split_seed, test_fraction=settings.test_fraction)
+        splits = split_hospitals(hospitals, spec, seed=settings.split_seed, test_fraction=settings.test_fraction,
+                                 stratify=settings.stratified_split)
         rows: list[tuple[str, float, float, float]] = []
 
         started = time.perf_counter()
@@ -69,7 +70,8 @@ def main() -> None:
 
         for name, plain_http in (("loopback mutual TLS, 1 process", False), ("loopback plain HTTP, 1 process", True)):
             loopback = run_federation_over_loopback(spec, hospitals, config, split_seed=settings.split_seed,
-                                                    test_fraction=settings.test_fraction, plain_http=plain_http)
+                                                    test_fraction=settings.test_fraction,
+                                                    stratify=settings.stratified_split, plain_http=plain_http)
             fits = [r for r in loopback.run.history if r.kind.value == "fit"]
             rows.append((name, loopback.timing.wall_seconds,
                          1000 * statistics.median(r.closed_at - r.opened_at for r in fits),

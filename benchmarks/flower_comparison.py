@@ -269,9 +269,10 @@ def main() -> None:
     try:
         data = root / "data"
         generate_dataset(data, n_hospitals=HOSPITALS, rows_per_hospital=4000, seed=7, split_seed=settings.split_seed,
-                         test_fraction=settings.test_fraction)
+                         test_fraction=settings.test_fraction, stratify=settings.stratified_split)
         hospitals = load_hospitals(data, spec)
-        splits = split_hospitals(hospitals, seed=settings.split_seed, test_fraction=settings.test_fraction)
+        splits = split_hospitals(hospitals, spec, seed=settings.split_seed, test_fraction=settings.test_fraction,
+                                 stratify=settings.stratified_split)
         quarantined = {h: d.rows_quarantined for h, d in hospitals.items()}
         with console.status("health-mlops: aggregator + 5 node processes"):
             ours = run_health_mlops(root, data, config, spec.primary_metric)

@@ -217,9 +217,11 @@ def main() -> None:
         for seed in args.seeds:
             with tempfile.TemporaryDirectory(prefix="health-mlops-poisoning-") as scratch:
                 generate_dataset(Path(scratch), n_hospitals=5, rows_per_hospital=4000, seed=seed,
-                                 split_seed=settings.split_seed, test_fraction=settings.test_fraction)
+                                 split_seed=settings.split_seed, test_fraction=settings.test_fraction,
+                                 stratify=settings.stratified_split)
                 hospitals = load_hospitals(Path(scratch), spec)
-                splits = split_hospitals(hospitals, seed=settings.split_seed, test_fraction=settings.test_fraction)
+                splits = split_hospitals(hospitals, spec, seed=settings.split_seed,
+                                         test_fraction=settings.test_fraction, stratify=settings.stratified_split)
             for strategy in STRATEGIES:
                 config = run_config(spec, strategy, args.rounds)
                 for attack in conditions:

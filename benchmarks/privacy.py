@@ -43,9 +43,11 @@ def acceptance_splits(spec: DatasetSpec, seed: int) -> list[HospitalSplit]:
     settings = get_settings()
     with tempfile.TemporaryDirectory(prefix="health-mlops-privacy-") as scratch:
         generate_dataset(Path(scratch), n_hospitals=5, rows_per_hospital=4000, seed=seed,
-                         split_seed=settings.split_seed, test_fraction=settings.test_fraction)
+                         split_seed=settings.split_seed, test_fraction=settings.test_fraction,
+                         stratify=settings.stratified_split)
         hospitals = load_hospitals(Path(scratch), spec)
-    return split_hospitals(hospitals, seed=settings.split_seed, test_fraction=settings.test_fraction)
+    return split_hospitals(hospitals, spec, seed=settings.split_seed, test_fraction=settings.test_fraction,
+                           stratify=settings.stratified_split)
 
 
 def train(spec: DatasetSpec, splits: list[HospitalSplit], epsilon: float | None) -> tuple[float, float | None,

@@ -151,7 +151,7 @@ def data_generate(
         with err.status(f"generating {hospitals} × {rows_per_hospital} patient-days"):
             summaries = generate_dataset(out_dir, n_hospitals=hospitals, rows_per_hospital=rows_per_hospital,
                                          seed=seed, split_seed=settings.split_seed,
-                                         test_fraction=settings.test_fraction)
+                                         test_fraction=settings.test_fraction, stratify=settings.stratified_split)
     if json_output:
         _print_json([asdict(s) for s in summaries])
         return
@@ -258,7 +258,8 @@ def _load_splits(data: Path, dataset: DatasetSpec, settings: Settings
     if not kept:
         err.print("[bold red]error:[/] no hospital has data that can be trained on", markup=True)
         raise typer.Exit(2)
-    splits = split_hospitals(kept, seed=settings.split_seed, test_fraction=settings.test_fraction)
+    splits = split_hospitals(kept, dataset, seed=settings.split_seed, test_fraction=settings.test_fraction,
+                             stratify=settings.stratified_split)
     warnings = {h: list(sites[h].warnings) for h in kept}
     for split in splits:
         warning = warning_about_test_rows(split.test, dataset)
@@ -290,6 +291,9 @@ def train(
                                                     "spec's")] = None,
     rounds: Annotated[int | None, typer.Option(
         min=1, help=f"federated: training rounds; default {_RUN['rounds'].default}")] = None,
+    local_steps: Annotated[int | None, typer.Option(
+        min=1, help="federated, instead of --epochs: optimiser steps each hospital takes a round, whatever its "
+                    "size (not with differential privacy)")] = None,
     strategy: Annotated[Strategy, typer.Option(help="federated: aggregation strategy")] = Strategy["fedavg"],
     proximal_mu: Annotated[float | None, typer.Option(
         min=0.0, help=f"fedprox: the proximal term's weight; default {_STRATEGY['proximal_mu'].default}")] = None,
@@ -319,6 +323,9 @@ def train(
     if mode is not Mode.federated and dp_epsilon is not None:
         err.print("[bold red]error:[/] --dp-epsilon: differential privacy is for --mode federated", markup=True)
         raise typer.Exit(2)
+    if local_steps is not None and (mode is not Mode.federated or epochs is not None):
+        err.print("[bold red]error:[/] --local-steps: only for --mode federated, and instead of --epochs", markup=True)
+        raise typer.Exit(2)
     strategy_options = {"--proximal-mu": (proximal_mu, {"fedprox"}),
                         "--server-learning-rate": (server_learning_rate, {"fedadam", "fedyogi"}),
                         "--trim-fraction": (trim_fraction, {"trimmed_mean"})}
@@ -330,10 +337,15 @@ def train(
     if mode is Mode.federated:
         config = _run_config(dataset, len(splits), epsilon=dp_epsilon, delta=dp_delta,
                              noise_multiplier=dp_noise_multiplier, max_grad_norm=dp_max_grad_norm, rounds=rounds,
-                             local_epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
-                             weight_decay=weight_decay, strategy=strategy, proximal_mu=proximal_mu,
+                             local_epochs=epochs, local_steps=local_steps, learning_rate=learning_rate,
+                             batch_size=batch_size, weight_decay=weight_decay, strategy=strategy, proximal_mu=proximal_mu,
                              server_learning_rate=server_learning_rate, trim_fraction=trim_fraction)
         result = _train_federated(data, dataset, splits, settings, config)
+        for hospital, columns in _withheld_columns(result).items():
+            warning = (f"round 0 withheld {columns} column(s) (a category, or a feature not measured, of fewer than "
+                       f"5 patients); the federation's standardisation and fill-in leave this hospital out of them")
+            err.print(f"[yellow]{hospital}[/]: warning: {warning}", markup=True, soft_wrap=True)
+            warnings.setdefault(hospital, []).append(warning)
     else:
         config = TrainConfig.for_task(get_training_defaults(), dataset, epochs=epochs, learning_rate=learning_rate,
                                       batch_size=batch_size, weight_decay=weight_decay)
@@ -345,7 +357,8 @@ def train(
     result.extra["excluded"] = left_out
     result.extra["warnings"] = warnings
     result.extra["model"] = dataset.model.model_dump(mode="json")
-    reference = read_reference(data, split_seed=settings.split_seed, test_fraction=settings.test_fraction)
+    reference = read_reference(data, split_seed=settings.split_seed, test_fraction=settings.test_fraction,
+                               stratify=settings.stratified_split)
     document = result.to_json()
     if reference is not None:
         document["reference"] = reference
@@ -445,6 +458,13 @@ def _print_privacy(privacy: dict[str, object] | None) -> None:
                   f"{privacy['budget_epsilon']:g}), δ = {privacy['delta']:g}", soft_wrap=True)
 
 
+def _withheld_columns(result: ExperimentResult) -> dict[str, int]:
+    """Hospital -> how many columns its round-0 statistics withheld as describing too few patients."""
+    run = result.extra.get("run")
+    suppressed = run.get("suppressed", {}) if isinstance(run, dict) else {}
+    return {h: cells["categories"] for h, cells in suppressed.items() if cells.get("categories")}
+
+
 def _train_federated(data: Path, dataset: DatasetSpec, splits: list[HospitalSplit], settings: Settings,
                      config: RunConfig) -> ExperimentResult:
     from health_mlops.fl.loopback import RunEnded, run_federation_over_loopback
@@ -457,6 +477,7 @@ def _train_federated(data: Path, dataset: DatasetSpec, splits: list[HospitalSpli
             task = progress.add_task("federated rounds", total=config.rounds + 2)
             outcome = run_federation_over_loopback(
                 dataset, hospitals, config, split_seed=settings.split_seed, test_fraction=settings.test_fraction,
+                stratify=settings.stratified_split,
                 on_progress=lambda view: progress.update(task, completed=len(view.history)))
     except RunEnded as ended:
         err.print(f"[bold red]error:[/] {ended}", markup=True, soft_wrap=True)
@@ -667,7 +688,8 @@ def node(
         worker = HospitalNode(data=data, spec=dataset, node_id=node_id or env.node_id or socket.gethostname(),
                               city=city or env.city_name, central_url=central_url or env.central_url,
                               credential=credential, split_seed=settings.split_seed,
-                              test_fraction=settings.test_fraction, poll_wait_s=settings.poll_wait_s)
+                              test_fraction=settings.test_fraction, stratify=settings.stratified_split,
+                              poll_wait_s=settings.poll_wait_s)
     except TlsError as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         raise typer.Exit(2) from None
@@ -897,6 +919,75 @@ def clinical_table(result: dict) -> Table:
     return table
 
 
+def _seed_list(text: str) -> list[int]:
+    """`1-5` or `1,2,7` as seeds; anything else ends the command (exit 2)."""
+    try:
+        if "-" in text.strip("-"):
+            low, high = (int(part) for part in text.split("-", 1))
+            seeds = list(range(low, high + 1))
+        else:
+            seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        err.print(f"[bold red]error:[/] --seeds: {text!r} is not a range like 1-5 or a list like 1,2,7", markup=True)
+        raise typer.Exit(2)
+    return seeds
+
+
+@app.command()
+def evaluate(
+    seeds: Annotated[str, typer.Option(help="generator seeds, each also its split seed: a range 1-5 or a list "
+                                            "1,2,7")] = "1-5",
+    hospitals: Annotated[int, typer.Option(min=2, max=20)] = 5,
+    rows_per_hospital: Annotated[int, typer.Option(min=100)] = 4000,
+    rounds: Annotated[int | None, typer.Option(min=1, help="federated training rounds")] = None,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Pooled, local-only and federated training on the synthetic data of several seeds: each hospital's AUC as
+    mean ± sd over seeds, and whether the README's claims hold on them (federated within 0.01 of pooled on the
+    mean over hospitals; at every hospital at least local-only, both on average over seeds). Federated rounds run
+    in memory, with the services' coordinator and hospital code."""
+    import tempfile
+
+    from health_mlops.ml.train_config import TrainConfig
+    from health_mlops.seeds import MODES, POOLED_MARGIN, evaluate_over_seeds
+
+    chosen = _seed_list(seeds)
+    dataset = load_spec("health-risk")
+    settings = get_settings()
+    train_config = TrainConfig.for_task(get_training_defaults(), dataset)
+    run_config = federated_run_config(dataset, hospitals, rounds=rounds)
+    with tempfile.TemporaryDirectory(prefix="health-mlops-evaluate-") as scratch, _progress() as progress:
+        task = progress.add_task(f"{len(chosen)} seeds × pooled, local, federated", total=len(chosen))
+        result = evaluate_over_seeds(chosen, Path(scratch), hospitals=hospitals, rows_per_hospital=rows_per_hospital,
+                                     test_fraction=settings.test_fraction, train_config=train_config,
+                                     run_config=run_config, on_seed=lambda _seed: progress.advance(task))
+    if json_output:
+        _print_json(result.to_json())
+        return
+    titles = {"federated": "federated", "pooled": "pooled", "local": "local-only", "bayes": "Bayes-optimal"}
+    table = Table(title=f"AUC over seeds {seeds} (mean ± sd; {hospitals} hospitals × {rows_per_hospital} patient-days)")
+    table.add_column("hospital")
+    for mode in MODES:
+        table.add_column(titles[mode], justify="right")
+
+    def cell(summary: tuple[float | None, float | None, int]) -> str:
+        mean, sd, _ = summary
+        return "—" if mean is None else f"{mean:.3f} ± {sd:.3f}"
+
+    for hospital in result.hospitals:
+        table.add_row(hospital, *(cell(result.hospital_summary(mode, hospital)) for mode in MODES))
+    table.add_section()
+    table.add_row("[bold]mean over hospitals[/]", *(cell(result.mean_summary(mode)) for mode in MODES))
+    out.print(table)
+    claims = result.claims()
+    out.print(f"{'✓' if claims['federated_within_0.01_of_pooled'] else '✗'} federated mean AUC ≥ pooled − "
+              f"{POOLED_MARGIN} (means over seeds)")
+    out.print(f"{'✓' if claims['federated_at_least_local_at_every_hospital'] else '✗'} federated ≥ local-only at "
+              "every hospital (means over seeds)")
+
+
 @app.command()
 def demo(
     hospitals: Annotated[int, typer.Option(min=2, max=20)] = 5,
@@ -933,7 +1024,8 @@ def demo(
     if not (data / SPEC_FILE_NAME).is_file():
         with err.status(f"generating data into {data}"):
             generate_dataset(data, n_hospitals=hospitals, rows_per_hospital=rows_per_hospital, seed=seed,
-                             split_seed=settings.split_seed, test_fraction=settings.test_fraction)
+                             split_seed=settings.split_seed, test_fraction=settings.test_fraction,
+                             stratify=settings.stratified_split)
     names = hospital_ids(hospitals)
     issued = issue(settings.credentials_dir, names)
     if issued:
@@ -995,7 +1087,8 @@ def _compare(dataset: DatasetSpec, splits: list[HospitalSplit], data: Path, view
         pooled = run_pooled(dataset, splits, config, on_epoch=lambda _h, _e: progress.advance(pooled_task))
         local_task = progress.add_task("local-only training (for comparison)", total=config.epochs * len(splits))
         local = run_local(dataset, splits, config, on_epoch=lambda _h, _e: progress.advance(local_task))
-    reference = read_reference(data, split_seed=settings.split_seed, test_fraction=settings.test_fraction)
+    reference = read_reference(data, split_seed=settings.split_seed, test_fraction=settings.test_fraction,
+                               stratify=settings.stratified_split)
     columns: dict[str, dict] = {"federated": federated.to_json(), "pooled": pooled.to_json(),
                                 "local-only": local.to_json()}
     if reference is not None:

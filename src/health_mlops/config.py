@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     home: Path = Field(Path(".health-mlops"), description="all local state of a run lives here")
     split_seed: int = Field(42, description="seed of every hospital's train/test split")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="share of a hospital's rows held out for test")
+    stratified_split: bool = Field(True, description="split each hospital's rows by outcome (binary tasks) or "
+                                   "target quintile (regression), so its test rows hold events in its own share")
     torch_threads: int = Field(1, ge=1, description="small models train fastest on one thread")
     spec: str = Field("health-risk", description="dataset spec: a built-in name or a YAML path")
     models_dir_override: Path | None = Field(None, alias="HEALTH_MLOPS_MODELS_DIR",

@@ -78,7 +78,7 @@ class Aggregator:
 def workers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, HospitalWorker]:
     root = tmp_path_factory.mktemp("checkpoint-data")
     generate_dataset(root, n_hospitals=3, rows_per_hospital=300, seed=2, split_seed=42, test_fraction=0.2)
-    splits = split_hospitals(load_hospitals(root, SPEC), seed=42, test_fraction=0.2)
+    splits = split_hospitals(load_hospitals(root, SPEC), SPEC, seed=42, test_fraction=0.2)
     return {s.hospital_id: HospitalWorker(s.hospital_id, SPEC, s.train, s.test) for s in splits}
 
 

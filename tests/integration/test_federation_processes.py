@@ -133,7 +133,7 @@ def assert_each_hospital_counted_once_per_round(view: RunView, train_rows: dict[
 
 def train_rows(data: Path) -> dict[str, int]:
     hospitals = {h: load_hospital(data / h, SPEC) for h in HOSPITALS}
-    return {s.hospital_id: len(s.train) for s in split_hospitals(hospitals, seed=42, test_fraction=0.2)}
+    return {s.hospital_id: len(s.train) for s in split_hospitals(hospitals, SPEC, seed=42, test_fraction=0.2)}
 
 
 def test_aggregator_killed_mid_run_resumes_at_the_last_closed_round(cluster: Cluster, data: Path) -> None:
@@ -208,7 +208,7 @@ def test_invalid_updates_are_refused_with_a_reason_and_the_round_closes_without_
     run_id = cluster.start_run(min_hospitals=2, lease_s=600, round_deadline_s=1200)
     # Honest stats, then a NaN update, a wrongly shaped one, then an honest one.
     hospital = load_hospital(data / "hospital-3", SPEC)
-    split = split_hospitals({"hospital-3": hospital}, seed=42, test_fraction=0.2)[0]
+    split = split_hospitals({"hospital-3": hospital}, SPEC, seed=42, test_fraction=0.2)[0]
     worker = HospitalWorker("hospital-3", SPEC, split.train, split.test)
     bad_node = HospitalClient(cluster.central, ClientCredential.from_directory(cluster.credentials, "hospital-3"),
                               node_id="hospital-3-test", poll_wait_s=2)

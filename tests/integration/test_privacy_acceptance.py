@@ -30,7 +30,7 @@ def test_dp_at_epsilon_3_costs_under_005_auc(seed: int, tmp_path: Path) -> None:
     settings = get_settings()
     generate_dataset(tmp_path, n_hospitals=5, rows_per_hospital=4000, seed=seed, split_seed=settings.split_seed,
                      test_fraction=settings.test_fraction)
-    splits = split_hospitals(load_hospitals(tmp_path, SPEC), seed=settings.split_seed,
+    splits = split_hospitals(load_hospitals(tmp_path, SPEC), SPEC, seed=settings.split_seed,
                              test_fraction=settings.test_fraction)
     plain, _ = run_federated_in_memory(SPEC, splits, federated_run_config(SPEC, 5))
     config = federated_run_config(SPEC, 5, privacy=PrivacyConfig(epsilon=3.0, delta=1e-5))

@@ -34,7 +34,7 @@ import pandas as pd
 import pytest
 
 from health_mlops.data.preprocess import encoded_columns, feature_histograms
-from health_mlops.data.split import split_indices
+from health_mlops.data.split import split_frame
 from health_mlops.fl.hospital import suppressed_cells
 from health_mlops.fl.messages import decode_weights
 from health_mlops.pki import CA, SERVER, cert_path, key_path
@@ -153,7 +153,7 @@ def prepare_watched_hospital(data: Path) -> pd.DataFrame:
     those training rows, as its node will split them."""
     path = data / WATCHED / "patient_days.csv"
     frame = pd.read_csv(path, dtype={"asthma_copd": str, "diabetes": str, "cardiovascular": str})
-    train, _ = split_indices(len(frame), WATCHED, seed=42, test_fraction=0.2)
+    train, _ = split_frame(frame, SPEC, WATCHED, seed=42, test_fraction=0.2, stratify=True)
     frame.loc[frame["smoker"] == "current", "smoker"] = "former"
     frame.loc[train[:RARE_SMOKERS], "smoker"] = "current"
     frame.to_csv(path, index=False)

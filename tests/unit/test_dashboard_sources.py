@@ -23,7 +23,7 @@ SPEC = load_spec("health-risk")
 def completed_view(root: Path, config: RunConfig) -> dict:
     """A completed three-hospital run as `GET /v1/runs` shows it."""
     generate_dataset(root / "data", n_hospitals=3, rows_per_hospital=1000, seed=5, split_seed=42, test_fraction=0.2)
-    splits = split_hospitals(load_hospitals(root / "data", SPEC), seed=42, test_fraction=0.2)
+    splits = split_hospitals(load_hospitals(root / "data", SPEC), SPEC, seed=42, test_fraction=0.2)
     _, run = run_federated_in_memory(SPEC, splits, config)
     provision(root / "credentials", [])
     gatekeeper = Gatekeeper(root / "credentials", require_certificate=False)

@@ -27,7 +27,7 @@ SPEC = load_spec("health-risk")
 def splits(tmp_path_factory: pytest.TempPathFactory) -> list[HospitalSplit]:
     root = tmp_path_factory.mktemp("dp") / "data"
     generate_dataset(root, n_hospitals=3, rows_per_hospital=800, seed=4, split_seed=42, test_fraction=0.2)
-    return split_hospitals(load_hospitals(root, SPEC), seed=42, test_fraction=0.2)
+    return split_hospitals(load_hospitals(root, SPEC), SPEC, seed=42, test_fraction=0.2)
 
 
 def test_each_hospital_spends_at_most_its_budget_over_the_run(splits: list[HospitalSplit]) -> None:

@@ -73,7 +73,7 @@ def test_exposure_times_vulnerability_raises_risk() -> None:
 def test_reference_scores_the_true_risk_on_the_models_test_split(tmp_path: Path) -> None:
     generate(tmp_path, seed=3)
     reference = json.loads((tmp_path / "reference.json").read_text())
-    assert reference["split"] == {"seed": 42, "test_fraction": 0.2}
+    assert reference["split"] == {"seed": 42, "test_fraction": 0.2, "stratified": True}
     assert set(reference["per_hospital"]) == {f"hospital-{i}" for i in range(1, 6)}
     assert 0.5 < reference["overall"]["auc"] <= 1.0
     assert (tmp_path / "spec.yaml").is_file()

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from health_mlops.ml.model import build_model, get_weights
@@ -49,3 +50,19 @@ def test_fedprox_term_keeps_weights_near_the_global_model() -> None:
         end = get_weights(model)
         distances[mu] = sum(float(((end[k] - start[k]) ** 2).sum()) for k in start)
     assert distances[10.0] < 0.5 * distances[0.0]
+
+
+def test_local_steps_take_exactly_that_many_optimiser_steps_across_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, y = linear_problem(100)  # 4 batches of 32 an epoch (the last one of 4 rows)
+    taken = []
+    original = torch.optim.Adam.step
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: (taken.append(1), original(self, *a, **k))[1])
+    found = []
+    for max_steps in (3, 4, 10):
+        taken.clear()
+        epochs_seen: list[int] = []
+        train_model(build_model(ModelDefaults(kind="linear"), 4), x, y, "binary",
+                    TrainConfig(epochs=1, learning_rate=0.05, batch_size=32, max_steps=max_steps),
+                    on_epoch=epochs_seen.append)
+        found.append((len(taken), len(epochs_seen)))
+    assert found == [(3, 1), (4, 1), (10, 3)]  # 10 steps: two whole epochs and 2 steps of a third

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from health_mlops.data.split import split_indices
+from health_mlops.data.split import split_frame
 from health_mlops.ml.metrics import binary_metrics, mean_over_hospitals, weighted_auc
 from health_mlops.spec import DatasetSpec, load_spec, spec_to_yaml
 
@@ -225,7 +225,7 @@ def hospital_ids(n_hospitals: int) -> list[str]:
 
 
 def generate_dataset(out: Path, *, n_hospitals: int = 5, rows_per_hospital: int = 4000, seed: int = 0,
-                     split_seed: int, test_fraction: float) -> list[HospitalSummary]:
+                     split_seed: int, test_fraction: float, stratify: bool = True) -> list[HospitalSummary]:
     """Write `out/hospital-k/patient_days.csv`, `out/spec.yaml` and `out/reference.json`.
 
     Hospital k is in city k (cycling through the five cities past five). `reference.json` scores the true
@@ -245,7 +245,8 @@ def generate_dataset(out: Path, *, n_hospitals: int = 5, rows_per_hospital: int 
         folder = out / hospital_id
         folder.mkdir(exist_ok=True)
         frame.to_csv(folder / DATA_FILE_NAME, index=False)
-        _, test = split_indices(len(frame), hospital_id, seed=split_seed, test_fraction=test_fraction)
+        _, test = split_frame(frame, spec, hospital_id, seed=split_seed, test_fraction=test_fraction,
+                              stratify=stratify)
         target = frame[spec.target.name].astype(int).to_numpy()
         test_targets.append(target[test])
         test_risks.append(risk[test])
@@ -262,7 +263,7 @@ def generate_dataset(out: Path, *, n_hospitals: int = 5, rows_per_hospital: int 
     reference = {
         "kind": "bayes_optimal",
         "description": "the true event probability of each test row, scored like a model",
-        "split": {"seed": split_seed, "test_fraction": test_fraction},
+        "split": {"seed": split_seed, "test_fraction": test_fraction, "stratified": stratify},
         "generator": {"seed": seed, "hospitals": n_hospitals, "rows_per_hospital": rows_per_hospital},
         "threshold": threshold,
         "overall": binary_metrics(np.concatenate(test_targets), np.concatenate(test_risks), threshold, bootstrap=0),
@@ -273,13 +274,14 @@ def generate_dataset(out: Path, *, n_hospitals: int = 5, rows_per_hospital: int 
     return summaries
 
 
-def read_reference(root: Path, *, split_seed: int, test_fraction: float) -> dict[str, object] | None:
+def read_reference(root: Path, *, split_seed: int, test_fraction: float, stratify: bool = True
+                   ) -> dict[str, object] | None:
     """The Bayes-optimal scores of a generated data folder, if it has them and they match the split in use."""
     path = root / REFERENCE_FILE_NAME
     if not root.is_dir() or not path.is_file():
         return None
     reference = json.loads(path.read_text(encoding="utf-8"))
-    if reference.get("split") != {"seed": split_seed, "test_fraction": test_fraction}:
+    if reference.get("split") != {"seed": split_seed, "test_fraction": test_fraction, "stratified": stratify}:
         return None  # scored on other test rows than the models will be: not comparable
     return {"overall": reference["overall"], "per_hospital": reference["per_hospital"],
             "mean_over_hospitals": mean_over_hospitals(reference["per_hospital"])}

@@ -102,6 +102,8 @@ class RunConfig(BaseModel):
 
     rounds: int = Field(20, ge=1, le=10_000, description="training rounds (fit)")
     local_epochs: int = Field(1, ge=1, le=1000, description="epochs each hospital trains per round")
+    local_steps: int | None = Field(None, ge=1, le=1_000_000, description="instead of epochs: optimiser steps each "
+                                    "hospital takes per round, whatever its size")
     learning_rate: float = Field(0.001, gt=0, le=10)
     batch_size: int = Field(64, ge=1, le=1_000_000)
     weight_decay: float = Field(1e-3, ge=0, le=1)
@@ -119,6 +121,9 @@ class RunConfig(BaseModel):
         if self.privacy is not None and self.strategy.name == "fedprox":
             raise ValueError("privacy: FedProx's proximal term acts on the weights outside DP-SGD's per-record "
                              "gradients, so it is not private; use fedavg or a server optimiser (fedadam, fedyogi)")
+        if self.privacy is not None and self.local_steps is not None:
+            raise ValueError("privacy: the privacy budget is planned in local epochs; local_steps cannot be used "
+                             "with differential privacy")
         return self
 
     @model_validator(mode="after")

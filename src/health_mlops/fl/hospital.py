@@ -145,7 +145,7 @@ class HospitalWorker:
         train_config = TrainConfig(epochs=config.local_epochs, learning_rate=config.learning_rate,
                                    batch_size=config.batch_size, weight_decay=config.weight_decay,
                                    proximal_mu=config.strategy.proximal_mu if config.strategy.name == "fedprox" else 0.0,
-                                   seed=round_number)
+                                   seed=round_number, max_steps=config.local_steps)
         features, target = preprocessor.features(self.train), preprocessor.target(self.train)
         privacy: dict[str, int] = {}
         if config.privacy is None:

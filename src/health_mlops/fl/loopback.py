@@ -64,7 +64,8 @@ class LoopbackResult:
 
 
 def run_federation_over_loopback(spec: DatasetSpec, hospitals: dict[str, HospitalData], config: RunConfig, *,
-                                 split_seed: int, test_fraction: float, plain_http: bool = False,
+                                 split_seed: int, test_fraction: float, stratify: bool = True,
+                                 plain_http: bool = False,
                                  on_progress: Callable[[RunView], None] | None = None) -> LoopbackResult:
     """Start the aggregator and a node per hospital, run one training run to its end, stop everything."""
     with tempfile.TemporaryDirectory(prefix="health-mlops-loopback-") as scratch:
@@ -80,7 +81,8 @@ def run_federation_over_loopback(spec: DatasetSpec, hospitals: dict[str, Hospita
             nodes = [HospitalNode(data=data, spec=spec, node_id=f"{hospital_id}-loopback", city="",
                                   central_url=server.url,
                                   credential=ClientCredential.from_directory(credentials, hospital_id),
-                                  split_seed=split_seed, test_fraction=test_fraction, poll_wait_s=2.0)
+                                  split_seed=split_seed, test_fraction=test_fraction, stratify=stratify,
+                                  poll_wait_s=2.0)
                      for hospital_id, data in hospitals.items()]
             threads = [threading.Thread(target=n.run, args=(stop,), name=n.hospital_id, daemon=True) for n in nodes]
             for thread in threads:

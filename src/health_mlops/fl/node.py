@@ -24,7 +24,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 
 from health_mlops.data.hospital import HospitalData
-from health_mlops.data.split import split_indices
+from health_mlops.data.split import split_frame
 from health_mlops.fl.client import HospitalClient
 from health_mlops.fl.coordinator import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker, suppressed_cells
@@ -94,7 +94,8 @@ class NodeStatus:
 
 class HospitalNode:
     def __init__(self, *, data: HospitalData, spec: DatasetSpec, node_id: str, city: str, central_url: str,
-                 credential: ClientCredential, split_seed: int, test_fraction: float, poll_wait_s: float = 20.0,
+                 credential: ClientCredential, split_seed: int, test_fraction: float, stratify: bool = True,
+                 poll_wait_s: float = 20.0,
                  metrics: NodeMetrics | None = None) -> None:
         self.hospital_id = data.hospital_id
         self.node_id = node_id
@@ -102,7 +103,8 @@ class HospitalNode:
         self.central_url = central_url
         self.data = data
         self.poll_wait_s = poll_wait_s
-        train, test = split_indices(len(data.frame), data.hospital_id, seed=split_seed, test_fraction=test_fraction)
+        train, test = split_frame(data.frame, spec, data.hospital_id, seed=split_seed, test_fraction=test_fraction,
+                                  stratify=stratify)
         self.worker = HospitalWorker(data.hospital_id, spec, data.frame.iloc[train].reset_index(drop=True),
                                      data.frame.iloc[test].reset_index(drop=True),
                                      rows_quarantined=data.rows_quarantined)

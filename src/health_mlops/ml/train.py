@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ def train_model(model: nn.Module, features: np.ndarray, target: np.ndarray, task
                 config: TrainConfig, on_epoch: Callable[[int], None] | None = None) -> TrainResult:
     """Train in place with Adam on shuffled mini-batches; with `proximal_mu` > 0 this is FedProx's local step.
 
-    The anchor for the proximal term is the model's weights on entry (the global model of the round).
-    `on_epoch(epoch)` is called after each epoch (for progress bars).
+    The anchor for the proximal term is the model's weights on entry (the global model of the round). With
+    `max_steps`, training takes exactly that many steps, over as many epochs as they need (the last one cut
+    short). `on_epoch(epoch)` is called after each epoch (for progress bars).
     """
     started = time.perf_counter()
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
@@ -39,13 +41,20 @@ def train_model(model: nn.Module, features: np.ndarray, target: np.ndarray, task
     anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else []
     generator = torch.Generator().manual_seed(config.seed)
     n = len(x)
+    batches = max(math.ceil(n / config.batch_size), 1)
+    epochs = config.epochs if config.max_steps is None else math.ceil(config.max_steps / batches)
+    steps_left = config.max_steps if config.max_steps is not None else epochs * batches
     last_epoch_loss = float("nan")
     model.train()
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(1, epochs + 1):
         order = torch.randperm(n, generator=generator)
-        total = 0.0
+        total, seen = 0.0, 0
         for start in range(0, n, config.batch_size):
+            if steps_left == 0:
+                break
+            steps_left -= 1
             batch = order[start:start + config.batch_size]
+            seen += len(batch)
             optimiser.zero_grad(set_to_none=True)
             loss = loss_fn(model(x[batch]), y[batch])
             total += float(loss.detach()) * len(batch)
@@ -54,7 +63,7 @@ def train_model(model: nn.Module, features: np.ndarray, target: np.ndarray, task
                 loss = loss + 0.5 * config.proximal_mu * proximal
             loss.backward()
             optimiser.step()
-        last_epoch_loss = total / max(n, 1)
+        last_epoch_loss = total / max(seen, 1)
         if on_epoch is not None:
             on_epoch(epoch)
     model.eval()

@@ -17,6 +17,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     proximal_mu: float = 0.0  # FedProx: pull local weights toward the round's global weights
     seed: int = 0
+    max_steps: int | None = None  # local steps: stop after this many optimiser steps, epochs or not
 
     @classmethod
     def for_task(cls, defaults: TrainingDefaults, spec: DatasetSpec, **overrides: object) -> TrainConfig:
