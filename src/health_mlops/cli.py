@@ -950,19 +950,23 @@ def evaluate(
     in memory, with the services' coordinator and hospital code."""
     import tempfile
 
+    import torch
+
     from health_mlops.ml.train_config import TrainConfig
     from health_mlops.seeds import MODES, POOLED_MARGIN, evaluate_over_seeds
 
     chosen = _seed_list(seeds)
     dataset = load_spec("health-risk")
     settings = get_settings()
+    torch.set_num_threads(settings.torch_threads)
     train_config = TrainConfig.for_task(get_training_defaults(), dataset)
     run_config = federated_run_config(dataset, hospitals, rounds=rounds)
     with tempfile.TemporaryDirectory(prefix="health-mlops-evaluate-") as scratch, _progress() as progress:
         task = progress.add_task(f"{len(chosen)} seeds × pooled, local, federated", total=len(chosen))
         result = evaluate_over_seeds(chosen, Path(scratch), hospitals=hospitals, rows_per_hospital=rows_per_hospital,
-                                     test_fraction=settings.test_fraction, train_config=train_config,
-                                     run_config=run_config, on_seed=lambda _seed: progress.advance(task))
+                                     test_fraction=settings.test_fraction, stratify=settings.stratified_split,
+                                     train_config=train_config, run_config=run_config,
+                                     on_seed=lambda _seed: progress.advance(task))
     if json_output:
         _print_json(result.to_json())
         return

@@ -42,17 +42,18 @@ def _auc(value: object) -> float | None:
 
 
 def score_seed(seed: int, workdir: Path, *, hospitals: int, rows_per_hospital: int, test_fraction: float,
-               train_config: TrainConfig, run_config: RunConfig) -> SeedScores:
+               stratify: bool, train_config: TrainConfig, run_config: RunConfig) -> SeedScores:
     """Generate seed `seed`'s data (split seed = `seed`) and train all three ways on it."""
     spec = load_spec("health-risk")
     folder = workdir / f"seed-{seed}"
     generate_dataset(folder, n_hospitals=hospitals, rows_per_hospital=rows_per_hospital, seed=seed,
-                     split_seed=seed, test_fraction=test_fraction)
-    splits = split_hospitals(load_hospitals(folder, spec), spec, seed=seed, test_fraction=test_fraction)
+                     split_seed=seed, test_fraction=test_fraction, stratify=stratify)
+    splits = split_hospitals(load_hospitals(folder, spec), spec, seed=seed, test_fraction=test_fraction,
+                             stratify=stratify)
     results = {"pooled": run_pooled(spec, splits, train_config).to_json(),
                "local": run_local(spec, splits, train_config).to_json(),
                "federated": run_federated_in_memory(spec, splits, run_config, seed=seed)[0].to_json()}
-    reference = read_reference(folder, split_seed=seed, test_fraction=test_fraction)
+    reference = read_reference(folder, split_seed=seed, test_fraction=test_fraction, stratify=stratify)
     assert reference is not None  # generated just now with this split
     results["bayes"] = reference
     per_hospital = {mode: {h: _auc(m["auc"]) for h, m in r["per_hospital"].items()} for mode, r in results.items()}
@@ -106,12 +107,13 @@ class SeedsEvaluation:
 
 
 def evaluate_over_seeds(seeds: list[int], workdir: Path, *, hospitals: int, rows_per_hospital: int,
-                        test_fraction: float, train_config: TrainConfig, run_config: RunConfig,
+                        test_fraction: float, stratify: bool, train_config: TrainConfig, run_config: RunConfig,
                         on_seed: Callable[[int], None] | None = None) -> SeedsEvaluation:
     scores = []
     for seed in seeds:
         scores.append(score_seed(seed, workdir, hospitals=hospitals, rows_per_hospital=rows_per_hospital,
-                                 test_fraction=test_fraction, train_config=train_config, run_config=run_config))
+                                 test_fraction=test_fraction, stratify=stratify, train_config=train_config,
+                                 run_config=run_config))
         if on_seed is not None:
             on_seed(seed)
     return SeedsEvaluation(scores)

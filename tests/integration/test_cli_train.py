@@ -227,6 +227,11 @@ def test_federation_acceptance_over_seeds_close_to_pooled_and_no_hospital_worse_
     assert [s["seed"] for s in over_seeds["per_seed"]] == [1, 2, 3, 4, 5]
 
 
+def test_evaluate_refuses_seeds_it_cannot_read(home: Path) -> None:
+    answer = run_cli("evaluate", "--seeds", "one-five", home=home, check=False)
+    assert answer.returncode == 2 and "error: --seeds: 'one-five' is not a range like 1-5" in answer.stderr
+
+
 def test_diabetes_runs_pooled_and_local_with_r2(tmp_path: Path, home: Path) -> None:
     data = tmp_path / "diabetes"
     run_cli("data", "generate", "--spec", "diabetes", "--out", str(data), home=home)
