@@ -61,6 +61,7 @@ def test_a_prediction_shows_the_risk_and_its_main_features(browser_page: Page) -
     result = page.locator("#prediction")
     expect(result).to_contain_text("Risk of adverse_event_7d", timeout=TIMEOUT_MS)
     expect(result).to_contain_text("%")
+    expect(result).to_contain_text("the model's decision threshold of")  # flagged or not, at the stored threshold
     expect(result).to_contain_text("percentage points")
     page.screenshot(path=SCREENSHOTS / "predict.png", full_page=True)
     page.locator("#input-spo2 input").fill("150")

@@ -8,6 +8,7 @@ Monitoring reads the serving metrics and the champion's drift scores.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,10 @@ class Dashboard:
         target = self.spec.target.name
         if self.spec.task == "binary":
             headline = f"### Risk of {target}: **{_percent(float(prediction[0]))}**"
+            if model.threshold is not None:
+                flagged = float(prediction[0]) >= model.threshold
+                headline += (f"\n\n{'**Flagged**: at or above' if flagged else 'Not flagged: below'} the model's "
+                             f"decision threshold of {_percent(model.threshold)}.\n")
             unit, scale = "percentage points", 100.0
         else:
             headline = f"### Predicted {target}: **{float(prediction[0]):.2f}**"
@@ -353,7 +358,9 @@ def _suppressed(cells: dict[str, int] | None) -> str | None:
 
 
 def _shown(value: float | str) -> str:
-    return value if isinstance(value, str) else f"{value:.4g}"
+    if isinstance(value, str):
+        return value
+    return "not measured" if math.isnan(value) else f"{value:.4g}"
 
 
 def _ms(seconds: float | None) -> str:
