@@ -338,8 +338,9 @@ def train(
         config = _run_config(dataset, len(splits), epsilon=dp_epsilon, delta=dp_delta,
                              noise_multiplier=dp_noise_multiplier, max_grad_norm=dp_max_grad_norm, rounds=rounds,
                              local_epochs=epochs, local_steps=local_steps, learning_rate=learning_rate,
-                             batch_size=batch_size, weight_decay=weight_decay, strategy=strategy, proximal_mu=proximal_mu,
-                             server_learning_rate=server_learning_rate, trim_fraction=trim_fraction)
+                             batch_size=batch_size, weight_decay=weight_decay, strategy=strategy,
+                             proximal_mu=proximal_mu, server_learning_rate=server_learning_rate,
+                             trim_fraction=trim_fraction)
         result = _train_federated(data, dataset, splits, settings, config)
         for hospital, columns in _withheld_columns(result).items():
             warning = (f"round 0 withheld {columns} column(s) (a category, or a feature not measured, of fewer than "
@@ -971,7 +972,8 @@ def evaluate(
         _print_json(result.to_json())
         return
     titles = {"federated": "federated", "pooled": "pooled", "local": "local-only", "bayes": "Bayes-optimal"}
-    table = Table(title=f"AUC over seeds {seeds} (mean ± sd; {hospitals} hospitals × {rows_per_hospital} patient-days)")
+    table = Table(title=f"AUC over seeds {seeds} (mean ± sd; {hospitals} hospitals × {rows_per_hospital} "
+                        "patient-days)")
     table.add_column("hospital")
     for mode in MODES:
         table.add_column(titles[mode], justify="right")

@@ -102,8 +102,8 @@ class SeedsEvaluation:
                 "per_hospital": {h: {m: summary(self.hospital_summary(m, h)) for m in MODES} for h in self.hospitals},
                 "mean_over_hospitals": {m: summary(self.mean_summary(m)) for m in MODES},
                 "claims": self.claims(),
-                "per_seed": [{"seed": s.seed, "per_hospital": s.per_hospital, "mean_over_hospitals": s.mean_over_hospitals}
-                             for s in self.seeds]}
+                "per_seed": [{"seed": s.seed, "per_hospital": s.per_hospital,
+                              "mean_over_hospitals": s.mean_over_hospitals} for s in self.seeds]}
 
 
 def evaluate_over_seeds(seeds: list[int], workdir: Path, *, hospitals: int, rows_per_hospital: int,

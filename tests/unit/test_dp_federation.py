@@ -5,7 +5,6 @@ be met ends the run after round 0, before any hospital trains."""
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ of the services, no HTTP)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -98,8 +98,9 @@ def test_promote_and_rollback_are_audited(registry: Registry) -> None:
 
 
 def test_rollback_follows_mlflow_not_the_audit_log(registry: Registry) -> None:
+    # champions: v1, v2, then v4; v3 a challenger
     for name, auc in (("run-a", 0.80), ("run-b", 0.81), ("run-c", 0.60), ("run-d", 0.82)):
-        registry.register(record(name, auc), gate=QualityGate(tolerance=0.0))  # champions: v1, v2, then v4; v3 a challenger
+        registry.register(record(name, auc), gate=QualityGate(tolerance=0.0))
     lines = registry.audit_log.read_text().splitlines()
     # A forger removes the line that made v2 champion and appends one that says v3 was made champion.
     forged = json.loads(next(line for line in lines if '"promote"' in line and '"version": 2' in line))

@@ -209,7 +209,8 @@ def validate_table(table: RawTable, spec: DatasetSpec, *, require_site: bool = F
             reasons[p.reason.value] = reasons.get(p.reason.value, 0) + 1
     report = FileReport(
         file=str(table.path), rows_read=table.rows_read, rows_valid=int((~bad).sum()),
-        rows_quarantined=len(quarantined), missing_values=missing_values, reasons=reasons, ignored_columns=ignored, quarantined=quarantined)
+        rows_quarantined=len(quarantined), missing_values=missing_values, reasons=reasons, ignored_columns=ignored,
+        quarantined=quarantined)
     return ValidatedTable(frame=frame, report=report, quarantined_rows=_quarantined_rows(table, bad, quarantined),
                           lines=table.lines[~bad])
 

@@ -56,7 +56,8 @@ def hospital_stats(frame: pd.DataFrame, spec: DatasetSpec, small_cell_threshold:
 
 def suppressed_cells(stats: Mapping[str, Any]) -> dict[str, int]:
     """How many cells a stats result withheld as too small: columns (a null sum: a small category, or each
-    column of a feature missing for few patients) and histogram bins (a null count). Derived from what was sent, so the node and the aggregator report the same numbers."""
+    column of a feature missing for few patients) and histogram bins (a null count). Derived from what was sent,
+    so the node and the aggregator report the same numbers."""
     return {"categories": sum(value is None for value in stats.get("sums") or []),
             "histogram_bins": sum(count is None for counts in (stats.get("histograms") or {}).values()
                                   for count in counts)}

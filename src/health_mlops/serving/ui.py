@@ -282,8 +282,8 @@ def _report_table(report: dict[str, Any]) -> pd.DataFrame:
         data = report.get("data", {}).get(hospital, {})
         missing = ", ".join(f"{name} {n}" for name, n in (data.get("missing_values") or {}).items() if n) or "–"
         rows.append([hospital, _auc_cell(metrics), *(_number(metrics.get(key)) for _, key in _REPORT_METRICS),
-                     report.get("test_rows", {}).get(hospital, "–"), data.get("rows", "–"), data.get("events", "–"),
-                     data.get("rows_quarantined", "–"), missing])
+                     report.get("test_rows", {}).get(hospital, "–"), data.get("rows", "–"),
+                     data.get("events", "–"), data.get("rows_quarantined", "–"), missing])
     mean = report["mean_over_hospitals"]
     rows.append(["mean over hospitals", _auc_cell(mean), *(_number(mean.get(key)) for _, key in _REPORT_METRICS),
                  *["" for _ in range(5)]])
