@@ -60,6 +60,20 @@ err = Console(stderr=True, highlight=False)
 _ROWS_SHOWN = 10
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        out.print(f"health-mlops {version('health-mlops')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="print the version and exit")] = False) -> None:
+    """Health MLOps: federated health-risk models for hospital consortia."""
+
+
 class Mode(str, Enum):
     pooled = "pooled"
     local = "local"

@@ -82,3 +82,10 @@ def test_unusable_input_exits_2_naming_the_file(tmp_path: Path, home: Path, make
     assert message in stderr
     assert str(target) in stderr
     assert "Traceback" not in stderr
+
+
+def test_the_cli_says_its_version(home: Path) -> None:
+    from importlib.metadata import version
+
+    answer = run_cli("--version", home=home)
+    assert answer.stdout.strip() == f"health-mlops {version('health-mlops')}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import threading
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from openapi_spec_validator import validate
 
 from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.preprocess import Preprocessor, stats_of_frame
@@ -23,6 +25,7 @@ from health_mlops.ml.onnx import export_onnx
 from health_mlops.ml.train import train_model
 from health_mlops.ml.train_config import TrainConfig
 from health_mlops.registry import QualityGate, Registry, TrainingRecord
+from health_mlops.serving.answers import BatchAnswer, ErrorAnswer, ModelAnswer, PredictAnswer
 from health_mlops.serving.api import create_serving_app
 from health_mlops.serving.model import ChampionWatcher
 from health_mlops.spec import load_spec, spec_to_yaml
@@ -99,6 +102,26 @@ def test_predictions_match_the_trained_model_and_carry_the_version(serving: tupl
     described = httpx.get(f"{url}/api/v1/model").json()
     assert described["version"] == version and described["decision_threshold"] == pytest.approx(THRESHOLD)
     assert 'health_mlops_predictions_total{endpoint="predict",outcome="ok"} 1.0' in httpx.get(f"{url}/metrics").text
+
+
+def test_the_openapi_document_is_valid_complete_and_says_what_each_route_answers(serving: tuple[str, Registry],
+                                                                               patients: list[dict]) -> None:
+    url, registry = serving
+    document = httpx.get(f"{url}/openapi.json").json()
+    validate(document)  # the OpenAPI 3.1 structure, as generators read it
+    schemas = document["components"]["schemas"]
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(document)))
+    assert refs and refs <= set(schemas), f"references to nothing: {sorted(refs - set(schemas))}"
+    for path in ("/api/v1/predict", "/api/v1/predict/batch", "/api/v1/model"):
+        (operation,) = document["paths"][path].values()
+        assert operation["responses"]["200"]["content"]["application/json"]["schema"]["$ref"], path
+    # What the routes answer is what the document says.
+    onnx_model, _ = trained(patients, seed=0)
+    wait_for_version(url, register(registry, onnx_model, "run-a", 0.8))
+    PredictAnswer.model_validate(httpx.post(f"{url}/api/v1/predict?explain=true", json=patients[0]).json())
+    BatchAnswer.model_validate(httpx.post(f"{url}/api/v1/predict/batch", json={"rows": patients[:3]}).json())
+    ModelAnswer.model_validate(httpx.get(f"{url}/api/v1/model").json())
+    ErrorAnswer.model_validate(httpx.post(f"{url}/api/v1/predict", json={**patients[0], "age": 400}).json())
 
 
 def wait_for_version(url: str, version: int, timeout_s: float = 30) -> None:

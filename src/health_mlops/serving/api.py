@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from health_mlops.http_errors import install_validation_handler
 from health_mlops.monitoring import ServingMetrics
+from health_mlops.serving.answers import BatchAnswer, ModelAnswer, PredictAnswer, answers, install_openapi
 from health_mlops.serving.model import ChampionWatcher
 from health_mlops.serving.predictor import NoChampion, Predictor
 from health_mlops.serving.requests import InvalidRequest
@@ -53,6 +54,9 @@ def _is_json(request: Request) -> bool:
 
 
 NOT_JSON = {"detail": "send the body as JSON, with the header Content-Type: application/json"}
+
+
+_PREDICT_ERRORS = (401, 413, 415, 422, 503)
 
 
 def _request_body(schema: dict[str, Any]) -> dict[str, Any]:
@@ -110,7 +114,8 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
     explain_parameter = {"name": "explain", "in": "query", "required": False, "schema": {"type": "boolean"},
                          "description": "add the features that contributed most to this prediction"}
 
-    @app.post("/api/v1/predict", openapi_extra={**_request_body(row_schema), "parameters": [explain_parameter]})
+    @app.post("/api/v1/predict", openapi_extra={**_request_body(row_schema), "parameters": [explain_parameter],
+                                                **answers(PredictAnswer, *_PREDICT_ERRORS)})
     async def predict(request: Request) -> Response:
         """One patient: a flat object of feature → value. For a binary task the prediction is the event
         probability, and `class` is 1 if it is at or above the model's decision `threshold`. `?explain=true` adds
@@ -139,7 +144,8 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
 
     batch_schema = encoder.batch_model.model_json_schema(ref_template="#/components/schemas/{model}")
 
-    @app.post("/api/v1/predict/batch", openapi_extra=_request_body(batch_schema))
+    @app.post("/api/v1/predict/batch", openapi_extra={**_request_body(batch_schema),
+                                                      **answers(BatchAnswer, *_PREDICT_ERRORS)})
     async def predict_batch(request: Request) -> Response:
         """Many patients: `{"rows": [...]}`; predictions come back in the same order."""
         started = time.perf_counter()
@@ -174,7 +180,7 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
         await request.body()
         return _json({"prediction": 0.0, "model_version": 0})
 
-    @app.get("/api/v1/model")
+    @app.get("/api/v1/model", openapi_extra=answers(ModelAnswer, 401))
     async def model_info(request: Request) -> Response:
         if (refused := unauthorised(request)) is not None:
             return refused
@@ -196,9 +202,13 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
             return PlainTextResponse(f"not ready: {problem}", status_code=503)
         return PlainTextResponse("ready")
 
-    @app.get("/metrics")
+    prometheus_text = {"description": "Prometheus text exposition",
+                       "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+    @app.get("/metrics", openapi_extra={"responses": {"200": prometheus_text}})
     async def metrics_endpoint() -> Response:
         predictor.refresh_metrics()
         return Response(generate_latest(predictor.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    install_openapi(app, [row_schema, batch_schema])
     return app
