@@ -137,7 +137,7 @@ class HospitalWorker:
         # counts and sums that metrics over all hospitals are built from.
         final = kind is TaskKind.evaluate
         metrics, summary = evaluate_frame(model, preprocessor, self.test, threshold=decision_threshold(preprocessing),
-                                          bootstrap=BOOTSTRAP_REPLICATES if final else 0)
+                                          bootstrap=BOOTSTRAP_REPLICATES if final else 0, summarise=final)
         evaluation = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
         if final:
             return TaskResult({"num_examples": len(self.test), "num_test_examples": len(self.test),

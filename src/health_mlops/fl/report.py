@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from health_mlops.data.preprocess import MISSING_SUFFIX, encoded_columns, feature_columns, value_width
+from health_mlops.data.preprocess import feature_columns, value_width
 from health_mlops.fl.coordinator import Run, TaskKind, privacy_report
 from health_mlops.fl.messages import weighted_metrics
 from health_mlops.ml.metrics import BinarySummary, combine, mean_over_hospitals, undefined_from_counts
@@ -73,8 +73,7 @@ def model_report(run: Run, spec: DatasetSpec) -> dict[str, Any]:
                                    for h, m in r.hospitals.items()}} for r in evaluated],
         "data": data_summary(run, spec), "excluded": dict(run.excluded),
         "config": run.config.model_dump(mode="json"), "privacy": privacy_report(run),
-        "missing_indicators": [c.removesuffix(MISSING_SUFFIX) for c in encoded_columns(spec)
-                               if c.endswith(MISSING_SUFFIX)],
+        "missing_indicators": [f.name for f in spec.features if f.has_indicator],
     }
     summaries = {h: BinarySummary.from_json(m["summary"]) for h, m in final.hospitals.items() if m.get("summary")}
     if summaries:

@@ -18,10 +18,10 @@ def predict_frame(model: nn.Module, preprocessor: Preprocessor, frame: pd.DataFr
 
 
 def evaluate_frame(model: nn.Module, preprocessor: Preprocessor, frame: pd.DataFrame, *, threshold: float,
-                   bootstrap: int) -> tuple[dict[str, float], BinarySummary | None]:
-    """The model's metrics on these rows (`ml.metrics`), and for a binary task the counts and sums that build
-    metrics over several hospitals' rows."""
+                   bootstrap: int, summarise: bool) -> tuple[dict[str, float], BinarySummary | None]:
+    """The model's metrics on these rows (`ml.metrics`), and with `summarise`, for a binary task, the counts and
+    sums that build metrics over several hospitals' rows."""
     spec = preprocessor.spec
     y, prediction = encode_target(frame, spec), predict_frame(model, preprocessor, frame)
     metrics = task_metrics(spec.task, y, prediction, threshold=threshold, bootstrap=bootstrap)
-    return metrics, BinarySummary.of(y, prediction, threshold) if spec.task == "binary" else None
+    return metrics, BinarySummary.of(y, prediction, threshold) if summarise and spec.task == "binary" else None
