@@ -12,10 +12,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, Route, expect, sync_playwright
 
 from tests.conftest import free_port_range, wait_until_ready
 
@@ -141,3 +142,30 @@ def test_the_models_tab_shows_the_champions_report_with_roc_and_calibration(brow
     expect(page.locator("#model-calibration .js-plotly-plot .scatterlayer .trace")).to_have_count(4)
     expect(page.locator("#model-roc")).to_contain_text("ROC curve per hospital")
     page.screenshot(path=SCREENSHOTS / "models.png", full_page=True)
+
+
+def test_the_api_docs_render_with_every_request_off_loopback_blocked(browser_page: Page, demo: tuple[str, Path]) -> None:
+    """An air-gapped hospital's view: anything but loopback fails, as it would there. FastAPI's own /docs loads
+    Swagger UI from a CDN and stays blank; ReDoc fetches its logo from one, so no app serves /redoc."""
+    browser = browser_page.context.browser
+    assert browser is not None
+    page = browser.new_page()
+    blocked: list[str] = []
+
+    def loopback_only(route: Route) -> None:
+        if urlsplit(route.request.url).hostname in ("127.0.0.1", "localhost"):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", loopback_only)
+    try:
+        page.goto(f"{demo[0]}/docs")
+        expect(page.locator(".swagger-ui .opblock-summary-path").first).to_be_visible(timeout=TIMEOUT_MS)
+        for text in ("Health MLOps serving", "/api/v1/predict", "/api/v1/predict/batch", "PredictAnswer"):
+            expect(page.locator("body")).to_contain_text(text)
+        assert blocked == []  # nothing was even asked of the internet
+        page.screenshot(path=SCREENSHOTS / "api-docs.png")
+    finally:
+        page.close()

@@ -21,6 +21,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import PlainTextResponse
+from fastapi_offline import FastAPIOffline  # /docs from packaged Swagger UI assets, no CDN
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 
 from health_mlops.data.hospital import HospitalData
@@ -324,7 +325,7 @@ def _detail(response: httpx.Response) -> str:
 
 def create_node_app(node: HospitalNode, worker: threading.Thread) -> FastAPI:
     """The node API: health, readiness (data loaded and the worker running), status, metrics."""
-    app = FastAPI(title=f"Health MLOps node {node.hospital_id}/{node.node_id}", version="1")
+    app = FastAPIOffline(title=f"Health MLOps node {node.hospital_id}/{node.node_id}", version="1", redoc_url=None)
 
     @app.get("/healthz", response_class=PlainTextResponse)
     async def healthz() -> str:

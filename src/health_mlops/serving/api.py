@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
+from fastapi_offline import FastAPIOffline  # /docs from packaged Swagger UI assets, no CDN
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from health_mlops.http_errors import install_validation_handler
@@ -98,7 +99,7 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
         finally:
             watcher.stop()
 
-    app = FastAPI(title="Health MLOps serving", version="1", lifespan=lifespan)
+    app = FastAPIOffline(title="Health MLOps serving", version="1", redoc_url=None, lifespan=lifespan)
     install_validation_handler(app)
 
     def refuse(endpoint: str, error: InvalidRequest) -> RequestValidationError:

@@ -12,6 +12,7 @@ from typing import Annotated, Any, BinaryIO
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline  # /docs from packaged Swagger UI assets, no CDN
 from pydantic import ValidationError
 
 from health_mlops.fl.aggregator.dependencies import Admin, Caller, Hospital, NodeId, Service, refuse
@@ -98,7 +99,7 @@ def create_app(service_factory: Callable[[], AggregatorService],
         finally:
             ticker.cancel()
 
-    app = FastAPI(title="Health MLOps aggregator", version="1", lifespan=lifespan)
+    app = FastAPIOffline(title="Health MLOps aggregator", version="1", redoc_url=None, lifespan=lifespan)
     install_validation_handler(app)
     install_refusal_handlers(app)
 
