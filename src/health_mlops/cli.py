@@ -30,8 +30,7 @@ from health_mlops.data.hospital import HospitalData, load_hospitals
 from health_mlops.data.io import DataError
 from health_mlops.data.synthetic import SPEC_FILE_NAME, generate_dataset, read_reference
 from health_mlops.data.validate import FileReport
-from health_mlops.fl.coordinator import RunConfig
-from health_mlops.fl.strategies import STRATEGY_NAMES, ServerOptimiserConfig, StrategyConfig
+from health_mlops.fl.run_config import STRATEGY_NAMES, RunConfig, ServerOptimiserConfig, StrategyConfig
 from health_mlops.spec import DatasetSpec, ModelDefaults, SpecError, load_spec
 
 if TYPE_CHECKING:  # training modules import torch and the registry MLflow; `data` commands should not pay for it
@@ -440,7 +439,7 @@ def _run_config(dataset: DatasetSpec, hospitals: int, *, epsilon: float | None, 
     naming its option."""
     from pydantic import ValidationError
 
-    from health_mlops.fl.coordinator import PrivacyConfig
+    from health_mlops.fl.run_config import PrivacyConfig
 
     if epsilon is None and noise_multiplier is not None:
         err.print("[bold red]error:[/] --dp-noise-multiplier needs --dp-epsilon (the budget it must meet)", markup=True)

@@ -44,7 +44,7 @@ class FederationDefaults(BaseSettings):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, name: str) -> str:
-        from health_mlops.fl.strategies import STRATEGY_NAMES  # the one list of strategies
+        from health_mlops.fl.run_config import STRATEGY_NAMES
 
         if name not in STRATEGY_NAMES:
             raise ValueError(f"unknown strategy {name!r}; one of {', '.join(STRATEGY_NAMES)}")

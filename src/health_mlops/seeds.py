@@ -18,7 +18,7 @@ import numpy as np
 
 from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.synthetic import generate_dataset, read_reference
-from health_mlops.fl.coordinator import RunConfig
+from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.simulation import run_federated_in_memory
 from health_mlops.ml.baselines import run_local, run_pooled, split_hospitals
 from health_mlops.ml.train_config import TrainConfig

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, ResultAccepted,
-                                         ResultRejected, RoundClosed, RoundOpened, RunConfig, RunEnded, RunStarted,
-                                         RunStatus, TaskKind, TaskResult, round_record_to_dict)
-from health_mlops.fl.strategies import StrategyConfig
+                                         ResultRejected, RoundClosed, RoundOpened, RunEnded, RunStarted, RunStatus,
+                                         TaskKind, TaskResult, round_record_to_dict)
+from health_mlops.fl.run_config import RunConfig, StrategyConfig
 
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
 INITIAL = {"w": np.zeros(3), "b": np.zeros(1)}

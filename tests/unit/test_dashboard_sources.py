@@ -9,7 +9,7 @@ import pytest
 from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.synthetic import generate_dataset
 from health_mlops.fl.aggregator import AggregatorService
-from health_mlops.fl.coordinator import PrivacyConfig, RunConfig
+from health_mlops.fl.run_config import PrivacyConfig, RunConfig
 from health_mlops.fl.simulation import run_federated_in_memory
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.ml.baselines import split_hospitals

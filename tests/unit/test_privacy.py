@@ -10,8 +10,8 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from health_mlops.fl.privacy import (MAX_NOISE_MULTIPLIER, BudgetRefused, PrivacyConfig, epsilon_spent,
-                                     plan_privacy, train_model_private)
+from health_mlops.fl.privacy import BudgetRefused, epsilon_spent, plan_privacy, train_model_private
+from health_mlops.fl.run_config import MAX_NOISE_MULTIPLIER, PrivacyConfig
 from health_mlops.ml.train_config import TrainConfig
 
 ACCEPTANCE = {"rows": 3200, "batch_size": 64, "rounds": 20, "local_epochs": 1}  # a hospital of 4000, 80 % train

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from health_mlops.fl.coordinator import Coordinator, Rejected, RunConfig, RunStatus, TaskKind, TaskResult
+from health_mlops.fl.coordinator import Coordinator, Rejected, RunStatus, TaskKind, TaskResult
+from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.metadata import check_metadata
 
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]

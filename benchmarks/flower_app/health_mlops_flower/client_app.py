@@ -16,7 +16,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from health_mlops.config import get_settings
-from health_mlops.fl.coordinator import RunConfig, TaskKind, TaskResult
+from health_mlops.fl.coordinator import TaskKind, TaskResult
+from health_mlops.fl.run_config import RunConfig
 
 from health_mlops_flower.task import load_worker, now, process_age_seconds, run_config
 

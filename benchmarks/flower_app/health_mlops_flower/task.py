@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from flwr.app import ConfigRecord
 
-from health_mlops.fl.coordinator import RunConfig
+from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.hospital import HospitalWorker
 from health_mlops.spec import load_spec
 

@@ -34,13 +34,13 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from health_mlops.fl.errors import Conflict, CoordinatorError, Forbidden, NotFound, Rejected
 from health_mlops.fl.mapped import LOCKSTEP_ELEMENTS, blocks
 from health_mlops.fl.metadata import check_metadata
+from health_mlops.fl.run_config import PrivacyConfig, RunConfig
 from health_mlops.fl.strategies import (FOLD_CHUNK_ELEMENTS, ClientUpdate, RoundAggregation, ServerOptimiserState,
-                                        StrategyConfig, Weights)
+                                        Weights)
 
 if TYPE_CHECKING:  # fl/privacy imports Opacus and torch; the serving side reads run configs without them
     from health_mlops.fl.privacy import PrivacyPlan
@@ -67,7 +67,7 @@ class TaskStatus(str, Enum):
     abandoned = "abandoned"  # its round closed or was retried without it
 
 
-__all__ = ["Conflict", "Coordinator", "CoordinatorError", "Forbidden", "NotFound", "Rejected", "Run", "RunConfig",
+__all__ = ["Conflict", "Coordinator", "CoordinatorError", "Forbidden", "NotFound", "Rejected", "Run",
            "RunStatus", "Task", "TaskKind", "TaskResult"]
 
 
@@ -77,62 +77,6 @@ _TASK_ID = re.compile(r"(?P<run>.+)\.r(?P<round>\d+)\.a(?P<attempt>\d+)\.(?P<hos
 
 def _task_id(run_id: str, round_number: int, attempt: int, hospital: str) -> str:
     return f"{run_id}.r{round_number}.a{attempt}.{hospital}"
-
-# Past this much noise per clipped gradient, a model of this size learns next to nothing: a privacy budget that
-# needs more is refused rather than spent on a useless model (fl/privacy.py plans it).
-MAX_NOISE_MULTIPLIER = 10.0
-
-
-class PrivacyConfig(BaseModel):
-    """A run's privacy budget: (ε, δ) for the whole run at each hospital, and how DP-SGD spends it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    epsilon: float = Field(gt=0, le=100, description="the privacy loss allowed over the whole run")
-    delta: float = Field(1e-5, gt=0, lt=1e-2, description="the probability that the ε bound fails")
-    max_grad_norm: float = Field(1.0, gt=0, le=1000, description="each record's gradient is clipped to this norm")
-    noise_multiplier: float | None = Field(None, gt=0, le=MAX_NOISE_MULTIPLIER,
-                                           description="noise per clipped gradient; default: the least that meets ε")
-
-
-class RunConfig(BaseModel):
-    """Everything that defines a training run; validated, so a bad value is refused naming its field."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    rounds: int = Field(20, ge=1, le=10_000, description="training rounds (fit)")
-    local_epochs: int = Field(1, ge=1, le=1000, description="epochs each hospital trains per round")
-    local_steps: int | None = Field(None, ge=1, le=1_000_000, description="instead of epochs: optimiser steps each "
-                                    "hospital takes per round, whatever its size")
-    learning_rate: float = Field(0.001, gt=0, le=10)
-    batch_size: int = Field(64, ge=1, le=1_000_000)
-    weight_decay: float = Field(1e-3, ge=0, le=1)
-    strategy: StrategyConfig = StrategyConfig()
-    min_hospitals: int = Field(2, ge=1, description="results needed to close a round at its deadline")
-    round_deadline_s: float = Field(120.0, gt=0, le=7 * 24 * 3600)
-    lease_s: float = Field(15.0, ge=1, le=3600, description="a task's lease; heartbeats renew it")
-    max_round_retries: int = Field(2, ge=0, le=100)
-    update_norm_bound: float = Field(100.0, gt=0, description="an update farther than this (L2) is refused")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the initial global model")
-    privacy: PrivacyConfig | None = Field(None, description="differential privacy (DP-SGD) and its budget")
-
-    @model_validator(mode="after")
-    def _privacy_with_a_private_strategy(self) -> RunConfig:
-        if self.privacy is not None and self.strategy.name == "fedprox":
-            raise ValueError("privacy: FedProx's proximal term acts on the weights outside DP-SGD's per-record "
-                             "gradients, so it is not private; use fedavg or a server optimiser (fedadam, fedyogi)")
-        if self.privacy is not None and self.local_steps is not None:
-            raise ValueError("privacy: the privacy budget is planned in local epochs; local_steps cannot be used "
-                             "with differential privacy")
-        return self
-
-    @model_validator(mode="after")
-    def _deadline_outlasts_a_lease(self) -> RunConfig:
-        if self.round_deadline_s <= self.lease_s:
-            raise ValueError(f"round_deadline_s ({self.round_deadline_s:g}) must exceed lease_s ({self.lease_s:g}), "
-                             "or a lost replica's task could never be taken over within the round")
-        return self
-
 
 @dataclass
 class Task:

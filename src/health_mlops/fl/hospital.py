@@ -17,7 +17,8 @@ import pandas as pd
 
 from health_mlops.data.preprocess import (Preprocessor, encoded_columns, feature_columns, feature_histograms,
                                           fill_values, mean_and_scale, standardisation, stats_of_frame)
-from health_mlops.fl.coordinator import RunConfig, TaskKind, TaskResult, plan_for
+from health_mlops.fl.coordinator import TaskKind, TaskResult, plan_for
+from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.strategies import Weights
 from health_mlops.ml.evaluate import evaluate_frame
 from health_mlops.ml.metrics import BOOTSTRAP_REPLICATES

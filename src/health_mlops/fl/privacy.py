@@ -27,7 +27,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 
-from health_mlops.fl.coordinator import MAX_NOISE_MULTIPLIER, PrivacyConfig
+from health_mlops.fl.run_config import MAX_NOISE_MULTIPLIER, PrivacyConfig
 from health_mlops.ml.train import TrainResult, loss_function
 from health_mlops.ml.train_config import TrainConfig
 

@@ -19,14 +19,12 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 from scipy.linalg.blas import saxpy
 
 from health_mlops.fl.mapped import LOCKSTEP_ELEMENTS, blocks
+from health_mlops.fl.run_config import WEIGHTED_STRATEGIES, ServerOptimiserConfig, StrategyConfig
 
 Weights = dict[str, np.ndarray]
-StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean"]
-STRATEGY_NAMES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean")
 
 
 @dataclass(frozen=True)
@@ -199,15 +197,6 @@ class ServerOptimiserState:
     steps: int = 0
 
 
-class ServerOptimiserConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    learning_rate: float = Field(0.01, gt=0, le=10, description="server step size (eta)")
-    beta_1: float = Field(0.9, ge=0, lt=1)
-    beta_2: float = Field(0.99, ge=0, lt=1)
-    tau: float = Field(1e-9, gt=0, le=1, description="adaptivity: keeps the step finite where the second moment is 0")
-
-
 def server_optimiser_step(current: Mapping[str, np.ndarray], averaged: Mapping[str, np.ndarray],
                           state: ServerOptimiserState, config: ServerOptimiserConfig, *,
                           variant: Literal["adam", "yogi"], overwrite_averaged: bool = False,
@@ -252,18 +241,6 @@ def server_optimiser_step(current: Mapping[str, np.ndarray], averaged: Mapping[s
                 m_out[chunk], v_out[chunk] = m, v
         new_weights[name], first[name], second[name] = (a.reshape(shape) for a in (weights_out, m_out, v_out))
     return new_weights, replace(state, first_moment=first, second_moment=second, steps=step)
-
-
-class StrategyConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-    name: StrategyName = "fedavg"
-    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="share cut from each end (trimmed_mean)")
-    proximal_mu: float = Field(0.01, ge=0, le=100, description="hospitals' proximal term (fedprox only)")
-    server: ServerOptimiserConfig = ServerOptimiserConfig()
-
-
-WEIGHTED_STRATEGIES = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi"})
 
 
 class RoundAggregation:
