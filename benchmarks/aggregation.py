@@ -70,8 +70,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from health_mlops.fl.mapped import map_file
-from health_mlops.fl.strategies import ClientUpdate, RoundAggregation, ServerOptimiserState
 from health_mlops.fl.run_config import StrategyConfig
+from health_mlops.fl.strategies import ClientUpdate, RoundAggregation, ServerOptimiserState
 
 HOSPITALS = (5, 50, 200)
 PARAMS = (100_000, 1_000_000, 10_000_000)

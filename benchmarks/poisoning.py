@@ -43,16 +43,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from health_mlops.cli import federated_run_config
 from health_mlops.config import get_federation_defaults, get_settings
 from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.synthetic import generate_dataset
 from health_mlops.fl.coordinator import TaskKind, TaskResult
-from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.hospital import HospitalWorker
+from health_mlops.fl.run_config import RunConfig, StrategyName, federated_run_config
 from health_mlops.fl.simulation import run_federated_in_memory
 from health_mlops.fl.strategies import Weights
-from health_mlops.fl.run_config import StrategyName
 from health_mlops.ml.baselines import HospitalSplit, split_hospitals
 from health_mlops.spec import DatasetSpec, load_spec
 

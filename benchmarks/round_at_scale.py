@@ -83,7 +83,7 @@ from rich.table import Table
 from common import free_ports
 
 from health_mlops.data.preprocess import encoded_columns
-from health_mlops.demo import Child, Processes, wait_ready
+from health_mlops.demo.processes import Child, Processes, wait_ready
 from health_mlops.fl.messages import decode_weights, encode_weights
 from health_mlops.fl.simulation import initial_weights
 from health_mlops.http_server import protocol_options

@@ -34,7 +34,7 @@ import pandas as pd
 
 from common import free_ports
 
-from health_mlops.demo import Processes, wait_ready
+from health_mlops.demo.processes import Processes, wait_ready
 from health_mlops.registry import Registry
 from health_mlops.spec import load_spec
 

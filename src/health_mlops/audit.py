@@ -25,16 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from health_mlops.errors import AuditError
 from health_mlops.files import write_private
 
 GENESIS = "0" * 64  # the "previous hash" of the first line
 KEY_FILE_NAME = "audit.key"
 _RESERVED = ("seq", "time", "action", "actor", "outcome", "prev", "hash", "mac")
 _TAIL_CHUNK = 64 * 1024
-
-
-class AuditError(Exception):
-    """An audit log or key that cannot be used, naming the file."""
 
 
 def issue_audit_key(credentials_dir: Path) -> bool:

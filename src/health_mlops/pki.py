@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from health_mlops.errors import PkiError
 from health_mlops.files import write_atomically, write_private
 
 CA = "ca"
@@ -41,10 +42,6 @@ DEFAULT_DASHBOARD_NAMES = ("localhost", "127.0.0.1", "::1", "dashboard", "dashbo
                            "dashboard.health-mlops-central.svc", "dashboard.health-mlops-central.svc.cluster.local")
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1", "aggregator", "aggregator.health-mlops-central",
                         "aggregator.health-mlops-central.svc", "aggregator.health-mlops-central.svc.cluster.local")
-
-
-class PkiError(Exception):
-    """A certificate or key that cannot be used, naming the file and the reason."""
 
 
 def cert_path(directory: Path, name: str) -> Path:

@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 
 from health_mlops import strict_json
 from health_mlops.audit import AuditLog
+from health_mlops.errors import RegistryError
 
 CHAMPION = "champion"
 CHAMPION_SINCE = "champion_since"  # version tag: when it last became champion (seconds since the epoch)
@@ -40,10 +41,6 @@ SPEC_FILE = "spec.yaml"
 REPORT_FILE = "report.json"
 _ARTIFACT_DIR = "model"
 _MLFLOW_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
-
-
-class RegistryError(Exception):
-    """A registry action that cannot be done (unknown version, nothing to roll back to, ...)."""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from cryptography.x509.oid import NameOID
 
 from health_mlops import pki
 from health_mlops.audit import KEY_FILE_NAME, issue_audit_key
+from health_mlops.errors import CredentialError
 from health_mlops.files import write_private
 
 T = TypeVar("T")
@@ -40,10 +41,6 @@ log = logging.getLogger("health_mlops.security")
 
 REGISTRY_FILE_NAME = "registry.json"
 ADMIN = "admin"
-
-
-class CredentialError(Exception):
-    """A credentials folder or token file that cannot be used, with the file and the reason."""
 
 
 @dataclass(frozen=True)
@@ -168,8 +165,6 @@ class TokenAuthority:
         if scheme.lower() != "bearer" or not token.strip():
             return None
         return self._by_digest.get(_digest(token.strip()))
-
-
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -15,6 +15,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from health_mlops.errors import SpecError
+
 BUILTIN_SPECS = ("health-risk", "diabetes")
 
 
@@ -206,8 +208,8 @@ class DatasetSpec(BaseModel):
         return self.decision_threshold if self.decision_threshold is not None else event_rate
 
 
-class SpecError(Exception):
-    """A spec that cannot be found or does not describe a valid task."""
+# A data folder describes itself with this file beside its hospital folders (`data generate` writes it).
+SPEC_FILE_NAME = "spec.yaml"
 
 
 def load_spec(name_or_path: str | Path) -> DatasetSpec:
@@ -224,6 +226,16 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
             raise SpecError(f"{path}: no such spec file (built-in specs: {', '.join(BUILTIN_SPECS)})")
         text = path.read_text("utf-8")
     return load_spec_text(text, origin=origin)
+
+
+def spec_for_data(name_or_path: str | None, data: Path | None) -> DatasetSpec:
+    """The spec named (a built-in name or a YAML path) if any, else the data folder's own `spec.yaml`, else the
+    built-in health-risk task."""
+    if name_or_path is not None:
+        return load_spec(name_or_path)
+    if data is not None and data.is_dir() and (data / SPEC_FILE_NAME).is_file():
+        return load_spec(data / SPEC_FILE_NAME)
+    return load_spec("health-risk")
 
 
 def load_spec_text(text: str, *, origin: str = "spec") -> DatasetSpec:

@@ -21,12 +21,10 @@ from typing import Any
 
 from cryptography import x509
 
+from health_mlops.errors import TlsError
+
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 _TLS_VERSION_CODES = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}  # as the ASGI TLS extension numbers them
-
-
-class TlsError(Exception):
-    """A certificate or key a TLS context cannot be built from, naming the file."""
 
 
 def _existing(*paths: Path) -> None:

@@ -26,9 +26,9 @@ from health_mlops.fl.coordinator import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker
 from health_mlops.fl.mapped import mapping_of
 from health_mlops.fl.messages import TaskMessage, decode_weights, encode_result
+from health_mlops.fl.run_config import StrategyConfig
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.fl.strategies import ClientUpdate, ServerOptimiserState, aggregate, aggregate_fedavg
-from health_mlops.fl.run_config import StrategyConfig
 from health_mlops.http_server import BackgroundServer
 from health_mlops.ml.baselines import split_hospitals
 from health_mlops.pki import CA, SERVER, cert_path, key_path

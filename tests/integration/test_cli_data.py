@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,12 @@ def test_the_cli_says_its_version(home: Path) -> None:
 
     answer = run_cli("--version", home=home)
     assert answer.stdout.strip() == f"health-mlops {version('health-mlops')}"
+
+
+def test_the_cli_loads_no_heavy_library_before_a_command_runs() -> None:
+    """`--help`, `--version` and a mistyped option answer at once: what a command needs (torch, pandas, MLflow,
+    Gradio, ...) is imported by that command."""
+    heavy = ("torch", "pandas", "numpy", "scipy", "sklearn", "mlflow", "gradio", "onnxruntime", "httpx", "fastapi")
+    code = f"import sys, health_mlops.cli; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == ""

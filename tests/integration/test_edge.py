@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from health_mlops.demo import Processes, wait_ready
+from health_mlops.demo.processes import Processes, wait_ready
 from health_mlops.pki import CA, cert_path, key_path
 from health_mlops.security import ADMIN, bearer, provision, read_token, token_path
 from health_mlops.tls import client_context

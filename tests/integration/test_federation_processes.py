@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from health_mlops.data.hospital import load_hospital
-from health_mlops.demo import Child, Processes, wait_ready
+from health_mlops.demo.processes import Child, Processes, wait_ready
 from health_mlops.fl.client import HospitalClient
 from health_mlops.fl.coordinator import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker

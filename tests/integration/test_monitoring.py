@@ -49,7 +49,7 @@ def test_the_alert_rules_are_valid_and_each_alert_is_tested_firing_and_quiet() -
 
 def test_the_local_config_is_what_the_demo_writes_for_its_default_ports() -> None:
     from health_mlops.data.synthetic import hospital_ids
-    from health_mlops.demo import node_plan
+    from health_mlops.demo.federation import node_plan
     from health_mlops.prometheus import local_config, local_targets
 
     plan = node_plan(Path("data"), hospital_ids(5), {})

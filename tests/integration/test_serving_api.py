@@ -233,8 +233,9 @@ def test_the_serving_app_imports_no_torch() -> None:
     import sys
 
     # The serving image has no torch: the dashboard, the API and `start-run` (a run's configuration) must not need it.
-    code = ("import sys, health_mlops.serving.app, health_mlops.cli as cli; from health_mlops.spec import load_spec; "
-            "cli.federated_run_config(load_spec('health-risk'), 2); print('torch' in sys.modules)")
+    code = ("import sys, health_mlops.serving.app, health_mlops.cli; from health_mlops.spec import load_spec; "
+            "from health_mlops.fl.run_config import federated_run_config; "
+            "federated_run_config(load_spec('health-risk'), 2); print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 

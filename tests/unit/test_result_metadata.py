@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from health_mlops.fl.coordinator import Coordinator, Rejected, RunStatus, TaskKind, TaskResult
-from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.metadata import check_metadata
+from health_mlops.fl.run_config import RunConfig
 
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
 INITIAL = {"w": np.zeros(3), "b": np.zeros(1)}

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flwr.server.strategy import aggregate as flwr_aggregate
 
+from health_mlops.fl.run_config import ServerOptimiserConfig, StrategyConfig
 from health_mlops.fl.strategies import (ClientUpdate, RoundAggregation, ServerOptimiserState, aggregate,
                                         aggregate_fedavg, aggregate_median, aggregate_trimmed_mean,
                                         server_optimiser_step)
-from health_mlops.fl.run_config import ServerOptimiserConfig, StrategyConfig
 
 
 def update(values: list[float], examples: int) -> ClientUpdate:

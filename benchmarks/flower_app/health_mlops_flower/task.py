@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 from flwr.app import ConfigRecord
 
-from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.hospital import HospitalWorker
+from health_mlops.fl.run_config import RunConfig
 from health_mlops.spec import load_spec
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.datasets import load_diabetes
 
-from health_mlops.spec import load_spec, spec_to_yaml
+from health_mlops.spec import SPEC_FILE_NAME, load_spec, spec_to_yaml
 
 DATA_FILE_NAME = "diabetes.csv"
 # Upper age (inclusive) of each site's band; the last band is open-ended.
@@ -49,7 +49,7 @@ def write_diabetes_sites(out: Path) -> list[SiteSummary]:
     frame = diabetes_frame()
     sites = site_of_age(frame["age"].to_numpy())
     out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.yaml").write_text(spec_to_yaml(load_spec("diabetes")), encoding="utf-8")
+    (out / SPEC_FILE_NAME).write_text(spec_to_yaml(load_spec("diabetes")), encoding="utf-8")
     summaries = []
     for hospital_id in sorted(set(sites)):
         rows = frame[sites == hospital_id]

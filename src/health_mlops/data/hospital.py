@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from health_mlops.data.io import DataError, RawTable, data_files, hospital_folders, natural_key, read_table
+from health_mlops.data.io import RawTable, data_files, hospital_folders, natural_key, read_table
 from health_mlops.data.validate import FileReport, ValidatedTable, validate_table, write_quality_report
+from health_mlops.errors import DataError
 from health_mlops.spec import DatasetSpec
 
 

@@ -16,16 +16,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from health_mlops.errors import DataError
+
 DATA_SUFFIXES = (".csv", ".parquet")
-
-
-class DataError(Exception):
-    """A data file or folder that cannot be used at all; the message names it and says why."""
-
-    def __init__(self, path: Path | str, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
-        self.path = Path(path)
-        self.problem = problem
 
 
 @dataclass

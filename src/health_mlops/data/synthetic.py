@@ -31,11 +31,10 @@ import pandas as pd
 
 from health_mlops.data.split import split_frame
 from health_mlops.ml.metrics import binary_metrics, mean_over_hospitals, weighted_auc
-from health_mlops.spec import DatasetSpec, load_spec, spec_to_yaml
+from health_mlops.spec import SPEC_FILE_NAME, DatasetSpec, load_spec, spec_to_yaml
 
 DATA_FILE_NAME = "patient_days.csv"
 REFERENCE_FILE_NAME = "reference.json"
-SPEC_FILE_NAME = "spec.yaml"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
-from health_mlops.data.io import DataError, RawTable
+from health_mlops.data.io import RawTable
+from health_mlops.errors import DataError
 from health_mlops.files import open_private
 from health_mlops.spec import DatasetSpec, Feature
 

@@ -16,6 +16,7 @@ from typing import Any, Self
 
 import httpx
 
+from health_mlops.errors import FederationError
 from health_mlops.fl.messages import SAFETENSORS_MEDIA_TYPE, RunRequest, RunView, TaskMessage
 from health_mlops.security import ClientCredential, bearer
 from health_mlops.tls import client_context
@@ -25,7 +26,7 @@ ADMIN_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 10.0
 
 
-class RunRefused(Exception):
+class RunRefused(FederationError):
     """The aggregator would not start a run; the message has its status and reason."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from health_mlops.errors import FederationError
 
-class CoordinatorError(Exception):
+
+class CoordinatorError(FederationError):
     """Base of the refusals the service maps to HTTP answers."""
 
 

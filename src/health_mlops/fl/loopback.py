@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from health_mlops.data.hospital import HospitalData
+from health_mlops.errors import FederationError
 from health_mlops.fl.aggregator import AggregatorService, create_app
 from health_mlops.fl.client import AdminClient
 from health_mlops.fl.coordinator import TaskKind
-from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.messages import RunRequest, RunView, decode_weights
 from health_mlops.fl.node import HospitalNode
+from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.fl.strategies import Weights
 from health_mlops.http_server import BackgroundServer
@@ -53,7 +54,7 @@ def round_overheads_ms(view: RunView) -> list[float]:
     return overheads
 
 
-class RunEnded(RuntimeError):
+class RunFailed(FederationError):
     """The run ended without completing (failed or cancelled); the message says why."""
 
 
@@ -99,7 +100,7 @@ def run_federation_over_loopback(spec: DatasetSpec, hospitals: dict[str, Hospita
                             on_progress(view)
                     wall = time.perf_counter() - started
                     if view.status != "completed":
-                        raise RunEnded(f"the federated run ended {view.status}: {view.reason}")
+                        raise RunFailed(f"the federated run ended {view.status}: {view.reason}")
                     body = admin.round_weights(view.id, view.final_round)
             finally:  # the nodes stop before the server: a long poll in flight ends with its answer, not a 500
                 stop.set()

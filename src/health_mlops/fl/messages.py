@@ -18,8 +18,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as load_tensors
 
 from health_mlops.fl.coordinator import Run, Task, TaskKind, TaskResult
-from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.mapped import map_file
+from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.strategies import Weights
 
 SAFETENSORS_MEDIA_TYPE = "application/octet-stream"

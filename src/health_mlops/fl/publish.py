@@ -14,7 +14,8 @@ from health_mlops.faults import crash_point
 from health_mlops.fl.coordinator import Run, TaskKind, privacy_report
 from health_mlops.fl.messages import decode_weights, weighted_metrics
 from health_mlops.fl.report import model_report
-from health_mlops.fl.store import CheckpointError, CheckpointStore
+from health_mlops.errors import CheckpointError
+from health_mlops.fl.store import CheckpointStore
 from health_mlops.fl.strategies import Weights
 from health_mlops.ml.onnx import export_onnx
 from health_mlops.registry import QualityGate, Registry, TrainingRecord

@@ -1,7 +1,8 @@
 """What a federated run is asked to do: its strategy, its privacy budget, its rounds and its limits.
 
 Settings only, validated by pydantic, and light to import: the CLI builds its options and their help from these
-models without loading the numerical code that carries them out (`strategies`, `coordinator`, `privacy`).
+models without loading the numerical code that carries them out (`strategies`, `coordinator`, `privacy`);
+`federated_run_config` is a task's run, from the same defaults everywhere (CLI, benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from health_mlops.config import get_training_defaults
+from health_mlops.ml.train_config import TrainConfig
+from health_mlops.spec import DatasetSpec
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean"]
 STRATEGY_NAMES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean")
@@ -90,3 +95,29 @@ class RunConfig(BaseModel):
             raise ValueError(f"round_deadline_s ({self.round_deadline_s:g}) must exceed lease_s ({self.lease_s:g}), "
                              "or a lost replica's task could never be taken over within the round")
         return self
+
+
+def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: object) -> RunConfig:
+    """A run over `hospitals` hospitals with the task's training settings (`TrainingDefaults`, then the spec's
+    hints); `overrides` that are None are not given. `strategy` is a strategy's name; `proximal_mu`,
+    `trim_fraction` and `server_learning_rate` go into its config.
+
+    The spec's `training.epochs` (passes over the data a model of the task needs) are spread over the rounds:
+    each hospital trains ceil(epochs / rounds) local epochs a round unless `local_epochs` is given."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    defaults = get_training_defaults()
+    if given.get("privacy") is not None:  # DP-SGD's own defaults, unless given
+        given = {"learning_rate": defaults.dp_learning_rate, "batch_size": defaults.dp_batch_size, **given}
+    local = TrainConfig.for_task(defaults, dataset, learning_rate=given.pop("learning_rate", None),
+                                 batch_size=given.pop("batch_size", None), weight_decay=given.pop("weight_decay", None))
+    if "local_epochs" not in given and dataset.training.epochs is not None:
+        rounds = int(given.get("rounds", RunConfig.model_fields["rounds"].default))  # type: ignore[call-overload]
+        given["local_epochs"] = -(-dataset.training.epochs // rounds)
+    strategy: dict[str, object] = {"name": given.pop("strategy", "fedavg")}
+    for option in ("proximal_mu", "trim_fraction"):
+        if option in given:
+            strategy[option] = given.pop(option)
+    if "server_learning_rate" in given:
+        strategy["server"] = ServerOptimiserConfig(learning_rate=given.pop("server_learning_rate"))
+    return RunConfig(learning_rate=local.learning_rate, batch_size=local.batch_size, weight_decay=local.weight_decay,
+                     min_hospitals=hospitals, strategy=StrategyConfig(**strategy), **given)  # type: ignore[arg-type]

@@ -13,8 +13,8 @@ import numpy as np
 
 from health_mlops.data.preprocess import encoded_columns, imputation
 from health_mlops.fl.coordinator import Coordinator, Run, RunStatus
-from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.hospital import HospitalWorker, decision_threshold, preprocessor_from, reduce_stats
+from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.strategies import Weights
 from health_mlops.ml.baselines import ExperimentResult, HospitalSplit, score_predictions
 from health_mlops.ml.evaluate import predict_frame

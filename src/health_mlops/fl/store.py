@@ -35,16 +35,13 @@ from typing import Any, BinaryIO
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 
+from health_mlops.errors import CheckpointError
 from health_mlops.faults import crash_point
 from health_mlops.files import commit_atomically, open_atomically, temporary_path, write_atomically
 from health_mlops.fl.messages import encode_weights
 
 Weights = dict[str, Any]  # name -> numpy array
 _FIRST, _SECOND = "first/", "second/"  # tensor name prefixes of the optimiser's moments in one file
-
-
-class CheckpointError(Exception):
-    """A checkpoint that exists but cannot be read; the message names the file."""
 
 
 class CheckpointStore:

@@ -19,11 +19,12 @@ import pandas as pd
 import plotly.graph_objects as go
 from pydantic import ValidationError
 
-from health_mlops.data.io import DataError, read_table
+from health_mlops.data.io import read_table
 from health_mlops.data.preprocess import serving_matrix
 from health_mlops.data.validate import validate_table
+from health_mlops.errors import DataError, RegistryError
 from health_mlops.monitoring import histogram_quantile
-from health_mlops.registry import Registry, RegistryError
+from health_mlops.registry import Registry
 from health_mlops.security import FailureThrottle, admin_refusal
 from health_mlops.serving.drift import MIN_ROWS, SIGNIFICANT_PSI
 from health_mlops.serving.predictor import NoChampion, Predictor

@@ -1,0 +1,33 @@
+"""The `health-mlops` command and its groups; each module of this package adds its commands to them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from health_mlops.cli.output import out
+
+app = typer.Typer(help="Health MLOps: federated health-risk models for hospital consortia.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Generate and validate hospital data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+registry_app = typer.Typer(help="Model versions in the registry: list, promote, roll back.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+audit_app = typer.Typer(help="The audit log: verify that no line was changed, removed, inserted or reordered.",
+                        no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from importlib.metadata import version
+
+        out.print(f"health-mlops {version('health-mlops')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="print the version and exit")] = False) -> None:
+    """Health MLOps: federated health-risk models for hospital consortia."""

@@ -1,0 +1,44 @@
+"""What the CLI prints: rich tables on stdout for people, strict JSON for scripts, progress and problems on
+stderr."""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from health_mlops import strict_json
+
+out = Console(highlight=False)
+if not out.is_terminal:
+    out.width = 120  # piped or captured output: rich's default of 80 columns truncates the tables
+err = Console(stderr=True, highlight=False)
+
+
+def say_error(message: str) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """End the command with `error: message` on stderr and exit code `code` (2: what the command was given
+    cannot be used; 1: it was valid, but what it asked for did not happen)."""
+    say_error(message)
+    raise typer.Exit(code)
+
+
+def warn(hospital: str, warning: str) -> None:
+    err.print(f"[yellow]{escape(hospital)}[/]: warning: {escape(warning)}", markup=True, soft_wrap=True)
+
+
+def progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=True)
+
+
+def print_json(document: object) -> None:
+    """Strict JSON: an undefined value (NaN, infinite) is null, which every parser reads."""
+    sys.stdout.write(strict_json.dumps(document, indent=2) + "\n")

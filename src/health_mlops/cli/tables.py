@@ -1,0 +1,82 @@
+"""How results read on a terminal: hospitals against ways of training, a binary model as a clinician reads it,
+and a run's privacy."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from rich.table import Table
+
+from health_mlops.cli.output import out
+from health_mlops.spec import DatasetSpec
+
+if TYPE_CHECKING:
+    from health_mlops.fl.messages import RunView
+
+
+def _cell(metrics: dict, metric: str) -> str:
+    value = metrics.get(metric)
+    if value is None or not math.isfinite(value):
+        return "—"
+    interval = metrics.get(f"{metric}_ci")
+    return f"{value:.3f}" + (f" [dim]({interval[0]:.2f}–{interval[1]:.2f})[/]" if interval else "")
+
+
+def comparison_table(dataset: DatasetSpec, columns: dict[str, dict], *, title: str) -> Table:
+    """Hospitals as rows, ways of training as columns, the task's primary metric (and its 95% interval) in each
+    cell; then the mean over hospitals (what the field reports) and the score over all test rows together."""
+    metric = dataset.primary_metric
+    table = Table(title=f"{title} ({metric.upper() if metric == 'auc' else 'R²'} on each hospital's test rows)")
+    table.add_column("hospital")
+    for name in columns:
+        table.add_column(name, justify="right")
+    hospitals = next(iter(columns.values()))["per_hospital"]
+    for hospital_id in hospitals:
+        table.add_row(hospital_id, *(_cell(c["per_hospital"][hospital_id], metric) for c in columns.values()))
+    table.add_section()
+    table.add_row("[bold]mean over hospitals[/]",
+                  *(f"[bold]{_cell(c.get('mean_over_hospitals') or {}, metric)}[/]" for c in columns.values()))
+    table.add_row("all test rows", *(_cell(c["overall"], metric) for c in columns.values()))
+    return table
+
+
+_CLINICAL_COLUMNS = (("Brier", "brier"), ("cal. slope", "calibration_slope"),
+                     ("cal. intercept", "calibration_intercept"), ("sens.", "sensitivity"), ("spec.", "specificity"),
+                     ("PPV", "ppv"), ("NPV", "npv"), ("bal. acc.", "balanced_accuracy"))
+
+
+def clinical_table(result: dict) -> Table:
+    """A binary model as a clinician reads it: ranking with its interval, probabilities, decisions at the
+    threshold, per hospital and as the mean over hospitals."""
+    threshold = result.get("threshold")
+    shown = f"{threshold:.3f}" if isinstance(threshold, float) else "each hospital's own"
+    table = Table(title=f"{result['mode']}: calibration, and decisions at the threshold ({shown})")
+    table.add_column("hospital", no_wrap=True)
+    table.add_column("AUC (95% CI)", justify="right", no_wrap=True)
+    for title, _ in _CLINICAL_COLUMNS:
+        table.add_column(title, justify="right")
+
+    def row(name: str, metrics: dict) -> list[str]:
+        return [name, _cell(metrics, "auc"), *(_cell(metrics, key) for _, key in _CLINICAL_COLUMNS)]
+
+    for hospital_id, metrics in result["per_hospital"].items():
+        table.add_row(*row(hospital_id, metrics))
+    table.add_section()
+    table.add_row(*row("mean over hospitals", result["mean_over_hospitals"]))
+    return table
+
+
+def privacy_json(view: RunView) -> dict[str, object] | None:
+    """What `--json` says of a run's privacy: the largest ε over hospitals, δ, and each hospital's ε."""
+    if view.privacy is None:
+        return None
+    return {"epsilon": view.privacy.epsilon, "delta": view.privacy.delta, "budget_epsilon": view.privacy.budget_epsilon,
+            "hospitals": {h: p.epsilon for h, p in view.privacy.hospitals.items()}}
+
+
+def print_privacy(privacy: dict[str, object] | None) -> None:
+    """One line under a result trained with differential privacy (`privacy_json`)."""
+    if privacy is not None:
+        out.print(f"differential privacy: ε = {privacy['epsilon']:.2f} (the most any hospital spent; budget "
+                  f"{privacy['budget_epsilon']:g}), δ = {privacy['delta']:g}", soft_wrap=True)

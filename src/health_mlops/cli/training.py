@@ -1,0 +1,214 @@
+"""`train` (pooled, local-only or a federation over loopback) and `evaluate` (all three over several seeds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from health_mlops.cli.app import app
+from health_mlops.cli.data import load_splits
+from health_mlops.cli.options import (RUN, SERVER_OPTIMISER, STRATEGY, TRAINING, DpClip, DpDelta, DpEpsilon, DpNoise,
+                                      JsonOption, Mode, ModelKind, SpecOption, Strategy, run_config_from_options,
+                                      seed_list, with_model)
+from health_mlops.cli.output import fail, out, print_json, progress, warn
+from health_mlops.cli.tables import clinical_table, comparison_table, print_privacy, privacy_json
+from health_mlops.config import Settings, get_settings, get_training_defaults
+from health_mlops.fl.run_config import RunConfig, federated_run_config
+from health_mlops.ml.train_config import TrainConfig
+from health_mlops.spec import DatasetSpec, load_spec, spec_for_data
+
+if TYPE_CHECKING:  # training imports torch: only the commands that train load it
+    from health_mlops.ml.baselines import ExperimentResult, HospitalSplit
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="data root: one folder per hospital, or a file with a site column")],
+    mode: Annotated[Mode, typer.Option(help="pooled: one model on all rows; local: one model per hospital; "
+                                            "federated: aggregator and nodes over loopback HTTP")],
+    spec: SpecOption = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help=f"epochs (pooled, local; default: the spec's "
+                                                           f"training.epochs, else {TRAINING['epochs'].default}) or "
+                                                           f"local epochs per round (federated; default: the "
+                                                           f"spec's epochs spread over the rounds, else "
+                                                           f"{RUN['local_epochs'].default})")] = None,
+    learning_rate: Annotated[float | None, typer.Option(
+        min=0.0, help=f"default: the spec's, else {TRAINING['learning_rate'].default}")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help=f"default: the spec's, else {TRAINING['batch_size'].default}")] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        min=0.0, help=f"L2 penalty; default {TRAINING['weight_decay'].default}")] = None,
+    model: Annotated[ModelKind | None, typer.Option(help="default: the spec's model")] = None,
+    hidden: Annotated[str | None, typer.Option(help="mlp hidden layer widths, e.g. 64,32; default: the "
+                                                    "spec's")] = None,
+    rounds: Annotated[int | None, typer.Option(
+        min=1, help=f"federated: training rounds; default {RUN['rounds'].default}")] = None,
+    local_steps: Annotated[int | None, typer.Option(
+        min=1, help="federated, instead of --epochs: optimiser steps each hospital takes a round, whatever its "
+                    "size (not with differential privacy)")] = None,
+    strategy: Annotated[Strategy, typer.Option(help="federated: aggregation strategy")] = Strategy["fedavg"],
+    proximal_mu: Annotated[float | None, typer.Option(
+        min=0.0, help=f"fedprox: the proximal term's weight; default {STRATEGY['proximal_mu'].default}")] = None,
+    server_learning_rate: Annotated[float | None, typer.Option(
+        min=0.0, help=f"fedadam, fedyogi: the server optimiser's step; default "
+                      f"{SERVER_OPTIMISER['learning_rate'].default}")] = None,
+    trim_fraction: Annotated[float | None, typer.Option(
+        min=0.0, max=0.49, help=f"trimmed_mean: share cut from each end; default "
+                                f"{STRATEGY['trim_fraction'].default}")] = None,
+    dp_epsilon: DpEpsilon = None,
+    dp_delta: DpDelta = 1e-5,
+    dp_noise_multiplier: DpNoise = None,
+    dp_max_grad_norm: DpClip = 1.0,
+    json_output: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,
+) -> None:
+    """Train a baseline or a federation and score it on every hospital's test rows."""
+    import torch
+
+    from health_mlops.data.synthetic import read_reference
+    from health_mlops.ml.baselines import run_local, run_pooled
+
+    settings = get_settings()
+    torch.set_num_threads(settings.torch_threads)
+    dataset = with_model(spec_for_data(spec, data), model, hidden)
+    splits, left_out, warnings = load_splits(data, dataset, settings)
+    if mode is not Mode.federated and dp_epsilon is not None:
+        fail("--dp-epsilon: differential privacy is for --mode federated")
+    if local_steps is not None and (mode is not Mode.federated or epochs is not None):
+        fail("--local-steps: only for --mode federated, and instead of --epochs")
+    strategy_options = {"--proximal-mu": (proximal_mu, {"fedprox"}),
+                        "--server-learning-rate": (server_learning_rate, {"fedadam", "fedyogi"}),
+                        "--trim-fraction": (trim_fraction, {"trimmed_mean"})}
+    for option, (value, strategies) in strategy_options.items():
+        if value is not None and (mode is not Mode.federated or strategy.value not in strategies):
+            fail(f"{option}: only for --mode federated with --strategy {' or '.join(sorted(strategies))}")
+    if mode is Mode.federated:
+        config = run_config_from_options(
+            dataset, len(splits), epsilon=dp_epsilon, delta=dp_delta, noise_multiplier=dp_noise_multiplier,
+            max_grad_norm=dp_max_grad_norm, rounds=rounds, local_epochs=epochs, local_steps=local_steps,
+            learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay, strategy=strategy,
+            proximal_mu=proximal_mu, server_learning_rate=server_learning_rate, trim_fraction=trim_fraction)
+        result = _train_federated(data, dataset, splits, settings, config)
+        for hospital, columns in _withheld_columns(result).items():
+            warning = (f"round 0 withheld {columns} column(s) (a category, or a feature not measured, of fewer than "
+                       f"5 patients); the federation's standardisation and fill-in leave this hospital out of them")
+            warn(hospital, warning)
+            warnings.setdefault(hospital, []).append(warning)
+    else:
+        train_config = TrainConfig.for_task(get_training_defaults(), dataset, epochs=epochs,
+                                            learning_rate=learning_rate, batch_size=batch_size,
+                                            weight_decay=weight_decay)
+        runner = run_pooled if mode is Mode.pooled else run_local
+        total = train_config.epochs * (1 if mode is Mode.pooled else len(splits))
+        with progress() as bars:
+            task = bars.add_task(f"training {mode.value}", total=total)
+            result = runner(dataset, splits, train_config, on_epoch=lambda _name, _epoch: bars.advance(task))
+    result.extra["excluded"] = left_out
+    result.extra["warnings"] = warnings
+    result.extra["model"] = dataset.model.model_dump(mode="json")
+    reference = read_reference(data, split_seed=settings.split_seed, test_fraction=settings.test_fraction,
+                               stratify=settings.stratified_split)
+    document = result.to_json()
+    if reference is not None:
+        document["reference"] = reference
+    if json_output:
+        print_json(document)
+        return
+    columns = {mode.value: result.to_json()}
+    if reference is not None:
+        columns = {"Bayes-optimal": reference, **columns}
+    out.print(comparison_table(dataset, columns, title=f"{dataset.name}: {mode.value} training"))
+    if dataset.task == "binary":
+        out.print(clinical_table(document))
+    if "timing" in document:
+        out.print("timing: " + ", ".join(f"{k} {v}" for k, v in document["timing"].items()))
+    print_privacy(document.get("privacy"))
+
+
+def _withheld_columns(result: ExperimentResult) -> dict[str, int]:
+    """Hospital -> how many columns its round-0 statistics withheld as describing too few patients."""
+    run = result.extra.get("run")
+    suppressed = run.get("suppressed", {}) if isinstance(run, dict) else {}
+    return {h: cells["categories"] for h, cells in suppressed.items() if cells.get("categories")}
+
+
+def _train_federated(data: Path, dataset: DatasetSpec, splits: list[HospitalSplit], settings: Settings,
+                     config: RunConfig) -> ExperimentResult:
+    """The federation over loopback HTTP (a run that fails ends the command, exit 1), scored on every
+    hospital's test rows."""
+    from health_mlops.data.hospital import load_hospitals
+    from health_mlops.fl.loopback import run_federation_over_loopback
+    from health_mlops.fl.simulation import score_global_model
+
+    hospitals = load_hospitals(data, dataset)
+    with progress() as bars:
+        task = bars.add_task("federated rounds", total=config.rounds + 2)
+        outcome = run_federation_over_loopback(
+            dataset, hospitals, config, split_seed=settings.split_seed, test_fraction=settings.test_fraction,
+            stratify=settings.stratified_split, on_progress=lambda view: bars.update(task, completed=len(view.history)))
+    result = score_global_model(dataset, splits, outcome.run.preprocessing, outcome.weights)
+    result.extra["timing"] = outcome.timing.to_json()
+    result.extra["run"] = {"id": outcome.run.id, "config": outcome.run.config.model_dump(mode="json"),
+                           "rejected": outcome.run.rejected, "suppressed": outcome.run.suppressed,
+                           "excluded": outcome.run.excluded}
+    result.extra["privacy"] = privacy_json(outcome.run)
+    return result
+
+
+@app.command()
+def evaluate(
+    seeds: Annotated[str, typer.Option(help="generator seeds, each also its split seed: a range 1-5 or a list "
+                                            "1,2,7")] = "1-5",
+    hospitals: Annotated[int, typer.Option(min=2, max=20)] = 5,
+    rows_per_hospital: Annotated[int, typer.Option(min=100)] = 4000,
+    rounds: Annotated[int | None, typer.Option(min=1, help="federated training rounds")] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """Pooled, local-only and federated training on the synthetic data of several seeds: each hospital's AUC as
+    mean ± sd over seeds, and whether the README's claims hold on them (federated within 0.01 of pooled on the
+    mean over hospitals; at every hospital at least local-only, both on average over seeds). Federated rounds run
+    in memory, with the services' coordinator and hospital code."""
+    import tempfile
+
+    import torch
+
+    from health_mlops.seeds import MODES, POOLED_MARGIN, evaluate_over_seeds
+
+    chosen = seed_list(seeds)
+    dataset = load_spec("health-risk")
+    settings = get_settings()
+    torch.set_num_threads(settings.torch_threads)
+    train_config = TrainConfig.for_task(get_training_defaults(), dataset)
+    run_config = federated_run_config(dataset, hospitals, rounds=rounds)
+    with tempfile.TemporaryDirectory(prefix="health-mlops-evaluate-") as scratch, progress() as bars:
+        task = bars.add_task(f"{len(chosen)} seeds × pooled, local, federated", total=len(chosen))
+        result = evaluate_over_seeds(chosen, Path(scratch), hospitals=hospitals, rows_per_hospital=rows_per_hospital,
+                                     test_fraction=settings.test_fraction, stratify=settings.stratified_split,
+                                     train_config=train_config, run_config=run_config,
+                                     on_seed=lambda _seed: bars.advance(task))
+    if json_output:
+        print_json(result.to_json())
+        return
+    titles = {"federated": "federated", "pooled": "pooled", "local": "local-only", "bayes": "Bayes-optimal"}
+    table = Table(title=f"AUC over seeds {seeds} (mean ± sd; {hospitals} hospitals × {rows_per_hospital} "
+                        "patient-days)")
+    table.add_column("hospital")
+    for mode in MODES:
+        table.add_column(titles[mode], justify="right")
+
+    def cell(summary: tuple[float | None, float | None, int]) -> str:
+        mean, sd, _ = summary
+        return "—" if mean is None else f"{mean:.3f} ± {sd:.3f}"
+
+    for hospital in result.hospitals:
+        table.add_row(hospital, *(cell(result.hospital_summary(mode, hospital)) for mode in MODES))
+    table.add_section()
+    table.add_row("[bold]mean over hospitals[/]", *(cell(result.mean_summary(mode)) for mode in MODES))
+    out.print(table)
+    claims = result.claims()
+    out.print(f"{'✓' if claims['federated_within_0.01_of_pooled'] else '✗'} federated mean AUC ≥ pooled − "
+              f"{POOLED_MARGIN} (means over seeds)")
+    out.print(f"{'✓' if claims['federated_at_least_local_at_every_hospital'] else '✗'} federated ≥ local-only at "
+              "every hospital (means over seeds)")
