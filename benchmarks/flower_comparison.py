@@ -49,13 +49,13 @@ from common import free_ports
 
 from health_mlops.config import get_settings, get_training_defaults
 from health_mlops.data.hospital import load_hospitals
+from health_mlops.data.split import HospitalSplit, split_hospitals
 from health_mlops.data.synthetic import generate_dataset, hospital_ids
 from health_mlops.demo.federation import NodePlan, Ports, run_federation
 from health_mlops.demo.processes import Processes
-from health_mlops.fl.loopback import round_overheads_ms
+from health_mlops.experiments.loopback import round_overheads_ms
 from health_mlops.fl.messages import RunRequest, weighted_metrics
 from health_mlops.fl.run_config import RunConfig
-from health_mlops.ml.baselines import HospitalSplit, split_hospitals
 from health_mlops.security import provision
 from health_mlops.spec import load_spec
 

@@ -3,7 +3,7 @@
 For each generator seed (the acceptance data: 5 hospitals x 4000 patient-days, seeds 7, 8 and 9) and each strategy
 (fedavg, median, trimmed_mean), the same federated run is trained clean and under three attacks by hospital-1;
 the final global model is scored by its overall AUC on every hospital's test rows
-(`health_mlops.fl.simulation.score_global_model`). The attacker trains honestly, then replaces its update
+(`health_mlops.experiments.simulation.score_global_model`). The attacker trains honestly, then replaces its update
 (delta = its local weights - the round's global weights) before sending it:
 
   sign_flip  its honest delta negated and amplified x10: global - 10 (local - global)
@@ -45,13 +45,13 @@ from rich.table import Table
 
 from health_mlops.config import get_federation_defaults, get_settings
 from health_mlops.data.hospital import load_hospitals
+from health_mlops.data.split import HospitalSplit, split_hospitals
 from health_mlops.data.synthetic import generate_dataset
+from health_mlops.experiments.simulation import run_federated_in_memory
 from health_mlops.fl.coordinator import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker
 from health_mlops.fl.run_config import RunConfig, StrategyName, federated_run_config
-from health_mlops.fl.simulation import run_federated_in_memory
 from health_mlops.fl.strategies import Weights
-from health_mlops.ml.baselines import HospitalSplit, split_hospitals
 from health_mlops.spec import DatasetSpec, load_spec
 
 Attack = Literal["sign_flip", "scaled", "random"]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from health_mlops.data.hospital import load_hospitals
+from health_mlops.data.split import split_hospitals
 from health_mlops.data.synthetic import generate_dataset
 from health_mlops.fl.aggregator import AggregatorService, create_app, create_ops_app
 from health_mlops.fl.coordinator import TaskKind, TaskResult
@@ -30,7 +31,6 @@ from health_mlops.fl.run_config import StrategyConfig
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.fl.strategies import ClientUpdate, ServerOptimiserState, aggregate, aggregate_fedavg
 from health_mlops.http_server import BackgroundServer
-from health_mlops.ml.baselines import split_hospitals
 from health_mlops.pki import CA, SERVER, cert_path, key_path
 from health_mlops.security import ADMIN, Gatekeeper, bearer, provision, read_token, token_path
 from health_mlops.spec import load_spec

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 
 from health_mlops.data.hospital import load_hospital
+from health_mlops.data.split import split_hospitals
 from health_mlops.demo.processes import Child, Processes, wait_ready
 from health_mlops.fl.client import HospitalClient
 from health_mlops.fl.coordinator import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker
 from health_mlops.fl.messages import RunView, TaskMessage, decode_weights, encode_result
-from health_mlops.ml.baselines import split_hospitals
 from health_mlops.pki import CA, cert_path, key_path
 from health_mlops.security import ADMIN, ClientCredential, bearer, provision, read_token, token_path
 from health_mlops.spec import load_spec

@@ -15,11 +15,11 @@ import pytest
 
 from health_mlops.config import get_settings
 from health_mlops.data.hospital import load_hospitals
+from health_mlops.data.split import split_hospitals
 from health_mlops.data.synthetic import generate_dataset
+from health_mlops.experiments.simulation import run_federated_in_memory
 from health_mlops.fl.coordinator import privacy_report
 from health_mlops.fl.run_config import PrivacyConfig, federated_run_config
-from health_mlops.fl.simulation import run_federated_in_memory
-from health_mlops.ml.baselines import split_hospitals
 from health_mlops.spec import load_spec
 
 SPEC = load_spec("health-risk")

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 
 from health_mlops.data.hospital import load_hospitals
+from health_mlops.data.split import split_hospitals
 from health_mlops.data.synthetic import generate_dataset
+from health_mlops.experiments.simulation import run_federated_in_memory
 from health_mlops.fl.aggregator import AggregatorService
 from health_mlops.fl.run_config import PrivacyConfig, RunConfig
-from health_mlops.fl.simulation import run_federated_in_memory
 from health_mlops.fl.store import CheckpointStore
-from health_mlops.ml.baselines import split_hospitals
 from health_mlops.security import Gatekeeper, provision
 from health_mlops.serving.sources import hospitals_from_view, runs_from_views
 from health_mlops.spec import load_spec

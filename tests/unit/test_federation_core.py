@@ -7,13 +7,13 @@ import pandas as pd
 import pytest
 
 from health_mlops.data.preprocess import Preprocessor, encode_target, encoded_columns, histogram_edges, stats_of_frame
+from health_mlops.data.split import HospitalSplit
 from health_mlops.data.synthetic import CITIES, generate_city_days
+from health_mlops.experiments.simulation import run_federated_in_memory
 from health_mlops.fl.hospital import hospital_stats, preprocessor_from, reduce_stats, suppressed_cells
 from health_mlops.fl.run_config import RunConfig
-from health_mlops.fl.simulation import run_federated_in_memory
-from health_mlops.ml.baselines import HospitalSplit
+from health_mlops.metrics import BinarySummary, binary_metrics, combine
 from health_mlops.ml.evaluate import predict_frame
-from health_mlops.ml.metrics import BinarySummary, binary_metrics, combine
 from health_mlops.ml.model import model_with_weights
 from health_mlops.spec import load_spec
 

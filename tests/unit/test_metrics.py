@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from health_mlops.ml.metrics import (BINARY_METRICS, CALIBRATION_BINS, BinarySummary, binary_metrics, bootstrap_auc,
+from health_mlops.metrics import (BINARY_METRICS, CALIBRATION_BINS, BinarySummary, binary_metrics, bootstrap_auc,
                                      combine, mean_over_hospitals, regression_metrics, undefined_reasons,
                                      weighted_auc)
 

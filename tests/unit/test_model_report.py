@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from health_mlops.data.io import read_table
+from health_mlops.data.split import HospitalSplit
 from health_mlops.data.synthetic import CITIES, generate_city_days
 from health_mlops.data.validate import validate_table
+from health_mlops.experiments.simulation import run_federated_in_memory
 from health_mlops.fl.report import ROC_POINTS, model_report
 from health_mlops.fl.run_config import RunConfig
-from health_mlops.fl.simulation import run_federated_in_memory
-from health_mlops.ml.baselines import HospitalSplit
 from health_mlops.spec import MissingPolicy, load_spec
 
 BASE = load_spec("health-risk")

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pandas and the data code load only in the commands that rea
     from health_mlops.data.hospital import HospitalData
     from health_mlops.data.usability import SiteAssessment
     from health_mlops.data.validate import FileReport
-    from health_mlops.ml.baselines import HospitalSplit
+    from health_mlops.data.split import HospitalSplit
 
 # How many quarantined rows a human-readable report lists per file (--json lists them all).
 ROWS_SHOWN = 10
@@ -154,7 +154,7 @@ def load_splits(data: Path, dataset: DatasetSpec, settings: Settings
     about the others (each said on stderr); no usable hospital ends the command (exit 2)."""
     from health_mlops.data.hospital import load_hospitals
     from health_mlops.data.usability import assess_sites, excluded, usable, warning_about_test_rows
-    from health_mlops.ml.baselines import split_hospitals
+    from health_mlops.data.split import split_hospitals
 
     hospitals = load_hospitals(data, dataset, quality_dir=settings.quality_dir / data.resolve().name)
     quarantined = sum(h.rows_quarantined for h in hospitals.values())

@@ -51,7 +51,7 @@ def demo(
     from health_mlops.demo.federation import Ports, node_plan, run_federation, serve_dashboard
     from health_mlops.demo.processes import Processes, check_ports_free
     from health_mlops.demo.prometheus import start_prometheus
-    from health_mlops.fl.loopback import round_overheads_ms
+    from health_mlops.experiments.loopback import round_overheads_ms
     from health_mlops.fl.messages import RunRequest
     from health_mlops.security import provision as issue
 

@@ -21,7 +21,8 @@ from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import DatasetSpec, load_spec, spec_for_data
 
 if TYPE_CHECKING:  # training imports torch: only the commands that train load it
-    from health_mlops.ml.baselines import ExperimentResult, HospitalSplit
+    from health_mlops.data.split import HospitalSplit
+    from health_mlops.experiments.baselines import ExperimentResult
 
 
 @app.command()
@@ -68,7 +69,7 @@ def train(
     import torch
 
     from health_mlops.data.synthetic import read_reference
-    from health_mlops.ml.baselines import run_local, run_pooled
+    from health_mlops.experiments.baselines import run_local, run_pooled
 
     settings = get_settings()
     torch.set_num_threads(settings.torch_threads)
@@ -139,8 +140,8 @@ def _train_federated(data: Path, dataset: DatasetSpec, splits: list[HospitalSpli
     """The federation over loopback HTTP (a run that fails ends the command, exit 1), scored on every
     hospital's test rows."""
     from health_mlops.data.hospital import load_hospitals
-    from health_mlops.fl.loopback import run_federation_over_loopback
-    from health_mlops.fl.simulation import score_global_model
+    from health_mlops.experiments.loopback import run_federation_over_loopback
+    from health_mlops.experiments.simulation import score_global_model
 
     hospitals = load_hospitals(data, dataset)
     with progress() as bars:
@@ -174,7 +175,7 @@ def evaluate(
 
     import torch
 
-    from health_mlops.seeds import MODES, POOLED_MARGIN, evaluate_over_seeds
+    from health_mlops.experiments.seeds import MODES, POOLED_MARGIN, evaluate_over_seeds
 
     chosen = seed_list(seeds)
     dataset = load_spec("health-risk")

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from health_mlops.spec import DatasetSpec
+
+if TYPE_CHECKING:
+    from health_mlops.data.hospital import HospitalData
 
 REGRESSION_STRATA = 5  # a regression target is stratified by its quintiles
 
@@ -52,3 +57,22 @@ def split_frame(frame: pd.DataFrame, spec: DatasetSpec, hospital_id: str, *, see
     """A hospital's (train, test) rows, stratified by the target unless `stratify` is off."""
     strata = target_strata(frame, spec) if stratify else None
     return split_indices(len(frame), hospital_id, seed=seed, test_fraction=test_fraction, strata=strata)
+
+
+@dataclass(frozen=True)
+class HospitalSplit:
+    hospital_id: str
+    train: pd.DataFrame
+    test: pd.DataFrame
+
+
+def split_hospitals(hospitals: dict[str, HospitalData], spec: DatasetSpec, *, seed: int, test_fraction: float,
+                    stratify: bool = True) -> list[HospitalSplit]:
+    """Each hospital's own split, as its node makes it (`split_frame`)."""
+    splits = []
+    for hospital_id, data in hospitals.items():
+        train, test = split_frame(data.frame, spec, hospital_id, seed=seed, test_fraction=test_fraction,
+                                  stratify=stratify)
+        splits.append(HospitalSplit(hospital_id, data.frame.iloc[train].reset_index(drop=True),
+                                    data.frame.iloc[test].reset_index(drop=True)))
+    return splits

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from health_mlops.data.split import split_frame
-from health_mlops.ml.metrics import binary_metrics, mean_over_hospitals, weighted_auc
+from health_mlops.metrics import binary_metrics, mean_over_hospitals, weighted_auc
 from health_mlops.spec import SPEC_FILE_NAME, DatasetSpec, load_spec, spec_to_yaml
 
 DATA_FILE_NAME = "patient_days.csv"

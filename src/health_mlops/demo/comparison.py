@@ -8,10 +8,11 @@ from pathlib import Path
 from rich.progress import Progress
 
 from health_mlops.config import Settings, get_training_defaults
+from health_mlops.data.split import HospitalSplit
 from health_mlops.data.synthetic import read_reference
+from health_mlops.experiments.baselines import run_local, run_pooled
+from health_mlops.experiments.simulation import score_global_model
 from health_mlops.fl.messages import RunView, decode_weights
-from health_mlops.fl.simulation import score_global_model
-from health_mlops.ml.baselines import HospitalSplit, run_local, run_pooled
 from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import DatasetSpec
 

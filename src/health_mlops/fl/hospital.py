@@ -20,8 +20,8 @@ from health_mlops.data.preprocess import (Preprocessor, encoded_columns, feature
 from health_mlops.fl.coordinator import TaskKind, TaskResult, plan_for
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.strategies import Weights
+from health_mlops.metrics import BOOTSTRAP_REPLICATES
 from health_mlops.ml.evaluate import evaluate_frame
-from health_mlops.ml.metrics import BOOTSTRAP_REPLICATES
 from health_mlops.ml.model import model_with_weights, weights_as_numpy
 from health_mlops.ml.train import train_model
 from health_mlops.ml.train_config import TrainConfig

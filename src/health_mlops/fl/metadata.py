@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from health_mlops.data.preprocess import HISTOGRAM_BINS
 from health_mlops.fl.errors import Rejected
-from health_mlops.ml.metrics import BINARY_METRICS, CALIBRATION_BINS, REGRESSION_METRICS, SCORE_BINS
+from health_mlops.metrics import BINARY_METRICS, CALIBRATION_BINS, REGRESSION_METRICS, SCORE_BINS
 
 # The metric names hospitals may report (those of ml.metrics); anything else would become new time series.
 METRIC_NAMES = frozenset({*BINARY_METRICS, *REGRESSION_METRICS})

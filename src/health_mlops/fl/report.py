@@ -18,7 +18,7 @@ import numpy as np
 from health_mlops.data.preprocess import feature_columns, value_width
 from health_mlops.fl.coordinator import Run, TaskKind, privacy_report
 from health_mlops.fl.messages import weighted_metrics
-from health_mlops.ml.metrics import BinarySummary, combine, mean_over_hospitals, undefined_from_counts
+from health_mlops.metrics import BinarySummary, combine, mean_over_hospitals, undefined_from_counts
 from health_mlops.spec import DatasetSpec
 
 REPORT_VERSION = 1

@@ -7,7 +7,7 @@ import pandas as pd
 from torch import nn
 
 from health_mlops.data.preprocess import Preprocessor, encode_target
-from health_mlops.ml.metrics import BinarySummary, task_metrics
+from health_mlops.metrics import BinarySummary, task_metrics
 from health_mlops.ml.train import predict
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from health_mlops.spec import ModelDefaults
+from health_mlops.data.preprocess import encoded_columns
+from health_mlops.spec import DatasetSpec, ModelDefaults
 
 
 def build_model(config: ModelDefaults, n_inputs: int, *, seed: int = 0) -> nn.Module:
@@ -49,3 +50,8 @@ def model_with_weights(config: ModelDefaults, n_inputs: int, weights: dict[str, 
     model = build_model(config, n_inputs)
     set_weights(model, {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in weights.items()})
     return model
+
+
+def initial_weights(spec: DatasetSpec, seed: int) -> dict[str, np.ndarray]:
+    """A federation's round-1 global model: the task's model, seeded, as arrays."""
+    return weights_as_numpy(build_model(spec.model, len(encoded_columns(spec)), seed=seed))

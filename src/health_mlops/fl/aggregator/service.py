@@ -28,18 +28,18 @@ from health_mlops.audit import AuditLog
 from health_mlops.data.preprocess import encoded_columns
 from health_mlops.errors import CheckpointError
 from health_mlops.faults import crash_point
+from health_mlops.fl.aggregator.reporting import Reporting
 from health_mlops.fl.coordinator import (Conflict, Coordinator, Event, Forbidden, NotFound, RoundClosed, RoundOpened,
                                          Run, RunEnded, RunStatus, Task, TaskKind, TaskResult, privacy_report,
                                          round_record_to_dict)
 from health_mlops.fl.errors import Invalid
-from health_mlops.fl.aggregator.reporting import Reporting
 from health_mlops.fl.hospital import reduce_stats, suppressed_cells
 from health_mlops.fl.messages import (MessageError, OpenTaskView, RoundView, RunRequest, RunView, TaskMessage,
                                       decode_result, encode_weights, map_result, weighted_metrics, weights_view)
-from health_mlops.fl.simulation import initial_weights
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.fl.strategies import Weights
 from health_mlops.memory import return_free_memory
+from health_mlops.ml.model import initial_weights
 from health_mlops.monitoring import AggregatorMetrics
 from health_mlops.security import FailureThrottle, Gatekeeper, Identity
 from health_mlops.spec import DatasetSpec

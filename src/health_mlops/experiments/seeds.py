@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from health_mlops.data.hospital import load_hospitals
+from health_mlops.data.split import split_hospitals
 from health_mlops.data.synthetic import generate_dataset, read_reference
+from health_mlops.experiments.baselines import run_local, run_pooled
+from health_mlops.experiments.simulation import run_federated_in_memory
 from health_mlops.fl.run_config import RunConfig
-from health_mlops.fl.simulation import run_federated_in_memory
-from health_mlops.ml.baselines import run_local, run_pooled, split_hospitals
 from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import load_spec
 

@@ -9,21 +9,16 @@ from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
-import numpy as np
-
-from health_mlops.data.preprocess import encoded_columns, imputation
+from health_mlops.data.preprocess import imputation
+from health_mlops.data.split import HospitalSplit
+from health_mlops.experiments.baselines import ExperimentResult, score_predictions
 from health_mlops.fl.coordinator import Coordinator, Run, RunStatus
 from health_mlops.fl.hospital import HospitalWorker, decision_threshold, preprocessor_from, reduce_stats
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.strategies import Weights
-from health_mlops.ml.baselines import ExperimentResult, HospitalSplit, score_predictions
 from health_mlops.ml.evaluate import predict_frame
-from health_mlops.ml.model import build_model, model_with_weights, weights_as_numpy
+from health_mlops.ml.model import initial_weights, model_with_weights
 from health_mlops.spec import DatasetSpec
-
-
-def initial_weights(spec: DatasetSpec, seed: int) -> dict[str, np.ndarray]:
-    return weights_as_numpy(build_model(spec.model, len(encoded_columns(spec)), seed=seed))
 
 
 def run_federated_in_memory(spec: DatasetSpec, splits: list[HospitalSplit], config: RunConfig, *,

@@ -15,34 +15,14 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from health_mlops.data.hospital import HospitalData
 from health_mlops.data.preprocess import Preprocessor, encode_target, imputation, stats_of_frame
-from health_mlops.data.split import split_frame
+from health_mlops.data.split import HospitalSplit
+from health_mlops.metrics import mean_over_hospitals, task_metrics, undefined_reasons
 from health_mlops.ml.evaluate import predict_frame
-from health_mlops.ml.metrics import mean_over_hospitals, task_metrics, undefined_reasons
 from health_mlops.ml.model import build_model
 from health_mlops.ml.train import train_model
 from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import DatasetSpec
-
-
-@dataclass(frozen=True)
-class HospitalSplit:
-    hospital_id: str
-    train: pd.DataFrame
-    test: pd.DataFrame
-
-
-def split_hospitals(hospitals: dict[str, HospitalData], spec: DatasetSpec, *, seed: int, test_fraction: float,
-                    stratify: bool = True) -> list[HospitalSplit]:
-    """Each hospital's own split, as its node makes it (`data.split.split_frame`)."""
-    splits = []
-    for hospital_id, data in hospitals.items():
-        train, test = split_frame(data.frame, spec, hospital_id, seed=seed, test_fraction=test_fraction,
-                                  stratify=stratify)
-        splits.append(HospitalSplit(hospital_id, data.frame.iloc[train].reset_index(drop=True),
-                                    data.frame.iloc[test].reset_index(drop=True)))
-    return splits
 
 
 @dataclass

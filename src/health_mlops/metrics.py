@@ -1,4 +1,6 @@
-"""Model metrics by task, as a clinician reads them, computed where the rows are (no torch here).
+"""Model metrics by task, as a clinician reads them, computed where the rows are (no torch here). The metrics of
+a model's quality; the metrics Prometheus scrapes are `monitoring.py`'s. A leaf: it imports nothing of the
+project, so data/ (the generator's Bayes-optimal scores) and ml/ both use it.
 
 A binary model is judged by its ranking (AUC with a bootstrap 95% interval), its probabilities (Brier score, log
 loss, calibration slope and intercept, reliability bins) and its decisions at a threshold (sensitivity,
