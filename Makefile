@@ -80,7 +80,10 @@ $(FLOWER_STAMP): pyproject.toml scripts/install-torch.sh | python-venv
 
 flower: $(FLOWER_STAMP)
 
+# Lint (ruff) and types (mypy) first: seconds, where the tests take minutes.
 test: setup debs-test checkov
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 # A new hospital in the Kubernetes deployment: its overlay and its one line in k8s/hospitals/kustomization.yaml.

@@ -30,9 +30,10 @@ global weights, and for fedyogi the new optimiser state). fedyogi is measured on
 `ServerOptimiserState()`: its two float32 moments are created during the round and counted. Ratios are to one
 update's bytes (4P).
 
-Accumulator error (N=200, a sample of coordinates): FedAvg's cascade of float32 partial sums (our `RoundAggregation`),
-a float64 running sum, a plain float32 running sum and a compensated (Kahan) float32 one, against the exact weighted mean (`math.fsum` of the
-exact float64 products, divided once), in float32 ulps of the exact value.
+Accumulator error (N=200, a sample of coordinates): FedAvg's cascade of float32 partial sums (our
+`RoundAggregation`), a float64 running sum, a plain float32 running sum and a compensated (Kahan) float32 one,
+against the exact weighted mean (`math.fsum` of the exact float64 products, divided once), in float32 ulps of the
+exact value.
 
 Run with `make bench` (or `python benchmarks/aggregation.py [--hospitals N ...] [--params P ...]
 [--strategies ...] [--repeats R]`): prints a table and writes benchmarks/results/aggregation.md (7 min on 2

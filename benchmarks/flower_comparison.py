@@ -103,7 +103,8 @@ DIFFERENCES = """## What differs between the two setups
 - **2 CPUs for everything**: on one machine per hospital Flower's ClientApps would start faster (importing the
   app's modules alone takes about 3 s in one process here) and its overhead would be smaller, but its polls alone
   can add up to 3 + 1 + 3 s a round.
-- **Aggregation precision**: health-mlops sums updates in float32 partial sums of at most 16 terms, cascaded (`WeightedMean`), Flower's FedAvg in one float32 running sum.
+- **Aggregation precision**: health-mlops sums updates in float32 partial sums of at most 16 terms, cascaded
+  (`WeightedMean`), Flower's FedAvg in one float32 running sum.
 - **Not counted on either side**: starting the processes; health-mlops' ONNX export and MLflow registration after
   the run. Flower's `flwr run` end to end (bundle built and uploaded, ServerApp process started, log stream
   ended) is given below the table.

@@ -186,7 +186,8 @@ def markdown(rows: list[Row], seeds: Sequence[int], rounds: int, minutes: float,
     names = headers(seeds)
     lines = ["# Poisoning benchmark", "",
              f"`python benchmarks/poisoning.py` (`make bench`): 5 hospitals x 4000 rows, generator seeds "
-             f"{', '.join(map(str, seeds))}, {rounds} rounds, {os.cpu_count()} CPUs; {ATTACKER} poisons every fit round (sign_flip: "
+             f"{', '.join(map(str, seeds))}, {rounds} rounds, {os.cpu_count()} CPUs; {ATTACKER} poisons every fit "
+             f"round (sign_flip: "
              f"-{SIGN_FLIP_BOOST:g}x its honest delta; scaled: {SCALE:g}x; random: Gaussian direction; each clipped "
              f"to at most {BOUND_SHARE:g} x update_norm_bound, all accepted). Final overall test AUC; "
              f"in brackets the change from the same strategy's clean run on that seed. {minutes:.1f} min.", "",

@@ -30,7 +30,9 @@ class GuardedHttpProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
     """uvicorn's HTTP protocol, with two additions: the ASGI TLS extension in the scope of requests made over
     TLS (`tls.py` says why), and a deadline for the connection's first request."""
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    app: Any  # uvicorn's ASGI app; wrapped for this connection when it is over TLS
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
         self._first_request_deadline = asyncio.get_running_loop().call_later(FIRST_REQUEST_TIMEOUT_S,
                                                                             self._close_if_no_request)

@@ -275,7 +275,7 @@ class BinarySummary:
 
     def reliability(self) -> list[dict[str, float | int | None]]:
         """Per reliability bin with rows: its range, rows, mean predicted risk and observed event rate."""
-        bins = []
+        bins: list[dict[str, float | int | None]] = []
         for k, (n, predicted, observed) in enumerate(zip(self.calibration_count, self.calibration_predicted,
                                                          self.calibration_observed, strict=True)):
             if n:

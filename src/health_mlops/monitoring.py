@@ -53,7 +53,8 @@ class AggregatorMetrics:
                                              "Time to write a checkpoint durably", buckets=_DURATION_BUCKETS,
                                              registry=r)
         self.checkpoint_bytes = Counter("health_mlops_checkpoint_bytes_total",
-                                        "Bytes written durably, by file (state, result, weights, optimiser, history, run)",
+                                        "Bytes written durably, by file (state, result, weights, optimiser, "
+                                        "history, run)",
                                         ["file"], registry=r)
         self.auth_failures = auth_failures(r)
 
@@ -101,8 +102,8 @@ class ServingMetrics:
 def histogram_quantile(histogram: Histogram, quantile: float, **labels: str) -> float | None:
     """The upper bound of the bucket holding the `quantile` of a histogram's observations (as Prometheus'
     histogram_quantile would bound it); None before any observation."""
-    buckets = sorted(((float(s.labels["le"]), s.value) for metric in histogram.collect() for s in metric.samples
-                      if s.name.endswith("_bucket") and all(s.labels.get(k) == v for k, v in labels.items())))
+    buckets = sorted((float(s.labels["le"]), s.value) for metric in histogram.collect() for s in metric.samples
+                      if s.name.endswith("_bucket") and all(s.labels.get(k) == v for k, v in labels.items()))
     total = buckets[-1][1] if buckets else 0.0
     if total == 0:
         return None

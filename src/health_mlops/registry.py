@@ -291,6 +291,8 @@ class Registry:
     def load_report(self, version: int) -> dict[str, Any] | None:
         """The federated model report of a version (None for versions registered before reports existed)."""
         raw = self.client.get_model_version(self.model_name, str(version))
+        if raw.run_id is None:
+            return None
         with tempfile.TemporaryDirectory() as scratch:
             try:
                 path = Path(self.client.download_artifacts(raw.run_id, f"{_ARTIFACT_DIR}/{REPORT_FILE}", scratch))
@@ -301,6 +303,8 @@ class Registry:
     def load_artifacts(self, version: int) -> tuple[bytes, str]:
         """(ONNX model, spec YAML) of a version."""
         raw = self.client.get_model_version(self.model_name, str(version))
+        if raw.run_id is None:
+            raise RegistryError(f"{self.model_name} v{version} has no MLflow run: its artifacts cannot be found")
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(self.client.download_artifacts(raw.run_id, _ARTIFACT_DIR, scratch))
             return (folder / MODEL_FILE).read_bytes(), (folder / SPEC_FILE).read_text(encoding="utf-8")

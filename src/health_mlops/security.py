@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Literal, TypeVar
+from typing import Final, Generic, Literal, TypeVar
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -40,7 +40,7 @@ T = TypeVar("T")
 log = logging.getLogger("health_mlops.security")
 
 REGISTRY_FILE_NAME = "registry.json"
-ADMIN = "admin"
+ADMIN: Final = "admin"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ as a header, which anything that can reach the aggregator's plain port could for
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ def _parse(pem: str) -> x509.Certificate:
     return x509.load_pem_x509_certificate(pem.encode("ascii"))
 
 
-def peer_certificate(scope: dict[str, Any]) -> x509.Certificate | None:
+def peer_certificate(scope: Mapping[str, Any]) -> x509.Certificate | None:
     """The client certificate the TLS handshake verified, or None (plain HTTP, or no certificate)."""
     chain = ((scope.get("extensions") or {}).get("tls") or {}).get("client_cert_chain") or []
     return _parse(chain[0]) if chain else None

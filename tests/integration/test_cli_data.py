@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, run_cli_json
+from tests.conftest import run_cli
 from tests.unit.test_validate import CORRUPTIONS, REPEATED_HEADER_LINE, SHORT_LINE, write_corrupted_csv
 
 # The corrupted file's valid rows are few, all without an event.

@@ -18,7 +18,7 @@ import pytest
 from health_mlops.fl.messages import RunView, decode_weights
 from health_mlops.fl.strategies import Weights
 from tests.conftest import run_cli_json
-from tests.integration.test_federation_processes import HOSPITALS, Cluster, data  # noqa: F401 - a fixture
+from tests.integration.test_federation_processes import HOSPITALS, Cluster
 
 # A round deadline far beyond the test: a round may close only because every hospital answered, never because
 # time ran out (a restored round whose closing was lost must close at once).

@@ -144,7 +144,8 @@ def test_the_models_tab_shows_the_champions_report_with_roc_and_calibration(brow
     page.screenshot(path=SCREENSHOTS / "models.png", full_page=True)
 
 
-def test_the_api_docs_render_with_every_request_off_loopback_blocked(browser_page: Page, demo: tuple[str, Path]) -> None:
+def test_the_api_docs_render_with_every_request_off_loopback_blocked(browser_page: Page,
+                                                                     demo: tuple[str, Path]) -> None:
     """An air-gapped hospital's view: anything but loopback fails, as it would there. FastAPI's own /docs loads
     Swagger UI from a CDN and stays blank; ReDoc fetches its logo from one, so no app serves /redoc."""
     browser = browser_page.context.browser

@@ -27,18 +27,10 @@ from health_mlops.pki import CA, cert_path, key_path
 from health_mlops.security import ADMIN, ClientCredential, bearer, provision, read_token, token_path
 from health_mlops.spec import load_spec
 from health_mlops.tls import client_context
-from tests.conftest import free_port_range, run_cli, run_cli_json
+from tests.conftest import free_port_range, run_cli_json
 
 SPEC = load_spec("health-risk")
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("federation") / "data"
-    run_cli("data", "generate", "--out", str(root), "--hospitals", "3", "--rows-per-hospital", "1500", "--seed", "3",
-            home=root.parent / "generate-home")
-    return root
 
 
 class Cluster:

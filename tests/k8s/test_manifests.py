@@ -60,8 +60,10 @@ def name_of(obj: dict[str, Any]) -> str:
     return f"{obj['kind']} {obj['metadata'].get('namespace', '-')}/{obj['metadata']['name']}"
 
 
-@pytest.mark.parametrize("overlay", sorted(str(p.parent.relative_to(ROOT)) for p in
-                                            [*K8S.rglob("kustomization.yaml"), ROOT / "monitoring" / "kustomization.yaml"]))
+OVERLAYS = [*K8S.rglob("kustomization.yaml"), ROOT / "monitoring" / "kustomization.yaml"]
+
+
+@pytest.mark.parametrize("overlay", sorted(str(p.parent.relative_to(ROOT)) for p in OVERLAYS))
 def test_every_overlay_builds(overlay: str) -> None:
     assert kustomize(ROOT / overlay)
 
@@ -207,8 +209,10 @@ def test_adding_a_hospital_is_one_overlay_and_one_line(tmp_path: Path) -> None:
                             f"K8S={copy / 'k8s'}"], capture_output=True, text=True, timeout=60)
     assert added.returncode == 0, added.stderr
     objects = kustomize(copy / "k8s")
-    six = [o for o in objects if o["metadata"].get("namespace") == "hospital-6" or o["metadata"]["name"] == "hospital-6"]
-    assert {o["kind"] for o in six} >= {"Namespace", "Deployment", "ConfigMap", "PersistentVolumeClaim", "NetworkPolicy"}
+    six = [o for o in objects
+           if o["metadata"].get("namespace") == "hospital-6" or o["metadata"]["name"] == "hospital-6"]
+    assert {o["kind"] for o in six} >= {"Namespace", "Deployment", "ConfigMap", "PersistentVolumeClaim",
+                                        "NetworkPolicy"}
     config = next(o for o in six if o["kind"] == "ConfigMap")
     assert config["data"]["CITY_NAME"] == "Oslo"
     hospitals = (copy / "k8s" / "hospitals" / "kustomization.yaml").read_text()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, ResultAccepted,
-                                         ResultRejected, RoundClosed, RoundOpened, RunEnded, RunStarted, RunStatus,
-                                         TaskKind, TaskResult, round_record_to_dict)
+                                         ResultRejected, RoundArrays, RoundClosed, RoundHistory, RoundOpened, RunEnded,
+                                         RunStarted, RunStatus, TaskKind, TaskResult, round_record_to_dict)
 from health_mlops.fl.run_config import RunConfig, StrategyConfig
 
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
@@ -208,7 +208,8 @@ def test_old_rounds_tasks_are_forgotten_but_a_late_duplicate_is_still_a_conflict
     assert {t.round for t in coordinator.tasks.values()} == {3, 4}  # the closed round and the open one
     assert late is not None
     with pytest.raises(Conflict):
-        coordinator.submit(late.id, "hospital-1", "a", TaskResult(fitted(), {"w": np.ones(3), "b": np.ones(1)}), now=2.0)
+        coordinator.submit(late.id, "hospital-1", "a", TaskResult(fitted(), {"w": np.ones(3), "b": np.ones(1)}),
+                           now=2.0)
     # A result for a round long closed (its task forgotten): still a conflict, never averaged, never "not found".
     forgotten = "run-1.r1.a0.hospital-2"
     assert forgotten not in coordinator.tasks

@@ -103,8 +103,8 @@ def test_the_feature_reference_is_the_training_population_read_back_from_onnx(
     assert reference.mean["age"] == pytest.approx(frame["age"].mean(), rel=1e-5)
     assert reference.scale["age"] == pytest.approx(frame["age"].std(ddof=0), rel=1e-4)
     shares = frame["smoker"].value_counts(normalize=True)
-    assert reference.frequencies["smoker"] == pytest.approx([shares.get(c, 0.0) for c in ("never", "former", "current")],
-                                                            abs=1e-6)
+    expected = [shares.get(c, 0.0) for c in ("never", "former", "current")]
+    assert reference.frequencies["smoker"] == pytest.approx(expected, abs=1e-6)
     typical = reference.typical_row(SPEC)
     smoker = [f.name for f in SPEC.features].index("smoker")
     assert typical[smoker] == ["never", "former", "current"].index(shares.idxmax())

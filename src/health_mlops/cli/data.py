@@ -33,7 +33,8 @@ def data_generate(
     hospitals: Annotated[int, typer.Option(min=1, max=100, help="number of hospitals (cities cycle past 5)")] = 5,
     rows_per_hospital: Annotated[int, typer.Option(min=10, help="patient-days per hospital")] = 4000,
     seed: Annotated[int, typer.Option(help="generator seed: the same seed writes the same files")] = 0,
-    spec: Annotated[str, typer.Option(help="health-risk (synthetic) or diabetes (scikit-learn's real data)")] = "health-risk",
+    spec: Annotated[str, typer.Option(
+        help="health-risk (synthetic) or diabetes (scikit-learn's real data)")] = "health-risk",
     json_output: JsonOption = False,
 ) -> None:
     """Write one data folder per hospital, with the spec (and for synthetic data, the Bayes-optimal scores)."""
@@ -47,8 +48,8 @@ def data_generate(
         table = Table(title=f"diabetes data set by age band → {out_dir}")
         for column in ("hospital", "ages", "rows", "mean progression"):
             table.add_column(column, justify="left" if column == "hospital" else "right")
-        for s in sites:
-            table.add_row(s.hospital_id, s.ages, str(s.rows), f"{s.mean_progression:.1f}")
+        for site in sites:
+            table.add_row(site.hospital_id, site.ages, str(site.rows), f"{site.mean_progression:.1f}")
         out.print(table)
         return
     if spec != "health-risk":

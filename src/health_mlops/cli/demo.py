@@ -80,8 +80,9 @@ def demo(
         if serve:
             check_ports_free([dashboard_port, prometheus_port])  # fail now, not after training
         # Every process lives until the demo ends: after training, the dashboard shows the federation live.
-        with Processes(settings.home / "logs", {**os.environ, "HEALTH_MLOPS_HOME": str(settings.home),
-                                                "HEALTH_MLOPS_AGGREGATOR_URL": f"https://127.0.0.1:{port}"}) as processes:
+        environment = {**os.environ, "HEALTH_MLOPS_HOME": str(settings.home),
+                       "HEALTH_MLOPS_AGGREGATOR_URL": f"https://127.0.0.1:{port}"}
+        with Processes(settings.home / "logs", environment) as processes:
             if serve:
                 nodes = [(p.hospital_id, p.node_id) for p in node_plan(data, names, {})]
                 start_prometheus(processes, settings, ports, nodes, dashboard_port, prometheus_port, err)

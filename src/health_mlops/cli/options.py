@@ -30,15 +30,15 @@ STRATEGY = StrategyConfig.model_fields
 SERVER_OPTIMISER = ServerOptimiserConfig.model_fields
 
 # The model kinds are the spec's: one list.
-ModelKind = Enum("ModelKind", {kind: kind for kind in get_args(ModelDefaults.model_fields["kind"].annotation)},
-                 type=str)  # type: ignore[misc]
+ModelKind = Enum("ModelKind",  # type: ignore[misc]
+                 {kind: kind for kind in get_args(ModelDefaults.model_fields["kind"].annotation)}, type=str)
 
 # The CLI's choices are the strategies' names: one list, so a new strategy appears here by itself.
 Strategy = Enum("Strategy", {name: name for name in STRATEGY_NAMES}, type=str)  # type: ignore[misc]
 
 SpecOption = Annotated[str | None, typer.Option(help="built-in spec name or YAML path")]
-AdminTokenOption = Annotated[Path | None, typer.Option(help="the admin token (default: env "
-                                                             "HEALTH_MLOPS_ADMIN_TOKEN, else <credentials>/admin.token)")]
+AdminTokenOption = Annotated[Path | None, typer.Option(
+    help="the admin token (default: env HEALTH_MLOPS_ADMIN_TOKEN, else <credentials>/admin.token)")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 
 # Differential privacy, the same four options on every command that starts a federated run.
@@ -78,8 +78,8 @@ def run_config_from_options(dataset: DatasetSpec, hospitals: int, *, epsilon: fl
     naming its option."""
     if epsilon is None and noise_multiplier is not None:
         fail("--dp-noise-multiplier needs --dp-epsilon (the budget it must meet)")
-    if isinstance(overrides.get("strategy"), Enum):
-        overrides["strategy"] = overrides["strategy"].value  # type: ignore[union-attr]
+    if isinstance(strategy := overrides.get("strategy"), Enum):
+        overrides["strategy"] = strategy.value
     try:
         privacy = None if epsilon is None else PrivacyConfig(epsilon=epsilon, delta=delta,
                                                               noise_multiplier=noise_multiplier,

@@ -96,7 +96,9 @@ def registry_rollback(spec: ModelSpecOption = None, admin_token_file: AdminToken
 
 
 @audit_app.command("verify")
-def audit_verify(log: Annotated[Path | None, typer.Option(help="default: $HEALTH_MLOPS_HOME/audit.log")] = None) -> None:
+def audit_verify(
+    log: Annotated[Path | None, typer.Option(help="default: $HEALTH_MLOPS_HOME/audit.log")] = None,
+) -> None:
     """Check the audit log's hash chain (and MACs, if the credentials folder has the audit key); exit 1 naming the
     first line that was changed, removed, inserted or reordered."""
     from health_mlops.audit import load_audit_key, verify_audit

@@ -83,8 +83,9 @@ def provision(
     hospital: Annotated[list[str] | None, typer.Option(help="issue for this hospital (repeatable)")] = None,
     server_name: Annotated[list[str] | None, typer.Option(help="another DNS name or IP address the aggregator "
                                                                 "is reached by (repeatable)")] = None,
-    rotate: Annotated[list[str] | None, typer.Option(help="new token and certificate for this hospital, "
-                                                           "'admin' or 'aggregator'; the old ones stop working")] = None,
+    rotate: Annotated[list[str] | None, typer.Option(
+        help="new token and certificate for this hospital, 'admin' or 'aggregator'; the old ones stop "
+             "working")] = None,
     revoke: Annotated[list[str] | None, typer.Option(help="revoke this hospital's token and certificate")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="default: the credentials folder of "
                                                                 "$HEALTH_MLOPS_HOME")] = None,

@@ -75,8 +75,8 @@ def privacy_json(view: RunView) -> dict[str, object] | None:
             "hospitals": {h: p.epsilon for h, p in view.privacy.hospitals.items()}}
 
 
-def print_privacy(privacy: dict[str, object] | None) -> None:
-    """One line under a result trained with differential privacy (`privacy_json`)."""
-    if privacy is not None:
+def print_privacy(privacy: object) -> None:
+    """One line under a result trained with differential privacy (`privacy_json`; None without)."""
+    if isinstance(privacy, dict):
         out.print(f"differential privacy: ε = {privacy['epsilon']:.2f} (the most any hospital spent; budget "
                   f"{privacy['budget_epsilon']:g}), δ = {privacy['delta']:g}", soft_wrap=True)

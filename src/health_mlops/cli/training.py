@@ -92,8 +92,8 @@ def train(
             learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay, strategy=strategy,
             proximal_mu=proximal_mu, server_learning_rate=server_learning_rate, trim_fraction=trim_fraction)
         result = _train_federated(data, dataset, splits, settings, config)
-        for hospital, columns in _withheld_columns(result).items():
-            warning = (f"round 0 withheld {columns} column(s) (a category, or a feature not measured, of fewer than "
+        for hospital, withheld in _withheld_columns(result).items():
+            warning = (f"round 0 withheld {withheld} column(s) (a category, or a feature not measured, of fewer than "
                        f"5 patients); the federation's standardisation and fill-in leave this hospital out of them")
             warn(hospital, warning)
             warnings.setdefault(hospital, []).append(warning)
@@ -123,8 +123,8 @@ def train(
     out.print(comparison_table(dataset, columns, title=f"{dataset.name}: {mode.value} training"))
     if dataset.task == "binary":
         out.print(clinical_table(document))
-    if "timing" in document:
-        out.print("timing: " + ", ".join(f"{k} {v}" for k, v in document["timing"].items()))
+    if isinstance(timing := document.get("timing"), dict):
+        out.print("timing: " + ", ".join(f"{k} {v}" for k, v in timing.items()))
     print_privacy(document.get("privacy"))
 
 

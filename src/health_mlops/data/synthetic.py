@@ -23,6 +23,7 @@ while the mechanism (P(event | features)) is the same everywhere, as it is for r
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def _logit(p: float) -> float:
     return float(np.log(p / (1 - p)))
 
 
-def _aqi(concentration: np.ndarray, breakpoints: list[tuple[float, float]]) -> np.ndarray:
+def _aqi(concentration: np.ndarray, breakpoints: Sequence[tuple[float, float]]) -> np.ndarray:
     """US EPA sub-index: piecewise linear between (concentration, index) breakpoints."""
     conc, index = zip(*breakpoints, strict=True)
     return np.interp(concentration, conc, index)
@@ -156,7 +157,8 @@ def generate_city_days(city: City, n_rows: int, rng: np.random.Generator) -> pd.
     smoker = rng.choice(np.array(["never", "former", "current"]), size=n_rows, p=city.smoking)
     current_smoker = smoker == "current"
     bmi = np.clip(rng.normal(city.bmi_mean + 0.8 * age_z, 4.5, n_rows), 15, 55)
-    asthma = rng.random(n_rows) < _sigmoid(_logit(city.p_asthma_copd) + 0.8 * current_smoker + 0.4 * (smoker == "former"))
+    asthma = rng.random(n_rows) < _sigmoid(_logit(city.p_asthma_copd) + 0.8 * current_smoker
+                                           + 0.4 * (smoker == "former"))
     diabetes = rng.random(n_rows) < _sigmoid(_logit(city.p_diabetes) + 0.12 * (bmi - 27) + 0.5 * age_z)
     cardio = rng.random(n_rows) < _sigmoid(_logit(city.p_cardiovascular) + 0.9 * age_z + 0.6 * diabetes
                                            + 0.6 * current_smoker)
@@ -167,7 +169,8 @@ def generate_city_days(city: City, n_rows: int, rng: np.random.Generator) -> pd.
     cold = np.maximum(3.0 - temperature, 0.0) / 6.0
     acute = (
         (0.2 + 1.3 * asthma + 0.5 * current_smoker + 0.3 * older) * (pollution + 0.7 * ozone)
-        + (0.2 + 1.2 * cardio + 0.4 * diabetes + 0.4 * older + 0.03 * (bmi - 27)) * (heat + 0.5 * cold + 0.3 * pollution)
+        + ((0.2 + 1.2 * cardio + 0.4 * diabetes + 0.4 * older + 0.03 * (bmi - 27))
+           * (heat + 0.5 * cold + 0.3 * pollution))
         + (0.6 + 0.8 * asthma + 0.6 * older + 0.3 * cardio) * 1.5 * flu
         + 0.2 * age_z
         + rng.normal(0, 1.0, n_rows)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def score_seed(seed: int, workdir: Path, *, hospitals: int, rows_per_hospital: i
                      split_seed=seed, test_fraction=test_fraction, stratify=stratify)
     splits = split_hospitals(load_hospitals(folder, spec), spec, seed=seed, test_fraction=test_fraction,
                              stratify=stratify)
-    results = {"pooled": run_pooled(spec, splits, train_config).to_json(),
+    results: dict[str, dict[str, Any]] = {"pooled": run_pooled(spec, splits, train_config).to_json(),
                "local": run_local(spec, splits, train_config).to_json(),
                "federated": run_federated_in_memory(spec, splits, run_config, seed=seed)[0].to_json()}
     reference = read_reference(folder, split_seed=seed, test_fraction=test_fraction, stratify=stratify)

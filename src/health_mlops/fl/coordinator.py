@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -208,7 +208,7 @@ StatsReducer = Callable[[list[dict[str, Any]]], dict[str, Any]]
 # (run id, round) -> the run's weights and server optimiser moments (first, second) entering that round.
 RoundArrays = Callable[[str, int], tuple[Weights, Weights, Weights]]
 # (run id, number of rounds closed) -> those rounds' records (`round_record_to_dict`), in order.
-RoundHistory = Callable[[str, int], list[Mapping[str, Any]]]
+RoundHistory = Callable[[str, int], Sequence[Mapping[str, Any]]]
 
 
 def validate_update(current: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], norm_bound: float) -> None:

@@ -39,7 +39,7 @@ def hospital_stats(frame: pd.DataFrame, spec: DatasetSpec, small_cell_threshold:
     for j, name in enumerate(columns):
         if "=" in name and 0 < stats.sums[j] < small_cell_threshold:
             suppressed[j] = True
-    for feature, own in feature_columns(spec).items():
+    for own in feature_columns(spec).values():
         if 0 < stats.count - stats.observed[own[0]] < small_cell_threshold:
             suppressed[own] = True
 
@@ -146,7 +146,8 @@ class HospitalWorker:
                                **({"summary": summary.to_json()} if summary is not None else {})})
         train_config = TrainConfig(epochs=config.local_epochs, learning_rate=config.learning_rate,
                                    batch_size=config.batch_size, weight_decay=config.weight_decay,
-                                   proximal_mu=config.strategy.proximal_mu if config.strategy.name == "fedprox" else 0.0,
+                                   proximal_mu=(config.strategy.proximal_mu if config.strategy.name == "fedprox"
+                                                else 0.0),
                                    seed=round_number, max_steps=config.local_steps)
         features, target = preprocessor.features(self.train), preprocessor.target(self.train)
         privacy: dict[str, int] = {}

@@ -120,4 +120,4 @@ def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: obje
     if "server_learning_rate" in given:
         strategy["server"] = ServerOptimiserConfig(learning_rate=given.pop("server_learning_rate"))
     return RunConfig(learning_rate=local.learning_rate, batch_size=local.batch_size, weight_decay=local.weight_decay,
-                     min_hospitals=hospitals, strategy=StrategyConfig(**strategy), **given)  # type: ignore[arg-type]
+                     min_hospitals=hospitals, strategy=StrategyConfig(**strategy), **given)

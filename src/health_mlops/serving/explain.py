@@ -39,6 +39,8 @@ def contributions(model: Predictor, spec: DatasetSpec, row: np.ndarray, typical:
     found = []
     for j, feature in enumerate(spec.features):
         value, reference = float(row[0, j]), float(typical[j])
+        shown: str | float
+        typical_shown: str | float
         if feature.type != "numeric":
             categories = list(feature.categories or ())
             shown, typical_shown = categories[int(value)], categories[int(reference)]

@@ -47,7 +47,7 @@ def row_model(spec: DatasetSpec) -> type[BaseModel]:
                                                      strict=True, description=description)]
         else:
             categories = tuple(feature.categories or ())
-            annotation = Annotated[Literal[categories], Field(description=description)]  # type: ignore[valid-type]
+            annotation = Annotated[Literal[categories], Field(description=description)]
         if feature.missing is not None:  # "not measured": null, or one of the spec's codes, as in data files
             annotation = Annotated[annotation | None, BeforeValidator(partial(_code_as_null, feature))]
         fields[feature.name] = (annotation, ...)
@@ -83,7 +83,7 @@ def row_struct(spec: DatasetSpec) -> type[msgspec.Struct]:
             high = FLOAT32_MAX if feature.max is None else feature.max
             annotation: Any = Annotated[float, msgspec.Meta(ge=low, le=high)]
         else:
-            annotation = Literal[tuple(feature.categories or ())]  # type: ignore[misc]
+            annotation = Literal[tuple(feature.categories or ())]
         # null is "not measured" where the spec allows it; its codes (-9) take the validating path
         fields.append((feature.name, annotation | None if feature.missing is not None else annotation))
     return msgspec.defstruct("Row", fields, forbid_unknown_fields=True)
@@ -97,12 +97,12 @@ class RowEncoder:
         self.row_model = row_model(spec)
         self.batch_model = create_model(
             "Batch", __config__=ConfigDict(extra="forbid"),
-            rows=(Annotated[list[self.row_model], Field(min_length=1, max_length=MAX_BATCH_ROWS)], ...))  # type: ignore[name-defined]
+            rows=(Annotated[list[self.row_model], Field(min_length=1, max_length=MAX_BATCH_ROWS)], ...))  # type: ignore[arg-type,name-defined]
         row = row_struct(spec)
         rows = Annotated[list[row], msgspec.Meta(min_length=1, max_length=MAX_BATCH_ROWS)]  # type: ignore[valid-type]
         batch = msgspec.defstruct("Batch", [("rows", rows)], forbid_unknown_fields=True)
         self._one = msgspec.json.Decoder(row)
-        self._many = msgspec.json.Decoder(batch)
+        self._many: msgspec.json.Decoder[Any] = msgspec.json.Decoder(batch)
         numeric = [f.name for f in spec.features if f.type == "numeric"]
         self._numeric_columns = [j for j, f in enumerate(spec.features) if f.type == "numeric"]
         self._numeric_values = operator.attrgetter(*numeric) if len(numeric) > 1 else (

@@ -240,8 +240,8 @@ class Dashboard:
         lines = ["| endpoint | ok | invalid | no model | p50 latency | p99 latency |", "|---|---:|---:|---:|---:|---:|"]
         for endpoint in ("predict", "batch", "ui"):
             p50, p99 = (histogram_quantile(metrics.latency, q, endpoint=endpoint) for q in (0.5, 0.99))
-            lines.append(f"| {endpoint} | {counts.get((endpoint, 'ok'), 0):.0f} | {counts.get((endpoint, 'invalid'), 0):.0f}"
-                         f" | {counts.get((endpoint, 'no_model'), 0):.0f} | {_ms(p50)} | {_ms(p99)} |")
+            ok, invalid, no_model = (counts.get((endpoint, outcome), 0) for outcome in ("ok", "invalid", "no_model"))
+            lines.append(f"| {endpoint} | {ok:.0f} | {invalid:.0f} | {no_model:.0f} | {_ms(p50)} | {_ms(p99)} |")
         model = self.predictor.watcher.current
         header = (f"Serving **model v{model.version}**." if model else "No champion served yet.") + (
             f" Throughput since the last refresh: **{rate:.1f} requests/s**." if rate is not None else "")
@@ -254,7 +254,8 @@ class Dashboard:
                                  columns=drift.columns)
             header += (f" Drift over the last {model.drift.rows_seen} rows scored: population stability index against "
                        f"the training population (below 0.1 stable; above {SIGNIFICANT_PSI} shifted)."
-                       if scores else f" Drift is shown from {MIN_ROWS} scored rows on ({model.drift.rows_seen} so far).")
+                       if scores else
+                       f" Drift is shown from {MIN_ROWS} scored rows on ({model.drift.rows_seen} so far).")
         return header + "\n\n" + "\n".join(lines), drift
 
 
@@ -395,8 +396,8 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
                                                     info=f"{feature.min} to {feature.max}", min_width=140))
                         else:
                             choices = list(feature.categories or ())
-                            value = choices[int(typical[j])] if typical else choices[0]
-                            inputs.append(gr.Radio(choices, value=value, label=label, elem_id=f"input-{feature.name}",
+                            choice = choices[int(typical[j])] if typical else choices[0]
+                            inputs.append(gr.Radio(choices, value=choice, label=label, elem_id=f"input-{feature.name}",
                                                    min_width=140))
             predict_button = gr.Button("Predict", variant="primary", elem_id="predict-button")
             with gr.Row():

@@ -247,7 +247,9 @@ class AggregatorService:
             checkpoint.records += records
             checkpoint.obsolete |= obsolete
             checkpoint.snapshot = snapshot  # the latest state holds every earlier change
-        await asyncio.shield(checkpoint.written)
+            written = checkpoint.written
+        assert written is not None  # set when the checkpoint was made, above
+        await asyncio.shield(written)
         for run, round_number, _ in weights:
             self._weights_written(run, round_number)
 
