@@ -89,6 +89,9 @@ class ServingMetrics:
                                    ["endpoint", "outcome"], registry=r)
         self.rows = Counter("health_mlops_predicted_rows_total", "Rows predicted through the batch endpoint",
                             registry=r)
+        self.invalid_rows = Counter("health_mlops_prediction_rows_invalid_total", "Rows refused as not what the "
+                                    "spec allows (a client's input, not a server error), by endpoint", ["endpoint"],
+                                    registry=r)
         self.latency = Histogram("health_mlops_prediction_latency_seconds", "Time to answer a prediction request",
                                  ["endpoint"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                                         0.5, 1, 2.5, 5), registry=r)

@@ -55,8 +55,10 @@ class Feature(BaseModel):
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     type: Literal["numeric", "categorical"]
+    label: str | None = None  # what a person reads (forms, tables); default: the name in words
     description: str = ""
     unit: str | None = None
+    decimals: int | None = Field(None, ge=0, le=6)  # how precisely a value is shown; default: from the range
     source: Source
     min: float | None = None
     max: float | None = None
@@ -110,6 +112,23 @@ class Feature(BaseModel):
     def has_indicator(self) -> bool:
         return self.missing is not None and self.missing.indicator
 
+    @property
+    def display_label(self) -> str:
+        return self.label or _words(self.name)
+
+    @property
+    def is_yes_no(self) -> bool:
+        """A diagnosis or a flag: categories 0 and 1, read as No and Yes."""
+        return self.categories == ("0", "1")
+
+    @property
+    def display_decimals(self) -> int:
+        """Decimals a value of this numeric feature is shown with: the spec's, else none over a range of
+        hundreds (steps, AQI), one below."""
+        if self.decimals is not None:
+            return self.decimals
+        return 0 if (self.max or 0) - (self.min or 0) >= 200 else 1
+
     def allowed(self) -> str:
         """Human wording of the allowed values, used in every validation message."""
         if self.type == "numeric":
@@ -118,14 +137,25 @@ class Feature(BaseModel):
         return "one of " + ", ".join(self.categories or ())
 
 
+def _words(name: str) -> str:
+    """`body_temperature` -> "Body temperature"."""
+    text = name.replace("_", " ")
+    return text[:1].upper() + text[1:]
+
+
 class Target(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    label: str | None = None  # what a person reads: "an ER visit or admission within 7 days"
     description: str = ""
     unit: str | None = None
     min: float | None = None
     max: float | None = None
+
+    @property
+    def display_label(self) -> str:
+        return self.label or _words(self.name)
 
 
 class ModelDefaults(BaseModel):
@@ -162,6 +192,8 @@ class DatasetSpec(BaseModel):
     training: TrainingHints = TrainingHints()
     # Binary tasks: the risk at or above which a patient is flagged; unset, the training rows' event rate
     decision_threshold: float | None = Field(None, gt=0, lt=1)
+    # What the model may be used for, shown wherever it scores a patient (the dashboard's notice)
+    intended_use: str | None = None
 
     @model_validator(mode="after")
     def _check_names(self) -> DatasetSpec:

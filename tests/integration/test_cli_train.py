@@ -265,6 +265,12 @@ def test_demo_trains_as_processes_prints_the_table_and_serves_the_champion(home:
     logs = sorted(p.name for p in (home / "logs").iterdir())
     assert logs == ["aggregator.log", "dashboard.log", "hospital-1-a.log", "hospital-1-b.log", "hospital-2-a.log",
                     "hospital-3-a.log", "hospital-4-a.log", "hospital-5-a.log", "prometheus.log"]
+    # Quiet, truthful logs: a clean stop is no ERROR (the nodes' long polls are answered, not cancelled), and no
+    # line per HTTP request.
+    for name in logs[:-1]:
+        text = (home / "logs" / name).read_text(encoding="utf-8")
+        assert " ERROR" not in text and "ERROR:" not in text, (name, text[-2000:])
+        assert "httpx" not in text, name
     assert processes_mentioning(f"--port {base + 13}") == []  # the dashboard
     assert processes_mentioning(f"127.0.0.1:{base + 14}") == []  # Prometheus
 

@@ -5,27 +5,37 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from playwright.sync_api import Page, Route, expect, sync_playwright
 
+from health_mlops.spec import load_spec
 from tests.conftest import free_port_range, wait_until_ready
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "screenshots"  # git-ignored
 TIMEOUT_MS = 30_000
 
 
+class Demo(NamedTuple):
+    url: str  # the dashboard
+    home: Path
+    aggregator: str
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     home = tmp_path_factory.mktemp("browser") / "home"
     base = free_port_range(13)
     command = [sys.executable, "-m", "health_mlops.cli", "demo", "--hospitals", "3", "--rows-per-hospital", "600",
@@ -36,14 +46,14 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
     url = f"http://127.0.0.1:{base + 11}"
     try:
         wait_until_ready(f"{url}/readyz", process, timeout_s=240)
-        yield url, home
+        yield Demo(url, home, f"https://127.0.0.1:{base}")
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
-def browser_page(demo: tuple[str, Path]) -> Iterator[Page]:
+def browser_page(demo: Demo) -> Iterator[Page]:
     chromium = shutil.which("chromium")
     assert chromium, "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
     SCREENSHOTS.mkdir(exist_ok=True)
@@ -51,18 +61,40 @@ def browser_page(demo: tuple[str, Path]) -> Iterator[Page]:
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.set_default_timeout(TIMEOUT_MS)
-        page.goto(demo[0])
+        page.goto(demo.url)
         yield page
         browser.close()
 
 
-def test_a_prediction_shows_the_risk_and_its_main_features(browser_page: Page) -> None:
+def test_the_predict_form_speaks_the_clinicians_language(browser_page: Page) -> None:
+    """Labels and units from the spec, its descriptions as help, diagnoses as Yes/No, defaults at the feature's
+    precision, and the spec's intended-use notice."""
     page = browser_page
+    expect(page.locator("#intended-use")).to_contain_text("not for clinical use")
+    expect(page.locator("#input-heart_rate")).to_contain_text("Resting heart rate (bpm)")
+    expect(page.locator("#input-heart_rate")).to_contain_text("Mean resting heart rate over the day")
+    asthma = page.locator("#input-asthma_copd")
+    expect(asthma).to_contain_text("Asthma or COPD")
+    expect(asthma.get_by_label("Yes")).to_be_visible()
+    expect(asthma.get_by_label("No")).to_be_visible()
+    steps = page.locator("#input-steps input").input_value()
+    assert steps.isdigit(), steps  # steps a day are whole: no 6817.2
+    temperature = page.locator("#input-body_temperature input").input_value()
+    assert len(temperature.split(".")[-1]) <= 1, temperature
+
+
+def test_a_prediction_shows_the_risk_in_context_and_its_main_features(browser_page: Page) -> None:
+    page = browser_page
+    page.locator("#input-asthma_copd").get_by_label("Yes").check()
     page.click("#predict-button")
     result = page.locator("#prediction")
-    expect(result).to_contain_text("Risk of adverse_event_7d", timeout=TIMEOUT_MS)
+    expect(result).to_contain_text("Risk of an ER visit or admission within 7 days", timeout=TIMEOUT_MS)
     expect(result).to_contain_text("%")
     expect(result).to_contain_text("the model's decision threshold of")  # flagged or not, at the stored threshold
+    # The context, from the champion's model report: the population, where this risk sits, calibration near it.
+    expect(result).to_contain_text("In the training population")
+    expect(result).to_contain_text("test patients were predicted in a lower risk band")
+    expect(result).to_contain_text("Calibration near this risk")
     expect(result).to_contain_text("percentage points")
     page.screenshot(path=SCREENSHOTS / "predict.png", full_page=True)
     page.locator("#input-spo2 input").fill("150")
@@ -72,12 +104,12 @@ def test_a_prediction_shows_the_risk_and_its_main_features(browser_page: Page) -
     expect(result).to_contain_text("100")
 
 
-def test_a_batch_csv_is_scored_and_its_invalid_rows_are_listed(browser_page: Page, demo: tuple[str, Path],
+def test_a_batch_csv_is_scored_and_its_invalid_rows_are_listed(browser_page: Page, demo: Demo,
                                                                 tmp_path: Path) -> None:
     page = browser_page
-    source = next((demo[1] / "data").glob("*/hospital-1/*.csv"))
+    source = next((demo.home / "data").glob("*/hospital-1/*.csv"))
     with source.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))[:20]
+        rows = [{"patient_id": f"P{k:03d}", **row} for k, row in enumerate(list(csv.DictReader(handle))[:20])]
     rows[3]["age"] = "forty"
     rows[7]["smoker"] = "sometimes"
     upload = tmp_path / "patients.csv"
@@ -86,6 +118,7 @@ def test_a_batch_csv_is_scored_and_its_invalid_rows_are_listed(browser_page: Pag
         writer.writeheader()
         writer.writerows(rows)
     page.get_by_role("tab", name="Batch").click()
+    expect(page.locator("#batch-invalid")).to_contain_text("reason")  # its real headers before any upload
     page.locator("#batch-upload input[type=file]").set_input_files(upload)
     summary = page.locator("#batch-summary")
     expect(summary).to_contain_text("18 scored", timeout=TIMEOUT_MS)
@@ -98,6 +131,9 @@ def test_a_batch_csv_is_scored_and_its_invalid_rows_are_listed(browser_page: Pag
     scored = list(csv.DictReader(io.StringIO(httpx.get(link.get_attribute("href") or "").text)))
     assert [int(row["line"]) for row in scored] == [n for n in range(2, 22) if n not in (5, 9)]
     assert all(0 < float(row["prediction"]) < 1 for row in scored)
+    # The columns the spec does not know come back beside their rows: results join back to the patients.
+    assert [row["patient_id"] for row in scored] == [f"P{k:03d}" for k in range(20) if k not in (3, 7)]
+    assert {row["class"] for row in scored} <= {"0", "1"}
     page.screenshot(path=SCREENSHOTS / "batch.png", full_page=True)
 
 
@@ -111,7 +147,7 @@ def test_training_is_plotted_live_from_the_aggregator(browser_page: Page) -> Non
     page.screenshot(path=SCREENSHOTS / "training.png", full_page=True)
 
 
-def test_hospitals_and_models_are_listed_and_a_wrong_token_is_refused(browser_page: Page) -> None:
+def test_hospitals_and_models_are_listed_and_a_wrong_token_is_refused(browser_page: Page, demo: Demo) -> None:
     page = browser_page
     page.get_by_role("tab", name="Hospitals").click()
     hospitals = page.locator("#hospitals")
@@ -124,6 +160,12 @@ def test_hospitals_and_models_are_listed_and_a_wrong_token_is_refused(browser_pa
     expect(page.locator("#admin-result")).to_contain_text("Refused: that is not the admin token")
     page.get_by_role("tab", name="Monitoring").click()
     expect(page.locator("#monitoring")).to_contain_text("Serving model v1", timeout=TIMEOUT_MS)
+    # The form's refused patient (spo2 150) is an invalid request of one row; the batch's two invalid rows are
+    # counted as rows (its other rows were scored): the tab and /metrics say the same.
+    expect(page.locator("#monitoring")).to_contain_text("1 (3)")
+    exposed = httpx.get(f"{demo.url}/metrics").text
+    assert 'health_mlops_prediction_rows_invalid_total{endpoint="ui"} 3.0' in exposed
+    assert 'health_mlops_predictions_total{endpoint="ui",outcome="invalid"} 1.0' in exposed
     page.screenshot(path=SCREENSHOTS / "monitoring.png", full_page=True)
 
 
@@ -145,7 +187,7 @@ def test_the_models_tab_shows_the_champions_report_with_roc_and_calibration(brow
 
 
 def test_the_api_docs_render_with_every_request_off_loopback_blocked(browser_page: Page,
-                                                                     demo: tuple[str, Path]) -> None:
+                                                                     demo: Demo) -> None:
     """An air-gapped hospital's view: anything but loopback fails, as it would there. FastAPI's own /docs loads
     Swagger UI from a CDN and stays blank; ReDoc fetches its logo from one, so no app serves /redoc."""
     browser = browser_page.context.browser
@@ -162,7 +204,7 @@ def test_the_api_docs_render_with_every_request_off_loopback_blocked(browser_pag
 
     page.route("**/*", loopback_only)
     try:
-        page.goto(f"{demo[0]}/docs")
+        page.goto(f"{demo.url}/docs")
         expect(page.locator(".swagger-ui .opblock-summary-path").first).to_be_visible(timeout=TIMEOUT_MS)
         for text in ("Health MLOps serving", "/api/v1/predict", "/api/v1/predict/batch", "PredictAnswer"):
             expect(page.locator("body")).to_contain_text(text)
@@ -170,3 +212,68 @@ def test_the_api_docs_render_with_every_request_off_loopback_blocked(browser_pag
         page.screenshot(path=SCREENSHOTS / "api-docs.png")
     finally:
         page.close()
+
+
+def test_the_batch_template_has_the_specs_columns_and_an_example_row(browser_page: Page) -> None:
+    page = browser_page
+    page.get_by_role("tab", name="Batch").click()
+    with page.expect_download() as download:
+        page.click("#batch-template")
+    with open(download.value.path(), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    spec = load_spec("health-risk")
+    assert list(rows[0]) == ["patient_id", *(f.name for f in spec.features)]
+    assert len(rows) == 1 and rows[0]["smoker"] in ("never", "former", "current")
+
+
+@pytest.fixture(scope="module")
+def second_run(demo: Demo) -> list[str]:
+    """A second federated run on the demo's aggregator (what an admin does with `start-run`), registered as v2:
+    two runs to pick from, two versions to compare. The runs' ids, oldest first."""
+    env = {**os.environ, "HEALTH_MLOPS_HOME": str(demo.home), "HEALTH_MLOPS_AGGREGATOR_URL": demo.aggregator}
+    cli = [sys.executable, "-m", "health_mlops.cli"]
+    subprocess.run([*cli, "start-run", "--rounds", "2"], env=env, check=True, capture_output=True, timeout=120)
+    versions: list[dict] = []
+    for _ in range(600):  # the run trains and registers: a few seconds to a few minutes on a busy machine
+        listed = subprocess.run([*cli, "registry", "list", "--json"], env=env, check=True, capture_output=True,
+                                text=True, timeout=120)
+        versions = json.loads(listed.stdout)
+        if len(versions) == 2:
+            break
+        time.sleep(1)
+    assert len(versions) == 2, versions
+    return [v["federation_run"] for v in sorted(versions, key=lambda v: v["version"])]
+
+
+def test_the_training_tab_shows_the_run_picked_with_its_losses_and_participation(browser_page: Page,
+                                                                                 second_run: list[str]) -> None:
+    page = browser_page
+    page.get_by_role("tab", name="Training").click()
+    first, latest = second_run
+    note = page.locator("#training-source")
+    expect(note).to_contain_text(f"Showing {latest}", timeout=TIMEOUT_MS)  # the latest run by default
+    page.locator("#training-run input").click()
+    page.get_by_role("option", name=first).click()
+    expect(note).to_contain_text(f"Showing {first}", timeout=TIMEOUT_MS)
+    expect(note).to_contain_text("scores the model entering that round")
+    expect(page.locator("#training-global")).to_contain_text(f"{first}: global model AUC by round")
+    expect(page.locator("#training-loss .js-plotly-plot .scatterlayer .trace")).to_have_count(3)
+    expect(page.locator("#training-participation")).to_contain_text("hospitals whose results counted")
+    page.screenshot(path=SCREENSHOTS / "training.png", full_page=True)
+
+
+def test_two_model_versions_are_compared_hospital_by_hospital(browser_page: Page, second_run: list[str]) -> None:
+    page = browser_page
+    page.get_by_role("tab", name="Models").click()
+    page.reload()  # the pickers list the versions registered when the page loads
+    page.get_by_role("tab", name="Models").click()
+    page.locator("#compare-first input").click()
+    page.get_by_role("option", name="v1", exact=False).first.click()
+    page.locator("#compare-second input").click()
+    page.get_by_role("option", name="v2", exact=False).first.click()
+    table = page.locator("#model-comparison-table")
+    for text in ("hospital-1", "hospital-3", "mean over hospitals", "AUC v1", "AUC v2", "AUC change"):
+        expect(table).to_contain_text(text, timeout=TIMEOUT_MS)
+    expect(page.locator("#promote-version")).to_be_visible()
+    page.screenshot(path=SCREENSHOTS / "models-comparison.png", full_page=True)
+

@@ -31,6 +31,9 @@ def completed_view(root: Path, config: RunConfig) -> dict:
     return service.view(run).model_dump(mode="json")
 
 
+HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
+
+
 @pytest.fixture(scope="module")
 def view(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return completed_view(tmp_path_factory.mktemp("sources"), RunConfig(rounds=2, local_epochs=1))
@@ -54,6 +57,10 @@ def test_curves_skip_round_zero_and_follow_each_hospital(view: dict) -> None:
     assert [r for r, _ in run.global_metric] == [1, 2, 3]  # two fit rounds, then the final evaluation
     assert sorted(run.hospital_metric) == ["hospital-1", "hospital-2", "hospital-3"]
     assert all(len(curve) == 3 and all(0 <= v <= 1 for _, v in curve) for curve in run.hospital_metric.values())
+    # Local training happens in the fit rounds only; every hospital counted in every round, round 0 included.
+    assert {h: [r for r, _ in curve] for h, curve in run.hospital_loss.items()} == dict.fromkeys(HOSPITALS, [1, 2])
+    assert all(loss > 0 for curve in run.hospital_loss.values() for _, loss in curve)
+    assert run.participation == [(r, HOSPITALS) for r in range(4)] and run.enrolled == HOSPITALS
 
 
 def test_hospitals_show_their_rows_and_last_round(view: dict) -> None:

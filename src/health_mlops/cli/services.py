@@ -22,8 +22,12 @@ from health_mlops.spec import load_spec
 
 
 def configure_logging() -> None:
+    """INFO for what an operator needs: the services' own events. Not a line per HTTP request (the dashboard
+    looks at the aggregator every second, a node long-polls it) nor MLflow's download progress bars."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 @app.command("start-run")

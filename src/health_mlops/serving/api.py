@@ -103,7 +103,8 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
     install_validation_handler(app)
 
     def refuse(endpoint: str, error: InvalidRequest) -> RequestValidationError:
-        predictor.count(endpoint, "invalid")
+        rows = {e["loc"][2] for e in error.errors if e["loc"][:2] == ["body", "rows"] and len(e["loc"]) > 2}
+        predictor.count_invalid(endpoint, len(rows) or 1)
         return RequestValidationError(error.errors)
 
     @app.exception_handler(NoChampion)

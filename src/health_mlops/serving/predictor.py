@@ -14,7 +14,9 @@ from health_mlops.spec import DatasetSpec
 
 EXPLAINED_FEATURES = 5
 ENDPOINTS = ("predict", "batch", "ui")
-OUTCOMES = ("ok", "invalid", "no_model")
+# ok; invalid: the client's rows are not what the spec allows (422, 415); no_model: no champion yet (503);
+# error: the model failed on valid rows (500): the service's fault.
+OUTCOMES = ("ok", "invalid", "no_model", "error")
 NO_CHAMPION = ("no champion model yet: train one (`health-mlops demo` or a federated run) and it is served as "
                "soon as it is registered")
 
@@ -38,6 +40,15 @@ class Predictor:
     def count(self, endpoint: str, outcome: str) -> None:
         self._counted[endpoint, outcome].inc()
 
+    def count_invalid(self, endpoint: str, rows: int) -> None:
+        """A request refused for its rows, `rows` of them invalid."""
+        self._counted[endpoint, "invalid"].inc()
+        self.count_invalid_rows(endpoint, rows)
+
+    def count_invalid_rows(self, endpoint: str, rows: int) -> None:
+        """Invalid rows of a file scored in part (the request itself counts as ok)."""
+        self.metrics.invalid_rows.labels(endpoint).inc(rows)
+
     def champion(self, endpoint: str) -> ServedModel:
         model = self.watcher.current  # taken once: a swap during this request does not affect it
         if model is None:
@@ -48,7 +59,11 @@ class Predictor:
     def predict(self, endpoint: str, matrix: np.ndarray, started: float) -> tuple[ServedModel, np.ndarray]:
         """One request's rows scored by the champion (`started`: when the request began)."""
         model = self.champion(endpoint)
-        predictions = model.predict(matrix)
+        try:
+            predictions = model.predict(matrix)
+        except Exception:
+            self.count(endpoint, "error")
+            raise
         model.drift.observe(matrix)
         self._counted[endpoint, "ok"].inc()
         self._latency[endpoint].observe(time.perf_counter() - started)

@@ -34,6 +34,9 @@ class TrainingRun:
     global_metric: list[tuple[int, float]]  # (round, example-weighted metric of the model entering it)
     hospital_metric: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None  # the run view's privacy (budget and ε spent), with DP
+    hospital_loss: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # (round, local training loss)
+    participation: list[tuple[int, list[str]]] = field(default_factory=list)  # (round, hospitals that counted)
+    enrolled: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -62,12 +65,17 @@ def runs_from_views(views: list[dict[str, Any]], metric: str) -> list[TrainingRu
         rounds = [r for r in view["history"] if r["kind"] != "stats"]
         curve = [(r["round"], r["global_metrics"][metric]) for r in rounds if metric in r["global_metrics"]]
         per_hospital: dict[str, list[tuple[int, float]]] = {h: [] for h in view["hospitals"]}
+        losses: dict[str, list[tuple[int, float]]] = {h: [] for h in view["hospitals"]}
         for r in rounds:
             for hospital, metadata in r["hospitals"].items():
                 value = (metadata.get("metrics") or {}).get(metric)
                 if value is not None:
                     per_hospital.setdefault(hospital, []).append((r["round"], value))
-        runs.append(TrainingRun(view["id"], view["status"], curve, per_hospital, view.get("privacy")))
+                if metadata.get("train_loss") is not None:
+                    losses.setdefault(hospital, []).append((r["round"], float(metadata["train_loss"])))
+        participation = [(r["round"], sorted(r["hospitals"])) for r in view["history"]]
+        runs.append(TrainingRun(view["id"], view["status"], curve, per_hospital, view.get("privacy"), losses,
+                                participation, list(view["hospitals"])))
     return runs
 
 

@@ -28,8 +28,18 @@ from health_mlops.registry import Registry
 from health_mlops.security import FailureThrottle, admin_refusal
 from health_mlops.serving.drift import MIN_ROWS, SIGNIFICANT_PSI
 from health_mlops.serving.predictor import NoChampion, Predictor
-from health_mlops.serving.sources import DashboardSources, FederationState
+from health_mlops.serving.sources import DashboardSources, FederationState, TrainingRun
 from health_mlops.spec import DatasetSpec
+
+
+# A contribution that moves a risk by less than half a percentage point (a regression prediction by less than 1 %
+# of the target's range) is within the rounding of what a clinician reads: listed as negligible, drawn in grey, and
+# the plot's axis never shrinks below a few times this, so small effects do not look large.
+NEGLIGIBLE_RISK = 0.005
+NEGLIGIBLE_SHARE_OF_RANGE = 0.01
+INVALID_ROW_COLUMNS = ["line", "reason"]
+OUTPUT_COLUMNS = ("prediction", "class", "model_version")  # what a batch adds to the rows it scores
+LATEST_RUN = "the latest run"
 
 
 def _percent(value: float) -> str:
@@ -64,6 +74,7 @@ class Dashboard:
         try:
             validated = self.predictor.encoder.row_model.model_validate(row)
         except ValidationError as error:
+            self.predictor.count_invalid("ui", 1)
             return "### Not scored: fix these fields\n" + _field_errors(error), None
         matrix = self.predictor.encoder.matrix_of([validated])
         try:
@@ -71,45 +82,97 @@ class Dashboard:
         except NoChampion as error:
             return f"### No model yet\n{error}", None
         found = self.predictor.explain(model, matrix)
-        target = self.spec.target.name
+        target = self.spec.target.display_label
+        risk = float(prediction[0])
         if self.spec.task == "binary":
-            headline = f"### Risk of {target}: **{_percent(float(prediction[0]))}**"
+            headline = f"### Risk of {target}: **{_percent(risk)}**"
             if model.threshold is not None:
-                flagged = float(prediction[0]) >= model.threshold
+                flagged = risk >= model.threshold
                 headline += (f"\n\n{'**Flagged**: at or above' if flagged else 'Not flagged: below'} the model's "
                              f"decision threshold of {_percent(model.threshold)}.\n")
-            unit, scale = "percentage points", 100.0
+            unit, scale, negligible = "percentage points", 100.0, NEGLIGIBLE_RISK
         else:
-            headline = f"### Predicted {target}: **{float(prediction[0]):.2f}**"
-            unit, scale = target, 1.0
-        lines = [headline, f"model v{model.version}. Main contributing features (change in the prediction if "
-                 "the feature were at the training population's typical value instead):"]
+            headline = f"### Predicted {target}: **{risk:.2f}**"
+            span = (self.spec.target.max or 0.0) - (self.spec.target.min or 0.0)
+            unit, scale, negligible = self.spec.target.unit or "", 1.0, NEGLIGIBLE_SHARE_OF_RANGE * span
+        lines = [headline]
+        if self.spec.task == "binary":
+            lines.append("\n\n".join(self._risk_context(model.version, risk)) + "\n")
+        labels = {f.name: f.display_label for f in self.spec.features}
+        yes_no = {f.name for f in self.spec.features if f.is_yes_no}
+
+        def in_words(feature: str, value: float | str) -> str:
+            return {"0": "No", "1": "Yes"}.get(str(value), str(value)) if feature in yes_no else _shown(value)
+
+        lines.append(f"model v{model.version}. Main contributing features (change in the prediction if the feature "
+                     "were at the training population's typical value instead):")
         for c in found:
-            lines.append(f"- **{c['feature']}** = {_shown(c['value'])} (typical {_shown(c['typical'])}): "
-                         f"{scale * c['contribution']:+.2f} {unit}")
-        figure = go.Figure(go.Bar(x=[scale * c["contribution"] for c in reversed(found)],
-                                  y=[c["feature"] for c in reversed(found)], orientation="h",
-                                  marker_color=["#c0392b" if c["contribution"] > 0 else "#2e86c1"
-                                                for c in reversed(found)]))
-        figure.update_layout(title=f"contribution ({unit})", height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+            change = (f"{scale * c['contribution']:+.2f} {unit}" if abs(c["contribution"]) >= negligible else
+                      f"negligible (under {scale * negligible:g} {unit})")
+            lines.append(f"- **{labels.get(c['feature'], c['feature'])}** = {in_words(c['feature'], c['value'])} "
+                         f"(typical {in_words(c['feature'], c['typical'])}): {change}")
+        shown = list(reversed(found))
+        figure = go.Figure(go.Bar(x=[scale * c["contribution"] for c in shown],
+                                  y=[labels.get(c["feature"], c["feature"]) for c in shown], orientation="h",
+                                  marker_color=["#b0b0b0" if abs(c["contribution"]) < negligible else
+                                                "#c0392b" if c["contribution"] > 0 else "#2e86c1" for c in shown]))
+        reach = 1.1 * scale * max([abs(c["contribution"]) for c in found] + [4 * negligible])
+        figure.update_layout(title=f"What moved this prediction ({unit}; grey: negligible)", height=300,
+                             xaxis_range=[-reach, reach], margin={"l": 10, "r": 10, "t": 40, "b": 10})
         return "\n".join(lines), figure
+
+    def _risk_context(self, version: int, risk: float) -> list[str]:
+        """Where a risk sits, from the model's report: the training population's event rate, the share of test
+        patients predicted lower, and how often patients predicted near it had the event."""
+        try:
+            report = self._report(version)
+        except Exception:  # noqa: BLE001 - the registry may be away: the risk stands without its context
+            report = None
+        if report is None:
+            return [f"_No model report for v{version}: the population context is not available._"]
+        lines = []
+        data = report.get("data") or {}
+        rows = sum(d.get("rows") or 0 for d in data.values())
+        events = sum(d.get("events") or 0 for d in data.values())
+        if rows:
+            lines.append(f"In the training population, **{_percent(events / rows)}** had "
+                         f"{self.spec.target.display_label} ({events} of {rows} patient-days at {len(data)} "
+                         "hospitals).")
+        bins = (report.get("all_test_rows") or {}).get("reliability") or []
+        tested = sum(b["rows"] for b in bins)
+        if tested:
+            lower = sum(b["rows"] for b in bins if b["high"] <= risk)
+            lines.append(f"**{_percent(lower / tested)}** of the {tested} test patients were predicted in a lower "
+                         "risk band.")
+            near = next((b for b in bins if b["low"] <= risk < b["high"] or risk == b["high"] == 1.0), None)
+            if near is None:
+                lines.append("No test patient was predicted near this risk: its calibration is not measured.")
+            else:
+                lines.append(f"Calibration near this risk: of the {near['rows']} test patients predicted "
+                             f"{_percent(near['low'])} to {_percent(near['high'])}, **{_percent(near['observed'])}** "
+                             f"had the event (predicted {_percent(near['predicted'])} on average).")
+        return lines
 
     # --- Batch --------------------------------------------------------------------------------------------
 
     def batch(self, path: str | None) -> tuple[str, str | None, pd.DataFrame]:
-        empty = pd.DataFrame(columns=["line", "reason"])
+        empty = pd.DataFrame(columns=INVALID_ROW_COLUMNS)
         if not path:
-            return "Upload a CSV file with one column per feature (the Predict tab lists them).", None, empty
+            return "Upload a CSV file with one column per feature (the template lists them).", None, empty
         try:
-            validated = validate_table(read_table(Path(path)), self.spec, require_target=False)
+            raw = read_table(Path(path))
+            validated = validate_table(raw, self.spec, require_target=False)
         except DataError as error:
+            self.predictor.count("ui", "invalid")
             return f"### The file cannot be used\n{error}", None, empty
         invalid = validated.quarantined_rows[["line", "reason"]]
         report = validated.report
         summary = f"{report.rows_read} rows read: **{report.rows_valid} scored**, **{report.rows_quarantined} invalid**"
         if report.rows_quarantined:
             summary += " (listed below with their line in the file and the reason; they are not in the output)"
+            self.predictor.count_invalid_rows("ui", report.rows_quarantined)
         if validated.frame.empty:
+            self.predictor.count("ui", "invalid")
             return f"### Nothing to score\n{summary}", None, invalid
         try:
             model, predictions = self.predictor.predict("ui", serving_matrix(validated.frame, self.spec),
@@ -118,42 +181,71 @@ class Dashboard:
             return f"### No model yet\n{error}", None, invalid
         scored = validated.frame.copy()
         scored.insert(0, "line", validated.lines)
+        # Columns not in the spec (a patient id, a label, ...) come back beside their rows, so results join back.
+        extra = [c for c in raw.header if c in report.ignored_columns]
+        if extra:
+            carried = raw.rows[extra].set_axis(raw.lines).loc[validated.lines].reset_index(drop=True)
+            for k, column in enumerate(extra):
+                name = f"{column} (input)" if column in ("line", *OUTPUT_COLUMNS) else column
+                scored.insert(1 + k, name, carried[column].to_numpy())
         scored["prediction"] = predictions
+        if self.spec.task == "binary" and model.threshold is not None:
+            scored["class"] = (predictions >= model.threshold).astype(int)
         scored["model_version"] = model.version
         out = self._scratch / f"{Path(path).stem}-predictions.csv"
         scored.to_csv(out, index=False)
         return f"### Scored with model v{model.version}\n{summary}", str(out), invalid
 
+    def template(self) -> Path:
+        """A CSV to fill in: a `patient_id` column (carried through to the predictions), then one column per
+        feature, with one example row of the training population's typical values."""
+        model = self.predictor.watcher.current
+        typical = model.typical if model else None
+        example: dict[str, object] = {"patient_id": "example-1"}
+        for j, feature in enumerate(self.spec.features):
+            if feature.type == "numeric":
+                value = typical[j] if typical else ((feature.min or 0.0) + (feature.max or 0.0)) / 2
+                example[feature.name] = round(value, feature.display_decimals)
+            else:
+                categories = feature.categories or ("",)
+                example[feature.name] = categories[int(typical[j])] if typical else categories[0]
+        path = self._scratch / f"{self.spec.name}-template.csv"
+        pd.DataFrame([example]).to_csv(path, index=False)
+        return path
+
     # --- Training and hospitals ------------------------------------------------------------------------
 
-    def federation(self) -> tuple[str, go.Figure, go.Figure, str, pd.DataFrame]:
-        """The Training and Hospitals tabs, from one look at the federation."""
+    def federation(self, selected: str | None = None) -> tuple[Any, ...]:
+        """The Training and Hospitals tabs, from one look at the federation; Training shows run `selected` (the
+        latest run if none is picked or it is gone)."""
         state = self.sources.federation()
-        return (*self.training(state), *self.hospitals(state))
+        return (*self.training(state, selected), *self.hospitals(state))
 
-    def training(self, state: FederationState) -> tuple[str, go.Figure, go.Figure]:
-        overall = go.Figure()
-        for run in state.runs:
-            if run.global_metric:
-                rounds, values = zip(*run.global_metric, strict=True)
-                overall.add_trace(go.Scatter(x=rounds, y=values, mode="lines+markers", name=f"{run.id} ({run.status})"))
-        overall.update_layout(title=f"global model {self.metric} by round (federated evaluation)", height=360,
-                              xaxis={"title": "round", "dtick": 1}, yaxis_title=self.metric)
-        per_hospital = go.Figure()
-        latest = state.runs[-1] if state.runs else None
-        for hospital, curve in (latest.hospital_metric.items() if latest else []):
-            if curve:
-                rounds, values = zip(*curve, strict=True)
-                per_hospital.add_trace(go.Scatter(x=rounds, y=values, mode="lines+markers", name=hospital))
-        per_hospital.update_layout(title=f"{latest.id if latest else 'no run yet'}: {self.metric} at each hospital",
-                                   height=360, xaxis={"title": "round", "dtick": 1}, yaxis_title=self.metric)
+    def training(self, state: FederationState, selected: str | None = None) -> tuple[Any, ...]:
+        """The run picker, a note, and the chosen run's plots: the global metric, each hospital's metric, each
+        hospital's training loss, and which hospitals counted in each round."""
+        ids = [run.id for run in state.runs]
+        chosen = selected if selected in ids else LATEST_RUN  # the latest follows new runs as they start
+        run = next((r for r in state.runs if r.id == chosen), state.runs[-1] if state.runs else None)
+        picker = gr.update(choices=[LATEST_RUN, *reversed(ids)], value=chosen)
+        metric = self.metric.upper() if self.metric == "auc" else self.metric
+        name = run.id if run else "no run yet"
+        overall = _curves({"global model": run.global_metric} if run else {},
+                          f"{name}: global model {metric} by round (federated evaluation)", metric)
+        per_hospital = _curves(run.hospital_metric if run else {}, f"{metric} at each hospital", metric)
+        losses = _curves(run.hospital_loss if run else {}, "local training loss at each hospital", "mean loss")
+        participation = _participation(run)
         note = _source_note(state) + ("" if state.runs else "\n\nNo training run yet: `health-mlops demo` starts one.")
-        if latest is not None and latest.privacy is not None:
-            privacy = latest.privacy
-            note += (f"\n\n{latest.id} trains with differential privacy (DP-SGD): ε spent so far "
+        if run is not None:
+            note += (f"\n\nShowing **{run.id}** ({run.status}). A round's metric scores the model *entering* that "
+                     "round (each hospital on its own test rows); the last evaluation round scores the final model. "
+                     "The loss is each hospital's local training during the round.")
+        if run is not None and run.privacy is not None:
+            privacy = run.privacy
+            note += (f"\n\n{run.id} trains with differential privacy (DP-SGD): ε spent so far "
                      f"**{privacy['epsilon']:.2f}** of {privacy['budget_epsilon']:g} at δ = {privacy['delta']:g} "
                      "(the most any hospital has spent).")
-        return note, overall, per_hospital
+        return picker, note, overall, per_hospital, losses, participation
 
     def hospitals(self, state: FederationState) -> tuple[str, pd.DataFrame]:
         table = pd.DataFrame([{"hospital": h.hospital, "status": h.status, "rows trained on": h.rows,
@@ -201,8 +293,37 @@ class Dashboard:
             self._reports[version] = self.registry.load_report(version)
         return self._reports[version]
 
-    def promote(self, token: str, version: float | None, request: gr.Request) -> tuple[str, pd.DataFrame]:
-        return self._admin_action(token, lambda: self.registry.promote(int(version or 0), actor="admin (dashboard)"),
+    def version_choices(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """The registered versions, newest first, for the promote and compare pickers: compare the champion (first)
+        with the newest other version (second)."""
+        try:
+            versions = list(reversed(self.registry.versions()))
+        except Exception:  # noqa: BLE001 - the registry may be away: the pickers stay empty
+            versions = []
+        choices = [(f"v{v.version}" + (f" ({', '.join(v.aliases)})" if v.aliases else ""), v.version) for v in versions]
+        champion = next((v.version for v in versions if "champion" in v.aliases), None)
+        other = next((v.version for v in versions if v.version != champion), None)
+        return (gr.update(choices=choices, value=None), gr.update(choices=choices, value=champion),
+                gr.update(choices=choices, value=other))
+
+    def compare(self, first: int | None, second: int | None) -> tuple[str, pd.DataFrame]:
+        """Two versions' federated model reports side by side: each hospital's metrics, and the mean."""
+        if first is None or second is None:
+            return "Pick two versions to compare.", pd.DataFrame(columns=["hospital"])
+        try:
+            reports = {version: self._report(version) for version in (first, second)}
+        except Exception:  # noqa: BLE001 - the registry may be away
+            return "The registry cannot be read just now.", pd.DataFrame(columns=["hospital"])
+        missing = [f"v{v}" for v, r in reports.items() if r is None]
+        if missing:
+            return (f"{', '.join(missing)}: registered before model reports existed; nothing to compare.",
+                    pd.DataFrame(columns=["hospital"]))
+        return _comparison(first, reports[first], second, reports[second])  # type: ignore[arg-type]
+
+    def promote(self, token: str, version: int | None, request: gr.Request) -> tuple[str, pd.DataFrame]:
+        if version is None:
+            return "**Pick the version to promote.**", self.models()
+        return self._admin_action(token, lambda: self.registry.promote(int(version), actor="admin (dashboard)"),
                                   "promote", "promoted", request)
 
     def rollback(self, token: str, request: gr.Request) -> tuple[str, pd.DataFrame]:
@@ -237,11 +358,17 @@ class Dashboard:
         if self._last_count is not None and now > self._last_count[0]:
             rate = (served - self._last_count[1]) / (now - self._last_count[0])
         self._last_count = (now, served)
-        lines = ["| endpoint | ok | invalid | no model | p50 latency | p99 latency |", "|---|---:|---:|---:|---:|---:|"]
+        invalid_rows = {s.labels["endpoint"]: s.value for s in next(iter(metrics.invalid_rows.collect())).samples
+                        if s.name.endswith("_total")}
+        lines = ["Requests by outcome: *invalid* is the client's input (422), *no model* and *error* the service's.",
+                 "", "| endpoint | ok | invalid (rows) | no model | error | p50 latency | p99 latency |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
         for endpoint in ("predict", "batch", "ui"):
             p50, p99 = (histogram_quantile(metrics.latency, q, endpoint=endpoint) for q in (0.5, 0.99))
-            ok, invalid, no_model = (counts.get((endpoint, outcome), 0) for outcome in ("ok", "invalid", "no_model"))
-            lines.append(f"| {endpoint} | {ok:.0f} | {invalid:.0f} | {no_model:.0f} | {_ms(p50)} | {_ms(p99)} |")
+            ok, invalid, no_model, error = (counts.get((endpoint, outcome), 0)
+                                            for outcome in ("ok", "invalid", "no_model", "error"))
+            lines.append(f"| {endpoint} | {ok:.0f} | {invalid:.0f} ({invalid_rows.get(endpoint, 0):.0f}) | "
+                         f"{no_model:.0f} | {error:.0f} | {_ms(p50)} | {_ms(p99)} |")
         model = self.predictor.watcher.current
         header = (f"Serving **model v{model.version}**." if model else "No champion served yet.") + (
             f" Throughput since the last refresh: **{rate:.1f} requests/s**." if rate is not None else "")
@@ -295,6 +422,28 @@ def _report_table(report: dict[str, Any]) -> pd.DataFrame:
         rows.append(["all test rows (from counts)", auc,
                      *(_number(pooled.get(key)) for _, key in _REPORT_METRICS), *["" for _ in range(5)]])
     return pd.DataFrame(rows, columns=_REPORT_COLUMNS)
+
+
+_COMPARED = (("AUC", "auc"), ("Brier", "brier"), ("calibration slope", "calibration_slope"),
+             ("sensitivity", "sensitivity"), ("specificity", "specificity"))
+
+
+def _comparison(first: int, a: dict[str, Any], second: int, b: dict[str, Any]) -> tuple[str, pd.DataFrame]:
+    """Per hospital (and the mean over hospitals), each metric of v`first`, of v`second`, and the change."""
+    rows = []
+    hospitals = list(dict.fromkeys([*a["per_hospital"], *b["per_hospital"]]))
+    for name, (metrics_a, metrics_b) in [*((h, (a["per_hospital"].get(h, {}), b["per_hospital"].get(h, {})))
+                                           for h in hospitals),
+                                         ("mean over hospitals", (a["mean_over_hospitals"], b["mean_over_hospitals"]))]:
+        row: dict[str, str] = {"hospital": name}
+        for title, key in _COMPARED:
+            x, y = metrics_a.get(key), metrics_b.get(key)
+            row[f"{title} v{first}"], row[f"{title} v{second}"] = _number(x), _number(y)
+            row[f"{title} change"] = "–" if x is None or y is None else f"{y - x:+.3f}"
+        rows.append(row)
+    summary = (f"### v{first} against v{second}\nEach hospital's metrics of the two versions on its own test rows "
+               f"(from their federated model reports), and the change from v{first} to v{second}.")
+    return summary, pd.DataFrame(rows)
 
 
 def _report_summary(version: int, report: dict[str, Any]) -> str:
@@ -353,6 +502,42 @@ def _calibration_figure(report: dict[str, Any]) -> go.Figure | None:
     return figure
 
 
+def _curves(curves: dict[str, list[tuple[int, float]]], title: str, axis: str) -> go.Figure:
+    """One line per curve by round, the value axis fitted to the data (with a margin), whole rounds only."""
+    figure = go.Figure()
+    values: list[float] = []
+    for name, curve in curves.items():
+        if curve:
+            rounds, ys = zip(*curve, strict=True)
+            figure.add_trace(go.Scatter(x=rounds, y=ys, mode="lines+markers", name=name))
+            values += ys
+    layout: dict[str, Any] = {"title": title, "height": 360, "xaxis": {"title": "round", "dtick": 1},
+                              "yaxis_title": axis}
+    if values:
+        low, high = min(values), max(values)
+        margin = max(0.05 * (high - low), 0.005)
+        layout["yaxis_range"] = [low - margin, high + margin]
+    figure.update_layout(**layout)
+    return figure
+
+
+def _participation(run: TrainingRun | None) -> go.Figure:
+    """Which hospitals' results counted in each round (a filled mark), and which enrolled ones did not (a cross)."""
+    figure = go.Figure()
+    if run is not None and run.participation:
+        counted = [(r, h) for r, hospitals in run.participation for h in hospitals]
+        missed = [(r, h) for r, hospitals in run.participation for h in run.enrolled if h not in hospitals]
+        for points, name, symbol, color in ((counted, "counted", "circle", "#2e86c1"),
+                                            (missed, "no result", "x", "#c0392b")):
+            if points:
+                figure.add_trace(go.Scatter(x=[r for r, _ in points], y=[h for _, h in points], mode="markers",
+                                            name=name, marker={"symbol": symbol, "size": 10, "color": color}))
+    figure.update_layout(title=f"{run.id if run else 'no run yet'}: hospitals whose results counted, by round "
+                               "(round 0 counts rows)", height=300,
+                         xaxis={"title": "round", "dtick": 1}, yaxis={"categoryorder": "category descending"})
+    return figure
+
+
 def _suppressed(cells: dict[str, int] | None) -> str | None:
     if cells is None:
         return None
@@ -380,6 +565,8 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
     # Uploaded files (patient rows) are swept every 10 minutes once an hour old, and all at shutdown.
     with gr.Blocks(title="Health MLOps", delete_cache=(600, 3600)) as blocks:
         gr.Markdown(f"# Health MLOps: {spec.name}\n{spec.description}")
+        if spec.intended_use:
+            gr.Markdown(f"**Intended use:** {spec.intended_use}", elem_id="intended-use")
         with gr.Tab("Predict"):
             inputs: list[gr.components.Component] = []
             sources = list(dict.fromkeys(f.source.value for f in spec.features))
@@ -389,38 +576,49 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
                     for j, feature in enumerate(spec.features):
                         if feature.source.value != source:
                             continue
-                        label = f"{feature.name} ({feature.unit})" if feature.unit else feature.name
+                        label = feature.display_label + (f" ({feature.unit})" if feature.unit else "")
+                        help_text = feature.description
                         if feature.type == "numeric":
-                            value = round(typical[j], 1) if typical else (feature.min or 0.0)
+                            value = round(typical[j], feature.display_decimals) if typical else feature.min
                             inputs.append(gr.Number(label=label, value=value, elem_id=f"input-{feature.name}",
-                                                    info=f"{feature.min} to {feature.max}", min_width=140))
+                                                    info=f"{help_text} ({feature.allowed()})", min_width=160))
                         else:
-                            choices = list(feature.categories or ())
-                            choice = choices[int(typical[j])] if typical else choices[0]
-                            inputs.append(gr.Radio(choices, value=choice, label=label, elem_id=f"input-{feature.name}",
-                                                   min_width=140))
+                            categories = list(feature.categories or ())
+                            choice = categories[int(typical[j])] if typical else categories[0]
+                            choices = [("No", "0"), ("Yes", "1")] if feature.is_yes_no else categories
+                            inputs.append(gr.Radio(choices, value=choice, label=label, info=help_text,
+                                                   elem_id=f"input-{feature.name}", min_width=160))
             predict_button = gr.Button("Predict", variant="primary", elem_id="predict-button")
             with gr.Row():
                 risk = gr.Markdown(elem_id="prediction")
                 contributions = gr.Plot(label="main contributing features")
             predict_button.click(dashboard.predict, inputs, [risk, contributions])
         with gr.Tab("Batch"):
-            gr.Markdown("Upload a CSV with one column per feature; download it back with a `prediction` column. "
-                        "Invalid rows are listed with their line and reason, never dropped silently.")
+            gr.Markdown("Upload a CSV with one column per feature; download it back with a `prediction` column "
+                        "(and `class`, flagged at the model's threshold). Other columns, such as a patient id, come "
+                        "back unchanged beside their rows. Invalid rows are listed with their line and reason, never "
+                        "dropped silently.")
+            gr.DownloadButton("Download a template CSV", value=dashboard.template, elem_id="batch-template")
             upload = gr.File(label="patients CSV", file_types=[".csv"], type="filepath", elem_id="batch-upload")
             batch_summary = gr.Markdown(elem_id="batch-summary")
             scored_file = gr.File(label="predictions CSV", elem_id="batch-result")
-            invalid_rows = gr.Dataframe(label="invalid rows", elem_id="batch-invalid")
+            invalid_rows = gr.Dataframe(pd.DataFrame(columns=INVALID_ROW_COLUMNS), label="invalid rows",
+                                        elem_id="batch-invalid")
             upload.upload(dashboard.batch, upload, [batch_summary, scored_file, invalid_rows])
         with gr.Tab("Training"):
+            run_picker = gr.Dropdown(label="training run", choices=[LATEST_RUN], value=LATEST_RUN,
+                                     elem_id="training-run")
             training_note = gr.Markdown(elem_id="training-source")
-            overall_plot = gr.Plot(elem_id="training-global")
-            hospital_plot = gr.Plot(elem_id="training-hospitals")
+            overall_plot = gr.Plot(label="global model", elem_id="training-global")
+            with gr.Row():
+                hospital_plot = gr.Plot(label="each hospital's evaluation", elem_id="training-hospitals")
+                loss_plot = gr.Plot(label="local training loss", elem_id="training-loss")
+            participation_plot = gr.Plot(label="participation", elem_id="training-participation")
         with gr.Tab("Models"):
             versions = gr.Dataframe(label="registered versions (newest first)", elem_id="model-versions")
             with gr.Row():
                 admin_token = gr.Textbox(label="admin token", type="password")
-                version = gr.Number(label="version to promote", precision=0)
+                version = gr.Dropdown(label="version to promote", choices=[], value=None, elem_id="promote-version")
             with gr.Row():
                 promote_button = gr.Button("Promote to champion")
                 rollback_button = gr.Button("Roll back to the previous champion")
@@ -431,6 +629,15 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
                 roc_plot = gr.Plot(label="ROC", elem_id="model-roc")
                 calibration_plot = gr.Plot(label="calibration", elem_id="model-calibration")
             report_outputs = [report_summary, report_table, roc_plot, calibration_plot]
+            with gr.Row():
+                compare_first = gr.Dropdown(label="compare version", choices=[], elem_id="compare-first")
+                compare_second = gr.Dropdown(label="with version", choices=[], elem_id="compare-second")
+            comparison_summary = gr.Markdown(elem_id="model-comparison")
+            comparison_table = gr.Dataframe(label="the two versions on each hospital's test rows",
+                                            elem_id="model-comparison-table")
+            for picker in (compare_first, compare_second):
+                picker.change(dashboard.compare, [compare_first, compare_second],
+                              [comparison_summary, comparison_table])
             promote_button.click(dashboard.promote, [admin_token, version], [admin_result, versions]).then(
                 dashboard.champion_report, None, report_outputs)
             rollback_button.click(dashboard.rollback, admin_token, [admin_result, versions]).then(
@@ -442,10 +649,12 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
             monitoring_summary = gr.Markdown(elem_id="monitoring")
             drift_table = gr.Dataframe(label="input drift by feature", elem_id="drift")
         timer = gr.Timer(refresh_s)
-        for event in (blocks.load, timer.tick):
-            event(dashboard.federation, None, [training_note, overall_plot, hospital_plot, hospitals_note,
-                                               hospitals_table])
+        federation_outputs = [run_picker, training_note, overall_plot, hospital_plot, loss_plot, participation_plot,
+                              hospitals_note, hospitals_table]
+        for event in (blocks.load, timer.tick, run_picker.input):
+            event(dashboard.federation, run_picker, federation_outputs)
             event(dashboard.monitoring, None, [monitoring_summary, drift_table])
         blocks.load(dashboard.models, None, versions)
+        blocks.load(dashboard.version_choices, None, [version, compare_first, compare_second])
         blocks.load(dashboard.champion_report, None, report_outputs)
     return blocks

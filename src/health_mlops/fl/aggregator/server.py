@@ -4,6 +4,7 @@ aggregator` and its container run."""
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,19 @@ if TYPE_CHECKING:  # MLflow is imported only by an aggregator that registers mod
     from health_mlops.registry import QualityGate, Registry
 
 log = logging.getLogger("health_mlops.aggregator")
+
+
+class _StoppingServer(uvicorn.Server):
+    """uvicorn's server that, told to stop, first answers the nodes' waiting long polls: otherwise they hold the
+    stop for the whole grace period and uvicorn cancels them with an ERROR, on every clean stop."""
+
+    def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_stop = on_stop
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._on_stop()
+        await super().shutdown(sockets)
 
 
 def create_ops_app(api: BodyLimit, api_listening: Callable[[], bool]) -> FastAPI:
@@ -82,8 +96,19 @@ def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: s
         log.warning("serving the API over plain HTTP: tokens travel in the clear and no client certificate is "
                     "checked; for loopback experiments only")
     publisher = Publisher(registry_factory, store, quality_gate)
-    app = create_app(lambda: AggregatorService(spec, store, gatekeeper, publisher=publisher, audit=audit))
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2,
-                                           **protocol_options(tls)))
+    services: list[AggregatorService] = []  # the one the app builds in its event loop
+
+    def service() -> AggregatorService:
+        services.append(AggregatorService(spec, store, gatekeeper, publisher=publisher, audit=audit))
+        return services[-1]
+
+    app = create_app(service)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2,
+                            **protocol_options(tls))
+    def stop_waiting() -> None:
+        for running in services:
+            running.stop_waiting()
+
+    server = _StoppingServer(config, on_stop=stop_waiting)
     with BackgroundServer(create_ops_app(app, api_listening=lambda: server.started), host=host, port=ops_port):
         server.run()

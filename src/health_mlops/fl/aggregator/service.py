@@ -108,6 +108,7 @@ class AggregatorService:
         # run -> its open round and its weights as sent, until their file is durable (then read from the file)
         self._weights_cache: dict[str, tuple[int, memoryview]] = {}
         self._wakeup = asyncio.Event()
+        self._stopping = False
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")  # one: writes stay in order
         # Result files are made durable apart, several at a time: one is named by a state only once it is
         # durable, so it need not wait for the state writes in the queue.
@@ -301,6 +302,12 @@ class AggregatorService:
         self._wakeup.set()
         self._wakeup = asyncio.Event()
 
+    def stop_waiting(self) -> None:
+        """The server is stopping: every waiting long poll answers now, as at its deadline (no task), so that the
+        stop is neither held up for the grace period nor ends in cancelled requests."""
+        self._stopping = True
+        self.wake_waiters()
+
     def _encoded_weights(self, run: Run) -> memoryview:
         """A running run's weights entering the round that just opened, as sent. The run's weights then become
         read-only views of these bytes: the model is held once in memory, not twice."""
@@ -345,7 +352,7 @@ class AggregatorService:
             if task is not None:
                 return TaskMessage.of(task, self.coordinator.runs[task.run_id])
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or self._stopping:
                 return None
             try:
                 await asyncio.wait_for(wakeup.wait(), timeout=remaining)
