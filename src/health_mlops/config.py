@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     dashboard_tls_key: Path | None = None
     admin_token: str | None = Field(None, description="the dashboard's admin token for the aggregator (else read "
                                     "from the credentials folder)")
+    mlflow_ui_url: str | None = Field(None, description="the MLflow UI over the registry, linked from the dashboard")
+    prometheus_url: str | None = Field(None, description="the Prometheus scraping the services, linked from the "
+                                       "dashboard (the demo sets its own)")
     prometheus_rules: Path | None = Field(None, description="alert rules for the demo's Prometheus (default: the "
                                           "repository's monitoring/alerts.yml)")
     prometheus_scrape_interval_s: float = Field(5.0, gt=0, le=300, description="the demo's Prometheus scrape and "

@@ -66,11 +66,13 @@ def browser_page(demo: Demo) -> Iterator[Page]:
         browser.close()
 
 
-def test_the_predict_form_speaks_the_clinicians_language(browser_page: Page) -> None:
+def test_the_predict_form_speaks_the_clinicians_language(browser_page: Page, demo: Demo) -> None:
     """Labels and units from the spec, its descriptions as help, diagnoses as Yes/No, defaults at the feature's
     precision, and the spec's intended-use notice."""
     page = browser_page
     expect(page.locator("#intended-use")).to_contain_text("not for clinical use")
+    expect(page.locator("#links").get_by_role("link", name="Prometheus")).to_have_attribute(
+        "href", f"http://127.0.0.1:{urlsplit(demo.url).port + 1}")  # the demo's own, on the port after the dashboard
     expect(page.locator("#input-heart_rate")).to_contain_text("Resting heart rate (bpm)")
     expect(page.locator("#input-heart_rate")).to_contain_text("Mean resting heart rate over the day")
     asthma = page.locator("#input-asthma_copd")
@@ -153,6 +155,8 @@ def test_hospitals_and_models_are_listed_and_a_wrong_token_is_refused(browser_pa
     hospitals = page.locator("#hospitals")
     expect(hospitals).to_contain_text("hospital-3", timeout=TIMEOUT_MS)
     expect(hospitals).to_contain_text("idle (run completed)")
+    expect(hospitals).to_contain_text("replicas")
+    expect(hospitals).to_contain_text("hospital-1-")  # hospital-1's nodes (two replicas in the demo)
     page.get_by_role("tab", name="Models").click()
     expect(page.locator("#model-versions")).to_contain_text("champion", timeout=TIMEOUT_MS)
     page.get_by_label("admin token").fill("not-the-token")

@@ -71,10 +71,16 @@ def test_hospitals_show_their_rows_and_last_round(view: dict) -> None:
         assert 700 < hospital.rows < 900 and hospital.rows_quarantined == 0  # its training rows, counted in round 0
         assert hospital.last_round == 3 and 0 <= hospital.metric <= 1
     running = {**view, "status": "running", "open_tasks": [{"hospital": "hospital-2", "status": "leased",
-                                                             "holder": "hospital-2-a", "lease_expires": 0.0}]}
-    statuses = {h.hospital: h.status for h in hospitals_from_view(running, "auc")}
-    assert statuses == {"hospital-1": "done for this round", "hospital-2": "working (hospital-2-a)",
-                        "hospital-3": "done for this round"}
+                                                             "holder": "hospital-2-b", "lease_expires": 1000.0}]}
+    now = {h.hospital: h for h in hospitals_from_view(running, "auc")}
+    assert {h: s.status for h, s in now.items()} == {"hospital-1": "done for this round",
+                                                     "hospital-2": "working (hospital-2-b)",
+                                                     "hospital-3": "done for this round"}
+    # The replicas seen: those whose results counted, and the one holding the open task, renewed lease_s ago.
+    counted = {r["nodes"]["hospital-2"] for r in view["history"]}
+    assert now["hospital-2"].replicas == sorted(counted | {"hospital-2-b"})
+    assert now["hospital-2"].last_heartbeat == 1000.0 - view["config"]["lease_s"]
+    assert now["hospital-1"].last_heartbeat is None
     left_out = {**running, "excluded": {"hospital-3": "no valid training rows (0 counted in round 0)"}}
     statuses = {h.hospital: h.status for h in hospitals_from_view(left_out, "auc")}
     assert statuses["hospital-3"] == "left out: no valid training rows (0 counted in round 0)"

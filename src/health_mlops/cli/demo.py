@@ -83,9 +83,11 @@ def demo(
         environment = {**os.environ, "HEALTH_MLOPS_HOME": str(settings.home),
                        "HEALTH_MLOPS_AGGREGATOR_URL": f"https://127.0.0.1:{port}"}
         with Processes(settings.home / "logs", environment) as processes:
+            prometheus_url = None
             if serve:
                 nodes = [(p.hospital_id, p.node_id) for p in node_plan(data, names, {})]
-                start_prometheus(processes, settings, ports, nodes, dashboard_port, prometheus_port, err)
+                prometheus_url = start_prometheus(processes, settings, ports, nodes, dashboard_port, prometheus_port,
+                                                  err)
             view, body = run_federation(processes, data=data, hospitals=names,
                                         cities=reference_file.get("cities", {}), request=request, home=settings.home,
                                         credentials_dir=settings.credentials_dir, ports=ports,
@@ -101,7 +103,7 @@ def demo(
                 return
             _print_outcome(dataset, columns, view, counted, names[0], data)
             if serve:
-                serve_dashboard(processes, dashboard_port, err)
+                serve_dashboard(processes, dashboard_port, err, prometheus_url=prometheus_url)
     except KeyboardInterrupt:
         err.print("interrupted: every process the demo started has been stopped")
         raise typer.Exit(130) from None

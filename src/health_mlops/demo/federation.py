@@ -144,9 +144,11 @@ def run_federation(processes: Processes, *, data: Path, hospitals: list[str], ci
     return view, weights
 
 
-def serve_dashboard(processes: Processes, port: int, console: Console) -> None:
-    """Serve the dashboard (a process, like every other component) beside the federation until Ctrl-C."""
-    child = processes.start("dashboard", ["dashboard", "--port", str(port)])
+def serve_dashboard(processes: Processes, port: int, console: Console, *, prometheus_url: str | None) -> None:
+    """Serve the dashboard (a process, like every other component) beside the federation until Ctrl-C; it links
+    to the demo's Prometheus when there is one."""
+    child = processes.start("dashboard", ["dashboard", "--port", str(port)],
+                            env={"HEALTH_MLOPS_PROMETHEUS_URL": prometheus_url} if prometheus_url else None)
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", child)
         console.print(f"dashboard on http://127.0.0.1:{port} (API: /api/v1/predict, /api/v1/model; log: "

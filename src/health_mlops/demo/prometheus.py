@@ -11,9 +11,9 @@ from health_mlops.prometheus import ALERT_RULES, local_config, local_targets, pr
 
 
 def start_prometheus(processes: Processes, settings: Settings, ports: Ports, nodes: list[tuple[str, str]],
-                     dashboard_port: int, prometheus_port: int, console: Console) -> None:
-    """Write the demo's Prometheus config into `$HEALTH_MLOPS_HOME/prometheus` and start Prometheus on it;
-    without the binary, say where the config is and go on."""
+                     dashboard_port: int, prometheus_port: int, console: Console) -> str | None:
+    """Write the demo's Prometheus config into `$HEALTH_MLOPS_HOME/prometheus` and start Prometheus on it,
+    returning its URL; without the binary, say where the config is and go on (None)."""
     folder = settings.home / "prometheus"
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "prometheus.yml"
@@ -26,7 +26,8 @@ def start_prometheus(processes: Processes, settings: Settings, ports: Ports, nod
     if command is None:
         console.print(f"Prometheus is not installed (`apt-get install prometheus`); its config for this demo is "
                       f"{config}", soft_wrap=True)
-        return
+        return None
     processes.start_program("prometheus", command)
-    console.print(f"Prometheus on http://127.0.0.1:{prometheus_port} (alerts: /alerts; config {config})",
-                  soft_wrap=True)
+    url = f"http://127.0.0.1:{prometheus_port}"
+    console.print(f"Prometheus on {url} (alerts: /alerts; config {config})", soft_wrap=True)
+    return url

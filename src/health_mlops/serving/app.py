@@ -69,7 +69,10 @@ def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float
     app = create_serving_app(spec, watcher, predictor=predictor, api_key=api_key)
     sources = DashboardSources(registry, spec.primary_metric, settings.aggregator_url,
                                admin_credential(settings.admin_token, settings.credentials_dir))
-    dashboard = Dashboard(spec, predictor, registry, sources, settings.credentials_dir, scratch=scratch / "results")
+    links = {name: url for name, url in (("MLflow", settings.mlflow_ui_url), ("Prometheus", settings.prometheus_url))
+             if url}
+    dashboard = Dashboard(spec, predictor, registry, sources, settings.credentials_dir, scratch=scratch / "results",
+                          links=links)
     with suppress(Exception):  # the champion now, if any, so the Predict form starts at a typical patient
         watcher.refresh()
     mounted = gr.mount_gradio_app(app, build_dashboard(dashboard, refresh_s=poll_s), path="/",

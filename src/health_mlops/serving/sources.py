@@ -49,6 +49,8 @@ class HospitalStatus:
     metric: float | None  # its latest evaluation of the global model
     suppressed: dict[str, int] | None = None  # cells its round-0 stats withheld as too small
     epsilon: float | None = None  # privacy spent so far, in a run with differential privacy
+    replicas: list[str] = field(default_factory=list)  # its nodes the aggregator has seen (results, open task)
+    last_heartbeat: float | None = None  # Unix time its open task's lease was last renewed
 
 
 @dataclass
@@ -100,11 +102,18 @@ def hospitals_from_view(view: dict[str, Any], metric: str) -> list[HospitalStatu
             status = "waiting for a node to take its task"
         counted = stats["hospitals"].get(hospital) if stats else None
         spent = ((view.get("privacy") or {}).get("hospitals") or {}).get(hospital)
+        replicas = {r["nodes"][hospital] for r in view["history"] if hospital in r.get("nodes", {})}
+        if task is not None and task["holder"]:
+            replicas.add(task["holder"])
+        # A lease runs lease_s from its last renewal (taking the task, or a heartbeat).
+        heartbeat = (task["lease_expires"] - view["config"]["lease_s"]
+                     if task is not None and task["holder"] else None)
         found.append(HospitalStatus(
             hospital, status, counted.get("count") if counted else None,
             counted.get("rows_quarantined") if counted else None, last["round"] if last else None,
             ((last["hospitals"][hospital].get("metrics") or {}).get(metric)) if last else None,
-            (view.get("suppressed") or {}).get(hospital), spent["epsilon"] if spent else None))
+            (view.get("suppressed") or {}).get(hospital), spent["epsilon"] if spent else None, sorted(replicas),
+            heartbeat))
     return found
 
 

@@ -54,8 +54,9 @@ class Dashboard:
     """The callbacks behind the tabs; each returns what its outputs show and never raises at the user."""
 
     def __init__(self, spec: DatasetSpec, predictor: Predictor, registry: Registry, sources: DashboardSources,
-                 credentials_dir: Path, *, scratch: Path) -> None:
+                 credentials_dir: Path, *, scratch: Path, links: dict[str, str] | None = None) -> None:
         self.spec = spec
+        self.links = links or {}  # the tools beside the dashboard (MLflow's UI, Prometheus), where configured
         self.predictor = predictor
         self.registry = registry
         self.sources = sources
@@ -98,14 +99,19 @@ class Dashboard:
         lines = [headline]
         if self.spec.task == "binary":
             lines.append("\n\n".join(self._risk_context(model.version, risk)) + "\n")
-        labels = {f.name: f.display_label for f in self.spec.features}
-        yes_no = {f.name for f in self.spec.features if f.is_yes_no}
+        features = {f.name: f for f in self.spec.features}
+        labels = {name: f.display_label for name, f in features.items()}
 
-        def in_words(feature: str, value: float | str) -> str:
-            return {"0": "No", "1": "Yes"}.get(str(value), str(value)) if feature in yes_no else _shown(value)
+        def in_words(name: str, value: float | str) -> str:
+            feature = features[name]
+            if feature.is_yes_no:
+                return {"0": "No", "1": "Yes"}.get(str(value), str(value))
+            if isinstance(value, float) and not math.isnan(value):
+                return f"{value:.{feature.display_decimals}f}"
+            return _shown(value)
 
-        lines.append(f"model v{model.version}. Main contributing features (change in the prediction if the feature "
-                     "were at the training population's typical value instead):")
+        lines.append(f"model v{model.version}. Main contributing features: how much each feature's value moves the "
+                     "prediction, against the training population's typical value.")
         for c in found:
             change = (f"{scale * c['contribution']:+.2f} {unit}" if abs(c["contribution"]) >= negligible else
                       f"negligible (under {scale * negligible:g} {unit})")
@@ -248,13 +254,18 @@ class Dashboard:
         return picker, note, overall, per_hospital, losses, participation
 
     def hospitals(self, state: FederationState) -> tuple[str, pd.DataFrame]:
-        table = pd.DataFrame([{"hospital": h.hospital, "status": h.status, "rows trained on": h.rows,
+        now = time.time()
+        table = pd.DataFrame([{"hospital": h.hospital, "status": h.status, "replicas": ", ".join(h.replicas) or None,
+                               "last heartbeat": None if h.last_heartbeat is None else
+                               f"{max(now - h.last_heartbeat, 0):.0f} s ago",
+                               "rows trained on": h.rows,
                                "rows quarantined": h.rows_quarantined, "last round": h.last_round,
                                self.metric: None if h.metric is None else round(h.metric, 4),
                                "small cells suppressed": _suppressed(h.suppressed),
                                "privacy ε spent": None if h.epsilon is None else round(h.epsilon, 3)}
                               for h in state.hospitals],
-                             columns=["hospital", "status", "rows trained on", "rows quarantined", "last round",
+                             columns=["hospital", "status", "replicas", "last heartbeat", "rows trained on",
+                                      "rows quarantined", "last round",
                                       self.metric, "small cells suppressed", "privacy ε spent"])
         return _source_note(state), table
 
@@ -567,6 +578,9 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
         gr.Markdown(f"# Health MLOps: {spec.name}\n{spec.description}")
         if spec.intended_use:
             gr.Markdown(f"**Intended use:** {spec.intended_use}", elem_id="intended-use")
+        if dashboard.links:
+            gr.Markdown("Also: " + " · ".join(f"[{name}]({url})" for name, url in dashboard.links.items()),
+                        elem_id="links")
         with gr.Tab("Predict"):
             inputs: list[gr.components.Component] = []
             sources = list(dict.fromkeys(f.source.value for f in spec.features))
