@@ -22,8 +22,6 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import brentq
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
 # Probabilities are clipped before log loss and logits so one confident mistake is large, not infinite.
 _EPS = 1e-7
@@ -83,6 +81,11 @@ def calibration(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     below 1 means its risks are too extreme. NaN on one class."""
     if not 0 < y.sum() < len(y):
         return math.nan, math.nan
+    # scikit-learn (about 100 MB resident) loads only where a slope is fitted: at a hospital, not in the aggregator
+    # or the dashboard, which import this module for the counts.
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
     lp = _logit(p)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # separable rows: the slope is large, as it should be

@@ -251,7 +251,7 @@ def test_demo_trains_as_processes_prints_the_table_and_serves_the_champion(home:
     demo = subprocess.Popen(command, env={**os.environ, "HEALTH_MLOPS_HOME": str(home)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     dashboard = f"http://127.0.0.1:{base + 13}"
-    wait_until_ready(f"{dashboard}/readyz", demo, timeout_s=240)
+    wait_until_ready(f"{dashboard}/readyz", demo, timeout_s=600)
     model = httpx.get(f"{dashboard}/api/v1/model").json()
     assert model["version"] == 1 and model["metrics"]["auc"] > 0.5  # the freshly trained champion
     demo.send_signal(signal.SIGINT)

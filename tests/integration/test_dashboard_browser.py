@@ -45,7 +45,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{base + 11}"
     try:
-        wait_until_ready(f"{url}/readyz", process, timeout_s=240)
+        wait_until_ready(f"{url}/readyz", process, timeout_s=600)
         yield Demo(url, home, f"https://127.0.0.1:{base}")
     finally:
         process.send_signal(signal.SIGINT)

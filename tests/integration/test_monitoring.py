@@ -99,7 +99,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
            "HEALTH_MLOPS_PROMETHEUS_RULES": str(short_rules(root)), "HEALTH_MLOPS_PROMETHEUS_SCRAPE_INTERVAL_S": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until_ready(f"http://127.0.0.1:{ports['dashboard']}/readyz", process, timeout_s=240)
+        wait_until_ready(f"http://127.0.0.1:{ports['dashboard']}/readyz", process, timeout_s=600)
         yield {"ports": ports, "prometheus": f"http://127.0.0.1:{ports['prometheus']}"}
     finally:
         process.send_signal(signal.SIGINT)

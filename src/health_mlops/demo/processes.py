@@ -17,7 +17,9 @@ import httpx
 
 from health_mlops.errors import DemoError
 
-READY_TIMEOUT_S = 60.0
+# Generous: a process imports torch, Gradio or MLflow first, which takes long on a busy 2-CPU machine; a process
+# that exits is reported at once.
+READY_TIMEOUT_S = 180.0
 
 
 def check_ports_free(ports: list[int]) -> None:
