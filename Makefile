@@ -112,6 +112,7 @@ bench: setup debs-bench flower
 	$(BIN)/python benchmarks/aggregation.py
 	$(BIN)/python benchmarks/round_at_scale.py
 	$(BIN)/python benchmarks/serving.py
+	$(BIN)/python benchmarks/demo_memory.py
 
 clean:
 	rm -rf $(VENV) .venv-checkov .health-mlops .pytest_cache screenshots
