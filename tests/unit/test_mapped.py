@@ -11,9 +11,10 @@ from health_mlops.fl.mapped import BLOCK_BYTES, blocks, map_file, mapping_of
 
 
 def rss_file_kib() -> int:
-    """This process's resident pages mapped from files."""
+    """This process's resident pages mapped from files: RssFile, plus RssShmem for a file on tmpfs (/tmp in a
+    container or a chroot), whose pages are shared memory."""
     with open("/proc/self/status", encoding="ascii") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+        return sum(int(line.split()[1]) for line in status if line.startswith(("RssFile:", "RssShmem:")))
 
 
 @pytest.mark.parametrize("block_elements", [None, 1, 7, 1000])

@@ -19,6 +19,7 @@ from health_mlops.errors import DemoError
 from health_mlops.fl.client import AdminClient, RunRefused
 from health_mlops.fl.messages import RunRequest, RunView
 
+
 @dataclass(frozen=True)
 class Ports:
     aggregator: int = 8080  # its API, over mutual TLS

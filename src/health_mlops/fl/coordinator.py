@@ -78,6 +78,7 @@ _TASK_ID = re.compile(r"(?P<run>.+)\.r(?P<round>\d+)\.a(?P<attempt>\d+)\.(?P<hos
 def _task_id(run_id: str, round_number: int, attempt: int, hospital: str) -> str:
     return f"{run_id}.r{round_number}.a{attempt}.{hospital}"
 
+
 @dataclass
 class Task:
     id: str

@@ -15,7 +15,7 @@ from health_mlops.data.preprocess import HISTOGRAM_BINS
 from health_mlops.fl.errors import Rejected
 from health_mlops.metrics import BINARY_METRICS, CALIBRATION_BINS, REGRESSION_METRICS, SCORE_BINS
 
-# The metric names hospitals may report (those of ml.metrics); anything else would become new time series.
+# The metric names hospitals may report (those of `metrics`); anything else would become new time series.
 METRIC_NAMES = frozenset({*BINARY_METRICS, *REGRESSION_METRICS})
 MAX_ROWS = 10**9  # far beyond any hospital; keeps example weights and sums finite
 
@@ -43,7 +43,7 @@ class StatsMetadata(_Strict):
 
 
 class SummaryMetadata(_Strict):
-    """A binary model's counts and sums on a hospital's test rows (`ml.metrics.BinarySummary`)."""
+    """A binary model's counts and sums on a hospital's test rows (`metrics.BinarySummary`)."""
 
     threshold: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
     confusion: Annotated[list[Count], Field(min_length=4, max_length=4)]

@@ -19,7 +19,7 @@ def predict_frame(model: nn.Module, preprocessor: Preprocessor, frame: pd.DataFr
 
 def evaluate_frame(model: nn.Module, preprocessor: Preprocessor, frame: pd.DataFrame, *, threshold: float,
                    bootstrap: int, summarise: bool) -> tuple[dict[str, float], BinarySummary | None]:
-    """The model's metrics on these rows (`ml.metrics`), and with `summarise`, for a binary task, the counts and
+    """The model's metrics on these rows (`metrics`), and with `summarise`, for a binary task, the counts and
     sums that build metrics over several hospitals' rows."""
     spec = preprocessor.spec
     y, prediction = encode_target(frame, spec), predict_frame(model, preprocessor, frame)
