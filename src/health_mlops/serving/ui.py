@@ -9,6 +9,8 @@ Monitoring reads the serving metrics and the champion's drift scores.
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +26,7 @@ from health_mlops.data.preprocess import serving_matrix
 from health_mlops.data.validate import validate_table
 from health_mlops.errors import DataError, RegistryError
 from health_mlops.monitoring import histogram_quantile
-from health_mlops.registry import Registry
+from health_mlops.registry import ModelVersion, Registry
 from health_mlops.security import FailureThrottle, admin_refusal
 from health_mlops.serving.drift import MIN_ROWS, SIGNIFICANT_PSI
 from health_mlops.serving.predictor import NoChampion, Predictor
@@ -204,8 +206,12 @@ class Dashboard:
 
     def template(self) -> Path:
         """A CSV to fill in: a `patient_id` column (carried through to the predictions), then one column per
-        feature, with one example row of the training population's typical values."""
+        feature, with one example row of the training population's typical values. Written once per model: every
+        page load asks for it."""
         model = self.predictor.watcher.current
+        path = self._scratch / f"{self.spec.name}-template-v{model.version if model else 0}.csv"
+        if path.is_file():
+            return path
         typical = model.typical if model else None
         example: dict[str, object] = {"patient_id": "example-1"}
         for j, feature in enumerate(self.spec.features):
@@ -215,8 +221,9 @@ class Dashboard:
             else:
                 categories = feature.categories or ("",)
                 example[feature.name] = categories[int(typical[j])] if typical else categories[0]
-        path = self._scratch / f"{self.spec.name}-template.csv"
-        pd.DataFrame([example]).to_csv(path, index=False)
+        written = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}")  # whole, or not there, to a reader
+        pd.DataFrame([example]).to_csv(written, index=False)
+        written.replace(path)
         return path
 
     # --- Training and hospitals ------------------------------------------------------------------------
@@ -271,18 +278,25 @@ class Dashboard:
 
     # --- Models ------------------------------------------------------------------------------------------
 
-    def models(self) -> pd.DataFrame:
+    def _versions(self) -> list[ModelVersion]:
+        """The registered versions, newest first (none while the registry is away: the page still shows)."""
         try:
-            versions = self.registry.versions()
+            return list(reversed(self.registry.versions()))
         except Exception:  # noqa: BLE001 - the registry may be away; show nothing rather than fail the page
-            versions = []
-        return pd.DataFrame([{"version": v.version, "aliases": ", ".join(v.aliases), "metric": v.metric_name,
-                              "value": round(v.metric, 4), "differential privacy": v.privacy_text(),
-                              "federation run": v.federation_run,
-                              "registered": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at))}
-                             for v in reversed(versions)],
-                            columns=["version", "aliases", "metric", "value", "differential privacy", "federation run",
-                                     "registered"])
+            return []
+
+    def models(self) -> pd.DataFrame:
+        return _versions_table(self._versions())
+
+    def registered(self) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """The Models tab as a page loads, from one look at the registry: the versions, and the promote and compare
+        pickers (the champion compared with the newest other version)."""
+        versions = self._versions()
+        choices = [(f"v{v.version}" + (f" ({', '.join(v.aliases)})" if v.aliases else ""), v.version) for v in versions]
+        champion = next((v.version for v in versions if "champion" in v.aliases), None)
+        other = next((v.version for v in versions if v.version != champion), None)
+        return (_versions_table(versions), gr.update(choices=choices, value=None),
+                gr.update(choices=choices, value=champion), gr.update(choices=choices, value=other))
 
     def champion_report(self) -> tuple[str, pd.DataFrame, go.Figure | None, go.Figure | None]:
         """The champion's federated model report: a summary, the per-hospital table, ROC and calibration plots."""
@@ -303,19 +317,6 @@ class Dashboard:
         if version not in self._reports:  # a version's report never changes: read it once
             self._reports[version] = self.registry.load_report(version)
         return self._reports[version]
-
-    def version_choices(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """The registered versions, newest first, for the promote and compare pickers: compare the champion (first)
-        with the newest other version (second)."""
-        try:
-            versions = list(reversed(self.registry.versions()))
-        except Exception:  # noqa: BLE001 - the registry may be away: the pickers stay empty
-            versions = []
-        choices = [(f"v{v.version}" + (f" ({', '.join(v.aliases)})" if v.aliases else ""), v.version) for v in versions]
-        champion = next((v.version for v in versions if "champion" in v.aliases), None)
-        other = next((v.version for v in versions if v.version != champion), None)
-        return (gr.update(choices=choices, value=None), gr.update(choices=choices, value=champion),
-                gr.update(choices=choices, value=other))
 
     def compare(self, first: int | None, second: int | None) -> tuple[str, pd.DataFrame]:
         """Two versions' federated model reports side by side: each hospital's metrics, and the mean."""
@@ -433,6 +434,17 @@ def _report_table(report: dict[str, Any]) -> pd.DataFrame:
         rows.append(["all test rows (from counts)", auc,
                      *(_number(pooled.get(key)) for _, key in _REPORT_METRICS), *["" for _ in range(5)]])
     return pd.DataFrame(rows, columns=_REPORT_COLUMNS)
+
+
+def _versions_table(versions: list[ModelVersion]) -> pd.DataFrame:
+    """The registered versions, in the order given, as the Models tab lists them."""
+    return pd.DataFrame([{"version": v.version, "aliases": ", ".join(v.aliases), "metric": v.metric_name,
+                          "value": round(v.metric, 4), "differential privacy": v.privacy_text(),
+                          "federation run": v.federation_run,
+                          "registered": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at))}
+                         for v in versions],
+                        columns=["version", "aliases", "metric", "value", "differential privacy", "federation run",
+                                 "registered"])
 
 
 _COMPARED = (("AUC", "auc"), ("Brier", "brier"), ("calibration slope", "calibration_slope"),
@@ -668,7 +680,6 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
         for event in (blocks.load, timer.tick, run_picker.input):
             event(dashboard.federation, run_picker, federation_outputs)
             event(dashboard.monitoring, None, [monitoring_summary, drift_table])
-        blocks.load(dashboard.models, None, versions)
-        blocks.load(dashboard.version_choices, None, [version, compare_first, compare_second])
+        blocks.load(dashboard.registered, None, [versions, version, compare_first, compare_second])
         blocks.load(dashboard.champion_report, None, report_outputs)
     return blocks
