@@ -64,7 +64,7 @@ def main() -> None:
         started = time.perf_counter()
         _, run = run_federated_in_memory(spec, splits, config)
         # In memory the hospitals run one after another: a round's compute is their sum.
-        computes = [sum(m["compute_seconds"] for m in r.hospitals.values()) for r in run.history
+        computes = [sum(m.compute_seconds for m in r.hospitals.values()) for r in run.history
                     if r.kind.value == "fit"]
         rows.append(("in-memory, hospitals in turn", time.perf_counter() - started,
                      1000 * statistics.median(computes), 0.0))

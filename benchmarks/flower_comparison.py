@@ -136,7 +136,7 @@ def run_health_mlops(root: Path, data: Path, config: RunConfig, metric: str) -> 
     return Measured("health-mlops: aggregator + 5 nodes, mutual TLS",
                     view.history[-1].closed_at - view.history[0].opened_at,
                     [1000 * (r.closed_at - r.opened_at) for r in fits],
-                    [1000 * max(float(m["compute_seconds"]) for m in r.hospitals.values()) for r in fits],
+                    [1000 * max(m.compute_seconds for m in r.hospitals.values()) for r in fits],
                     round_overheads_ms(view), view.history[-1].global_metrics[metric])
 
 

@@ -23,6 +23,7 @@ from health_mlops.fl.client import HospitalClient
 from health_mlops.fl.coordinator import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker
 from health_mlops.fl.messages import RunView, TaskMessage, decode_weights, encode_result
+from health_mlops.fl.metadata import FitMetadata
 from health_mlops.pki import CA, cert_path, key_path
 from health_mlops.security import ADMIN, ClientCredential, bearer, provision, read_token, token_path
 from health_mlops.spec import load_spec
@@ -120,7 +121,8 @@ def assert_each_hospital_counted_once_per_round(view: RunView, train_rows: dict[
         assert sorted(record.hospitals) == HOSPITALS
         if record.kind is TaskKind.fit:
             for hospital, metadata in record.hospitals.items():
-                assert metadata["num_examples"] == train_rows[hospital]  # one replica's rows, not two
+                assert isinstance(metadata, FitMetadata)
+                assert metadata.num_examples == train_rows[hospital]  # one replica's rows, not two
 
 
 def train_rows(data: Path) -> dict[str, int]:

@@ -16,7 +16,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from health_mlops.data.hospital import load_hospitals
-from health_mlops.data.preprocess import Preprocessor, stats_of_frame
+from health_mlops.data.preprocess import GlobalPreprocessing, Preprocessor, stats_of_frame
 from health_mlops.data.synthetic import generate_dataset
 from health_mlops.http_server import BackgroundServer
 from health_mlops.ml.evaluate import predict_frame
@@ -51,8 +51,9 @@ def trained(frame_rows: list[dict], seed: int) -> tuple[bytes, list[float]]:
     model = build_model(SPEC.model, len(preprocessor.mean), seed=seed)
     train_model(model, preprocessor.features(frame), preprocessor.target(frame), SPEC.task,
                 TrainConfig(epochs=1, learning_rate=0.01, batch_size=64, seed=seed))
-    body = export_onnx(SPEC, {"mean": preprocessor.mean.tolist(), "scale": preprocessor.scale.tolist(),
-                              "threshold": THRESHOLD}, weights_as_numpy(model))
+    preprocessing = GlobalPreprocessing(count=len(frame), mean=preprocessor.mean.tolist(),
+                                        scale=preprocessor.scale.tolist(), threshold=THRESHOLD)
+    body = export_onnx(SPEC, preprocessing, weights_as_numpy(model))
     return body, predict_frame(model, preprocessor, frame).tolist()
 
 

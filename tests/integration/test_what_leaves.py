@@ -36,6 +36,7 @@ import pytest
 from health_mlops.data.preprocess import encoded_columns, feature_histograms
 from health_mlops.data.split import split_frame
 from health_mlops.fl.hospital import suppressed_cells
+from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.messages import decode_weights
 from health_mlops.pki import CA, SERVER, cert_path, key_path
 from health_mlops.spec import load_spec
@@ -247,7 +248,7 @@ def test_only_aggregates_leave_and_the_node_lists_every_request(
         sent = stats["histograms"][feature]
         assert [c is None for c in sent] == [bool(0 < c < SMALL_CELL) for c in counts], feature
         assert all(s == c for s, c in zip(sent, counts, strict=True) if s is not None), feature
-    withheld = suppressed_cells(stats)
+    withheld = suppressed_cells(StatsMetadata.model_validate(stats))
     assert withheld["categories"] >= 1 and withheld["histogram_bins"] >= 1
     assert {k: status["suppressed"][k] for k in withheld} == withheld and status["suppressed"]["run_id"] == run_id
     assert cluster.view(run_id).suppressed[WATCHED] == withheld

@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from health_mlops.data.preprocess import GlobalPreprocessing
 from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, ResultAccepted,
                                          ResultRejected, RoundArrays, RoundClosed, RoundHistory, RoundOpened, RunEnded,
                                          RunStarted, RunStatus, TaskKind, TaskResult, round_record_to_dict)
+from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.run_config import RunConfig, StrategyConfig
 
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
@@ -24,8 +26,8 @@ def fitted(examples: int = 10, auc: float = 0.7) -> dict:
     return {"num_examples": examples, "num_test_examples": 5, "metrics": {"auc": auc}}
 
 
-def stats_reducer(metadata: list[dict]) -> dict:
-    return {"count": sum(m["count"] for m in metadata)}
+def stats_reducer(metadata: list[StatsMetadata]) -> GlobalPreprocessing:
+    return GlobalPreprocessing(count=sum(m.count for m in metadata), mean=[0.0], scale=[1.0])
 
 
 def start(config: RunConfig | None = None, now: float = 0.0) -> Coordinator:
@@ -73,7 +75,7 @@ def test_a_run_goes_stats_fit_evaluate_and_completes() -> None:
             answer(coordinator, hospital, now=1.0, value=float(i))
     assert run.status is RunStatus.completed
     assert [h.kind for h in run.history] == [TaskKind.stats, TaskKind.fit, TaskKind.fit, TaskKind.evaluate]
-    assert run.preprocessing == {"count": 30}
+    assert run.preprocessing.count == 30
     np.testing.assert_allclose(run.weights["w"], [1.0, 1.0, 1.0])  # equal examples: the mean of 0, 1, 2
     assert coordinator.next_task("hospital-1", "a", 2.0) is None
 
@@ -92,7 +94,7 @@ def test_two_replicas_of_a_hospital_count_once() -> None:
         coordinator.submit(first.id, "hospital-1", "replica-b", TaskResult(stats(10)), now=12.5)
     for hospital in HOSPITALS[1:]:
         answer(coordinator, hospital, now=13.0)
-    assert coordinator.runs["run-1"].preprocessing == {"count": 30}  # hospital-1 counted once
+    assert coordinator.runs["run-1"].preprocessing.count == 30  # hospital-1 counted once
 
 
 def test_heartbeats_keep_a_lease_alive_until_they_stop() -> None:
@@ -232,7 +234,7 @@ def test_a_hospital_without_training_rows_is_left_out_with_its_reason() -> None:
         coordinator.submit(task.id, hospital, "a", TaskResult(stats(count)), 1.0)
     assert run.status is RunStatus.running and run.round == 1
     assert run.excluded == {"hospital-2": "no valid training rows (0 counted in round 0)"}
-    assert run.preprocessing == {"count": 20}  # from the hospitals that have rows
+    assert run.preprocessing.count == 20  # from the hospitals that have rows
     assert coordinator.next_task("hospital-2", "a", 2.0) is None  # no work for it in this run
     for hospital in ("hospital-1", "hospital-3"):
         answer(coordinator, hospital, now=2.0)
@@ -255,7 +257,7 @@ def test_too_few_hospitals_with_rows_or_stats_that_cannot_be_combined_end_the_ru
     assert run.status is RunStatus.failed
     assert run.reason.startswith("round 0: 1 hospital(s) have training rows, 2 needed (hospital-2: no valid")
 
-    def unusable(metadata: list[dict]) -> dict:
+    def unusable(metadata: list[StatsMetadata]) -> GlobalPreprocessing:
         raise ValueError("the sums do not describe the same columns")
 
     broken = Coordinator(unusable)

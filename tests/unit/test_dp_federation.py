@@ -36,7 +36,7 @@ def test_each_hospital_spends_at_most_its_budget_over_the_run(splits: list[Hospi
     _, run = run_federated_in_memory(SPEC, splits, config)
     assert run.status is RunStatus.completed
     fits = [r for r in run.history if r.kind is TaskKind.fit]
-    assert all(m["dp_steps"] == 20 for r in fits for m in r.hospitals.values())  # 640 rows / 32 a batch
+    assert all(m.dp_steps == 20 for r in fits for m in r.hospitals.values())  # 640 rows / 32 a batch
     spent = privacy_spent(run)
     assert sorted(spent) == sorted(s.hospital_id for s in splits)
     assert all(1.9 <= eps <= 2.0 + 0.01 for eps in spent.values()), spent  # the whole budget, no more

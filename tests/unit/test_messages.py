@@ -13,6 +13,7 @@ from health_mlops.fl.coordinator import TaskResult
 from health_mlops.fl.mapped import mapping_of
 from health_mlops.fl.messages import (MessageError, decode_result, encode_result, encode_weights, map_result,
                                       weighted_metrics, weights_view)
+from health_mlops.fl.metadata import EvaluationMetadata
 
 
 def test_a_result_round_trips_with_tensors_and_metadata() -> None:
@@ -53,9 +54,9 @@ def test_unreadable_bodies_are_message_errors(body: bytes) -> None:
 
 
 def test_federated_metrics_are_weighted_by_test_examples() -> None:
-    hospitals = {"a": {"num_test_examples": 300, "metrics": {"auc": 0.9}},
-                 "b": {"num_test_examples": 100, "metrics": {"auc": 0.5}}}
-    assert weighted_metrics(hospitals) == pytest.approx({"auc": 0.8})
+    hospitals = {"a": EvaluationMetadata(num_examples=300, num_test_examples=300, metrics={"auc": 0.9, "brier": None}),
+                 "b": EvaluationMetadata(num_examples=100, num_test_examples=100, metrics={"auc": 0.5, "brier": 0.2})}
+    assert weighted_metrics(hospitals) == pytest.approx({"auc": 0.8, "brier": 0.2})  # undefined counts nowhere
 
 
 def test_a_result_file_is_read_memory_mapped_with_its_metadata(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from health_mlops.data.preprocess import (MISSING_SUFFIX, Preprocessor, encoded_
                                           stats_of_frame)
 from health_mlops.data.synthetic import CITIES, generate_city_days
 from health_mlops.data.validate import validate_table
-from health_mlops.fl.hospital import hospital_stats, preprocessor_from, reduce_stats, suppressed_cells
+from health_mlops.fl.hospital import hospital_stats, reduce_stats, suppressed_cells
 from health_mlops.ml.evaluate import predict_frame
 from health_mlops.ml.model import build_model, weights_as_numpy
 from health_mlops.ml.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx, feature_reference
@@ -72,7 +72,7 @@ def test_federated_fill_in_and_standardisation_equal_the_pooled_ones_from_counts
                                  smoker=frames[1]["smoker"].where(np.arange(300) % 4 != 0, "unknown"))
     parts = [validated(f, tmp_path) for f in frames]
     preprocessing = reduce_stats(SPEC, [hospital_stats(p, SPEC, small_cell_threshold=5) for p in parts])
-    federated = preprocessor_from(SPEC, preprocessing)
+    federated = Preprocessor.of_run(SPEC, preprocessing)
     pooled_rows = pd.concat(parts, ignore_index=True)
     pooled = Preprocessor.from_stats(SPEC, stats_of_frame(pooled_rows, SPEC))
     np.testing.assert_allclose(federated.fill, pooled.fill, rtol=1e-12)
@@ -99,8 +99,8 @@ def test_a_feature_missing_for_a_few_patients_is_withheld_in_round_0(tmp_path: P
     columns = encoded_columns(SPEC)
     for name in ("spo2", f"spo2{MISSING_SUFFIX}"):
         j = columns.index(name)
-        assert stats["sums"][j] is None and stats["observed"][j] is None
-    assert stats["observed"][columns.index("age")] == len(frame)
+        assert stats.sums[j] is None and stats.observed[j] is None
+    assert stats.observed[columns.index("age")] == len(frame)
     assert suppressed_cells(stats)["categories"] == 2
 
 
@@ -110,14 +110,14 @@ def test_the_exported_model_fills_in_and_flags_missing_values_as_training_did(tm
                                  smoker=frames[0]["smoker"].where(np.arange(300) % 5 != 0, "unknown"))
     parts = [validated(f, tmp_path) for f in frames]
     preprocessing = reduce_stats(SPEC, [hospital_stats(p, SPEC, small_cell_threshold=5) for p in parts])
-    preprocessor = preprocessor_from(SPEC, preprocessing)
+    preprocessor = Preprocessor.of_run(SPEC, preprocessing)
     model = build_model(SPEC.model, len(preprocessor.mean), seed=3)
     body = export_onnx(SPEC, preprocessing, weights_as_numpy(model))
     session = onnxruntime.InferenceSession(body, providers=["CPUExecutionProvider"])
     (onnx_out,) = session.run([OUTPUT_NAME], {INPUT_NAME: serving_matrix(parts[0], SPEC)})
     np.testing.assert_allclose(onnx_out, predict_frame(model, preprocessor, parts[0]), rtol=1e-4, atol=1e-6)
     reference = feature_reference(SPEC, body)  # the indicator columns do not shift the features' read-back
-    assert reference.mean["spo2"] == pytest.approx(preprocessing["fill"][encoded_columns(SPEC).index("spo2")],
+    assert reference.mean["spo2"] == pytest.approx(preprocessing.fill[encoded_columns(SPEC).index("spo2")],
                                                    rel=1e-6)
 
 

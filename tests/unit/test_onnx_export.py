@@ -9,7 +9,7 @@ import onnxruntime
 import pytest
 
 from health_mlops.data.hospital import load_hospitals
-from health_mlops.data.preprocess import Preprocessor, serving_matrix, stats_of_frame
+from health_mlops.data.preprocess import GlobalPreprocessing, Preprocessor, serving_matrix, stats_of_frame
 from health_mlops.data.synthetic import generate_dataset
 from health_mlops.ml.evaluate import predict_frame
 from health_mlops.ml.model import build_model, weights_as_numpy
@@ -29,8 +29,9 @@ def test_onnx_matches_the_torch_model_with_preprocessing_inside(tmp_path: Path, 
     model = build_model(spec.model, len(preprocessor.mean), seed=0)
     train_model(model, preprocessor.features(frame), preprocessor.target(frame), spec.task,
                 TrainConfig(epochs=2, learning_rate=0.01, batch_size=64))
-    body = export_onnx(spec, {"mean": preprocessor.mean.tolist(), "scale": preprocessor.scale.tolist()},
-                       weights_as_numpy(model))
+    preprocessing = GlobalPreprocessing(count=len(frame), mean=preprocessor.mean.tolist(),
+                                        scale=preprocessor.scale.tolist())
+    body = export_onnx(spec, preprocessing, weights_as_numpy(model))
     session = onnxruntime.InferenceSession(body, providers=["CPUExecutionProvider"])
     (onnx_out,) = session.run([OUTPUT_NAME], {INPUT_NAME: serving_matrix(frame, spec)})
     np.testing.assert_allclose(onnx_out, predict_frame(model, preprocessor, frame), rtol=1e-4, atol=1e-6)
@@ -44,8 +45,9 @@ def test_regression_output_is_in_the_target_unit() -> None:
                                                if f.type == "categorical"))),
               "0.bias": np.array([0.5])}
     width = layers["0.weight"].shape[1]
-    body = export_onnx(spec, {"mean": [0.0] * width, "scale": [1.0] * width, "target_mean": 150.0,
-                              "target_scale": 70.0}, layers)
+    preprocessing = GlobalPreprocessing(count=100, mean=[0.0] * width, scale=[1.0] * width, target_mean=150.0,
+                                        target_scale=70.0)
+    body = export_onnx(spec, preprocessing, layers)
     session = onnxruntime.InferenceSession(body, providers=["CPUExecutionProvider"])
     rows = np.zeros((3, n), dtype=np.float32)
     (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: rows})
@@ -55,4 +57,4 @@ def test_regression_output_is_in_the_target_unit() -> None:
 def test_weights_that_are_not_a_linear_chain_are_refused() -> None:
     spec = load_spec("health-risk")
     with pytest.raises(ValueError, match="unexpected tensor"):
-        export_onnx(spec, {"mean": [], "scale": []}, {"encoder.weight": np.zeros((1, 1))})
+        export_onnx(spec, GlobalPreprocessing(count=0, mean=[], scale=[]), {"encoder.weight": np.zeros((1, 1))})

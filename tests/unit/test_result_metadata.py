@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from health_mlops.data.preprocess import GlobalPreprocessing
 from health_mlops.fl.coordinator import Coordinator, Rejected, RunStatus, TaskKind, TaskResult
 from health_mlops.fl.metadata import check_metadata
 from health_mlops.fl.run_config import RunConfig
@@ -40,7 +41,8 @@ def test_malformed_metadata_is_refused_naming_the_field(kind: str, metadata: dic
 
 
 def _coordinator() -> Coordinator:
-    coordinator = Coordinator(lambda results: {"n": len(results)}, stats_columns=2)
+    coordinator = Coordinator(lambda results: GlobalPreprocessing(count=sum(r.count for r in results), mean=[0.0] * 2,
+                                                                  scale=[1.0] * 2), stats_columns=2)
     coordinator.start_run("run-1", RunConfig(rounds=1, min_hospitals=2, round_deadline_s=60, lease_s=10),
                           HOSPITALS, INITIAL, now=0.0)
     return coordinator
@@ -57,7 +59,7 @@ def test_a_bad_stats_result_is_refused_and_the_round_closes_without_it() -> None
         task = coordinator.next_task(hospital, "a", 0.0)
         assert task is not None
         coordinator.submit(task.id, hospital, "a", TaskResult(STATS), 0.0)
-    assert run.round == 1 and run.preprocessing == {"n": 2} and run.rejected == {"bad_metadata": 1}
+    assert run.round == 1 and run.preprocessing.count == 20 and run.rejected == {"bad_metadata": 1}
 
 
 def test_a_hospital_cannot_claim_more_examples_than_it_counted_nor_send_odd_dtypes() -> None:

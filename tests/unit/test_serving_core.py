@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from health_mlops.data.hospital import load_hospitals
-from health_mlops.data.preprocess import Preprocessor, serving_matrix, stats_of_frame
+from health_mlops.data.preprocess import GlobalPreprocessing, Preprocessor, serving_matrix, stats_of_frame
 from health_mlops.data.synthetic import generate_dataset
 from health_mlops.ml.model import build_model, weights_as_numpy
 from health_mlops.ml.onnx import export_onnx, feature_reference
@@ -81,8 +81,9 @@ def test_bodies_that_are_not_rows_are_refused_with_a_reason(body: bytes) -> None
 def exported(frame: pd.DataFrame) -> tuple[bytes, Preprocessor]:
     preprocessor = Preprocessor.from_stats(SPEC, stats_of_frame(frame, SPEC))
     model = build_model(SPEC.model, len(preprocessor.mean), seed=0)
-    body = export_onnx(SPEC, {"mean": preprocessor.mean.tolist(), "scale": preprocessor.scale.tolist()},
-                       weights_as_numpy(model))
+    preprocessing = GlobalPreprocessing(count=len(frame), mean=preprocessor.mean.tolist(),
+                                        scale=preprocessor.scale.tolist())
+    body = export_onnx(SPEC, preprocessing, weights_as_numpy(model))
     return body, preprocessor
 
 
@@ -93,7 +94,7 @@ def exported_with_histograms(frame: pd.DataFrame) -> bytes:
 
     halves = [frame.iloc[: len(frame) // 2], frame.iloc[len(frame) // 2:]]
     preprocessing = reduce_stats(SPEC, [hospital_stats(part, SPEC, small_cell_threshold=5) for part in halves])
-    model = build_model(SPEC.model, len(preprocessing["mean"]), seed=0)
+    model = build_model(SPEC.model, len(preprocessing.mean), seed=0)
     return export_onnx(SPEC, preprocessing, weights_as_numpy(model))
 
 

@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from health_mlops.config import get_settings
+from health_mlops.data.preprocess import GlobalPreprocessing
 from health_mlops.fl.coordinator import TaskKind, TaskResult
 from health_mlops.fl.run_config import RunConfig
 
@@ -36,11 +37,12 @@ def _handle(msg: Message, context: Context, kind: TaskKind) -> tuple[str, TaskRe
     worker = load_worker(str(context.node_config["partition-dir"]))
     loaded = now()
     if kind is TaskKind.stats:
-        result = worker.handle(kind, RunConfig(), {}, {}, 0)
+        result = worker.handle(kind, RunConfig(), {}, None, 0)
     else:
         config = msg.content["config"]
         result = worker.handle(kind, run_config(config), _weights(msg.content["arrays"]),
-                               json.loads(str(config["preprocessing"])), int(config["server-round"]))
+                               GlobalPreprocessing.model_validate_json(str(config["preprocessing"])),
+                               int(config["server-round"]))
     timings = {"startup-seconds": startup, "load-seconds": loaded - entered,
                "compute-seconds": result.metadata["compute_seconds"]}
     return worker.hospital_id, result, timings

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from health_mlops.config import get_settings
 from health_mlops.fl.hospital import reduce_stats
+from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.ml.model import initial_weights
 from health_mlops.spec import load_spec
 
@@ -92,7 +93,8 @@ def main(grid: Grid, context: Context) -> None:
     opened = now()
     replies = _send_to_all(grid, node_ids, RecordDict({"config": ConfigRecord({"kind": "stats"})}),
                            MessageType.QUERY, timeout)
-    preprocessing = reduce_stats([json.loads(str(m.content["stats"]["json"])) for m in replies])
+    preprocessing = reduce_stats(spec, [StatsMetadata.model_validate_json(str(m.content["stats"]["json"]))
+                                        for m in replies]).model_dump_json()
     rounds.append({"round": 0, "kind": "stats", "opened": opened, "closed": now(),
                    "hospitals": {str(m.content["stats"]["hospital"]): _hospital_timings(m.content["timings"])
                                  for m in replies}})
@@ -103,13 +105,13 @@ def main(grid: Grid, context: Context) -> None:
                            min_available_nodes=nodes)
     start = {name: Array(np.asarray(value, dtype=np.float32))
              for name, value in initial_weights(spec, int(cfg["seed"])).items()}
-    train_config = ConfigRecord({**settings, "preprocessing": json.dumps(preprocessing)})
+    train_config = ConfigRecord({**settings, "preprocessing": preprocessing})
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(start), num_rounds=rounds_total,
                             timeout=timeout, train_config=train_config)
 
     # The final evaluation of the final global model.
     opened = now()
-    final = ConfigRecord({**settings, "preprocessing": json.dumps(preprocessing), "server-round": rounds_total + 1})
+    final = ConfigRecord({**settings, "preprocessing": preprocessing, "server-round": rounds_total + 1})
     replies = _send_to_all(grid, node_ids, RecordDict({"arrays": result.arrays, "config": final}),
                            MessageType.EVALUATE, timeout)
     evaluation = {str(m.content["evaluation"]["hospital"]): json.loads(str(m.content["evaluation"]["json"]))

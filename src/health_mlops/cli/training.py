@@ -149,6 +149,7 @@ def _train_federated(data: Path, dataset: DatasetSpec, splits: list[HospitalSpli
         outcome = run_federation_over_loopback(
             dataset, hospitals, config, split_seed=settings.split_seed, test_fraction=settings.test_fraction,
             stratify=settings.stratified_split, on_progress=lambda view: bars.update(task, completed=len(view.history)))
+    assert outcome.run.preprocessing is not None  # the run completed (a failed one raised): round 0 closed
     result = score_global_model(dataset, splits, outcome.run.preprocessing, outcome.weights)
     result.extra["timing"] = outcome.timing.to_json()
     result.extra["run"] = {"id": outcome.run.id, "config": outcome.run.config.model_dump(mode="json"),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
 from health_mlops.spec import DatasetSpec, Feature
 
@@ -138,6 +139,28 @@ def standardisation(counts: int | np.ndarray, observed: np.ndarray, sums: np.nda
     return mean_and_scale(counts, sums + missing * fill, sums_of_squares + missing * fill**2)
 
 
+class GlobalPreprocessing(BaseModel):
+    """A run's preprocessing, reduced from every hospital's round-0 counts (`fl.hospital.reduce_stats`): what each
+    hospital standardises with, what the exported model carries inside, and the run's decision threshold. It is
+    sent with every task and stored with the run, as JSON."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    count: int = Field(ge=0)  # the training rows it was computed from, over the hospitals
+    mean: list[float]  # per encoded column
+    scale: list[float]
+    fill: list[float] | None = None  # per encoded column, a missing value's fill; older runs: nothing is missing
+    target_mean: float = 0.0  # regression: the target's standardisation (binary: the identity)
+    target_scale: float = 1.0
+    histograms: dict[str, list[int]] = {}  # numeric feature -> training rows per bin of the spec's grid
+    threshold: float | None = None  # binary tasks: the risk from which a patient is flagged
+
+    @property
+    def decision_threshold(self) -> float:
+        """The run's decision threshold (runs from before thresholds were chosen flagged risks from 0.5)."""
+        return 0.5 if self.threshold is None else self.threshold
+
+
 @dataclass(frozen=True)
 class Preprocessor:
     """Imputation and standardisation of inputs (and of the target for regression), fixed before training."""
@@ -160,6 +183,14 @@ class Preprocessor:
         t_mean, t_scale = mean_and_scale(stats.count, np.array([stats.target_sum]),
                                           np.array([stats.target_sum_of_squares]))
         return cls(spec, mean, scale, float(t_mean[0]), float(t_scale[0]), fill)
+
+    @classmethod
+    def of_run(cls, spec: DatasetSpec, preprocessing: GlobalPreprocessing) -> Preprocessor:
+        mean = np.asarray(preprocessing.mean)
+        target_mean, target_scale = ((0.0, 1.0) if spec.task == "binary"
+                                     else (preprocessing.target_mean, preprocessing.target_scale))
+        fill = np.zeros(len(mean)) if preprocessing.fill is None else np.asarray(preprocessing.fill)
+        return cls(spec, mean, np.asarray(preprocessing.scale), target_mean, target_scale, fill)
 
     def features(self, frame: pd.DataFrame) -> np.ndarray:
         """Imputed, standardised float32 model inputs."""

@@ -22,6 +22,7 @@ def compare_with_baselines(dataset: DatasetSpec, splits: list[HospitalSplit], da
                            ) -> tuple[dict[str, dict], dict[str, list[str]]]:
     """Each way of training's results (`ExperimentResult.to_json`, the Bayes-optimal score's where the data has
     one) by column name; and which replicas' results counted for each hospital."""
+    assert view.preprocessing is not None  # the run completed: round 0 closed
     federated = score_global_model(dataset, splits, view.preprocessing, decode_weights(body)[0])
     config = TrainConfig.for_task(get_training_defaults(), dataset)
     pooled_task = bars.add_task("pooled training (for comparison)", total=config.epochs)

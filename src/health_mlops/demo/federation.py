@@ -18,6 +18,7 @@ from health_mlops.demo.processes import Child, Processes, check_ports_free, wait
 from health_mlops.errors import DemoError
 from health_mlops.fl.client import AdminClient, RunRefused
 from health_mlops.fl.messages import RunRequest, RunView
+from health_mlops.fl.metadata import EvaluationMetadata
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ def live_view(run: RunView, metric: str) -> Group:
     last = run.history[-1] if fits else None
     for hospital_id in run.hospitals:
         task = open_tasks.get(hospital_id)
-        value = (last.hospitals.get(hospital_id, {}).get("metrics", {}).get(metric) if last else None)
+        sent = last.hospitals.get(hospital_id) if last else None
+        value = sent.metrics.get(metric) if isinstance(sent, EvaluationMetadata) else None
         hospitals.add_row(hospital_id, task.status if task else "-", (task.holder or "-") if task else "-",
                           "" if value is None else f"{value:.3f}", last.nodes.get(hospital_id, "-") if last else "-")
     return Group(header, rounds, hospitals)

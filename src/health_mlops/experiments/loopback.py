@@ -49,7 +49,7 @@ def round_overheads_ms(view: RunView) -> list[float]:
     overheads = []
     for record in view.history:
         if record.kind is TaskKind.fit:
-            slowest = max(float(m.get("compute_seconds", 0.0)) for m in record.hospitals.values())
+            slowest = max(m.compute_seconds for m in record.hospitals.values())
             overheads.append(1000 * (record.closed_at - record.opened_at - slowest))
     return overheads
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import partial
-from typing import Any
 
-from health_mlops.data.preprocess import imputation
+from health_mlops.data.preprocess import GlobalPreprocessing, Preprocessor, imputation
 from health_mlops.data.split import HospitalSplit
 from health_mlops.experiments.baselines import ExperimentResult, score_predictions
 from health_mlops.fl.coordinator import Coordinator, Run, RunStatus
-from health_mlops.fl.hospital import HospitalWorker, decision_threshold, preprocessor_from, reduce_stats
+from health_mlops.fl.hospital import HospitalWorker, reduce_stats
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.strategies import Weights
 from health_mlops.ml.evaluate import predict_frame
@@ -45,20 +44,21 @@ def run_federated_in_memory(spec: DatasetSpec, splits: list[HospitalSplit], conf
         now += 0.001
     if run.status is not RunStatus.completed:
         raise RuntimeError(f"federated run ended {run.status.value}: {run.reason}")
+    assert run.preprocessing is not None  # a completed run closed round 0
     return score_global_model(spec, splits, run.preprocessing, run.weights), run
 
 
-def score_global_model(spec: DatasetSpec, splits: list[HospitalSplit], preprocessing: dict[str, Any],
+def score_global_model(spec: DatasetSpec, splits: list[HospitalSplit], preprocessing: GlobalPreprocessing,
                        weights: Weights) -> ExperimentResult:
     """Score a federated model on every hospital's test rows, as the baselines are scored.
 
     Only an experiment that holds every hospital's data can do this (to compare with pooled training); in a
     real federation the same numbers come back per hospital from the final `evaluate` round.
     """
-    preprocessor = preprocessor_from(spec, preprocessing)
+    preprocessor = Preprocessor.of_run(spec, preprocessing)
     model = model_with_weights(spec.model, len(preprocessor.mean), weights)
     predictions = [predict_frame(model, preprocessor, s.test) for s in splits]
-    threshold = decision_threshold(preprocessing)
+    threshold = preprocessing.decision_threshold
     scores = score_predictions(spec, splits, predictions, [threshold] * len(splits))
     return ExperimentResult("federated", spec.task, spec.primary_metric, *scores,
                             extra={"imputation": imputation(spec, preprocessor.fill),

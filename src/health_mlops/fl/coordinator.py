@@ -35,9 +35,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from health_mlops.data.preprocess import GlobalPreprocessing
 from health_mlops.fl.errors import Conflict, CoordinatorError, Forbidden, NotFound, Rejected
 from health_mlops.fl.mapped import LOCKSTEP_ELEMENTS, blocks
-from health_mlops.fl.metadata import check_metadata
+from health_mlops.fl.metadata import (EvaluationMetadata, FitMetadata, ResultMetadata, StatsMetadata,
+                                      check_metadata)
 from health_mlops.fl.run_config import PrivacyConfig, RunConfig
 from health_mlops.fl.strategies import (FOLD_CHUNK_ELEMENTS, ClientUpdate, RoundAggregation, ServerOptimiserState,
                                         Weights)
@@ -94,8 +96,9 @@ class Task:
 
 @dataclass
 class TaskResult:
-    """What a hospital sends back: metrics and counts as JSON, tensors (fit only) by name. `reference` names
-    where the service keeps the result durably (its own file), so that a snapshot holds no tensors."""
+    """What a hospital sends back: metrics and counts as JSON (`fl.metadata` says what is allowed), tensors (fit
+    only) by name. `reference` names where the service keeps the result durably (its own file), so that a
+    snapshot holds no tensors."""
 
     metadata: dict[str, Any]
     tensors: Weights = field(default_factory=dict)
@@ -103,14 +106,31 @@ class TaskResult:
 
 
 @dataclass
+class AcceptedResult:
+    """A result the coordinator accepted: its metadata as checked, and the tensors it still needs (see `_accept`)."""
+
+    metadata: ResultMetadata
+    tensors: Weights
+    reference: str
+
+
+@dataclass
 class RoundRecord:
     round: int
     kind: TaskKind
-    hospitals: dict[str, dict[str, Any]]  # hospital -> its result metadata (metrics, examples)
+    hospitals: dict[str, ResultMetadata]  # hospital -> its result's metadata (metrics, examples, counts)
     nodes: dict[str, str]  # hospital -> the replica whose result counted
     opened_at: float  # when the attempt that closed the round opened
     closed_at: float
     attempts: int
+
+    def stats(self) -> dict[str, StatsMetadata]:
+        """Round 0's counts, by hospital (empty for any other round)."""
+        return {h: m for h, m in self.hospitals.items() if isinstance(m, StatsMetadata)}
+
+    def evaluations(self) -> dict[str, EvaluationMetadata]:
+        """Each hospital's evaluation of the model entering this round (empty for round 0)."""
+        return {h: m for h, m in self.hospitals.items() if isinstance(m, EvaluationMetadata)}
 
 
 @dataclass
@@ -127,7 +147,7 @@ class Run:
     round_deadline: float = 0.0
     weights: Weights = field(default_factory=dict)
     optimiser: ServerOptimiserState = ServerOptimiserState()
-    preprocessing: dict[str, Any] = field(default_factory=dict)
+    preprocessing: GlobalPreprocessing | None = None  # from round 0's stats
     example_limits: dict[str, int] = field(default_factory=dict)  # hospital -> training rows it counted in round 0
     excluded: dict[str, str] = field(default_factory=dict)  # hospital -> why it was left out of the run
     history: list[RoundRecord] = field(default_factory=list)
@@ -167,7 +187,8 @@ def privacy_spent(run: Run) -> dict[str, float]:
     steps: dict[str, int] = dict.fromkeys(run.example_limits, 0)
     for record in run.history:
         for hospital, metadata in record.hospitals.items():
-            steps[hospital] += int(metadata.get("dp_steps") or 0)
+            if isinstance(metadata, FitMetadata):
+                steps[hospital] += metadata.dp_steps or 0
     spent = {}
     for hospital, taken in steps.items():
         plan = plan_for(run.config, run.example_limits[hospital])
@@ -204,8 +225,8 @@ def _plan(privacy: PrivacyConfig, rows: int, batch_size: int, rounds: int, local
     return plan_privacy(privacy, rows=rows, batch_size=batch_size, rounds=rounds, local_epochs=local_epochs)
 
 
-# Turns the hospitals' stats results into the run's preprocessing (a dict stored with the run).
-StatsReducer = Callable[[list[dict[str, Any]]], dict[str, Any]]
+# Turns the hospitals' stats results into the run's preprocessing.
+StatsReducer = Callable[[list[StatsMetadata]], GlobalPreprocessing]
 # (run id, round) -> the run's weights and server optimiser moments (first, second) entering that round.
 RoundArrays = Callable[[str, int], tuple[Weights, Weights, Weights]]
 # (run id, number of rounds closed) -> those rounds' records (`round_record_to_dict`), in order.
@@ -286,7 +307,7 @@ class Coordinator:
         self._stats_columns = stats_columns  # how many columns a stats result must describe, when known
         self.runs: dict[str, Run] = {}
         self.tasks: dict[str, Task] = {}
-        self.results: dict[str, TaskResult] = {}  # accepted results of open rounds, by task id
+        self.results: dict[str, AcceptedResult] = {}  # accepted results of open rounds, by task id
         # run id -> its open fit round's aggregation, fed as results are accepted (rebuilt from `results` on
         # restore, so it is never checkpointed)
         self._aggregations: dict[str, RoundAggregation] = {}
@@ -418,7 +439,7 @@ class Coordinator:
         task = self._held_task(task_id, hospital, node, now)
         run = self.runs[task.run_id]
         try:
-            self._check_result(run, task, result)
+            metadata = self._check_result(run, task, result)
         except Rejected as refusal:
             task.status = TaskStatus.rejected
             run.rejected[refusal.reason] = run.rejected.get(refusal.reason, 0) + 1
@@ -426,12 +447,12 @@ class Coordinator:
             self._maybe_close(run, now)
             raise
         task.status = TaskStatus.done
-        self._accept(run, task, result)
+        self._accept(run, task, result, metadata)
         self._events.append(ResultAccepted(run.id, task.id, task.kind))
         self._maybe_close(run, now)
         return task
 
-    def _accept(self, run: Run, task: Task, result: TaskResult) -> None:
+    def _accept(self, run: Run, task: Task, result: TaskResult, metadata: ResultMetadata) -> None:
         """Keep an accepted result; a fit result's update goes into the round's aggregation now (closing the
         round then costs one pass, not one per hospital). A weighted strategy keeps nothing of the tensors once
         folded (the service has the result in its own file, for a restore), and they are taken from `result`
@@ -440,23 +461,26 @@ class Coordinator:
             if run.id not in self._aggregations:
                 self._aggregations[run.id] = RoundAggregation(run.config.strategy, run.weights)
             aggregation = self._aggregations[run.id]
-            aggregation.add(ClientUpdate(result.tensors, int(result.metadata["num_examples"])))
+            assert isinstance(metadata, FitMetadata)
+            aggregation.add(ClientUpdate(result.tensors, metadata.num_examples))
             if not aggregation.keeps_updates:
                 result.tensors = {}
-        self.results[task.id] = result
+        self.results[task.id] = AcceptedResult(metadata, result.tensors, result.reference)
 
-    def _check_result(self, run: Run, task: Task, result: TaskResult) -> None:
-        check_metadata(task.kind.value, result.metadata, columns=self._stats_columns)
-        if task.kind is not TaskKind.fit:
+    def _check_result(self, run: Run, task: Task, result: TaskResult) -> ResultMetadata:
+        """The result's metadata, checked; raises `Rejected` with the reason unless the whole result is valid."""
+        metadata = check_metadata(task.kind.value, result.metadata, columns=self._stats_columns)
+        if not isinstance(metadata, FitMetadata):
             if result.tensors:
                 raise Rejected("wrong_tensors", f"a {task.kind.value} result carries no tensors")
-            return
+            return metadata
         # A hospital weighs in FedAvg by its examples: it may not claim more than it counted in round 0.
         limit = run.example_limits.get(task.hospital, max(run.example_limits.values(), default=None))
-        examples = result.metadata["num_examples"]
-        if limit is not None and examples > limit:
-            raise Rejected("bad_metadata", f"num_examples {examples} exceeds the {limit} rows counted in round 0")
+        if limit is not None and metadata.num_examples > limit:
+            raise Rejected("bad_metadata",
+                           f"num_examples {metadata.num_examples} exceeds the {limit} rows counted in round 0")
         validate_update(run.weights, result.tensors, run.config.update_norm_bound)
+        return metadata
 
     # --- rounds ---------------------------------------------------------------------------------------
 
@@ -499,16 +523,17 @@ class Coordinator:
     def _close_round(self, run: Run, answered: list[Task], now: float) -> None:
         # Compute everything first, change state after (aggregating consumes the round's running sum: if it
         # fails, the run ends with the reason).
-        results = {t.hospital: self.results[t.id] for t in answered}
+        hospitals = {t.hospital: self.results[t.id].metadata for t in answered}
         nodes = {t.hospital: t.holder or "" for t in answered}
         kind = run.kind_of(run.round)
         if kind is TaskKind.stats:
-            example_limits = {h: int(r.metadata["count"]) for h, r in results.items() if r.metadata["count"] > 0}
-            excluded = {h: "no valid training rows (0 counted in round 0)" for h in results if h not in example_limits}
+            stats = {h: m for h, m in hospitals.items() if isinstance(m, StatsMetadata)}
+            example_limits = {h: m.count for h, m in stats.items() if m.count > 0}
+            excluded = {h: "no valid training rows (0 counted in round 0)" for h in stats if h not in example_limits}
             refusal = self._stats_refusal(run, example_limits, excluded) or privacy_refusal(run.config, example_limits)
             if refusal is None:
                 try:
-                    preprocessing = self._stats_reducer([results[h].metadata for h in example_limits])
+                    preprocessing = self._stats_reducer([stats[h] for h in example_limits])
                 except (ValueError, ArithmeticError) as error:
                     refusal = f"round 0: the hospitals' statistics cannot be combined: {error}"
             if refusal is not None:  # before any hospital trains
@@ -524,8 +549,7 @@ class Coordinator:
                 self._end(run, RunStatus.failed, f"round {run.round}: aggregation failed: {error}")
                 return
         self._clear_round(run)
-        run.history.append(RoundRecord(run.round, kind, {h: r.metadata for h, r in results.items()}, nodes,
-                                       run.round_opened_at, now, run.attempt + 1))
+        run.history.append(RoundRecord(run.round, kind, hospitals, nodes, run.round_opened_at, now, run.attempt + 1))
         self._events.append(RoundClosed(run.id, run.history[-1]))
         self._forget_tasks_before(run, run.round)
         if run.round == run.final_round:
@@ -547,7 +571,8 @@ class Coordinator:
         return {"runs": [_run_to_dict(r, with_history=False) for r in self.runs.values()
                          if r.status is RunStatus.running],
                 "tasks": [{**vars(t), "kind": t.kind.value, "status": t.status.value} for t in self.tasks.values()],
-                "results": {k: {"metadata": r.metadata, "reference": r.reference} for k, r in self.results.items()}}
+                "results": {k: {"metadata": r.metadata.model_dump(mode="json"), "reference": r.reference}
+                            for k, r in self.results.items()}}
 
     def run_record(self, run_id: str) -> dict[str, Any]:
         """An ended run as JSON-able data (its history, outcome and settings; no arrays), for `restore`."""
@@ -582,7 +607,9 @@ class Coordinator:
                 if result_tensors is None:
                     raise ValueError(f"the accepted result of {task_id} needs its tensors to be restored")
                 tensors = result_tensors(task, reference)
-            coordinator._accept(coordinator.runs[task.run_id], task, TaskResult(raw["metadata"], tensors, reference))
+            result = TaskResult(raw["metadata"], tensors, reference)
+            coordinator._accept(coordinator.runs[task.run_id], task, result,
+                                check_metadata(task.kind.value, result.metadata, columns=None))
         coordinator._events.clear()  # what restoring replayed had happened before
         return coordinator
 
@@ -603,7 +630,15 @@ def _as_sent(weights: Mapping[str, np.ndarray]) -> Weights:
 
 
 def round_record_to_dict(record: RoundRecord) -> dict[str, Any]:
-    return {**vars(record), "kind": record.kind.value}
+    return {**vars(record), "kind": record.kind.value,
+            "hospitals": {h: m.model_dump(mode="json") for h, m in record.hospitals.items()}}
+
+
+def round_record_from_dict(raw: Mapping[str, Any]) -> RoundRecord:
+    """A record `round_record_to_dict` wrote; its metadata was checked when accepted and is checked again."""
+    kind = TaskKind(raw["kind"])
+    hospitals = {h: check_metadata(kind.value, m, columns=None) for h, m in raw["hospitals"].items()}
+    return RoundRecord(**{**raw, "kind": kind, "hospitals": hospitals})
 
 
 def _run_to_dict(run: Run, *, with_history: bool) -> dict[str, Any]:
@@ -615,7 +650,9 @@ def _run_to_dict(run: Run, *, with_history: bool) -> dict[str, Any]:
         "id": run.id, "config": run.config.model_dump(), "hospitals": run.hospitals, "status": run.status.value,
         "reason": run.reason, "round": run.round, "attempt": run.attempt, "started_at": run.started_at,
         "round_opened_at": run.round_opened_at,
-        "round_deadline": run.round_deadline, "preprocessing": run.preprocessing, "rejected": dict(run.rejected),
+        "round_deadline": run.round_deadline,
+        "preprocessing": None if run.preprocessing is None else run.preprocessing.model_dump(mode="json"),
+        "rejected": dict(run.rejected),
         "example_limits": dict(run.example_limits), "excluded": dict(run.excluded),
         "optimiser_steps": run.optimiser.steps, **history,
     }
@@ -635,6 +672,7 @@ def _run_from_dict(raw: Mapping[str, Any], arrays: RoundArrays, history: RoundHi
         started_at=raw.get("started_at", 0.0),
         round_opened_at=raw["round_opened_at"], round_deadline=raw["round_deadline"], weights=_as_sent(weights),
         optimiser=ServerOptimiserState(first_moment, second_moment, raw["optimiser_steps"]),
-        preprocessing=raw["preprocessing"], rejected=dict(raw["rejected"]), example_limits=dict(raw["example_limits"]),
-        excluded=dict(raw.get("excluded", {})),
-        history=[RoundRecord(**{**h, "kind": TaskKind(h["kind"])}) for h in records])
+        # Runs saved before preprocessing was typed kept an empty dict until round 0 closed.
+        preprocessing=GlobalPreprocessing.model_validate(raw["preprocessing"]) if raw["preprocessing"] else None,
+        rejected=dict(raw["rejected"]), example_limits=dict(raw["example_limits"]),
+        excluded=dict(raw.get("excluded", {})), history=[round_record_from_dict(h) for h in records])

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from health_mlops.data.preprocess import (Preprocessor, encoded_columns, feature_columns, feature_histograms,
-                                          fill_values, mean_and_scale, standardisation, stats_of_frame)
+from health_mlops.data.preprocess import (GlobalPreprocessing, Preprocessor, encoded_columns, feature_columns,
+                                          feature_histograms, fill_values, mean_and_scale, standardisation,
+                                          stats_of_frame)
 from health_mlops.fl.coordinator import TaskKind, TaskResult, plan_for
+from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.strategies import Weights
 from health_mlops.metrics import BOOTSTRAP_REPLICATES
@@ -28,7 +28,7 @@ from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import DatasetSpec
 
 
-def hospital_stats(frame: pd.DataFrame, spec: DatasetSpec, small_cell_threshold: int) -> dict[str, Any]:
+def hospital_stats(frame: pd.DataFrame, spec: DatasetSpec, small_cell_threshold: int) -> StatsMetadata:
     """Counts, observed counts, sums and sums of squares per encoded column, and each bounded numeric feature's
     histogram on the spec's grid. A cell describing 1..threshold-1 patients is suppressed (sent as null) so that
     no small group can be singled out: a category's column, a histogram bin, and every column of a feature
@@ -48,31 +48,31 @@ def hospital_stats(frame: pd.DataFrame, spec: DatasetSpec, small_cell_threshold:
 
     histograms = {name: [None if 0 < c < small_cell_threshold else int(c) for c in counts]
                   for name, counts in feature_histograms(frame, spec).items()}
-    return {"count": stats.count, "observed": [None if hidden else int(v) for v, hidden
-                                               in zip(stats.observed, suppressed, strict=True)],
-            "sums": cells(stats.sums), "sums_of_squares": cells(stats.sums_of_squares),
-            "target_sum": stats.target_sum, "target_sum_of_squares": stats.target_sum_of_squares,
-            "histograms": histograms}
+    return StatsMetadata(count=stats.count,
+                         observed=[None if hidden else int(v) for v, hidden in zip(stats.observed, suppressed,
+                                                                                   strict=True)],
+                         sums=cells(stats.sums), sums_of_squares=cells(stats.sums_of_squares),
+                         target_sum=stats.target_sum, target_sum_of_squares=stats.target_sum_of_squares,
+                         histograms=histograms)
 
 
-def suppressed_cells(stats: Mapping[str, Any]) -> dict[str, int]:
+def suppressed_cells(stats: StatsMetadata) -> dict[str, int]:
     """How many cells a stats result withheld as too small: columns (a null sum: a small category, or each
     column of a feature missing for few patients) and histogram bins (a null count). Derived from what was sent,
     so the node and the aggregator report the same numbers."""
-    return {"categories": sum(value is None for value in stats.get("sums") or []),
-            "histogram_bins": sum(count is None for counts in (stats.get("histograms") or {}).values()
-                                  for count in counts)}
+    return {"categories": sum(value is None for value in stats.sums),
+            "histogram_bins": sum(count is None for counts in stats.histograms.values() for count in counts)}
 
 
-def reduce_stats(spec: DatasetSpec, results: list[dict[str, Any]]) -> dict[str, Any]:
+def reduce_stats(spec: DatasetSpec, results: list[StatsMetadata]) -> GlobalPreprocessing:
     """Global imputation and standardisation from hospitals' stats, exactly as from the pooled rows; a
     suppressed cell leaves that hospital out of that column."""
-    counts = np.array([r["count"] for r in results], dtype=np.float64)
-    sums = np.array([[np.nan if v is None else v for v in r["sums"]] for r in results], dtype=np.float64)
-    squares = np.array([[np.nan if v is None else v for v in r["sums_of_squares"]] for r in results], dtype=np.float64)
+    counts = np.array([r.count for r in results], dtype=np.float64)
+    sums = np.array([[np.nan if v is None else v for v in r.sums] for r in results], dtype=np.float64)
+    squares = np.array([[np.nan if v is None else v for v in r.sums_of_squares] for r in results], dtype=np.float64)
     included = ~np.isnan(sums)
     # Results from before missing values were allowed carry no observed counts: every row was observed.
-    observed = np.array([[c if v is None else v for v in (r.get("observed") or [c] * len(r["sums"]))]
+    observed = np.array([[c if v is None else v for v in (r.observed or [c] * len(r.sums))]
                          for r, c in zip(results, counts, strict=True)], dtype=np.float64)
     column_counts = (included * counts[:, None]).sum(axis=0)
     column_observed = np.where(included, observed, 0.0).sum(axis=0)
@@ -80,31 +80,17 @@ def reduce_stats(spec: DatasetSpec, results: list[dict[str, Any]]) -> dict[str, 
     fill = fill_values(spec, column_observed, column_sums)
     mean, scale = standardisation(column_counts, column_observed, column_sums, column_squares, fill)
     total = counts.sum()
-    target_mean, target_scale = mean_and_scale(total, np.array([sum(r["target_sum"] for r in results)]),
-                                               np.array([sum(r["target_sum_of_squares"] for r in results)]))
+    target_mean, target_scale = mean_and_scale(total, np.array([sum(r.target_sum for r in results)]),
+                                               np.array([sum(r.target_sum_of_squares for r in results)]))
     # A histogram counts only where every hospital sent it; a suppressed bin counts as empty.
-    shared = set.intersection(*(set(r.get("histograms") or {}) for r in results)) if results else set()
-    histograms = {name: np.sum([[0 if v is None else v for v in r["histograms"][name]] for r in results],
+    shared = set.intersection(*(set(r.histograms) for r in results)) if results else set()
+    histograms = {name: np.sum([[0 if v is None else v for v in r.histograms[name]] for r in results],
                                axis=0).astype(int).tolist() for name in sorted(shared)}
-    found = {"count": int(total), "mean": mean.tolist(), "scale": scale.tolist(), "fill": fill.tolist(),
-             "target_mean": float(target_mean[0]), "target_scale": float(target_scale[0]), "histograms": histograms}
-    if spec.task == "binary":  # the target's mean is the training rows' event rate
-        found["threshold"] = spec.threshold_for(float(target_mean[0]))
-    return found
-
-
-def decision_threshold(preprocessing: Mapping[str, Any]) -> float:
-    """The run's decision threshold (runs from before thresholds were chosen flagged risks from 0.5)."""
-    return float(preprocessing.get("threshold", 0.5))
-
-
-def preprocessor_from(spec: DatasetSpec, preprocessing: dict[str, Any]) -> Preprocessor:
-    target_mean, target_scale = ((0.0, 1.0) if spec.task == "binary"
-                                 else (preprocessing["target_mean"], preprocessing["target_scale"]))
-    mean = np.asarray(preprocessing["mean"])
-    # Runs from before missing values were allowed have no fill: nothing of theirs is ever missing.
-    fill = np.asarray(preprocessing.get("fill") or np.zeros(len(mean)))
-    return Preprocessor(spec, mean, np.asarray(preprocessing["scale"]), float(target_mean), float(target_scale), fill)
+    # A binary target's mean is the training rows' event rate.
+    threshold = spec.threshold_for(float(target_mean[0])) if spec.task == "binary" else None
+    return GlobalPreprocessing(count=int(total), mean=mean.tolist(), scale=scale.tolist(), fill=fill.tolist(),
+                               target_mean=float(target_mean[0]), target_scale=float(target_scale[0]),
+                               histograms=histograms, threshold=threshold)
 
 
 @dataclass
@@ -118,26 +104,29 @@ class HospitalWorker:
     small_cell_threshold: int = 5
     rows_quarantined: int = 0  # rows validation set aside: reported with the stats, a count only
 
-    def handle(self, kind: TaskKind, config: RunConfig, weights: Weights, preprocessing: dict[str, Any],
+    def handle(self, kind: TaskKind, config: RunConfig, weights: Weights, preprocessing: GlobalPreprocessing | None,
                round_number: int) -> TaskResult:
-        """The task's result; its metadata carries `compute_seconds`, the hospital's share of a round's time."""
+        """The task's result; its metadata carries `compute_seconds`, the hospital's share of a round's time.
+        `preprocessing` is the run's (None only for round 0's stats)."""
         started = time.perf_counter()
         result = self._compute(kind, config, weights, preprocessing, round_number)
         result.metadata["compute_seconds"] = time.perf_counter() - started
         return result
 
-    def _compute(self, kind: TaskKind, config: RunConfig, weights: Weights, preprocessing: dict[str, Any],
+    def _compute(self, kind: TaskKind, config: RunConfig, weights: Weights, preprocessing: GlobalPreprocessing | None,
                  round_number: int) -> TaskResult:
         if kind is TaskKind.stats:
-            return TaskResult({**hospital_stats(self.train, self.spec, self.small_cell_threshold),
-                               "rows_quarantined": self.rows_quarantined})
-        preprocessor = preprocessor_from(self.spec, preprocessing)
+            stats = hospital_stats(self.train, self.spec, self.small_cell_threshold)
+            return TaskResult(stats.model_copy(update={"rows_quarantined": self.rows_quarantined}).model_dump())
+        if preprocessing is None:
+            raise ValueError(f"a {kind.value} task needs the run's preprocessing")
+        preprocessor = Preprocessor.of_run(self.spec, preprocessing)
         model = model_with_weights(self.spec.model, len(preprocessor.mean), weights)
         # The incoming global model, before training; an undefined metric (e.g. AUC on one class) is None. The
         # final model's evaluation adds the AUC's bootstrap interval (done here, where the rows are) and the
         # counts and sums that metrics over all hospitals are built from.
         final = kind is TaskKind.evaluate
-        metrics, summary = evaluate_frame(model, preprocessor, self.test, threshold=decision_threshold(preprocessing),
+        metrics, summary = evaluate_frame(model, preprocessor, self.test, threshold=preprocessing.decision_threshold,
                                           bootstrap=BOOTSTRAP_REPLICATES if final else 0, summarise=final)
         evaluation = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
         if final:

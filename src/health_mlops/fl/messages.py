@@ -17,8 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as load_tensors
 
+from health_mlops.data.preprocess import GlobalPreprocessing
 from health_mlops.fl.coordinator import Run, Task, TaskKind, TaskResult
 from health_mlops.fl.mapped import map_file
+from health_mlops.fl.metadata import EvaluationMetadata, FitMetadata, StatsMetadata
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.strategies import Weights
 
@@ -173,7 +175,7 @@ class TaskMessage(BaseModel):
     attempt: int
     kind: TaskKind
     config: RunConfig
-    preprocessing: dict[str, Any]  # the run's global standardisation; empty in round 0
+    preprocessing: GlobalPreprocessing | None  # the run's global standardisation; None in round 0
     weights_path: str | None  # where to GET the round's global weights (None for `stats`)
     lease_expires: float  # Unix seconds
     lease_s: float
@@ -205,7 +207,7 @@ class RoundView(BaseModel):
     attempts: int
     opened_at: float
     closed_at: float
-    hospitals: dict[str, dict[str, Any]]  # hospital -> its result metadata (metrics, examples, timings)
+    hospitals: dict[str, StatsMetadata | FitMetadata | EvaluationMetadata]  # hospital -> its result's metadata
     nodes: dict[str, str]  # hospital -> replica whose result counted
     global_metrics: dict[str, float]  # example-weighted mean over hospitals of the incoming model's metrics
 
@@ -241,7 +243,7 @@ class RunView(BaseModel):
     final_round: int
     hospitals: list[str]
     config: RunConfig
-    preprocessing: dict[str, Any]
+    preprocessing: GlobalPreprocessing | None  # None until round 0 closes
     rejected: dict[str, int]
     open_tasks: list[OpenTaskView]
     history: list[RoundView]
@@ -252,16 +254,15 @@ class RunView(BaseModel):
     privacy: PrivacyView | None = None  # with a privacy budget: what the run has spent
 
 
-def weighted_metrics(hospitals: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+def weighted_metrics(evaluations: Mapping[str, EvaluationMetadata]) -> dict[str, float]:
     """Example-weighted mean of the hospitals' evaluation metrics (what federated evaluation can report
     without pooling predictions)."""
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
-    for metadata in hospitals.values():
-        metrics = metadata.get("metrics") or {}
-        examples = float(metadata.get("num_test_examples", 0))
-        for name, value in metrics.items():
-            if examples > 0 and isinstance(value, int | float) and np.isfinite(value):
+    for metadata in evaluations.values():
+        examples = float(metadata.num_test_examples)
+        for name, value in metadata.metrics.items():
+            if examples > 0 and value is not None:
                 totals[name] = totals.get(name, 0.0) + examples * float(value)
                 weights[name] = weights.get(name, 0.0) + examples
     return {name: totals[name] / weights[name] for name in totals}

@@ -2,11 +2,13 @@
 
 A result's metadata feeds the aggregation (example counts weigh updates), the global preprocessing (stats)
 and the metrics the aggregator exports, so a malformed or hostile value must be refused at the door with a
-reason, never reach the arithmetic.
+reason, never reach the arithmetic. What passes is kept as the typed model it was checked against: the
+coordinator, the run's records and the model report read its fields, not a dict's keys.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -70,11 +72,15 @@ class FitMetadata(EvaluationMetadata):
     dp_steps: Count | None = None  # DP-SGD steps taken this round (what it spent of the privacy budget)
 
 
-_MODELS: dict[str, type[_Strict]] = {"stats": StatsMetadata, "fit": FitMetadata, "evaluate": EvaluationMetadata}
+# A fit result is an evaluation of the incoming model plus training's own numbers.
+ResultMetadata = StatsMetadata | FitMetadata | EvaluationMetadata
+_MODELS: dict[str, type[ResultMetadata]] = {"stats": StatsMetadata, "fit": FitMetadata,
+                                            "evaluate": EvaluationMetadata}
 
 
-def check_metadata(kind: str, metadata: dict[str, Any], *, columns: int | None) -> None:
-    """Raise `Rejected("bad_metadata", ...)` naming the field unless `metadata` fits a `kind` result.
+def check_metadata(kind: str, metadata: Mapping[str, Any], *, columns: int | None) -> ResultMetadata:
+    """`metadata` as the model of a `kind` result; raises `Rejected("bad_metadata", ...)` naming the field unless
+    it fits.
 
     `columns`: how many encoded columns stats must describe (None: not checked).
     """
@@ -101,3 +107,4 @@ def check_metadata(kind: str, metadata: dict[str, Any], *, columns: int | None) 
             raise Rejected("bad_metadata", f"metrics: unknown names {unknown}; allowed {sorted(METRIC_NAMES)}")
         if parsed.summary is not None and sum(parsed.summary.confusion) != parsed.num_test_examples:
             raise Rejected("bad_metadata", "summary: its confusion counts do not add up to num_test_examples")
+    return parsed

@@ -30,6 +30,7 @@ from health_mlops.fl.client import HospitalClient
 from health_mlops.fl.coordinator import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker, suppressed_cells
 from health_mlops.fl.messages import TaskMessage, decode_weights, describe_result, encode_result
+from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.strategies import Weights
 from health_mlops.http_server import protocol_options
 from health_mlops.monitoring import NodeMetrics
@@ -208,7 +209,7 @@ class HospitalNode:
         return outcome
 
     def _report_suppression(self, task: TaskMessage, result: TaskResult) -> None:
-        cells = suppressed_cells(result.metadata)
+        cells = suppressed_cells(StatsMetadata.model_validate(result.metadata))
         self.status.suppressed = {"run_id": task.run_id, **cells}
         log.info("%s/%s: %s stats withhold %d categories and %d histogram bins held by fewer than %d patients",
                  self.hospital_id, self.node_id, task.run_id, cells["categories"], cells["histogram_bins"],

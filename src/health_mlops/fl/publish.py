@@ -7,7 +7,7 @@ its outcome is written beside the run's checkpoints, so a restarted aggregator r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from health_mlops.faults import crash_point
@@ -22,7 +22,7 @@ from health_mlops.registry import QualityGate, Registry, TrainingRecord
 from health_mlops.spec import DatasetSpec, spec_to_yaml
 
 
-def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
@@ -30,13 +30,15 @@ def training_record(run: Run, spec: DatasetSpec, weights: Weights) -> TrainingRe
     """What the registry keeps of a completed run. Step r holds the metrics of the model entering round r
     (each round evaluates the incoming model first); the final `evaluate` round scores the final model."""
     evaluated = [r for r in run.history if r.kind is not TaskKind.stats]
+    if run.preprocessing is None:
+        raise ValueError(f"{run.id} has no preprocessing: round 0 never closed")
     privacy = privacy_report(run)
     report = model_report(run, spec)
     return TrainingRecord(
         federation_run=run.id, params={**run.config.model_dump(), "hospitals": ",".join(run.hospitals)},
-        round_metrics=[(r.round, weighted_metrics(r.hospitals)) for r in evaluated],
-        hospital_metrics=[(r.round, hospital, _numbers(metadata.get("metrics") or {}))
-                          for r in evaluated for hospital, metadata in r.hospitals.items()],
+        round_metrics=[(r.round, weighted_metrics(r.evaluations())) for r in evaluated],
+        hospital_metrics=[(r.round, hospital, _numbers(metadata.metrics))
+                          for r in evaluated for hospital, metadata in r.evaluations().items()],
         # The model's metrics are the mean over hospitals (each hospital counts once, as the field reports)
         final_metrics=_numbers(report["mean_over_hospitals"]), metric_name=spec.primary_metric,
         pooled_metrics=_numbers(report.get("all_test_rows") or {}), report=report,

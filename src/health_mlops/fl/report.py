@@ -18,6 +18,7 @@ import numpy as np
 from health_mlops.data.preprocess import feature_columns, value_width
 from health_mlops.fl.coordinator import Run, TaskKind, privacy_report
 from health_mlops.fl.messages import weighted_metrics
+from health_mlops.fl.metadata import FitMetadata
 from health_mlops.metrics import BinarySummary, combine, mean_over_hospitals, undefined_from_counts
 from health_mlops.spec import DatasetSpec
 
@@ -42,40 +43,40 @@ def _finite(metrics: Mapping[str, Any]) -> dict[str, float | None]:
 def data_summary(run: Run, spec: DatasetSpec) -> dict[str, dict[str, Any]]:
     """Per hospital, from its round-0 counts: training rows, events (binary tasks), rows quarantined, and values
     missing per feature that allows them (null where the hospital withheld a small count)."""
-    stats = next((r.hospitals for r in run.history if r.kind is TaskKind.stats), {})
+    stats = next((r.stats() for r in run.history if r.kind is TaskKind.stats), {})
     columns = feature_columns(spec)
     found: dict[str, dict[str, Any]] = {}
     for hospital, sent in stats.items():
-        observed = sent.get("observed") or [sent["count"]] * len(sent["sums"])
+        observed = sent.observed or [sent.count] * len(sent.sums)
         missing: dict[str, int | None] = {}
         for feature in spec.features:
             if feature.missing is not None:  # a feature's value columns share its observed count, unless withheld
-                counts = [observed[j] for j in columns[feature.name][:value_width(feature)] if observed[j] is not None]
-                missing[feature.name] = sent["count"] - counts[0] if counts else None
-        found[hospital] = {"rows": sent["count"], "rows_quarantined": sent.get("rows_quarantined", 0),
-                           "missing_values": missing,
-                           **({"events": round(sent["target_sum"])} if spec.task == "binary" else {})}
+                counts = [o for j in columns[feature.name][:value_width(feature)] if (o := observed[j]) is not None]
+                missing[feature.name] = sent.count - counts[0] if counts else None
+        found[hospital] = {"rows": sent.count, "rows_quarantined": sent.rows_quarantined, "missing_values": missing,
+                           **({"events": round(sent.target_sum)} if spec.task == "binary" else {})}
     return found
 
 
 def model_report(run: Run, spec: DatasetSpec) -> dict[str, Any]:
     """The report of a completed run's final model (see the module's docstring)."""
     evaluated = [r for r in run.history if r.kind is not TaskKind.stats]
-    final = evaluated[-1]
-    per_hospital = {h: _finite(m.get("metrics") or {}) for h, m in final.hospitals.items()}
+    final = evaluated[-1].evaluations()
+    per_hospital = {h: dict(m.metrics) for h, m in final.items()}
     report: dict[str, Any] = {
         "version": REPORT_VERSION, "federation_run": run.id, "task": spec.task, "metric": spec.primary_metric,
-        "threshold": run.preprocessing.get("threshold"), "per_hospital": per_hospital,
-        "test_rows": {h: m.get("num_test_examples", 0) for h, m in final.hospitals.items()},
+        "threshold": None if run.preprocessing is None else run.preprocessing.threshold, "per_hospital": per_hospital,
+        "test_rows": {h: m.num_test_examples for h, m in final.items()},
         "mean_over_hospitals": mean_over_hospitals(per_hospital),
-        "history": [{"round": r.round, "kind": r.kind.value, "global": weighted_metrics(r.hospitals),
-                     "hospitals": {h: {"metrics": _finite(m.get("metrics") or {}), "train_loss": m.get("train_loss")}
-                                   for h, m in r.hospitals.items()}} for r in evaluated],
+        "history": [{"round": r.round, "kind": r.kind.value, "global": weighted_metrics(r.evaluations()),
+                     "hospitals": {h: {"metrics": dict(m.metrics),
+                                       "train_loss": m.train_loss if isinstance(m, FitMetadata) else None}
+                                   for h, m in r.evaluations().items()}} for r in evaluated],
         "data": data_summary(run, spec), "excluded": dict(run.excluded),
         "config": run.config.model_dump(mode="json"), "privacy": privacy_report(run),
         "missing_indicators": [f.name for f in spec.features if f.has_indicator],
     }
-    summaries = {h: BinarySummary.from_json(m["summary"]) for h, m in final.hospitals.items() if m.get("summary")}
+    summaries = {h: BinarySummary.from_json(m.summary.model_dump()) for h, m in final.items() if m.summary is not None}
     if summaries:
         report["undefined"] = {h: undefined_from_counts(s, spec.target.name) for h, s in summaries.items()}
         report["curves"] = {h: {"roc": _thinned(*s.roc_curve()), "reliability": s.reliability()}

@@ -16,13 +16,12 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from health_mlops.data.preprocess import serving_fill
+from health_mlops.data.preprocess import GlobalPreprocessing, serving_fill
 from health_mlops.spec import DatasetSpec
 
 INPUT_NAME = "features"
@@ -50,8 +49,9 @@ def _layers(weights: Mapping[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndar
     return layers
 
 
-def export_onnx(spec: DatasetSpec, preprocessing: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> bytes:
-    """The serialized ONNX model of `weights` with `preprocessing` (the run's mean, scale, target scale)."""
+def export_onnx(spec: DatasetSpec, preprocessing: GlobalPreprocessing, weights: Mapping[str, np.ndarray]) -> bytes:
+    """The serialized ONNX model of `weights` with the run's `preprocessing` inside (imputation, standardisation,
+    the target's scale), its training histograms and decision threshold as metadata."""
     nodes: list[onnx.NodeProto] = []
     initializers: list[onnx.TensorProto] = []
 
@@ -65,7 +65,7 @@ def export_onnx(spec: DatasetSpec, preprocessing: Mapping[str, Any], weights: Ma
     # per node, so this beats a Slice and Concat per feature several times over.
     source = INPUT_NAME
     if any(f.missing is not None for f in spec.features):  # NaN is "not measured": fill it, flag it
-        fill = serving_fill(spec, np.asarray(preprocessing["fill"], dtype=np.float64))
+        fill = serving_fill(spec, np.asarray(preprocessing.fill, dtype=np.float64))
         nodes += [helper.make_node("IsNaN", [INPUT_NAME], ["is_missing"]),
                   helper.make_node("Where", ["is_missing", constant("fill", np.array(fill, dtype=np.float32)),
                                              INPUT_NAME], ["filled"])]
@@ -95,9 +95,9 @@ def export_onnx(spec: DatasetSpec, preprocessing: Mapping[str, Any], weights: Ma
                                    ["indicators"], axis=1),
                   helper.make_node("Concat", ["encoded", "indicators"], ["encoded_all"], axis=1)]
         encoded = "encoded_all"
-    nodes.append(helper.make_node("Sub", [encoded, constant("mean", np.asarray(preprocessing["mean"],
+    nodes.append(helper.make_node("Sub", [encoded, constant("mean", np.asarray(preprocessing.mean,
                                                                                dtype=np.float32))], ["centred"]))
-    nodes.append(helper.make_node("Div", ["centred", constant("scale", np.asarray(preprocessing["scale"],
+    nodes.append(helper.make_node("Div", ["centred", constant("scale", np.asarray(preprocessing.scale,
                                                                                 dtype=np.float32))], ["x0"]))
     layers = _layers(weights)
     current = "x0"
@@ -113,8 +113,8 @@ def export_onnx(spec: DatasetSpec, preprocessing: Mapping[str, Any], weights: Ma
     if spec.task == "binary":
         nodes.append(helper.make_node("Sigmoid", ["raw"], [OUTPUT_NAME]))
     else:
-        target_scale = np.array(preprocessing["target_scale"], dtype=np.float32)
-        target_mean = np.array(preprocessing["target_mean"], dtype=np.float32)
+        target_scale = np.array(preprocessing.target_scale, dtype=np.float32)
+        target_mean = np.array(preprocessing.target_mean, dtype=np.float32)
         nodes.append(helper.make_node("Mul", ["raw", constant("target_scale", target_scale)], ["scaled"]))
         nodes.append(helper.make_node("Add", ["scaled", constant("target_mean", target_mean)], [OUTPUT_NAME]))
     graph = helper.make_graph(
@@ -124,12 +124,12 @@ def export_onnx(spec: DatasetSpec, preprocessing: Mapping[str, Any], weights: Ma
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="health-mlops")
     model.doc_string = f"{spec.name}: input columns {[f.name for f in spec.features]}"
-    if preprocessing.get("histograms"):  # the training population's distribution, for drift detection
+    if preprocessing.histograms:  # the training population's distribution, for drift detection
         entry = model.metadata_props.add()
-        entry.key, entry.value = HISTOGRAMS_KEY, json.dumps(preprocessing["histograms"])
-    if spec.task == "binary" and preprocessing.get("threshold") is not None:
+        entry.key, entry.value = HISTOGRAMS_KEY, json.dumps(preprocessing.histograms)
+    if spec.task == "binary" and preprocessing.threshold is not None:
         entry = model.metadata_props.add()
-        entry.key, entry.value = THRESHOLD_KEY, repr(float(preprocessing["threshold"]))
+        entry.key, entry.value = THRESHOLD_KEY, repr(float(preprocessing.threshold))
     onnx.checker.check_model(model)
     return model.SerializeToString()
 

@@ -8,8 +8,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from health_mlops.audit import AuditLog
-from health_mlops.fl.coordinator import (Event, ResultAccepted, ResultRejected, RoundClosed, Run, RunEnded, RunStarted,
-                                         RunStatus, TaskKind)
+from health_mlops.fl.coordinator import (Event, ResultAccepted, ResultRejected, RoundClosed, RoundRecord, Run, RunEnded,
+                                         RunStarted, RunStatus, TaskKind)
 from health_mlops.fl.messages import weighted_metrics
 from health_mlops.monitoring import AggregatorMetrics
 
@@ -32,7 +32,7 @@ class Reporting:
                 case RunStarted(run_id=run_id):
                     log.info("%s: started with %s", run_id, ", ".join(runs[run_id].hospitals))
                 case RoundClosed(run_id=run_id, record=record):
-                    self._round_closed(record.kind, record.closed_at - record.opened_at, record.hospitals)
+                    self._round_closed(record)
                     log.info("%s: round %d (%s) closed with %d/%d hospitals in %.3f s", run_id, record.round,
                              record.kind.value, len(record.hospitals), len(runs[run_id].hospitals),
                              record.closed_at - record.opened_at)
@@ -55,19 +55,18 @@ class Reporting:
     def model_registered(self, run_id: str, outcome: dict[str, Any]) -> None:
         log.info("%s: model %s", run_id, outcome)
 
-    def _round_closed(self, kind: TaskKind, seconds: float, hospitals: dict[str, dict[str, Any]]) -> None:
-        self.metrics.rounds_closed.labels(kind.value).inc()
-        self.metrics.round_duration.labels(kind.value).observe(seconds)
+    def _round_closed(self, record: RoundRecord) -> None:
+        self.metrics.rounds_closed.labels(record.kind.value).inc()
+        self.metrics.round_duration.labels(record.kind.value).observe(record.closed_at - record.opened_at)
         self.metrics.round_closed_timestamp.set(self.clock())
-        self.metrics.hospitals_reporting.set(len(hospitals))
-        if kind is TaskKind.stats:
-            return
-        for name, value in weighted_metrics(hospitals).items():
+        self.metrics.hospitals_reporting.set(len(record.hospitals))
+        evaluations = record.evaluations()
+        for name, value in weighted_metrics(evaluations).items():
             self.metrics.global_metric.labels(name).set(value)
-        for hospital, metadata in hospitals.items():
-            for name, value in (metadata.get("metrics") or {}).items():
-                if value is not None:  # names were checked against the allowed metrics when the result came in
-                    self.metrics.hospital_metric.labels(hospital, name).set(value)
+        for hospital, metadata in evaluations.items():
+            for name, defined in metadata.metrics.items():
+                if defined is not None:  # names were checked against the allowed metrics when the result came in
+                    self.metrics.hospital_metric.labels(hospital, name).set(defined)
 
     def gauges(self, runs: Mapping[str, Run]) -> None:
         self.metrics.runs_active.set(sum(r.status is RunStatus.running for r in runs.values()))

@@ -389,14 +389,13 @@ class AggregatorService:
                       and run.status is RunStatus.running]
         history = [RoundView(round=h.round, kind=h.kind, attempts=h.attempts, opened_at=h.opened_at,
                              closed_at=h.closed_at, hospitals=h.hospitals, nodes=h.nodes,
-                             global_metrics={} if h.kind is TaskKind.stats else weighted_metrics(h.hospitals))
+                             global_metrics=weighted_metrics(h.evaluations()))
                    for h in run.history]
         return RunView(id=run.id, status=run.status.value, reason=run.reason, round=run.round, attempt=run.attempt,
                        final_round=run.final_round, hospitals=run.hospitals, config=run.config,
                        preprocessing=run.preprocessing, rejected=run.rejected, open_tasks=open_tasks,
                        history=history, model=self.registrations.get(run.id),
-                       suppressed={h: suppressed_cells(m) for r in run.history if r.kind is TaskKind.stats
-                                   for h, m in r.hospitals.items()},
+                       suppressed={h: suppressed_cells(m) for r in run.history for h, m in r.stats().items()},
                        privacy=privacy_report(run), excluded=run.excluded)
 
     async def tick_forever(self) -> None:
