@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     mlflow_ui_url: str | None = Field(None, description="the MLflow UI over the registry, linked from the dashboard")
     prometheus_url: str | None = Field(None, description="the Prometheus scraping the services, linked from the "
                                        "dashboard (the demo sets its own)")
+    node_status_urls: dict[str, str] = Field(default_factory=dict, description="node id -> its status page (the "
+                                             "node API's /v1/status), linked from the dashboard's Hospitals tab; "
+                                             "JSON (the demo sets its nodes')")
     prometheus_rules: Path | None = Field(None, description="alert rules for the demo's Prometheus (default: the "
                                           "repository's monitoring/alerts.yml)")
     prometheus_scrape_interval_s: float = Field(5.0, gt=0, le=300, description="the demo's Prometheus scrape and "

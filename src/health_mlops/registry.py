@@ -4,7 +4,8 @@ Each federated run becomes one MLflow run (its config as params, per-round globa
 metrics with step = round) and one registered model version holding the ONNX model (preprocessing inside)
 and the dataset spec. A new version gets the `champion` alias only if its federated test metric is no worse
 than the current champion's minus a tolerance; otherwise it is the `challenger`. Promotions and rollbacks
-are admin actions and each is appended to the audit log.
+are admin actions and each is appended to the audit log. A run that trained exactly as a registered version did
+(the same code, task, settings and data: its `fingerprint`) is logged as a run but registers no new version.
 
 Embedded by default (a sqlite file and a local artifact folder under `$HEALTH_MLOPS_HOME/mlflow`, no server);
 `MLFLOW_TRACKING_URI` points at a server instead (Kubernetes). This module stores and loads artifacts only
@@ -35,6 +36,8 @@ CHAMPION_SINCE = "champion_since"  # version tag: when it last became champion (
 CHALLENGER = "challenger"
 QUALITY_GATE = "quality_gate"  # version tag: the gate has decided its alias (a registration is complete)
 PRIVACY_EPSILON, PRIVACY_DELTA = "privacy_epsilon", "privacy_delta"  # version tags of a DP-trained model
+TRAINING_FINGERPRINT = "training_fingerprint"  # version tag: what its training was (TrainingRecord.fingerprint)
+SAME_MODEL_AS = "same_model_as"  # run tag: the version a run trained the same model as
 EXPERIMENT_NAME = "federated-training"
 MODEL_FILE = "model.onnx"
 SPEC_FILE = "spec.yaml"
@@ -81,6 +84,8 @@ class TrainingRecord:
     hospital_epsilons: dict[str, float] | None = None
     pooled_metrics: dict[str, float] = field(default_factory=dict)  # every test row together, from counts
     report: dict[str, Any] | None = None  # the federated model report (fl.report), stored as report.json
+    # A digest of everything that decided the model (empty: none known); runs with the same one share a version.
+    fingerprint: str = ""
 
 
 @dataclass(frozen=True)
@@ -147,12 +152,21 @@ class Registry:
         return self.client.create_experiment(EXPERIMENT_NAME, artifact_location=location)
 
     def register(self, record: TrainingRecord, *, gate: QualityGate) -> ModelVersion:
-        """Log the run, register its model, and apply the quality gate. Idempotent: a federated run registered
-        before (an aggregator that crashed before it recorded the registration registers again) gets its
-        existing version, and the quality gate applied if the crash came before it."""
+        """Log the run, register its model, and apply the quality gate; the version returned is another run's
+        (its `federation_run`) when this run trained the same model as that one (`TrainingRecord.fingerprint`).
+        Idempotent: a federated run registered before (an aggregator that crashed before it recorded the
+        registration registers again) gets its existing version, and the quality gate applied if the crash came
+        before it."""
         version = self._version_of(record.federation_run)
         if version is None:
-            version = self._create_version(record)
+            same = self._version_trained_as(record.fingerprint)
+            run_id = self._run_of(record.federation_run) or self._log_run(record)
+            if same is not None:
+                self.client.set_tag(run_id, SAME_MODEL_AS, str(same))
+                self._audit("unchanged", same, "aggregator",
+                            f"{record.federation_run} trained as v{same} did (same code, task, settings and data)")
+                return self.version(same)
+            version = self._create_version(record, run_id)
         if QUALITY_GATE not in self.client.get_model_version(self.model_name, str(version)).tags:
             self._quality_gate(version, record, gate)
         return self.version(version)
@@ -162,7 +176,24 @@ class Registry:
                  if v.tags.get("federation_run") == federation_run]
         return min(found) if found else None
 
-    def _create_version(self, record: TrainingRecord) -> int:
+    def _version_trained_as(self, fingerprint: str) -> int | None:
+        if not fingerprint:
+            return None
+        found = [int(v.version) for v in self.client.search_model_versions(f"name='{self.model_name}'")
+                 if v.tags.get(TRAINING_FINGERPRINT) == fingerprint]
+        return min(found) if found else None
+
+    def _run_of(self, federation_run: str) -> str | None:
+        """The MLflow run a federated run logged before a crash cut its registration short, if any."""
+        experiment = self.client.get_experiment_by_name(EXPERIMENT_NAME)
+        if experiment is None:
+            return None
+        found = self.client.search_runs([experiment.experiment_id],
+                                        filter_string=f"tags.federation_run = '{federation_run}'", max_results=1)
+        return found[0].info.run_id if found else None
+
+    def _log_run(self, record: TrainingRecord) -> str:
+        """The run in MLflow's tracking: its settings, every round's metrics, its artifacts."""
         run = self.client.create_run(self._experiment_id(), run_name=record.federation_run,
                                      tags={"federation_run": record.federation_run})
         run_id = run.info.run_id
@@ -190,6 +221,9 @@ class Registry:
                 (folder / REPORT_FILE).write_text(strict_json.dumps(record.report), encoding="utf-8")
             self.client.log_artifacts(run_id, str(folder), _ARTIFACT_DIR)
         self.client.set_terminated(run_id)
+        return run_id
+
+    def _create_version(self, record: TrainingRecord, run_id: str) -> int:
         try:
             self.client.create_registered_model(self.model_name)
         except MlflowException:
@@ -200,7 +234,8 @@ class Registry:
         created = self.client.create_model_version(
             self.model_name, f"runs:/{run_id}/{_ARTIFACT_DIR}", run_id=run_id,
             tags={"metric_name": record.metric_name, "metric": repr(metric),
-                  "federation_run": record.federation_run, **privacy})
+                  "federation_run": record.federation_run, **privacy,
+                  **({TRAINING_FINGERPRINT: record.fingerprint} if record.fingerprint else {})})
         version = int(created.version)
         self._audit("register", version, "aggregator", f"{record.federation_run}: {record.metric_name} {metric:.4f}")
         return version

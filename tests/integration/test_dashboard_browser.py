@@ -32,6 +32,7 @@ class Demo(NamedTuple):
     url: str  # the dashboard
     home: Path
     aggregator: str
+    node_api: int  # the first replica's (hospital-1-a) API port
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     url = f"http://127.0.0.1:{base + 11}"
     try:
         wait_until_ready(f"{url}/readyz", process, timeout_s=600)
-        yield Demo(url, home, f"https://127.0.0.1:{base}")
+        yield Demo(url, home, f"https://127.0.0.1:{base}", base + 1)
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
@@ -157,6 +158,11 @@ def test_hospitals_and_models_are_listed_and_a_wrong_token_is_refused(browser_pa
     expect(hospitals).to_contain_text("idle (run completed)")
     expect(hospitals).to_contain_text("replicas")
     expect(hospitals).to_contain_text("hospital-1-")  # hospital-1's nodes (two replicas in the demo)
+    # Each replica links to its node's own status page, which says what that node did and what left it.
+    link = hospitals.get_by_role("link", name="hospital-1-a")
+    expect(link).to_have_attribute("href", f"http://127.0.0.1:{demo.node_api}/v1/status")
+    status = httpx.get(f"http://127.0.0.1:{demo.node_api}/v1/status").json()
+    assert (status["node"], status["central_reachable"]) == ("hospital-1-a", True)
     page.get_by_role("tab", name="Models").click()
     expect(page.locator("#model-versions")).to_contain_text("champion", timeout=TIMEOUT_MS)
     page.get_by_label("admin token").fill("not-the-token")

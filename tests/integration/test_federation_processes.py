@@ -153,14 +153,16 @@ def test_aggregator_killed_mid_run_resumes_at_the_last_closed_round(cluster: Clu
     assert abs(cluster.final_auc(final) - cluster.final_auc(undisturbed)) <= 0.005
     assert {r.nodes["hospital-1"] for r in undisturbed.history} <= {"hospital-1-a", "hospital-1-b"}
 
-    # Both final models are registered, the first as champion; the second is as good, so it takes over.
+    # The first model is registered as champion. The second run trained as the first did (same code, task, settings,
+    # data and participation: the kill changed none of them), so it is the same model: no second version.
     second = cluster.wait_for(run_id, lambda v: (v.model or {}).get("status") not in (None, "registering"))
     assert first.model is not None and second.model is not None
     assert (first.model.get("status"), first.model.get("version")) == ("registered", 1), first.model
-    assert (second.model.get("status"), second.model.get("version")) == ("registered", 2), second.model
+    assert (second.model.get("status"), second.model.get("version")) == ("unchanged", 1), second.model
+    assert second.model["federation_run"] == undisturbed.id
     assert first.model["metric"] == pytest.approx(cluster.final_auc(undisturbed))
     versions = run_cli_json("registry", "list", home=cluster.home)
-    assert [(v["version"], v["aliases"]) for v in versions] == [(1, []), (2, ["champion"])]
+    assert [(v["version"], v["aliases"]) for v in versions] == [(1, ["champion"])]
 
 
 def test_node_replica_killed_mid_round_is_replaced_by_the_other(cluster: Cluster, data: Path) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from health_mlops.registry import CHALLENGER, CHAMPION, QualityGate, Registry, RegistryError, TrainingRecord
+from health_mlops.registry import (CHALLENGER, CHAMPION, SAME_MODEL_AS, QualityGate, Registry, RegistryError,
+                                   TrainingRecord)
 
 
 def record(name: str, auc: float) -> TrainingRecord:
@@ -136,8 +137,27 @@ def test_registering_a_run_again_returns_its_version_and_decides_the_gate_once(r
 
 def test_a_registration_cut_short_before_the_gate_is_completed_by_the_next(registry: Registry) -> None:
     registry.register(record("run-a", 0.80), gate=QualityGate(tolerance=0.005))
-    version = registry._create_version(record("run-b", 0.70))  # the crash came before the quality gate
+    run_b = record("run-b", 0.70)
+    version = registry._create_version(run_b, registry._log_run(run_b))  # the crash came before the quality gate
     assert registry.version(version).aliases == []
     completed = registry.register(record("run-b", 0.70), gate=QualityGate(tolerance=0.005))
     assert completed.version == version == 2 and completed.aliases == [CHALLENGER]
     assert [v.version for v in registry.versions()] == [1, 2]
+
+
+def test_a_run_that_trained_as_a_registered_version_did_is_logged_but_adds_no_version(registry: Registry) -> None:
+    first = registry.register(replace(record("run-a", 0.80), fingerprint="same"), gate=QualityGate())
+    again = registry.register(replace(record("run-b", 0.81), fingerprint="same"), gate=QualityGate())
+    assert again.version == first.version == 1 and again.federation_run == "run-a"
+    assert [v.version for v in registry.versions()] == [1]
+    logged = registry.client.search_runs([registry._experiment_id()], filter_string="tags.federation_run = 'run-b'")
+    assert len(logged) == 1 and logged[0].data.tags[SAME_MODEL_AS] == "1"  # its training is still tracked
+    assert [(e["action"], e["version"]) for e in registry.audit_entries()] == [("register", 1), ("promote", 1),
+                                                                               ("unchanged", 1)]
+    # Asked again (an aggregator that restarted before it recorded the answer): the same answer, one run logged.
+    assert registry.register(replace(record("run-b", 0.81), fingerprint="same"), gate=QualityGate()).version == 1
+    assert len(registry.client.search_runs([registry._experiment_id()],
+                                           filter_string="tags.federation_run = 'run-b'")) == 1
+    different = registry.register(replace(record("run-c", 0.80), fingerprint="other"), gate=QualityGate())
+    unknown = registry.register(record("run-d", 0.80), gate=QualityGate())  # no fingerprint: always a version
+    assert (different.version, unknown.version) == (2, 3)

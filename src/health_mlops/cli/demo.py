@@ -48,7 +48,7 @@ def demo(
 
     from health_mlops.data.synthetic import generate_dataset, hospital_ids
     from health_mlops.demo.comparison import compare_with_baselines
-    from health_mlops.demo.federation import Ports, node_plan, run_federation, serve_dashboard
+    from health_mlops.demo.federation import Ports, node_plan, node_status_urls, run_federation, serve_dashboard
     from health_mlops.demo.processes import Processes, check_ports_free
     from health_mlops.demo.prometheus import start_prometheus
     from health_mlops.experiments.loopback import round_overheads_ms
@@ -84,14 +84,15 @@ def demo(
                        "HEALTH_MLOPS_AGGREGATOR_URL": f"https://127.0.0.1:{port}"}
         with Processes(settings.home / "logs", environment) as processes:
             prometheus_url = None
+            plan = node_plan(data, names, reference_file.get("cities", {}))
             if serve:
-                nodes = [(p.hospital_id, p.node_id) for p in node_plan(data, names, {})]
+                nodes = [(p.hospital_id, p.node_id) for p in plan]
                 prometheus_url = start_prometheus(processes, settings, ports, nodes, dashboard_port, prometheus_port,
                                                   err)
             view, body = run_federation(processes, data=data, hospitals=names,
                                         cities=reference_file.get("cities", {}), request=request, home=settings.home,
                                         credentials_dir=settings.credentials_dir, ports=ports,
-                                        metric=dataset.primary_metric, console=err)
+                                        metric=dataset.primary_metric, console=err, plan=plan)
             with progress() as bars:
                 columns, counted = compare_with_baselines(dataset, splits, data, view, body, settings, bars)
             if json_output:
@@ -103,7 +104,8 @@ def demo(
                 return
             _print_outcome(dataset, columns, view, counted, names[0], data)
             if serve:
-                serve_dashboard(processes, dashboard_port, err, prometheus_url=prometheus_url)
+                serve_dashboard(processes, dashboard_port, err, prometheus_url=prometheus_url,
+                                node_status_urls=node_status_urls(plan, ports))
     except KeyboardInterrupt:
         err.print("interrupted: every process the demo started has been stopped")
         raise typer.Exit(130) from None
@@ -116,8 +118,10 @@ def _print_outcome(dataset: DatasetSpec, columns: dict[str, dict], view: RunView
               f"({first}'s results came from {', '.join(counted[first])}); data: {data}", soft_wrap=True, markup=False)
     print_privacy(privacy_json(view))
     model = view.model or {}
-    if model.get("status") == "registered":
-        out.print(f"model: {dataset.name} v{model['version']} registered, {', '.join(model['aliases']) or 'no alias'} "
+    if model.get("status") in ("registered", "unchanged"):
+        said = ("registered" if model["status"] == "registered" else
+                f"unchanged: this run trained as {model['federation_run']} did (same code, task, settings and data)")
+        out.print(f"model: {dataset.name} v{model['version']} {said}, {', '.join(model['aliases']) or 'no alias'} "
                   f"({model['metric_name']} {model['metric']:.4f} by federated evaluation); "
                   f"`health-mlops registry list` shows every version", soft_wrap=True)
     else:

@@ -4,6 +4,7 @@ dashboard served beside them afterwards."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,11 @@ def node_plan(data: Path, hospitals: list[str], cities: dict[str, str]) -> list[
             plan.append(NodePlan(hospital_id, f"{hospital_id}-{replica}", cities.get(hospital_id, ""),
                                  data / hospital_id))
     return plan
+
+
+def node_status_urls(plan: list[NodePlan], ports: Ports) -> dict[str, str]:
+    """Each replica's status page, where `run_federation` starts it (replica i's API on `ports.node_api` + i)."""
+    return {p.node_id: f"http://127.0.0.1:{ports.node_api + i}/v1/status" for i, p in enumerate(plan)}
 
 
 def live_view(run: RunView, metric: str) -> Group:
@@ -147,11 +153,13 @@ def run_federation(processes: Processes, *, data: Path, hospitals: list[str], ci
     return view, weights
 
 
-def serve_dashboard(processes: Processes, port: int, console: Console, *, prometheus_url: str | None) -> None:
+def serve_dashboard(processes: Processes, port: int, console: Console, *, prometheus_url: str | None,
+                    node_status_urls: dict[str, str]) -> None:
     """Serve the dashboard (a process, like every other component) beside the federation until Ctrl-C; it links
-    to the demo's Prometheus when there is one."""
-    child = processes.start("dashboard", ["dashboard", "--port", str(port)],
-                            env={"HEALTH_MLOPS_PROMETHEUS_URL": prometheus_url} if prometheus_url else None)
+    to the demo's Prometheus when there is one, and to each node's status page."""
+    env = {"HEALTH_MLOPS_NODE_STATUS_URLS": json.dumps(node_status_urls),
+           **({"HEALTH_MLOPS_PROMETHEUS_URL": prometheus_url} if prometheus_url else {})}
+    child = processes.start("dashboard", ["dashboard", "--port", str(port)], env=env)
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", child)
         console.print(f"dashboard on http://127.0.0.1:{port} (API: /api/v1/predict, /api/v1/model; log: "

@@ -7,9 +7,12 @@ its outcome is written beside the run's checkpoints, so a restarted aggregator r
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from health_mlops import __version__
 from health_mlops.faults import crash_point
 from health_mlops.fl.coordinator import Run, TaskKind, privacy_report
 from health_mlops.fl.messages import decode_weights, weighted_metrics
@@ -26,6 +29,18 @@ def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+def training_fingerprint(run: Run, spec_yaml: str) -> str:
+    """A digest of what decided a completed run's model: the code's version, the task, the run's settings (the
+    seed of its initial model among them), each hospital's training data as round 0 counted it, and which
+    hospitals counted in each round. Two runs with the same fingerprint trained the same model, up to the order
+    the hospitals' updates were summed in: the registry keeps one version of it."""
+    content = {"code": __version__, "spec": spec_yaml, "config": run.config.model_dump(mode="json"),
+               "data": {h: m.model_dump(mode="json", exclude={"compute_seconds"})
+                        for r in run.history for h, m in sorted(r.stats().items())},
+               "rounds": [sorted(r.hospitals) for r in run.history]}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def training_record(run: Run, spec: DatasetSpec, weights: Weights) -> TrainingRecord:
     """What the registry keeps of a completed run. Step r holds the metrics of the model entering round r
     (each round evaluates the incoming model first); the final `evaluate` round scores the final model."""
@@ -34,6 +49,7 @@ def training_record(run: Run, spec: DatasetSpec, weights: Weights) -> TrainingRe
         raise ValueError(f"{run.id} has no preprocessing: round 0 never closed")
     privacy = privacy_report(run)
     report = model_report(run, spec)
+    spec_yaml = spec_to_yaml(spec)
     return TrainingRecord(
         federation_run=run.id, params={**run.config.model_dump(), "hospitals": ",".join(run.hospitals)},
         round_metrics=[(r.round, weighted_metrics(r.evaluations())) for r in evaluated],
@@ -42,7 +58,8 @@ def training_record(run: Run, spec: DatasetSpec, weights: Weights) -> TrainingRe
         # The model's metrics are the mean over hospitals (each hospital counts once, as the field reports)
         final_metrics=_numbers(report["mean_over_hospitals"]), metric_name=spec.primary_metric,
         pooled_metrics=_numbers(report.get("all_test_rows") or {}), report=report,
-        onnx_model=export_onnx(spec, run.preprocessing, weights), spec_yaml=spec_to_yaml(spec),
+        onnx_model=export_onnx(spec, run.preprocessing, weights), spec_yaml=spec_yaml,
+        fingerprint=training_fingerprint(run, spec_yaml),
         privacy=None if privacy is None else {"epsilon": privacy["epsilon"], "delta": privacy["delta"]},
         hospital_epsilons=None if privacy is None else {h: p["epsilon"] for h, p in privacy["hospitals"].items()})
 
@@ -66,7 +83,9 @@ class Publisher:
                 self._registry = self._registry_factory()
             version = self._registry.register(record, gate=self.gate)
             crash_point("model_registered_unrecorded")
-            outcome: dict[str, Any] = {"status": "registered", **version.to_json()}
+            # "unchanged": this run trained the same model as the version's own run (see `training_fingerprint`)
+            status = "registered" if version.federation_run == run.id else "unchanged"
+            outcome: dict[str, Any] = {"status": status, **version.to_json()}
         except Exception as error:  # noqa: BLE001 - any registry failure is reported on the run, not raised
             outcome = {"status": "failed", "reason": f"{type(error).__name__}: {error}"}
         self._store.save_registration(run.id, outcome)

@@ -72,7 +72,7 @@ def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float
     links = {name: url for name, url in (("MLflow", settings.mlflow_ui_url), ("Prometheus", settings.prometheus_url))
              if url}
     dashboard = Dashboard(spec, predictor, registry, sources, settings.credentials_dir, scratch=scratch / "results",
-                          links=links)
+                          links=links, node_links=settings.node_status_urls)
     with suppress(Exception):  # the champion now, if any, so the Predict form starts at a typical patient
         watcher.refresh()
     mounted = gr.mount_gradio_app(app, build_dashboard(dashboard, refresh_s=poll_s), path="/",

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gradio as gr
 import pandas as pd
@@ -42,6 +42,10 @@ NEGLIGIBLE_SHARE_OF_RANGE = 0.01
 INVALID_ROW_COLUMNS = ["line", "reason"]
 OUTPUT_COLUMNS = ("prediction", "class", "model_version")  # what a batch adds to the rows it scores
 LATEST_RUN = "the latest run"
+# The Hospitals table's ten columns (see `Dashboard.hospitals`): the third, a hospital's replicas, links each to its
+# node's status page.
+HOSPITAL_COLUMN_TYPES: list[Literal["str", "markdown"]] = ["str", "str", "markdown", "str", "str", "str", "str", "str",
+                                                          "str", "str"]
 
 
 def _percent(value: float) -> str:
@@ -56,9 +60,11 @@ class Dashboard:
     """The callbacks behind the tabs; each returns what its outputs show and never raises at the user."""
 
     def __init__(self, spec: DatasetSpec, predictor: Predictor, registry: Registry, sources: DashboardSources,
-                 credentials_dir: Path, *, scratch: Path, links: dict[str, str] | None = None) -> None:
+                 credentials_dir: Path, *, scratch: Path, links: dict[str, str] | None = None,
+                 node_links: dict[str, str] | None = None) -> None:
         self.spec = spec
         self.links = links or {}  # the tools beside the dashboard (MLflow's UI, Prometheus), where configured
+        self.node_links = node_links or {}  # node id -> its status page, where configured
         self.predictor = predictor
         self.registry = registry
         self.sources = sources
@@ -262,7 +268,7 @@ class Dashboard:
 
     def hospitals(self, state: FederationState) -> tuple[str, pd.DataFrame]:
         now = time.time()
-        table = pd.DataFrame([{"hospital": h.hospital, "status": h.status, "replicas": ", ".join(h.replicas) or None,
+        table = pd.DataFrame([{"hospital": h.hospital, "status": h.status, "replicas": self._replicas(h.replicas),
                                "last heartbeat": None if h.last_heartbeat is None else
                                f"{max(now - h.last_heartbeat, 0):.0f} s ago",
                                "rows trained on": h.rows,
@@ -275,6 +281,10 @@ class Dashboard:
                                       "rows quarantined", "last round",
                                       self.metric, "small cells suppressed", "privacy ε spent"])
         return _source_note(state), table
+
+    def _replicas(self, replicas: list[str]) -> str:
+        """A hospital's replicas, each a link to its status page where one is configured (Markdown)."""
+        return ", ".join(f"[{r}]({self.node_links[r]})" if r in self.node_links else r for r in replicas)
 
     # --- Models ------------------------------------------------------------------------------------------
 
@@ -670,7 +680,7 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
                 dashboard.champion_report, None, report_outputs)
         with gr.Tab("Hospitals"):
             hospitals_note = gr.Markdown()
-            hospitals_table = gr.Dataframe(elem_id="hospitals")
+            hospitals_table = gr.Dataframe(elem_id="hospitals", datatype=HOSPITAL_COLUMN_TYPES)
         with gr.Tab("Monitoring"):
             monitoring_summary = gr.Markdown(elem_id="monitoring")
             drift_table = gr.Dataframe(label="input drift by feature", elem_id="drift")
