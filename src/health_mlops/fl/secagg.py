@@ -1,0 +1,340 @@
+"""Secure aggregation (Bonawitz et al., CCS 2017): the aggregator learns only the sum of the hospitals' updates.
+
+One round, for the hospitals enrolled in it (their ids sorted; hospital k is Shamir index k + 1):
+
+1. Keys. Each hospital makes two X25519 key pairs for the round: `c` (to encrypt what it sends another hospital
+   through the aggregator) and `s` (to agree pairwise masks). It advertises both public keys signed with its
+   consortium certificate's key (`KeyAdvertisement`); every hospital checks each advertisement against the
+   certificate the consortium's CA issued for that hospital, so the aggregator cannot substitute a key.
+2. Shares. Each hospital draws a self-mask seed `b` and splits `b` and its `s` private key t of n (Shamir over
+   GF(2^128), pycryptodome's), encrypting each hospital's shares to it (AES-GCM under their `c` agreement).
+3. Masked input. y_i = q(n_i x_i) + PRG(b_i) + Σ_{j>i} PRG(s_ij) − Σ_{j<i} PRG(s_ij)  (mod 2^64): the update
+   pre-multiplied by the hospital's example count, in fixed point with `fraction_bits` (`quantize`); s_ij is the
+   pairwise seed both i and j derive. Any one y_i is uniformly random to whoever lacks b_i or its s_ij.
+4. Unmasking. For the survivors U (whose y arrived) each remaining hospital reveals its shares of b_j for
+   j ∈ U and of s_j's private key for the dropped j ∉ U, never both for one hospital (`ShareHolder.reveal`
+   refuses). With t shares of each, the aggregator removes the self masks of U and the pairwise masks the
+   survivors shared with the dropped (`unmask`): what is left is Σ_{i∈U} q(n_i x_i), and nothing else.
+
+No network here: the services carry the messages. Modulus 2^64 (numpy's uint64 wraps), so the quantized sum's
+magnitude must stay below 2^63 / 2^fraction_bits (`quantize` refuses values that could not).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from Crypto.Protocol.SecretSharing import Shamir
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.x509.oid import NameOID
+
+from health_mlops.errors import FederationError
+
+FRACTION_BITS = 24  # fixed point: a quantized value is round(v · 2^24); its error at most 2^-25
+_HALF = 16  # Shamir shares 16-byte secrets: a 32-byte secret is shared as two halves
+_KEY_BYTES = 32
+
+
+class SecAggError(FederationError):
+    """A secure-aggregation message that must not be acted on (a bad signature, a share that does not decrypt, a
+    request to reveal what would expose one hospital's update) or a round that cannot be unmasked."""
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What binds every message to one round of one run: signatures, key derivations and encryption use it."""
+
+    run_id: str
+    round: int
+    hospitals: tuple[str, ...]  # enrolled in the round, sorted: hospital k holds Shamir index k + 1
+    threshold: int  # shares needed to reconstruct a secret: the fewest hospitals that must remain
+
+    def __post_init__(self) -> None:
+        if list(self.hospitals) != sorted(set(self.hospitals)):
+            raise ValueError("the round's hospitals must be sorted and distinct")
+        if not 2 <= self.threshold <= len(self.hospitals):
+            raise ValueError(f"threshold {self.threshold} must be between 2 and {len(self.hospitals)} hospitals")
+
+    def index(self, hospital: str) -> int:
+        return self.hospitals.index(hospital) + 1
+
+    def label(self, purpose: str, *parts: str) -> bytes:
+        return "\x1f".join(("health-mlops secagg v1", purpose, self.run_id, str(self.round), *parts)).encode()
+
+
+def default_threshold(hospitals: int) -> int:
+    """A majority: fewer colluding hospitals than this, with the aggregator, learn nothing of an honest one's
+    update, and the round survives up to n − t dropouts."""
+    return max(2, hospitals // 2 + 1)
+
+
+# --- keys ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyAdvertisement:
+    hospital: str
+    c_public: bytes  # X25519: shares sent to this hospital are encrypted under it
+    s_public: bytes  # X25519: this hospital's pairwise masks are agreed under it
+    signature: bytes  # ECDSA (the hospital's certificate key) over the round's context and both keys
+
+    def signed_bytes(self, context: RoundContext) -> bytes:
+        return context.label("keys", self.hospital) + self.c_public + self.s_public
+
+
+def _raw(public: X25519PublicKey) -> bytes:
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+@dataclass
+class RoundKeys:
+    """One hospital's secrets for one round: never sent, except as Shamir shares."""
+
+    hospital: str
+    c_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    self_seed: bytes = field(default_factory=lambda: os.urandom(_KEY_BYTES))
+
+    def advertise(self, context: RoundContext, signing_key: ec.EllipticCurvePrivateKey) -> KeyAdvertisement:
+        unsigned = KeyAdvertisement(self.hospital, _raw(self.c_key.public_key()), _raw(self.s_key.public_key()), b"")
+        signature = signing_key.sign(unsigned.signed_bytes(context), ec.ECDSA(hashes.SHA256()))
+        return KeyAdvertisement(unsigned.hospital, unsigned.c_public, unsigned.s_public, signature)
+
+    def s_private(self) -> bytes:
+        return self.s_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                        serialization.NoEncryption())
+
+
+def verify_advertisements(context: RoundContext, advertisements: Sequence[KeyAdvertisement],
+                          certificates: Mapping[str, x509.Certificate], ca: x509.Certificate
+                          ) -> dict[str, KeyAdvertisement]:
+    """Every enrolled hospital's keys, by hospital, once each is checked: its certificate was issued by the
+    consortium's CA to that hospital, and signs exactly these keys for this round. Raises SecAggError naming the
+    hospital otherwise (a substituted key, a replayed advertisement, a certificate from elsewhere)."""
+    found: dict[str, KeyAdvertisement] = {}
+    for advertisement in advertisements:
+        hospital = advertisement.hospital
+        if hospital not in context.hospitals or hospital in found:
+            raise SecAggError(f"keys from {hospital!r}: not a hospital of this round, or advertised twice")
+        certificate = certificates.get(hospital)
+        if certificate is None:
+            raise SecAggError(f"keys from {hospital}: no certificate to check them against")
+        try:
+            certificate.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            raise SecAggError(f"keys from {hospital}: its certificate was not issued by the consortium's CA") from None
+        names = [a.value for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if names != [hospital]:
+            raise SecAggError(f"keys from {hospital}: the certificate is {names}'s")
+        public = certificate.public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise SecAggError(f"keys from {hospital}: the certificate's key cannot sign")
+        try:
+            public.verify(advertisement.signature, advertisement.signed_bytes(context), ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise SecAggError(f"keys from {hospital}: the signature does not match (substituted keys?)") from None
+        found[hospital] = advertisement
+    return found
+
+
+def _derive(shared: bytes, info: bytes, length: int = _KEY_BYTES) -> bytes:
+    return HKDF(hashes.SHA256(), length, salt=None, info=info).derive(shared)
+
+
+def pairwise_seed(context: RoundContext, own: str, own_s_key: X25519PrivateKey, other: str, other_s_public: bytes
+                  ) -> bytes:
+    """The seed of the mask `own` and `other` share (both derive the same one)."""
+    shared = own_s_key.exchange(X25519PublicKey.from_public_bytes(other_s_public))
+    return _derive(shared, context.label("mask", *sorted((own, other))))
+
+
+def prg(seed: bytes, length: int) -> np.ndarray:
+    """`length` uniformly random uint64 from a 32-byte seed (ChaCha20's keystream)."""
+    cipher = Cipher(algorithms.ChaCha20(seed, b"\0" * 16), mode=None).encryptor()
+    return np.frombuffer(cipher.update(bytes(8 * length)), dtype="<u8").copy()
+
+
+# --- shares --------------------------------------------------------------------------------------------------
+
+
+def _split(secret: bytes, threshold: int, count: int) -> list[bytes]:
+    """Each of `count` shares of a 32-byte secret (share k for index k + 1), as two 16-byte Shamir shares."""
+    halves = [Shamir.split(threshold, count, secret[i:i + _HALF], ssss=False) for i in (0, _HALF)]
+    return [first[1] + second[1] for first, second in zip(*halves, strict=True)]
+
+
+def _combine(shares: Mapping[int, bytes]) -> bytes:
+    """The 32-byte secret from shares by Shamir index (at least the threshold of them)."""
+    return b"".join(Shamir.combine([(index, share[i:i + _HALF]) for index, share in shares.items()], ssss=False)
+                    for i in (0, _HALF))
+
+
+@dataclass(frozen=True)
+class EncryptedShares:
+    """One hospital's shares of another's secrets, readable by that other hospital only."""
+
+    sender: str
+    recipient: str
+    ciphertext: bytes  # nonce, then AES-GCM of its share of the sender's self-mask seed and of its s key
+
+
+@dataclass(frozen=True)
+class Reveal:
+    """What one hospital reveals to unmask a round: its shares of the survivors' self-mask seeds and of the
+    dropped hospitals' s keys, by the hospital they belong to."""
+
+    hospital: str
+    self_seed_shares: dict[str, bytes]
+    s_key_shares: dict[str, bytes]
+
+
+class ShareHolder:
+    """One hospital's side of a round's secret sharing: it splits its own secrets (`outgoing`: everyone's shares,
+    each encrypted to its recipient; its own share it keeps), keeps the shares the others send it (`receive`), and
+    reveals them once, and only as the protocol allows (`reveal`)."""
+
+    def __init__(self, context: RoundContext, keys: RoundKeys, advertisements: Mapping[str, KeyAdvertisement]
+                 ) -> None:
+        self.context = context
+        self.keys = keys
+        self.advertisements = dict(advertisements)
+        count = len(context.hospitals)
+        self._own_self_seed = _split(keys.self_seed, context.threshold, count)
+        self._own_s_key = _split(keys.s_private(), context.threshold, count)
+        own = context.index(keys.hospital) - 1
+        self._self_seed: dict[str, bytes] = {keys.hospital: self._own_self_seed[own]}
+        self._s_key: dict[str, bytes] = {keys.hospital: self._own_s_key[own]}
+        self._revealed = False
+
+    def outgoing(self) -> list[EncryptedShares]:
+        """The shares of this hospital's secrets for every other hospital of the round."""
+        sent = []
+        for k, recipient in enumerate(self.context.hospitals):
+            if recipient == self.keys.hospital:
+                continue
+            nonce = os.urandom(12)
+            sealed = AESGCM(self._share_key(recipient)).encrypt(
+                nonce, self._own_self_seed[k] + self._own_s_key[k],
+                self.context.label("share", self.keys.hospital, recipient))
+            sent.append(EncryptedShares(self.keys.hospital, recipient, nonce + sealed))
+        return sent
+
+    def _share_key(self, other: str) -> bytes:
+        shared = self.keys.c_key.exchange(X25519PublicKey.from_public_bytes(self.advertisements[other].c_public))
+        return _derive(shared, self.context.label("shares", *sorted((self.keys.hospital, other))))
+
+    def receive(self, shares: EncryptedShares) -> None:
+        """Keep another hospital's shares; raises SecAggError unless they are for us and decrypt (untampered)."""
+        if (shares.recipient != self.keys.hospital or shares.sender == self.keys.hospital
+                or shares.sender not in self.advertisements):
+            raise SecAggError(f"shares from {shares.sender!r} to {shares.recipient!r} are not for "
+                              f"{self.keys.hospital}")
+        try:
+            plain = AESGCM(self._share_key(shares.sender)).decrypt(
+                shares.ciphertext[:12], shares.ciphertext[12:],
+                self.context.label("share", shares.sender, self.keys.hospital))
+        except InvalidTag:
+            raise SecAggError(f"shares from {shares.sender} do not decrypt: altered on the way") from None
+        self._self_seed[shares.sender], self._s_key[shares.sender] = plain[:_KEY_BYTES], plain[_KEY_BYTES:]
+
+    def reveal(self, survivors: Sequence[str]) -> Reveal:
+        """Shares of each survivor's self-mask seed and of each dropped hospital's s key. Once a round: a second,
+        different list of survivors would reveal both secrets of some hospital, hence its update. Refused too for
+        a list without this hospital (it sent its masked input) or shorter than the threshold."""
+        if self._revealed:
+            raise SecAggError(f"{self.keys.hospital} has already revealed its shares for this round")
+        unknown = sorted(set(survivors) - set(self.context.hospitals))
+        if unknown:
+            raise SecAggError(f"survivors {unknown} are not hospitals of this round")
+        if self.keys.hospital not in survivors:
+            raise SecAggError(f"{self.keys.hospital} sent its masked input but is not listed as a survivor")
+        if len(set(survivors)) < self.context.threshold:
+            raise SecAggError(f"{len(set(survivors))} survivors, fewer than the threshold {self.context.threshold}")
+        self._revealed = True
+        dropped = [h for h in self.context.hospitals if h not in survivors]
+        return Reveal(self.keys.hospital, {h: self._self_seed[h] for h in survivors if h in self._self_seed},
+                      {h: self._s_key[h] for h in dropped if h in self._s_key})
+
+
+# --- masking -------------------------------------------------------------------------------------------------
+
+
+def quantize(values: np.ndarray, fraction_bits: int = FRACTION_BITS, *, headroom: int = 1) -> np.ndarray:
+    """`values` in fixed point as uint64 (two's complement). `headroom`: how many such vectors will be summed;
+    a value whose sum could overflow the signed 64-bit range is refused."""
+    scaled = np.rint(np.asarray(values, dtype=np.float64) * 2.0 ** fraction_bits)
+    limit = 2.0 ** 63 / headroom
+    if not np.isfinite(scaled).all() or (np.abs(scaled) >= limit).any():
+        raise SecAggError(f"an update value is too large for fixed point with {fraction_bits} fraction bits "
+                          f"summed over {headroom}")
+    return scaled.astype(np.int64).view(np.uint64)
+
+
+def dequantize(values: np.ndarray, fraction_bits: int = FRACTION_BITS) -> np.ndarray:
+    return values.view(np.int64).astype(np.float64) / 2.0 ** fraction_bits
+
+
+def mask(context: RoundContext, keys: RoundKeys, advertisements: Mapping[str, KeyAdvertisement],
+         quantized: np.ndarray) -> np.ndarray:
+    """The masked input y_i of `keys`' hospital: its quantized update plus its self mask and its pairwise masks
+    (added towards hospitals after it in the round's order, subtracted towards those before)."""
+    masked = quantized.astype(np.uint64, copy=True)
+    masked += prg(keys.self_seed, len(masked))
+    for other in context.hospitals:
+        if other == keys.hospital:
+            continue
+        pairwise = prg(pairwise_seed(context, keys.hospital, keys.s_key, other, advertisements[other].s_public),
+                       len(masked))
+        if keys.hospital < other:
+            masked += pairwise
+        else:
+            masked -= pairwise
+    return masked
+
+
+def unmask(context: RoundContext, masked: Mapping[str, np.ndarray], reveals: Sequence[Reveal],
+           advertisements: Mapping[str, KeyAdvertisement]) -> np.ndarray:
+    """Σ of the survivors' quantized updates (uint64), from their masked inputs and the hospitals' reveals;
+    raises SecAggError when fewer than the threshold of shares came for a secret that must be rebuilt."""
+    survivors = sorted(masked)
+    dropped = [h for h in context.hospitals if h not in masked]
+    length = len(next(iter(masked.values())))
+    total = np.zeros(length, dtype=np.uint64)
+    for vector in masked.values():
+        total += vector
+    for survivor in survivors:
+        seed = _rebuild(context, survivor, {context.index(r.hospital): r.self_seed_shares[survivor]
+                                            for r in reveals if survivor in r.self_seed_shares})
+        total -= prg(seed, length)
+    for gone in dropped:
+        s_key = X25519PrivateKey.from_private_bytes(
+            _rebuild(context, gone, {context.index(r.hospital): r.s_key_shares[gone]
+                                     for r in reveals if gone in r.s_key_shares}))
+        if _raw(s_key.public_key()) != advertisements[gone].s_public:
+            raise SecAggError(f"the shares of {gone}'s key rebuild a different key: a hospital revealed false shares")
+        for survivor in survivors:
+            # The survivor added +PRG(s) towards a later hospital and −PRG(s) towards an earlier one: undo it.
+            pairwise = prg(pairwise_seed(context, gone, s_key, survivor, advertisements[survivor].s_public), length)
+            if survivor < gone:
+                total -= pairwise
+            else:
+                total += pairwise
+    return total
+
+
+def _rebuild(context: RoundContext, owner: str, shares: Mapping[int, bytes]) -> bytes:
+    if len(shares) < context.threshold:
+        raise SecAggError(f"{len(shares)} shares of {owner}'s secret, {context.threshold} needed: the round cannot "
+                          "be unmasked")
+    return _combine(dict(sorted(shares.items())[:context.threshold]))
+
