@@ -6,8 +6,9 @@ One round, for the hospitals enrolled in it (their ids sorted; hospital k is Sha
    through the aggregator) and `s` (to agree pairwise masks). It advertises both public keys signed with its
    consortium certificate's key (`KeyAdvertisement`); every hospital checks each advertisement against the
    certificate the consortium's CA issued for that hospital, so the aggregator cannot substitute a key.
-2. Shares. Each hospital draws a self-mask seed `b` and splits `b` and its `s` private key t of n (Shamir over
-   GF(2^128), pycryptodome's), encrypting each hospital's shares to it (AES-GCM under their `c` agreement).
+2. Shares. Each hospital draws a self-mask seed `b` and splits `b` and the seed of its `s` private key t of n
+   (Shamir over GF(2^128), pycryptodome's), encrypting each hospital's shares to it (AES-GCM under their `c`
+   agreement).
 3. Masked input. y_i = q(n_i x_i) + PRG(b_i) + Σ_{j>i} PRG(s_ij) − Σ_{j<i} PRG(s_ij)  (mod 2^64): the update
    pre-multiplied by the hospital's example count, in fixed point with `fraction_bits` (`quantize`); s_ij is the
    pairwise seed both i and j derive. Any one y_i is uniformly random to whoever lacks b_i or its s_ij.
@@ -41,7 +42,9 @@ from cryptography.x509.oid import NameOID
 from health_mlops.errors import FederationError
 
 FRACTION_BITS = 24  # fixed point: a quantized value is round(v · 2^24); its error at most 2^-25
-_HALF = 16  # Shamir shares 16-byte secrets: a 32-byte secret is shared as two halves
+# The secrets shared are 16-byte seeds (Shamir over GF(2^128) shares 16 bytes at once, and its combining is the
+# unmasking's main cost): the self mask's key and the s private key are derived from them (HKDF).
+_SEED_BYTES = 16
 _KEY_BYTES = 32
 
 
@@ -56,6 +59,7 @@ class RoundContext:
 
     run_id: str
     round: int
+    attempt: int  # a retried round starts over with new keys: nothing of an earlier attempt is accepted
     hospitals: tuple[str, ...]  # enrolled in the round, sorted: hospital k holds Shamir index k + 1
     threshold: int  # shares needed to reconstruct a secret: the fewest hospitals that must remain
 
@@ -69,7 +73,8 @@ class RoundContext:
         return self.hospitals.index(hospital) + 1
 
     def label(self, purpose: str, *parts: str) -> bytes:
-        return "\x1f".join(("health-mlops secagg v1", purpose, self.run_id, str(self.round), *parts)).encode()
+        return "\x1f".join(("health-mlops secagg v1", purpose, self.run_id, f"{self.round}.{self.attempt}",
+                          *parts)).encode()
 
 
 def default_threshold(hospitals: int) -> int:
@@ -102,17 +107,26 @@ class RoundKeys:
 
     hospital: str
     c_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
-    s_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
-    self_seed: bytes = field(default_factory=lambda: os.urandom(_KEY_BYTES))
+    s_seed: bytes = field(default_factory=lambda: os.urandom(_SEED_BYTES))  # the s private key's seed
+    self_seed: bytes = field(default_factory=lambda: os.urandom(_SEED_BYTES))
+
+    @property
+    def s_key(self) -> X25519PrivateKey:
+        return s_key_of(self.s_seed)
 
     def advertise(self, context: RoundContext, signing_key: ec.EllipticCurvePrivateKey) -> KeyAdvertisement:
         unsigned = KeyAdvertisement(self.hospital, _raw(self.c_key.public_key()), _raw(self.s_key.public_key()), b"")
         signature = signing_key.sign(unsigned.signed_bytes(context), ec.ECDSA(hashes.SHA256()))
         return KeyAdvertisement(unsigned.hospital, unsigned.c_public, unsigned.s_public, signature)
 
-    def s_private(self) -> bytes:
-        return self.s_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                        serialization.NoEncryption())
+
+
+def s_key_of(seed: bytes) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(_derive(seed, b"health-mlops secagg v1 s key"))
+
+
+def self_mask(seed: bytes, length: int) -> np.ndarray:
+    return prg(_derive(seed, b"health-mlops secagg v1 self mask"), length)
 
 
 def verify_advertisements(context: RoundContext, advertisements: Sequence[KeyAdvertisement],
@@ -167,16 +181,14 @@ def prg(seed: bytes, length: int) -> np.ndarray:
 # --- shares --------------------------------------------------------------------------------------------------
 
 
-def _split(secret: bytes, threshold: int, count: int) -> list[bytes]:
-    """Each of `count` shares of a 32-byte secret (share k for index k + 1), as two 16-byte Shamir shares."""
-    halves = [Shamir.split(threshold, count, secret[i:i + _HALF], ssss=False) for i in (0, _HALF)]
-    return [first[1] + second[1] for first, second in zip(*halves, strict=True)]
+def _split(seed: bytes, threshold: int, count: int) -> list[bytes]:
+    """Each of `count` shares of a 16-byte seed (share k for index k + 1)."""
+    return [share for _, share in Shamir.split(threshold, count, seed, ssss=False)]
 
 
 def _combine(shares: Mapping[int, bytes]) -> bytes:
-    """The 32-byte secret from shares by Shamir index (at least the threshold of them)."""
-    return b"".join(Shamir.combine([(index, share[i:i + _HALF]) for index, share in shares.items()], ssss=False)
-                    for i in (0, _HALF))
+    """The 16-byte seed from shares by Shamir index (at least the threshold of them)."""
+    return bytes(Shamir.combine(list(shares.items()), ssss=False))
 
 
 @dataclass(frozen=True)
@@ -210,7 +222,7 @@ class ShareHolder:
         self.advertisements = dict(advertisements)
         count = len(context.hospitals)
         self._own_self_seed = _split(keys.self_seed, context.threshold, count)
-        self._own_s_key = _split(keys.s_private(), context.threshold, count)
+        self._own_s_key = _split(keys.s_seed, context.threshold, count)
         own = context.index(keys.hospital) - 1
         self._self_seed: dict[str, bytes] = {keys.hospital: self._own_self_seed[own]}
         self._s_key: dict[str, bytes] = {keys.hospital: self._own_s_key[own]}
@@ -245,7 +257,7 @@ class ShareHolder:
                 self.context.label("share", shares.sender, self.keys.hospital))
         except InvalidTag:
             raise SecAggError(f"shares from {shares.sender} do not decrypt: altered on the way") from None
-        self._self_seed[shares.sender], self._s_key[shares.sender] = plain[:_KEY_BYTES], plain[_KEY_BYTES:]
+        self._self_seed[shares.sender], self._s_key[shares.sender] = plain[:_SEED_BYTES], plain[_SEED_BYTES:]
 
     def reveal(self, survivors: Sequence[str]) -> Reveal:
         """Shares of each survivor's self-mask seed and of each dropped hospital's s key. Once a round: a second,
@@ -285,12 +297,13 @@ def dequantize(values: np.ndarray, fraction_bits: int = FRACTION_BITS) -> np.nda
 
 
 def mask(context: RoundContext, keys: RoundKeys, advertisements: Mapping[str, KeyAdvertisement],
-         quantized: np.ndarray) -> np.ndarray:
+         quantized: np.ndarray, peers: Sequence[str] | None = None) -> np.ndarray:
     """The masked input y_i of `keys`' hospital: its quantized update plus its self mask and its pairwise masks
-    (added towards hospitals after it in the round's order, subtracted towards those before)."""
+    (added towards hospitals after it in the round's order, subtracted towards those before) with each of `peers`:
+    the hospitals that sent their shares (default: every hospital of the round)."""
     masked = quantized.astype(np.uint64, copy=True)
-    masked += prg(keys.self_seed, len(masked))
-    for other in context.hospitals:
+    masked += self_mask(keys.self_seed, len(masked))
+    for other in context.hospitals if peers is None else peers:
         if other == keys.hospital:
             continue
         pairwise = prg(pairwise_seed(context, keys.hospital, keys.s_key, other, advertisements[other].s_public),
@@ -303,11 +316,12 @@ def mask(context: RoundContext, keys: RoundKeys, advertisements: Mapping[str, Ke
 
 
 def unmask(context: RoundContext, masked: Mapping[str, np.ndarray], reveals: Sequence[Reveal],
-           advertisements: Mapping[str, KeyAdvertisement]) -> np.ndarray:
+           advertisements: Mapping[str, KeyAdvertisement], peers: Sequence[str] | None = None) -> np.ndarray:
     """Σ of the survivors' quantized updates (uint64), from their masked inputs and the hospitals' reveals;
-    raises SecAggError when fewer than the threshold of shares came for a secret that must be rebuilt."""
+    `peers` as `mask` had them. Raises SecAggError when fewer than the threshold of shares came for a secret that
+    must be rebuilt."""
     survivors = sorted(masked)
-    dropped = [h for h in context.hospitals if h not in masked]
+    dropped = [h for h in (context.hospitals if peers is None else peers) if h not in masked]
     length = len(next(iter(masked.values())))
     total = np.zeros(length, dtype=np.uint64)
     for vector in masked.values():
@@ -315,11 +329,10 @@ def unmask(context: RoundContext, masked: Mapping[str, np.ndarray], reveals: Seq
     for survivor in survivors:
         seed = _rebuild(context, survivor, {context.index(r.hospital): r.self_seed_shares[survivor]
                                             for r in reveals if survivor in r.self_seed_shares})
-        total -= prg(seed, length)
+        total -= self_mask(seed, length)
     for gone in dropped:
-        s_key = X25519PrivateKey.from_private_bytes(
-            _rebuild(context, gone, {context.index(r.hospital): r.s_key_shares[gone]
-                                     for r in reveals if gone in r.s_key_shares}))
+        s_key = s_key_of(_rebuild(context, gone, {context.index(r.hospital): r.s_key_shares[gone]
+                                                  for r in reveals if gone in r.s_key_shares}))
         if _raw(s_key.public_key()) != advertisements[gone].s_public:
             raise SecAggError(f"the shares of {gone}'s key rebuild a different key: a hospital revealed false shares")
         for survivor in survivors:
