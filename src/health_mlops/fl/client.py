@@ -15,9 +15,10 @@ from collections.abc import Callable
 from typing import Any, Self
 
 import httpx
+from pydantic import BaseModel
 
 from health_mlops.errors import FederationError
-from health_mlops.fl.messages import SAFETENSORS_MEDIA_TYPE, RunRequest, RunView, TaskMessage
+from health_mlops.fl.messages import SAFETENSORS_MEDIA_TYPE, RunRequest, RunView, SecureRoundView, TaskMessage
 from health_mlops.security import ClientCredential, bearer
 from health_mlops.tls import client_context
 
@@ -86,6 +87,17 @@ class HospitalClient(_AggregatorClient):
 
     def heartbeat(self, task_id: str) -> int:
         return self._http.post(f"/v1/tasks/{task_id}/heartbeat").status_code
+
+    def secure_round(self, task_id: str, *, after: str | None = None) -> SecureRoundView:
+        """A secure round as this replica may see it; with `after`, waits up to `poll_wait_s` for the round to
+        leave that phase."""
+        params: dict[str, str | float] = {} if after is None else {"after": after, "wait": self.poll_wait_s}
+        response = self._http.get(f"/v1/tasks/{task_id}/secure", params=params)
+        return SecureRoundView.model_validate(response.raise_for_status().json())
+
+    def secure_send(self, task_id: str, step: str, body: BaseModel) -> None:
+        """Send a secure round's `keys`, `shares` or `reveal`."""
+        self._http.post(f"/v1/tasks/{task_id}/secure/{step}", json=body.model_dump()).raise_for_status()
 
 
 class AdminClient(_AggregatorClient):

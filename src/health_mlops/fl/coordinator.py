@@ -41,8 +41,10 @@ from health_mlops.fl.mapped import LOCKSTEP_ELEMENTS, blocks
 from health_mlops.fl.metadata import (EvaluationMetadata, FitMetadata, ResultMetadata, StatsMetadata,
                                       check_metadata)
 from health_mlops.fl.run_config import PrivacyConfig, RunConfig
+from health_mlops.fl.secagg import EncryptedShares, KeyAdvertisement, Reveal, SecAggError
+from health_mlops.fl.secure_round import SecurePhase, SecureRound, flatten
 from health_mlops.fl.strategies import (FOLD_CHUNK_ELEMENTS, ClientUpdate, RoundAggregation, ServerOptimiserState,
-                                        Weights)
+                                        Weights, apply_mean)
 
 if TYPE_CHECKING:  # fl/privacy imports Opacus and torch; the serving side reads run configs without them
     from health_mlops.fl.privacy import PrivacyPlan
@@ -123,6 +125,8 @@ class RoundRecord:
     opened_at: float  # when the attempt that closed the round opened
     closed_at: float
     attempts: int
+    # A securely aggregated round: who took part in each phase (the aggregator saw the sum of "masked" only)
+    secure_aggregation: dict[str, Any] | None = None
 
     def stats(self) -> dict[str, StatsMetadata]:
         """Round 0's counts, by hospital (empty for any other round)."""
@@ -233,6 +237,19 @@ RoundArrays = Callable[[str, int], tuple[Weights, Weights, Weights]]
 RoundHistory = Callable[[str, int], Sequence[Mapping[str, Any]]]
 
 
+def validate_masked(current: Mapping[str, np.ndarray], masked: Mapping[str, np.ndarray]) -> None:
+    """A masked input holds the model's tensors, each of its shape, as uint64 (`fl.secagg`'s fixed point masked
+    modulo 2^64): all that can be checked of it."""
+    if set(masked) != set(current):
+        raise Rejected("wrong_tensors", f"tensors {sorted(masked)}, expected {sorted(current)}")
+    for name, tensor in masked.items():
+        if tensor.dtype != np.uint64:
+            raise Rejected("wrong_dtype", f"{name} is {tensor.dtype}; a masked input is uint64")
+        if tensor.shape != np.shape(current[name]):
+            raise Rejected("wrong_shape", f"{name} has shape {list(tensor.shape)}, expected "
+                                          f"{list(np.shape(current[name]))}")
+
+
 def validate_update(current: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], norm_bound: float) -> None:
     """Refuse an update that does not fit the global model: names, shapes, finiteness, size of the change."""
     if set(update) != set(current):
@@ -311,6 +328,7 @@ class Coordinator:
         # run id -> its open fit round's aggregation, fed as results are accepted (rebuilt from `results` on
         # restore, so it is never checkpointed)
         self._aggregations: dict[str, RoundAggregation] = {}
+        self.secure: dict[str, SecureRound] = {}  # run id -> its open securely aggregated fit round
         self._stats_reducer = stats_reducer
         self._events: list[Event] = []
 
@@ -356,6 +374,10 @@ class Coordinator:
                 continue
             task_id = _task_id(run.id, run.round, run.attempt, hospital)
             self.tasks[task_id] = Task(task_id, run.id, run.round, run.attempt, kind, hospital)
+        if kind is TaskKind.fit and run.config.secure_aggregation:
+            enrolled = tuple(sorted(h for h in run.hospitals if h not in run.excluded))
+            self.secure[run.id] = SecureRound(run.id, run.round, run.attempt, enrolled, run.config.min_hospitals,
+                                              now + run.config.secure_phase_s)
         self._events.append(RoundOpened(run.id, run.round, run.attempt))
 
     def unknown_task(self, task_id: str, hospital: str) -> CoordinatorError:
@@ -378,6 +400,7 @@ class Coordinator:
     def _clear_round(self, run: Run) -> None:
         """Drop the open round's stored results and aggregation, and abandon its unanswered tasks."""
         self._aggregations.pop(run.id, None)
+        self.secure.pop(run.id, None)
         for task in self._round_tasks(run):
             self.results.pop(task.id, None)
             if task.status in (TaskStatus.pending, TaskStatus.leased):
@@ -411,6 +434,8 @@ class Coordinator:
             if task.hospital != hospital or self.runs[task.run_id].status is not RunStatus.running:
                 continue
             expired = task.status is TaskStatus.leased and task.lease_expires <= now
+            if expired and self._keys_sent(task):
+                continue  # its round's keys are the lost replica's: the hospital is out of this attempt
             if task.status is TaskStatus.pending or expired:
                 task.status, task.holder = TaskStatus.leased, node
                 task.lease_expires = now + self.runs[task.run_id].config.lease_s
@@ -438,6 +463,9 @@ class Coordinator:
         """Accept a result once; raises Conflict, Rejected, Forbidden or NotFound otherwise."""
         task = self._held_task(task_id, hospital, node, now)
         run = self.runs[task.run_id]
+        secure = self.secure.get(run.id) if task.kind is TaskKind.fit else None
+        if secure is not None:
+            secure.expect(SecurePhase.masked, hospital)  # too early or too late is a Conflict, not a rejection
         try:
             metadata = self._check_result(run, task, result)
         except Rejected as refusal:
@@ -452,12 +480,19 @@ class Coordinator:
         self._maybe_close(run, now)
         return task
 
-    def _accept(self, run: Run, task: Task, result: TaskResult, metadata: ResultMetadata) -> None:
+    def _accept(self, run: Run, task: Task, result: TaskResult, metadata: ResultMetadata, *,
+                restoring: bool = False) -> None:
         """Keep an accepted result; a fit result's update goes into the round's aggregation now (closing the
         round then costs one pass, not one per hospital). A weighted strategy keeps nothing of the tensors once
         folded (the service has the result in its own file, for a restore), and they are taken from `result`
         too, so that the caller holding it while its answer waits for a checkpoint keeps nothing alive."""
-        if task.kind is TaskKind.fit:
+        secure = self.secure.get(run.id) if task.kind is TaskKind.fit else None
+        if secure is not None:
+            assert isinstance(metadata, FitMetadata)
+            masked = flatten(result.tensors)
+            (secure.restore_masked if restoring else secure.add_masked)(task.hospital, masked, metadata.num_examples)
+            result.tensors = {}
+        elif task.kind is TaskKind.fit:
             if run.id not in self._aggregations:
                 self._aggregations[run.id] = RoundAggregation(run.config.strategy, run.weights)
             aggregation = self._aggregations[run.id]
@@ -479,18 +514,28 @@ class Coordinator:
         if limit is not None and metadata.num_examples > limit:
             raise Rejected("bad_metadata",
                            f"num_examples {metadata.num_examples} exceeds the {limit} rows counted in round 0")
-        validate_update(run.weights, result.tensors, run.config.update_norm_bound)
+        if run.config.secure_aggregation:  # masked: only its form can be checked (the hospital clipped its update)
+            validate_masked(run.weights, result.tensors)
+        else:
+            validate_update(run.weights, result.tensors, run.config.update_norm_bound)
         return metadata
 
     # --- rounds ---------------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """Apply deadlines: close rounds that have a quorum, retry or fail those that do not."""
+        """Apply deadlines: close rounds (or a secure round's phases) that have a quorum, retry or fail those that
+        do not."""
         for run in list(self.runs.values()):
-            if run.status is RunStatus.running and now >= run.round_deadline:
+            secure = self.secure.get(run.id)
+            deadline = run.round_deadline if secure is None else secure.phase_deadline
+            if run.status is RunStatus.running and now >= deadline:
                 self._maybe_close(run, now, deadline_passed=True)
 
     def _maybe_close(self, run: Run, now: float, deadline_passed: bool = False) -> None:
+        secure = self.secure.get(run.id)
+        if secure is not None:
+            self._advance_secure(run, secure, now)
+            return
         tasks = self._round_tasks(run)
         answered = [t for t in tasks if t.status is TaskStatus.done]
         settled = all(t.status in (TaskStatus.done, TaskStatus.rejected) for t in tasks)
@@ -510,17 +555,84 @@ class Coordinator:
         return (f"round 0: {len(training_rows)} hospital(s) have training rows, {run.config.min_hospitals} needed "
                 f"({', '.join(f'{h}: {why}' for h, why in sorted(excluded.items()))})")
 
-    def _retry_or_fail(self, run: Run, answered: int, now: float) -> None:
+    def _retry_or_fail(self, run: Run, answered: int, now: float, *, needed: int | None = None,
+                       what: str = "valid result(s)") -> None:
         self._clear_round(run)
         if run.attempt >= run.config.max_round_retries:
             self._end(run, RunStatus.failed,
-                      f"round {run.round} had {answered} valid result(s) after {run.attempt + 1} attempt(s); "
-                      f"{run.config.min_hospitals} needed")
+                      f"round {run.round} had {answered} {what} after {run.attempt + 1} attempt(s); "
+                      f"{run.config.min_hospitals if needed is None else needed} needed")
             return
         run.attempt += 1
         self._open_round(run, now)
 
-    def _close_round(self, run: Run, answered: list[Task], now: float) -> None:
+    def _advance_secure(self, run: Run, secure: SecureRound, now: float) -> None:
+        """Close the secure round's open phase when it can close: with enough hospitals, move on (the last phase
+        unmasks the sum and closes the round); with too few, retry the round with new keys."""
+        while secure.ready(now):
+            if not secure.enough():
+                self._retry_or_fail(run, len(secure.answered()), now, needed=max(secure.quorum, secure.threshold),
+                                    what=f"hospital(s) in its secure aggregation's {secure.phase.value} phase")
+                return
+            if secure.phase is SecurePhase.reveal:
+                try:
+                    mean = secure.unmasked_mean(run.weights)
+                except SecAggError as error:
+                    self._retry_or_fail(run, len(secure.answered()), now, needed=secure.threshold,
+                                        what=f"reveal(s) that could not unmask the sum ({error})")
+                    return
+                answered = [t for t in self._round_tasks(run) if t.hospital in secure.masked_from
+                            and t.status is TaskStatus.done]
+                self._close_round(run, answered, now, secure_mean=mean)
+                return
+            # The masked phase is the round's training: it has the round's deadline.
+            secure.advance(now + (run.config.round_deadline_s if secure.phase is SecurePhase.shares
+                                  else run.config.secure_phase_s))
+
+    def _keys_sent(self, task: Task) -> bool:
+        secure = self.secure.get(task.run_id)
+        return (secure is not None and task.kind is TaskKind.fit and task.round == secure.round
+                and task.attempt == secure.attempt and task.hospital in secure.advertisements)
+
+    def _secure_task(self, task_id: str, hospital: str, node: str, now: float) -> tuple[Task, SecureRound]:
+        """A secure fit task and its round, for the replica that holds it: a secure round's steps are one
+        replica's (the keys are in its memory). After its masked input the task is done, and still its."""
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise self.unknown_task(task_id, hospital)
+        if task.hospital != hospital:
+            raise Forbidden(f"task {task_id} belongs to another hospital")
+        secure = self.secure.get(task.run_id)
+        if secure is None or (task.round, task.attempt) != (secure.round, secure.attempt):
+            raise Conflict(f"task {task_id} is not in an open secure aggregation round")
+        held = task.status is TaskStatus.leased and task.lease_expires > now
+        if task.holder != node or not (held or task.status is TaskStatus.done):
+            raise Conflict(f"task {task_id}: lease not held by {node} (expired or taken over)")
+        return task, secure
+
+    def secure_view(self, task_id: str, hospital: str, node: str, now: float) -> dict[str, Any]:
+        """What the holder of a secure fit task needs for its next step (`SecureRound.view_for`)."""
+        self.tick(now)
+        return self._secure_task(task_id, hospital, node, now)[1].view_for(hospital)
+
+    def secure_keys(self, task_id: str, hospital: str, node: str, advertisement: KeyAdvertisement,
+                    certificate_pem: str, now: float) -> None:
+        task, secure = self._secure_task(task_id, hospital, node, now)
+        secure.add_keys(hospital, advertisement, certificate_pem)
+        self._maybe_close(self.runs[task.run_id], now)
+
+    def secure_shares(self, task_id: str, hospital: str, node: str, shares: list[EncryptedShares],
+                      now: float) -> None:
+        task, secure = self._secure_task(task_id, hospital, node, now)
+        secure.add_shares(hospital, shares)
+        self._maybe_close(self.runs[task.run_id], now)
+
+    def secure_reveal(self, task_id: str, hospital: str, node: str, reveal: Reveal, now: float) -> None:
+        task, secure = self._secure_task(task_id, hospital, node, now)
+        secure.add_reveal(hospital, reveal)
+        self._maybe_close(self.runs[task.run_id], now)
+
+    def _close_round(self, run: Run, answered: list[Task], now: float, *, secure_mean: Weights | None = None) -> None:
         # Compute everything first, change state after (aggregating consumes the round's running sum: if it
         # fails, the run ends with the reason).
         hospitals = {t.hospital: self.results[t.id].metadata for t in answered}
@@ -543,13 +655,19 @@ class Coordinator:
             run.preprocessing = preprocessing
         elif kind is TaskKind.fit:
             try:
-                aggregated, run.optimiser = self._aggregations[run.id].finish(run.optimiser)
+                if secure_mean is not None:
+                    aggregated, run.optimiser = apply_mean(run.config.strategy, run.weights, secure_mean, run.optimiser)
+                else:
+                    aggregated, run.optimiser = self._aggregations[run.id].finish(run.optimiser)
                 run.weights = _as_sent(aggregated)
             except (ValueError, FloatingPointError) as error:  # the running sum is spent: the round cannot close
                 self._end(run, RunStatus.failed, f"round {run.round}: aggregation failed: {error}")
                 return
+        secure = self.secure.get(run.id)
+        summary = None if secure is None else secure.summary()
         self._clear_round(run)
-        run.history.append(RoundRecord(run.round, kind, hospitals, nodes, run.round_opened_at, now, run.attempt + 1))
+        run.history.append(RoundRecord(run.round, kind, hospitals, nodes, run.round_opened_at, now, run.attempt + 1,
+                                       summary))
         self._events.append(RoundClosed(run.id, run.history[-1]))
         self._forget_tasks_before(run, run.round)
         if run.round == run.final_round:
@@ -572,7 +690,8 @@ class Coordinator:
                          if r.status is RunStatus.running],
                 "tasks": [{**vars(t), "kind": t.kind.value, "status": t.status.value} for t in self.tasks.values()],
                 "results": {k: {"metadata": r.metadata.model_dump(mode="json"), "reference": r.reference}
-                            for k, r in self.results.items()}}
+                            for k, r in self.results.items()},
+                "secure": [s.to_json() for s in self.secure.values()]}
 
     def run_record(self, run_id: str) -> dict[str, Any]:
         """An ended run as JSON-able data (its history, outcome and settings; no arrays), for `restore`."""
@@ -599,6 +718,8 @@ class Coordinator:
         for raw in data["tasks"]:
             task = Task(**{**raw, "kind": TaskKind(raw["kind"]), "status": TaskStatus(raw["status"])})
             coordinator.tasks[task.id] = task
+        for raw in data.get("secure", []):  # before the results: a secure round's masked inputs fold into it
+            coordinator.secure[raw["run_id"]] = SecureRound.from_json(raw)
         for task_id, raw in data["results"].items():  # in the order they were accepted
             task = coordinator.tasks[task_id]
             tensors: Weights = {}
@@ -609,7 +730,7 @@ class Coordinator:
                 tensors = result_tensors(task, reference)
             result = TaskResult(raw["metadata"], tensors, reference)
             coordinator._accept(coordinator.runs[task.run_id], task, result,
-                                check_metadata(task.kind.value, result.metadata, columns=None))
+                                check_metadata(task.kind.value, result.metadata, columns=None), restoring=True)
         coordinator._events.clear()  # what restoring replayed had happened before
         return coordinator
 

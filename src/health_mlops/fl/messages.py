@@ -7,6 +7,8 @@ result is a single self-describing body that is parsed once and validated before
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +23,9 @@ from health_mlops.data.preprocess import GlobalPreprocessing
 from health_mlops.fl.coordinator import Run, Task, TaskKind, TaskResult
 from health_mlops.fl.mapped import map_file
 from health_mlops.fl.metadata import EvaluationMetadata, FitMetadata, StatsMetadata
+from health_mlops.fl.errors import Invalid
+from health_mlops.fl.secagg import EncryptedShares, KeyAdvertisement, Reveal
+from health_mlops.fl.secure_round import SecurePhase
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.strategies import Weights
 
@@ -33,8 +38,9 @@ class MessageError(ValueError):
 
 
 def encode_weights(weights: Mapping[str, np.ndarray], metadata: Mapping[str, Any] | None = None) -> memoryview:
-    """Weights as a float32 safetensors body (what the model computes in), with optional JSON metadata: a
-    read-only view of one buffer (`bytes(...)` where bytes are needed).
+    """Weights as a float32 safetensors body (what the model computes in; a masked input of secure aggregation
+    stays uint64), with optional JSON metadata: a read-only view of one buffer (`bytes(...)` where bytes are
+    needed).
 
     The tensors are written straight into that buffer, so the model is copied once; safetensors' own `save`
     copies it three times (numpy's bytes of each tensor, its serialised buffer, the Python bytes of that), which
@@ -46,8 +52,9 @@ def encode_weights(weights: Mapping[str, np.ndarray], metadata: Mapping[str, Any
         header["__metadata__"] = {_METADATA_KEY: json.dumps(metadata, allow_nan=False)}
     end = 0
     for name, array in arrays.items():
-        begin, end = end, end + 4 * array.size
-        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [begin, end]}
+        dtype = "U64" if array.dtype == np.uint64 else "F32"
+        begin, end = end, end + (8 if dtype == "U64" else 4) * array.size
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [begin, end]}
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
     buffer = bytearray(8 + len(encoded) + end)
@@ -56,7 +63,8 @@ def encode_weights(weights: Mapping[str, np.ndarray], metadata: Mapping[str, Any
     data = np.frombuffer(buffer, dtype=np.uint8, offset=8 + len(encoded))
     for name, array in arrays.items():
         begin, end = header[name]["data_offsets"]
-        np.copyto(data[begin:end].view("<f4").reshape(array.shape), array, casting="same_kind")
+        kind = "<u8" if header[name]["dtype"] == "U64" else "<f4"
+        np.copyto(data[begin:end].view(kind).reshape(array.shape), array, casting="same_kind")
     return memoryview(buffer).toreadonly()
 
 
@@ -210,6 +218,8 @@ class RoundView(BaseModel):
     hospitals: dict[str, StatsMetadata | FitMetadata | EvaluationMetadata]  # hospital -> its result's metadata
     nodes: dict[str, str]  # hospital -> replica whose result counted
     global_metrics: dict[str, float]  # example-weighted mean over hospitals of the incoming model's metrics
+    # A securely aggregated round: the threshold, and who took part in each phase (keys, shares, masked, revealed)
+    secure_aggregation: dict[str, Any] | None = None
 
 
 class OpenTaskView(BaseModel):
@@ -266,3 +276,107 @@ def weighted_metrics(evaluations: Mapping[str, EvaluationMetadata]) -> dict[str,
                 totals[name] = totals.get(name, 0.0) + examples * float(value)
                 weights[name] = weights.get(name, 0.0) + examples
     return {name: totals[name] / weights[name] for name in totals}
+
+
+# --- secure aggregation (fl/secagg.py's protocol; byte strings travel as base64) ----------------------------------
+
+_BASE64_KEY = Field(min_length=44, max_length=44, description="32 bytes, base64")
+
+
+def base64_of(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def bytes_of(field: str, text: str) -> bytes:
+    """A base64 field's bytes; `Invalid` (422) naming the field otherwise."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise Invalid(f"{field}: not base64") from None
+
+
+class AdvertisedKeys(BaseModel):
+    """A hospital's public keys for one secure round, signed with its consortium certificate's key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    c_public: str = _BASE64_KEY
+    s_public: str = _BASE64_KEY
+    signature: str = Field(min_length=1, max_length=200, description="ECDSA-SHA256, DER, base64")
+    certificate: str = Field(min_length=1, max_length=8000, description="the hospital's certificate (PEM), issued "
+                             "by the consortium CA: what every hospital checks the signature against")
+
+
+    @classmethod
+    def of(cls, advertisement: KeyAdvertisement, certificate_pem: str) -> AdvertisedKeys:
+        return cls(c_public=base64_of(advertisement.c_public), s_public=base64_of(advertisement.s_public),
+                   signature=base64_of(advertisement.signature), certificate=certificate_pem)
+
+    def advertisement(self, hospital: str) -> KeyAdvertisement:
+        return KeyAdvertisement(hospital, bytes_of("c_public", self.c_public), bytes_of("s_public", self.s_public),
+                                bytes_of("signature", self.signature))
+
+
+class HospitalKeys(AdvertisedKeys):
+    hospital: str
+
+
+class SealedShare(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    recipient: str = Field(max_length=200)
+    ciphertext: str = Field(max_length=200, description="AES-GCM, readable by the recipient only; base64")
+
+
+class SecureShares(BaseModel):
+    """`POST /v1/tasks/{id}/secure/shares`: a hospital's shares of its secrets, one sealed to each other hospital."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shares: list[SealedShare] = Field(max_length=10_000)
+
+    @classmethod
+    def of(cls, shares: list[EncryptedShares]) -> SecureShares:
+        return cls(shares=[SealedShare(recipient=s.recipient, ciphertext=base64_of(s.ciphertext)) for s in shares])
+
+    def encrypted(self, sender: str) -> list[EncryptedShares]:
+        return [EncryptedShares(sender, s.recipient, bytes_of(f"shares.{i}.ciphertext", s.ciphertext))
+                for i, s in enumerate(self.shares)]
+
+
+class ReceivedShare(BaseModel):
+    sender: str
+    ciphertext: str
+
+
+class SecureReveal(BaseModel):
+    """`POST /v1/tasks/{id}/secure/reveal`: a hospital's shares of the survivors' self-mask seeds and of the
+    dropped hospitals' key seeds, by the hospital they belong to (base64)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    self_seed_shares: dict[str, str] = Field(max_length=10_000)
+    s_key_shares: dict[str, str] = Field(max_length=10_000)
+
+    @classmethod
+    def of(cls, reveal: Reveal) -> SecureReveal:
+        return cls(self_seed_shares={h: base64_of(v) for h, v in reveal.self_seed_shares.items()},
+                   s_key_shares={h: base64_of(v) for h, v in reveal.s_key_shares.items()})
+
+    def reveal(self, hospital: str) -> Reveal:
+        return Reveal(hospital, {h: bytes_of(f"self_seed_shares.{h}", v) for h, v in self.self_seed_shares.items()},
+                      {h: bytes_of(f"s_key_shares.{h}", v) for h, v in self.s_key_shares.items()})
+
+
+class SecureRoundView(BaseModel):
+    """`GET /v1/tasks/{id}/secure`: a secure round as its task's holder may see it (`SecureRound.view_for`)."""
+
+    phase: SecurePhase
+    round: int
+    attempt: int
+    enrolled: list[str]
+    threshold: int  # shares needed to rebuild a secret; the hospitals check it is a majority of the enrolled
+    keys: list[HospitalKeys] | None = None  # from the shares phase on: the keys of the hospitals that advertised
+    shares: list[ReceivedShare] | None = None  # from the masked phase on: the shares sealed to this hospital
+    peers: list[str] | None = None  # from the masked phase on: the hospitals whose shares went out (mask with them)
+    survivors: list[str] | None = None  # in the reveal phase: the hospitals whose masked input arrived

@@ -31,6 +31,7 @@ from health_mlops.fl.coordinator import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker, suppressed_cells
 from health_mlops.fl.messages import TaskMessage, decode_weights, describe_result, encode_result
 from health_mlops.fl.metadata import StatsMetadata
+from health_mlops.fl.secure_fit import ConsortiumIdentity, SecureFitSession
 from health_mlops.fl.strategies import Weights
 from health_mlops.http_server import protocol_options
 from health_mlops.monitoring import NodeMetrics
@@ -117,6 +118,7 @@ class HospitalNode:
         self.metrics.data_rows.labels(self.hospital_id, "valid").set(data.rows_valid)
         self.metrics.data_rows.labels(self.hospital_id, "quarantined").set(data.rows_quarantined)
         self.status = NodeStatus()
+        self._credential = credential
         self._client = HospitalClient(central_url, credential, node_id=node_id, poll_wait_s=poll_wait_s,
                                       on_request=self.status.transmissions.record,
                                       on_response=lambda _: self._reachable())
@@ -182,13 +184,26 @@ class HospitalNode:
         outcome = "failed"
         try:
             weights = self._round_weights(task)
+            secure = None
             with _Heartbeat(self, task):
+                if task.kind is TaskKind.fit and task.config.secure_aggregation:
+                    secure = SecureFitSession(self._client, ConsortiumIdentity.of(self._credential),
+                                              self.hospital_id, task)
+                    secure.prepare()  # keys and shares, before the hospital spends its time training
                 result = self.worker.handle(task.kind, task.config, weights, task.preprocessing, task.round)
+                if secure is not None:
+                    result.tensors = secure.masked(result.tensors, weights, result.metadata["num_examples"],
+                                                   task.config.update_norm_bound)
+                    if secure.clipped:
+                        log.info("%s/%s: %s: update clipped to the norm bound %g before masking", self.hospital_id,
+                                 self.node_id, task.id, task.config.update_norm_bound)
             self.metrics.task_duration.labels(self.hospital_id, task.kind.value).observe(
                 result.metadata["compute_seconds"])
             if task.kind is TaskKind.stats:
                 self._report_suppression(task, result)
             outcome = self._submit(task, result)
+            if secure is not None and outcome == "succeeded":
+                secure.reveal()
         except httpx.TransportError as error:
             self._unreachable(error)
             outcome = "unreachable"

@@ -75,9 +75,14 @@ class RunConfig(BaseModel):
     round_deadline_s: float = Field(120.0, gt=0, le=7 * 24 * 3600)
     lease_s: float = Field(15.0, ge=1, le=3600, description="a task's lease; heartbeats renew it")
     max_round_retries: int = Field(2, ge=0, le=100)
-    update_norm_bound: float = Field(100.0, gt=0, description="an update farther than this (L2) is refused")
+    update_norm_bound: float = Field(100.0, gt=0, description="an update farther than this (L2) is refused; with "
+                                     "secure aggregation, each hospital clips its update to it before masking")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the initial global model")
     privacy: PrivacyConfig | None = Field(None, description="differential privacy (DP-SGD) and its budget")
+    secure_aggregation: bool = Field(False, description="the aggregator learns only the sum of the hospitals' "
+                                     "updates (masked, Bonawitz et al. 2017); weighted strategies only")
+    secure_phase_s: float = Field(60.0, gt=0, le=3600, description="with secure aggregation: how long its key, share "
+                                  "and reveal exchanges wait for slow hospitals")
 
     @model_validator(mode="after")
     def _privacy_with_a_private_strategy(self) -> RunConfig:
@@ -87,6 +92,14 @@ class RunConfig(BaseModel):
         if self.privacy is not None and self.local_steps is not None:
             raise ValueError("privacy: the privacy budget is planned in local epochs; local_steps cannot be used "
                              "with differential privacy")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_of_a_sum(self) -> RunConfig:
+        if self.secure_aggregation and self.strategy.name not in WEIGHTED_STRATEGIES:
+            raise ValueError(f"secure_aggregation: the aggregator sees only the sum of the updates, and "
+                             f"{self.strategy.name} needs each hospital's update; use one of "
+                             f"{sorted(WEIGHTED_STRATEGIES)}")
         return self
 
     @model_validator(mode="after")

@@ -318,14 +318,21 @@ def mask(context: RoundContext, keys: RoundKeys, advertisements: Mapping[str, Ke
 def unmask(context: RoundContext, masked: Mapping[str, np.ndarray], reveals: Sequence[Reveal],
            advertisements: Mapping[str, KeyAdvertisement], peers: Sequence[str] | None = None) -> np.ndarray:
     """Σ of the survivors' quantized updates (uint64), from their masked inputs and the hospitals' reveals;
-    `peers` as `mask` had them. Raises SecAggError when fewer than the threshold of shares came for a secret that
-    must be rebuilt."""
-    survivors = sorted(masked)
-    dropped = [h for h in (context.hospitals if peers is None else peers) if h not in masked]
-    length = len(next(iter(masked.values())))
-    total = np.zeros(length, dtype=np.uint64)
+    `peers` as `mask` had them."""
+    total = np.zeros(len(next(iter(masked.values()))), dtype=np.uint64)
     for vector in masked.values():
         total += vector
+    return unmask_sum(context, total, sorted(masked), reveals, advertisements, peers)
+
+
+def unmask_sum(context: RoundContext, total: np.ndarray, survivors: Sequence[str], reveals: Sequence[Reveal],
+               advertisements: Mapping[str, KeyAdvertisement], peers: Sequence[str] | None = None) -> np.ndarray:
+    """Σ of the survivors' quantized updates (uint64), from the sum of their masked inputs (`total`) and the
+    hospitals' reveals. Raises SecAggError when fewer than the threshold of shares came for a secret that must be
+    rebuilt, or false shares rebuild a dropped hospital's key."""
+    dropped = [h for h in (context.hospitals if peers is None else peers) if h not in survivors]
+    length = len(total)
+    total = total.copy()
     for survivor in survivors:
         seed = _rebuild(context, survivor, {context.index(r.hospital): r.self_seed_shares[survivor]
                                             for r in reveals if survivor in r.self_seed_shares})

@@ -277,12 +277,20 @@ class RoundAggregation:
             if self.config.name == "median":
                 return aggregate_median(self._kept), state
             return aggregate_trimmed_mean(self._kept, self.config.trim_fraction), state
-        averaged = self._mean.mean()
-        if self.config.name in ("fedavg", "fedprox"):
-            return averaged, state
-        variant: Literal["adam", "yogi"] = "adam" if self.config.name == "fedadam" else "yogi"
-        return server_optimiser_step(self.current, averaged, state, self.config.server, variant=variant,
-                                     overwrite_averaged=True)
+        return apply_mean(self.config, self.current, self._mean.mean(), state)
+
+
+def apply_mean(config: StrategyConfig, current: Mapping[str, np.ndarray], averaged: Weights,
+               state: ServerOptimiserState) -> tuple[Weights, ServerOptimiserState]:
+    """A weighted strategy's new global weights from the round's example-weighted mean (FedAvg's sum, or the sum
+    secure aggregation unmasks): the mean itself, or the server optimiser's step towards it (`averaged` is
+    overwritten)."""
+    if config.name in ("fedavg", "fedprox"):
+        return averaged, state
+    if config.name not in WEIGHTED_STRATEGIES:
+        raise ValueError(f"{config.name} needs every update, not their mean")
+    variant: Literal["adam", "yogi"] = "adam" if config.name == "fedadam" else "yogi"
+    return server_optimiser_step(current, averaged, state, config.server, variant=variant, overwrite_averaged=True)
 
 
 def aggregate(config: StrategyConfig, current: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate],

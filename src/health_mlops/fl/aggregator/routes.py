@@ -18,14 +18,17 @@ from pydantic import ValidationError
 from health_mlops.fl.aggregator.dependencies import Admin, Caller, Hospital, NodeId, Service, refuse
 from health_mlops.fl.aggregator.service import AggregatorService
 from health_mlops.fl.errors import Conflict, Forbidden, Invalid, NotFound, Rejected
-from health_mlops.fl.messages import (SAFETENSORS_MEDIA_TYPE, LeaseMessage, MessageError, ResultReceipt, RunRequest,
-                                      RunView, TaskMessage)
+from health_mlops.fl.messages import (SAFETENSORS_MEDIA_TYPE, AdvertisedKeys, LeaseMessage, MessageError,
+                                      ResultReceipt, RunRequest, RunView, SecureReveal, SecureRoundView, SecureShares,
+                                      TaskMessage)
+from health_mlops.fl.secure_round import SecurePhase
 from health_mlops.http_edge import KIB, BodyLimit
 from health_mlops.http_errors import install_validation_handler
 
 # A result is one model's weights; far beyond any model this task trains, small enough to refuse abuse.
 DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024
 MAX_RUN_REQUEST_BYTES = 64 * KIB  # a run's config and hospital list
+MAX_SECURE_BODY_BYTES = 4 * 1024 * KIB  # secure aggregation's keys, shares and reveals: a few KiB per hospital
 MAX_OTHER_BODY_BYTES = 1 * KIB  # heartbeat and cancel take no body
 
 
@@ -51,6 +54,8 @@ def body_limit(path: str, max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> i
     """The most bytes a request body to `path` may hold."""
     if path.startswith("/v1/tasks/") and path.endswith("/result"):
         return max_result_bytes
+    if path.startswith("/v1/tasks/") and "/secure/" in path:
+        return MAX_SECURE_BODY_BYTES
     return MAX_RUN_REQUEST_BYTES if path == "/v1/runs" else MAX_OTHER_BODY_BYTES
 
 
@@ -164,5 +169,37 @@ def create_app(service_factory: Callable[[], AggregatorService],
         result = await svc.read_result(held, request.stream())  # its size bounded by `BodyLimit`
         task = await svc.submit(held, hospital, node, result)
         return ResultReceipt(task_id=task.id, round=task.round, run_round=svc.coordinator.runs[task.run_id].round)
+
+    @app.get("/v1/tasks/{task_id}/secure", response_model=SecureRoundView)
+    async def secure_round(task_id: str, svc: Service, hospital: Hospital, node: NodeId,
+                           after: SecurePhase | None = None,
+                           wait: Annotated[float, Query(ge=0, le=300)] = 0.0) -> Any:
+        """The secure round of a task, for the replica holding it; with `after`, waits up to `wait` seconds for
+        the round to leave that phase."""
+        return await svc.secure_view(task_id, hospital, node, after, wait)
+
+    @app.post("/v1/tasks/{task_id}/secure/keys", status_code=204)
+    async def secure_keys(task_id: str, body: AdvertisedKeys, svc: Service, hospital: Hospital,
+                          node: NodeId) -> Response:
+        advertisement = body.advertisement(hospital)
+        await svc.change(lambda now: svc.coordinator.secure_keys(task_id, hospital, node, advertisement,
+                                                                 body.certificate, now), checkpoint=True)
+        return Response(status_code=204)
+
+    @app.post("/v1/tasks/{task_id}/secure/shares", status_code=204)
+    async def secure_shares(task_id: str, body: SecureShares, svc: Service, hospital: Hospital,
+                            node: NodeId) -> Response:
+        shares = body.encrypted(hospital)
+        await svc.change(lambda now: svc.coordinator.secure_shares(task_id, hospital, node, shares, now),
+                         checkpoint=True)
+        return Response(status_code=204)
+
+    @app.post("/v1/tasks/{task_id}/secure/reveal", status_code=204)
+    async def secure_reveal(task_id: str, body: SecureReveal, svc: Service, hospital: Hospital,
+                            node: NodeId) -> Response:
+        reveal = body.reveal(hospital)
+        await svc.change(lambda now: svc.coordinator.secure_reveal(task_id, hospital, node, reveal, now),
+                         checkpoint=True)
+        return Response(status_code=204)
 
     return BodyLimit(app, lambda path: body_limit(path, max_result_bytes))

@@ -36,6 +36,7 @@ from health_mlops.fl.errors import Invalid
 from health_mlops.fl.hospital import reduce_stats, suppressed_cells
 from health_mlops.fl.messages import (MessageError, OpenTaskView, RoundView, RunRequest, RunView, TaskMessage,
                                       decode_result, encode_weights, map_result, weighted_metrics, weights_view)
+from health_mlops.fl.secure_round import SecurePhase
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.fl.strategies import Weights
 from health_mlops.memory import return_free_memory
@@ -359,6 +360,22 @@ class AggregatorService:
             except TimeoutError:
                 pass
 
+    async def secure_view(self, task_id: str, hospital: str, node: str, after: SecurePhase | None,
+                          wait_s: float) -> dict[str, Any]:
+        """A secure round as the task's holder sees it; with `after`, once the round has left that phase, or when
+        `wait_s` has passed (a long poll, as `next_task`)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            wakeup = self._wakeup
+            view = await self.change(lambda now: self.coordinator.secure_view(task_id, hospital, node, now))
+            remaining = deadline - time.monotonic()
+            if after is None or view["phase"] != after.value or remaining <= 0 or self._stopping:
+                return view
+            try:
+                await asyncio.wait_for(wakeup.wait(), timeout=remaining)
+            except TimeoutError:
+                pass
+
     def run(self, run_id: str) -> Run:
         run = self.coordinator.runs.get(run_id)
         if run is None:
@@ -389,7 +406,8 @@ class AggregatorService:
                       and run.status is RunStatus.running]
         history = [RoundView(round=h.round, kind=h.kind, attempts=h.attempts, opened_at=h.opened_at,
                              closed_at=h.closed_at, hospitals=h.hospitals, nodes=h.nodes,
-                             global_metrics=weighted_metrics(h.evaluations()))
+                             global_metrics=weighted_metrics(h.evaluations()),
+                             secure_aggregation=h.secure_aggregation)
                    for h in run.history]
         return RunView(id=run.id, status=run.status.value, reason=run.reason, round=run.round, attempt=run.attempt,
                        final_round=run.final_round, hospitals=run.hospitals, config=run.config,

@@ -1,0 +1,129 @@
+"""A hospital node's side of a securely aggregated fit round: `fl.secagg`'s protocol over the aggregator's API.
+
+Before training (`prepare`): advertise this round's keys signed with the hospital's consortium certificate, check
+every other hospital's against the consortium CA, send each its sealed shares and take ours. After training
+(`masked`): clip the update to the run's norm bound (the aggregator cannot check a masked update's norm), weigh it
+by the examples, quantize and mask it. After the masked input is accepted (`reveal`): reveal our shares for the
+survivors the aggregator names, once. Anything that does not check out raises `SecAggError`, and the node sends
+nothing more for the round.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import BaseModel
+
+from health_mlops.fl.messages import (AdvertisedKeys, SecureReveal, SecureRoundView, SecureShares, TaskMessage,
+                                      bytes_of)
+from health_mlops.fl.secagg import (EncryptedShares, RoundContext, RoundKeys, SecAggError, ShareHolder,
+                                    default_threshold, mask, quantize, verify_advertisements)
+from health_mlops.fl.secure_round import SecurePhase, flatten, unflatten
+from health_mlops.fl.strategies import Weights
+from health_mlops.security import ClientCredential
+
+
+@dataclass(frozen=True)
+class ConsortiumIdentity:
+    """What a hospital signs its keys with and checks the others' against: its certificate's key, and the CA."""
+
+    signing_key: ec.EllipticCurvePrivateKey
+    certificate_pem: str
+    ca: x509.Certificate
+
+    @classmethod
+    def of(cls, credential: ClientCredential) -> ConsortiumIdentity:
+        key = serialization.load_pem_private_key(credential.key.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise SecAggError(f"{credential.key}: secure aggregation signs with the certificate's EC key")
+        return cls(key, credential.certificate.read_text(encoding="ascii"),
+                   x509.load_pem_x509_certificate(credential.ca.read_bytes()))
+
+
+def clip_update(trained: Weights, current: Weights, norm_bound: float) -> tuple[Weights, bool]:
+    """`trained` moved back towards `current` so that the update's L2 norm is at most `norm_bound` (what the
+    aggregator checks of a plain update), and whether it had to be."""
+    squared = sum(float(np.sum((np.asarray(trained[n], np.float64) - np.asarray(current[n], np.float64)) ** 2))
+                  for n in trained)
+    norm = math.sqrt(squared)
+    if norm <= norm_bound:
+        return trained, False
+    factor = norm_bound / norm
+    return {n: (np.asarray(current[n], np.float64) + factor * (np.asarray(trained[n], np.float64)
+                                                              - np.asarray(current[n], np.float64)))
+            for n in trained}, True
+
+
+class SecureChannel(Protocol):
+    """How a session reaches the aggregator: `HospitalClient`'s secure calls (a test may call a coordinator)."""
+
+    def secure_round(self, task_id: str, *, after: str | None = None) -> SecureRoundView: ...
+
+    def secure_send(self, task_id: str, step: str, body: BaseModel) -> None: ...
+
+
+class SecureFitSession:
+    """One hospital's part in one attempt of a secure fit round (see the module's docstring)."""
+
+    def __init__(self, client: SecureChannel, identity: ConsortiumIdentity, hospital: str, task: TaskMessage) -> None:
+        self.client = client
+        self.identity = identity
+        self.hospital = hospital
+        self.task = task
+        self.keys = RoundKeys(hospital)
+        self.clipped = False
+
+    def _wait(self, after: SecurePhase) -> SecureRoundView:
+        """The round once it has left `after` (a retried or closed round is the aggregator's 409, raised)."""
+        while True:
+            view = self.client.secure_round(self.task.id, after=after.value)
+            if view.phase is not after:
+                return view
+
+    def prepare(self) -> None:
+        view = self.client.secure_round(self.task.id)
+        if self.hospital not in view.enrolled:
+            raise SecAggError(f"{self.hospital} is not enrolled in {self.task.id}'s round")
+        if view.threshold < default_threshold(len(view.enrolled)):
+            raise SecAggError(f"threshold {view.threshold} for {len(view.enrolled)} hospitals: fewer than a majority "
+                              "could unmask one hospital's update")
+        announced = RoundContext(self.task.run_id, self.task.round, self.task.attempt, tuple(sorted(view.enrolled)),
+                                 view.threshold)
+        own = self.keys.advertise(announced, self.identity.signing_key)
+        self.client.secure_send(self.task.id, "keys", AdvertisedKeys.of(own, self.identity.certificate_pem))
+        view = self._wait(SecurePhase.keys)
+        advertised = [k.advertisement(k.hospital) for k in view.keys or []]
+        certificates = {k.hospital: x509.load_pem_x509_certificate(k.certificate.encode("ascii"))
+                        for k in view.keys or []}
+        self.context = RoundContext(self.task.run_id, self.task.round, self.task.attempt,
+                                    tuple(sorted(a.hospital for a in advertised)), view.threshold)
+        self.advertisements = verify_advertisements(self.context, advertised, certificates, self.identity.ca)
+        if self.advertisements.get(self.hospital) != own:
+            raise SecAggError(f"the aggregator did not pass on {self.hospital}'s own keys")
+        self.holder = ShareHolder(self.context, self.keys, self.advertisements)
+        self.client.secure_send(self.task.id, "shares", SecureShares.of(self.holder.outgoing()))
+        view = self._wait(SecurePhase.shares)
+        for share in view.shares or []:
+            self.holder.receive(EncryptedShares(share.sender, self.hospital,
+                                                bytes_of("shares.ciphertext", share.ciphertext)))
+        self.peers = sorted(view.peers or [])
+        if self.hospital not in self.peers or not set(self.peers) <= set(self.context.hospitals):
+            raise SecAggError(f"peers {self.peers}: not the hospitals of this round with {self.hospital} among them")
+
+    def masked(self, trained: Weights, current: Weights, examples: int, norm_bound: float) -> Weights:
+        """The masked input for `trained` (the model after local training), as uint64 tensors shaped as it."""
+        clipped, self.clipped = clip_update(trained, current, norm_bound)
+        quantized = quantize(examples * flatten(clipped).astype(np.float64), headroom=len(self.context.hospitals))
+        return unflatten(mask(self.context, self.keys, self.advertisements, quantized, self.peers), trained)
+
+    def reveal(self) -> None:
+        view = self._wait(SecurePhase.masked)
+        if view.phase is not SecurePhase.reveal or view.survivors is None:
+            raise SecAggError(f"the round is in its {view.phase.value} phase, not reveal")
+        self.client.secure_send(self.task.id, "reveal", SecureReveal.of(self.holder.reveal(view.survivors)))

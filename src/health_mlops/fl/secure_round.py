@@ -1,0 +1,244 @@
+"""The aggregator's side of one securely aggregated fit round (`fl.secagg`'s protocol), as a state machine.
+
+A secure fit round goes through four phases, each closing when every hospital expected has answered, or at its
+deadline if enough have (at least the Shamir threshold and the run's `min_hospitals`; else the round is retried
+with new keys):
+
+  keys    each enrolled hospital advertises its signed public keys          -> U0: the hospitals that did
+  shares  each hospital of U0 posts its encrypted shares for the others     -> U1
+  masked  each hospital of U1 trains and posts its masked input (its fit result, through `Coordinator.submit`)
+                                                                            -> U2, folded into a running sum
+  reveal  each hospital of U2 reveals its shares for the survivors U2       -> the sum of U2's updates
+
+What it holds is only what the protocol lets the aggregator see: public keys and certificates, shares sealed to
+their recipients, the running sum of masked inputs (never one of them alone: `add_masked` folds and keeps
+nothing) and the reveals. The coordinator persists it (`to_json`) beside its own state; the masked inputs
+themselves live in the service's result files, from which a restore folds the sum again.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from health_mlops.fl.errors import Conflict, Rejected
+from health_mlops.fl.secagg import (EncryptedShares, KeyAdvertisement, Reveal, RoundContext, SecAggError,
+                                    default_threshold, dequantize, unmask_sum)
+from health_mlops.fl.strategies import Weights
+
+
+class SecurePhase(str, Enum):
+    keys = "keys"
+    shares = "shares"
+    masked = "masked"
+    reveal = "reveal"
+
+
+def flatten(weights: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The tensors as one vector, in their names' order (what is masked: one stream of masks for the model)."""
+    return np.concatenate([np.asarray(weights[name]).reshape(-1) for name in sorted(weights)])
+
+
+def unflatten(vector: np.ndarray, template: Mapping[str, np.ndarray]) -> Weights:
+    """`vector` cut back into tensors shaped as `template`'s, in their names' order."""
+    found, start = {}, 0
+    for name in sorted(template):
+        shape = np.shape(template[name])
+        size = math.prod(shape)
+        found[name] = vector[start:start + size].reshape(shape)
+        start += size
+    if start != len(vector):
+        raise ValueError(f"{len(vector)} values for tensors of {start}")
+    return found
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _bytes(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+@dataclass
+class SecureRound:
+    """One attempt of a secure fit round; `enrolled` are the hospitals its tasks went to (sorted)."""
+
+    run_id: str
+    round: int
+    attempt: int
+    enrolled: tuple[str, ...]
+    quorum: int  # the fewest hospitals a phase may close with: the run's min_hospitals, at least the threshold
+    phase_deadline: float
+    phase: SecurePhase = SecurePhase.keys
+    advertisements: dict[str, KeyAdvertisement] = field(default_factory=dict)
+    certificates: dict[str, str] = field(default_factory=dict)  # hospital -> its certificate (PEM), as it sent it
+    shares: dict[str, list[EncryptedShares]] = field(default_factory=dict)  # sender -> its shares for the others
+    masked_from: dict[str, int] = field(default_factory=dict)  # hospital -> the examples its masked input weighs
+    reveals: dict[str, Reveal] = field(default_factory=dict)
+    _total: np.ndarray | None = None  # Σ of the masked inputs received (uint64, mod 2^64)
+
+    @property
+    def threshold(self) -> int:
+        """Shares needed to rebuild a secret: a majority of the hospitals enrolled (the hospitals check it)."""
+        return default_threshold(len(self.enrolled))
+
+    def context(self) -> RoundContext:
+        """The round as the hospitals of U0 share it (Shamir indices over U0)."""
+        return RoundContext(self.run_id, self.round, self.attempt, tuple(sorted(self.advertisements)), self.threshold)
+
+    def expected(self) -> list[str]:
+        """Who the open phase waits for."""
+        return {SecurePhase.keys: list(self.enrolled), SecurePhase.shares: sorted(self.advertisements),
+                SecurePhase.masked: sorted(self.shares), SecurePhase.reveal: sorted(self.masked_from)}[self.phase]
+
+    def answered(self) -> list[str]:
+        if self.phase is SecurePhase.keys:
+            return sorted(self.advertisements)
+        if self.phase is SecurePhase.shares:
+            return sorted(self.shares)
+        return sorted(self.masked_from if self.phase is SecurePhase.masked else self.reveals)
+
+    def expect(self, phase: SecurePhase, hospital: str) -> None:
+        """Raise Conflict unless `hospital` may send its `phase` message now (the phase is open, it is expected in
+        it, and has not sent it)."""
+        if self.phase is not phase:
+            raise Conflict(f"round {self.round} is in its {self.phase.value} phase, not {phase.value}")
+        if hospital not in self.expected():
+            raise Conflict(f"{hospital} is not part of round {self.round}'s {phase.value} phase")
+        if hospital in self.answered():
+            raise Conflict(f"{hospital} has already sent its {phase.value} for round {self.round}")
+
+    def summary(self) -> dict[str, Any]:
+        """Who took part in each phase, for the run's record."""
+        return {"threshold": self.threshold, "keys": sorted(self.advertisements), "shares": sorted(self.shares),
+                "masked": sorted(self.masked_from), "revealed": sorted(self.reveals)}
+
+    # --- what hospitals send ------------------------------------------------------------------------------------
+
+    def add_keys(self, hospital: str, advertisement: KeyAdvertisement, certificate_pem: str) -> None:
+        self.expect(SecurePhase.keys, hospital)
+        if advertisement.hospital != hospital:
+            raise Rejected("bad_keys", f"keys advertised as {advertisement.hospital} by {hospital}")
+        if len(advertisement.c_public) != 32 or len(advertisement.s_public) != 32:
+            raise Rejected("bad_keys", "public keys are 32-byte X25519 keys")
+        self.advertisements[hospital] = advertisement
+        self.certificates[hospital] = certificate_pem
+
+    def add_shares(self, hospital: str, shares: list[EncryptedShares]) -> None:
+        self.expect(SecurePhase.shares, hospital)
+        recipients = sorted(s.recipient for s in shares)
+        wanted = sorted(h for h in self.advertisements if h != hospital)
+        if recipients != wanted or any(s.sender != hospital for s in shares):
+            raise Rejected("bad_shares", f"shares from {hospital} must go to each of {wanted} once")
+        self.shares[hospital] = shares
+
+    def add_masked(self, hospital: str, masked: np.ndarray, examples: int) -> None:
+        """Fold a masked input (uint64, flattened) into the running sum; nothing of it is kept."""
+        self.expect(SecurePhase.masked, hospital)
+        if masked.dtype != np.uint64:
+            raise Rejected("wrong_dtype", f"a masked input is uint64, not {masked.dtype}")
+        if self._total is None:
+            self._total = np.zeros(len(masked), dtype=np.uint64)
+        if len(masked) != len(self._total):
+            raise Rejected("wrong_shape", f"a masked input of {len(masked)} values, expected {len(self._total)}")
+        self._total += masked
+        self.masked_from[hospital] = examples
+
+    def add_reveal(self, hospital: str, reveal: Reveal) -> None:
+        self.expect(SecurePhase.reveal, hospital)
+        if reveal.hospital != hospital:
+            raise Rejected("bad_reveal", f"a reveal as {reveal.hospital} from {hospital}")
+        self.reveals[hospital] = reveal
+
+    # --- what each hospital may read ----------------------------------------------------------------------------
+
+    def view_for(self, hospital: str) -> dict[str, Any]:
+        """What `hospital` needs for its next step, as JSON: the phase, and once a phase has closed its outcome
+        (U0's keys and certificates; the shares sealed to this hospital; the survivors)."""
+        view: dict[str, Any] = {"phase": self.phase.value, "round": self.round, "attempt": self.attempt,
+                                "enrolled": list(self.enrolled), "threshold": self.threshold}
+        if self.phase is not SecurePhase.keys:
+            view["keys"] = [{"hospital": h, "c_public": _b64(a.c_public), "s_public": _b64(a.s_public),
+                             "signature": _b64(a.signature), "certificate": self.certificates[h]}
+                            for h, a in sorted(self.advertisements.items())]
+        if self.phase in (SecurePhase.masked, SecurePhase.reveal):
+            view["shares"] = [{"sender": s.sender, "ciphertext": _b64(s.ciphertext)}
+                              for sent in self.shares.values() for s in sent if s.recipient == hospital]
+            view["peers"] = sorted(self.shares)
+        if self.phase is SecurePhase.reveal:
+            view["survivors"] = sorted(self.masked_from)
+        return view
+
+    # --- phases -------------------------------------------------------------------------------------------------
+
+    def ready(self, now: float) -> bool:
+        """Whether the open phase can close now: everyone expected answered, or its deadline passed."""
+        return set(self.answered()) >= set(self.expected()) or now >= self.phase_deadline
+
+    def enough(self) -> bool:
+        return len(self.answered()) >= max(self.quorum, self.threshold)
+
+    def advance(self, next_deadline: float) -> None:
+        """Close the open phase with those who answered (the caller checked `enough`)."""
+        order = list(SecurePhase)
+        self.phase = order[order.index(self.phase) + 1]
+        self.phase_deadline = next_deadline
+
+    def unmasked_mean(self, template: Mapping[str, np.ndarray]) -> Weights:
+        """The example-weighted mean of the survivors' weights, from the sum the reveals unmask; raises
+        SecAggError when it cannot be unmasked (too few reveals, false shares)."""
+        if self._total is None:
+            raise SecAggError("no masked input was received")
+        total = unmask_sum(self.context(), self._total, sorted(self.masked_from), list(self.reveals.values()),
+                           self.advertisements, peers=sorted(self.shares))
+        mean = dequantize(total) / sum(self.masked_from.values())
+        return unflatten(mean, template)
+
+    # --- persistence --------------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything but the running sum (the masked inputs are in the service's result files)."""
+        return {"run_id": self.run_id, "round": self.round, "attempt": self.attempt, "enrolled": list(self.enrolled),
+                "quorum": self.quorum, "phase": self.phase.value, "phase_deadline": self.phase_deadline,
+                "keys": {h: {"c_public": _b64(a.c_public), "s_public": _b64(a.s_public),
+                             "signature": _b64(a.signature), "certificate": self.certificates[h]}
+                         for h, a in self.advertisements.items()},
+                "shares": {h: [{"recipient": s.recipient, "ciphertext": _b64(s.ciphertext)} for s in sent]
+                           for h, sent in self.shares.items()},
+                "reveals": {h: {"self_seed_shares": {k: _b64(v) for k, v in r.self_seed_shares.items()},
+                                "s_key_shares": {k: _b64(v) for k, v in r.s_key_shares.items()}}
+                            for h, r in self.reveals.items()}}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> SecureRound:
+        """A round `to_json` saved, without its masked inputs: the coordinator folds them in again (`add_masked`
+        needs the masked phase; `restore_masked` folds past it)."""
+        restored = cls(raw["run_id"], raw["round"], raw["attempt"], tuple(raw["enrolled"]), raw["quorum"],
+                       raw["phase_deadline"], SecurePhase(raw["phase"]))
+        for hospital, keys in raw["keys"].items():
+            restored.advertisements[hospital] = KeyAdvertisement(hospital, _bytes(keys["c_public"]),
+                                                                 _bytes(keys["s_public"]), _bytes(keys["signature"]))
+            restored.certificates[hospital] = keys["certificate"]
+        for hospital, sent in raw["shares"].items():
+            restored.shares[hospital] = [EncryptedShares(hospital, s["recipient"], _bytes(s["ciphertext"]))
+                                         for s in sent]
+        for hospital, reveal in raw["reveals"].items():
+            restored.reveals[hospital] = Reveal(hospital, {k: _bytes(v) for k, v in reveal["self_seed_shares"].items()},
+                                                {k: _bytes(v) for k, v in reveal["s_key_shares"].items()})
+        return restored
+
+    def restore_masked(self, hospital: str, masked: np.ndarray, examples: int) -> None:
+        """Fold a masked input accepted before a restart back into the sum, whatever the phase now."""
+        phase = self.phase
+        self.phase = SecurePhase.masked
+        try:
+            self.add_masked(hospital, masked, examples)
+        finally:
+            self.phase = phase
