@@ -12,7 +12,8 @@ import typer
 
 from health_mlops.cli.app import app
 from health_mlops.cli.data import load_splits
-from health_mlops.cli.options import DpClip, DpDelta, DpEpsilon, DpNoise, JsonOption, run_config_from_options
+from health_mlops.cli.options import (DpClip, DpDelta, DpEpsilon, DpNoise, JsonOption, SecureAggregation,
+                                      run_config_from_options)
 from health_mlops.cli.output import err, out, print_json, progress
 from health_mlops.cli.tables import comparison_table, print_privacy, privacy_json
 from health_mlops.config import get_settings
@@ -40,6 +41,7 @@ def demo(
     dp_delta: DpDelta = 1e-5,
     dp_noise_multiplier: DpNoise = None,
     dp_max_grad_norm: DpClip = 1.0,
+    secure_aggregation: SecureAggregation = False,
     json_output: JsonOption = False,
 ) -> None:
     """The whole federation on loopback: aggregator and nodes as processes, trained live, compared with pooled
@@ -72,7 +74,8 @@ def demo(
     reference_file = json.loads((data / "reference.json").read_text(encoding="utf-8"))
     request = RunRequest(config=run_config_from_options(dataset, hospitals, epsilon=dp_epsilon, delta=dp_delta,
                                                         noise_multiplier=dp_noise_multiplier,
-                                                        max_grad_norm=dp_max_grad_norm, rounds=rounds),
+                                                        max_grad_norm=dp_max_grad_norm, rounds=rounds,
+                                                        secure_aggregation=secure_aggregation),
                          hospitals=names)
     ports = Ports(port, ops_port, node_api_port, node_metrics_port)
     serve = not (no_serve or json_output)

@@ -50,6 +50,9 @@ DpNoise = Annotated[float | None, typer.Option(
     "--dp-noise-multiplier", help="with --dp-epsilon: noise per clipped gradient (default: the least that meets ε)")]
 DpClip = Annotated[float, typer.Option("--dp-max-grad-norm",
                                        help="with --dp-epsilon: each record's gradient is clipped to this norm")]
+SecureAggregation = Annotated[bool, typer.Option(
+    "--secure-aggregation", help="the aggregator learns only the sum of the hospitals' updates (masked; weighted "
+                                 "strategies: fedavg, fedprox, fedadam, fedyogi)")]
 # A run-config field a refusal names -> the option that sets it.
 OPTION_OF_FIELD = {"epsilon": "--dp-epsilon", "delta": "--dp-delta", "noise_multiplier": "--dp-noise-multiplier",
                    "max_grad_norm": "--dp-max-grad-norm", "proximal_mu": "--proximal-mu",

@@ -13,8 +13,8 @@ import typer
 
 from health_mlops import faults
 from health_mlops.cli.app import app
-from health_mlops.cli.options import (DpClip, DpDelta, DpEpsilon, DpNoise, JsonOption, SpecOption, Strategy,
-                                      run_config_from_options)
+from health_mlops.cli.options import (DpClip, DpDelta, DpEpsilon, DpNoise, JsonOption, SecureAggregation, SpecOption,
+                                      Strategy, run_config_from_options)
 from health_mlops.cli.output import fail, out, print_json
 from health_mlops.config import get_settings, settings_audit_log
 from health_mlops.errors import CredentialError
@@ -40,6 +40,7 @@ def start_run(
     dp_delta: DpDelta = 1e-5,
     dp_noise_multiplier: DpNoise = None,
     dp_max_grad_norm: DpClip = 1.0,
+    secure_aggregation: SecureAggregation = False,
     json_output: JsonOption = False,
 ) -> None:
     """Ask the aggregator (HEALTH_MLOPS_AGGREGATOR_URL, admin token) to start a federated run."""
@@ -64,7 +65,8 @@ def start_run(
     config = run_config_from_options(
         dataset, len(hospital) if hospital else federation.min_hospitals, epsilon=dp_epsilon, delta=dp_delta,
         noise_multiplier=dp_noise_multiplier, max_grad_norm=dp_max_grad_norm, rounds=rounds or federation.rounds,
-        local_epochs=federation.local_epochs, strategy=strategy.value if strategy else federation.strategy)
+        local_epochs=federation.local_epochs, strategy=strategy.value if strategy else federation.strategy,
+        secure_aggregation=secure_aggregation)
     request = RunRequest(config=config, hospitals=hospital or None)
     try:
         with AdminClient(settings.aggregator_url, credential) as admin:
@@ -78,7 +80,8 @@ def start_run(
     out.print(f"started {run.id}: {run.config.rounds} rounds of {run.config.strategy.name} "
               f"over {', '.join(run.hospitals)}" + ("" if privacy is None else
                                                       f", differential privacy ε ≤ {privacy.epsilon:g} at "
-                                                      f"δ = {privacy.delta:g} per hospital"), soft_wrap=True)
+                                                      f"δ = {privacy.delta:g} per hospital")
+              + (", secure aggregation" if run.config.secure_aggregation else ""), soft_wrap=True)
 
 
 @app.command()

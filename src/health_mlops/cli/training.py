@@ -11,8 +11,8 @@ from rich.table import Table
 from health_mlops.cli.app import app
 from health_mlops.cli.data import load_splits
 from health_mlops.cli.options import (RUN, SERVER_OPTIMISER, STRATEGY, TRAINING, DpClip, DpDelta, DpEpsilon, DpNoise,
-                                      JsonOption, Mode, ModelKind, SpecOption, Strategy, run_config_from_options,
-                                      seed_list, with_model)
+                                      JsonOption, Mode, ModelKind, SecureAggregation, SpecOption, Strategy,
+                                      run_config_from_options, seed_list, with_model)
 from health_mlops.cli.output import fail, out, print_json, progress, warn
 from health_mlops.cli.tables import clinical_table, comparison_table, print_privacy, privacy_json
 from health_mlops.config import Settings, get_settings, get_training_defaults
@@ -63,6 +63,7 @@ def train(
     dp_delta: DpDelta = 1e-5,
     dp_noise_multiplier: DpNoise = None,
     dp_max_grad_norm: DpClip = 1.0,
+    secure_aggregation: SecureAggregation = False,
     json_output: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,
 ) -> None:
     """Train a baseline or a federation and score it on every hospital's test rows."""
@@ -77,6 +78,8 @@ def train(
     splits, left_out, warnings = load_splits(data, dataset, settings)
     if mode is not Mode.federated and dp_epsilon is not None:
         fail("--dp-epsilon: differential privacy is for --mode federated")
+    if mode is not Mode.federated and secure_aggregation:
+        fail("--secure-aggregation: it hides each hospital's update from the aggregator, in --mode federated")
     if local_steps is not None and (mode is not Mode.federated or epochs is not None):
         fail("--local-steps: only for --mode federated, and instead of --epochs")
     strategy_options = {"--proximal-mu": (proximal_mu, {"fedprox"}),
@@ -90,7 +93,8 @@ def train(
             dataset, len(splits), epsilon=dp_epsilon, delta=dp_delta, noise_multiplier=dp_noise_multiplier,
             max_grad_norm=dp_max_grad_norm, rounds=rounds, local_epochs=epochs, local_steps=local_steps,
             learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay, strategy=strategy,
-            proximal_mu=proximal_mu, server_learning_rate=server_learning_rate, trim_fraction=trim_fraction)
+            proximal_mu=proximal_mu, server_learning_rate=server_learning_rate, trim_fraction=trim_fraction,
+            secure_aggregation=secure_aggregation)
         result = _train_federated(data, dataset, splits, settings, config)
         for hospital, withheld in _withheld_columns(result).items():
             warning = (f"round 0 withheld {withheld} column(s) (a category, or a feature not measured, of fewer than "
