@@ -36,6 +36,7 @@ CHAMPION_SINCE = "champion_since"  # version tag: when it last became champion (
 CHALLENGER = "challenger"
 QUALITY_GATE = "quality_gate"  # version tag: the gate has decided its alias (a registration is complete)
 PRIVACY_EPSILON, PRIVACY_DELTA = "privacy_epsilon", "privacy_delta"  # version tags of a DP-trained model
+SECURE_AGGREGATION = "secure_aggregation"  # version tag: "true" when the aggregator saw only sums of updates
 TRAINING_FINGERPRINT = "training_fingerprint"  # version tag: what its training was (TrainingRecord.fingerprint)
 SAME_MODEL_AS = "same_model_as"  # run tag: the version a run trained the same model as
 EXPERIMENT_NAME = "federated-training"
@@ -56,15 +57,19 @@ class ModelVersion:
     mlflow_run_id: str
     created_at: float
     privacy: dict[str, float] | None = None  # {"epsilon", "delta"} of a model trained with differential privacy
+    secure_aggregation: bool = False  # trained with the aggregator seeing only sums of the hospitals' updates
 
     def privacy_text(self) -> str:
-        """How users see a version's privacy: "ε 2.91, δ 1e-05", or "none" (trained without DP)."""
-        return "none" if self.privacy is None else f"ε {self.privacy['epsilon']:.2f}, δ {self.privacy['delta']:g}"
+        """How users see a version's privacy: "ε 2.91, δ 1e-05", "secure aggregation", both, or "none"."""
+        parts = ([] if self.privacy is None else [f"ε {self.privacy['epsilon']:.2f}, δ {self.privacy['delta']:g}"]) + (
+            ["secure aggregation"] if self.secure_aggregation else [])
+        return "; ".join(parts) or "none"
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "metric_name": self.metric_name, "metric": self.metric,
                 "aliases": self.aliases, "federation_run": self.federation_run,
-                "mlflow_run_id": self.mlflow_run_id, "created_at": self.created_at, "privacy": self.privacy}
+                "mlflow_run_id": self.mlflow_run_id, "created_at": self.created_at, "privacy": self.privacy,
+                "secure_aggregation": self.secure_aggregation}
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class TrainingRecord:
     report: dict[str, Any] | None = None  # the federated model report (fl.report), stored as report.json
     # A digest of everything that decided the model (empty: none known); runs with the same one share a version.
     fingerprint: str = ""
+    secure_aggregation: bool = False
 
 
 @dataclass(frozen=True)
@@ -235,6 +241,7 @@ class Registry:
             self.model_name, f"runs:/{run_id}/{_ARTIFACT_DIR}", run_id=run_id,
             tags={"metric_name": record.metric_name, "metric": repr(metric),
                   "federation_run": record.federation_run, **privacy,
+                  **({SECURE_AGGREGATION: "true"} if record.secure_aggregation else {}),
                   **({TRAINING_FINGERPRINT: record.fingerprint} if record.fingerprint else {})})
         version = int(created.version)
         self._audit("register", version, "aggregator", f"{record.federation_run}: {record.metric_name} {metric:.4f}")
@@ -307,7 +314,8 @@ class Registry:
                             federation_run=raw.tags.get("federation_run", ""), mlflow_run_id=raw.run_id or "",
                             created_at=raw.creation_timestamp / 1000,
                             privacy={"epsilon": float(raw.tags[PRIVACY_EPSILON]),
-                                     "delta": float(raw.tags[PRIVACY_DELTA])} if PRIVACY_EPSILON in raw.tags else None)
+                                     "delta": float(raw.tags[PRIVACY_DELTA])} if PRIVACY_EPSILON in raw.tags else None,
+                            secure_aggregation=raw.tags.get(SECURE_AGGREGATION) == "true")
 
     def versions(self) -> list[ModelVersion]:
         try:

@@ -84,3 +84,8 @@ def test_hospitals_show_their_rows_and_last_round(view: dict) -> None:
     left_out = {**running, "excluded": {"hospital-3": "no valid training rows (0 counted in round 0)"}}
     statuses = {h.hospital: h.status for h in hospitals_from_view(left_out, "auc")}
     assert statuses["hospital-3"] == "left out: no valid training rows (0 counted in round 0)"
+
+
+def test_a_securely_aggregated_run_is_marked_as_such(view: dict) -> None:
+    secure = {**view, "id": "run-secure", "config": {**view["config"], "secure_aggregation": True}}
+    assert [r.secure_aggregation for r in runs_from_views([view, secure], "auc")] == [False, True]

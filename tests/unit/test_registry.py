@@ -50,6 +50,10 @@ def test_a_private_models_epsilon_and_delta_are_stored_with_its_version(registry
     assert metrics["hospital-2.privacy_epsilon"] == 2.5
     plain = registry.register(record("run-plain", 0.80), gate=QualityGate(tolerance=0.005))
     assert plain.privacy is None and plain.privacy_text() == "none"
+    secure = registry.register(replace(record("run-secure", 0.80), secure_aggregation=True), gate=QualityGate())
+    both = registry.register(replace(private, federation_run="run-both", secure_aggregation=True), gate=QualityGate())
+    assert registry.version(secure.version).secure_aggregation and secure.privacy_text() == "secure aggregation"
+    assert both.privacy_text() == "ε 2.91, δ 1e-05; secure aggregation" and both.to_json()["secure_aggregation"]
 
 
 def test_the_quality_gate_may_require_calibration_and_says_why_it_refused(registry: Registry) -> None:

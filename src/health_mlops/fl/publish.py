@@ -59,7 +59,7 @@ def training_record(run: Run, spec: DatasetSpec, weights: Weights) -> TrainingRe
         final_metrics=_numbers(report["mean_over_hospitals"]), metric_name=spec.primary_metric,
         pooled_metrics=_numbers(report.get("all_test_rows") or {}), report=report,
         onnx_model=export_onnx(spec, run.preprocessing, weights), spec_yaml=spec_yaml,
-        fingerprint=training_fingerprint(run, spec_yaml),
+        fingerprint=training_fingerprint(run, spec_yaml), secure_aggregation=run.config.secure_aggregation,
         privacy=None if privacy is None else {"epsilon": privacy["epsilon"], "delta": privacy["delta"]},
         hospital_epsilons=None if privacy is None else {h: p["epsilon"] for h, p in privacy["hospitals"].items()})
 

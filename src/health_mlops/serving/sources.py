@@ -37,6 +37,7 @@ class TrainingRun:
     hospital_loss: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # (round, local training loss)
     participation: list[tuple[int, list[str]]] = field(default_factory=list)  # (round, hospitals that counted)
     enrolled: list[str] = field(default_factory=list)
+    secure_aggregation: bool = False  # the aggregator saw only sums of the hospitals' updates
 
 
 @dataclass
@@ -77,7 +78,8 @@ def runs_from_views(views: list[dict[str, Any]], metric: str) -> list[TrainingRu
                     losses.setdefault(hospital, []).append((r["round"], float(metadata["train_loss"])))
         participation = [(r["round"], sorted(r["hospitals"])) for r in view["history"]]
         runs.append(TrainingRun(view["id"], view["status"], curve, per_hospital, view.get("privacy"), losses,
-                                participation, list(view["hospitals"])))
+                                participation, list(view["hospitals"]),
+                                bool(view["config"].get("secure_aggregation"))))
     return runs
 
 
@@ -186,5 +188,6 @@ class DashboardSources:
                                                   for m in client.get_metric_history(run.info.run_id, k))
                       for k in keys}
             runs.append(TrainingRun(run.data.tags.get("federation_run", run.info.run_id), "completed",
-                                    curves.pop("global", []), dict(sorted(curves.items()))))
+                                    curves.pop("global", []), dict(sorted(curves.items())),
+                                    secure_aggregation=run.data.params.get("secure_aggregation") == "True"))
         return runs

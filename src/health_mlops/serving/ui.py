@@ -264,6 +264,9 @@ class Dashboard:
             note += (f"\n\n{run.id} trains with differential privacy (DP-SGD): ε spent so far "
                      f"**{privacy['epsilon']:.2f}** of {privacy['budget_epsilon']:g} at δ = {privacy['delta']:g} "
                      "(the most any hospital has spent).")
+        if run is not None and run.secure_aggregation:
+            note += (f"\n\n{run.id} is **securely aggregated**: the aggregator saw each round's sum of the hospitals' "
+                     "updates only, never one hospital's (masked; unmasked with the shares of a majority).")
         return picker, note, overall, per_hospital, losses, participation
 
     def hospitals(self, state: FederationState) -> tuple[str, pd.DataFrame]:
@@ -449,11 +452,11 @@ def _report_table(report: dict[str, Any]) -> pd.DataFrame:
 def _versions_table(versions: list[ModelVersion]) -> pd.DataFrame:
     """The registered versions, in the order given, as the Models tab lists them."""
     return pd.DataFrame([{"version": v.version, "aliases": ", ".join(v.aliases), "metric": v.metric_name,
-                          "value": round(v.metric, 4), "differential privacy": v.privacy_text(),
+                          "value": round(v.metric, 4), "privacy": v.privacy_text(),
                           "federation run": v.federation_run,
                           "registered": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.created_at))}
                          for v in versions],
-                        columns=["version", "aliases", "metric", "value", "differential privacy", "federation run",
+                        columns=["version", "aliases", "metric", "value", "privacy", "federation run",
                                  "registered"])
 
 
@@ -485,8 +488,10 @@ def _report_summary(version: int, report: dict[str, Any]) -> str:
     lines = [f"### Champion v{version}: federated model report",
              f"Federation run `{report['federation_run']}`: {config.get('strategy', {}).get('name', '?')}, "
              f"{config.get('rounds', '?')} rounds, {len(report['per_hospital'])} hospitals; "
-             + ("differential privacy ε = {:.2f}, δ = {:g}.".format(privacy["epsilon"], privacy["delta"])
-                if privacy else "no differential privacy.")]
+             + ("differential privacy ε = {:.2f}, δ = {:g}".format(privacy["epsilon"], privacy["delta"])
+                if privacy else "no differential privacy")
+             + ("; secure aggregation (the aggregator saw only sums of the hospitals' updates)."
+                if config.get("secure_aggregation") else ".")]
     if report.get("threshold") is not None:
         lines.append(f"Decisions (sensitivity to balanced accuracy) flag a risk at or above "
                      f"**{100 * report['threshold']:.1f} %**. Each hospital computed its metrics on its own test rows; "
