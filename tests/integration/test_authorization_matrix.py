@@ -71,6 +71,15 @@ API = [
     Row("POST", "/v1/tasks/{task_id}/heartbeat", refused_unless({"hospital-1": 200})),
     # hospital-1's own body is unreadable: 422 shows the request got past authorization.
     Row("POST", "/v1/tasks/{task_id}/result", refused_unless({"hospital-1": 422}), b"not safetensors"),
+    # Secure aggregation's steps, the task's holder's only: hospital-1's task is not a secure round's (409 shows the
+    # request got past authorization).
+    Row("GET", "/v1/tasks/{task_id}/secure", refused_unless({"hospital-1": 409})),
+    Row("POST", "/v1/tasks/{task_id}/secure/keys", refused_unless({"hospital-1": 409}),
+        b'{"c_public": "' + b"A" * 43 + b'=", "s_public": "' + b"A" * 43 + b'=", "signature": "AA==", '
+        b'"certificate": "-----BEGIN CERTIFICATE-----"}'),
+    Row("POST", "/v1/tasks/{task_id}/secure/shares", refused_unless({"hospital-1": 409}), b'{"shares": []}'),
+    Row("POST", "/v1/tasks/{task_id}/secure/reveal", refused_unless({"hospital-1": 409}),
+        b'{"self_seed_shares": {}, "s_key_shares": {}}'),
 ]
 OPERATIONS = [  # plain HTTP, no credential: reachable by the kubelet and Prometheus only (NetworkPolicies)
     Row("GET", "/healthz", everyone(200)),

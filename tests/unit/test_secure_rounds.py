@@ -271,8 +271,10 @@ def test_a_restarted_aggregator_resumes_a_secure_round_in_its_reveal_phase(
         restored = Coordinator.restore(saved, reducer, round_arrays=lambda *_: arrays,
                                        result_tensors=lambda task, reference: kept[reference],
                                        round_history=lambda run_id, rounds: [])
+        world.now += 3600  # the aggregator was away an hour: the phase's deadline is given again from now
         restored.resume(world.now)
         assert restored.secure["run-1"].phase is SecurePhase.reveal
+        assert restored.secure["run-1"].phase_deadline == world.now + CONFIG.secure_phase_s
         world.coordinator = restored  # the hospitals' next calls reach the restarted aggregator
     may_reveal.set()
     for thread in threads:

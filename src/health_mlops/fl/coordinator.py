@@ -736,11 +736,15 @@ class Coordinator:
 
     def resume(self, now: float) -> None:
         """After a restore: give every open round a full deadline from now, so an outage of the aggregator
-        does not count against the hospitals; a round whose every task was answered before the outage (its
-        closing was lost) closes now rather than at that deadline."""
+        does not count against the hospitals (a secure round's open phase too); a round whose every task was
+        answered before the outage (its closing was lost) closes now rather than at that deadline."""
         for run in list(self.runs.values()):
             if run.status is RunStatus.running:
                 run.round_deadline = now + run.config.round_deadline_s
+                secure = self.secure.get(run.id)
+                if secure is not None:
+                    secure.phase_deadline = now + (run.config.round_deadline_s if secure.phase is SecurePhase.masked
+                                                   else run.config.secure_phase_s)
                 self._maybe_close(run, now)
 
 

@@ -178,28 +178,27 @@ def create_app(service_factory: Callable[[], AggregatorService],
         the round to leave that phase."""
         return await svc.secure_view(task_id, hospital, node, after, wait)
 
+    async def secure_step(svc: AggregatorService, step: Callable[[float], None]) -> Response:
+        await svc.change(step, checkpoint=True)  # a phase's answers survive a restart
+        return Response(status_code=204)
+
     @app.post("/v1/tasks/{task_id}/secure/keys", status_code=204)
     async def secure_keys(task_id: str, body: AdvertisedKeys, svc: Service, hospital: Hospital,
                           node: NodeId) -> Response:
         advertisement = body.advertisement(hospital)
-        await svc.change(lambda now: svc.coordinator.secure_keys(task_id, hospital, node, advertisement,
-                                                                 body.certificate, now), checkpoint=True)
-        return Response(status_code=204)
+        return await secure_step(svc, lambda now: svc.coordinator.secure_keys(task_id, hospital, node, advertisement,
+                                                                              body.certificate, now))
 
     @app.post("/v1/tasks/{task_id}/secure/shares", status_code=204)
     async def secure_shares(task_id: str, body: SecureShares, svc: Service, hospital: Hospital,
                             node: NodeId) -> Response:
         shares = body.encrypted(hospital)
-        await svc.change(lambda now: svc.coordinator.secure_shares(task_id, hospital, node, shares, now),
-                         checkpoint=True)
-        return Response(status_code=204)
+        return await secure_step(svc, lambda now: svc.coordinator.secure_shares(task_id, hospital, node, shares, now))
 
     @app.post("/v1/tasks/{task_id}/secure/reveal", status_code=204)
     async def secure_reveal(task_id: str, body: SecureReveal, svc: Service, hospital: Hospital,
                             node: NodeId) -> Response:
         reveal = body.reveal(hospital)
-        await svc.change(lambda now: svc.coordinator.secure_reveal(task_id, hospital, node, reveal, now),
-                         checkpoint=True)
-        return Response(status_code=204)
+        return await secure_step(svc, lambda now: svc.coordinator.secure_reveal(task_id, hospital, node, reveal, now))
 
     return BodyLimit(app, lambda path: body_limit(path, max_result_bytes))
