@@ -15,8 +15,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "health_mlops"
 
 SERVICES = ("health_mlops.serving", "health_mlops.fl.aggregator", "health_mlops.fl.node", "health_mlops.fl.client",
-            "health_mlops.fl.secure_fit", "health_mlops.fl.publish", "health_mlops.registry", "health_mlops.http_server",
-            "health_mlops.http_edge")
+            "health_mlops.fl.secure_fit", "health_mlops.fl.publish", "health_mlops.registry",
+            "health_mlops.http_server", "health_mlops.http_edge")
 HARNESSES = ("health_mlops.experiments", "health_mlops.demo")
 CLI = ("health_mlops.cli",)
 FL_CORE = ("run_config", "strategies", "coordinator", "hospital", "privacy", "report", "mapped", "metadata",
