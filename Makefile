@@ -110,6 +110,8 @@ bench: setup debs-bench flower
 	$(BIN)/python benchmarks/poisoning.py
 	$(BIN)/python benchmarks/privacy.py
 	$(BIN)/python benchmarks/aggregation.py
+	$(BIN)/python benchmarks/secure_aggregation.py
+	$(BIN)/python benchmarks/secure_round.py
 	$(BIN)/python benchmarks/round_at_scale.py
 	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/demo_memory.py
