@@ -14,7 +14,7 @@ from tests.integration.test_federation_processes import Cluster, start_standard_
 
 
 def test_the_secure_federation_trains_the_plain_federations_model(data: Path, tmp_path: Path) -> None:
-    options = ["train", "--data", str(data), "--mode", "federated", "--rounds", "3"]
+    options = ["train", "--data", str(data), "--mode", "federated", "--rounds", "2"]
     plain = run_cli_json(*options, home=tmp_path / "plain")
     secure = run_cli_json(*options, "--secure-aggregation", home=tmp_path / "secure")
     assert (plain["run"]["config"]["secure_aggregation"], secure["run"]["config"]["secure_aggregation"]) == (False,
@@ -36,8 +36,8 @@ def test_a_node_dying_in_a_secure_round_leaves_the_others_to_finish_the_run(clus
     cluster.start_aggregator()
     start_standard_nodes(cluster)  # hospital-1 has two replicas: a secure round's steps are one replica's
     # A dead hospital holds each later phase up to its deadline; the heartbeats keep the living ones' leases.
-    run_id = cluster.start_run(secure_aggregation=True, min_hospitals=2, rounds=3, lease_s=10, round_deadline_s=30,
-                               secure_phase_s=10)
+    run_id = cluster.start_run(secure_aggregation=True, min_hospitals=2, rounds=3, lease_s=10, round_deadline_s=20,
+                               secure_phase_s=8)
     cluster.wait_for(run_id, lambda v: v.round >= 2, timeout_s=300)
     cluster.nodes["hospital-3-a"].process.send_signal(signal.SIGKILL)  # mid-round, in whichever phase
     final = cluster.wait_for(run_id, lambda v: v.status != "running", timeout_s=600)
