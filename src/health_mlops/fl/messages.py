@@ -25,7 +25,7 @@ from health_mlops.fl.mapped import map_file
 from health_mlops.fl.metadata import EvaluationMetadata, FitMetadata, StatsMetadata
 from health_mlops.fl.errors import Invalid
 from health_mlops.fl.secagg import EncryptedShares, KeyAdvertisement, Reveal
-from health_mlops.fl.secure_round import SecurePhase
+from health_mlops.fl.secure_round import SecurePhase, base64_of
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.strategies import Weights
 
@@ -281,10 +281,6 @@ def weighted_metrics(evaluations: Mapping[str, EvaluationMetadata]) -> dict[str,
 # --- secure aggregation (fl/secagg.py's protocol; byte strings travel as base64) ----------------------------------
 
 _BASE64_KEY = Field(min_length=44, max_length=44, description="32 bytes, base64")
-
-
-def base64_of(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def bytes_of(field: str, text: str) -> bytes:

@@ -58,7 +58,8 @@ def unflatten(vector: np.ndarray, template: Mapping[str, np.ndarray]) -> Weights
     return found
 
 
-def _b64(data: bytes) -> str:
+def base64_of(data: bytes) -> str:
+    """Bytes as they travel and are checkpointed: base64 text."""
     return base64.b64encode(data).decode("ascii")
 
 
@@ -165,16 +166,20 @@ class SecureRound:
         view: dict[str, Any] = {"phase": self.phase.value, "round": self.round, "attempt": self.attempt,
                                 "enrolled": list(self.enrolled), "threshold": self.threshold}
         if self.phase is not SecurePhase.keys:
-            view["keys"] = [{"hospital": h, "c_public": _b64(a.c_public), "s_public": _b64(a.s_public),
-                             "signature": _b64(a.signature), "certificate": self.certificates[h]}
-                            for h, a in sorted(self.advertisements.items())]
+            view["keys"] = [{"hospital": h, **self._keys_json(h)} for h in sorted(self.advertisements)]
         if self.phase in (SecurePhase.masked, SecurePhase.reveal):
-            view["shares"] = [{"sender": s.sender, "ciphertext": _b64(s.ciphertext)}
+            view["shares"] = [{"sender": s.sender, "ciphertext": base64_of(s.ciphertext)}
                               for sent in self.shares.values() for s in sent if s.recipient == hospital]
             view["peers"] = sorted(self.shares)
         if self.phase is SecurePhase.reveal:
             view["survivors"] = sorted(self.masked_from)
         return view
+
+    def _keys_json(self, hospital: str) -> dict[str, str]:
+        """A hospital's advertised keys and certificate, as the others read them and the checkpoint keeps them."""
+        keys = self.advertisements[hospital]
+        return {"c_public": base64_of(keys.c_public), "s_public": base64_of(keys.s_public),
+                "signature": base64_of(keys.signature), "certificate": self.certificates[hospital]}
 
     # --- phases -------------------------------------------------------------------------------------------------
 
@@ -207,13 +212,11 @@ class SecureRound:
         """Everything but the running sum (the masked inputs are in the service's result files)."""
         return {"run_id": self.run_id, "round": self.round, "attempt": self.attempt, "enrolled": list(self.enrolled),
                 "quorum": self.quorum, "phase": self.phase.value, "phase_deadline": self.phase_deadline,
-                "keys": {h: {"c_public": _b64(a.c_public), "s_public": _b64(a.s_public),
-                             "signature": _b64(a.signature), "certificate": self.certificates[h]}
-                         for h, a in self.advertisements.items()},
-                "shares": {h: [{"recipient": s.recipient, "ciphertext": _b64(s.ciphertext)} for s in sent]
+                "keys": {h: self._keys_json(h) for h in self.advertisements},
+                "shares": {h: [{"recipient": s.recipient, "ciphertext": base64_of(s.ciphertext)} for s in sent]
                            for h, sent in self.shares.items()},
-                "reveals": {h: {"self_seed_shares": {k: _b64(v) for k, v in r.self_seed_shares.items()},
-                                "s_key_shares": {k: _b64(v) for k, v in r.s_key_shares.items()}}
+                "reveals": {h: {"self_seed_shares": {k: base64_of(v) for k, v in r.self_seed_shares.items()},
+                                "s_key_shares": {k: base64_of(v) for k, v in r.s_key_shares.items()}}
                             for h, r in self.reveals.items()}}
 
     @classmethod
