@@ -68,7 +68,7 @@ def play(name: str, client: HospitalClient, identity: ConsortiumIdentity, noise:
                 session = (SecureFitSession(client, identity, name, task) if task.config.secure_aggregation
                            else None)
                 if session is not None:
-                    session.prepare()
+                    session.start(current)
                 time.sleep(delay_s)  # the hospital's training
                 update = {n: current[n] + noise[n] for n in current}
                 if session is not None:

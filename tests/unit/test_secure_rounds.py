@@ -139,10 +139,10 @@ class Hospital:
             assert task is not None and task.kind is TaskKind.fit
             message = TaskMessage.of(task, world.run())
             session = SecureFitSession(InProcessChannel(world, self.name, node), identity, self.name, message)
-            session.prepare()
+            current = {name: np.asarray(w) for name, w in world.run().weights.items()}
+            session.prepare(current)
             if self.stop_before == "masked":
                 return
-            current = {name: np.asarray(w) for name, w in world.run().weights.items()}
             self.sent_masked = session.masked(self.weights, current, EXAMPLES[self.name], CONFIG.update_norm_bound)
             metadata = {"num_examples": EXAMPLES[self.name], "num_test_examples": 10, "metrics": {"auc": 0.7}}
             world.call(lambda c, now: c.submit(task.id, self.name, node, TaskResult(metadata, self.sent_masked), now))

@@ -31,6 +31,7 @@ from health_mlops.fl.coordinator import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker, suppressed_cells
 from health_mlops.fl.messages import TaskMessage, decode_weights, describe_result, encode_result
 from health_mlops.fl.metadata import StatsMetadata
+from health_mlops.fl.secagg import SecAggError
 from health_mlops.fl.secure_fit import ConsortiumIdentity, SecureFitSession
 from health_mlops.fl.strategies import Weights
 from health_mlops.http_server import protocol_options
@@ -189,7 +190,7 @@ class HospitalNode:
                 if task.kind is TaskKind.fit and task.config.secure_aggregation:
                     secure = SecureFitSession(self._client, ConsortiumIdentity.of(self._credential),
                                               self.hospital_id, task)
-                    secure.prepare()  # keys and shares, before the hospital spends its time training
+                    secure.start(weights)  # keys, shares and masks while it trains
                 result = self.worker.handle(task.kind, task.config, weights, task.preprocessing, task.round)
                 if secure is not None:
                     result.tensors = secure.masked(result.tensors, weights, result.metadata["num_examples"],
@@ -209,6 +210,10 @@ class HospitalNode:
             outcome = "unreachable"
         except httpx.HTTPStatusError as error:
             log.warning("%s/%s: %s: %s", self.hospital_id, self.node_id, task.id, _detail(error.response))
+        except SecAggError as error:  # the aggregator passed on what does not check out: nothing more is sent
+            log.error("%s/%s: %s: refused the secure aggregation round: %s", self.hospital_id, self.node_id, task.id,
+                      error)
+            outcome = "refused"
         except Exception:  # a bad task or a failure in local compute ends this task, not the node
             log.exception("%s/%s: %s failed", self.hospital_id, self.node_id, task.id)
         finally:

@@ -296,23 +296,28 @@ def dequantize(values: np.ndarray, fraction_bits: int = FRACTION_BITS) -> np.nda
     return values.view(np.int64).astype(np.float64) / 2.0 ** fraction_bits
 
 
-def mask(context: RoundContext, keys: RoundKeys, advertisements: Mapping[str, KeyAdvertisement],
-         quantized: np.ndarray, peers: Sequence[str] | None = None) -> np.ndarray:
-    """The masked input y_i of `keys`' hospital: its quantized update plus its self mask and its pairwise masks
-    (added towards hospitals after it in the round's order, subtracted towards those before) with each of `peers`:
-    the hospitals that sent their shares (default: every hospital of the round)."""
-    masked = quantized.astype(np.uint64, copy=True)
-    masked += self_mask(keys.self_seed, len(masked))
+def masks(context: RoundContext, keys: RoundKeys, advertisements: Mapping[str, KeyAdvertisement], length: int,
+          peers: Sequence[str] | None = None) -> np.ndarray:
+    """What `keys`' hospital adds to its quantized update (`length` values): its self mask and its pairwise masks,
+    added towards hospitals after it in the round's order and subtracted towards those before, with each of
+    `peers`: the hospitals that sent their shares (default: every hospital of the round). It needs no update, so a
+    hospital draws it while it trains."""
+    total = self_mask(keys.self_seed, length)
     for other in context.hospitals if peers is None else peers:
         if other == keys.hospital:
             continue
-        pairwise = prg(pairwise_seed(context, keys.hospital, keys.s_key, other, advertisements[other].s_public),
-                       len(masked))
+        pairwise = prg(pairwise_seed(context, keys.hospital, keys.s_key, other, advertisements[other].s_public), length)
         if keys.hospital < other:
-            masked += pairwise
+            total += pairwise
         else:
-            masked -= pairwise
-    return masked
+            total -= pairwise
+    return total
+
+
+def mask(context: RoundContext, keys: RoundKeys, advertisements: Mapping[str, KeyAdvertisement],
+         quantized: np.ndarray, peers: Sequence[str] | None = None) -> np.ndarray:
+    """The masked input y_i of `keys`' hospital: its quantized update plus its `masks`."""
+    return quantized.astype(np.uint64) + masks(context, keys, advertisements, len(quantized), peers)
 
 
 def unmask(context: RoundContext, masked: Mapping[str, np.ndarray], reveals: Sequence[Reveal],

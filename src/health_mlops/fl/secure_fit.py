@@ -1,16 +1,19 @@
 """A hospital node's side of a securely aggregated fit round: `fl.secagg`'s protocol over the aggregator's API.
 
-Before training (`prepare`): advertise this round's keys signed with the hospital's consortium certificate, check
-every other hospital's against the consortium CA, send each its sealed shares and take ours. After training
-(`masked`): clip the update to the run's norm bound (the aggregator cannot check a masked update's norm), weigh it
-by the examples, quantize and mask it. After the masked input is accepted (`reveal`): reveal our shares for the
-survivors the aggregator names, once. Anything that does not check out raises `SecAggError`, and the node sends
-nothing more for the round.
+While the hospital trains (`start`, or `prepare` in turn): advertise this round's keys signed with the hospital's
+consortium certificate, check every other hospital's against the consortium CA, send each its sealed shares, take
+ours, and draw the masks. After training (`masked`): clip the update to the run's norm bound (the aggregator cannot
+check a masked update's norm), weigh it by the examples, quantize it and add the masks. Done beside the training,
+the exchanges and the masks' cryptography add nothing to the round's time unless they take longer than it. After the
+masked input is accepted (`reveal`): reveal our shares for the survivors the aggregator names, once. Anything that
+does not check out raises `SecAggError`, and the node sends nothing more for the round.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,7 +26,7 @@ from pydantic import BaseModel
 from health_mlops.fl.messages import (AdvertisedKeys, SecureReveal, SecureRoundView, SecureShares, TaskMessage,
                                       bytes_of)
 from health_mlops.fl.secagg import (EncryptedShares, RoundContext, RoundKeys, SecAggError, ShareHolder,
-                                    default_threshold, mask, quantize, verify_advertisements)
+                                    default_threshold, masks, quantize, verify_advertisements)
 from health_mlops.fl.secure_round import SecurePhase, flatten, unflatten
 from health_mlops.fl.strategies import Weights
 from health_mlops.security import ClientCredential
@@ -78,6 +81,23 @@ class SecureFitSession:
         self.task = task
         self.keys = RoundKeys(hospital)
         self.clipped = False
+        self._prepared: Future[None] | None = None
+
+    def start(self, current: Weights) -> None:
+        """`prepare` in a thread of its own while the hospital trains; `masked` waits for it (and raises its
+        error: a round whose keys do not check out gets no update)."""
+        prepared: Future[None] = Future()
+
+        def prepare() -> None:
+            try:
+                self.prepare(current)
+            except BaseException as error:  # noqa: BLE001 - raised again by `masked`, in the node's thread
+                prepared.set_exception(error)
+            else:
+                prepared.set_result(None)
+
+        self._prepared = prepared
+        threading.Thread(target=prepare, name=f"secure-{self.task.id}", daemon=True).start()
 
     def _wait(self, after: SecurePhase) -> SecureRoundView:
         """The round once it has left `after` (a retried or closed round is the aggregator's 409, raised)."""
@@ -86,7 +106,8 @@ class SecureFitSession:
             if view.phase is not after:
                 return view
 
-    def prepare(self) -> None:
+    def prepare(self, current: Weights) -> None:
+        """Keys, shares and the masks for an update of `current`'s shape."""
         view = self.client.secure_round(self.task.id)
         if self.hospital not in view.enrolled:
             raise SecAggError(f"{self.hospital} is not enrolled in {self.task.id}'s round")
@@ -115,12 +136,17 @@ class SecureFitSession:
         self.peers = sorted(view.peers or [])
         if self.hospital not in self.peers or not set(self.peers) <= set(self.context.hospitals):
             raise SecAggError(f"peers {self.peers}: not the hospitals of this round with {self.hospital} among them")
+        length = sum(np.size(w) for w in current.values())
+        self._masks = masks(self.context, self.keys, self.advertisements, length, self.peers)
 
     def masked(self, trained: Weights, current: Weights, examples: int, norm_bound: float) -> Weights:
         """The masked input for `trained` (the model after local training), as uint64 tensors shaped as it."""
+        if self._prepared is not None:
+            self._prepared.result()
         clipped, self.clipped = clip_update(trained, current, norm_bound)
         quantized = quantize(examples * flatten(clipped).astype(np.float64), headroom=len(self.context.hospitals))
-        return unflatten(mask(self.context, self.keys, self.advertisements, quantized, self.peers), trained)
+        quantized += self._masks
+        return unflatten(quantized, trained)
 
     def reveal(self) -> None:
         view = self._wait(SecurePhase.masked)
