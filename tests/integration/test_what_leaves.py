@@ -1,10 +1,9 @@
 """Proof of what leaves a hospital: every byte hospital-1's node sends during a whole federated run is recorded
 and searched for its patients.
 
-The node is a real process and talks mutual TLS; the recorder is a man in the middle that holds the consortium's
-keys (the test issued them): it terminates the node's TLS with the aggregator's certificate, dials the aggregator
-with the node's certificate, and keeps the plaintext of everything the node sends (every request: stats, fits,
-evaluations, heartbeats, polls, weights and identity checks). The test then checks that
+The node is a real process and talks mutual TLS; the recorder is a man in the middle (`mitm.RecordingProxy`) that
+keeps the plaintext of everything the node sends (every request: stats, fits, evaluations, heartbeats, polls,
+weights and identity checks). The test then checks that
 
 - no patient's exact value appears anywhere in it: not as text, not as a JSON number, not as a float32 or float64
   in the tensors;
@@ -15,16 +14,12 @@ evaluations, heartbeats, polls, weights and identity checks). The test then chec
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import ssl
 import struct
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,115 +33,15 @@ from health_mlops.data.split import split_frame
 from health_mlops.fl.hospital import suppressed_cells
 from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.messages import decode_weights
-from health_mlops.pki import CA, SERVER, cert_path, key_path
 from health_mlops.spec import load_spec
-from health_mlops.tls import client_context, server_context
 from tests.conftest import run_cli
+from tests.integration.mitm import RecordingProxy
 from tests.integration.test_federation_processes import Cluster
 
 SPEC = load_spec("health-risk")
 WATCHED = "hospital-1"
 SMALL_CELL = 5  # the nodes' small-cell threshold: a group of 1..4 patients is withheld
 RARE_SMOKERS = 3  # current smokers at the watched hospital, all in its training rows
-
-
-@dataclass(frozen=True)
-class Request:
-    at: float  # when its first byte reached the recorder
-    method: str
-    path: str
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-
-    def signature(self) -> tuple[str, str, tuple[str, ...], int]:
-        return self.method, self.path, tuple(sorted(self.headers)), len(self.body)
-
-
-class RecordingProxy:
-    """The man in the middle: one asyncio loop in a thread, a TLS listener, a TLS dial per connection."""
-
-    def __init__(self, credentials: Path, hospital: str, port: int, upstream_port: int) -> None:
-        self.port, self.upstream_port = port, upstream_port
-        self._listen = server_context(cert_path(credentials, SERVER), key_path(credentials, SERVER),
-                                      client_ca=cert_path(credentials, CA))
-        self._dial = client_context(cert_path(credentials, hospital), key_path(credentials, hospital),
-                                    cert_path(credentials, CA))
-        self.connections: list[list[tuple[float, bytes]]] = []  # per connection: (arrival, chunk) sent by the node
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="recording-proxy", daemon=True)
-
-    def __enter__(self) -> RecordingProxy:
-        self._thread.start()
-        assert self._ready.wait(10), "the recording proxy did not start"
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._relay, "127.0.0.1", self.port, ssl=self._listen))
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _shutdown(self) -> None:
-        self._server.close()
-        relays = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-        for task in relays:
-            task.cancel()
-        await asyncio.gather(*relays, return_exceptions=True)
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        recorded: list[tuple[float, bytes]] = []
-        self.connections.append(recorded)
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port, ssl=self._dial,
-                                                             server_hostname="127.0.0.1")
-        await asyncio.gather(_pipe(reader, up_writer, recorded), _pipe(up_reader, writer, None))
-
-    def requests(self) -> list[Request]:
-        """Every request recorded so far, parsed from each connection's plaintext."""
-        found = []
-        for chunks in list(self.connections):
-            found += _parse_requests(list(chunks))
-        return sorted(found, key=lambda r: r.at)
-
-
-async def _pipe(source: asyncio.StreamReader, target: asyncio.StreamWriter,
-                recorded: list[tuple[float, bytes]] | None) -> None:
-    try:
-        while chunk := await source.read(65536):
-            if recorded is not None:
-                recorded.append((time.time(), chunk))
-            target.write(chunk)
-            await target.drain()
-    except (ConnectionError, ssl.SSLError):
-        pass
-    finally:
-        target.close()
-
-
-def _parse_requests(chunks: list[tuple[float, bytes]]) -> list[Request]:
-    """HTTP/1.1 requests (httpx sends bodies with Content-Length, never chunked), each with its arrival time."""
-    stream, starts = b"", []
-    for at, chunk in chunks:
-        starts.append((len(stream), at))
-        stream += chunk
-    requests, offset = [], 0
-    while (end := stream.find(b"\r\n\r\n", offset)) != -1:
-        head = stream[offset:end].decode("latin-1").split("\r\n")
-        method, path, _ = head[0].split(" ")
-        headers = {name.strip().lower(): value.strip() for name, value in (h.split(":", 1) for h in head[1:])}
-        length = int(headers.get("content-length", "0"))
-        if end + 4 + length > len(stream):
-            break  # its body is still on the way
-        at = max(t for start, t in starts if start <= offset)
-        requests.append(Request(at, method, path, headers, stream[end + 4:end + 4 + length]))
-        offset = end + 4 + length
-    return requests
 
 
 def prepare_watched_hospital(data: Path) -> pd.DataFrame:

@@ -215,6 +215,8 @@ def test_hospitals_dropping_before_and_after_masking_leave_the_others_sum(
     wait_until(lambda: len(world.secure().masked_from) == 4, world)  # hospital-2 never sends its masked input
     world.pass_deadline()  # the masked phase closes with 4: hospital-2 dropped
     wait_until(lambda: len(world.secure().reveals) == 3, world)  # hospital-4 left after its masked input
+    with world.lock:
+        reveals = list(world.secure().reveals.values())
     world.pass_deadline()  # the reveal phase closes with 3 reveals: the threshold
     for thread in threads:
         thread.join(timeout=120)
@@ -226,6 +228,11 @@ def test_hospitals_dropping_before_and_after_masking_leave_the_others_sum(
     for name in SHAPES:
         np.testing.assert_allclose(run.weights[name], expected[name], rtol=0, atol=bound(counted))
     assert run.history[-1].secure_aggregation["revealed"] == ["hospital-1", "hospital-3", "hospital-5"]
+    # Neither dropped hospital's update was revealed: hospital-4's mask key (which with its self mask, revealed
+    # for the survivors, would unmask its input alone) was not, and hospital-2 sent no input to unmask.
+    assert all(not set(r.self_seed_shares) & set(r.s_key_shares) for r in reveals)
+    assert [sorted(r.s_key_shares) for r in reveals] == [["hospital-2"]] * 3
+    assert all("hospital-2" not in r.self_seed_shares for r in reveals)
 
 
 def test_what_the_aggregator_holds_of_a_secure_round_tells_nothing_of_one_update(
