@@ -238,11 +238,11 @@ def test_the_batch_template_has_the_specs_columns_and_an_example_row(browser_pag
 
 @pytest.fixture(scope="module")
 def second_run(demo: Demo) -> list[str]:
-    """A second federated run on the demo's aggregator (what an admin does with `start-run`), registered as v2:
-    two runs to pick from, two versions to compare. The runs' ids, oldest first."""
+    """A second federated run on the demo's aggregator (what an admin does with `start-run`), securely aggregated,
+    registered as v2: two runs to pick from, two versions to compare. The runs' ids, oldest first."""
     env = {**os.environ, "HEALTH_MLOPS_HOME": str(demo.home), "HEALTH_MLOPS_AGGREGATOR_URL": demo.aggregator}
     cli = [sys.executable, "-m", "health_mlops.cli"]
-    subprocess.run([*cli, "start-run", "--rounds", "2"], env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run([*cli, "start-run", "--rounds", "2", "--secure-aggregation"], env=env, check=True, capture_output=True, timeout=120)
     versions: list[dict] = []
     for _ in range(600):  # the run trains and registers: a few seconds to a few minutes on a busy machine
         listed = subprocess.run([*cli, "registry", "list", "--json"], env=env, check=True, capture_output=True,
@@ -262,9 +262,11 @@ def test_the_training_tab_shows_the_run_picked_with_its_losses_and_participation
     first, latest = second_run
     note = page.locator("#training-source")
     expect(note).to_contain_text(f"Showing {latest}", timeout=TIMEOUT_MS)  # the latest run by default
+    expect(note).to_contain_text(f"{latest} is securely aggregated: the aggregator saw each round's sum")
     page.locator("#training-run input").click()
     page.get_by_role("option", name=first).click()
     expect(note).to_contain_text(f"Showing {first}", timeout=TIMEOUT_MS)
+    expect(note).not_to_contain_text("securely aggregated")  # the demo's own run is not
     expect(note).to_contain_text("scores the model entering that round")
     expect(page.locator("#training-global")).to_contain_text(f"{first}: global model AUC by round")
     expect(page.locator("#training-loss .js-plotly-plot .scatterlayer .trace")).to_have_count(3)
