@@ -5,15 +5,18 @@ For N hospitals x P parameters (default N in 5, 20 x P in 100k, 1M), two runs ea
 mutual TLS, checkpoints on disk), with the health-risk MLP widened to about P parameters
 (benchmarks/round_at_scale.py's `sized_spec`). ONE process plays the N hospitals, a thread each with the node's own
 client (`HospitalClient`, its certificate and token) and, in the secure run, the node's own `SecureFitSession`.
-Each fit task: download the round's weights; (secure: advertise keys, send and take shares); wait `--delay`
-seconds (the hospital's training, the same for every hospital); send the weights plus seeded noise (secure:
-clipped, weighed, quantized and masked); (secure: reveal its shares for the survivors). The final evaluate task is
+Each fit task: download the round's weights; wait `--delay` seconds (the hospital's training, the same for every
+hospital; secure: meanwhile, as the node does, advertise keys, send and take shares and draw the masks in a thread);
+send the weights plus seeded noise (secure: clipped, weighed, quantized and masked); (secure: reveal its shares for
+the survivors). The final evaluate task is
 not answered and the run is cancelled.
 
 A fit round's time is the aggregator's own (the run view's closed_at - opened_at: from its tasks to its closing,
-the unmasking included); its overhead is that minus the delay. Medians over `--rounds` fit rounds (default 2).
+the unmasking included); its overhead is that minus the delay. Medians over `--rounds` fit rounds (default 3).
 The N hospitals' cryptography runs here in one process on this machine's CPUs, where real hospitals each run
-their own in parallel: at 20 hospitals the secure overhead includes 20 hospitals' masking done in turn.
+their own in parallel: when the N hospitals' masks take these CPUs longer than the training (20 x 1M), the secure
+overhead includes the rest of them. The training is a sleep: a real one competes with the masks for the hospital's
+CPUs.
 
 Run with `make bench` (or `python benchmarks/secure_round.py [--hospitals N ...] [--params P ...]`); prints the
 table and writes benchmarks/results/secure_round.md.
@@ -129,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hospitals", type=int, nargs="+", default=[5, 20])
     parser.add_argument("--params", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--delay", type=float, default=1.0, help="each hospital's training time per round (s)")
     args = parser.parse_args()
     console = Console()
@@ -159,7 +162,7 @@ def main() -> None:
     RESULT.write_text("# Secure aggregation: round overhead through the real aggregator\n\n"
                       f"`python benchmarks/secure_round.py`: {args.rounds} fit rounds, {args.delay:g} s training; "
                       "the round time is the aggregator's (closed_at - opened_at), the overhead that minus the "
-                      "training. All hospitals in one process (their cryptography in turn).\n\n"
+                      "training. All hospitals in one process (their cryptography shares its CPUs).\n\n"
                       + "\n".join(lines) + "\n", encoding="utf-8")
     console.print(f"written to {RESULT}")
 

@@ -242,7 +242,8 @@ def second_run(demo: Demo) -> list[str]:
     registered as v2: two runs to pick from, two versions to compare. The runs' ids, oldest first."""
     env = {**os.environ, "HEALTH_MLOPS_HOME": str(demo.home), "HEALTH_MLOPS_AGGREGATOR_URL": demo.aggregator}
     cli = [sys.executable, "-m", "health_mlops.cli"]
-    subprocess.run([*cli, "start-run", "--rounds", "2", "--secure-aggregation"], env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run([*cli, "start-run", "--rounds", "2", "--secure-aggregation"], env=env, check=True,
+                   capture_output=True, timeout=120)
     versions: list[dict] = []
     for _ in range(600):  # the run trains and registers: a few seconds to a few minutes on a busy machine
         listed = subprocess.run([*cli, "registry", "list", "--json"], env=env, check=True, capture_output=True,
