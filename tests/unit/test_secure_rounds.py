@@ -200,8 +200,9 @@ def test_a_secure_round_ends_with_fedavg_of_the_updates_to_the_quantization_erro
     for name in SHAPES:
         np.testing.assert_allclose(run.weights[name], expected[name], rtol=0, atol=bound(HOSPITALS))
     record = run.history[-1]
-    assert record.secure_aggregation == {"threshold": 3, "keys": HOSPITALS, "shares": HOSPITALS, "masked": HOSPITALS,
-                                         "revealed": HOSPITALS}
+    assert record.secure_aggregation == {"fraction_bits": 24, "modulus_bits": 64, "threshold": 3, "keys": HOSPITALS,
+                                         "shares": HOSPITALS, "masked": HOSPITALS, "revealed": HOSPITALS,
+                                         "clipped_to_norm": CONFIG.update_norm_bound}
     assert sorted(record.hospitals) == HOSPITALS and record.evaluations()["hospital-1"].metrics == {"auc": 0.7}
 
 

@@ -664,7 +664,8 @@ class Coordinator:
                 self._end(run, RunStatus.failed, f"round {run.round}: aggregation failed: {error}")
                 return
         secure = self.secure.get(run.id)
-        summary = None if secure is None else secure.summary()
+        # Under secure aggregation the norm bound is the hospitals' to keep: each clipped its update before masking.
+        summary = None if secure is None else {**secure.summary(), "clipped_to_norm": run.config.update_norm_bound}
         self._clear_round(run)
         run.history.append(RoundRecord(run.round, kind, hospitals, nodes, run.round_opened_at, now, run.attempt + 1,
                                        summary))

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from health_mlops.fl.errors import Conflict, Rejected
-from health_mlops.fl.secagg import (EncryptedShares, KeyAdvertisement, Reveal, RoundContext, SecAggError,
+from health_mlops.fl.secagg import (FRACTION_BITS, EncryptedShares, KeyAdvertisement, Reveal, RoundContext, SecAggError,
                                     default_threshold, dequantize, unmask_sum)
 from health_mlops.fl.strategies import Weights
 
@@ -117,9 +117,11 @@ class SecureRound:
             raise Conflict(f"{hospital} has already sent its {phase.value} for round {self.round}")
 
     def summary(self) -> dict[str, Any]:
-        """Who took part in each phase, for the run's record."""
-        return {"threshold": self.threshold, "keys": sorted(self.advertisements), "shares": sorted(self.shares),
-                "masked": sorted(self.masked_from), "revealed": sorted(self.reveals)}
+        """For the run's record: the fixed point summed (values scaled by 2^fraction_bits, modulo 2^64), the
+        threshold, and who took part in each phase."""
+        return {"fraction_bits": FRACTION_BITS, "modulus_bits": 64, "threshold": self.threshold,
+                "keys": sorted(self.advertisements), "shares": sorted(self.shares), "masked": sorted(self.masked_from),
+                "revealed": sorted(self.reveals)}
 
     # --- what hospitals send ------------------------------------------------------------------------------------
 
