@@ -78,6 +78,8 @@ API = [
         b'{"c_public": "' + b"A" * 43 + b'=", "s_public": "' + b"A" * 43 + b'=", "signature": "AA==", '
         b'"certificate": "-----BEGIN CERTIFICATE-----"}'),
     Row("POST", "/v1/tasks/{task_id}/secure/shares", refused_unless({"hospital-1": 409}), b'{"shares": []}'),
+    Row("POST", "/v1/tasks/{task_id}/secure/consistency", refused_unless({"hospital-1": 409}),
+        b'{"signature": "AA=="}'),
     Row("POST", "/v1/tasks/{task_id}/secure/reveal", refused_unless({"hospital-1": 409}),
         b'{"self_seed_shares": {}, "s_key_shares": {}}'),
 ]

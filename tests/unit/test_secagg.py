@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from health_mlops.fl.secagg import (FRACTION_BITS, Reveal, RoundContext, RoundKeys, SecAggError, ShareHolder,
-                                    default_threshold, dequantize, mask, quantize, unmask, verify_advertisements)
+                                    default_threshold, dequantize, mask, quantize, sign_survivors, unmask,
+                                    verify_advertisements, verify_survivors)
 from health_mlops.pki import CA, cert_path, ensure_certificates, key_path
 
 HOSPITALS = tuple(f"hospital-{i}" for i in range(1, 6))
@@ -135,6 +136,52 @@ def test_an_aggregator_asking_twice_to_unmask_one_hospital_is_refused(consortium
         holder.reveal([h for h in HOSPITALS if h != "hospital-3"])
     with pytest.raises(SecAggError, match="not listed as a survivor"):
         secure.holders["hospital-2"].reveal([h for h in HOSPITALS if h != "hospital-2"])
+
+
+def test_two_lists_of_survivors_cannot_both_be_signed_by_the_threshold_of_colluders_and_honest_hospitals(
+        consortium: Consortium) -> None:
+    """Bonawitz et al.'s consistency check. The aggregator, with hospital-1 colluding (it signs whatever it is
+    asked), shows hospital-5 as a survivor to hospitals 2 and 5 and as dropped to hospitals 3 and 4: with both lists
+    signed by the threshold, 2's and 5's reveals would hold hospital-5's self-mask shares and 3's and 4's its key's,
+    and its input would be unmasked alone."""
+    with_5, without_5 = list(HOSPITALS), list(HOSPITALS[:4])
+    views = ((with_5, ["hospital-1", "hospital-2", "hospital-5"]), (without_5, ["hospital-1", "hospital-3",
+                                                                               "hospital-4"]))
+
+    def signed(context: RoundContext, survivors: list[str], signers: list[str] | tuple[str, ...]) -> dict[str, bytes]:
+        return {h: sign_survivors(context, survivors, consortium.signing_keys[h]) for h in signers}
+
+    # A majority (3 of 5) is what one colluder and two honest hospitals reach: both lists pass. This is why a run
+    # whose aggregator may have an accomplice says so (secure_colluding_hospitals), raising the threshold.
+    for survivors, signers in views:
+        verify_survivors(CONTEXT, survivors, signed(CONTEXT, survivors, signers), consortium.certificates)
+    tolerant = replace(CONTEXT, threshold=default_threshold(len(HOSPITALS), colluders=1))
+    assert tolerant.threshold == 4
+    for survivors, signers in views:
+        with pytest.raises(SecAggError, match=r"3 survivors .* 4 needed"):
+            verify_survivors(tolerant, survivors, signed(tolerant, survivors, signers), consortium.certificates)
+    verify_survivors(tolerant, with_5, signed(tolerant, with_5, HOSPITALS[:4]), consortium.certificates)  # one list
+
+    # Not counted: signatures of another round, of another list, by a hospital not among the survivors, or by a
+    # certificate that is not the signer's.
+    honest = signed(CONTEXT, with_5, HOSPITALS[:3])
+    with pytest.raises(SecAggError, match="0 survivors"):
+        verify_survivors(CONTEXT, with_5, signed(replace(CONTEXT, round=4), with_5, HOSPITALS[:3]),
+                         consortium.certificates)
+    with pytest.raises(SecAggError, match="0 survivors"):
+        verify_survivors(CONTEXT, without_5, honest, consortium.certificates)
+    with pytest.raises(SecAggError, match="2 survivors"):
+        verify_survivors(CONTEXT, without_5, {**signed(CONTEXT, without_5, ["hospital-1", "hospital-2"]),
+                                              **signed(CONTEXT, without_5, ["hospital-5"])}, consortium.certificates)
+    forged = {**{h: honest[h] for h in ("hospital-1", "hospital-2")},
+              "hospital-3": sign_survivors(CONTEXT, with_5, consortium.signing_keys["outsider"])}
+    with pytest.raises(SecAggError, match="2 survivors"):
+        verify_survivors(CONTEXT, with_5, forged, consortium.certificates)
+
+
+def test_the_threshold_is_a_majority_raised_by_the_colluders_tolerated() -> None:
+    assert [default_threshold(n) for n in (2, 3, 5, 20)] == [2, 2, 3, 11]
+    assert [default_threshold(5, c) for c in (1, 2, 4, 5)] == [4, 4, 5, 6]  # 6 of 5: no such round (refused)
 
 
 def test_a_substituted_key_a_foreign_certificate_or_a_replay_is_refused(consortium: Consortium) -> None:

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,11 +17,12 @@ from pydantic import BaseModel
 
 from health_mlops.data.preprocess import GlobalPreprocessing
 from health_mlops.fl.coordinator import Coordinator, Run, RunStatus, TaskKind, TaskResult
-from health_mlops.fl.errors import Conflict
-from health_mlops.fl.messages import AdvertisedKeys, SecureReveal, SecureRoundView, SecureShares, TaskMessage
+from health_mlops.fl.errors import Conflict, Invalid
+from health_mlops.fl.messages import (AdvertisedKeys, SecureReveal, SecureRoundView, SecureShares, SignedSurvivors,
+                                      TaskMessage)
 from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.run_config import RunConfig, StrategyConfig
-from health_mlops.fl.secagg import FRACTION_BITS
+from health_mlops.fl.secagg import FRACTION_BITS, Reveal, SecAggError
 from health_mlops.fl.secure_fit import ConsortiumIdentity, SecureFitSession
 from health_mlops.fl.secure_round import SecurePhase, flatten
 from health_mlops.pki import ensure_certificates
@@ -44,6 +46,7 @@ class World:
     coordinator: Coordinator
     now: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    reveals: list[Reveal] = field(default_factory=list)  # every reveal the hospitals sent, as sent
 
     def call(self, operation: Callable[[Coordinator, float], object]) -> object:
         with self.lock:
@@ -65,15 +68,17 @@ class World:
 class InProcessChannel:
     """`HospitalClient`'s secure calls, made on the coordinator directly (what the routes do with them)."""
 
-    def __init__(self, world: World, hospital: str, node: str) -> None:
-        self.world, self.hospital, self.node = world, hospital, node
+    def __init__(self, world: World, hospital: str, node: str, before_reveal: threading.Event | None = None,
+                 tamper: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        self.world, self.hospital, self.node, self.before_reveal = world, hospital, node, before_reveal
+        self.tamper = tamper  # what a dishonest aggregator makes of the round's view for this hospital
 
     def secure_round(self, task_id: str, *, after: str | None = None) -> SecureRoundView:
         while True:  # a long poll: asked again until the phase moves (or the round is gone: Conflict)
             view = self.world.call(lambda c, now: c.secure_view(task_id, self.hospital, self.node, now))
             assert isinstance(view, dict)
             if after is None or view["phase"] != after:
-                return SecureRoundView.model_validate(view)
+                return SecureRoundView.model_validate(view if self.tamper is None else self.tamper(view))
             time.sleep(0.002)
 
     def secure_send(self, task_id: str, step: str, body: BaseModel) -> None:
@@ -83,9 +88,13 @@ class InProcessChannel:
                                                          now))
         elif isinstance(body, SecureShares):
             self.world.call(lambda c, now: c.secure_shares(task_id, h, node, body.encrypted(h), now))
+        elif isinstance(body, SignedSurvivors):
+            self.world.call(lambda c, now: c.secure_consistency(task_id, h, node, body.signed(), now))
         else:
             assert isinstance(body, SecureReveal)
-            self.world.call(lambda c, now: c.secure_reveal(task_id, h, node, body.reveal(h), now))
+            reveal = body.reveal(h)
+            self.world.call(lambda c, now: c.secure_reveal(task_id, h, node, reveal, now))
+            self.world.reveals.append(reveal)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +137,8 @@ class Hospital:
     name: str
     weights: dict[str, np.ndarray]
     stop_before: str | None = None  # "masked": drops after its shares; "reveal": after its masked input
-    before_reveal: threading.Event | None = None  # set by the test when the hospital may reveal
+    before_reveal: threading.Event | None = None  # set by the test when the hospital may send its reveal
+    tamper: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # the aggregator's lie to this hospital
     error: BaseException | None = None
     sent_masked: dict[str, np.ndarray] | None = None
 
@@ -138,7 +148,8 @@ class Hospital:
             task = world.call(lambda c, now: c.next_task(self.name, node, now))
             assert task is not None and task.kind is TaskKind.fit
             message = TaskMessage.of(task, world.run())
-            session = SecureFitSession(InProcessChannel(world, self.name, node), identity, self.name, message)
+            channel = InProcessChannel(world, self.name, node, self.before_reveal, self.tamper)
+            session = SecureFitSession(channel, identity, self.name, message)
             current = {name: np.asarray(w) for name, w in world.run().weights.items()}
             session.prepare(current)
             if self.stop_before == "masked":
@@ -148,8 +159,6 @@ class Hospital:
             world.call(lambda c, now: c.submit(task.id, self.name, node, TaskResult(metadata, self.sent_masked), now))
             if self.stop_before == "reveal":
                 return
-            if self.before_reveal is not None:
-                assert self.before_reveal.wait(timeout=120)
             session.reveal()
         except BaseException as error:  # noqa: BLE001 - reported by the test
             self.error = error
@@ -201,7 +210,8 @@ def test_a_secure_round_ends_with_fedavg_of_the_updates_to_the_quantization_erro
         np.testing.assert_allclose(run.weights[name], expected[name], rtol=0, atol=bound(HOSPITALS))
     record = run.history[-1]
     assert record.secure_aggregation == {"fraction_bits": 24, "modulus_bits": 64, "threshold": 3, "keys": HOSPITALS,
-                                         "shares": HOSPITALS, "masked": HOSPITALS, "revealed": HOSPITALS,
+                                         "shares": HOSPITALS, "masked": HOSPITALS, "signed": HOSPITALS,
+                                         "revealed": HOSPITALS,
                                          "clipped_to_norm": CONFIG.update_norm_bound}
     assert sorted(record.hospitals) == HOSPITALS and record.evaluations()["hospital-1"].metrics == {"auc": 0.7}
 
@@ -215,10 +225,8 @@ def test_hospitals_dropping_before_and_after_masking_leave_the_others_sum(
     threads = start_hospitals(world, identities, hospitals)
     wait_until(lambda: len(world.secure().masked_from) == 4, world)  # hospital-2 never sends its masked input
     world.pass_deadline()  # the masked phase closes with 4: hospital-2 dropped
-    wait_until(lambda: len(world.secure().reveals) == 3, world)  # hospital-4 left after its masked input
-    with world.lock:
-        reveals = list(world.secure().reveals.values())
-    world.pass_deadline()  # the reveal phase closes with 3 reveals: the threshold
+    wait_until(lambda: len(world.secure().signatures) == 3, world)  # hospital-4 left after its masked input
+    world.pass_deadline()  # the consistency phase closes with 3 signatures (the threshold): they reveal
     for thread in threads:
         thread.join(timeout=120)
     assert [h.error for h in hospitals] == [None] * 5
@@ -231,9 +239,10 @@ def test_hospitals_dropping_before_and_after_masking_leave_the_others_sum(
     assert run.history[-1].secure_aggregation["revealed"] == ["hospital-1", "hospital-3", "hospital-5"]
     # Neither dropped hospital's update was revealed: hospital-4's mask key (which with its self mask, revealed
     # for the survivors, would unmask its input alone) was not, and hospital-2 sent no input to unmask.
-    assert all(not set(r.self_seed_shares) & set(r.s_key_shares) for r in reveals)
-    assert [sorted(r.s_key_shares) for r in reveals] == [["hospital-2"]] * 3
-    assert all("hospital-2" not in r.self_seed_shares for r in reveals)
+    assert len(world.reveals) == 3
+    assert all(not set(r.self_seed_shares) & set(r.s_key_shares) for r in world.reveals)
+    assert [sorted(r.s_key_shares) for r in world.reveals] == [["hospital-2"]] * 3
+    assert all("hospital-2" not in r.self_seed_shares for r in world.reveals)
 
 
 def test_what_the_aggregator_holds_of_a_secure_round_tells_nothing_of_one_update(
@@ -307,6 +316,68 @@ def test_a_round_without_enough_hospitals_in_a_phase_is_retried_with_new_keys(
     run = world.run()
     assert (run.round, run.attempt, run.status) == (1, 1, RunStatus.running)
     assert world.secure().attempt == 1 and world.secure().advertisements == {}
+
+
+def test_a_hospital_reveals_only_with_the_thresholds_signatures_of_the_survivors_it_signed(
+        identities: dict[str, ConsortiumIdentity]) -> None:
+    """The aggregator passes on to hospital-1 no signature but its own: hospital-1 reveals nothing; the others
+    (4, above the threshold 3) unmask the round, hospital-1's masked input included."""
+    world = started()
+    weights = trained_weights(7)
+
+    def only_its_own_signature(view: dict[str, Any]) -> dict[str, Any]:
+        if view["phase"] == "reveal":
+            view["signatures"] = {h: s for h, s in view["signatures"].items() if h == "hospital-1"}
+        return view
+
+    hospitals = [Hospital(h, weights[h], tamper=only_its_own_signature if h == "hospital-1" else None)
+                 for h in HOSPITALS]
+    threads = start_hospitals(world, identities, hospitals)
+    wait_until(lambda: len(world.secure().reveals) == 4, world)
+    world.pass_deadline()  # the reveal phase closes without hospital-1's
+    for thread in threads:
+        thread.join(timeout=120)
+    assert isinstance(hospitals[0].error, SecAggError) and "1 survivors (hospital-1) signed" in str(hospitals[0].error)
+    assert [h.error for h in hospitals[1:]] == [None] * 4
+    assert sorted(r.hospital for r in world.reveals) == HOSPITALS[1:]
+    record = world.run().history[-1]
+    assert record.secure_aggregation["signed"] == HOSPITALS and record.secure_aggregation["revealed"] == HOSPITALS[1:]
+    for name in SHAPES:
+        np.testing.assert_allclose(world.run().weights[name], fedavg(weights, HOSPITALS)[name], rtol=0,
+                                   atol=bound(HOSPITALS))
+
+
+def test_a_run_tolerating_a_colluder_raises_the_threshold_and_its_hospitals_hold_the_aggregator_to_it(
+        identities: dict[str, ConsortiumIdentity]) -> None:
+    """With one hospital that may collude, 4 of 5 must unmask. The aggregator shows hospital-1 a threshold of 3:
+    hospital-1 takes no part; the 4 others complete the round."""
+    world = started(CONFIG.model_copy(update={"secure_colluding_hospitals": 1}))
+    assert world.secure().threshold == 4
+    weights = trained_weights(8)
+
+    def lowered(view: dict[str, Any]) -> dict[str, Any]:
+        return {**view, "threshold": 3}
+
+    hospitals = [Hospital(h, weights[h], tamper=lowered if h == "hospital-1" else None) for h in HOSPITALS]
+    threads = start_hospitals(world, identities, hospitals)
+    wait_until(lambda: len(world.secure().advertisements) == 4, world)
+    world.pass_deadline()  # the keys phase closes without hospital-1
+    for thread in threads:
+        thread.join(timeout=120)
+    assert isinstance(hospitals[0].error, SecAggError)
+    assert "threshold 3 for 5 hospitals, 1 of which may collude: below 4" in str(hospitals[0].error)
+    assert [h.error for h in hospitals[1:]] == [None] * 4
+    record = world.run().history[-1]
+    assert record.secure_aggregation["threshold"] == 4 and record.secure_aggregation["revealed"] == HOSPITALS[1:]
+    for name in SHAPES:
+        np.testing.assert_allclose(world.run().weights[name], fedavg(weights, HOSPITALS[1:])[name], rtol=0,
+                                   atol=bound(HOSPITALS[1:]))
+    # More colluders than the hospitals could outvote: the run is refused when started.
+    with pytest.raises(Invalid, match="secure_colluding_hospitals: 5 colluding of 5 enrolled hospitals needs 6"):
+        Coordinator(reducer).start_run("run-2", CONFIG.model_copy(update={"secure_colluding_hospitals": 5}),
+                                       HOSPITALS, initial(), 0.0)
+    with pytest.raises(ValueError, match="secure_colluding_hospitals: applies to secure aggregation, which is off"):
+        RunConfig(secure_colluding_hospitals=1)
 
 
 def test_secure_aggregation_is_refused_with_a_strategy_that_needs_each_update() -> None:

@@ -53,6 +53,10 @@ DpClip = Annotated[float, typer.Option("--dp-max-grad-norm",
 SecureAggregation = Annotated[bool, typer.Option(
     "--secure-aggregation", help="the aggregator learns only the sum of the hospitals' updates (masked; weighted "
                                  "strategies: fedavg, fedprox, fedadam, fedyogi)")]
+SecureColluding = Annotated[int, typer.Option(
+    "--secure-colluding-hospitals", min=0, max=1000,
+    help="with --secure-aggregation: how many hospitals may collude with the aggregator (one that runs it, say) and "
+         "still no update be exposed; raises the unmasking threshold, so fewer dropouts are survived")]
 # A run-config field a refusal names -> the option that sets it.
 OPTION_OF_FIELD = {"epsilon": "--dp-epsilon", "delta": "--dp-delta", "noise_multiplier": "--dp-noise-multiplier",
                    "max_grad_norm": "--dp-max-grad-norm", "proximal_mu": "--proximal-mu",

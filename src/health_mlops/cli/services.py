@@ -13,8 +13,8 @@ import typer
 
 from health_mlops import faults
 from health_mlops.cli.app import app
-from health_mlops.cli.options import (DpClip, DpDelta, DpEpsilon, DpNoise, JsonOption, SecureAggregation, SpecOption,
-                                      Strategy, run_config_from_options)
+from health_mlops.cli.options import (DpClip, DpDelta, DpEpsilon, DpNoise, JsonOption, SecureAggregation,
+                                      SecureColluding, SpecOption, Strategy, run_config_from_options)
 from health_mlops.cli.output import fail, out, print_json
 from health_mlops.config import get_settings, settings_audit_log
 from health_mlops.errors import CredentialError
@@ -41,6 +41,7 @@ def start_run(
     dp_noise_multiplier: DpNoise = None,
     dp_max_grad_norm: DpClip = 1.0,
     secure_aggregation: SecureAggregation = False,
+    secure_colluding_hospitals: SecureColluding = 0,
     json_output: JsonOption = False,
 ) -> None:
     """Ask the aggregator (HEALTH_MLOPS_AGGREGATOR_URL, admin token) to start a federated run."""
@@ -52,6 +53,8 @@ def start_run(
     from health_mlops.fl.messages import RunRequest
     from health_mlops.security import admin_credential
 
+    if secure_colluding_hospitals and not secure_aggregation:
+        fail("--secure-colluding-hospitals needs --secure-aggregation")
     settings = get_settings()
     try:
         federation = get_federation_defaults()
@@ -66,7 +69,7 @@ def start_run(
         dataset, len(hospital) if hospital else federation.min_hospitals, epsilon=dp_epsilon, delta=dp_delta,
         noise_multiplier=dp_noise_multiplier, max_grad_norm=dp_max_grad_norm, rounds=rounds or federation.rounds,
         local_epochs=federation.local_epochs, strategy=strategy.value if strategy else federation.strategy,
-        secure_aggregation=secure_aggregation)
+        secure_aggregation=secure_aggregation, secure_colluding_hospitals=secure_colluding_hospitals)
     request = RunRequest(config=config, hospitals=hospital or None)
     try:
         with AdminClient(settings.aggregator_url, credential) as admin:
@@ -81,7 +84,9 @@ def start_run(
               f"over {', '.join(run.hospitals)}" + ("" if privacy is None else
                                                       f", differential privacy ε ≤ {privacy.epsilon:g} at "
                                                       f"δ = {privacy.delta:g} per hospital")
-              + (", secure aggregation" if run.config.secure_aggregation else ""), soft_wrap=True)
+              + (f", secure aggregation (tolerating {run.config.secure_colluding_hospitals} colluding hospital(s))"
+                 if run.config.secure_colluding_hospitals else
+                 ", secure aggregation" if run.config.secure_aggregation else ""), soft_wrap=True)
 
 
 @app.command()

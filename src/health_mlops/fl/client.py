@@ -96,7 +96,7 @@ class HospitalClient(_AggregatorClient):
         return SecureRoundView.model_validate(response.raise_for_status().json())
 
     def secure_send(self, task_id: str, step: str, body: BaseModel) -> None:
-        """Send a secure round's `keys`, `shares` or `reveal`."""
+        """Send a secure round's `keys`, `shares`, `consistency` (the signed survivors) or `reveal`."""
         self._http.post(f"/v1/tasks/{task_id}/secure/{step}", json=body.model_dump()).raise_for_status()
 
 

@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from health_mlops.data.preprocess import GlobalPreprocessing
-from health_mlops.fl.errors import Conflict, CoordinatorError, Forbidden, NotFound, Rejected
+from health_mlops.fl.errors import Conflict, CoordinatorError, Forbidden, Invalid, NotFound, Rejected
 from health_mlops.fl.mapped import LOCKSTEP_ELEMENTS, blocks
 from health_mlops.fl.metadata import (EvaluationMetadata, FitMetadata, ResultMetadata, StatsMetadata,
                                       check_metadata)
 from health_mlops.fl.run_config import PrivacyConfig, RunConfig
-from health_mlops.fl.secagg import EncryptedShares, KeyAdvertisement, Reveal, SecAggError
+from health_mlops.fl.secagg import EncryptedShares, KeyAdvertisement, Reveal, SecAggError, default_threshold
 from health_mlops.fl.secure_round import SecurePhase, SecureRound, flatten
 from health_mlops.fl.strategies import (FOLD_CHUNK_ELEMENTS, ClientUpdate, RoundAggregation, ServerOptimiserState,
                                         Weights, apply_mean)
@@ -347,6 +347,11 @@ class Coordinator:
             raise ValueError("a run needs at least one enrolled hospital")
         if config.min_hospitals > len(hospitals):
             raise ValueError(f"min_hospitals {config.min_hospitals} exceeds the {len(hospitals)} enrolled")
+        threshold = default_threshold(len(hospitals), config.secure_colluding_hospitals)
+        if config.secure_aggregation and threshold > len(hospitals):
+            raise Invalid(f"config.secure_colluding_hospitals: {config.secure_colluding_hospitals} colluding of "
+                          f"{len(hospitals)} enrolled hospitals needs {threshold} of them to unmask a round: more "
+                          "than there are")
         run = Run(run_id, config, sorted(hospitals), started_at=now, weights=_as_sent(initial_weights))
         self.runs[run_id] = run
         self._events.append(RunStarted(run_id))
@@ -377,7 +382,8 @@ class Coordinator:
         if kind is TaskKind.fit and run.config.secure_aggregation:
             enrolled = tuple(sorted(h for h in run.hospitals if h not in run.excluded))
             self.secure[run.id] = SecureRound(run.id, run.round, run.attempt, enrolled, run.config.min_hospitals,
-                                              now + run.config.secure_phase_s)
+                                              now + run.config.secure_phase_s,
+                                              colluders=run.config.secure_colluding_hospitals)
         self._events.append(RoundOpened(run.id, run.round, run.attempt))
 
     def unknown_task(self, task_id: str, hospital: str) -> CoordinatorError:
@@ -625,6 +631,11 @@ class Coordinator:
                       now: float) -> None:
         task, secure = self._secure_task(task_id, hospital, node, now)
         secure.add_shares(hospital, shares)
+        self._maybe_close(self.runs[task.run_id], now)
+
+    def secure_consistency(self, task_id: str, hospital: str, node: str, signature: bytes, now: float) -> None:
+        task, secure = self._secure_task(task_id, hospital, node, now)
+        secure.add_signature(hospital, signature)
         self._maybe_close(self.runs[task.run_id], now)
 
     def secure_reveal(self, task_id: str, hospital: str, node: str, reveal: Reveal, now: float) -> None:

@@ -345,6 +345,17 @@ class ReceivedShare(BaseModel):
     ciphertext: str
 
 
+class SignedSurvivors(BaseModel):
+    """`POST /v1/tasks/{id}/secure/consistency`: a survivor's signature of the list of survivors it was shown."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    signature: str = Field(min_length=1, max_length=200, description="ECDSA-SHA256, DER, base64")
+
+    def signed(self) -> bytes:
+        return bytes_of("signature", self.signature)
+
+
 class SecureReveal(BaseModel):
     """`POST /v1/tasks/{id}/secure/reveal`: a hospital's shares of the survivors' self-mask seeds and of the
     dropped hospitals' key seeds, by the hospital they belong to (base64)."""
@@ -375,4 +386,5 @@ class SecureRoundView(BaseModel):
     keys: list[HospitalKeys] | None = None  # from the shares phase on: the keys of the hospitals that advertised
     shares: list[ReceivedShare] | None = None  # from the masked phase on: the shares sealed to this hospital
     peers: list[str] | None = None  # from the masked phase on: the hospitals whose shares went out (mask with them)
-    survivors: list[str] | None = None  # in the reveal phase: the hospitals whose masked input arrived
+    survivors: list[str] | None = None  # from the consistency phase on: the hospitals whose masked input arrived
+    signatures: dict[str, str] | None = None  # in the reveal phase: the survivors' signatures of that list (base64)

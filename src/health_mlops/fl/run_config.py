@@ -83,6 +83,10 @@ class RunConfig(BaseModel):
                                      "updates (masked, Bonawitz et al. 2017); weighted strategies only")
     secure_phase_s: float = Field(60.0, gt=0, le=3600, description="with secure aggregation: how long its key, share "
                                   "and reveal exchanges wait for slow hospitals")
+    secure_colluding_hospitals: int = Field(0, ge=0, le=1000, description="with secure aggregation: how many "
+                                            "hospitals may collude with the aggregator (one that runs it, say) and "
+                                            "still no update be exposed; raises the threshold to (n + c) // 2 + 1 "
+                                            "of n hospitals, so fewer dropouts are survived")
 
     @model_validator(mode="after")
     def _privacy_with_a_private_strategy(self) -> RunConfig:
@@ -100,6 +104,8 @@ class RunConfig(BaseModel):
             raise ValueError(f"secure_aggregation: the aggregator sees only the sum of the updates, and "
                              f"{self.strategy.name} needs each hospital's update; use one of "
                              f"{sorted(WEIGHTED_STRATEGIES)}")
+        if self.secure_colluding_hospitals and not self.secure_aggregation:
+            raise ValueError("secure_colluding_hospitals: applies to secure aggregation, which is off")
         return self
 
     @model_validator(mode="after")

@@ -12,10 +12,16 @@ One round, for the hospitals enrolled in it (their ids sorted; hospital k is Sha
 3. Masked input. y_i = q(n_i x_i) + PRG(b_i) + Σ_{j>i} PRG(s_ij) − Σ_{j<i} PRG(s_ij)  (mod 2^64): the update
    pre-multiplied by the hospital's example count, in fixed point with `fraction_bits` (`quantize`); s_ij is the
    pairwise seed both i and j derive. Any one y_i is uniformly random to whoever lacks b_i or its s_ij.
-4. Unmasking. For the survivors U (whose y arrived) each remaining hospital reveals its shares of b_j for
-   j ∈ U and of s_j's private key for the dropped j ∉ U, never both for one hospital (`ShareHolder.reveal`
-   refuses). With t shares of each, the aggregator removes the self masks of U and the pairwise masks the
-   survivors shared with the dropped (`unmask`): what is left is Σ_{i∈U} q(n_i x_i), and nothing else.
+4. Consistency. The aggregator names the survivors U (whose y arrived); each survivor signs that list with its
+   certificate's key, and reveals nothing until it holds the signatures of at least t survivors over the very
+   list it was shown (`verify_survivors`). An aggregator that showed different lists to different hospitals
+   would collect, for some hospital, both the shares of b and of its s key, hence its y unmasked alone: with
+   t > (n + c) / 2 when c hospitals may collude with it, no two lists can each gather t signatures (Bonawitz et
+   al.'s ConsistencyCheck; `default_threshold`).
+5. Unmasking. Each survivor reveals its shares of b_j for j ∈ U and of s_j's private key for the dropped
+   j ∉ U, never both for one hospital (`ShareHolder.reveal` refuses). With t shares of each, the aggregator
+   removes the self masks of U and the pairwise masks the survivors shared with the dropped (`unmask`): what is
+   left is Σ_{i∈U} q(n_i x_i), and nothing else.
 
 No network here: the services carry the messages. Modulus 2^64 (numpy's uint64 wraps), so the quantized sum's
 magnitude must stay below 2^63 / 2^fraction_bits (`quantize` refuses values that could not).
@@ -77,10 +83,13 @@ class RoundContext:
                           *parts)).encode()
 
 
-def default_threshold(hospitals: int) -> int:
-    """A majority: fewer colluding hospitals than this, with the aggregator, learn nothing of an honest one's
-    update, and the round survives up to n − t dropouts."""
-    return max(2, hospitals // 2 + 1)
+def default_threshold(hospitals: int, colluders: int = 0) -> int:
+    """The fewest shares that rebuild a secret, t > (n + c) / 2 for n hospitals of which c may collude with the
+    aggregator: two lists of survivors can then never each be signed by t (the c sign both, each other hospital
+    one), so no hospital reveals what would unmask one input alone; and fewer than t hospitals, with the
+    aggregator, learn nothing of an honest one's update. With c = 0, a majority. The round survives up to n − t
+    dropouts."""
+    return max(2, (hospitals + colluders) // 2 + 1)
 
 
 # --- keys ----------------------------------------------------------------------------------------------------
@@ -265,6 +274,15 @@ class ShareHolder:
         a list without this hospital (it sent its masked input) or shorter than the threshold."""
         if self._revealed:
             raise SecAggError(f"{self.keys.hospital} has already revealed its shares for this round")
+        self.check_survivors(survivors)
+        self._revealed = True
+        dropped = [h for h in self.context.hospitals if h not in survivors]
+        return Reveal(self.keys.hospital, {h: self._self_seed[h] for h in survivors if h in self._self_seed},
+                      {h: self._s_key[h] for h in dropped if h in self._s_key})
+
+    def check_survivors(self, survivors: Sequence[str]) -> None:
+        """Raise SecAggError unless `survivors` is a list this hospital may reveal for: hospitals of the round,
+        itself among them (it sent its masked input), at least the threshold."""
         unknown = sorted(set(survivors) - set(self.context.hospitals))
         if unknown:
             raise SecAggError(f"survivors {unknown} are not hospitals of this round")
@@ -272,10 +290,44 @@ class ShareHolder:
             raise SecAggError(f"{self.keys.hospital} sent its masked input but is not listed as a survivor")
         if len(set(survivors)) < self.context.threshold:
             raise SecAggError(f"{len(set(survivors))} survivors, fewer than the threshold {self.context.threshold}")
-        self._revealed = True
-        dropped = [h for h in self.context.hospitals if h not in survivors]
-        return Reveal(self.keys.hospital, {h: self._self_seed[h] for h in survivors if h in self._self_seed},
-                      {h: self._s_key[h] for h in dropped if h in self._s_key})
+
+
+# --- consistency ---------------------------------------------------------------------------------------------
+
+
+def _survivors_signed_bytes(context: RoundContext, survivors: Sequence[str]) -> bytes:
+    return context.label("survivors", *sorted(survivors))
+
+
+def sign_survivors(context: RoundContext, survivors: Sequence[str], signing_key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A survivor's signature of the list of survivors it was shown (ECDSA with its certificate's key)."""
+    return signing_key.sign(_survivors_signed_bytes(context, survivors), ec.ECDSA(hashes.SHA256()))
+
+
+def survivor_signature_valid(context: RoundContext, survivors: Sequence[str], signature: bytes,
+                             certificate: x509.Certificate) -> bool:
+    """Whether `signature` is the certificate's holder's over exactly this list of survivors, for this round."""
+    public = certificate.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        return False
+    try:
+        public.verify(signature, _survivors_signed_bytes(context, survivors), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def verify_survivors(context: RoundContext, survivors: Sequence[str], signatures: Mapping[str, bytes],
+                     certificates: Mapping[str, x509.Certificate]) -> None:
+    """Raise SecAggError unless at least the threshold of the survivors signed exactly `survivors` for this round.
+    `certificates`: the hospitals' certificates, already checked against the CA with their keys. A signature that
+    does not verify is not counted (whoever sent it, it vouches for no list)."""
+    valid = sorted(h for h, signature in signatures.items() if h in survivors and h in certificates
+                   and survivor_signature_valid(context, survivors, signature, certificates[h]))
+    if len(valid) < context.threshold:
+        raise SecAggError(f"{len(valid)} survivors ({', '.join(valid) or 'none'}) signed the survivors "
+                          f"{list(survivors)}, {context.threshold} needed: the aggregator may have shown others "
+                          "another list")
 
 
 # --- masking -------------------------------------------------------------------------------------------------

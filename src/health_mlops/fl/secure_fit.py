@@ -5,8 +5,9 @@ consortium certificate, check every other hospital's against the consortium CA, 
 ours, and draw the masks. After training (`masked`): clip the update to the run's norm bound (the aggregator cannot
 check a masked update's norm), weigh it by the examples, quantize it and add the masks. Done beside the training,
 the exchanges and the masks' cryptography add nothing to the round's time unless they take longer than it. After the
-masked input is accepted (`reveal`): reveal our shares for the survivors the aggregator names, once. Anything that
-does not check out raises `SecAggError`, and the node sends nothing more for the round.
+masked input is accepted (`reveal`): sign the survivors the aggregator names, and once the threshold of them signed
+that same list, reveal our shares for them, once. Anything that does not check out raises `SecAggError`, and the
+node sends nothing more for the round.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel
 
-from health_mlops.fl.messages import (AdvertisedKeys, SecureReveal, SecureRoundView, SecureShares, TaskMessage,
-                                      bytes_of)
+from health_mlops.fl.messages import (AdvertisedKeys, SecureReveal, SecureRoundView, SecureShares, SignedSurvivors,
+                                      TaskMessage, bytes_of)
 from health_mlops.fl.secagg import (EncryptedShares, RoundContext, RoundKeys, SecAggError, ShareHolder,
-                                    default_threshold, masks, quantize, verify_advertisements)
-from health_mlops.fl.secure_round import SecurePhase, flatten, unflatten
+                                    default_threshold, masks, quantize, sign_survivors, verify_advertisements,
+                                    verify_survivors)
+from health_mlops.fl.secure_round import SecurePhase, base64_of, flatten, unflatten
 from health_mlops.fl.strategies import Weights
 from health_mlops.security import ClientCredential
 
@@ -111,9 +113,11 @@ class SecureFitSession:
         view = self.client.secure_round(self.task.id)
         if self.hospital not in view.enrolled:
             raise SecAggError(f"{self.hospital} is not enrolled in {self.task.id}'s round")
-        if view.threshold < default_threshold(len(view.enrolled)):
-            raise SecAggError(f"threshold {view.threshold} for {len(view.enrolled)} hospitals: fewer than a majority "
-                              "could unmask one hospital's update")
+        colluders = self.task.config.secure_colluding_hospitals
+        if view.threshold < default_threshold(len(view.enrolled), colluders):
+            raise SecAggError(f"threshold {view.threshold} for {len(view.enrolled)} hospitals, {colluders} of which "
+                              f"may collude: below {default_threshold(len(view.enrolled), colluders)}, one "
+                              "hospital's update could be unmasked")
         announced = RoundContext(self.task.run_id, self.task.round, self.task.attempt, tuple(sorted(view.enrolled)),
                                  view.threshold)
         own = self.keys.advertise(announced, self.identity.signing_key)
@@ -125,6 +129,7 @@ class SecureFitSession:
         self.context = RoundContext(self.task.run_id, self.task.round, self.task.attempt,
                                     tuple(sorted(a.hospital for a in advertised)), view.threshold)
         self.advertisements = verify_advertisements(self.context, advertised, certificates, self.identity.ca)
+        self.certificates = certificates  # each checked against the CA: the survivors' signatures are checked on them
         if self.advertisements.get(self.hospital) != own:
             raise SecAggError(f"the aggregator did not pass on {self.hospital}'s own keys")
         self.holder = ShareHolder(self.context, self.keys, self.advertisements)
@@ -150,6 +155,17 @@ class SecureFitSession:
 
     def reveal(self) -> None:
         view = self._wait(SecurePhase.masked)
-        if view.phase is not SecurePhase.reveal or view.survivors is None:
+        if view.phase is not SecurePhase.consistency or view.survivors is None:
+            raise SecAggError(f"the round is in its {view.phase.value} phase, not consistency")
+        survivors = sorted(view.survivors)
+        self.holder.check_survivors(survivors)
+        signature = sign_survivors(self.context, survivors, self.identity.signing_key)
+        self.client.secure_send(self.task.id, "consistency", SignedSurvivors(signature=base64_of(signature)))
+        view = self._wait(SecurePhase.consistency)
+        if view.phase is not SecurePhase.reveal or view.signatures is None:
             raise SecAggError(f"the round is in its {view.phase.value} phase, not reveal")
-        self.client.secure_send(self.task.id, "reveal", SecureReveal.of(self.holder.reveal(view.survivors)))
+        if sorted(view.survivors or []) != survivors:
+            raise SecAggError(f"the survivors changed from {survivors} to {view.survivors} after we signed them")
+        verify_survivors(self.context, survivors, {h: bytes_of(f"signatures.{h}", s) for h, s in
+                                                   view.signatures.items()}, self.certificates)
+        self.client.secure_send(self.task.id, "reveal", SecureReveal.of(self.holder.reveal(survivors)))

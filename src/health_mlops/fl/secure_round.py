@@ -1,19 +1,21 @@
 """The aggregator's side of one securely aggregated fit round (`fl.secagg`'s protocol), as a state machine.
 
-A secure fit round goes through four phases, each closing when every hospital expected has answered, or at its
+A secure fit round goes through five phases, each closing when every hospital expected has answered, or at its
 deadline if enough have (at least the Shamir threshold and the run's `min_hospitals`; else the round is retried
 with new keys):
 
-  keys    each enrolled hospital advertises its signed public keys          -> U0: the hospitals that did
-  shares  each hospital of U0 posts its encrypted shares for the others     -> U1
-  masked  each hospital of U1 trains and posts its masked input (its fit result, through `Coordinator.submit`)
+  keys         each enrolled hospital advertises its signed public keys     -> U0: the hospitals that did
+  shares       each hospital of U0 posts its shares, sealed for each other  -> U1
+  masked       each hospital of U1 trains and posts its masked input (its fit result, through `Coordinator.submit`)
                                                                             -> U2, folded into a running sum
-  reveal  each hospital of U2 reveals its shares for the survivors U2       -> the sum of U2's updates
+  consistency  each hospital of U2 signs the list of survivors U2           -> U3
+  reveal       each hospital of U3, holding U3's signatures of U2, reveals its shares for the survivors U2
+                                                                            -> the sum of U2's updates
 
 What it holds is only what the protocol lets the aggregator see: public keys and certificates, shares sealed to
 their recipients, the running sum of masked inputs (never one of them alone: `add_masked` folds and keeps
-nothing) and the reveals. The coordinator persists it (`to_json`) beside its own state; the masked inputs
-themselves live in the service's result files, from which a restore folds the sum again.
+nothing), the survivors' signatures and the reveals. The coordinator persists it (`to_json`) beside its own
+state; the masked inputs themselves live in the service's result files, from which a restore folds the sum again.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from enum import Enum
 from typing import Any
 
 import numpy as np
+from cryptography import x509
 
 from health_mlops.fl.errors import Conflict, Rejected
 from health_mlops.fl.secagg import (FRACTION_BITS, EncryptedShares, KeyAdvertisement, Reveal, RoundContext, SecAggError,
-                                    default_threshold, dequantize, unmask_sum)
+                                    default_threshold, dequantize, survivor_signature_valid, unmask_sum)
 from health_mlops.fl.strategies import Weights
 
 
@@ -37,6 +40,7 @@ class SecurePhase(str, Enum):
     keys = "keys"
     shares = "shares"
     masked = "masked"
+    consistency = "consistency"
     reveal = "reveal"
 
 
@@ -78,17 +82,20 @@ class SecureRound:
     quorum: int  # the fewest hospitals a phase may close with: the run's min_hospitals, at least the threshold
     phase_deadline: float
     phase: SecurePhase = SecurePhase.keys
+    colluders: int = 0  # how many hospitals may collude with the aggregator (the run's secure_colluding_hospitals)
     advertisements: dict[str, KeyAdvertisement] = field(default_factory=dict)
     certificates: dict[str, str] = field(default_factory=dict)  # hospital -> its certificate (PEM), as it sent it
     shares: dict[str, list[EncryptedShares]] = field(default_factory=dict)  # sender -> its shares for the others
     masked_from: dict[str, int] = field(default_factory=dict)  # hospital -> the examples its masked input weighs
+    signatures: dict[str, bytes] = field(default_factory=dict)  # hospital -> its signature of the survivors
     reveals: dict[str, Reveal] = field(default_factory=dict)
     _total: np.ndarray | None = None  # Σ of the masked inputs received (uint64, mod 2^64)
 
     @property
     def threshold(self) -> int:
-        """Shares needed to rebuild a secret: a majority of the hospitals enrolled (the hospitals check it)."""
-        return default_threshold(len(self.enrolled))
+        """Shares needed to rebuild a secret, for the hospitals enrolled and the colluders tolerated (the hospitals
+        check it)."""
+        return default_threshold(len(self.enrolled), self.colluders)
 
     def context(self) -> RoundContext:
         """The round as the hospitals of U0 share it (Shamir indices over U0)."""
@@ -97,14 +104,15 @@ class SecureRound:
     def expected(self) -> list[str]:
         """Who the open phase waits for."""
         return {SecurePhase.keys: list(self.enrolled), SecurePhase.shares: sorted(self.advertisements),
-                SecurePhase.masked: sorted(self.shares), SecurePhase.reveal: sorted(self.masked_from)}[self.phase]
+                SecurePhase.masked: sorted(self.shares), SecurePhase.consistency: sorted(self.masked_from),
+                SecurePhase.reveal: sorted(self.signatures)}[self.phase]
 
     def answered(self) -> list[str]:
-        if self.phase is SecurePhase.keys:
-            return sorted(self.advertisements)
-        if self.phase is SecurePhase.shares:
-            return sorted(self.shares)
-        return sorted(self.masked_from if self.phase is SecurePhase.masked else self.reveals)
+        answers: dict[SecurePhase, Mapping[str, object]] = {
+            SecurePhase.keys: self.advertisements, SecurePhase.shares: self.shares,
+            SecurePhase.masked: self.masked_from, SecurePhase.consistency: self.signatures,
+            SecurePhase.reveal: self.reveals}
+        return sorted(answers[self.phase])
 
     def expect(self, phase: SecurePhase, hospital: str) -> None:
         """Raise Conflict unless `hospital` may send its `phase` message now (the phase is open, it is expected in
@@ -121,7 +129,7 @@ class SecureRound:
         threshold, and who took part in each phase."""
         return {"fraction_bits": FRACTION_BITS, "modulus_bits": 64, "threshold": self.threshold,
                 "keys": sorted(self.advertisements), "shares": sorted(self.shares), "masked": sorted(self.masked_from),
-                "revealed": sorted(self.reveals)}
+                "signed": sorted(self.signatures), "revealed": sorted(self.reveals)}
 
     # --- what hospitals send ------------------------------------------------------------------------------------
 
@@ -154,6 +162,16 @@ class SecureRound:
         self._total += masked
         self.masked_from[hospital] = examples
 
+    def add_signature(self, hospital: str, signature: bytes) -> None:
+        """A survivor's signature of the survivors; refused unless its certificate (sent with its keys) signed
+        exactly this round's list (the hospitals would not count it: a junk one is stopped here, not there)."""
+        self.expect(SecurePhase.consistency, hospital)
+        certificate = x509.load_pem_x509_certificate(self.certificates[hospital].encode("ascii"))
+        if not survivor_signature_valid(self.context(), sorted(self.masked_from), signature, certificate):
+            raise Rejected("bad_signature", f"{hospital}'s signature is not of this round's survivors "
+                                            f"{sorted(self.masked_from)}")
+        self.signatures[hospital] = signature
+
     def add_reveal(self, hospital: str, reveal: Reveal) -> None:
         self.expect(SecurePhase.reveal, hospital)
         if reveal.hospital != hospital:
@@ -173,8 +191,10 @@ class SecureRound:
             view["shares"] = [{"sender": s.sender, "ciphertext": base64_of(s.ciphertext)}
                               for sent in self.shares.values() for s in sent if s.recipient == hospital]
             view["peers"] = sorted(self.shares)
-        if self.phase is SecurePhase.reveal:
+        if self.phase in (SecurePhase.consistency, SecurePhase.reveal):
             view["survivors"] = sorted(self.masked_from)
+        if self.phase is SecurePhase.reveal:
+            view["signatures"] = {h: base64_of(s) for h, s in sorted(self.signatures.items())}
         return view
 
     def _keys_json(self, hospital: str) -> dict[str, str]:
@@ -214,9 +234,11 @@ class SecureRound:
         """Everything but the running sum (the masked inputs are in the service's result files)."""
         return {"run_id": self.run_id, "round": self.round, "attempt": self.attempt, "enrolled": list(self.enrolled),
                 "quorum": self.quorum, "phase": self.phase.value, "phase_deadline": self.phase_deadline,
+                "colluders": self.colluders,
                 "keys": {h: self._keys_json(h) for h in self.advertisements},
                 "shares": {h: [{"recipient": s.recipient, "ciphertext": base64_of(s.ciphertext)} for s in sent]
                            for h, sent in self.shares.items()},
+                "signatures": {h: base64_of(s) for h, s in self.signatures.items()},
                 "reveals": {h: {"self_seed_shares": {k: base64_of(v) for k, v in r.self_seed_shares.items()},
                                 "s_key_shares": {k: base64_of(v) for k, v in r.s_key_shares.items()}}
                             for h, r in self.reveals.items()}}
@@ -226,7 +248,7 @@ class SecureRound:
         """A round `to_json` saved, without its masked inputs: the coordinator folds them in again (`add_masked`
         needs the masked phase; `restore_masked` folds past it)."""
         restored = cls(raw["run_id"], raw["round"], raw["attempt"], tuple(raw["enrolled"]), raw["quorum"],
-                       raw["phase_deadline"], SecurePhase(raw["phase"]))
+                       raw["phase_deadline"], SecurePhase(raw["phase"]), raw.get("colluders", 0))
         for hospital, keys in raw["keys"].items():
             restored.advertisements[hospital] = KeyAdvertisement(hospital, _bytes(keys["c_public"]),
                                                                  _bytes(keys["s_public"]), _bytes(keys["signature"]))
@@ -234,6 +256,8 @@ class SecureRound:
         for hospital, sent in raw["shares"].items():
             restored.shares[hospital] = [EncryptedShares(hospital, s["recipient"], _bytes(s["ciphertext"]))
                                          for s in sent]
+        # none in a checkpoint written before the consistency phase existed
+        restored.signatures = {h: _bytes(s) for h, s in raw.get("signatures", {}).items()}
         for hospital, reveal in raw["reveals"].items():
             restored.reveals[hospital] = Reveal(hospital, {k: _bytes(v) for k, v in reveal["self_seed_shares"].items()},
                                                 {k: _bytes(v) for k, v in reveal["s_key_shares"].items()})

@@ -20,7 +20,7 @@ from health_mlops.fl.aggregator.service import AggregatorService
 from health_mlops.fl.errors import Conflict, Forbidden, Invalid, NotFound, Rejected
 from health_mlops.fl.messages import (SAFETENSORS_MEDIA_TYPE, AdvertisedKeys, LeaseMessage, MessageError,
                                       ResultReceipt, RunRequest, RunView, SecureReveal, SecureRoundView, SecureShares,
-                                      TaskMessage)
+                                      SignedSurvivors, TaskMessage)
 from health_mlops.fl.secure_round import SecurePhase
 from health_mlops.http_edge import KIB, BodyLimit
 from health_mlops.http_errors import install_validation_handler
@@ -194,6 +194,13 @@ def create_app(service_factory: Callable[[], AggregatorService],
                             node: NodeId) -> Response:
         shares = body.encrypted(hospital)
         return await secure_step(svc, lambda now: svc.coordinator.secure_shares(task_id, hospital, node, shares, now))
+
+    @app.post("/v1/tasks/{task_id}/secure/consistency", status_code=204)
+    async def secure_consistency(task_id: str, body: SignedSurvivors, svc: Service, hospital: Hospital,
+                                 node: NodeId) -> Response:
+        signature = body.signed()
+        return await secure_step(svc, lambda now: svc.coordinator.secure_consistency(task_id, hospital, node,
+                                                                                     signature, now))
 
     @app.post("/v1/tasks/{task_id}/secure/reveal", status_code=204)
     async def secure_reveal(task_id: str, body: SecureReveal, svc: Service, hospital: Hospital,
