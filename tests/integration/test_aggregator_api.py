@@ -280,6 +280,15 @@ def test_start_run_command_asks_the_aggregator_with_the_configured_parameters(ap
                              timeout=120)
     assert refused.returncode == 1 and "the aggregator refused the run (4" in refused.stderr, refused.stderr
     assert "hospital-9" in refused.stderr
+    secure = [*command, "--secure-aggregation", "--secure-colluding-hospitals"]
+    tolerant = subprocess.run([*secure, "1"], env=env, capture_output=True, text=True, timeout=120)
+    assert json.loads(tolerant.stdout)["config"]["secure_colluding_hospitals"] == 1, tolerant.stderr
+    outvoted = subprocess.run([*secure, "3"], env=env, capture_output=True, text=True, timeout=120)
+    assert outvoted.returncode == 1 and "secure_colluding_hospitals: 3 colluding of 3 enrolled hospitals needs 4" in (
+        outvoted.stderr), outvoted.stderr
+    plain = subprocess.run([*command, "--secure-colluding-hospitals", "1"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert plain.returncode == 2 and "--secure-colluding-hospitals needs --secure-aggregation" in plain.stderr
     no_token = subprocess.run(command, env={**env, "HEALTH_MLOPS_CREDENTIALS_DIR": str(tmp_path / "none")},
                               capture_output=True, text=True, timeout=120)
     assert no_token.returncode == 2 and "no admin token" in no_token.stderr
