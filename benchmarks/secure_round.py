@@ -7,8 +7,8 @@ mutual TLS, checkpoints on disk), with the health-risk MLP widened to about P pa
 client (`HospitalClient`, its certificate and token) and, in the secure run, the node's own `SecureFitSession`.
 Each fit task: download the round's weights; wait `--delay` seconds (the hospital's training, the same for every
 hospital; secure: meanwhile, as the node does, advertise keys, send and take shares and draw the masks in a thread);
-send the weights plus seeded noise (secure: clipped, weighed, quantized and masked); (secure: reveal its shares for
-the survivors). The final evaluate task is
+send the weights plus seeded noise (secure: clipped, weighed, quantized and masked); (secure: sign the survivors,
+then reveal its shares for them). The final evaluate task is
 not answered and the run is cancelled.
 
 A fit round's time is the aggregator's own (the run view's closed_at - opened_at: from its tasks to its closing,

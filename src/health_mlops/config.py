@@ -129,6 +129,12 @@ class NodeSettings(BaseSettings):
     data_dir: Path | None = Field(None, alias="DATA_DIR", description="this hospital's data folder")
     api_port: int = Field(5001, alias="NODE_API_PORT")
     metrics_port: int = Field(8001, alias="METRICS_PORT")
+    # The hospital's own terms, whatever a run asks (fl.secure_fit.ParticipationPolicy).
+    require_secure_aggregation: bool = Field(False, alias="REQUIRE_SECURE_AGGREGATION", description="refuse the fit "
+                                             "tasks of runs without secure aggregation: no update leaves in the clear")
+    min_colluding_hospitals: int = Field(0, ge=0, le=1000, alias="MIN_COLLUDING_HOSPITALS", description="take part "
+                                         "only in secure rounds whose threshold tolerates this many hospitals "
+                                         "colluding with the aggregator")
 
 
 def get_settings() -> Settings:

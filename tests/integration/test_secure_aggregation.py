@@ -290,6 +290,6 @@ def test_a_node_refuses_a_round_in_which_the_aggregator_substituted_a_key(witnes
     assert [r.path.rsplit("/", 1)[-1] for r in witnessed.sent(run_id, 1, "hospital-1") if r.method == "POST"
             and not r.path.endswith("/heartbeat")] == ["keys"]
     log = cluster.nodes["hospital-1-a"].log_path.read_text(encoding="utf-8")
-    assert re.search(rf"{re.escape(run_id)}\.r1\.a0\.hospital-1: refused the secure aggregation round: keys from "
+    assert re.search(rf"{re.escape(run_id)}\.r1\.a0\.hospital-1: refused the task: keys from "
                      r"hospital-2: the signature does not match", log), log[-3000:]
     assert base64.b64encode(forged).decode() not in "".join(r.body.decode("latin-1") for r in proxy.requests())

@@ -23,7 +23,7 @@ from health_mlops.fl.messages import (AdvertisedKeys, SecureReveal, SecureRoundV
 from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.run_config import RunConfig, StrategyConfig
 from health_mlops.fl.secagg import FRACTION_BITS, Reveal, SecAggError
-from health_mlops.fl.secure_fit import ConsortiumIdentity, SecureFitSession
+from health_mlops.fl.secure_fit import ConsortiumIdentity, ParticipationPolicy, SecureFitSession
 from health_mlops.fl.secure_round import SecurePhase, flatten
 from health_mlops.pki import ensure_certificates
 from health_mlops.security import ClientCredential
@@ -139,6 +139,7 @@ class Hospital:
     stop_before: str | None = None  # "masked": drops after its shares; "reveal": after its masked input
     before_reveal: threading.Event | None = None  # set by the test when the hospital may send its reveal
     tamper: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # the aggregator's lie to this hospital
+    policy: ParticipationPolicy = ParticipationPolicy()  # the hospital's own terms
     error: BaseException | None = None
     sent_masked: dict[str, np.ndarray] | None = None
 
@@ -149,7 +150,7 @@ class Hospital:
             assert task is not None and task.kind is TaskKind.fit
             message = TaskMessage.of(task, world.run())
             channel = InProcessChannel(world, self.name, node, self.before_reveal, self.tamper)
-            session = SecureFitSession(channel, identity, self.name, message)
+            session = SecureFitSession(channel, identity, self.name, message, self.policy)
             current = {name: np.asarray(w) for name, w in world.run().weights.items()}
             session.prepare(current)
             if self.stop_before == "masked":
@@ -378,6 +379,40 @@ def test_a_run_tolerating_a_colluder_raises_the_threshold_and_its_hospitals_hold
                                        HOSPITALS, initial(), 0.0)
     with pytest.raises(ValueError, match="secure_colluding_hospitals: applies to secure aggregation, which is off"):
         RunConfig(secure_colluding_hospitals=1)
+
+
+def test_a_hospital_holds_a_round_to_its_own_floor_of_colluders(identities: dict[str, ConsortiumIdentity]) -> None:
+    """hospital-1 takes part only if a round tolerates one colluder (4 of 5 to unmask); the run asks none (3): it
+    stays out, and the 4 others complete the round."""
+    world = started()
+    weights = trained_weights(9)
+    hospitals = [Hospital(h, weights[h], policy=ParticipationPolicy(min_colluding_hospitals=1) if h == "hospital-1"
+                          else ParticipationPolicy()) for h in HOSPITALS]
+    threads = start_hospitals(world, identities, hospitals)
+    wait_until(lambda: len(world.secure().advertisements) == 4, world)
+    world.pass_deadline()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert isinstance(hospitals[0].error, SecAggError)
+    assert "threshold 3 for 5 hospitals, 1 of which may collude: below 4" in str(hospitals[0].error)
+    assert world.run().history[-1].secure_aggregation["revealed"] == HOSPITALS[1:]
+
+
+def test_a_hospital_requiring_secure_aggregation_refuses_only_the_fit_tasks_of_plain_runs() -> None:
+    policy = ParticipationPolicy(require_secure_aggregation=True)
+
+    def task(kind: TaskKind, config: RunConfig) -> TaskMessage:
+        return TaskMessage(id="run-1.r1.a0.hospital-1", run_id="run-1", round=1, attempt=0, kind=kind, config=config,
+                           preprocessing=None, weights_path=None, lease_expires=0.0, lease_s=15.0)
+
+    plain = RunConfig()
+    assert "only in securely aggregated rounds" in (policy.refusal(task(TaskKind.fit, plain)) or "")
+    assert policy.refusal(task(TaskKind.fit, CONFIG)) is None  # secure
+    assert policy.refusal(task(TaskKind.stats, plain)) is None  # aggregates, small cells withheld
+    assert policy.refusal(task(TaskKind.evaluate, plain)) is None  # metrics
+    assert ParticipationPolicy().refusal(task(TaskKind.fit, plain)) is None  # the default takes part in any run
+    assert policy.colluders(task(TaskKind.fit, CONFIG.model_copy(update={"secure_colluding_hospitals": 2}))) == 2
+    assert ParticipationPolicy(min_colluding_hospitals=1).colluders(task(TaskKind.fit, CONFIG)) == 1
 
 
 def test_secure_aggregation_is_refused_with_a_strategy_that_needs_each_update() -> None:

@@ -173,6 +173,12 @@ def node(
     host: Annotated[str, typer.Option(help="interface for the node API and metrics")] = "127.0.0.1",
     api_port: Annotated[int | None, typer.Option(help="node API; env NODE_API_PORT (5001)")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus metrics; env METRICS_PORT (8001)")] = None,
+    require_secure_aggregation: Annotated[bool | None, typer.Option(
+        "--require-secure-aggregation", help="refuse the fit tasks of runs without secure aggregation: no update "
+                                             "leaves in the clear; env REQUIRE_SECURE_AGGREGATION")] = None,
+    min_colluding_hospitals: Annotated[int | None, typer.Option(
+        min=0, max=1000, help="take part only in secure rounds whose threshold tolerates this many hospitals "
+                              "colluding with the aggregator; env MIN_COLLUDING_HOSPITALS (0)")] = None,
     spec: SpecOption = None,
 ) -> None:
     """Run one hospital node: validate the local data, then take tasks from the aggregator."""
@@ -183,6 +189,7 @@ def node(
     from health_mlops.config import get_node_settings
     from health_mlops.data.hospital import load_hospital
     from health_mlops.fl.node import HospitalNode, serve
+    from health_mlops.fl.secure_fit import ParticipationPolicy
     from health_mlops.security import ClientCredential, read_token
 
     settings, env = get_settings(), get_node_settings()
@@ -200,7 +207,11 @@ def node(
     worker = HospitalNode(data=data, spec=dataset, node_id=node_id or env.node_id or socket.gethostname(),
                           city=city or env.city_name, central_url=central_url or env.central_url,
                           credential=credential, split_seed=settings.split_seed, test_fraction=settings.test_fraction,
-                          stratify=settings.stratified_split, poll_wait_s=settings.poll_wait_s)
+                          stratify=settings.stratified_split, poll_wait_s=settings.poll_wait_s,
+                          policy=ParticipationPolicy(
+                              require_secure_aggregation=require_secure_aggregation or env.require_secure_aggregation,
+                              min_colluding_hospitals=(env.min_colluding_hospitals if min_colluding_hospitals is None
+                                                       else min_colluding_hospitals)))
     serve(worker, host=host, api_port=api_port or env.api_port, metrics_port=metrics_port or env.metrics_port)
 
 

@@ -32,7 +32,7 @@ from health_mlops.fl.hospital import HospitalWorker, suppressed_cells
 from health_mlops.fl.messages import TaskMessage, decode_weights, describe_result, encode_result
 from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.secagg import SecAggError
-from health_mlops.fl.secure_fit import ConsortiumIdentity, SecureFitSession
+from health_mlops.fl.secure_fit import ConsortiumIdentity, ParticipationPolicy, SecureFitSession
 from health_mlops.fl.strategies import Weights
 from health_mlops.http_server import protocol_options
 from health_mlops.monitoring import NodeMetrics
@@ -99,9 +99,10 @@ class NodeStatus:
 class HospitalNode:
     def __init__(self, *, data: HospitalData, spec: DatasetSpec, node_id: str, city: str, central_url: str,
                  credential: ClientCredential, split_seed: int, test_fraction: float, stratify: bool = True,
-                 poll_wait_s: float = 20.0,
+                 poll_wait_s: float = 20.0, policy: ParticipationPolicy | None = None,
                  metrics: NodeMetrics | None = None) -> None:
         self.hospital_id = data.hospital_id
+        self.policy = policy or ParticipationPolicy()
         self.node_id = node_id
         self.city = city
         self.central_url = central_url
@@ -184,12 +185,14 @@ class HospitalNode:
         self._lease_renewed = time.monotonic()
         outcome = "failed"
         try:
+            if (refusal := self.policy.refusal(task)) is not None:  # before anything is downloaded or computed
+                raise SecAggError(refusal)
             weights = self._round_weights(task)
             secure = None
             with _Heartbeat(self, task):
                 if task.kind is TaskKind.fit and task.config.secure_aggregation:
                     secure = SecureFitSession(self._client, ConsortiumIdentity.of(self._credential),
-                                              self.hospital_id, task)
+                                              self.hospital_id, task, self.policy)
                     secure.start(weights)  # keys, shares and masks while it trains
                 result = self.worker.handle(task.kind, task.config, weights, task.preprocessing, task.round)
                 if secure is not None:
@@ -210,9 +213,8 @@ class HospitalNode:
             outcome = "unreachable"
         except httpx.HTTPStatusError as error:
             log.warning("%s/%s: %s: %s", self.hospital_id, self.node_id, task.id, _detail(error.response))
-        except SecAggError as error:  # the aggregator passed on what does not check out: nothing more is sent
-            log.error("%s/%s: %s: refused the secure aggregation round: %s", self.hospital_id, self.node_id, task.id,
-                      error)
+        except SecAggError as error:  # what the aggregator asked or passed on does not check out: nothing is sent
+            log.error("%s/%s: %s: refused the task: %s", self.hospital_id, self.node_id, task.id, error)
             outcome = "refused"
         except Exception:  # a bad task or a failure in local compute ends this task, not the node
             log.exception("%s/%s: %s failed", self.hospital_id, self.node_id, task.id)

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel
 
+from health_mlops.fl.coordinator import TaskKind
 from health_mlops.fl.messages import (AdvertisedKeys, SecureReveal, SecureRoundView, SecureShares, SignedSurvivors,
                                       TaskMessage, bytes_of)
 from health_mlops.fl.secagg import (EncryptedShares, RoundContext, RoundKeys, SecAggError, ShareHolder,
@@ -65,6 +66,25 @@ def clip_update(trained: Weights, current: Weights, norm_bound: float) -> tuple[
             for n in trained}, True
 
 
+@dataclass(frozen=True)
+class ParticipationPolicy:
+    """What this hospital takes part in, whatever the aggregator asks: its own settings, not the run's."""
+
+    require_secure_aggregation: bool = False  # a fit task of a plain run is refused: no update leaves in the clear
+    min_colluding_hospitals: int = 0  # a secure round's threshold must tolerate at least this many colluders
+
+    def refusal(self, task: TaskMessage) -> str | None:
+        """Why this hospital does not do `task`, or None."""
+        if task.kind is TaskKind.fit and self.require_secure_aggregation and not task.config.secure_aggregation:
+            return ("this hospital takes part only in securely aggregated rounds (REQUIRE_SECURE_AGGREGATION): "
+                    "its update would reach the aggregator in the clear")
+        return None
+
+    def colluders(self, task: TaskMessage) -> int:
+        """The colluding hospitals a secure round must tolerate: the run's, or this hospital's floor if higher."""
+        return max(task.config.secure_colluding_hospitals, self.min_colluding_hospitals)
+
+
 class SecureChannel(Protocol):
     """How a session reaches the aggregator: `HospitalClient`'s secure calls (a test may call a coordinator)."""
 
@@ -76,11 +96,13 @@ class SecureChannel(Protocol):
 class SecureFitSession:
     """One hospital's part in one attempt of a secure fit round (see the module's docstring)."""
 
-    def __init__(self, client: SecureChannel, identity: ConsortiumIdentity, hospital: str, task: TaskMessage) -> None:
+    def __init__(self, client: SecureChannel, identity: ConsortiumIdentity, hospital: str, task: TaskMessage,
+                 policy: ParticipationPolicy = ParticipationPolicy()) -> None:
         self.client = client
         self.identity = identity
         self.hospital = hospital
         self.task = task
+        self.policy = policy
         self.keys = RoundKeys(hospital)
         self.clipped = False
         self._prepared: Future[None] | None = None
@@ -113,7 +135,7 @@ class SecureFitSession:
         view = self.client.secure_round(self.task.id)
         if self.hospital not in view.enrolled:
             raise SecAggError(f"{self.hospital} is not enrolled in {self.task.id}'s round")
-        colluders = self.task.config.secure_colluding_hospitals
+        colluders = self.policy.colluders(self.task)
         if view.threshold < default_threshold(len(view.enrolled), colluders):
             raise SecAggError(f"threshold {view.threshold} for {len(view.enrolled)} hospitals, {colluders} of which "
                               f"may collude: below {default_threshold(len(view.enrolled), colluders)}, one "
