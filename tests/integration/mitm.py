@@ -2,9 +2,9 @@
 it does when the aggregator lies.
 
 It holds the consortium's keys (the test issued them): it terminates the node's mutual TLS with the aggregator's
-certificate, dials the aggregator with the node's certificate, keeps the plaintext of everything the node sends, and
-may rewrite what the aggregator answers (`rewrite`: a response body in, the body the node gets out) as a dishonest
-aggregator would.
+certificate, dials the aggregator with the node's certificate, keeps the plaintext of everything the node sends,
+may hold a request back (`hold`), and may rewrite what the aggregator answers (`rewrite`: a response body in, the
+body the node gets out) as a dishonest aggregator would.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class RecordingProxy:
     def __init__(self, credentials: Path, hospital: str, port: int, upstream_port: int) -> None:
         self.port, self.upstream_port = port, upstream_port
         self.rewrite: Callable[[bytes], bytes] | None = None  # read at each response: a test may set it any time
+        self._holds: list[tuple[bytes, threading.Event]] = []
         self._listen = server_context(cert_path(credentials, SERVER), key_path(credentials, SERVER),
                                       client_ca=cert_path(credentials, CA))
         self._dial = client_context(cert_path(credentials, hospital), key_path(credentials, hospital),
@@ -78,7 +79,7 @@ class RecordingProxy:
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port, ssl=self._dial,
                                                                  server_hostname="127.0.0.1")
-            await asyncio.gather(_pipe(reader, up_writer, recorded), self._answer(up_reader, writer))
+            await asyncio.gather(self._pipe(reader, up_writer, recorded), self._answer(up_reader, writer))
         except asyncio.CancelledError:  # the proxy is shutting down (asyncio would log a cancelled connection)
             writer.close()
 
@@ -104,25 +105,34 @@ class RecordingProxy:
         finally:
             target.close()
 
+    def hold(self, marker: bytes) -> threading.Event:
+        """From now on, hold back what the node sends in a chunk containing `marker` (a request's path: small
+        requests come in one chunk) until the event returned is set."""
+        released = threading.Event()
+        self._holds.append((marker, released))
+        return released
+
+    async def _pipe(self, source: asyncio.StreamReader, target: asyncio.StreamWriter,
+                    recorded: list[tuple[float, bytes]]) -> None:
+        try:
+            while chunk := await source.read(65536):
+                recorded.append((time.time(), chunk))
+                for marker, released in self._holds:
+                    if marker in chunk and not released.is_set():
+                        await asyncio.get_running_loop().run_in_executor(None, released.wait)
+                target.write(chunk)
+                await target.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            target.close()
+
     def requests(self) -> list[Request]:
         """Every request recorded so far, parsed from each connection's plaintext."""
         found = []
         for chunks in list(self.connections):
             found += _parse_requests(list(chunks))
         return sorted(found, key=lambda r: r.at)
-
-
-async def _pipe(source: asyncio.StreamReader, target: asyncio.StreamWriter, recorded: list[tuple[float, bytes]]
-                ) -> None:
-    try:
-        while chunk := await source.read(65536):
-            recorded.append((time.time(), chunk))
-            target.write(chunk)
-            await target.drain()
-    except (ConnectionError, ssl.SSLError):
-        pass
-    finally:
-        target.close()
 
 
 def _parse_requests(chunks: list[tuple[float, bytes]]) -> list[Request]:

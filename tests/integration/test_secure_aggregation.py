@@ -11,6 +11,7 @@ import json
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -99,10 +100,13 @@ class Witnessed:
         response = self.cluster.admin.get(f"/v1/runs/{run_id}/rounds/{round_number}/weights").raise_for_status()
         return decode_weights(response.content)[0]
 
-    def first_fit_round(self, **config: object) -> tuple[str, np.ndarray, np.ndarray]:
-        """A run taken through its first fit round, then cancelled: its id, and its global model before and after
-        the round (flattened)."""
+    def first_fit_round(self, *, while_open: Callable[[str], None] | None = None, **config: object
+                        ) -> tuple[str, np.ndarray, np.ndarray]:
+        """A run taken through its first fit round (`while_open(run_id)` called once it started), then cancelled:
+        its id, and its global model before and after the round (flattened)."""
         run_id = self.cluster.start_run(rounds=1, local_epochs=1, **config)
+        if while_open is not None:
+            while_open(run_id)
         self.cluster.wait_for(run_id, lambda v: v.round >= 2, timeout_s=300)
         before, after = (flatten(self.weights(run_id, r)) for r in (1, 2))  # a cancelled run keeps its last only
         self.cluster.admin.post(f"/v1/runs/{run_id}/cancel").raise_for_status()
@@ -133,13 +137,14 @@ def witnessed(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Iterator[
 
 @dataclass
 class StoreSampler:
-    """Every version of every file under the aggregator's models folder, read every few milliseconds while a run
-    goes on (a file written and removed between two reads is missed: the sampling is what a thief with read
-    access would see, and the result files' lifetime spans the whole round)."""
+    """Every version of every file under the aggregator's models folder, read every 10 ms while a run goes on and
+    whenever `sample` is called: what a thief with read access would see (a version replaced between two reads is
+    missed; the test calls `sample` while the round is held open with every masked input on disk)."""
 
     folder: Path
     versions: dict[tuple[str, int, int], bytes] = field(default_factory=dict)  # (path, mtime_ns, size) -> content
     _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __enter__(self) -> StoreSampler:
         self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
@@ -149,20 +154,22 @@ class StoreSampler:
     def __exit__(self, *_: object) -> None:
         self._stop.set()
         self._thread.join()
-        self._sample()
+        self.sample()
 
     def _sample_until_stopped(self) -> None:
         while not self._stop.wait(0.01):
-            self._sample()
+            self.sample()
 
-    def _sample(self) -> None:
-        for path in self.folder.rglob("*"):
-            try:
-                stat = path.stat()
-                if path.is_file() and (key := (str(path), stat.st_mtime_ns, stat.st_size)) not in self.versions:
-                    self.versions[key] = path.read_bytes()
-            except FileNotFoundError:  # replaced or removed between the listing and the read
-                continue
+    def sample(self) -> None:
+        """Read every file not read in this version yet."""
+        with self._lock:
+            for path in self.folder.rglob("*"):
+                try:
+                    stat = path.stat()
+                    if path.is_file() and (key := (str(path), stat.st_mtime_ns, stat.st_size)) not in self.versions:
+                        self.versions[key] = path.read_bytes()
+                except FileNotFoundError:  # replaced or removed between the listing and the read
+                    continue
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -181,8 +188,25 @@ def test_the_aggregator_receives_and_stores_only_masked_inputs_and_their_exact_s
         tensors, metadata = decode_weights(witnessed.result(plain, 1, hospital).body)
         trained[hospital], examples[hospital] = flatten(tensors).astype(np.float64), metadata["num_examples"]
 
+    # hospital-1's signature of the survivors is held back: the round cannot close, and the masked inputs stay in
+    # the aggregator's files, until the sampler has read them all (whatever the machine's speed).
+    release = witnessed.proxies["hospital-1"].hold(b"/secure/consistency")
+
+    def sample_all_masked_inputs(run_id: str) -> None:
+        try:
+            deadline = time.monotonic() + 300
+            # The others sign once the masked phase closed: every masked input is then durable.
+            while not all(any(r.path.endswith("/secure/consistency") for r in witnessed.sent(run_id, 1, h))
+                          for h in HOSPITALS[1:]):
+                assert time.monotonic() < deadline, "the secure round did not reach its consistency phase"
+                time.sleep(0.05)
+            stored.sample()
+        finally:
+            release.set()
+
     with StoreSampler(cluster.home / "models") as stored:
-        secure, secure_initial, model = witnessed.first_fit_round(secure_aggregation=True, **config)
+        secure, secure_initial, model = witnessed.first_fit_round(secure_aggregation=True,
+                                                                  while_open=sample_all_masked_inputs, **config)
     assert np.array_equal(secure_initial, initial)
     history = cluster.view(secure).history
     assert history[1].secure_aggregation is not None and history[1].secure_aggregation["revealed"] == HOSPITALS
@@ -215,7 +239,8 @@ def test_the_aggregator_receives_and_stores_only_masked_inputs_and_their_exact_s
             "/secure/keys", "/secure/shares", "/secure/reveal"}
 
     # What it stored: the masked inputs as received, the rounds' global models, files too small to hold an update
-    # (the state, the history), and files being written (each the start of a version of the file it becomes). No
+    # (the state, the history), and files being written (small, or the start of a masked input as received or of
+    # the global model it becomes: the state, rewritten at every step, may be replaced before it is read). No
     # plain update in any of them, nor in what was received: runs of four of each hospital's trained float32
     # weights, where training changed them, are searched for.
     plain_run_folder = str(cluster.home / "models" / "runs" / plain)
@@ -223,12 +248,14 @@ def test_the_aggregator_receives_and_stores_only_masked_inputs_and_their_exact_s
     by_path: dict[str, list[bytes]] = {}
     for (path, _, _), content in versions.items():
         by_path.setdefault(path, []).append(content)
+    received = [witnessed.result(secure, 1, h).body for h in HOSPITALS]
     kept_masked = 0
     for path, contents in by_path.items():
         name = Path(path).name
-        if name.startswith(".") and name.endswith(".tmp"):
-            final = by_path[str(Path(path).with_name(name[1:-len(".tmp")]))]
-            assert all(any(f.startswith(partial) for f in final) for partial in contents), path
+        if name.startswith(".") and name.endswith(".tmp"):  # being written: small, or the start of what it becomes
+            final = by_path.get(str(Path(path).with_name(name[1:-len(".tmp")])), [])
+            assert all(len(partial) < SMALL_BODY or any(f.startswith(partial) for f in [*final, *received])
+                       for partial in contents), path
         elif "/results/" in path:
             kept_masked += 1
             assert all(any(np.array_equal(flatten(decode_weights(c)[0]), m) for m in masked.values())
