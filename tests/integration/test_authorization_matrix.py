@@ -80,6 +80,7 @@ API = [
     Row("POST", "/v1/tasks/{task_id}/secure/shares", refused_unless({"hospital-1": 409}), b'{"shares": []}'),
     Row("POST", "/v1/tasks/{task_id}/secure/consistency", refused_unless({"hospital-1": 409}),
         b'{"signature": "AA=="}'),
+    Row("POST", "/v1/tasks/{task_id}/secure/refuse", refused_unless({"hospital-1": 409}), b'{"reason": "a test"}'),
     Row("POST", "/v1/tasks/{task_id}/secure/reveal", refused_unless({"hospital-1": 409}),
         b'{"self_seed_shares": {}, "s_key_shares": {}}'),
 ]

@@ -306,16 +306,19 @@ def test_a_node_refuses_a_round_in_which_the_aggregator_substituted_a_key(witnes
     forged, rewrite = substitute_s_key("hospital-2")
     proxy.rewrite = rewrite  # what hospital-1 reads of the round: hospital-2's key replaced
     try:
-        # The round waits for hospital-1's shares until the phase's deadline, then goes on without it.
-        run_id, _, _ = witnessed.first_fit_round(secure_aggregation=True, min_hospitals=2, secure_phase_s=15)
+        run_id, _, _ = witnessed.first_fit_round(secure_aggregation=True, min_hospitals=2)
     finally:
         proxy.rewrite = None
     summary = cluster.view(run_id).history[1].secure_aggregation
     assert summary is not None and summary["keys"] == HOSPITALS
     assert summary["shares"] == summary["masked"] == ["hospital-2", "hospital-3"]
-    # hospital-1 advertised its keys, read the forged one, and sent nothing more for the round.
+    # hospital-1 advertised its keys, read the forged one, sent nothing more for the round but its refusal, and
+    # the aggregator's record (and log) says why: the round did not wait for it.
     assert [r.path.rsplit("/", 1)[-1] for r in witnessed.sent(run_id, 1, "hospital-1") if r.method == "POST"
-            and not r.path.endswith("/heartbeat")] == ["keys"]
+            and not r.path.endswith("/heartbeat")] == ["keys", "refuse"]
+    assert summary["refused"] == {"hospital-1": "keys from hospital-2: the signature does not match (substituted "
+                                                "keys?)"}
+    assert "hospital-1 refused the secure round of" in cluster.aggregator.log_path.read_text(encoding="utf-8")
     log = cluster.nodes["hospital-1-a"].log_path.read_text(encoding="utf-8")
     assert re.search(rf"{re.escape(run_id)}\.r1\.a0\.hospital-1: refused the task: keys from "
                      r"hospital-2: the signature does not match", log), log[-3000:]

@@ -18,8 +18,8 @@ from pydantic import BaseModel
 from health_mlops.data.preprocess import GlobalPreprocessing
 from health_mlops.fl.coordinator import Coordinator, Run, RunStatus, TaskKind, TaskResult
 from health_mlops.fl.errors import Conflict, Invalid
-from health_mlops.fl.messages import (AdvertisedKeys, SecureReveal, SecureRoundView, SecureShares, SignedSurvivors,
-                                      TaskMessage)
+from health_mlops.fl.messages import (AdvertisedKeys, SecureRefusal, SecureReveal, SecureRoundView, SecureShares,
+                                      SignedSurvivors, TaskMessage)
 from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.run_config import RunConfig, StrategyConfig
 from health_mlops.fl.secagg import FRACTION_BITS, Reveal, SecAggError
@@ -90,6 +90,8 @@ class InProcessChannel:
             self.world.call(lambda c, now: c.secure_shares(task_id, h, node, body.encrypted(h), now))
         elif isinstance(body, SignedSurvivors):
             self.world.call(lambda c, now: c.secure_consistency(task_id, h, node, body.signed(), now))
+        elif isinstance(body, SecureRefusal):
+            self.world.call(lambda c, now: c.secure_refuse(task_id, h, node, body.reason, now))
         else:
             assert isinstance(body, SecureReveal)
             reveal = body.reveal(h)
@@ -151,18 +153,26 @@ class Hospital:
             message = TaskMessage.of(task, world.run())
             channel = InProcessChannel(world, self.name, node, self.before_reveal, self.tamper)
             session = SecureFitSession(channel, identity, self.name, message, self.policy)
-            current = {name: np.asarray(w) for name, w in world.run().weights.items()}
-            session.prepare(current)
-            if self.stop_before == "masked":
-                return
-            self.sent_masked = session.masked(self.weights, current, EXAMPLES[self.name], CONFIG.update_norm_bound)
-            metadata = {"num_examples": EXAMPLES[self.name], "num_test_examples": 10, "metrics": {"auc": 0.7}}
-            world.call(lambda c, now: c.submit(task.id, self.name, node, TaskResult(metadata, self.sent_masked), now))
-            if self.stop_before == "reveal":
-                return
-            session.reveal()
+            try:
+                self.steps(world, session, task.id, node)
+            except SecAggError as error:  # as the node does: say so, and send nothing more
+                session.refuse(error)
+                raise
         except BaseException as error:  # noqa: BLE001 - reported by the test
             self.error = error
+
+
+    def steps(self, world: World, session: SecureFitSession, task_id: str, node: str) -> None:
+        current = {name: np.asarray(w) for name, w in world.run().weights.items()}
+        session.prepare(current)
+        if self.stop_before == "masked":
+            return
+        self.sent_masked = session.masked(self.weights, current, EXAMPLES[self.name], CONFIG.update_norm_bound)
+        metadata = {"num_examples": EXAMPLES[self.name], "num_test_examples": 10, "metrics": {"auc": 0.7}}
+        world.call(lambda c, now: c.submit(task_id, self.name, node, TaskResult(metadata, self.sent_masked), now))
+        if self.stop_before == "reveal":
+            return
+        session.reveal()
 
 
 def start_hospitals(world: World, identities: dict[str, ConsortiumIdentity],
@@ -212,7 +222,7 @@ def test_a_secure_round_ends_with_fedavg_of_the_updates_to_the_quantization_erro
     record = run.history[-1]
     assert record.secure_aggregation == {"fraction_bits": 24, "modulus_bits": 64, "threshold": 3, "keys": HOSPITALS,
                                          "shares": HOSPITALS, "masked": HOSPITALS, "signed": HOSPITALS,
-                                         "revealed": HOSPITALS,
+                                         "revealed": HOSPITALS, "refused": {},
                                          "clipped_to_norm": CONFIG.update_norm_bound}
     assert sorted(record.hospitals) == HOSPITALS and record.evaluations()["hospital-1"].metrics == {"auc": 0.7}
 
@@ -334,8 +344,7 @@ def test_a_hospital_reveals_only_with_the_thresholds_signatures_of_the_survivors
     hospitals = [Hospital(h, weights[h], tamper=only_its_own_signature if h == "hospital-1" else None)
                  for h in HOSPITALS]
     threads = start_hospitals(world, identities, hospitals)
-    wait_until(lambda: len(world.secure().reveals) == 4, world)
-    world.pass_deadline()  # the reveal phase closes without hospital-1's
+    # hospital-1 says it refuses: no phase waits for it (no deadline passes in this test)
     for thread in threads:
         thread.join(timeout=120)
     assert isinstance(hospitals[0].error, SecAggError) and "1 survivors (hospital-1) signed" in str(hospitals[0].error)
@@ -343,6 +352,7 @@ def test_a_hospital_reveals_only_with_the_thresholds_signatures_of_the_survivors
     assert sorted(r.hospital for r in world.reveals) == HOSPITALS[1:]
     record = world.run().history[-1]
     assert record.secure_aggregation["signed"] == HOSPITALS and record.secure_aggregation["revealed"] == HOSPITALS[1:]
+    assert record.secure_aggregation["refused"] == {"hospital-1": str(hospitals[0].error)}
     for name in SHAPES:
         np.testing.assert_allclose(world.run().weights[name], fedavg(weights, HOSPITALS)[name], rtol=0,
                                    atol=bound(HOSPITALS))
@@ -361,8 +371,7 @@ def test_a_run_tolerating_a_colluder_raises_the_threshold_and_its_hospitals_hold
 
     hospitals = [Hospital(h, weights[h], tamper=lowered if h == "hospital-1" else None) for h in HOSPITALS]
     threads = start_hospitals(world, identities, hospitals)
-    wait_until(lambda: len(world.secure().advertisements) == 4, world)
-    world.pass_deadline()  # the keys phase closes without hospital-1
+    # hospital-1 says it refuses: the keys phase does not wait for it
     for thread in threads:
         thread.join(timeout=120)
     assert isinstance(hospitals[0].error, SecAggError)
@@ -389,13 +398,12 @@ def test_a_hospital_holds_a_round_to_its_own_floor_of_colluders(identities: dict
     hospitals = [Hospital(h, weights[h], policy=ParticipationPolicy(min_colluding_hospitals=1) if h == "hospital-1"
                           else ParticipationPolicy()) for h in HOSPITALS]
     threads = start_hospitals(world, identities, hospitals)
-    wait_until(lambda: len(world.secure().advertisements) == 4, world)
-    world.pass_deadline()
     for thread in threads:
         thread.join(timeout=120)
     assert isinstance(hospitals[0].error, SecAggError)
     assert "threshold 3 for 5 hospitals, 1 of which may collude: below 4" in str(hospitals[0].error)
-    assert world.run().history[-1].secure_aggregation["revealed"] == HOSPITALS[1:]
+    record = world.run().history[-1].secure_aggregation
+    assert record["keys"] == record["revealed"] == HOSPITALS[1:] and list(record["refused"]) == ["hospital-1"]
 
 
 def test_a_hospital_requiring_secure_aggregation_refuses_only_the_fit_tasks_of_plain_runs() -> None:

@@ -638,6 +638,11 @@ class Coordinator:
         secure.add_signature(hospital, signature)
         self._maybe_close(self.runs[task.run_id], now)
 
+    def secure_refuse(self, task_id: str, hospital: str, node: str, reason: str, now: float) -> None:
+        task, secure = self._secure_task(task_id, hospital, node, now)
+        secure.add_refusal(hospital, reason)
+        self._maybe_close(self.runs[task.run_id], now)
+
     def secure_reveal(self, task_id: str, hospital: str, node: str, reveal: Reveal, now: float) -> None:
         task, secure = self._secure_task(task_id, hospital, node, now)
         secure.add_reveal(hospital, reveal)

@@ -356,6 +356,14 @@ class SignedSurvivors(BaseModel):
         return bytes_of("signature", self.signature)
 
 
+class SecureRefusal(BaseModel):
+    """`POST /v1/tasks/{id}/secure/refuse`: a hospital takes no further part in the round, and says why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=1000)
+
+
 class SecureReveal(BaseModel):
     """`POST /v1/tasks/{id}/secure/reveal`: a hospital's shares of the survivors' self-mask seeds and of the
     dropped hospitals' key seeds, by the hospital they belong to (base64)."""

@@ -184,11 +184,11 @@ class HospitalNode:
         started = time.time()
         self._lease_renewed = time.monotonic()
         outcome = "failed"
+        secure: SecureFitSession | None = None
         try:
             if (refusal := self.policy.refusal(task)) is not None:  # before anything is downloaded or computed
                 raise SecAggError(refusal)
             weights = self._round_weights(task)
-            secure = None
             with _Heartbeat(self, task):
                 if task.kind is TaskKind.fit and task.config.secure_aggregation:
                     secure = SecureFitSession(self._client, ConsortiumIdentity.of(self._credential),
@@ -215,6 +215,8 @@ class HospitalNode:
             log.warning("%s/%s: %s: %s", self.hospital_id, self.node_id, task.id, _detail(error.response))
         except SecAggError as error:  # what the aggregator asked or passed on does not check out: nothing is sent
             log.error("%s/%s: %s: refused the task: %s", self.hospital_id, self.node_id, task.id, error)
+            if secure is not None:
+                secure.refuse(error)
             outcome = "refused"
         except Exception:  # a bad task or a failure in local compute ends this task, not the node
             log.exception("%s/%s: %s failed", self.hospital_id, self.node_id, task.id)

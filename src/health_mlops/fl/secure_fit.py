@@ -12,6 +12,7 @@ node sends nothing more for the round.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from concurrent.futures import Future
@@ -25,14 +26,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel
 
 from health_mlops.fl.coordinator import TaskKind
-from health_mlops.fl.messages import (AdvertisedKeys, SecureReveal, SecureRoundView, SecureShares, SignedSurvivors,
-                                      TaskMessage, bytes_of)
+from health_mlops.fl.messages import (AdvertisedKeys, SecureRefusal, SecureReveal, SecureRoundView, SecureShares,
+                                      SignedSurvivors, TaskMessage, bytes_of)
 from health_mlops.fl.secagg import (EncryptedShares, RoundContext, RoundKeys, SecAggError, ShareHolder,
                                     default_threshold, masks, quantize, sign_survivors, verify_advertisements,
                                     verify_survivors)
 from health_mlops.fl.secure_round import SecurePhase, base64_of, flatten, unflatten
 from health_mlops.fl.strategies import Weights
 from health_mlops.security import ClientCredential
+
+
+log = logging.getLogger("health_mlops.node")
 
 
 @dataclass(frozen=True)
@@ -174,6 +178,14 @@ class SecureFitSession:
         quantized = quantize(examples * flatten(clipped).astype(np.float64), headroom=len(self.context.hospitals))
         quantized += self._masks
         return unflatten(quantized, trained)
+
+    def refuse(self, error: SecAggError) -> None:
+        """Tell the aggregator this hospital takes no further part in the round, and why (its record shows it; no
+        phase waits for us). Best effort: the refusal stands whether or not the message arrives."""
+        try:
+            self.client.secure_send(self.task.id, "refuse", SecureRefusal(reason=str(error)[:1000]))
+        except Exception as failure:  # noqa: BLE001 - the round is refused either way
+            log.info("%s: the aggregator did not take %s's refusal: %s", self.task.id, self.hospital, failure)
 
     def reveal(self) -> None:
         view = self._wait(SecurePhase.masked)

@@ -89,6 +89,7 @@ class SecureRound:
     masked_from: dict[str, int] = field(default_factory=dict)  # hospital -> the examples its masked input weighs
     signatures: dict[str, bytes] = field(default_factory=dict)  # hospital -> its signature of the survivors
     reveals: dict[str, Reveal] = field(default_factory=dict)
+    refusals: dict[str, str] = field(default_factory=dict)  # hospital -> why it refused the round (it says so)
     _total: np.ndarray | None = None  # Σ of the masked inputs received (uint64, mod 2^64)
 
     @property
@@ -102,10 +103,11 @@ class SecureRound:
         return RoundContext(self.run_id, self.round, self.attempt, tuple(sorted(self.advertisements)), self.threshold)
 
     def expected(self) -> list[str]:
-        """Who the open phase waits for."""
-        return {SecurePhase.keys: list(self.enrolled), SecurePhase.shares: sorted(self.advertisements),
-                SecurePhase.masked: sorted(self.shares), SecurePhase.consistency: sorted(self.masked_from),
-                SecurePhase.reveal: sorted(self.signatures)}[self.phase]
+        """Who the open phase waits for (not a hospital that refused the round)."""
+        expected = {SecurePhase.keys: list(self.enrolled), SecurePhase.shares: sorted(self.advertisements),
+                    SecurePhase.masked: sorted(self.shares), SecurePhase.consistency: sorted(self.masked_from),
+                    SecurePhase.reveal: sorted(self.signatures)}[self.phase]
+        return [h for h in expected if h not in self.refusals]
 
     def answered(self) -> list[str]:
         answers: dict[SecurePhase, Mapping[str, object]] = {
@@ -129,7 +131,7 @@ class SecureRound:
         threshold, and who took part in each phase."""
         return {"fraction_bits": FRACTION_BITS, "modulus_bits": 64, "threshold": self.threshold,
                 "keys": sorted(self.advertisements), "shares": sorted(self.shares), "masked": sorted(self.masked_from),
-                "signed": sorted(self.signatures), "revealed": sorted(self.reveals)}
+                "signed": sorted(self.signatures), "revealed": sorted(self.reveals), "refused": dict(self.refusals)}
 
     # --- what hospitals send ------------------------------------------------------------------------------------
 
@@ -171,6 +173,13 @@ class SecureRound:
             raise Rejected("bad_signature", f"{hospital}'s signature is not of this round's survivors "
                                             f"{sorted(self.masked_from)}")
         self.signatures[hospital] = signature
+
+    def add_refusal(self, hospital: str, reason: str) -> None:
+        """A hospital of the round says it takes no further part, and why (a key or a list that did not check out:
+        the run's record shows it, and no phase waits for it)."""
+        if hospital not in self.enrolled:
+            raise Conflict(f"{hospital} is not part of round {self.round}")
+        self.refusals.setdefault(hospital, reason)
 
     def add_reveal(self, hospital: str, reveal: Reveal) -> None:
         self.expect(SecurePhase.reveal, hospital)
@@ -241,7 +250,8 @@ class SecureRound:
                 "signatures": {h: base64_of(s) for h, s in self.signatures.items()},
                 "reveals": {h: {"self_seed_shares": {k: base64_of(v) for k, v in r.self_seed_shares.items()},
                                 "s_key_shares": {k: base64_of(v) for k, v in r.s_key_shares.items()}}
-                            for h, r in self.reveals.items()}}
+                            for h, r in self.reveals.items()},
+                "refusals": dict(self.refusals)}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> SecureRound:
@@ -256,8 +266,9 @@ class SecureRound:
         for hospital, sent in raw["shares"].items():
             restored.shares[hospital] = [EncryptedShares(hospital, s["recipient"], _bytes(s["ciphertext"]))
                                          for s in sent]
-        # none in a checkpoint written before the consistency phase existed
+        # none in a checkpoint written before the consistency phase and refusals existed
         restored.signatures = {h: _bytes(s) for h, s in raw.get("signatures", {}).items()}
+        restored.refusals = dict(raw.get("refusals", {}))
         for hospital, reveal in raw["reveals"].items():
             restored.reveals[hospital] = Reveal(hospital, {k: _bytes(v) for k, v in reveal["self_seed_shares"].items()},
                                                 {k: _bytes(v) for k, v in reveal["s_key_shares"].items()})

@@ -4,6 +4,7 @@ exception handler per kind of refusal, so no route maps errors itself."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,13 +20,15 @@ from health_mlops.fl.aggregator.dependencies import Admin, Caller, Hospital, Nod
 from health_mlops.fl.aggregator.service import AggregatorService
 from health_mlops.fl.errors import Conflict, Forbidden, Invalid, NotFound, Rejected
 from health_mlops.fl.messages import (SAFETENSORS_MEDIA_TYPE, AdvertisedKeys, LeaseMessage, MessageError,
-                                      ResultReceipt, RunRequest, RunView, SecureReveal, SecureRoundView, SecureShares,
-                                      SignedSurvivors, TaskMessage)
+                                      ResultReceipt, RunRequest, RunView, SecureRefusal, SecureReveal, SecureRoundView,
+                                      SecureShares, SignedSurvivors, TaskMessage)
 from health_mlops.fl.secure_round import SecurePhase
 from health_mlops.http_edge import KIB, BodyLimit
 from health_mlops.http_errors import install_validation_handler
 
 # A result is one model's weights; far beyond any model this task trains, small enough to refuse abuse.
+log = logging.getLogger("health_mlops.aggregator")
+
 DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024
 MAX_RUN_REQUEST_BYTES = 64 * KIB  # a run's config and hospital list
 MAX_SECURE_BODY_BYTES = 4 * 1024 * KIB  # secure aggregation's keys, shares and reveals: a few KiB per hospital
@@ -201,6 +204,14 @@ def create_app(service_factory: Callable[[], AggregatorService],
         signature = body.signed()
         return await secure_step(svc, lambda now: svc.coordinator.secure_consistency(task_id, hospital, node,
                                                                                      signature, now))
+
+    @app.post("/v1/tasks/{task_id}/secure/refuse", status_code=204)
+    async def secure_refuse(task_id: str, body: SecureRefusal, svc: Service, hospital: Hospital,
+                            node: NodeId) -> Response:
+        answer = await secure_step(svc, lambda now: svc.coordinator.secure_refuse(task_id, hospital, node,
+                                                                                  body.reason, now))
+        log.warning("%s refused the secure round of %s: %r", hospital, task_id, body.reason)  # tampering shows here
+        return answer
 
     @app.post("/v1/tasks/{task_id}/secure/reveal", status_code=204)
     async def secure_reveal(task_id: str, body: SecureReveal, svc: Service, hospital: Hospital,
