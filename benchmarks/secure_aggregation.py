@@ -4,8 +4,8 @@ For N hospitals x P float32 parameters (default N in 5, 20 x P in 100k, 1M), one
 (`health_mlops.fl.secagg`, no network):
   hospital     one hospital's work, the median over the N: new keys, a signed advertisement, checking the N
                advertisements, its shares out (Shamir, AES-GCM) and the N - 1 shares in, quantizing n·w and masking
-               it (its self mask and N - 1 pairwise masks, ChaCha20), signing the survivors and checking the N
-               survivors' signatures, its reveal
+               it (its self mask and N - 1 pairwise masks, ChaCha20), its reveal (a run tolerating colluders adds
+               signing the survivors, 0.06 ms, and checking 20 hospitals' signatures, 3 ms)
   aggregator   summing the N masked inputs and removing the masks (the survivors' self masks rebuilt from t
                shares each); "1 dropped" also removes the pairwise masks one hospital left behind
   plain        FedAvg's sum without protection: Σ n·w over the N updates in float64, as the masked sum is taken
@@ -31,8 +31,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from rich.console import Console
 from rich.table import Table
 
-from health_mlops.fl.secagg import (RoundContext, RoundKeys, ShareHolder, default_threshold, mask, quantize,
-                                    sign_survivors, unmask, verify_advertisements, verify_survivors)
+from health_mlops.fl.secagg import (RoundContext, RoundKeys, ShareHolder, default_threshold, mask, quantize, unmask,
+                                    verify_advertisements)
 from health_mlops.pki import CA, cert_path, ensure_certificates, key_path
 
 RESULTS = Path(__file__).parent / "results" / "secure_aggregation.md"
@@ -83,9 +83,6 @@ def one_round(folder: Path, n_hospitals: int, params: int, seed: int) -> dict[st
                                            quantize(counts[h] * weights[h].astype(np.float64),
                                                     headroom=n_hospitals)))
               for h in hospitals}
-    signed = {h: timed(h, sign_survivors, context, hospitals, signing[h]) for h in hospitals}
-    for hospital in hospitals:
-        timed(hospital, verify_survivors, context, hospitals, signed, certificates)
     reveals = [timed(h, holders[h].reveal, hospitals) for h in hospitals]
     started = time.perf_counter()
     unmask(context, masked, reveals, checked[hospitals[0]])

@@ -12,7 +12,7 @@ then reveal its shares for them). The final evaluate task is
 not answered and the run is cancelled.
 
 A fit round's time is the aggregator's own (the run view's closed_at - opened_at: from its tasks to its closing,
-the unmasking included); its overhead is that minus the delay. Medians over `--rounds` fit rounds (default 3).
+the unmasking included); its overhead is that minus the delay. Medians over `--rounds` fit rounds (default 5).
 The N hospitals' cryptography runs here in one process on this machine's CPUs, where real hospitals each run
 their own in parallel: when the N hospitals' masks take these CPUs longer than the training (20 x 1M), the secure
 overhead includes the rest of them. The training is a sleep: a real one competes with the masks for the hospital's
@@ -132,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hospitals", type=int, nargs="+", default=[5, 20])
     parser.add_argument("--params", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--delay", type=float, default=1.0, help="each hospital's training time per round (s)")
     args = parser.parse_args()
     console = Console()

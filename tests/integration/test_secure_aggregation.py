@@ -188,17 +188,17 @@ def test_the_aggregator_receives_and_stores_only_masked_inputs_and_their_exact_s
         tensors, metadata = decode_weights(witnessed.result(plain, 1, hospital).body)
         trained[hospital], examples[hospital] = flatten(tensors).astype(np.float64), metadata["num_examples"]
 
-    # hospital-1's signature of the survivors is held back: the round cannot close, and the masked inputs stay in
-    # the aggregator's files, until the sampler has read them all (whatever the machine's speed).
-    release = witnessed.proxies["hospital-1"].hold(b"/secure/consistency")
+    # hospital-1's reveal is held back: the round cannot close, and the masked inputs stay in the aggregator's
+    # files, until the sampler has read them all (whatever the machine's speed).
+    release = witnessed.proxies["hospital-1"].hold(b"/secure/reveal")
 
     def sample_all_masked_inputs(run_id: str) -> None:
         try:
             deadline = time.monotonic() + 300
-            # The others sign once the masked phase closed: every masked input is then durable.
-            while not all(any(r.path.endswith("/secure/consistency") for r in witnessed.sent(run_id, 1, h))
+            # The others reveal once the masked phase closed: every masked input is then durable.
+            while not all(any(r.path.endswith("/secure/reveal") for r in witnessed.sent(run_id, 1, h))
                           for h in HOSPITALS[1:]):
-                assert time.monotonic() < deadline, "the secure round did not reach its consistency phase"
+                assert time.monotonic() < deadline, "the secure round did not reach its reveal phase"
                 time.sleep(0.05)
             stored.sample()
         finally:

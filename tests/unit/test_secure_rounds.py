@@ -221,7 +221,7 @@ def test_a_secure_round_ends_with_fedavg_of_the_updates_to_the_quantization_erro
         np.testing.assert_allclose(run.weights[name], expected[name], rtol=0, atol=bound(HOSPITALS))
     record = run.history[-1]
     assert record.secure_aggregation == {"fraction_bits": 24, "modulus_bits": 64, "threshold": 3, "keys": HOSPITALS,
-                                         "shares": HOSPITALS, "masked": HOSPITALS, "signed": HOSPITALS,
+                                         "shares": HOSPITALS, "masked": HOSPITALS, "signed": [],  # no colluders
                                          "revealed": HOSPITALS, "refused": {},
                                          "clipped_to_norm": CONFIG.update_norm_bound}
     assert sorted(record.hospitals) == HOSPITALS and record.evaluations()["hospital-1"].metrics == {"auc": 0.7}
@@ -236,8 +236,8 @@ def test_hospitals_dropping_before_and_after_masking_leave_the_others_sum(
     threads = start_hospitals(world, identities, hospitals)
     wait_until(lambda: len(world.secure().masked_from) == 4, world)  # hospital-2 never sends its masked input
     world.pass_deadline()  # the masked phase closes with 4: hospital-2 dropped
-    wait_until(lambda: len(world.secure().signatures) == 3, world)  # hospital-4 left after its masked input
-    world.pass_deadline()  # the consistency phase closes with 3 signatures (the threshold): they reveal
+    wait_until(lambda: len(world.secure().reveals) == 3, world)  # hospital-4 left after its masked input
+    world.pass_deadline()  # the reveal phase closes with 3 reveals: the threshold
     for thread in threads:
         thread.join(timeout=120)
     assert [h.error for h in hospitals] == [None] * 5
@@ -331,9 +331,10 @@ def test_a_round_without_enough_hospitals_in_a_phase_is_retried_with_new_keys(
 
 def test_a_hospital_reveals_only_with_the_thresholds_signatures_of_the_survivors_it_signed(
         identities: dict[str, ConsortiumIdentity]) -> None:
-    """The aggregator passes on to hospital-1 no signature but its own: hospital-1 reveals nothing; the others
-    (4, above the threshold 3) unmask the round, hospital-1's masked input included."""
-    world = started()
+    """In a run tolerating one colluder (threshold 4 of 5, and the consistency check), the aggregator passes on to
+    hospital-1 no signature but its own: hospital-1 reveals nothing; the 4 others unmask the round, hospital-1's
+    masked input included."""
+    world = started(CONFIG.model_copy(update={"secure_colluding_hospitals": 1}))
     weights = trained_weights(7)
 
     def only_its_own_signature(view: dict[str, Any]) -> dict[str, Any]:

@@ -5,9 +5,9 @@ consortium certificate, check every other hospital's against the consortium CA, 
 ours, and draw the masks. After training (`masked`): clip the update to the run's norm bound (the aggregator cannot
 check a masked update's norm), weigh it by the examples, quantize it and add the masks. Done beside the training,
 the exchanges and the masks' cryptography add nothing to the round's time unless they take longer than it. After the
-masked input is accepted (`reveal`): sign the survivors the aggregator names, and once the threshold of them signed
-that same list, reveal our shares for them, once. Anything that does not check out raises `SecAggError`, and the
-node sends nothing more for the round.
+masked input is accepted (`reveal`): in a run tolerating colluders, sign the survivors the aggregator names and wait
+for the threshold of them to have signed that same list; then reveal our shares for them, once. Anything that does
+not check out raises `SecAggError`, and the node sends nothing more for the round.
 """
 
 from __future__ import annotations
@@ -189,17 +189,21 @@ class SecureFitSession:
 
     def reveal(self) -> None:
         view = self._wait(SecurePhase.masked)
-        if view.phase is not SecurePhase.consistency or view.survivors is None:
-            raise SecAggError(f"the round is in its {view.phase.value} phase, not consistency")
+        if view.survivors is None:
+            raise SecAggError(f"the round is in its {view.phase.value} phase, and names no survivors")
         survivors = sorted(view.survivors)
         self.holder.check_survivors(survivors)
-        signature = sign_survivors(self.context, survivors, self.identity.signing_key)
-        self.client.secure_send(self.task.id, "consistency", SignedSurvivors(signature=base64_of(signature)))
-        view = self._wait(SecurePhase.consistency)
-        if view.phase is not SecurePhase.reveal or view.signatures is None:
+        if self.policy.colluders(self.task):  # the consistency check: sign, then reveal only for a list t signed
+            if view.phase is not SecurePhase.consistency:
+                raise SecAggError(f"the round is in its {view.phase.value} phase: its consistency check was skipped")
+            signature = sign_survivors(self.context, survivors, self.identity.signing_key)
+            self.client.secure_send(self.task.id, "consistency", SignedSurvivors(signature=base64_of(signature)))
+            view = self._wait(SecurePhase.consistency)
+            if view.signatures is None or sorted(view.survivors or []) != survivors:
+                raise SecAggError(f"the round's survivors are now {view.survivors}, without signatures of the "
+                                  f"{survivors} we signed")
+            verify_survivors(self.context, survivors, {h: bytes_of(f"signatures.{h}", s) for h, s in
+                                                       view.signatures.items()}, self.certificates)
+        if view.phase is not SecurePhase.reveal:
             raise SecAggError(f"the round is in its {view.phase.value} phase, not reveal")
-        if sorted(view.survivors or []) != survivors:
-            raise SecAggError(f"the survivors changed from {survivors} to {view.survivors} after we signed them")
-        verify_survivors(self.context, survivors, {h: bytes_of(f"signatures.{h}", s) for h, s in
-                                                   view.signatures.items()}, self.certificates)
         self.client.secure_send(self.task.id, "reveal", SecureReveal.of(self.holder.reveal(survivors)))

@@ -1,16 +1,17 @@
 """The aggregator's side of one securely aggregated fit round (`fl.secagg`'s protocol), as a state machine.
 
-A secure fit round goes through five phases, each closing when every hospital expected has answered, or at its
-deadline if enough have (at least the Shamir threshold and the run's `min_hospitals`; else the round is retried
-with new keys):
+A secure fit round goes through four or five phases, each closing when every hospital expected has answered (a
+hospital that refuses the round is no longer expected), or at its deadline if enough have (at least the Shamir
+threshold and the run's `min_hospitals`; else the round is retried with new keys):
 
   keys         each enrolled hospital advertises its signed public keys     -> U0: the hospitals that did
   shares       each hospital of U0 posts its shares, sealed for each other  -> U1
   masked       each hospital of U1 trains and posts its masked input (its fit result, through `Coordinator.submit`)
                                                                             -> U2, folded into a running sum
   consistency  each hospital of U2 signs the list of survivors U2           -> U3
-  reveal       each hospital of U3, holding U3's signatures of U2, reveals its shares for the survivors U2
-                                                                            -> the sum of U2's updates
+               (only in a run tolerating colluding hospitals: see `fl.secagg`)
+  reveal       each hospital of U3 (U2 without the consistency check), holding U3's signatures of U2,
+               reveals its shares for the survivors U2                      -> the sum of U2's updates
 
 What it holds is only what the protocol lets the aggregator see: public keys and certificates, shares sealed to
 their recipients, the running sum of masked inputs (never one of them alone: `add_masked` folds and keeps
@@ -102,11 +103,18 @@ class SecureRound:
         """The round as the hospitals of U0 share it (Shamir indices over U0)."""
         return RoundContext(self.run_id, self.round, self.attempt, tuple(sorted(self.advertisements)), self.threshold)
 
+    @property
+    def checks_consistency(self) -> bool:
+        """Whether the round runs Bonawitz et al.'s consistency check: when hospitals may collude with the
+        aggregator (`fl.secagg` says why it is not needed otherwise)."""
+        return self.colluders > 0
+
     def expected(self) -> list[str]:
         """Who the open phase waits for (not a hospital that refused the round)."""
         expected = {SecurePhase.keys: list(self.enrolled), SecurePhase.shares: sorted(self.advertisements),
                     SecurePhase.masked: sorted(self.shares), SecurePhase.consistency: sorted(self.masked_from),
-                    SecurePhase.reveal: sorted(self.signatures)}[self.phase]
+                    SecurePhase.reveal: sorted(self.signatures if self.checks_consistency
+                                               else self.masked_from)}[self.phase]
         return [h for h in expected if h not in self.refusals]
 
     def answered(self) -> list[str]:
@@ -202,7 +210,7 @@ class SecureRound:
             view["peers"] = sorted(self.shares)
         if self.phase in (SecurePhase.consistency, SecurePhase.reveal):
             view["survivors"] = sorted(self.masked_from)
-        if self.phase is SecurePhase.reveal:
+        if self.phase is SecurePhase.reveal and self.checks_consistency:
             view["signatures"] = {h: base64_of(s) for h, s in sorted(self.signatures.items())}
         return view
 
@@ -225,6 +233,8 @@ class SecureRound:
         """Close the open phase with those who answered (the caller checked `enough`)."""
         order = list(SecurePhase)
         self.phase = order[order.index(self.phase) + 1]
+        if self.phase is SecurePhase.consistency and not self.checks_consistency:
+            self.phase = SecurePhase.reveal
         self.phase_deadline = next_deadline
 
     def unmasked_mean(self, template: Mapping[str, np.ndarray]) -> Weights:
