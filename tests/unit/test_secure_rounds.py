@@ -94,6 +94,8 @@ class InProcessChannel:
             self.world.call(lambda c, now: c.secure_refuse(task_id, h, node, body.reason, now))
         else:
             assert isinstance(body, SecureReveal)
+            if self.before_reveal is not None:
+                assert self.before_reveal.wait(timeout=120)
             reveal = body.reveal(h)
             self.world.call(lambda c, now: c.secure_reveal(task_id, h, node, reveal, now))
             self.world.reveals.append(reveal)
