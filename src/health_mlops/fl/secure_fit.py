@@ -110,15 +110,19 @@ class SecureFitSession:
         self.keys = RoundKeys(hospital)
         self.clipped = False
         self._prepared: Future[None] | None = None
+        self._refused = False
 
     def start(self, current: Weights) -> None:
         """`prepare` in a thread of its own while the hospital trains; `masked` waits for it (and raises its
-        error: a round whose keys do not check out gets no update)."""
+        error: a round whose keys do not check out gets no update). A refusal is told at once, not after training."""
         prepared: Future[None] = Future()
 
         def prepare() -> None:
             try:
                 self.prepare(current)
+            except SecAggError as error:
+                self.refuse(error)
+                prepared.set_exception(error)
             except BaseException as error:  # noqa: BLE001 - raised again by `masked`, in the node's thread
                 prepared.set_exception(error)
             else:
@@ -181,7 +185,10 @@ class SecureFitSession:
 
     def refuse(self, error: SecAggError) -> None:
         """Tell the aggregator this hospital takes no further part in the round, and why (its record shows it; no
-        phase waits for us). Best effort: the refusal stands whether or not the message arrives."""
+        phase waits for us). Once; best effort: the refusal stands whether or not the message arrives."""
+        if self._refused:
+            return
+        self._refused = True
         try:
             self.client.secure_send(self.task.id, "refuse", SecureRefusal(reason=str(error)[:1000]))
         except Exception as failure:  # noqa: BLE001 - the round is refused either way
