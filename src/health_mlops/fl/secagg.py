@@ -14,11 +14,12 @@ One round, for the hospitals enrolled in it (their ids sorted; hospital k is Sha
    pairwise seed both i and j derive. Any one y_i is uniformly random to whoever lacks b_i or its s_ij.
 4. Consistency. The aggregator names the survivors U (whose y arrived). A hospital reveals once, for a list of at
    least t hospitals that includes it: to unmask one y_v alone, an aggregator showing different lists to
-   different hospitals would need t of them (its c accomplices among them) to list v and t others not to, or t
-   not to list each of v's honest peers; with t > (n + c) / 2 (`default_threshold`) there are not enough hospitals
-   for either. In a run that tolerates colluders (c ≥ 1) the round also runs Bonawitz et al.'s ConsistencyCheck,
-   their protocol against a malicious server: each survivor signs the list with its certificate's key and
-   reveals nothing until t survivors signed the very list it was shown (`verify_survivors`).
+   different hospitals, with c accomplices that reveal anything, would need t − c honest hospitals listing v and
+   t − c others not listing it (2(t − c) ≤ n − c), or t − c not listing each of v's honest peers; with
+   t > (n + c) / 2 (`default_threshold`) there are not enough honest hospitals for either. In a run that
+   tolerates colluders (c ≥ 1) the round also runs Bonawitz et al.'s ConsistencyCheck, their protocol against a
+   malicious server: each survivor signs the list with its certificate's key and reveals nothing until t
+   survivors signed the very list it was shown (`verify_survivors`).
 5. Unmasking. Each survivor reveals its shares of b_j for j ∈ U and of s_j's private key for the dropped
    j ∉ U, never both for one hospital (`ShareHolder.reveal` refuses). With t shares of each, the aggregator
    removes the self masks of U and the pairwise masks the survivors shared with the dropped (`unmask`): what is
