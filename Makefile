@@ -12,7 +12,7 @@ PIP_INSTALL := pip install --quiet --disable-pip-version-check
 TEST_DEBS := chromium libatomic1 prometheus
 BENCH_DEBS := wrk
 
-.PHONY: setup python-venv test demo bench clean debs-test debs-bench checkov flower k8s-hospital e2e fresh-check
+.PHONY: setup python-venv test check demo bench clean debs-test debs-bench checkov flower k8s-hospital e2e fresh-check
 
 # Installs the Debian packages named in $(1) that are missing (as root, or with sudo). Without their
 # recommendations: prometheus would bring node-exporter, a service on :9100. Debian's prometheus starts a service
@@ -80,11 +80,21 @@ $(FLOWER_STAMP): pyproject.toml scripts/install-torch.sh | python-venv
 
 flower: $(FLOWER_STAMP)
 
-# Lint (ruff) and types (mypy) first: seconds, where the tests take minutes.
+# Lint (ruff) and types (mypy) first: seconds, where the tests take minutes. Then every test, in parallel: most of
+# them wait on processes (rounds closing, leases, a browser), so more workers than the 2 CPUs keep the CPUs busy;
+# tests that share a module's demo or federation run on one worker (`xdist_group`, `--dist loadgroup`).
+TEST_WORKERS ?= 4
 test: setup debs-test checkov
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
+# The inner loop: lint, types and the unit tests (types and unit tests side by side, one CPU each).
+check: setup
+	$(BIN)/ruff check src tests benchmarks
+	@$(BIN)/mypy > $(VENV)/mypy.out 2>&1 & types=$$!; \
+		$(BIN)/python -m pytest -q tests/unit; unit=$$?; \
+		wait $$types; typed=$$?; cat $(VENV)/mypy.out; [ $$unit -eq 0 ] && [ $$typed -eq 0 ]
 
 # A new hospital in the Kubernetes deployment: its overlay and its one line in k8s/hospitals/kustomization.yaml.
 K8S ?= k8s

@@ -1,22 +1,33 @@
-"""Shared helpers: running the real `health-mlops` command in a subprocess with its own state folder."""
+"""Shared helpers: running the real `health-mlops` command in a subprocess with its own state folder, ports and
+folders that stay apart when pytest-xdist runs the suite in several worker processes at once."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
+
+from tests.forked_cli import run_forked
+
+# The workers are the suite's parallelism: each trains on one thread (as the services do, `torch_threads`). Torch's
+# default, a thread per core, doubles the CPU time of a small model's training in the tests that train in-process,
+# and makes the workers fight over the cores. Set before any test module imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def run_cli(*args: str, home: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`health-mlops *args` in a process of its own with `home` as its state folder (forked from a warm
+    interpreter: `tests.forked_cli`)."""
     env = {**os.environ, "HEALTH_MLOPS_HOME": str(home), "COLUMNS": "160"}
-    result = subprocess.run([sys.executable, "-m", "health_mlops.cli", *args], capture_output=True, text=True,
-                            env=env, timeout=timeout)
+    result = run_forked(list(args), env, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"health-mlops {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
     return result
@@ -31,18 +42,45 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
+def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder `make` fills once per test session, by whichever xdist worker asks first, while the others wait for
+    it; every caller only reads it. For what takes seconds to make and is the same for every test that uses it."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:  # each worker has its own folder under the session's
+        root = root.parent
+    folder = root / "made-once" / name
+    folder.parent.mkdir(exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        if not (folder.parent / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a make that failed half-way
+            folder.mkdir()
+            make(folder)
+            (folder.parent / f"{name}.done").touch()
+    return folder
+
+
 def ephemeral_port_range() -> tuple[int, int]:
     """The ports the kernel gives outgoing connections (Linux: 32768-60999 unless configured)."""
     low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
     return int(low), int(high)
 
 
+def worker_ports() -> tuple[int, int]:
+    """The ports this test worker may use, [low, high): those from 10000 to the ephemeral range (where a port can be
+    taken by any outgoing connection, a scrape or a poll, between our check and the bind), split evenly between
+    pytest-xdist's workers, so that two workers never start services on the same port."""
+    low, high = 10000, ephemeral_port_range()[0]
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    width = (high - low) // workers
+    return low + worker * width, low + (worker + 1) * width
+
+
 def free_port_range(count: int) -> int:
-    """The first of `count` consecutive ports that are free on 127.0.0.1 right now, below the ephemeral range: a
-    port in it can be taken by any outgoing connection (a scrape, a poll) between this check and the bind."""
-    top = ephemeral_port_range()[0] - count
+    """The first of `count` consecutive ports of this worker's that are free on 127.0.0.1 right now."""
+    low, high = worker_ports()
     for _ in range(200):
-        base = random.randint(min(10000, top - 1000), top)
+        base = random.randint(low, high - count)
         try:
             for port in range(base, base + count):
                 with socket.socket() as probe:

@@ -6,12 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import made_once, run_cli
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("federation") / "data"
-    run_cli("data", "generate", "--out", str(root), "--hospitals", "3", "--rows-per-hospital", "1500", "--seed", "3",
-            home=root.parent / "generate-home")
-    return root
+    """3 hospitals × 1500 patient-days (generator seed 3), generated once for the whole session: tests only read it
+    (a test that changes a hospital's files changes a copy)."""
+    def generate(folder: Path) -> None:
+        run_cli("data", "generate", "--out", str(folder / "data"), "--hospitals", "3", "--rows-per-hospital", "1500",
+                "--seed", "3", home=folder / "generate-home")
+
+    return made_once(tmp_path_factory, "federation-data", generate) / "data"

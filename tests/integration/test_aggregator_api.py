@@ -27,6 +27,8 @@ from health_mlops.spec import load_spec
 from health_mlops.tls import client_context, server_context
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.process
+
 SPEC = load_spec("health-risk")
 REVOCATION_DEADLINE_S = 5.0  # the acceptance: refused within 5 s of `provision --revoke`, no restart
 

@@ -27,6 +27,9 @@ from health_mlops.security import (ADMIN, FailureThrottle, Gatekeeper, bearer, p
 from health_mlops.spec import load_spec
 from health_mlops.tls import client_context, server_context
 
+# One consortium for the module (`consortium`): its tests run on one xdist worker.
+pytestmark = pytest.mark.xdist_group("authorization-matrix")
+
 SPEC = load_spec("health-risk")
 # Callers, in the order each row's requests are made.
 CALLERS = ("no credential", "unknown token", "revoked", "hospital-3 (not in the run)",

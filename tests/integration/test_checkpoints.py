@@ -36,6 +36,9 @@ from health_mlops.security import ADMIN, Gatekeeper, bearer, provision, read_tok
 from health_mlops.spec import load_spec
 from health_mlops.tls import client_context, server_context
 
+# One set of hospitals for the module (`workers`): its tests run on one xdist worker.
+pytestmark = pytest.mark.xdist_group("checkpoints")
+
 SPEC = load_spec("health-risk")
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
 CONFIG = {"rounds": 2, "min_hospitals": 3, "lease_s": 3600, "round_deadline_s": 7200}

@@ -12,6 +12,8 @@ import pytest
 from tests.conftest import run_cli
 from tests.unit.test_validate import CORRUPTIONS, REPEATED_HEADER_LINE, SHORT_LINE, write_corrupted_csv
 
+pytestmark = pytest.mark.process
+
 # The corrupted file's valid rows are few, all without an event.
 ONE_CLASS = ("every valid row has adverse_event_7d = 0: a model of its own learns one answer, and an AUC on its rows "
              "is undefined")

@@ -13,6 +13,8 @@ from health_mlops.security import provision
 from tests.conftest import run_cli
 from tests.unit.test_registry import record
 
+pytestmark = pytest.mark.process
+
 
 @pytest.fixture
 def registry(home: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:

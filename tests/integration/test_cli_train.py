@@ -15,7 +15,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import free_port_range, run_cli, run_cli_json, wait_until_ready
+from tests.conftest import free_port_range, made_once, run_cli, run_cli_json, wait_until_ready
+
+pytestmark = pytest.mark.process
 
 
 def test_train_json_has_the_documented_shape(tmp_path: Path, home: Path) -> None:
@@ -200,12 +202,15 @@ def test_a_privacy_budget_or_option_that_cannot_be_used_is_refused_naming_it(tmp
     assert pooled.returncode == 2 and "--mode federated" in pooled.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def over_seeds(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The acceptance data (5 hospitals x 4000 patient-days) of generator seeds 1 to 5, each with its own split,
-    trained pooled, local-only and federated (`health-mlops evaluate`)."""
-    home = tmp_path_factory.mktemp("over-seeds") / "home"
-    return run_cli_json("evaluate", "--seeds", "1-5", home=home)
+    trained pooled, local-only and federated (`health-mlops evaluate`), once for both tests (whichever worker)."""
+    def evaluate(folder: Path) -> None:
+        evaluated = run_cli("evaluate", "--seeds", "1-5", "--json", home=folder / "home")
+        (folder / "evaluate.json").write_text(evaluated.stdout)
+
+    return json.loads((made_once(tmp_path_factory, "over-seeds", evaluate) / "evaluate.json").read_text())
 
 
 def test_core_acceptance_pooled_near_bayes_and_collaboration_pays(over_seeds: dict) -> None:

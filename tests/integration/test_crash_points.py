@@ -14,11 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file, save_file
 
 from health_mlops.fl.messages import RunView, decode_weights
 from health_mlops.fl.strategies import Weights
-from tests.conftest import run_cli_json
+from tests.conftest import made_once, run_cli_json
 from tests.integration.test_federation_processes import HOSPITALS, Cluster
+
+pytestmark = pytest.mark.process
 
 # A round deadline far beyond the test: a round may close only because every hospital answered, never because
 # time ran out (a restored round whose closing was lost must close at once).
@@ -48,10 +51,14 @@ def registered(cluster: Cluster, run_id: str) -> tuple[RunView, Weights]:
     return view, decode_weights(body)[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def undisturbed(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Weights:
-    with federation(tmp_path_factory.mktemp("undisturbed"), data, None) as cluster:
-        return registered(cluster, cluster.start_run(**RUN))[1]
+    """The final weights of the run no crash disturbed, trained once for every crash point (whichever worker)."""
+    def train(folder: Path) -> None:
+        with federation(folder / "home", data, None) as cluster:
+            save_file(registered(cluster, cluster.start_run(**RUN))[1], str(folder / "weights.safetensors"))
+
+    return load_file(str(made_once(tmp_path_factory, "undisturbed-run", train) / "weights.safetensors"))
 
 
 @pytest.mark.parametrize("crash_at", [

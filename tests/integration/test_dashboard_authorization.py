@@ -20,6 +20,9 @@ from health_mlops.http_server import BackgroundServer
 from health_mlops.serving.app import BLOCKED_GRADIO_PATHS, create_dashboard_app
 from health_mlops.spec import load_spec
 
+# One dashboard for the module (`dashboard`): its tests run on one xdist worker.
+pytestmark = pytest.mark.xdist_group("dashboard-authorization")
+
 API_KEY = "the-consortiums-api-key"
 CALLERS = {"no key": {}, "wrong key": {"X-API-Key": "guessed"}, "API key": {"Authorization": f"Bearer {API_KEY}"}}
 # Values for the path parameters: a file outside the allowed folders, an outside URL for the proxy.

@@ -24,6 +24,9 @@ from playwright.sync_api import Page, Route, expect, sync_playwright
 from health_mlops.spec import load_spec
 from tests.conftest import free_port_range, wait_until_ready
 
+# One demo for the module: its tests run on one xdist worker.
+pytestmark = [pytest.mark.browser, pytest.mark.xdist_group("browser-demo")]
+
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "screenshots"  # git-ignored
 TIMEOUT_MS = 30_000
 

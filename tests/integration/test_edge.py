@@ -26,6 +26,9 @@ from health_mlops.security import ADMIN, bearer, provision, read_token, token_pa
 from health_mlops.tls import client_context
 from tests.conftest import free_port_range
 
+# One aggregator and dashboard for the module (`services`): its tests run on one xdist worker.
+pytestmark = [pytest.mark.process, pytest.mark.xdist_group("edge")]
+
 GIB = 1024**3
 MIB = 1024**2
 CHUNK = 256 * 1024

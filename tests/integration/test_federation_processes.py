@@ -30,6 +30,8 @@ from health_mlops.spec import load_spec
 from health_mlops.tls import client_context
 from tests.conftest import free_port_range, run_cli_json
 
+pytestmark = pytest.mark.process
+
 SPEC = load_spec("health-risk")
 HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
 

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+# One virtual environment for the module (`venv`): its tests run on one xdist worker.
+pytestmark = [pytest.mark.process, pytest.mark.xdist_group("install-torch")]
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "install-torch.sh"
 VERSION = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)  # type: ignore[union-attr]

@@ -22,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import free_port_range, wait_until_ready
 from tests.integration.test_cli_train import processes_mentioning
 
+pytestmark = pytest.mark.process
+
 MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
 ALERTS = ("HospitalNodeDown", "ModelMetricDropped", "FeatureDrift", "PredictionLatencyHigh",
           "PredictionErrorRateHigh", "PredictionInputsRejected", "TrainingRoundStalled", "UpdatesRejected")
@@ -122,6 +124,7 @@ def eventually(check: Callable[[], Any], what: str, timeout_s: float = 60) -> An
         time.sleep(0.5)
 
 
+@pytest.mark.xdist_group("monitoring-demo")  # one demo for these tests
 def test_prometheus_scrapes_every_process_and_sees_the_training(demo: dict[str, Any]) -> None:
     prometheus = demo["prometheus"]
 
@@ -140,6 +143,7 @@ def test_prometheus_scrapes_every_process_and_sees_the_training(demo: dict[str, 
     assert query(prometheus, 'health_mlops_data_rows{status="valid", hospital="hospital-3"}')
 
 
+@pytest.mark.xdist_group("monitoring-demo")  # one demo for these tests
 def test_a_killed_node_fires_hospital_node_down(demo: dict[str, Any]) -> None:
     prometheus = demo["prometheus"]
     eventually(lambda: query(prometheus, 'up{node="hospital-2-a"} == 1'), "hospital-2's node up first")
@@ -168,6 +172,7 @@ def exposed_names(text: str) -> set[str]:
     return names
 
 
+@pytest.mark.xdist_group("monitoring-demo")  # one demo for these tests
 def test_every_dashboard_and_alert_query_uses_metrics_the_services_expose(demo: dict[str, Any]) -> None:
     ports = demo["ports"]
     pages = [httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text

@@ -29,6 +29,8 @@ from tests.conftest import run_cli_json
 from tests.integration.mitm import RecordingProxy, Request
 from tests.integration.test_federation_processes import HOSPITALS, Cluster, start_standard_nodes
 
+pytestmark = pytest.mark.process
+
 
 def test_the_secure_federation_trains_the_plain_federations_model(data: Path, tmp_path: Path) -> None:
     options = ["train", "--data", str(data), "--mode", "federated", "--rounds", "2"]
@@ -176,6 +178,7 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a.astype(np.float64), b.astype(np.float64))[0, 1])
 
 
+@pytest.mark.xdist_group("witnessed")  # one witnessed federation for these tests
 def test_the_aggregator_receives_and_stores_only_masked_inputs_and_their_exact_sum(witnessed: Witnessed) -> None:
     cluster = witnessed.cluster
     config = {"min_hospitals": 3, "update_norm_bound": 1e6}
@@ -301,6 +304,7 @@ def substitute_s_key(victim: str) -> tuple[bytes, Callable[[bytes], bytes]]:
     return forged, rewrite
 
 
+@pytest.mark.xdist_group("witnessed")  # one witnessed federation for these tests
 def test_a_node_refuses_a_round_in_which_the_aggregator_substituted_a_key(witnessed: Witnessed) -> None:
     cluster, proxy = witnessed.cluster, witnessed.proxies["hospital-1"]
     forged, rewrite = substitute_s_key("hospital-2")

@@ -30,10 +30,12 @@ from health_mlops.serving.api import create_serving_app
 from health_mlops.serving.model import ChampionWatcher
 from health_mlops.spec import load_spec, spec_to_yaml
 
+pytestmark = pytest.mark.process
+
 SPEC = load_spec("health-risk")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def patients(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     root = tmp_path_factory.mktemp("serving-data")
     generate_dataset(root, n_hospitals=1, rows_per_hospital=400, seed=2, split_seed=42, test_fraction=0.2)

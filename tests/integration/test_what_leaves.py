@@ -38,6 +38,8 @@ from tests.conftest import run_cli
 from tests.integration.mitm import RecordingProxy
 from tests.integration.test_federation_processes import Cluster
 
+pytestmark = pytest.mark.process
+
 SPEC = load_spec("health-risk")
 WATCHED = "hospital-1"
 SMALL_CELL = 5  # the nodes' small-cell threshold: a group of 1..4 patients is withheld

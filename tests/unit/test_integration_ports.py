@@ -1,8 +1,11 @@
-"""The integration tests' ports: found free, they must stay free until a service binds them."""
+"""The integration tests' ports: found free, they must stay free until a service binds them, and two pytest-xdist
+workers never start services on the same port."""
 
 from __future__ import annotations
 
-from tests.conftest import ephemeral_port_range, free_port_range
+import pytest
+
+from tests.conftest import ephemeral_port_range, free_port_range, worker_ports
 
 
 def test_ports_lie_below_the_range_outgoing_connections_take() -> None:
@@ -11,3 +14,16 @@ def test_ports_lie_below_the_range_outgoing_connections_take() -> None:
         for _ in range(50):
             base = free_port_range(count)
             assert base >= 1024 and base + count <= low, (base, count, low)
+
+
+def test_each_worker_picks_from_its_own_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "4")
+    picked: dict[int, set[int]] = {}
+    for worker in range(4):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", f"gw{worker}")
+        low, high = worker_ports()
+        assert high - low > 1000  # room for every test's services
+        bases = {free_port_range(20) for _ in range(30)}
+        assert all(low <= base and base + 20 <= high for base in bases)
+        picked[worker] = {port for base in bases for port in range(base, base + 20)}
+    assert all(picked[a].isdisjoint(picked[b]) for a in range(4) for b in range(a + 1, 4))

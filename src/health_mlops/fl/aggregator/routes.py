@@ -26,9 +26,9 @@ from health_mlops.fl.secure_round import SecurePhase
 from health_mlops.http_edge import KIB, BodyLimit
 from health_mlops.http_errors import install_validation_handler
 
-# A result is one model's weights; far beyond any model this task trains, small enough to refuse abuse.
 log = logging.getLogger("health_mlops.aggregator")
 
+# A result is one model's weights; far beyond any model this task trains, small enough to refuse abuse.
 DEFAULT_MAX_RESULT_BYTES = 64 * 1024 * 1024
 MAX_RUN_REQUEST_BYTES = 64 * KIB  # a run's config and hospital list
 MAX_SECURE_BODY_BYTES = 4 * 1024 * KIB  # secure aggregation's keys, shares and reveals: a few KiB per hospital
