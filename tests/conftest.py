@@ -42,6 +42,28 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow database with MLflow's schema and nothing in it, made once: MLflow's first open of a new sqlite file
+    runs its alembic migrations, a second of CPU that every test with a registry of its own would pay again."""
+    def migrate(folder: Path) -> None:
+        from mlflow import MlflowClient
+
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        client.search_experiments()
+        client.search_registered_models()
+
+    return made_once(tmp_path_factory, "mlflow-db", migrate) / "mlflow.db"
+
+
+def with_empty_mlflow_db(home: Path, empty_db: Path) -> Path:
+    """`home`, with a copy of the empty MLflow database where its registry opens it (`default_tracking_uri`)."""
+    (home / "mlflow").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(empty_db, home / "mlflow" / "mlflow.db")
+    return home
+
+
 def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
     """A folder `make` fills once per test session, by whichever xdist worker asks first, while the others wait for
     it; every caller only reads it. For what takes seconds to make and is the same for every test that uses it."""

@@ -10,16 +10,17 @@ import pytest
 from health_mlops.audit import AuditLog, load_audit_key
 from health_mlops.registry import QualityGate, Registry
 from health_mlops.security import provision
-from tests.conftest import run_cli
+from tests.conftest import run_cli, with_empty_mlflow_db
 from tests.unit.test_registry import record
 
 pytestmark = pytest.mark.process
 
 
 @pytest.fixture
-def registry(home: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
+def registry(home: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_db: Path) -> Registry:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("HEALTH_MLOPS_ADMIN_TOKEN", raising=False)
+    with_empty_mlflow_db(home, empty_mlflow_db)
     provision(home / "credentials", ["hospital-1"])
     registry = Registry(home, "health-risk", audit=AuditLog(home / "audit.log", load_audit_key(home / "credentials")))
     registry.register(record("run-a", 0.80), gate=QualityGate(tolerance=0.0))

@@ -213,6 +213,7 @@ def over_seeds(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads((made_once(tmp_path_factory, "over-seeds", evaluate) / "evaluate.json").read_text())
 
 
+@pytest.mark.xdist_group("over-seeds")  # one worker waits for `over_seeds`, not two; started first
 def test_core_acceptance_pooled_near_bayes_and_collaboration_pays(over_seeds: dict) -> None:
     mean = over_seeds["mean_over_hospitals"]
     assert mean["pooled"]["mean"] >= mean["bayes"]["mean"] - 0.02 and mean["pooled"]["seeds"] == 5
@@ -221,6 +222,7 @@ def test_core_acceptance_pooled_near_bayes_and_collaboration_pays(over_seeds: di
     assert len(wins) >= 3, per_hospital
 
 
+@pytest.mark.xdist_group("over-seeds")  # one worker waits for `over_seeds`, not two; started first
 def test_federation_acceptance_over_seeds_close_to_pooled_and_no_hospital_worse_off(over_seeds: dict) -> None:
     mean = over_seeds["mean_over_hospitals"]
     assert mean["federated"]["mean"] >= mean["pooled"]["mean"] - 0.01, mean

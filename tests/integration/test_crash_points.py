@@ -30,8 +30,8 @@ DEATH_TIMEOUT_S = 300  # generous: the wait ends as soon as the aggregator dies
 
 
 @contextmanager
-def federation(home: Path, data: Path, crash_at: str | None) -> Iterator[Cluster]:
-    cluster = Cluster(home, data)
+def federation(home: Path, data: Path, empty_mlflow_db: Path, crash_at: str | None) -> Iterator[Cluster]:
+    cluster = Cluster(home, data, empty_mlflow_db)
     try:
         cluster.start_aggregator(crash_at=crash_at)
         for hospital in HOSPITALS:
@@ -52,10 +52,10 @@ def registered(cluster: Cluster, run_id: str) -> tuple[RunView, Weights]:
 
 
 @pytest.fixture(scope="session")
-def undisturbed(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Weights:
+def undisturbed(tmp_path_factory: pytest.TempPathFactory, data: Path, empty_mlflow_db: Path) -> Weights:
     """The final weights of the run no crash disturbed, trained once for every crash point (whichever worker)."""
     def train(folder: Path) -> None:
-        with federation(folder / "home", data, None) as cluster:
+        with federation(folder / "home", data, empty_mlflow_db, None) as cluster:
             save_file(registered(cluster, cluster.start_run(**RUN))[1], str(folder / "weights.safetensors"))
 
     return load_file(str(made_once(tmp_path_factory, "undisturbed-run", train) / "weights.safetensors"))
@@ -68,8 +68,8 @@ def undisturbed(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Weights
     "model_registered_unrecorded:1",  # the model is in MLflow, the aggregator has not recorded it
 ])
 def test_a_crash_at_each_step_loses_nothing_and_repeats_nothing(crash_at: str, tmp_path: Path, data: Path,
-                                                                undisturbed: Weights) -> None:
-    with federation(tmp_path / "home", data, crash_at) as cluster:
+                                                                empty_mlflow_db: Path, undisturbed: Weights) -> None:
+    with federation(tmp_path / "home", data, empty_mlflow_db, crash_at) as cluster:
         run_id = cluster.start_run(**RUN)
         deadline = time.monotonic() + DEATH_TIMEOUT_S
         while cluster.aggregator.process.poll() is None:

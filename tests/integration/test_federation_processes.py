@@ -28,7 +28,7 @@ from health_mlops.pki import CA, cert_path, key_path
 from health_mlops.security import ADMIN, ClientCredential, bearer, provision, read_token, token_path
 from health_mlops.spec import load_spec
 from health_mlops.tls import client_context
-from tests.conftest import free_port_range, run_cli_json
+from tests.conftest import free_port_range, run_cli_json, with_empty_mlflow_db
 
 pytestmark = pytest.mark.process
 
@@ -39,8 +39,8 @@ HOSPITALS = ["hospital-1", "hospital-2", "hospital-3"]
 class Cluster:
     """An aggregator (API over mutual TLS, operations port) and nodes as real processes, plus an admin client."""
 
-    def __init__(self, home: Path, data: Path) -> None:
-        self.home, self.data = home, data
+    def __init__(self, home: Path, data: Path, empty_mlflow_db: Path) -> None:
+        self.home, self.data = with_empty_mlflow_db(home, empty_mlflow_db), data
         self.base = free_port_range(20)
         self.central = f"https://127.0.0.1:{self.base}"
         self.ops = f"http://127.0.0.1:{self.base + 19}"
@@ -101,8 +101,8 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, data: Path) -> Iterator[Cluster]:
-    cluster = Cluster(tmp_path / "home", data)
+def cluster(tmp_path: Path, data: Path, empty_mlflow_db: Path) -> Iterator[Cluster]:
+    cluster = Cluster(tmp_path / "home", data, empty_mlflow_db)
     try:
         yield cluster
     finally:
@@ -170,7 +170,8 @@ def test_aggregator_killed_mid_run_resumes_at_the_last_closed_round(cluster: Clu
 def test_node_replica_killed_mid_round_is_replaced_by_the_other(cluster: Cluster, data: Path) -> None:
     cluster.start_aggregator()
     start_standard_nodes(cluster)
-    run_id = cluster.start_run(local_epochs=40, lease_s=1.5)  # long enough to be caught computing
+    # Long enough to be caught computing; three rounds leave at least one after the kill.
+    run_id = cluster.start_run(rounds=3, local_epochs=40, lease_s=1.5)
     view = cluster.wait_for(run_id, lambda v: v.round >= 1 and any(
         t.hospital == "hospital-1" and t.status == "leased" for t in v.open_tasks))
     killed_round = view.round
@@ -279,7 +280,7 @@ def test_a_node_with_another_hospitals_token_refuses_to_serve(cluster: Cluster, 
 
 
 def test_a_hospital_without_valid_rows_is_left_out_with_its_reason_and_nothing_answers_500(
-        tmp_path: Path, data: Path) -> None:
+        tmp_path: Path, data: Path, empty_mlflow_db: Path) -> None:
     copied = tmp_path / "data"
     shutil.copytree(data, copied)
     csv = copied / "hospital-3" / "patient_days.csv"
@@ -290,7 +291,7 @@ def test_a_hospital_without_valid_rows_is_left_out_with_its_reason_and_nothing_a
     for row in rows:
         row[column] = "999"  # out of range: every row is quarantined
     csv.write_text("\n".join([lines[0], *(",".join(r) for r in rows)]) + "\n", encoding="utf-8")
-    cluster = Cluster(tmp_path / "home", copied)
+    cluster = Cluster(tmp_path / "home", copied, empty_mlflow_db)
     try:
         cluster.start_aggregator()
         for hospital in HOSPITALS:
@@ -313,7 +314,7 @@ def test_a_hospital_without_valid_rows_is_left_out_with_its_reason_and_nothing_a
 def test_a_replica_paused_past_its_lease_gets_409_for_its_late_result(cluster: Cluster, data: Path) -> None:
     cluster.start_aggregator()
     start_standard_nodes(cluster)
-    run_id = cluster.start_run(local_epochs=30, lease_s=2)  # long enough to be caught computing
+    run_id = cluster.start_run(rounds=3, local_epochs=30, lease_s=2)  # long enough to be caught computing
     view = cluster.wait_for(run_id, lambda v: v.round >= 1 and any(
         t.hospital == "hospital-1" and t.status == "leased" and t.holder for t in v.open_tasks))
     paused_round = view.round

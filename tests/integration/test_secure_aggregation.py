@@ -44,8 +44,8 @@ def test_the_secure_federation_trains_the_plain_federations_model(data: Path, tm
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, data: Path) -> Cluster:
-    cluster = Cluster(tmp_path / "home", data)
+def cluster(tmp_path: Path, data: Path, empty_mlflow_db: Path) -> Cluster:
+    cluster = Cluster(tmp_path / "home", data, empty_mlflow_db)
     yield cluster
     cluster.admin.close()
     cluster.processes.stop_all()
@@ -116,11 +116,11 @@ class Witnessed:
 
 
 @pytest.fixture(scope="module")
-def witnessed(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Iterator[Witnessed]:
+def witnessed(tmp_path_factory: pytest.TempPathFactory, data: Path, empty_mlflow_db: Path) -> Iterator[Witnessed]:
     root = tmp_path_factory.mktemp("witnessed")
     spec = root / "health-risk-wide.yaml"
     spec.write_text(spec_to_yaml(load_spec("health-risk").model_copy(update={"model": WIDE})), encoding="utf-8")
-    cluster = Cluster(root / "home", data)
+    cluster = Cluster(root / "home", data, empty_mlflow_db)
     cluster.processes.env["HEALTH_MLOPS_SPEC"] = str(spec)
     try:
         with ExitStack() as proxies:

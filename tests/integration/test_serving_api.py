@@ -29,6 +29,7 @@ from health_mlops.serving.answers import BatchAnswer, ErrorAnswer, ModelAnswer, 
 from health_mlops.serving.api import create_serving_app
 from health_mlops.serving.model import ChampionWatcher
 from health_mlops.spec import load_spec, spec_to_yaml
+from tests.conftest import with_empty_mlflow_db
 
 pytestmark = pytest.mark.process
 
@@ -70,8 +71,10 @@ def register(registry: Registry, onnx_model: bytes, name: str, auc: float) -> in
 
 
 @pytest.fixture
-def serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Registry]]:
+def serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_db: Path
+            ) -> Iterator[tuple[str, Registry]]:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with_empty_mlflow_db(tmp_path, empty_mlflow_db)
     registry = Registry(tmp_path, SPEC.name)
     watcher = ChampionWatcher(Registry(tmp_path, SPEC.name), poll_s=0.1)
     with BackgroundServer(create_serving_app(SPEC, watcher)) as server:

@@ -59,12 +59,12 @@ def prepare_watched_hospital(data: Path) -> pd.DataFrame:
 
 
 @pytest.fixture
-def recorded_run(tmp_path: Path) -> Iterator[tuple[Cluster, RecordingProxy, pd.DataFrame, str]]:
+def recorded_run(tmp_path: Path, empty_mlflow_db: Path) -> Iterator[tuple[Cluster, RecordingProxy, pd.DataFrame, str]]:
     data = tmp_path / "data"
     run_cli("data", "generate", "--out", str(data), "--hospitals", "3", "--rows-per-hospital", "600", "--seed", "11",
             home=tmp_path / "generate-home")
     train = prepare_watched_hospital(data)
-    cluster = Cluster(tmp_path / "home", data)
+    cluster = Cluster(tmp_path / "home", data, empty_mlflow_db)
     try:
         cluster.start_aggregator()
         with RecordingProxy(cluster.credentials, WATCHED, cluster.base + 9, cluster.base) as proxy:

@@ -11,6 +11,7 @@ import pytest
 
 from health_mlops.registry import (CHALLENGER, CHAMPION, SAME_MODEL_AS, QualityGate, Registry, RegistryError,
                                    TrainingRecord)
+from tests.conftest import with_empty_mlflow_db
 
 
 def record(name: str, auc: float) -> TrainingRecord:
@@ -23,9 +24,9 @@ def record(name: str, auc: float) -> TrainingRecord:
 
 
 @pytest.fixture
-def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_db: Path) -> Registry:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return Registry(tmp_path, "health-risk")
+    return Registry(with_empty_mlflow_db(tmp_path, empty_mlflow_db), "health-risk")
 
 
 def test_the_first_model_is_champion_and_its_run_is_logged(registry: Registry, tmp_path: Path) -> None:
