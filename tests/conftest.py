@@ -3,6 +3,7 @@ folders that stay apart when pytest-xdist runs the suite in several worker proce
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -13,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from tests.forked_cli import run_forked
 
@@ -72,7 +72,10 @@ def made_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callabl
         root = root.parent
     folder = root / "made-once" / name
     folder.parent.mkdir(exist_ok=True)
-    with FileLock(f"{folder}.lock"):
+    # flock on a lock file that is never removed: a lock file removed on release would let a third caller lock a
+    # new file while a second still holds the old one.
+    with open(f"{folder}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         if not (folder.parent / f"{name}.done").exists():
             shutil.rmtree(folder, ignore_errors=True)  # a make that failed half-way
             folder.mkdir()
