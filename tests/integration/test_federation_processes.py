@@ -167,18 +167,32 @@ def test_aggregator_killed_mid_run_resumes_at_the_last_closed_round(cluster: Clu
     assert [(v["version"], v["aliases"]) for v in versions] == [(1, ["champion"])]
 
 
+def stop_hospital_1s_holder_until_taken_over(cluster: Cluster, run_id: str) -> tuple[int, str, str]:
+    """Stop (SIGSTOP: no result, no heartbeat) the replica computing hospital-1's task of a fit round, until the other
+    replica holds that task or delivered it: (the round, the stopped replica, the other). A result already on its
+    way when its replica stopped may still count; then that replica resumes and the next round is tried."""
+    while True:
+        view = cluster.wait_for(run_id, lambda v: v.round >= 1 and any(
+            t.hospital == "hospital-1" and t.status == "leased" and t.holder for t in v.open_tasks))
+        stopped_round = view.round
+        stopped = next(t.holder for t in view.open_tasks if t.hospital == "hospital-1")
+        assert stopped is not None
+        other = "hospital-1-b" if stopped == "hospital-1-a" else "hospital-1-a"
+        cluster.nodes[stopped].process.send_signal(signal.SIGSTOP)
+        taken = cluster.wait_for(run_id, lambda v, r=stopped_round, o=other: v.round > r or any(
+            t.hospital == "hospital-1" and t.holder == o for t in v.open_tasks), timeout_s=180)
+        if taken.round == stopped_round or taken.history[stopped_round].nodes["hospital-1"] == other:
+            return stopped_round, stopped, other
+        cluster.nodes[stopped].process.send_signal(signal.SIGCONT)
+        assert taken.round < taken.config.rounds, "each round's result got in before its replica could be stopped"
+
+
 def test_node_replica_killed_mid_round_is_replaced_by_the_other(cluster: Cluster, data: Path) -> None:
     cluster.start_aggregator()
     start_standard_nodes(cluster)
-    # Long enough to be caught computing; three rounds leave at least one after the kill.
-    run_id = cluster.start_run(rounds=3, local_epochs=40, lease_s=1.5)
-    view = cluster.wait_for(run_id, lambda v: v.round >= 1 and any(
-        t.hospital == "hospital-1" and t.status == "leased" for t in v.open_tasks))
-    killed_round = view.round
-    holder = next(t.holder for t in view.open_tasks if t.hospital == "hospital-1")
-    assert holder is not None
+    run_id = cluster.start_run(local_epochs=40, lease_s=1.5)  # long enough to be caught computing
+    killed_round, holder, survivor = stop_hospital_1s_holder_until_taken_over(cluster, run_id)
     cluster.nodes[holder].process.send_signal(signal.SIGKILL)
-    survivor = "hospital-1-b" if holder == "hospital-1-a" else "hospital-1-a"
 
     final = cluster.wait_for(run_id, lambda v: v.status != "running", timeout_s=180)
     assert final.status == "completed"
@@ -314,18 +328,13 @@ def test_a_hospital_without_valid_rows_is_left_out_with_its_reason_and_nothing_a
 def test_a_replica_paused_past_its_lease_gets_409_for_its_late_result(cluster: Cluster, data: Path) -> None:
     cluster.start_aggregator()
     start_standard_nodes(cluster)
-    run_id = cluster.start_run(rounds=3, local_epochs=30, lease_s=2)  # long enough to be caught computing
-    view = cluster.wait_for(run_id, lambda v: v.round >= 1 and any(
-        t.hospital == "hospital-1" and t.status == "leased" and t.holder for t in v.open_tasks))
-    paused_round = view.round
-    paused = next(t.holder for t in view.open_tasks if t.hospital == "hospital-1")
-    assert paused is not None
-    cluster.nodes[paused].process.send_signal(signal.SIGSTOP)  # no heartbeats: its lease runs out
-    try:
+    run_id = cluster.start_run(local_epochs=30, lease_s=2)  # long enough to be caught computing
+    try:  # no heartbeats: its lease runs out
+        paused_round, paused, other = stop_hospital_1s_holder_until_taken_over(cluster, run_id)
         after = cluster.wait_for(run_id, lambda v: v.round > paused_round or v.status != "running", timeout_s=180)
     finally:
-        cluster.nodes[paused].process.send_signal(signal.SIGCONT)
-    other = "hospital-1-b" if paused == "hospital-1-a" else "hospital-1-a"
+        for node in ("hospital-1-a", "hospital-1-b"):
+            cluster.nodes[node].process.send_signal(signal.SIGCONT)
     assert next(r for r in after.history if r.round == paused_round).nodes["hospital-1"] == other
 
     api_port, _ = cluster.node_ports[paused]
