@@ -18,7 +18,10 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
+from functools import cache
+from multiprocessing import forkserver
 from multiprocessing.context import ForkServerContext
+from unittest import mock
 
 # What the commands the tests run import, loaded once in the fork server.
 PRELOAD = ["health_mlops.cli", "health_mlops.data.synthetic", "health_mlops.experiments.baselines",
@@ -27,27 +30,13 @@ PRELOAD = ["health_mlops.cli", "health_mlops.data.synthetic", "health_mlops.expe
 # The environment the server imports them in: what every command gets (rich reads the width when it is imported).
 SERVER_ENVIRONMENT = {"COLUMNS": "160", "OMP_NUM_THREADS": "1"}
 
-_context: ForkServerContext | None = None
-
-
+@cache
 def _fork_server() -> ForkServerContext:
-    global _context
-    if _context is None:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__, *PRELOAD])
-        saved = {name: os.environ.get(name) for name in SERVER_ENVIRONMENT}
-        os.environ.update(SERVER_ENVIRONMENT)
-        try:
-            from multiprocessing import forkserver
-            forkserver.ensure_running()
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-        _context = context
-    return _context
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, *PRELOAD])
+    with mock.patch.dict(os.environ, SERVER_ENVIRONMENT):
+        forkserver.ensure_running()
+    return context
 
 
 def _command(argv: list[str], environment: dict[str, str], stdout_path: str, stderr_path: str) -> None:
@@ -55,7 +44,7 @@ def _command(argv: list[str], environment: dict[str, str], stdout_path: str, std
     os.environ.clear()
     os.environ.update(environment)
     for fd, path in ((1, stdout_path), (2, stderr_path)):
-        file = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(file, fd)
         os.close(file)
     sys.argv = ["health-mlops", *argv]
@@ -71,17 +60,15 @@ def _command(argv: list[str], environment: dict[str, str], stdout_path: str, std
 def run_forked(argv: list[str], environment: Mapping[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
     """`health-mlops *argv` in a forked process with exactly `environment`: as `subprocess.run(..., text=True,
     capture_output=True, timeout=timeout)` would answer (a command past its timeout is killed, and raises)."""
-    context = _fork_server()
+    command = ["health-mlops", *argv]
     with tempfile.TemporaryDirectory(prefix="forked-cli-") as folder:
         stdout_path, stderr_path = os.path.join(folder, "stdout"), os.path.join(folder, "stderr")
-        for path in (stdout_path, stderr_path):
-            open(path, "w").close()
-        child = context.Process(target=_command, args=(argv, dict(environment), stdout_path, stderr_path))
+        child = _fork_server().Process(target=_command, args=(argv, dict(environment), stdout_path, stderr_path))
         child.start()
         child.join(timeout)
         if child.exitcode is None:
             child.kill()
             child.join()
-            raise subprocess.TimeoutExpired(["health-mlops", *argv], timeout)
+            raise subprocess.TimeoutExpired(command, timeout)
         with open(stdout_path, encoding="utf-8") as out, open(stderr_path, encoding="utf-8") as err:
-            return subprocess.CompletedProcess(["health-mlops", *argv], child.exitcode, out.read(), err.read())
+            return subprocess.CompletedProcess(command, child.exitcode, out.read(), err.read())

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import free_port_range, made_once, run_cli, run_cli_json, wait_until_ready
+from tests.conftest import free_port_range, run_cli, run_cli_json, wait_until_ready
 
 pytestmark = pytest.mark.process
 
@@ -204,18 +204,15 @@ def test_a_privacy_budget_or_option_that_cannot_be_used_is_refused_naming_it(tmp
     assert pooled.returncode == 2 and "--mode federated" in pooled.stderr
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def over_seeds(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The acceptance data (5 hospitals x 4000 patient-days) of generator seeds 1 to 5, each with its own split,
-    trained pooled, local-only and federated (`health-mlops evaluate`), once for both tests (whichever worker)."""
-    def evaluate(folder: Path) -> None:
-        evaluated = run_cli("evaluate", "--seeds", "1-5", "--json", home=folder / "home")
-        (folder / "evaluate.json").write_text(evaluated.stdout)
-
-    return json.loads((made_once(tmp_path_factory, "over-seeds", evaluate) / "evaluate.json").read_text())
+    trained pooled, local-only and federated (`health-mlops evaluate`)."""
+    home = tmp_path_factory.mktemp("over-seeds") / "home"
+    return run_cli_json("evaluate", "--seeds", "1-5", home=home)
 
 
-@pytest.mark.xdist_group("over-seeds")  # one worker waits for `over_seeds`, not two; started first
+@pytest.mark.xdist_group("over-seeds")  # one `over_seeds` for both; a group is scheduled first
 def test_core_acceptance_pooled_near_bayes_and_collaboration_pays(over_seeds: dict) -> None:
     mean = over_seeds["mean_over_hospitals"]
     assert mean["pooled"]["mean"] >= mean["bayes"]["mean"] - 0.02 and mean["pooled"]["seeds"] == 5
@@ -224,7 +221,7 @@ def test_core_acceptance_pooled_near_bayes_and_collaboration_pays(over_seeds: di
     assert len(wins) >= 3, per_hospital
 
 
-@pytest.mark.xdist_group("over-seeds")  # one worker waits for `over_seeds`, not two; started first
+@pytest.mark.xdist_group("over-seeds")  # one `over_seeds` for both; a group is scheduled first
 def test_federation_acceptance_over_seeds_close_to_pooled_and_no_hospital_worse_off(over_seeds: dict) -> None:
     mean = over_seeds["mean_over_hospitals"]
     assert mean["federated"]["mean"] >= mean["pooled"]["mean"] - 0.01, mean
