@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 from collections.abc import Callable
@@ -21,6 +22,12 @@ from tests.forked_cli import run_forked
 # default, a thread per core, doubles the CPU time of a small model's training in the tests that train in-process,
 # and makes the workers fight over the cores. Set before any test module imports torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# A suite started from a background job (`cmd &` in a script, nohup) inherits SIGINT ignored, and so would every
+# process a test starts: the tests that press Ctrl-C on the demo would wait for a stop that never comes. A handler
+# (not SIG_IGN) is reset to the default at exec, so the processes the tests start take Ctrl-C as a user's would.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_cli(*args: str, home: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -41,10 +41,11 @@ class Demo(NamedTuple):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     home = tmp_path_factory.mktemp("browser") / "home"
-    base = free_port_range(13)
+    base = free_port_range(14)
     command = [sys.executable, "-m", "health_mlops.cli", "demo", "--hospitals", "3", "--rows-per-hospital", "600",
                "--rounds", "3", "--port", str(base), "--node-api-port", str(base + 1), "--node-metrics-port",
-               str(base + 6), "--dashboard-port", str(base + 11), "--prometheus-port", str(base + 12)]
+               str(base + 6), "--dashboard-port", str(base + 11), "--prometheus-port", str(base + 12),
+               "--ops-port", str(base + 13)]
     process = subprocess.Popen(command, env={**os.environ, "HEALTH_MLOPS_HOME": str(home)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{base + 11}"

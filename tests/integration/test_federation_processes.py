@@ -18,7 +18,7 @@ import pytest
 
 from health_mlops.data.hospital import load_hospital
 from health_mlops.data.split import split_hospitals
-from health_mlops.demo.processes import Child, Processes, wait_ready
+from health_mlops.demo.processes import Child, wait_ready
 from health_mlops.fl.client import HospitalClient
 from health_mlops.fl.coordinator import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker
@@ -29,6 +29,7 @@ from health_mlops.security import ADMIN, ClientCredential, bearer, provision, re
 from health_mlops.spec import load_spec
 from health_mlops.tls import client_context
 from tests.conftest import free_port_range, run_cli_json, with_empty_mlflow_db
+from tests.forked_cli import ForkedProcesses
 
 pytestmark = pytest.mark.process
 
@@ -46,7 +47,7 @@ class Cluster:
         self.ops = f"http://127.0.0.1:{self.base + 19}"
         self.credentials = home / "credentials"
         provision(self.credentials, HOSPITALS)
-        self.processes = Processes(home / "logs", {**os.environ, "HEALTH_MLOPS_HOME": str(home)})
+        self.processes = ForkedProcesses(home / "logs", {**os.environ, "HEALTH_MLOPS_HOME": str(home)})
         self.nodes: dict[str, Child] = {}
         self.node_ports: dict[str, tuple[int, int]] = {}  # node -> (API port, metrics port)
         admin_tls = client_context(cert_path(self.credentials, ADMIN), key_path(self.credentials, ADMIN),
