@@ -6,9 +6,12 @@ the ones the dashboard does not use are blocked at the edge (404)."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -194,3 +197,51 @@ def test_the_dashboard_answers_each_caller_as_the_table_says(dashboard: tuple[st
             with client.stream(row.method, path, headers=headers, **body) as response:  # some routes stream
                 answered[caller] = response.status_code
     assert answered == row.expected
+
+
+def gradio_event(url: str, function: str, data: list[object]) -> dict:
+    """Call one of the dashboard's functions as the browser does (join the queue, read the event stream), with
+    `data` as its inputs however the caller crafted them; the final message (`process_completed`)."""
+    session = "attacker-session"
+    with httpx.Client(base_url=url, timeout=60) as client:
+        config = client.get("/config").raise_for_status().json()
+        (index,) = [d["id"] for d in config["dependencies"] if d["api_name"] == function]
+        joined = client.post("/gradio_api/queue/join", json={"data": data, "fn_index": index,
+                                                             "session_hash": session, "trigger_id": None,
+                                                             "event_data": None})
+        assert joined.status_code == 200, joined.text
+        with client.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    message = json.loads(line.removeprefix("data:"))
+                    if message.get("msg") == "process_completed":
+                        return message
+    raise AssertionError("the event stream ended without completing")
+
+
+def test_an_event_cannot_make_the_dashboard_read_a_file_its_session_did_not_upload(
+        dashboard: tuple[str, set[tuple[str, str]]], tmp_path: Path) -> None:
+    """The attack: the batch function handed a path on the dashboard's host instead of an upload (a hospital's
+    data file; /etc/passwd) must read nothing, return nothing of it and copy nothing into the upload folder."""
+    url, _ = dashboard
+    planted = tmp_path / "hospital-1" / "patient-days.csv"
+    planted.parent.mkdir()
+    planted.write_text("age,spo2,outcome\n71,88,1\n" + "45,97,0\n" * 599)
+    uploads = Path(os.environ["GRADIO_TEMP_DIR"])  # where the dashboard stores uploads (create_dashboard_app)
+
+    def stored() -> set[Path]:
+        return {p for p in uploads.rglob("*") if p.is_file()}
+
+    before = stored()
+    for path in (planted, Path("/etc/passwd")):
+        file_data = {"path": str(path), "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+        answer = gradio_event(url, "batch", [file_data])
+        assert answer["success"] is False, answer
+        assert "71,88" not in json.dumps(answer) and "root:" not in json.dumps(answer)
+        assert stored() == before  # nothing copied in
+    # The same event with this session's upload of the same file is read (no model is registered here to score it).
+    with httpx.Client(base_url=url, timeout=60) as client:
+        (uploaded,) = client.post("/gradio_api/upload", files={"files": (planted.name, planted.read_bytes())}).json()
+    file_data = {"path": uploaded, "orig_name": planted.name, "meta": {"_type": "gradio.FileData"}}
+    answer = gradio_event(url, "batch", [file_data])
+    assert answer["success"] is True and "The file cannot be used" in answer["output"]["data"][0], answer

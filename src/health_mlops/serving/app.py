@@ -75,8 +75,17 @@ def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float
                           links=links, node_links=settings.node_status_urls)
     with suppress(Exception):  # the champion now, if any, so the Predict form starts at a typical patient
         watcher.refresh()
-    mounted = gr.mount_gradio_app(app, build_dashboard(dashboard, refresh_s=poll_s), path="/",
-                                  max_file_size=MAX_BATCH_BYTES)
+    blocks = build_dashboard(dashboard, refresh_s=poll_s)
+    # Gradio checks the files an event names (an input must be one of this server's uploads; an output must lie in
+    # `allowed_paths`) in `processing_utils._check_allowed`, which skips both checks for an app that has not
+    # "launched", and mounting never sets that flag: an event naming a file on this host had it read. Mounted is
+    # launched here. Outputs come from the private results folder (each batch's in a folder of its own with an
+    # unguessable name: Gradio's file route serves `allowed_paths` to whoever names the file); the credentials are
+    # blocked even where Gradio allows by default (the working directory, the system's temporary folder).
+    mounted = gr.mount_gradio_app(app, blocks, path="/", max_file_size=MAX_BATCH_BYTES,
+                                  allowed_paths=[str(scratch / "results")],
+                                  blocked_paths=[str(settings.credentials_dir)])
+    blocks.has_launched = True
     gradio_lifespan = mounted.router.lifespan_context
 
     @asynccontextmanager

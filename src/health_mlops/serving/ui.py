@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
+import shutil
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +45,7 @@ NEGLIGIBLE_SHARE_OF_RANGE = 0.01
 INVALID_ROW_COLUMNS = ["line", "reason"]
 OUTPUT_COLUMNS = ("prediction", "class", "model_version")  # what a batch adds to the rows it scores
 LATEST_RUN = "the latest run"
+RESULTS_KEPT_S = 3600.0  # a batch's results file, as long as Gradio keeps an upload
 # The Hospitals table's ten columns (see `Dashboard.hospitals`): the third, a hospital's replicas, links each to its
 # node's status page.
 HOSPITAL_COLUMN_TYPES: list[Literal["str", "markdown"]] = ["str", "str", "markdown", "str", "str", "str", "str", "str",
@@ -206,9 +210,20 @@ class Dashboard:
         if self.spec.task == "binary" and model.threshold is not None:
             scored["class"] = (predictions >= model.threshold).astype(int)
         scored["model_version"] = model.version
-        out = self._scratch / f"{Path(path).stem}-predictions.csv"
+        out = self._result_folder() / f"{Path(path).stem}-predictions.csv"
         scored.to_csv(out, index=False)
         return f"### Scored with model v{model.version}\n{summary}", str(out), invalid
+
+    def _result_folder(self) -> Path:
+        """A new folder for one batch's results, its name unguessable: Gradio's file route serves the results folder
+        to whoever names a file in it. Results older than an hour (Gradio's own sweep of uploads) are removed."""
+        for old in self._scratch.iterdir():
+            with suppress(OSError):
+                if old.is_dir() and time.time() - old.stat().st_mtime > RESULTS_KEPT_S:
+                    shutil.rmtree(old)
+        folder = self._scratch / secrets.token_hex(16)
+        folder.mkdir(mode=0o700)
+        return folder
 
     def template(self) -> Path:
         """A CSV to fill in: a `patient_id` column (carried through to the predictions), then one column per
