@@ -4,6 +4,7 @@ server process itself (its peak resident set, reset before each attempt)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import select
@@ -222,6 +223,77 @@ def test_a_client_that_goes_away_is_one_info_line_and_idle_connections_are_close
         idle.close()
 
 
+def endless_head(port: int, *, tls: ssl.SSLContext | None = None, many_headers: bool = False) -> bytes:
+    """A request head that never ends (one header value growing to 256 MiB, or headers by the million) until the
+    server answers; what it answered first."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+    connection = tls.wrap_socket(raw, server_hostname="127.0.0.1") if tls else raw
+    chunk = b"X-A: b\r\n" * (CHUNK // 8) if many_headers else b"a" * CHUNK
+    answer: bytes | None = None
+    try:
+        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + (b"" if many_headers else b"X-Big: "))
+        sent = 0
+        while sent < 256 * MIB and not answer:
+            answer = _available(connection)
+            if not answer:
+                connection.sendall(chunk)
+                sent += len(chunk)
+    except OSError:
+        pass  # the server answered and closed
+    try:
+        return answer or connection.recv(4096)
+    finally:
+        connection.close()
+
+
+def test_a_256_mib_request_head_gets_431_with_memory_flat_on_every_server(services: Services) -> None:
+    """256 MiB of headers grew each server by gigabytes; now each answers 431 within 64 KiB of head (plus one read)
+    and keeps answering its health check."""
+    admin = services.tls(ADMIN)  # the mutual-TLS API: a client certificate, no token
+    ops = f"http://127.0.0.1:{services.aggregator_port + 1}/healthz"
+    dashboard = f"http://127.0.0.1:{services.dashboard_port}/healthz"
+    servers = {"aggregator API": (services.pid("aggregator"), services.aggregator_port, admin, ops),
+               "aggregator ops": (services.pid("aggregator"), services.aggregator_port + 1, None, ops),
+               "dashboard": (services.pid("dashboard"), services.dashboard_port, None, dashboard)}
+    for name, (pid, port, tls, health) in servers.items():
+        for many_headers in (False, True):
+            attack = functools.partial(endless_head, port, tls=tls, many_headers=many_headers)
+            answer, growth = peak_growth_mb(pid, attack)
+            assert isinstance(answer, bytes) and answer.startswith(b"HTTP/1.1 431 "), (name, answer[:200])
+            assert growth < 100, (name, many_headers, growth)
+        assert httpx.get(health).status_code == 200, name
+
+
+def closed_while_trickling(port: int, first: bytes, trickle: bytes) -> bool:
+    """Whether the server closes the connection while `trickle` comes a byte a second after `first` (60 s at most,
+    six times the server's limit: the bound is the test's safety, not a timing)."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=60)
+    try:
+        connection.sendall(first)
+        for byte in trickle[:60]:
+            if select.select([connection], [], [], 1.0)[0] and connection.recv(65536) == b"":
+                return True  # what it read was not an answer to `first` but the end of the connection
+            try:
+                connection.sendall(bytes([byte]))
+            except OSError:
+                return True
+        return False
+    finally:
+        connection.close()
+
+
+def test_a_slow_second_request_and_a_slow_body_are_closed(services: Services) -> None:
+    """The head deadline holds for every request on a kept-alive connection, not only its first, and a body must
+    keep coming."""
+    port = services.dashboard_port
+    whole = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    assert closed_while_trickling(port, whole, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X" * 100)
+    upload = (b"POST /api/v1/predict/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 1000000\r\n\r\n")
+    assert closed_while_trickling(port, upload, b'{"rows": [' + b" " * 100)
+
+
+# Last in the module: it stops the dashboard the tests above share.
 def test_uploads_are_private_and_removed_when_the_dashboard_stops(services: Services) -> None:
     csv = b"heart_rate,spo2\n80,97\n"
     response = httpx.post(f"http://127.0.0.1:{services.dashboard_port}/gradio_api/upload",
@@ -236,3 +308,4 @@ def test_uploads_are_private_and_removed_when_the_dashboard_stops(services: Serv
     dashboard.send_signal(signal.SIGTERM)  # the last test of this module: the dashboard stops
     dashboard.wait(timeout=60)
     assert not scratch.exists()
+
