@@ -367,3 +367,17 @@ def test_services_refuse_to_start_without_credentials(tmp_path: Path, home: Path
     node = run_cli("node", "--hospital-id", "hospital-1", "--data-dir", str(tmp_path), home=home, check=False,
                    timeout=60)
     assert node.returncode == 2 and "hospital-1.token" in node.stderr
+
+
+def test_a_node_refuses_a_plain_http_aggregator_unless_told_it_is_a_test_bench(tmp_path: Path, home: Path) -> None:
+    """Over http:// the hospital's token and updates would travel in clear: refused before anything is read; with
+    --insecure-plain-http it goes on (here to its missing credential) with a warning in its log."""
+    plain = ("node", "--hospital-id", "hospital-1", "--data-dir", str(tmp_path), "--central-url", "http://127.0.0.1:9")
+    refused = run_cli(*plain, home=home, check=False, timeout=60)
+    assert refused.returncode == 2 and "--insecure-plain-http" in refused.stderr and "in clear" in refused.stderr
+    allowed = run_cli(*plain, "--insecure-plain-http", home=home, check=False, timeout=60)
+    assert allowed.returncode == 2 and "hospital-1.token" in allowed.stderr
+    assert "WARNING" in allowed.stderr and "plain http" in allowed.stderr
+    odd = run_cli("node", "--hospital-id", "hospital-1", "--data-dir", str(tmp_path), "--central-url", "ftp://x",
+                  home=home, check=False, timeout=60)
+    assert odd.returncode == 2 and "not an https:// URL" in odd.stderr

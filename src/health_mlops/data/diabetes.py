@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.datasets import load_diabetes
 
+from health_mlops.data.io import write_csv
 from health_mlops.spec import SPEC_FILE_NAME, load_spec, spec_to_yaml
 
 DATA_FILE_NAME = "diabetes.csv"
@@ -55,7 +56,7 @@ def write_diabetes_sites(out: Path) -> list[SiteSummary]:
         rows = frame[sites == hospital_id]
         folder = out / hospital_id
         folder.mkdir(exist_ok=True)
-        rows.to_csv(folder / DATA_FILE_NAME, index=False)
+        write_csv(rows, folder / DATA_FILE_NAME)
         summaries.append(SiteSummary(str(hospital_id), f"{rows['age'].min()}-{rows['age'].max()}", len(rows),
                                      float(rows["progression"].mean())))
     return summaries

@@ -11,6 +11,7 @@ import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pandas as pd
@@ -125,3 +126,25 @@ def hospital_folders(root: Path) -> list[Path]:
     """Sub-folders of `root` that hold data files: one per hospital, in natural order."""
     folders = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and data_files(p)]
     return sorted(folders, key=lambda p: natural_key(p.name))
+
+
+# A cell a spreadsheet would take for a formula (OWASP's CSV injection rule): `=HYPERLINK(...)` in a patient id
+# would run in whoever opens the results.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with every text cell that begins like a formula prefixed with `'`, which spreadsheets show as text.
+    Numeric columns are left alone: a negative number is a number, not a formula."""
+    safe = frame.copy()
+    for column in safe.columns:
+        if not (pd.api.types.is_numeric_dtype(safe[column]) or pd.api.types.is_bool_dtype(safe[column])):
+            safe[column] = safe[column].map(
+                lambda cell: f"'{cell}" if isinstance(cell, str) and cell.startswith(FORMULA_STARTS) else cell)
+    return safe
+
+
+def write_csv(frame: pd.DataFrame, destination: Path | IO[str]) -> None:
+    """Every CSV we write goes through here: without its index, its formula-like text cells neutralised, with
+    RFC 4180's CRLF line ends (so that a cell holding a line break is quoted, not a new row to the reader)."""
+    neutralise_formulas(frame).to_csv(destination, index=False, lineterminator="\r\n")

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from health_mlops.data.io import write_csv
 from health_mlops.data.split import split_frame
 from health_mlops.metrics import binary_metrics, mean_over_hospitals, weighted_auc
 from health_mlops.spec import SPEC_FILE_NAME, DatasetSpec, load_spec, spec_to_yaml
@@ -246,7 +247,7 @@ def generate_dataset(out: Path, *, n_hospitals: int = 5, rows_per_hospital: int 
         risk = frame.pop("_risk").to_numpy()
         folder = out / hospital_id
         folder.mkdir(exist_ok=True)
-        frame.to_csv(folder / DATA_FILE_NAME, index=False)
+        write_csv(frame, folder / DATA_FILE_NAME)
         _, test = split_frame(frame, spec, hospital_id, seed=split_seed, test_fraction=test_fraction,
                               stratify=stratify)
         target = frame[spec.target.name].astype(int).to_numpy()

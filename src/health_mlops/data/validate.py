@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel
 
-from health_mlops.data.io import RawTable
+from health_mlops.data.io import RawTable, write_csv
 from health_mlops.errors import DataError
 from health_mlops.files import open_private
 from health_mlops.spec import DatasetSpec, Feature
@@ -242,7 +242,7 @@ def write_quality_report(validated: ValidatedTable, out_dir: Path) -> tuple[Path
     with open_private(report_path) as report:
         report.write(validated.report.model_dump_json(indent=2))
     with open_private(quarantine_path) as quarantine:
-        validated.quarantined_rows.to_csv(quarantine, index=False)
+        write_csv(validated.quarantined_rows, quarantine)
     return report_path, quarantine_path
 
 

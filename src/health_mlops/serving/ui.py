@@ -24,7 +24,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from pydantic import ValidationError
 
-from health_mlops.data.io import read_table
+from health_mlops.data.io import read_table, write_csv
 from health_mlops.data.preprocess import serving_matrix
 from health_mlops.data.validate import validate_table
 from health_mlops.errors import DataError, RegistryError
@@ -211,7 +211,7 @@ class Dashboard:
             scored["class"] = (predictions >= model.threshold).astype(int)
         scored["model_version"] = model.version
         out = self._result_folder() / f"{Path(path).stem}-predictions.csv"
-        scored.to_csv(out, index=False)
+        write_csv(scored, out)
         return f"### Scored with model v{model.version}\n{summary}", str(out), invalid
 
     def _result_folder(self) -> Path:
@@ -243,7 +243,7 @@ class Dashboard:
                 categories = feature.categories or ("",)
                 example[feature.name] = categories[int(typical[j])] if typical else categories[0]
         written = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}")  # whole, or not there, to a reader
-        pd.DataFrame([example]).to_csv(written, index=False)
+        write_csv(pd.DataFrame([example]), written)
         written.replace(path)
         return path
 
