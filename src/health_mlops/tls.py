@@ -14,7 +14,9 @@ as a header, which anything that can reach the aggregator's plain port could for
 
 from __future__ import annotations
 
+import logging
 import ssl
+import threading
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -24,7 +26,10 @@ from cryptography import x509
 
 from health_mlops.errors import TlsError
 
+log = logging.getLogger("health_mlops.tls")
+
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
+CRL_CHECK_INTERVAL_S = 1.0  # how soon a revocation reaches the aggregator's handshakes
 _TLS_VERSION_CODES = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}  # as the ASGI TLS extension numbers them
 
 
@@ -34,21 +39,57 @@ def _existing(*paths: Path) -> None:
             raise TlsError(f"{path}: missing; run `health-mlops provision` to issue the consortium's certificates")
 
 
-def server_context(certificate: Path, key: Path, *, client_ca: Path | None) -> ssl.SSLContext:
+def server_context(certificate: Path, key: Path, *, client_ca: Path | None,
+                   crl: Path | None = None) -> ssl.SSLContext:
     """A server's side: its certificate, and with `client_ca` (the aggregator) a client certificate signed by
-    that CA required."""
-    _existing(certificate, key, *([client_ca] if client_ca else []))
+    that CA required; with `crl`, one that CRL does not revoke (checked in the handshake: a revoked client reaches
+    nothing of the application). `follow_crl` keeps the CRL current."""
+    _existing(certificate, key, *([client_ca] if client_ca else []), *([crl] if crl else []))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MINIMUM_VERSION
     try:
         context.load_cert_chain(certificate, key)
         if client_ca is not None:
             context.load_verify_locations(client_ca)
+        if crl is not None:
+            context.load_verify_locations(crl)
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     except ssl.SSLError as exc:
-        raise TlsError(f"{certificate}, {key} or {client_ca}: not a usable certificate, key and CA ({exc})") from None
+        raise TlsError(f"{certificate}, {key}, {client_ca} or {crl}: not a usable certificate, key, CA and CRL "
+                       f"({exc})") from None
     if client_ca is not None:
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def follow_crl(context: ssl.SSLContext, crl: Path, *, interval_s: float = CRL_CHECK_INTERVAL_S) -> threading.Event:
+    """Load `crl` into the live `context` again whenever its file changes (checked every `interval_s`, in a daemon
+    thread), so that a certificate revoked while the server runs fails its next handshake; set the returned event
+    to stop. OpenSSL keeps each CRL loaded and checks against the newest: a certificate once revoked stays so."""
+    stop = threading.Event()
+
+    def signature() -> tuple[int, int, int] | None:
+        try:
+            stat = crl.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def follow() -> None:
+        loaded = signature()
+        while not stop.wait(interval_s):
+            current = signature()
+            if current is None or current == loaded:
+                continue
+            try:
+                context.load_verify_locations(crl)
+                log.info("%s: loaded into the TLS handshake's checks", crl)
+            except ssl.SSLError as exc:  # a CRL being replaced by hand: the last good one stays in force
+                log.error("%s: not loaded, the previous CRL stays in force: %s", crl, exc)
+            loaded = current
+
+    threading.Thread(target=follow, name="crl-follower", daemon=True).start()
+    return stop
 
 
 def client_context(certificate: Path, key: Path, ca: Path) -> ssl.SSLContext:

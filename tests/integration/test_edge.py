@@ -25,7 +25,7 @@ from health_mlops.demo.processes import Processes, wait_ready
 from health_mlops.pki import CA, cert_path, key_path
 from health_mlops.security import ADMIN, bearer, provision, read_token, token_path
 from health_mlops.tls import client_context
-from tests.conftest import free_port_range
+from tests.conftest import free_port_range, run_cli
 
 # One aggregator and dashboard for the module (`services`): its tests run on one xdist worker.
 pytestmark = [pytest.mark.process, pytest.mark.xdist_group("edge")]
@@ -291,6 +291,37 @@ def test_a_slow_second_request_and_a_slow_body_are_closed(services: Services) ->
     upload = (b"POST /api/v1/predict/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               b"Content-Length: 1000000\r\n\r\n")
     assert closed_while_trickling(port, upload, b'{"rows": [' + b" " * 100)
+
+
+def test_a_revoked_certificate_fails_the_handshake_and_reaches_nothing(services: Services) -> None:
+    """Revocation at the handshake (checked with `ssl` directly): once `provision --revoke` has re-signed the CRL,
+    a new connection with the revoked certificate gets no HTTP answer and writes nothing to the audit log; the
+    other hospitals' certificates still connect."""
+    port = services.aggregator_port
+    contexts = {holder: services.tls(holder) for holder in ("hospital-1", "hospital-2")}  # revoking removes its files
+
+    def answered(holder: str) -> bool:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+        try:
+            with contexts[holder].wrap_socket(raw, server_hostname="127.0.0.1") as connection:
+                connection.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                return connection.recv(12).startswith(b"HTTP/1.1 ")
+        except (ssl.SSLError, OSError):
+            return False
+        finally:
+            raw.close()
+
+    assert answered("hospital-2")
+    run_cli("provision", "--revoke", "hospital-2", home=services.home)
+    deadline = time.monotonic() + 60  # the aggregator looks at the CRL every second: a safety bound only
+    while answered("hospital-2"):
+        assert time.monotonic() < deadline, "the revoked certificate still connects"
+        time.sleep(0.2)
+    audit = services.home / "audit.log"
+    before = audit.stat().st_size if audit.exists() else 0
+    assert not any(answered("hospital-2") for _ in range(20))
+    assert (audit.stat().st_size if audit.exists() else 0) == before
+    assert answered("hospital-1")
 
 
 # Last in the module: it stops the dashboard the tests above share.

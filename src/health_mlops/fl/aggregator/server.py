@@ -20,10 +20,10 @@ from health_mlops.fl.aggregator.service import AggregatorService, restore_coordi
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.http_edge import BodyLimit
 from health_mlops.http_server import BackgroundServer, protocol_options
-from health_mlops.pki import CA, SERVER, cert_path, key_path
+from health_mlops.pki import CA, CRL_FILE_NAME, SERVER, cert_path, key_path
 from health_mlops.security import Gatekeeper
 from health_mlops.spec import DatasetSpec
-from health_mlops.tls import server_context
+from health_mlops.tls import follow_crl, server_context
 
 if TYPE_CHECKING:  # MLflow is imported only by an aggregator that registers models
     from health_mlops.registry import QualityGate, Registry
@@ -85,8 +85,11 @@ def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: s
     on `port` over mutual TLS (plain HTTP if `plain_http`), health and metrics on `ops_port`."""
     # Everything that can be wrong with the folders fails now, with the file named, not per request.
     gatekeeper = Gatekeeper(credentials_dir, require_certificate=not plain_http)
+    crl = credentials_dir / CRL_FILE_NAME
     tls = None if plain_http else server_context(cert_path(credentials_dir, SERVER), key_path(credentials_dir, SERVER),
-                                                 client_ca=cert_path(credentials_dir, CA))
+                                                 client_ca=cert_path(credentials_dir, CA), crl=crl)
+    if tls is not None:
+        follow_crl(tls, crl)  # a daemon thread, for the life of the process
     store = CheckpointStore(models_dir)
     store.lock()  # one aggregator per models directory
     restore_coordinator(store, spec)  # likewise: an unusable checkpoint stops the start with its path named
