@@ -182,12 +182,14 @@ class ClientCredential:
     certificate: Path
     key: Path
     ca: Path
+    crl: Path | None = None  # the consortium's CRL, where the folder has one: the aggregator must not be revoked
 
     @classmethod
     def from_directory(cls, directory: Path, name: str, *, token: str | None = None) -> ClientCredential:
         """`name`'s credential in a credentials folder (`token` given: that token instead of `name.token`)."""
+        crl = directory / pki.CRL_FILE_NAME
         return cls(name, token or read_token(token_path(directory, name)), pki.cert_path(directory, name),
-                   pki.key_path(directory, name), pki.cert_path(directory, pki.CA))
+                   pki.key_path(directory, name), pki.cert_path(directory, pki.CA), crl if crl.exists() else None)
 
 
 def admin_credential(configured_token: str | None, credentials_dir: Path) -> ClientCredential | None:

@@ -92,16 +92,20 @@ def follow_crl(context: ssl.SSLContext, crl: Path, *, interval_s: float = CRL_CH
     return stop
 
 
-def client_context(certificate: Path, key: Path, ca: Path) -> ssl.SSLContext:
-    """A client's side: the aggregator verified against the consortium CA (host name included), and this
+def client_context(certificate: Path, key: Path, ca: Path, *, crl: Path | None = None) -> ssl.SSLContext:
+    """A client's side: the aggregator verified against the consortium CA (host name included) and, with `crl`,
+    not revoked by it (an impostor serving a revoked aggregator certificate fails the handshake), and this
     client's certificate presented."""
-    _existing(certificate, key, ca)
+    _existing(certificate, key, ca, *([crl] if crl else []))
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
     context.minimum_version = MINIMUM_VERSION
     try:
         context.load_cert_chain(certificate, key)
+        if crl is not None:
+            context.load_verify_locations(crl)
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     except ssl.SSLError as exc:
-        raise TlsError(f"{certificate} or {key}: not a usable certificate and key ({exc})") from None
+        raise TlsError(f"{certificate}, {key} or {crl}: not a usable certificate, key and CRL ({exc})") from None
     return context
 
 

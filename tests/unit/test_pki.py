@@ -148,3 +148,27 @@ def test_provisioning_again_keeps_what_exists_and_keys_are_private(pki: Path) ->
     assert load_certificate(cert_path(pki, "hospital-1")).serial_number == serial
     for name in (CA, SERVER, "admin", "hospital-1", "hospital-3"):
         assert stat.S_IMODE(key_path(pki, name).stat().st_mode) == 0o600, name
+
+
+def test_a_client_refuses_an_impostor_serving_the_revoked_aggregator_certificate(pki: Path, tmp_path: Path) -> None:
+    """The aggregator's certificate rotated (the old one revoked): whoever kept the old certificate and key can no
+    longer pass for the aggregator with a client holding the consortium's CRL, as every client's credential does
+    (`ClientCredential.from_directory`, the context `fl.client` builds)."""
+    from health_mlops.security import ClientCredential
+    from health_mlops.tls import client_context as product_client_context
+
+    impostor = tmp_path / "impostor"
+    impostor.mkdir()
+    for path in (cert_path(pki, SERVER), key_path(pki, SERVER), cert_path(pki, CA)):
+        shutil.copy(path, impostor / path.name)
+    rotate(pki, SERVER)
+    credential = ClientCredential.from_directory(pki, "hospital-1", token="hospital-1's token")
+    assert credential.crl == pki / CRL_FILE_NAME
+
+    def client(crl: Path | None) -> ssl.SSLContext:
+        return product_client_context(credential.certificate, credential.key, credential.ca, crl=crl)
+
+    assert handshake(server_context(impostor), client(None)) == "hospital-1"  # CA-signed, in date: only the CRL says
+    with pytest.raises(ssl.SSLCertVerificationError, match="revoked"):
+        handshake(server_context(impostor), client(credential.crl))
+    assert handshake(server_context(pki), client(credential.crl)) == "hospital-1"  # the new certificate is fine

@@ -38,7 +38,7 @@ class _AggregatorClient:
                  on_response: Callable[[httpx.Response], None] | None = None) -> None:
         hooks: dict[str, list[Callable[..., Any]]] = {"request": [on_request] if on_request else [],
                                                       "response": [on_response] if on_response else []}
-        verify = (client_context(credential.certificate, credential.key, credential.ca)
+        verify = (client_context(credential.certificate, credential.key, credential.ca, crl=credential.crl)
                   if base_url.startswith("https://") else True)
         self._http = httpx.Client(base_url=base_url, headers={**bearer(credential.token), **(headers or {})},
                                   timeout=timeout, event_hooks=hooks, verify=verify)
