@@ -56,3 +56,14 @@ def test_audit_verify_passes_an_intact_log_and_names_a_tampered_line(registry: R
     (home / "audit.log").write_text("\n".join(lines) + "\n")
     tampered = run_cli("audit", "verify", home=home, check=False)
     assert tampered.returncode == 1 and "line 2: changed" in tampered.stderr
+
+
+def test_audit_verify_without_the_key_refuses_to_say_intact_unless_asked_for_hashes_only(registry: Registry,
+                                                                                         home: Path) -> None:
+    """Without the key, a log rewritten with fresh hashes would pass: verify says so and exits 2, not 'intact'."""
+    (home / "credentials" / "audit.key").rename(home / "audit.key.elsewhere")
+    refused = run_cli("audit", "verify", home=home, check=False)
+    assert refused.returncode == 2 and "no audit key" in refused.stderr and "--hashes-only" in refused.stderr
+    assert "intact" not in refused.stdout
+    hashes = run_cli("audit", "verify", "--hashes-only", home=home)
+    assert "the chain is intact (no audit key in the credentials folder: hashes checked, MACs not)" in hashes.stdout

@@ -98,14 +98,20 @@ def registry_rollback(spec: ModelSpecOption = None, admin_token_file: AdminToken
 @audit_app.command("verify")
 def audit_verify(
     log: Annotated[Path | None, typer.Option(help="default: $HEALTH_MLOPS_HOME/audit.log")] = None,
+    hashes_only: Annotated[bool, typer.Option(
+        "--hashes-only", help="without the audit key: check the hash chain alone (a rewritten chain passes)")] = False,
 ) -> None:
-    """Check the audit log's hash chain (and MACs, if the credentials folder has the audit key); exit 1 naming the
-    first line that was changed, removed, inserted or reordered."""
-    from health_mlops.audit import load_audit_key, verify_audit
+    """Check the audit log's hash chain and every line's MAC with the audit key (in the credentials folder); exit 1
+    naming the first line that was changed, removed, inserted or reordered."""
+    from health_mlops.audit import KEY_FILE_NAME, load_audit_key, verify_audit
 
     settings = get_settings()
     path = log or settings.audit_log
     key = load_audit_key(settings.credentials_dir)
+    if key is None and not hashes_only:
+        fail(f"no audit key ({settings.credentials_dir / KEY_FILE_NAME}): without it only the hashes can be checked, "
+             "and whoever rewrites the log can rewrite its hashes too; verify where the key is, or pass "
+             "--hashes-only to check the hashes alone")
     checked, problem = verify_audit(path, key)
     if problem is not None:
         err.print(f"[bold red]{escape(str(path))}:[/] {escape(str(problem))}", markup=True, soft_wrap=True)
