@@ -359,6 +359,14 @@ def test_provision_rotates_and_revokes_a_hospitals_token_and_certificate(home: P
     assert unknown.returncode == 2 and "hospital-9.token: no token to revoke" in unknown.stderr
     admin = run_cli("provision", "--revoke", "admin", home=home, check=False)
     assert admin.returncode == 2 and "only rotated" in admin.stderr
+    # Each credential issued, rotated or revoked is an audit line, MAC'd with the audit key provision issued.
+    audited = [json.loads(line) for line in (home / "audit.log").read_text().splitlines()]
+    *issued, rotated_line, revoked_line = [(e["action"], e["credential"]) for e in audited]
+    assert {action for action, _ in issued} == {"provision issue"}
+    assert {"admin", "aggregator", "dashboard", "hospital-1", "hospital-2"} <= {name for _, name in issued}
+    assert (rotated_line, revoked_line) == (("provision rotate", "hospital-1"), ("provision revoke", "hospital-2"))
+    assert all(e["actor"].endswith("(provision)") and e["mac"] for e in audited)
+    assert "the chain is intact and every MAC matches" in run_cli("audit", "verify", home=home).stdout
 
 
 def test_services_refuse_to_start_without_credentials(tmp_path: Path, home: Path) -> None:

@@ -30,6 +30,16 @@ def configure_logging() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def _operator() -> str:
+    """Who ran this command, for the audit log: the login name, or the uid where there is none (a container)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
 @app.command("start-run")
 def start_run(
     rounds: Annotated[int | None, typer.Option(min=1, help="env HEALTH_MLOPS_FL_ROUNDS (20)")] = None,
@@ -104,6 +114,7 @@ def provision(
 ) -> None:
     """Issue credentials once: the consortium CA, the aggregator's server certificate, and for the admin and
     each hospital a token and a client certificate (existing ones are kept); rotate or revoke one."""
+    from health_mlops.audit import AuditLog, load_audit_key
     from health_mlops.data.synthetic import hospital_ids
     from health_mlops.pki import DASHBOARD, SERVER
     from health_mlops.pki import revoke as revoke_certificate
@@ -114,24 +125,34 @@ def provision(
     names = [*(hospital_ids(hospitals) if hospitals else []), *(hospital or [])]
     if not (names or rotate or revoke or server_name):
         fail("name the hospitals (--hospitals N or --hospital NAME), or --rotate or --revoke one")
-    directory = out_dir or get_settings().credentials_dir
-    for name in revoke or []:
-        if name in (ADMIN, SERVER, DASHBOARD):
-            raise CredentialError(f"{name}: cannot be revoked, only rotated (--rotate {name})")
-        revoke_token(directory, name)
-        revoke_certificate(directory, name)
-        out.print(f"revoked {name}: its token and certificate no longer work")
-    for name in rotate or []:
-        if name not in (SERVER, DASHBOARD):
-            rotate_token(directory, name)
-        rotate_certificate(directory, name, server_names=server_name)
-        out.print(f"rotated {name}: give it the new {name}.crt/.key" + ("" if name in (SERVER, DASHBOARD) else
-                                                                       f" and {name}.token"))
-    new = issue(directory, names, server_names=server_name)
+    settings = get_settings()
+    directory = out_dir or settings.credentials_dir
+    done: list[tuple[str, str]] = []  # (action, whose credential), audited once the audit key exists
+    try:
+        for name in revoke or []:
+            if name in (ADMIN, SERVER, DASHBOARD):
+                raise CredentialError(f"{name}: cannot be revoked, only rotated (--rotate {name})")
+            revoke_token(directory, name)
+            revoke_certificate(directory, name)
+            done.append(("provision revoke", name))
+            out.print(f"revoked {name}: its token and certificate no longer work")
+        for name in rotate or []:
+            if name not in (SERVER, DASHBOARD):
+                rotate_token(directory, name)
+            rotate_certificate(directory, name, server_names=server_name)
+            done.append(("provision rotate", name))
+            out.print(f"rotated {name}: give it the new {name}.crt/.key" + ("" if name in (SERVER, DASHBOARD) else
+                                                                           f" and {name}.token"))
+        new = issue(directory, names, server_names=server_name)
+        done += [("provision issue", name) for name in new]
+    finally:
+        audit = AuditLog(settings.audit_log, load_audit_key(directory))
+        for action, name in done:
+            audit.append(action, f"{_operator()} (provision)", credential=name)
     out.print(f"credentials in {directory}: " + (f"issued {', '.join(new)}" if new else "nothing new to issue"),
               soft_wrap=True)
-    out.print("give each hospital only ca.crt and its own <hospital>.token, .crt and .key; the aggregator needs "
-              "registry.json, ca.crt, crl.pem and aggregator.crt/.key", soft_wrap=True)
+    out.print("give each hospital only ca.crt, crl.pem and its own <hospital>.token, .crt and .key; the aggregator "
+              "needs registry.json, ca.crt, crl.pem and aggregator.crt/.key", soft_wrap=True)
 
 
 @app.command()
