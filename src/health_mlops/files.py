@@ -14,10 +14,21 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+def private_folder(folder: Path) -> None:
+    """`folder` and any missing folder above it, created 0700 (only `Path.mkdir`'s last level takes its mode)."""
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]
+    for created in reversed(missing):
+        created.mkdir(mode=0o700, exist_ok=True)
+
+
 def open_atomically(path: Path) -> BinaryIO:
-    """A handle to write `path` through, a piece at a time: nothing is at `path` until `commit_atomically`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return open(temporary_path(path), "wb")  # noqa: SIM115 - closed by commit_atomically
+    """A handle to write `path` through, a piece at a time: nothing is at `path` until `commit_atomically`. The
+    file is 0600 from its creation, in folders created 0700: what we write holds patient-derived data (updates,
+    states, run records) or credentials."""
+    private_folder(path.parent)
+    fd = os.open(temporary_path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a temporary left by a crash, with wider permissions
+    return os.fdopen(fd, "wb")
 
 
 def commit_atomically(handle: BinaryIO, path: Path, *, before_rename: Callable[[], None] | None = None) -> None:
@@ -39,6 +50,17 @@ def write_atomically(path: Path, data: bytes | memoryview, *, before_rename: Cal
     handle = open_atomically(path)
     handle.write(data)
     commit_atomically(handle, path, before_rename=before_rename)
+
+
+def append_private(path: Path, data: bytes) -> None:
+    """Append `data` to `path` durably, the file 0600 (made so if it existed) in folders created 0700."""
+    private_folder(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "ab") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def open_private(path: Path) -> IO[str]:

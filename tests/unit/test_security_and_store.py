@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from health_mlops.files import write_atomically
+from health_mlops.files import commit_atomically, open_atomically, write_atomically
 from health_mlops.fl.store import CheckpointError, CheckpointStore
 from health_mlops.pki import cert_path, load_certificate, rotate
 from health_mlops.security import (ADMIN, REGISTRY_FILE_NAME, AccessDenied, CredentialError, FailureThrottle,
@@ -157,3 +157,25 @@ def test_the_throttle_remembers_a_bounded_number_of_sources() -> None:
     for i in range(100):  # a hundred newer sources push it out
         throttle.failed(f"10.0.0.{i}", "unknown token")
     assert throttle.failed("10.9.9.9", "unknown token") == 0.1
+
+
+def test_what_the_aggregator_keeps_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """States, weights, run records, history and results hold patient-derived numbers: 0600 files in 0700 folders
+    from their creation, and made 0600 again over a file left world-readable."""
+    store = CheckpointStore(tmp_path / "models")
+    store.save_state({"runs": [], "tasks": [], "results": {}})
+    store.save_weights("run-1", 1, b"weights")
+    store.append_history("run-1", [{"round": 0}])
+    handle = open_atomically(store.result_path("run-1", "hospital-1.r1"))
+    handle.write(b"update")
+    commit_atomically(handle, store.result_path("run-1", "hospital-1.r1"))
+    files = [p for p in (tmp_path / "models").rglob("*") if p.is_file() and p.name != ".lock"]
+    folders = [p for p in (tmp_path / "models").rglob("*") if p.is_dir()] + [tmp_path / "models"]
+    assert len(files) == 4
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == dict.fromkeys((p.name for p in files), 0o600)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folders} == {0o700}
+    store.state_path.chmod(0o644)
+    store.save_state({"runs": [1], "tasks": [], "results": {}})
+    store.history_path("run-1").chmod(0o644)
+    store.append_history("run-1", [{"round": 1}])
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (store.state_path, store.history_path("run-1"))} == {0o600}

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -37,7 +36,7 @@ from safetensors.numpy import load as load_tensors
 
 from health_mlops.errors import CheckpointError
 from health_mlops.faults import crash_point
-from health_mlops.files import commit_atomically, open_atomically, temporary_path, write_atomically
+from health_mlops.files import append_private, commit_atomically, open_atomically, temporary_path, write_atomically
 from health_mlops.fl.messages import encode_weights
 
 Weights = dict[str, Any]  # name -> numpy array
@@ -135,12 +134,7 @@ class CheckpointStore:
     def append_history(self, run_id: str, records: list[dict[str, Any]]) -> int:
         """Closed rounds' records, appended durably; the bytes written."""
         body = b"".join(json.dumps(r, separators=(",", ":")).encode("utf-8") + b"\n" for r in records)
-        path = self.history_path(run_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "ab") as handle:
-            handle.write(body)
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_private(self.history_path(run_id), body)
         return len(body)
 
     def load_history(self, run_id: str, rounds: int) -> list[dict[str, Any]]:
