@@ -76,7 +76,7 @@ def play(name: str, client: HospitalClient, identity: ConsortiumIdentity, noise:
                 update = {n: current[n] + noise[n] for n in current}
                 if session is not None:
                     update = session.masked(update, current, EXAMPLES, task.config.update_norm_bound)
-                body = encode_result(TaskResult(dict(metadata), update))
+                body = encode_result(TaskResult(dict(metadata), update), task.id)
             answer = client.submit_result(task.id, body)
             if answer.status_code != 200:
                 raise RuntimeError(f"{name}: {task.id} refused ({answer.status_code}): {answer.text}")

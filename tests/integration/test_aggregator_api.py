@@ -245,12 +245,24 @@ def test_an_oversized_or_unreadable_result_is_refused_and_the_task_stays_open(ap
         assert hospital.post(f"/v1/tasks/{task['id']}/heartbeat").status_code == 200  # still ours to answer
 
 
+def test_a_result_computed_for_another_task_is_refused(api: Api) -> None:
+    """A result is bound to its task: one naming another task (an update replayed for the hospital's next round)
+    gets 422 before its metadata is looked at."""
+    start_run(api)
+    with api.client("hospital-1") as hospital:
+        task = hospital.get("/v1/tasks/next").json()
+        assert ".r0." in task["id"]  # round 0's task; the replay names round 1's
+        replayed = encode_result(TaskResult({"count": 10}), task["id"].replace(".r0.", ".r1."))
+        response = hospital.post(f"/v1/tasks/{task['id']}/result", content=replayed)
+        assert response.status_code == 422 and "names task" in response.json()["detail"], response.text
+
+
 def test_malformed_stats_are_refused_and_the_aggregator_keeps_answering(api: Api) -> None:
     run = start_run(api)
     with api.client("hospital-1") as hospital:
         task = hospital.get("/v1/tasks/next").json()
         body = encode_result(TaskResult({"count": "many", "sums": [], "sums_of_squares": [], "target_sum": 0,
-                                         "target_sum_of_squares": 0}))
+                                         "target_sum_of_squares": 0}), task["id"])
         response = hospital.post(f"/v1/tasks/{task['id']}/result", content=body)
         assert response.status_code == 422 and response.json()["reason"] == "bad_metadata"
         assert "count" in response.json()["detail"]

@@ -93,7 +93,7 @@ def next_task(client: httpx.Client) -> TaskMessage:
 
 def result_body(client: httpx.Client, worker: HospitalWorker, task: TaskMessage) -> bytes:
     weights = decode_weights(client.get(task.weights_path).content)[0] if task.weights_path else {}
-    return encode_result(worker.handle(task.kind, task.config, weights, task.preprocessing, task.round))
+    return encode_result(worker.handle(task.kind, task.config, weights, task.preprocessing, task.round), task.id)
 
 
 def answer(aggregator: Aggregator, url: str, hospital: str, worker: HospitalWorker) -> bytes:
@@ -171,7 +171,8 @@ def test_a_refused_result_leaves_no_file(tmp_path: Path, workers: dict[str, Hosp
             assert task.kind is TaskKind.fit
             tensors, metadata = decode_weights(result_body(client, workers["hospital-1"], task))
             tensors = {name: np.full_like(t, np.nan) for name, t in tensors.items()}
-            refused = client.post(f"/v1/tasks/{task.id}/result", content=encode_result(TaskResult(metadata, tensors)))
+            body = encode_result(TaskResult(metadata, tensors), task.id)
+            refused = client.post(f"/v1/tasks/{task.id}/result", content=body)
             assert refused.status_code == 422 and refused.json()["reason"] == "non_finite"
         assert aggregator.result_files(run_id) == []
         answer(aggregator, url, "hospital-2", workers["hospital-2"])

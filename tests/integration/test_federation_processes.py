@@ -238,7 +238,7 @@ def test_invalid_updates_are_refused_with_a_reason_and_the_round_closes_without_
         return worker.handle(task.kind, task.config, weights, task.preprocessing, task.round)
 
     def submit(task: TaskMessage, result: TaskResult) -> httpx.Response:
-        return bad_node.submit_result(task.id, encode_result(result))
+        return bad_node.submit_result(task.id, encode_result(result, task.id))
 
     stats = next_task()
     assert submit(stats, honest(stats)).status_code == 200

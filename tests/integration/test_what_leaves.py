@@ -32,7 +32,7 @@ from health_mlops.data.preprocess import encoded_columns, feature_histograms
 from health_mlops.data.split import split_frame
 from health_mlops.fl.hospital import suppressed_cells
 from health_mlops.fl.metadata import StatsMetadata
-from health_mlops.fl.messages import decode_weights
+from health_mlops.fl.messages import RESULT_TASK_KEY, decode_weights
 from health_mlops.spec import load_spec
 from tests.conftest import run_cli
 from tests.integration.mitm import RecordingProxy
@@ -111,6 +111,8 @@ def test_only_aggregates_leave_and_the_node_lists_every_request(
     assert any(p.startswith("/v1/tasks/next") for _, p in paths) and ("GET", "/v1/whoami") in paths
     assert any(p.endswith("/heartbeat") for _, p in paths) and any("/weights" in p for _, p in paths)
     sent = [decode_weights(r.body) for r in results]
+    # Each result names the task it answers (the path's), and besides it carries only aggregates.
+    assert [metadata.pop(RESULT_TASK_KEY) for _, metadata in sent] == [r.path.split("/")[3] for r in results]
     stats = next(metadata for tensors, metadata in sent if "count" in metadata)
     fits = [metadata for tensors, metadata in sent if tensors]
     assert len(fits) >= 2 and all("train_loss" in m for m in fits)  # tensors travel only with fits

@@ -11,15 +11,16 @@ from safetensors import safe_open
 
 from health_mlops.fl.coordinator import TaskResult
 from health_mlops.fl.mapped import mapping_of
-from health_mlops.fl.messages import (MessageError, decode_result, encode_result, encode_weights, map_result,
-                                      weighted_metrics, weights_view)
+from health_mlops.fl.messages import (MessageError, check_result_task, decode_result, encode_result, encode_weights,
+                                      map_result, weighted_metrics, weights_view)
 from health_mlops.fl.metadata import EvaluationMetadata
 
 
 def test_a_result_round_trips_with_tensors_and_metadata() -> None:
     tensors = {"layer.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "layer.bias": np.ones(2, np.float32)}
     metadata = {"num_examples": 120, "metrics": {"auc": 0.81}, "compute_seconds": 0.25}
-    decoded = decode_result(encode_result(TaskResult(metadata, tensors)))
+    decoded = decode_result(encode_result(TaskResult(metadata, tensors), "run-1.r1.a0.hospital-1"))
+    check_result_task(decoded, "run-1.r1.a0.hospital-1")
     assert decoded.metadata == metadata
     assert set(decoded.tensors) == set(tensors)
     for name, value in tensors.items():
@@ -43,8 +44,19 @@ def test_encoded_weights_are_a_safetensors_body_that_safetensors_reads(tmp_path:
 
 
 def test_a_stats_result_has_metadata_only() -> None:
-    decoded = decode_result(encode_result(TaskResult({"count": 10, "sums": [1.0, None]})))
+    decoded = decode_result(encode_result(TaskResult({"count": 10, "sums": [1.0, None]}), "run-1.r0.a0.hospital-1"))
+    check_result_task(decoded, "run-1.r0.a0.hospital-1")
     assert decoded.tensors == {} and decoded.metadata == {"count": 10, "sums": [1.0, None]}
+
+
+def test_a_result_answers_only_the_task_it_was_computed_for() -> None:
+    """A round-1 update replayed for the same hospital's round-2 task, or a body naming no task, is refused."""
+    update = TaskResult({"num_examples": 7}, {"w": np.ones(3, np.float32)})
+    with pytest.raises(MessageError, match="names task 'run-1.r1.a0.hospital-1', not 'run-1.r2.a0.hospital-1'"):
+        check_result_task(decode_result(encode_result(update, "run-1.r1.a0.hospital-1")), "run-1.r2.a0.hospital-1")
+    with pytest.raises(MessageError, match="names task None"):
+        check_result_task(decode_result(bytes(encode_weights(update.tensors, update.metadata))),
+                          "run-1.r2.a0.hospital-1")
 
 
 @pytest.mark.parametrize("body", [b"", b"not a safetensors file", b"\xff" * 16])
@@ -63,9 +75,9 @@ def test_a_result_file_is_read_memory_mapped_with_its_metadata(tmp_path: Path) -
     tensors = {"layer.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "empty": np.zeros(0, np.float32),
                "layer.bias": np.array([0.5, -1.25])}
     path = tmp_path / "result.safetensors"
-    path.write_bytes(encode_result(TaskResult({"num_examples": 7}, tensors)))
+    path.write_bytes(encode_result(TaskResult({"num_examples": 7}, tensors), "run-1.r1.a0.hospital-1"))
     mapped = map_result(path)
-    assert mapped.metadata == {"num_examples": 7}
+    assert mapped.metadata == {"num_examples": 7, "task_id": "run-1.r1.a0.hospital-1"}
     for name, value in tensors.items():
         assert mapped.tensors[name].dtype == np.float32 and mapped.tensors[name].shape == value.shape
         np.testing.assert_array_equal(mapped.tensors[name], value.astype(np.float32))
@@ -82,7 +94,7 @@ def test_unreadable_result_files_are_message_errors(tmp_path: Path, body: bytes)
 
 
 def test_a_result_file_cut_short_is_a_message_error(tmp_path: Path) -> None:
-    body = encode_result(TaskResult({"num_examples": 7}, {"w": np.ones(1000, np.float32)}))
+    body = encode_result(TaskResult({"num_examples": 7}, {"w": np.ones(1000, np.float32)}), "run-1.r1.a0.hospital-1")
     path = tmp_path / "result.safetensors"
     path.write_bytes(body[:len(body) - 1])
     with pytest.raises(MessageError):

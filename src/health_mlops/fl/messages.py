@@ -149,13 +149,27 @@ def describe_result(body: bytes) -> dict[str, Any]:
         return {"unreadable": f"{type(exc).__name__}: {exc}"}
 
 
-def encode_result(result: TaskResult) -> bytes:
-    return bytes(encode_weights(result.tensors, result.metadata))
+# The metadata key naming the task a result answers: a result is bound to its task, so that one replayed for
+# another task (the same hospital's next round) is refused, not averaged.
+RESULT_TASK_KEY = "task_id"
+
+
+def encode_result(result: TaskResult, task_id: str) -> bytes:
+    """The body of `task_id`'s result."""
+    return bytes(encode_weights(result.tensors, {**result.metadata, RESULT_TASK_KEY: task_id}))
 
 
 def decode_result(body: bytes) -> TaskResult:
     tensors, metadata = decode_weights(body)
     return TaskResult(metadata, tensors)
+
+
+def check_result_task(result: TaskResult, task_id: str) -> None:
+    """Take the task id out of a decoded result's metadata; MessageError unless it is `task_id`."""
+    named = result.metadata.pop(RESULT_TASK_KEY, None)
+    if named != task_id:
+        raise MessageError(f"this result names task {named!r}, not {task_id!r}: a result answers the task it was "
+                           "computed for")
 
 
 class RunRequest(BaseModel):

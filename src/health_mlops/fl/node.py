@@ -249,7 +249,7 @@ class HospitalNode:
 
     def _submit(self, task: TaskMessage, result: TaskResult) -> str:
         """Post the result; retried while the aggregator is unreachable and the lease may still be valid."""
-        body = encode_result(result)
+        body = encode_result(result, task.id)
         backoff = _BACKOFF_START_S
         while True:
             try:

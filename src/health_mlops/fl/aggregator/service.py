@@ -35,7 +35,8 @@ from health_mlops.fl.coordinator import (Conflict, Coordinator, Event, Forbidden
 from health_mlops.fl.errors import Invalid
 from health_mlops.fl.hospital import reduce_stats, suppressed_cells
 from health_mlops.fl.messages import (MessageError, OpenTaskView, RoundView, RunRequest, RunView, TaskMessage,
-                                      decode_result, encode_weights, map_result, weighted_metrics, weights_view)
+                                      check_result_task, decode_result, encode_weights, map_result, weighted_metrics,
+                                      weights_view)
 from health_mlops.fl.secure_round import SecurePhase
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.fl.strategies import Weights
@@ -146,7 +147,9 @@ class AggregatorService:
         try:
             if task.kind is TaskKind.fit:
                 return await self._receive_fit_result(task, body)
-            return decode_result(b"".join([chunk async for chunk in body]))
+            result = decode_result(b"".join([chunk async for chunk in body]))
+            check_result_task(result, task.id)
+            return result
         except MessageError:
             self.reporting.result(task.kind, "unreadable")
             raise
@@ -172,6 +175,7 @@ class AggregatorService:
                                                                     task.run_id, reference, handle)
             self.metrics.checkpoint_bytes.labels("result").inc(size)
             result = map_result(self.store.result_path(task.run_id, reference))
+            check_result_task(result, task.id)
         except BaseException:  # unreadable, cut short by the client or the body limit, or cancelled
             self._results_in_flight.discard(written)
             self._result_files_written.discard(written)
