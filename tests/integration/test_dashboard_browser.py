@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -289,8 +290,13 @@ def test_two_model_versions_are_compared_hospital_by_hospital(browser_page: Page
     page.get_by_role("tab", name="Models").click()
     page.locator("#compare-first input").click()
     page.get_by_role("option", name="v1", exact=False).first.click()
+    # Each pick shows, and its list is closed, before the next: one full run on a busy machine found the table
+    # empty, a pick lost (both lists offer v1 and v2; a click may land on a list still closing).
+    expect(page.get_by_role("option")).to_have_count(0)
+    expect(page.locator("#compare-first input")).to_have_value(re.compile(r"^v1\b"))
     page.locator("#compare-second input").click()
     page.get_by_role("option", name="v2", exact=False).first.click()
+    expect(page.locator("#compare-second input")).to_have_value(re.compile(r"^v2\b"))
     table = page.locator("#model-comparison-table")
     for text in ("hospital-1", "hospital-3", "mean over hospitals", "AUC v1", "AUC v2", "AUC change"):
         expect(table).to_contain_text(text, timeout=TIMEOUT_MS)
