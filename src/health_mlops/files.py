@@ -14,6 +14,23 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten or replaced (modification time, size, inode), or None if it is
+    missing: how a service notices a credentials file changed under it."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """A descriptor on `path`, created 0600 (never world-readable, even briefly) and made 0600 if it existed."""
+    fd = os.open(path, flags | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
 def private_folder(folder: Path) -> None:
     """`folder` and any missing folder above it, created 0700 (only `Path.mkdir`'s last level takes its mode)."""
     missing = [f for f in (folder, *folder.parents) if not f.exists()]
@@ -26,9 +43,7 @@ def open_atomically(path: Path) -> BinaryIO:
     file is 0600 from its creation, in folders created 0700: what we write holds patient-derived data (updates,
     states, run records) or credentials."""
     private_folder(path.parent)
-    fd = os.open(temporary_path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # a temporary left by a crash, with wider permissions
-    return os.fdopen(fd, "wb")
+    return os.fdopen(_open_private(temporary_path(path), os.O_WRONLY | os.O_TRUNC), "wb")
 
 
 def commit_atomically(handle: BinaryIO, path: Path, *, before_rename: Callable[[], None] | None = None) -> None:
@@ -55,9 +70,7 @@ def write_atomically(path: Path, data: bytes | memoryview, *, before_rename: Cal
 def append_private(path: Path, data: bytes) -> None:
     """Append `data` to `path` durably, the file 0600 (made so if it existed) in folders created 0700."""
     private_folder(path.parent)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "ab") as handle:
+    with os.fdopen(_open_private(path, os.O_WRONLY | os.O_APPEND), "ab") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
@@ -65,9 +78,7 @@ def append_private(path: Path, data: bytes) -> None:
 
 def open_private(path: Path) -> IO[str]:
     """A text file for writing, created 0600 (never world-readable, even briefly) and made 0600 if it existed."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)
-    return os.fdopen(fd, "w", encoding="utf-8", newline="")
+    return os.fdopen(_open_private(path, os.O_WRONLY | os.O_TRUNC), "w", encoding="utf-8", newline="")
 
 
 def write_private(path: Path, text: str) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import secrets
 import time
 from collections import OrderedDict
@@ -34,7 +33,7 @@ from cryptography.x509.oid import NameOID
 from health_mlops import pki
 from health_mlops.audit import KEY_FILE_NAME, issue_audit_key
 from health_mlops.errors import CredentialError
-from health_mlops.files import write_private
+from health_mlops.files import file_signature, write_private
 
 T = TypeVar("T")
 log = logging.getLogger("health_mlops.security")
@@ -230,19 +229,12 @@ class _Reloading(Generic[T]):
         """Loads `path` now (its errors raised: a service should not start on an unusable file); `empty` if it
         does not exist yet."""
         self.path, self._load, self._value = path, load, empty
-        self._signature = self._current_signature()
+        self._signature = file_signature(path)
         if self._signature is not None:
             self._value = load(path)
 
-    def _current_signature(self) -> tuple[int, int, int] | None:
-        try:
-            stat = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return stat.st_mtime_ns, stat.st_size, stat.st_ino
-
     def get(self) -> T:
-        signature = self._current_signature()
+        signature = file_signature(self.path)
         if signature is not None and signature != self._signature:
             self._signature = signature
             try:

@@ -25,6 +25,7 @@ from typing import Any
 from cryptography import x509
 
 from health_mlops.errors import TlsError
+from health_mlops.files import file_signature
 
 log = logging.getLogger("health_mlops.tls")
 
@@ -68,17 +69,10 @@ def follow_crl(context: ssl.SSLContext, crl: Path, *, interval_s: float = CRL_CH
     to stop. OpenSSL keeps each CRL loaded and checks against the newest: a certificate once revoked stays so."""
     stop = threading.Event()
 
-    def signature() -> tuple[int, int, int] | None:
-        try:
-            stat = crl.stat()
-        except OSError:
-            return None
-        return stat.st_mtime_ns, stat.st_size, stat.st_ino
-
     def follow() -> None:
-        loaded = signature()
+        loaded = file_signature(crl)
         while not stop.wait(interval_s):
-            current = signature()
+            current = file_signature(crl)
             if current is None or current == loaded:
                 continue
             try:

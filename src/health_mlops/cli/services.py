@@ -207,6 +207,7 @@ def node(
 ) -> None:
     """Run one hospital node: validate the local data, then take tasks from the aggregator."""
     import socket
+    from urllib.parse import urlsplit
 
     import torch
 
@@ -224,7 +225,7 @@ def node(
     if not hospital_name or folder is None:
         fail("a node needs --hospital-id (HOSPITAL_ID) and --data-dir (DATA_DIR)")
     central = central_url or env.central_url
-    scheme = central.split("://", 1)[0].lower() if "://" in central else ""
+    scheme = urlsplit(central).scheme.lower()
     if scheme not in ("https", "http"):
         fail(f"--central-url {central!r}: not an https:// URL")
     if scheme == "http":
