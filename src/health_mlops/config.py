@@ -77,9 +77,13 @@ class Settings(BaseSettings):
                                                    "is within 1 ± this; unset: not checked")
     poll_wait_s: float = Field(20.0, gt=0, le=300, description="how long a node's long poll for a task waits")
     aggregator_url: str = Field("https://127.0.0.1:8080", description="where the dashboard reads live training")
-    api_key: str | None = Field(None, description="the key the dashboard's REST API (/api/v1) requires; unset "
-                                "(and no api_key_file): open, as on loopback for the demo")
-    api_key_file: Path | None = Field(None, description="a file holding that key (a mounted Secret)")
+    dashboard_accounts_override: Path | None = Field(
+        None, alias="HEALTH_MLOPS_DASHBOARD_ACCOUNTS", description="the dashboard's users (argon2id password hashes) "
+        "and role-bound API keys, from `health-mlops dashboard-account` (default: credentials/dashboard-accounts.json)")
+    session_idle_minutes: float = Field(15.0, gt=0, le=24 * 60, description="a dashboard session ends after this "
+                                        "long without the user doing anything")
+    session_cookie_secure: bool = Field(False, description="send the session cookie over HTTPS only (set it where "
+                                        "the dashboard is reached over HTTPS, as behind the Kubernetes ingress)")
     dashboard_tls_cert: Path | None = Field(None, description="the dashboard serves HTTPS with this certificate "
                                             "(`provision` issues dashboard.crt) and dashboard_tls_key; unset: HTTP")
     dashboard_tls_key: Path | None = None
@@ -115,6 +119,12 @@ class Settings(BaseSettings):
     @property
     def credentials_dir(self) -> Path:
         return self.credentials_dir_override or self.home / "credentials"
+
+    @property
+    def dashboard_accounts(self) -> Path:
+        from health_mlops.access import ACCOUNTS_FILE_NAME
+
+        return self.dashboard_accounts_override or self.credentials_dir / ACCOUNTS_FILE_NAME
 
 
 class NodeSettings(BaseSettings):

@@ -100,6 +100,10 @@ class ServingMetrics:
                            "scored rows against the champion's training population", ["feature"], registry=r)
         self.drift_rows = Gauge("health_mlops_drift_window_rows", "Rows the drift scores are computed over",
                                 registry=r)
+        self.logins = Counter("health_mlops_dashboard_logins_total", "Dashboard logins by outcome: ok, refused "
+                              "(wrong name or password)", ["outcome"], registry=r)
+        self.sessions = Gauge("health_mlops_dashboard_sessions", "Live dashboard sessions in this replica",
+                              registry=r)
 
 
 def histogram_quantile(histogram: Histogram, quantile: float, **labels: str) -> float | None:

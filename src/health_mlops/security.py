@@ -221,7 +221,7 @@ class AccessDenied(Exception):
         self.claimed = claimed  # whose the token was, if it was a valid one
 
 
-class _Reloading(Generic[T]):
+class Reloading(Generic[T]):
     """A value loaded from a file, loaded again when the file changes. A file that cannot be loaded keeps the
     last good value (and says so once), so a half-provisioned folder never locks everyone out."""
 
@@ -266,8 +266,8 @@ class Gatekeeper:
             raise CredentialError(f"{directory / pki.CRL_FILE_NAME}: no certificate revocation list; run "
                                   "`health-mlops provision` to issue the consortium's certificates")
         self.require_certificate = require_certificate
-        self._tokens = _Reloading(registry, TokenAuthority.from_path, TokenAuthority({}))
-        self._revoked = _Reloading(directory / pki.CRL_FILE_NAME, lambda _: pki.revoked_serials(directory),
+        self._tokens = Reloading(registry, TokenAuthority.from_path, TokenAuthority({}))
+        self._revoked = Reloading(directory / pki.CRL_FILE_NAME, lambda _: pki.revoked_serials(directory),
                                    set[int]())
 
     @property

@@ -258,11 +258,18 @@ def test_demo_trains_as_processes_prints_the_table_and_serves_the_champion(home:
                             stderr=subprocess.PIPE, text=True)
     dashboard = f"http://127.0.0.1:{base + 13}"
     wait_until_ready(f"{dashboard}/readyz", demo, timeout_s=600)
-    model = httpx.get(f"{dashboard}/api/v1/model").json()
+    # Nothing of the dashboard is open, the demo's included: it made an admin login; a program needs a key.
+    assert httpx.get(f"{dashboard}/api/v1/model").status_code == 401
+    key = run_cli("dashboard-account", "key", "demo-test", home=home).stdout.strip()
+    model = httpx.get(f"{dashboard}/api/v1/model", headers={"X-API-Key": key}).json()
     assert model["version"] == 1 and model["metrics"]["auc"] > 0.5  # the freshly trained champion
+    password = (home / "credentials" / "dashboard-admin.password").read_text(encoding="utf-8").strip()
+    login = httpx.post(f"{dashboard}/login", data={"username": "admin", "password": password})
+    assert login.status_code == 303 and login.headers["location"] == "/"
     demo.send_signal(signal.SIGINT)
     stdout, stderr = demo.communicate(timeout=60)
     assert demo.returncode == 0, stderr
+    assert f"log in as admin, password {password}" in stderr  # what the person who ran it reads
     for text in ("federated", "pooled", "local-only", "Bayes-optimal", "hospital-5", "mean over hospitals",
                  "all test rows", "v1 registered, champion"):
         assert text in stdout

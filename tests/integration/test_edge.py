@@ -21,11 +21,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from health_mlops.access import ACCOUNTS_FILE_NAME, issue_key, set_user
 from health_mlops.demo.processes import Processes, wait_ready
 from health_mlops.pki import CA, cert_path, key_path
 from health_mlops.security import ADMIN, bearer, provision, read_token, token_path
 from health_mlops.tls import client_context
+from health_mlops.serving.access_edge import SESSION_COOKIE
 from tests.conftest import free_port_range, run_cli
+
+PASSWORD = "a clinician's passphrase"
 
 # One aggregator and dashboard for the module (`services`): its tests run on one xdist worker.
 pytestmark = [pytest.mark.process, pytest.mark.xdist_group("edge")]
@@ -41,6 +45,8 @@ class Services:
     processes: Processes
     aggregator_port: int
     dashboard_port: int
+    api_key: dict[str, str]  # a clinician's API key, for /api/v1
+    session: dict[str, str]  # a clinician's session cookie, for the dashboard's Gradio routes
 
     def pid(self, name: str) -> int:
         return self.processes.children[name].process.pid
@@ -58,6 +64,9 @@ class Services:
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     home = tmp_path_factory.mktemp("edge") / "home"
     provision(home / "credentials", ["hospital-1", "hospital-2"])
+    accounts = home / "credentials" / ACCOUNTS_FILE_NAME
+    set_user(accounts, "cleo", "clinician", PASSWORD)
+    key = issue_key(accounts, "lab-system", "clinician")
     base = free_port_range(3)
     env = {**os.environ, "HEALTH_MLOPS_HOME": str(home), "HEALTH_MLOPS_AGGREGATOR_URL": f"https://127.0.0.1:{base}"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -66,7 +75,10 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         dashboard = processes.start("dashboard", ["dashboard", "--port", str(base + 2)])
         wait_ready(f"http://127.0.0.1:{base + 1}/readyz", aggregator)
         wait_ready(f"http://127.0.0.1:{base + 2}/readyz", dashboard, timeout_s=180)
-        yield Services(home, processes, base, base + 2)
+        login = httpx.post(f"http://127.0.0.1:{base + 2}/login", data={"username": "cleo", "password": PASSWORD})
+        assert login.status_code == 303, login.text
+        yield Services(home, processes, base, base + 2, {"X-API-Key": key},
+                       {"Cookie": f"{SESSION_COOKIE}={login.cookies[SESSION_COOKIE]}"})
 
 
 def peak_growth_mb(pid: int, attempt: Callable[[], object]) -> tuple[object, float]:
@@ -150,19 +162,23 @@ def test_a_gigabyte_to_the_aggregator_is_refused_with_its_memory_flat(services: 
 def test_a_gigabyte_to_the_dashboard_is_refused_with_its_memory_flat(services: Services) -> None:
     pid, port = services.pid("dashboard"), services.dashboard_port
     json_body = {"Content-Type": "application/json"}
+    api, ui = {**json_body, **services.api_key}, {**json_body, **services.session}
     part = (b'--B\r\nContent-Disposition: form-data; name="files"; filename="batch.csv"\r\n'
             b"Content-Type: text/csv\r\n\r\n")
     attempts = {
-        "/api/v1/predict": lambda: stream_post(port, "/api/v1/predict", json_body),
-        "/api/v1/predict/batch": lambda: stream_post(port, "/api/v1/predict/batch", json_body),
-        "/api/v1/predict/batch, declared": lambda: stream_post(port, "/api/v1/predict/batch", json_body,
-                                                               declared=True),
-        "/gradio_api/upload": lambda: stream_post(port, "/gradio_api/upload",
-                                                  {"Content-Type": "multipart/form-data; boundary=B"}, first=part),
-        "/gradio_api/queue/join": lambda: stream_post(port, "/gradio_api/queue/join", json_body),
+        "/api/v1/predict": lambda: stream_post(port, "/api/v1/predict", api),
+        "/api/v1/predict/batch": lambda: stream_post(port, "/api/v1/predict/batch", api),
+        "/api/v1/predict/batch, declared": lambda: stream_post(port, "/api/v1/predict/batch", api, declared=True),
+        "/gradio_api/upload": lambda: stream_post(port, "/gradio_api/upload", {
+            "Content-Type": "multipart/form-data; boundary=B", **services.session}, first=part),
+        "/gradio_api/queue/join": lambda: stream_post(port, "/gradio_api/queue/join", ui),
+        "/login": lambda: stream_post(port, "/login", {"Content-Type": "application/x-www-form-urlencoded"}),
+        "/api/v1/predict/batch, no key": lambda: stream_post(port, "/api/v1/predict/batch", json_body),
+        "/gradio_api/upload, no session": lambda: stream_post(port, "/gradio_api/upload", json_body),
     }
     outcomes = {name: peak_growth_mb(pid, attempt) for name, attempt in attempts.items()}
-    assert {name: status for name, (status, _) in outcomes.items()} == dict.fromkeys(attempts, 413)
+    assert {name: status for name, (status, _) in outcomes.items()} == {
+        **dict.fromkeys(attempts, 413), "/api/v1/predict/batch, no key": 401, "/gradio_api/upload, no session": 401}
     assert {name: growth for name, (_, growth) in outcomes.items() if growth >= 100} == {}
 
 
@@ -183,7 +199,7 @@ def test_a_million_empty_rows_get_a_short_422_while_health_checks_keep_answering
     try:
         response, growth = peak_growth_mb(pid, lambda: httpx.post(
             f"http://127.0.0.1:{port}/api/v1/predict/batch", content=body,
-            headers={"Content-Type": "application/json"}, timeout=120))
+            headers={"Content-Type": "application/json", **services.api_key}, timeout=120))
     finally:
         done.set()
         prober.join()
@@ -197,7 +213,7 @@ def test_a_million_empty_rows_get_a_short_422_while_health_checks_keep_answering
 def test_invalid_rows_are_named_without_their_values(services: Services) -> None:
     rows = [{"age": 1234.5678, "sex": "secret-value"} for _ in range(5000)]
     response = httpx.post(f"http://127.0.0.1:{services.dashboard_port}/api/v1/predict/batch", json={"rows": rows},
-                          timeout=60)
+                          headers=services.api_key, timeout=60)
     assert response.status_code == 422
     assert "1234.5678" not in response.text and "secret-value" not in response.text
     errors = response.json()["detail"]
@@ -209,7 +225,8 @@ def test_a_client_that_goes_away_is_one_info_line_and_idle_connections_are_close
     log = services.processes.children["dashboard"].log_path
     before = log.read_text()
     for _ in range(5):  # uploads abandoned half-way
-        assert stream_post(services.dashboard_port, "/api/v1/predict/batch", {"Content-Type": "application/json"},
+        assert stream_post(services.dashboard_port, "/api/v1/predict/batch",
+                           {"Content-Type": "application/json", **services.api_key},
                            total=8 * MIB, declared=True, stop_after=2 * MIB) == 0
     deadline = time.monotonic() + 30
     while (added := log.read_text()[len(before):]).count("went away") < 5:
@@ -289,7 +306,7 @@ def test_a_slow_second_request_and_a_slow_body_are_closed(services: Services) ->
     whole = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     assert closed_while_trickling(port, whole, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X" * 100)
     upload = (b"POST /api/v1/predict/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-              b"Content-Length: 1000000\r\n\r\n")
+              b"X-API-Key: " + services.api_key["X-API-Key"].encode() + b"\r\nContent-Length: 1000000\r\n\r\n")
     assert closed_while_trickling(port, upload, b'{"rows": [' + b" " * 100)
 
 
@@ -328,7 +345,7 @@ def test_a_revoked_certificate_fails_the_handshake_and_reaches_nothing(services:
 def test_uploads_are_private_and_removed_when_the_dashboard_stops(services: Services) -> None:
     csv = b"heart_rate,spo2\n80,97\n"
     response = httpx.post(f"http://127.0.0.1:{services.dashboard_port}/gradio_api/upload",
-                          files={"files": ("patients.csv", csv, "text/csv")}, timeout=30)
+                          files={"files": ("patients.csv", csv, "text/csv")}, headers=services.session, timeout=30)
     assert response.status_code == 200, response.text
     scratch = services.home / "scratch" / f"dashboard-{services.pid('dashboard')}"
     stored = Path(response.json()[0])

@@ -245,53 +245,36 @@ def test_the_serving_app_imports_no_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 
-def test_dashboard_command_serves_the_api(tmp_path: Path) -> None:
+def test_the_dashboard_command_serves_the_api_to_role_bound_keys_and_does_not_start_without_accounts(
+        tmp_path: Path) -> None:
     import os
     import subprocess
     import sys
 
+    from health_mlops.access import ACCOUNTS_FILE_NAME, issue_key, set_user
     from tests.conftest import free_port_range, wait_until_ready
 
     port = free_port_range(1)
     env = {**os.environ, "HEALTH_MLOPS_HOME": str(tmp_path)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    process = subprocess.Popen([sys.executable, "-m", "health_mlops.cli", "dashboard", "--port", str(port)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_until_ready(f"http://127.0.0.1:{port}/readyz", process, timeout_s=60)
-        assert httpx.get(f"http://127.0.0.1:{port}/api/v1/model").json()["spec"]["name"] == "health-risk"
-        page = httpx.get(f"http://127.0.0.1:{port}/")
-        assert page.status_code == 200 and "gradio" in page.text.lower()  # the dashboard, mounted at /
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def test_the_dashboard_command_requires_the_api_key_from_its_file(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import free_port_range, wait_until_ready
-
-    key_file = tmp_path / "api-key"
-    key_file.write_text("s3cret-key\n")
-    port = free_port_range(1)
-    env = {**os.environ, "HEALTH_MLOPS_HOME": str(tmp_path), "HEALTH_MLOPS_API_KEY_FILE": str(key_file)}
-    env.pop("MLFLOW_TRACKING_URI", None)
     command = [sys.executable, "-m", "health_mlops.cli", "dashboard", "--port", str(port)]
-    missing = subprocess.run(command, env={**env, "HEALTH_MLOPS_API_KEY_FILE": str(tmp_path / "absent")},
-                             capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "absent" in missing.stderr
+    # No accounts file: there is no open mode to fall back to.
+    accounts = tmp_path / "credentials" / ACCOUNTS_FILE_NAME
+    missing = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and str(accounts) in missing.stderr and "dashboard-account add" in missing.stderr
+    set_user(accounts, "ada", "admin", "a long enough passphrase")
+    key = issue_key(accounts, "lab-system", "clinician")
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_until_ready(f"http://127.0.0.1:{port}/readyz", process, timeout_s=60)
         model = f"http://127.0.0.1:{port}/api/v1/model"
         assert httpx.get(model).status_code == 401
-        assert httpx.get(model, headers={"X-API-Key": "s3cret"}).status_code == 401
-        assert httpx.get(model, headers={"X-API-Key": "s3cret-key"}).status_code == 200
-        assert httpx.get(model, headers={"Authorization": "Bearer s3cret-key"}).status_code == 200
+        assert httpx.get(model, headers={"X-API-Key": key[:-1]}).status_code == 401
+        assert httpx.get(model, headers={"X-API-Key": key}).json()["spec"]["name"] == "health-risk"
+        assert httpx.get(model, headers={"Authorization": f"Bearer {key}"}).status_code == 200
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200  # probes need no key
+        page = httpx.get(f"http://127.0.0.1:{port}/")
+        assert (page.status_code, page.headers["location"]) == (303, "/login")  # the dashboard asks who first
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         assert 'health_mlops_auth_failures_total{status="401"} 2.0' in metrics
     finally:
@@ -304,12 +287,14 @@ def test_the_dashboard_serves_https_with_its_provisioned_certificate(tmp_path: P
     import subprocess
     import sys
 
+    from health_mlops.access import ACCOUNTS_FILE_NAME, set_user
     from health_mlops.pki import CA, DASHBOARD, cert_path, key_path
     from health_mlops.security import provision
     from tests.conftest import free_port_range
 
     credentials = tmp_path / "credentials"
     provision(credentials, [])
+    set_user(credentials / ACCOUNTS_FILE_NAME, "ada", "admin", "a long enough passphrase")
     port = free_port_range(1)
     env = {**os.environ, "HEALTH_MLOPS_HOME": str(tmp_path),
            "HEALTH_MLOPS_DASHBOARD_TLS_CERT": str(cert_path(credentials, DASHBOARD)),

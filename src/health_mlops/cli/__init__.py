@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from health_mlops.cli import data, training, services, registry, demo  # noqa: F401 - each adds its commands
+from health_mlops.cli import accounts, data, training, services, registry, demo  # noqa: F401 - each adds its commands
 from health_mlops.cli.app import app
 from health_mlops.cli.output import say_error
 from health_mlops.errors import HealthMlopsError

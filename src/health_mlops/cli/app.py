@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -14,9 +15,22 @@ data_app = typer.Typer(help="Generate and validate hospital data.", no_args_is_h
 app.add_typer(data_app, name="data")
 registry_app = typer.Typer(help="Model versions in the registry: list, promote, roll back.", no_args_is_help=True)
 app.add_typer(registry_app, name="registry")
+accounts_app = typer.Typer(help="Who may use the dashboard: users with a role and a password, API keys with a role.",
+                           no_args_is_help=True)
+app.add_typer(accounts_app, name="dashboard-account")
 audit_app = typer.Typer(help="The audit log: verify that no line was changed, removed, inserted or reordered.",
                         no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+
+
+def operator_name() -> str:
+    """Who ran this command, for the audit log: the login name, or the uid where there is none (a container)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
 
 
 def _print_version(asked: bool) -> None:

@@ -50,7 +50,8 @@ def demo(
 
     from health_mlops.data.synthetic import generate_dataset, hospital_ids
     from health_mlops.demo.comparison import compare_with_baselines
-    from health_mlops.demo.federation import Ports, node_plan, node_status_urls, run_federation, serve_dashboard
+    from health_mlops.demo.federation import (Ports, demo_login, node_plan, node_status_urls, run_federation,
+                                              serve_dashboard)
     from health_mlops.demo.processes import Processes, check_ports_free
     from health_mlops.demo.prometheus import start_prometheus
     from health_mlops.experiments.loopback import round_overheads_ms
@@ -108,7 +109,8 @@ def demo(
             _print_outcome(dataset, columns, view, counted, names[0], data)
             if serve:
                 serve_dashboard(processes, dashboard_port, err, prometheus_url=prometheus_url,
-                                node_status_urls=node_status_urls(plan, ports))
+                                node_status_urls=node_status_urls(plan, ports),
+                                login=demo_login(settings.dashboard_accounts, settings.credentials_dir))
     except KeyboardInterrupt:
         err.print("interrupted: every process the demo started has been stopped")
         raise typer.Exit(130) from None

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from health_mlops import faults
-from health_mlops.cli.app import app
+from health_mlops.cli.app import app, operator_name
 from health_mlops.cli.options import (DpClip, DpDelta, DpEpsilon, DpNoise, JsonOption, SecureAggregation,
                                       SecureColluding, SpecOption, Strategy, run_config_from_options)
 from health_mlops.cli.output import fail, out, print_json
@@ -28,16 +28,6 @@ def configure_logging() -> None:
                         stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-def _operator() -> str:
-    """Who ran this command, for the audit log: the login name, or the uid where there is none (a container)."""
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return f"uid {os.getuid()}"
 
 
 @app.command("start-run")
@@ -148,7 +138,7 @@ def provision(
     finally:
         audit = AuditLog(settings.audit_log, load_audit_key(directory))
         for action, name in done:
-            audit.append(action, f"{_operator()} (provision)", credential=name)
+            audit.append(action, f"{operator_name()} (provision)", credential=name)
     out.print(f"credentials in {directory}: " + (f"issued {', '.join(new)}" if new else "nothing new to issue"),
               soft_wrap=True)
     out.print("give each hospital only ca.crt, crl.pem and its own <hospital>.token, .crt and .key; the aggregator "

@@ -5,6 +5,7 @@ dashboard served beside them afterwards."""
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,8 +154,30 @@ def run_federation(processes: Processes, *, data: Path, hospitals: list[str], ci
     return view, weights
 
 
+DEMO_USER = "admin"
+
+
+def demo_login(accounts: Path, credentials_dir: Path) -> tuple[str, Path]:
+    """The demo's dashboard login: the admin user and the file holding its password, created with a random
+    password the first time (a laptop's dashboard is no more open than a hospital's)."""
+    from health_mlops.access import Accounts, set_user
+    from health_mlops.errors import CredentialError
+    from health_mlops.files import write_private
+
+    password_file = credentials_dir / f"dashboard-{DEMO_USER}.password"
+    try:
+        known = DEMO_USER in Accounts.load(accounts).users
+    except CredentialError:
+        known = False
+    if not (known and password_file.exists()):
+        password = secrets.token_urlsafe(12)
+        set_user(accounts, DEMO_USER, "admin", password)
+        write_private(password_file, password + "\n")
+    return DEMO_USER, password_file
+
+
 def serve_dashboard(processes: Processes, port: int, console: Console, *, prometheus_url: str | None,
-                    node_status_urls: dict[str, str]) -> None:
+                    node_status_urls: dict[str, str], login: tuple[str, Path]) -> None:
     """Serve the dashboard (a process, like every other component) beside the federation until Ctrl-C; it links
     to the demo's Prometheus when there is one, and to each node's status page."""
     env = {"HEALTH_MLOPS_NODE_STATUS_URLS": json.dumps(node_status_urls),
@@ -162,9 +185,11 @@ def serve_dashboard(processes: Processes, port: int, console: Console, *, promet
     child = processes.start("dashboard", ["dashboard", "--port", str(port)], env=env)
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz", child)
-        console.print(f"dashboard on http://127.0.0.1:{port} (API: /api/v1/predict, /api/v1/model; log: "
-                      f"{child.log_path}); the aggregator and nodes keep running; Ctrl-C stops everything",
-                      soft_wrap=True)
+        user, password_file = login
+        console.print(f"dashboard on http://127.0.0.1:{port}: log in as {user}, password "
+                      f"{password_file.read_text(encoding='utf-8').strip()} (kept in {password_file}; API keys: "
+                      f"`health-mlops dashboard-account key`; log: {child.log_path}); the aggregator and nodes keep "
+                      "running; Ctrl-C stops everything", soft_wrap=True, markup=False)
         child.process.wait()
     except KeyboardInterrupt:
         console.print("stopped")

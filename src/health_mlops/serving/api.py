@@ -1,9 +1,9 @@
 """The serving API: the champion model's predictions over REST, with request models built from the spec.
 
 An invalid field gets 422 naming the field and its allowed range or categories; before any champion exists,
-predictions answer 503 saying so, while the model and spec endpoints keep working. With an API key configured
-(`HEALTH_MLOPS_API_KEY`: on in the Kubernetes manifests, off on loopback for the demo), every `/api/v1` route
-needs it (`Authorization: Bearer <key>` or `X-API-Key: <key>`), else 401.
+predictions answer 503 saying so, while the model and spec endpoints keep working. In the dashboard process every
+`/api/v1` route needs a role-bound API key (`serving/access_edge.py`: `Authorization: Bearer <key>` or
+`X-API-Key: <key>`), else 401; this app itself checks no credential.
 
 The predict routes read and answer raw bytes (msgspec both ways) rather than through FastAPI's body and
 response models: a single prediction then costs little more than the HTTP request that carries it. Their
@@ -12,8 +12,6 @@ OpenAPI schema still comes from the spec-built request models.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -64,30 +62,10 @@ def _request_body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def _presented_key(request: Request) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
-
-
-NO_KEY = {"detail": "this API needs its key: Authorization: Bearer <key> or X-API-Key: <key>"}
-
-
 def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: ServingMetrics | None = None,
-                       *, predictor: Predictor | None = None, api_key: str | None = None) -> FastAPI:
+                       *, predictor: Predictor | None = None) -> FastAPI:
     predictor = predictor or Predictor(spec, watcher, metrics or ServingMetrics())
     encoder = predictor.encoder
-    # Compared as digests in constant time: neither the key's length nor its prefix leaks through timing.
-    key_digest = hashlib.sha256(api_key.encode()).digest() if api_key else None
-
-    def unauthorised(request: Request) -> Response | None:
-        """The 401 for a request without the API key, or None (also when no key is configured)."""
-        if key_digest is None or hmac.compare_digest(hashlib.sha256(_presented_key(request).encode()).digest(),
-                                                      key_digest):
-            return None
-        predictor.metrics.auth_failures.labels("401").inc()
-        response = _json(NO_KEY, 401)
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -125,8 +103,6 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
         # The query is read by hand: a declared query parameter costs every prediction ~20 % of throughput.
         explain = request.query_params.get("explain", "false").lower() in ("true", "1", "yes")
         started = time.perf_counter()
-        if (refused := unauthorised(request)) is not None:
-            return refused
         if not _is_json(request):
             predictor.count("predict", "invalid")
             return _json(NOT_JSON, 415)
@@ -151,8 +127,6 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
     async def predict_batch(request: Request) -> Response:
         """Many patients: `{"rows": [...]}`; predictions come back in the same order."""
         started = time.perf_counter()
-        if (refused := unauthorised(request)) is not None:
-            return refused
         if not _is_json(request):
             predictor.count("batch", "invalid")
             return _json(NOT_JSON, 415)
@@ -175,8 +149,6 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
     async def noop(request: Request) -> Response:
         """The predict route's twin without the prediction: reads the body, answers a fixed object. The serving
         benchmark measures predict against it to see what the model and validation cost."""
-        if (refused := unauthorised(request)) is not None:
-            return refused
         if not _is_json(request):
             return _json(NOT_JSON, 415)
         await request.body()
@@ -184,8 +156,6 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
 
     @app.get("/api/v1/model", openapi_extra=answers(ModelAnswer, 401))
     async def model_info(request: Request) -> Response:
-        if (refused := unauthorised(request)) is not None:
-            return refused
         model = watcher.current
         described = model.describe() if model else {"version": None, "metrics": {}, "federation_run": None}
         return _json({**described, "task": spec.task, "target": spec.target.name,

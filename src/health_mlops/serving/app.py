@@ -11,16 +11,18 @@ from pathlib import Path
 import gradio as gr
 from fastapi import FastAPI
 
+from health_mlops.access import Accounts, SessionStore
 from health_mlops.config import Settings, settings_audit_log
 from health_mlops.http_edge import KIB, MIB, BlockedPaths, BodyLimit
 from health_mlops.monitoring import ServingMetrics
 from health_mlops.registry import Registry
-from health_mlops.security import admin_credential, read_token
+from health_mlops.security import Reloading, admin_credential
+from health_mlops.serving.access_edge import LOGIN_PATH, MAX_LOGIN_BYTES, USER_SCOPE_KEY, SessionGate
 from health_mlops.serving.api import create_serving_app
 from health_mlops.serving.model import ChampionWatcher
 from health_mlops.serving.predictor import Predictor
 from health_mlops.serving.sources import DashboardSources
-from health_mlops.serving.ui import Dashboard, build_dashboard
+from health_mlops.serving.ui import Dashboard, build_dashboard, function_rules
 from health_mlops.spec import DatasetSpec
 
 
@@ -32,15 +34,20 @@ MAX_OTHER_BYTES = 1 * MIB
 UPLOAD_PATH = "/gradio_api/upload"
 # Gradio routes the dashboard does not use (its UI talks over the queue, uploads and file routes): developer
 # reload and "vibe" editing, the URL proxy, run history, screen recording, custom components, media streams,
-# its own monitoring page, login (there is no Gradio login; admin actions take the admin token), and the
-# programmatic call routes (one answers 500 to an empty body). Each is in the authorization matrix as 404.
+# its own monitoring page, its login (`/login/`: ours is `/login`, answered by the session gate), its component
+# server (none of our components has one), and the programmatic call routes (one answers 500 to an empty body):
+# every Gradio function runs through the queue, where the session gate checks the caller's role. Each is in the
+# authorization matrix as 404.
 BLOCKED_GRADIO_PATHS = ("/gradio_api/dev/", "/gradio_api/vibe-", "/gradio_api/undo-vibe-edit", "/gradio_api/proxy=",
                         "/gradio_api/run-history/", "/gradio_api/runs", "/gradio_api/process_recording",
                         "/gradio_api/custom_component/", "/gradio_api/stream/", "/gradio_api/call/",
-                        "/gradio_api/api/", "/gradio_api/run/", "/monitoring", "/login", "/logout")
+                        "/gradio_api/api/", "/gradio_api/run/", "/gradio_api/component_server", "/monitoring",
+                        "/login/")
 
 
 def dashboard_body_limit(path: str) -> int:
+    if path == LOGIN_PATH:
+        return MAX_LOGIN_BYTES
     if path == "/api/v1/predict":
         return MAX_PREDICT_BYTES
     if path in ("/api/v1/predict/batch", UPLOAD_PATH):
@@ -56,8 +63,10 @@ def scratch_folder(settings: Settings) -> Path:
 
 
 def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float) -> BlockedPaths:
-    """The dashboard behind its byte limits. Uploads and batch results go to a private scratch folder, which is
-    removed when the app stops (Gradio's own sweep removes an upload an hour after it arrived)."""
+    """The dashboard behind its byte limits and its session gate (`serving/access_edge.py`). Uploads and batch
+    results go to a private scratch folder, which is removed when the app stops (Gradio's own sweep removes an
+    upload an hour after it arrived). Without a readable accounts file it does not start: it has no open mode."""
+    accounts = Reloading(settings.dashboard_accounts, Accounts.load, Accounts.load(settings.dashboard_accounts))
     scratch = scratch_folder(settings)
     # Gradio reads its upload folder from the environment each time it stores a file; this process is the
     # dashboard, so setting it here points every upload into the private folder.
@@ -65,14 +74,13 @@ def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float
     registry = Registry(settings.home, spec.name, audit=settings_audit_log(settings))
     watcher = ChampionWatcher(Registry(settings.home, spec.name), poll_s=poll_s)
     predictor = Predictor(spec, watcher, ServingMetrics())
-    api_key = settings.api_key or (read_token(settings.api_key_file) if settings.api_key_file else None)
-    app = create_serving_app(spec, watcher, predictor=predictor, api_key=api_key)
+    app = create_serving_app(spec, watcher, predictor=predictor)
     sources = DashboardSources(registry, spec.primary_metric, settings.aggregator_url,
                                admin_credential(settings.admin_token, settings.credentials_dir))
     links = {name: url for name, url in (("MLflow", settings.mlflow_ui_url), ("Prometheus", settings.prometheus_url))
              if url}
-    dashboard = Dashboard(spec, predictor, registry, sources, settings.credentials_dir, scratch=scratch / "results",
-                          links=links, node_links=settings.node_status_urls)
+    dashboard = Dashboard(spec, predictor, registry, sources, lambda user: accounts.get().role_of(user),
+                          scratch=scratch / "results", links=links, node_links=settings.node_status_urls)
     with suppress(Exception):  # the champion now, if any, so the Predict form starts at a typical patient
         watcher.refresh()
     blocks = build_dashboard(dashboard, refresh_s=poll_s)
@@ -82,10 +90,13 @@ def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float
     # launched here. Outputs come from the private results folder (each batch's in a folder of its own with an
     # unguessable name: Gradio's file route serves `allowed_paths` to whoever names the file); the credentials are
     # blocked even where Gradio allows by default (the working directory, the system's temporary folder).
+    # Gradio's own checks see the user the session gate let in (its routes then refuse a request without one).
     mounted = gr.mount_gradio_app(app, blocks, path="/", max_file_size=MAX_BATCH_BYTES,
                                   allowed_paths=[str(scratch / "results")],
-                                  blocked_paths=[str(settings.credentials_dir)])
+                                  blocked_paths=[str(settings.credentials_dir)],
+                                  auth_dependency=lambda request: request.scope.get(USER_SCOPE_KEY))
     blocks.has_launched = True
+    rules = function_rules(blocks)
     gradio_lifespan = mounted.router.lifespan_context
 
     @asynccontextmanager
@@ -98,4 +109,7 @@ def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float
             shutil.rmtree(scratch, ignore_errors=True)
 
     mounted.router.lifespan_context = lifespan
-    return BlockedPaths(BodyLimit(mounted, dashboard_body_limit), BLOCKED_GRADIO_PATHS)
+    gate = SessionGate(mounted, accounts=accounts.get, sessions=SessionStore(60 * settings.session_idle_minutes),
+                       function_rules=lambda: rules, audit=registry.audit, metrics=predictor.metrics,
+                       secure_cookie=settings.session_cookie_secure)
+    return BlockedPaths(BodyLimit(gate, dashboard_body_limit), BLOCKED_GRADIO_PATHS)

@@ -30,7 +30,8 @@ from health_mlops.data.validate import validate_table
 from health_mlops.errors import DataError, RegistryError
 from health_mlops.monitoring import histogram_quantile
 from health_mlops.registry import ModelVersion, Registry
-from health_mlops.security import FailureThrottle, admin_refusal
+from health_mlops.access import Role, allows
+from health_mlops.serving.access_edge import FunctionRule
 from health_mlops.serving.drift import MIN_ROWS, SIGNIFICANT_PSI
 from health_mlops.serving.predictor import NoChampion, Predictor
 from health_mlops.serving.sources import DashboardSources, FederationState, TrainingRun
@@ -64,7 +65,7 @@ class Dashboard:
     """The callbacks behind the tabs; each returns what its outputs show and never raises at the user."""
 
     def __init__(self, spec: DatasetSpec, predictor: Predictor, registry: Registry, sources: DashboardSources,
-                 credentials_dir: Path, *, scratch: Path, links: dict[str, str] | None = None,
+                 role_of: Callable[[str], Role | None], *, scratch: Path, links: dict[str, str] | None = None,
                  node_links: dict[str, str] | None = None) -> None:
         self.spec = spec
         self.links = links or {}  # the tools beside the dashboard (MLflow's UI, Prometheus), where configured
@@ -72,13 +73,31 @@ class Dashboard:
         self.predictor = predictor
         self.registry = registry
         self.sources = sources
-        self.credentials_dir = credentials_dir
+        self.role_of = role_of  # a logged-in user's role, as the accounts file says now
         self.metric = spec.primary_metric
         self._last_count: tuple[float, float] | None = None  # (time, predictions) at the last monitoring view
         self._scratch = scratch  # batch results: patient rows, in the dashboard's private folder
         scratch.mkdir(mode=0o700, exist_ok=True)
-        self._throttle = FailureThrottle()
         self._reports: dict[int, dict[str, Any] | None] = {}
+
+    # --- Who sees what ----------------------------------------------------------------------------------
+
+    def view(self, request: gr.Request) -> tuple[Any, ...]:
+        """What the user's role shows: who is logged in; for an operator the Training, Models, Hospitals and
+        Monitoring tabs and their refreshes; for an admin the promote and roll back actions. (Hiding is for the
+        user's sake: the edge refuses another role's functions whatever the page shows.)"""
+        user = request.username or ""
+        role = self.role_of(user)
+        operator = role is not None and allows(role, "operator")
+        admin = role is not None and allows(role, "admin")
+        who = f"Logged in as **{user}** ({role or 'no role'})"
+        return (who, *(gr.Tab(visible=operator) for _ in range(4)), gr.Row(visible=admin),
+                gr.Timer(active=operator), gr.Timer(active=operator))
+
+    @staticmethod
+    def opened() -> gr.Timer:
+        """Stops the one-shot timer that loads an operator's tabs when the page opens."""
+        return gr.Timer(active=False)
 
     # --- Predict ----------------------------------------------------------------------------------------
 
@@ -360,27 +379,21 @@ class Dashboard:
                     pd.DataFrame(columns=["hospital"]))
         return _comparison(first, reports[first], second, reports[second])  # type: ignore[arg-type]
 
-    def promote(self, token: str, version: int | None, request: gr.Request) -> tuple[str, pd.DataFrame]:
+    # Promote and roll back run only for admins: the dashboard's edge checks the role before either is called.
+
+    def promote(self, version: int | None, request: gr.Request) -> tuple[str, pd.DataFrame]:
         if version is None:
             return "**Pick the version to promote.**", self.models()
-        return self._admin_action(token, lambda: self.registry.promote(int(version), actor="admin (dashboard)"),
-                                  "promote", "promoted", request)
+        return self._admin_action(lambda actor: self.registry.promote(int(version), actor=actor), "promoted",
+                                  request)
 
-    def rollback(self, token: str, request: gr.Request) -> tuple[str, pd.DataFrame]:
-        return self._admin_action(token, lambda: self.registry.rollback(actor="admin (dashboard)"), "rollback",
-                                  "rolled back to", request)
+    def rollback(self, request: gr.Request) -> tuple[str, pd.DataFrame]:
+        return self._admin_action(lambda actor: self.registry.rollback(actor=actor), "rolled back to", request)
 
-    def _admin_action(self, token: str, action: Callable[[], Any], name: str, verb: str,
-                      request: gr.Request | None) -> tuple[str, pd.DataFrame]:
-        refusal = admin_refusal(token, self.credentials_dir)
-        if refusal:
-            source = request.client.host if request is not None and request.client else "unknown"
-            self.registry.audit.append(f"dashboard {name}", "unknown (dashboard)", outcome="refused 401",
-                                       model=self.registry.model_name, reason=refusal, source=source)
-            time.sleep(self._throttle.failed(source, refusal))  # a worker thread: guessing slows, others do not
-            return f"**Refused:** {refusal}", self.models()
+    def _admin_action(self, action: Callable[[str], Any], verb: str,
+                      request: gr.Request) -> tuple[str, pd.DataFrame]:
         try:
-            version = action()
+            version = action(f"{request.username} (dashboard)")
         except RegistryError as error:
             return f"**Refused:** {error}", self.models()
         return (f"**Done:** {verb} v{version.version}; it is served within seconds. The audit log has the entry.",
@@ -623,6 +636,10 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
         if dashboard.links:
             gr.Markdown("Also: " + " · ".join(f"[{name}]({url})" for name, url in dashboard.links.items()),
                         elem_id="links")
+        with gr.Row():
+            who = gr.Markdown(elem_id="logged-in")
+            # A form, not a link: logging out is a POST (no page elsewhere can log a user out by linking here).
+            gr.HTML('<form method="post" action="/logout"><button type="submit" id="logout">Log out</button></form>')
         with gr.Tab("Predict"):
             inputs: list[gr.components.Component] = []
             sources = list(dict.fromkeys(f.source.value for f in spec.features))
@@ -661,7 +678,7 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
             invalid_rows = gr.Dataframe(pd.DataFrame(columns=INVALID_ROW_COLUMNS), label="invalid rows",
                                         elem_id="batch-invalid")
             upload.upload(dashboard.batch, upload, [batch_summary, scored_file, invalid_rows])
-        with gr.Tab("Training"):
+        with gr.Tab("Training", visible=False) as training_tab:
             run_picker = gr.Dropdown(label="training run", choices=[LATEST_RUN], value=LATEST_RUN,
                                      elem_id="training-run")
             training_note = gr.Markdown(elem_id="training-source")
@@ -670,12 +687,10 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
                 hospital_plot = gr.Plot(label="each hospital's evaluation", elem_id="training-hospitals")
                 loss_plot = gr.Plot(label="local training loss", elem_id="training-loss")
             participation_plot = gr.Plot(label="participation", elem_id="training-participation")
-        with gr.Tab("Models"):
+        with gr.Tab("Models", visible=False) as models_tab:
             versions = gr.Dataframe(label="registered versions (newest first)", elem_id="model-versions")
-            with gr.Row():
-                admin_token = gr.Textbox(label="admin token", type="password")
+            with gr.Row(visible=False) as admin_row:
                 version = gr.Dropdown(label="version to promote", choices=[], value=None, elem_id="promote-version")
-            with gr.Row():
                 promote_button = gr.Button("Promote to champion")
                 rollback_button = gr.Button("Roll back to the previous champion")
             admin_result = gr.Markdown(elem_id="admin-result")
@@ -694,22 +709,51 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
             for picker in (compare_first, compare_second):
                 picker.change(dashboard.compare, [compare_first, compare_second],
                               [comparison_summary, comparison_table])
-            promote_button.click(dashboard.promote, [admin_token, version], [admin_result, versions]).then(
+            promote_button.click(dashboard.promote, version, [admin_result, versions]).then(
                 dashboard.champion_report, None, report_outputs)
-            rollback_button.click(dashboard.rollback, admin_token, [admin_result, versions]).then(
+            rollback_button.click(dashboard.rollback, None, [admin_result, versions]).then(
                 dashboard.champion_report, None, report_outputs)
-        with gr.Tab("Hospitals"):
+        with gr.Tab("Hospitals", visible=False) as hospitals_tab:
             hospitals_note = gr.Markdown()
             hospitals_table = gr.Dataframe(elem_id="hospitals", datatype=HOSPITAL_COLUMN_TYPES)
-        with gr.Tab("Monitoring"):
+        with gr.Tab("Monitoring", visible=False) as monitoring_tab:
             monitoring_summary = gr.Markdown(elem_id="monitoring")
             drift_table = gr.Dataframe(label="input drift by feature", elem_id="drift")
-        timer = gr.Timer(refresh_s)
+        # An operator's tabs load once when the page opens (`opened`, a one-shot timer) and refresh every
+        # `refresh_s` (`timer`); a clinician's page runs neither, so it never asks for what its role may not see.
+        timer = gr.Timer(refresh_s, active=False)
+        opened = gr.Timer(0.1, active=False)
+        blocks.load(dashboard.view, None, [who, training_tab, models_tab, hospitals_tab, monitoring_tab, admin_row,
+                                           timer, opened])
         federation_outputs = [run_picker, training_note, overall_plot, hospital_plot, loss_plot, participation_plot,
                               hospitals_note, hospitals_table]
-        for event in (blocks.load, timer.tick, run_picker.input):
+        for event in (opened.tick, timer.tick, run_picker.input):
             event(dashboard.federation, run_picker, federation_outputs)
             event(dashboard.monitoring, None, [monitoring_summary, drift_table])
-        blocks.load(dashboard.registered, None, [versions, version, compare_first, compare_second])
-        blocks.load(dashboard.champion_report, None, report_outputs)
+        opened.tick(dashboard.registered, None, [versions, version, compare_first, compare_second])
+        opened.tick(dashboard.champion_report, None, report_outputs)
+        opened.tick(dashboard.opened, None, opened)
     return blocks
+
+
+# Who may run each of the dashboard's functions (by the callback's name); a function missing here fails the build.
+FUNCTION_ROLES: dict[str, Role] = {
+    "view": "clinician", "template": "clinician", "predict": "clinician", "batch": "clinician",
+    "federation": "operator", "monitoring": "operator", "registered": "operator", "champion_report": "operator",
+    "compare": "operator", "opened": "operator",
+    "promote": "admin", "rollback": "admin",
+}
+PAGE_EVENTS = ("load", "tick")  # what the page does by itself: running these is not the user's activity
+
+
+def function_rules(blocks: gr.Blocks) -> dict[int, FunctionRule]:
+    """Each of the blocks' functions (by the index a Gradio event names) with the role it needs."""
+    rules: dict[int, FunctionRule] = {}
+    for index, function in blocks.fns.items():
+        if function.fn is None:  # a front-end-only event: nothing runs on the server
+            continue
+        if function.name not in FUNCTION_ROLES:
+            raise ValueError(f"the dashboard function {function.name!r} has no role in FUNCTION_ROLES")
+        user_action = any(event not in PAGE_EVENTS for _, event in function.targets)
+        rules[index] = FunctionRule(FUNCTION_ROLES[function.name], user_action)
+    return rules
