@@ -67,3 +67,33 @@ def test_audit_verify_without_the_key_refuses_to_say_intact_unless_asked_for_has
     assert "intact" not in refused.stdout
     hashes = run_cli("audit", "verify", "--hashes-only", home=home)
     assert "the chain is intact (no audit key in the credentials folder: hashes checked, MACs not)" in hashes.stdout
+
+
+def test_dashboard_accounts_are_managed_from_the_command_line_and_every_change_is_audited(home: Path,
+                                                                                          tmp_path: Path) -> None:
+    provision(home / "credentials", [])
+    password = tmp_path / "password"
+    password.write_text("short\n")
+    refused = run_cli("dashboard-account", "add", "cleo", "--role", "clinician", "--password-file", str(password),
+                      home=home, check=False)
+    assert refused.returncode == 2 and "at least 12 characters" in refused.stderr
+    wrong_role = run_cli("dashboard-account", "add", "cleo", "--role", "root", "--password-file", str(password),
+                         home=home, check=False)
+    assert wrong_role.returncode == 2 and "one of clinician, operator, admin" in wrong_role.stderr
+    password.write_text("a clinician's passphrase\n")
+    run_cli("dashboard-account", "add", "cleo", "--role", "clinician", "--password-file", str(password), home=home)
+    run_cli("dashboard-account", "add", "cleo", "--role", "operator", "--password-file", str(password), home=home)
+    key = run_cli("dashboard-account", "key", "lab-system", home=home).stdout.strip()
+    listed = run_cli("dashboard-account", "list", home=home).stdout
+    assert "cleo" in listed and "operator" in listed and "lab-system" in listed
+    assert "argon2" not in listed and key not in listed
+    run_cli("dashboard-account", "revoke-key", "lab-system", home=home)
+    run_cli("dashboard-account", "remove", "cleo", home=home)
+    missing = run_cli("dashboard-account", "remove", "cleo", home=home, check=False)
+    assert missing.returncode == 2 and "no user 'cleo'" in missing.stderr
+    entries = AuditLog(home / "audit.log").entries()
+    assert [(e["action"], e.get("user") or e.get("key"), e.get("role")) for e in entries] == [
+        ("dashboard-account add", "cleo", "clinician"), ("dashboard-account change", "cleo", "operator"),
+        ("dashboard-account key", "lab-system", "clinician"), ("dashboard-account revoke-key", "lab-system", None),
+        ("dashboard-account remove", "cleo", None)]
+    assert run_cli("audit", "verify", home=home).returncode == 0
