@@ -57,6 +57,10 @@ class AggregatorMetrics:
                                         "history, run)",
                                         ["file"], registry=r)
         self.auth_failures = auth_failures(r)
+        self.handshakes_refused = Counter("health_mlops_tls_handshakes_refused_total", "Connections to the API "
+                                          "refused in the TLS handshake, by reason (revoked, expired, untrusted, no "
+                                          "certificate, other): they reach nothing of the application",
+                                          ["reason"], registry=r)
 
 
 class NodeMetrics:

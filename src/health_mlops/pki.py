@@ -169,9 +169,15 @@ def _load_crl(directory: Path) -> x509.CertificateRevocationList:
 def _write_crl(directory: Path, issuer: _Issuer, *, revoke: x509.Certificate | None = None) -> None:
     """Re-sign the CRL: what it revoked already (the CRL is the one record of that), and `revoke` if given."""
     now = _now()
+    previous = _load_crl(directory) if (directory / CRL_FILE_NAME).exists() else None
+    last_update = now - dt.timedelta(minutes=5)
+    if previous is not None:
+        # Strictly later than the CRL it replaces: a TLS context holding both (`tls.follow_crl`) checks against the
+        # one with the later lastUpdate, and keeps the first it loaded when they are equal (two within a second).
+        last_update = max(last_update, previous.last_update_utc + dt.timedelta(seconds=1))
     builder = (x509.CertificateRevocationListBuilder().issuer_name(issuer.certificate.subject)
-               .last_update(now - dt.timedelta(minutes=5)).next_update(now + CRL_VALIDITY))
-    for entry in _load_crl(directory) if (directory / CRL_FILE_NAME).exists() else []:
+               .last_update(last_update).next_update(now + CRL_VALIDITY))
+    for entry in previous or []:
         builder = builder.add_revoked_certificate(entry)
     if revoke is not None:
         builder = builder.add_revoked_certificate(

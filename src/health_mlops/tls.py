@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,38 @@ def server_context(certificate: Path, key: Path, *, client_ca: Path | None,
     if client_ca is not None:
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+# OpenSSL's verification codes (X509_V_ERR_*) for why a peer's certificate was refused, in words.
+_VERIFY_REASONS = {23: "revoked", 10: "expired", 9: "not yet valid", 2: "untrusted", 18: "untrusted",
+                   19: "untrusted", 20: "untrusted", 21: "untrusted", 7: "untrusted"}
+
+
+def refusal_reason(error: ssl.SSLError) -> str:
+    """A refused handshake's reason, from a short fixed list (a metric's label)."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return _VERIFY_REASONS.get(error.verify_code, "certificate refused")
+    if error.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "no certificate"
+    return "other"
+
+
+def count_refused_handshakes(context: ssl.SSLContext, refused: Callable[[str], None]) -> None:
+    """Call `refused(reason)` for every handshake `context` refuses (a revoked, expired, foreign or missing client
+    certificate, a client that does not speak TLS): refused connections reach nothing of the application, so this
+    count, not a log or audit line per attempt, is what shows them."""
+
+    class CountedHandshakes(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):  # the handshake waits for more bytes
+                raise
+            except ssl.SSLError as error:
+                refused(refusal_reason(error))
+                raise
+
+    context.sslobject_class = CountedHandshakes  # what the event loop's TLS wraps each connection in
 
 
 def follow_crl(context: ssl.SSLContext, crl: Path, *, interval_s: float = CRL_CHECK_INTERVAL_S) -> threading.Event:

@@ -15,6 +15,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import httpx
 import pytest
 
 from health_mlops.access import ACCOUNTS_FILE_NAME, issue_key, set_user
+from health_mlops.data.synthetic import generate_dataset
 from health_mlops.demo.processes import Processes, wait_ready
 from health_mlops.pki import CA, cert_path, key_path
 from health_mlops.security import ADMIN, bearer, provision, read_token, token_path
@@ -47,6 +49,7 @@ class Services:
     dashboard_port: int
     api_key: dict[str, str]  # a clinician's API key, for /api/v1
     session: dict[str, str]  # a clinician's session cookie, for the dashboard's Gradio routes
+    node_port: int  # hospital-3's node: its API; its metrics port is the next
 
     def pid(self, name: str) -> int:
         return self.processes.children[name].process.pid
@@ -63,22 +66,30 @@ class Services:
 @pytest.fixture(scope="module")
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     home = tmp_path_factory.mktemp("edge") / "home"
-    provision(home / "credentials", ["hospital-1", "hospital-2"])
+    provision(home / "credentials", ["hospital-1", "hospital-2", "hospital-3"])
     accounts = home / "credentials" / ACCOUNTS_FILE_NAME
     set_user(accounts, "cleo", "clinician", PASSWORD)
     key = issue_key(accounts, "lab-system", "clinician")
-    base = free_port_range(3)
+    base = free_port_range(5)
+    data = home / "data"
+    generate_dataset(data, n_hospitals=1, rows_per_hospital=300, seed=3, split_seed=42, test_fraction=0.2)
     env = {**os.environ, "HEALTH_MLOPS_HOME": str(home), "HEALTH_MLOPS_AGGREGATOR_URL": f"https://127.0.0.1:{base}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     with Processes(home / "logs", env) as processes:
         aggregator = processes.start("aggregator", ["aggregator", "--port", str(base), "--ops-port", str(base + 1)])
         dashboard = processes.start("dashboard", ["dashboard", "--port", str(base + 2)])
         wait_ready(f"http://127.0.0.1:{base + 1}/readyz", aggregator)
+        # hospital-3's node: in no run of these tests (they take hospital-1's and hospital-2's tasks themselves).
+        node = processes.start("node", ["node", "--hospital-id", "hospital-3", "--node-id", "hospital-3-a",
+                                        "--data-dir", str(data / "hospital-1"), "--central-url",
+                                        f"https://127.0.0.1:{base}", "--api-port", str(base + 3),
+                                        "--metrics-port", str(base + 4)])
+        wait_ready(f"http://127.0.0.1:{base + 3}/readyz", node, timeout_s=180)
         wait_ready(f"http://127.0.0.1:{base + 2}/readyz", dashboard, timeout_s=180)
         login = httpx.post(f"http://127.0.0.1:{base + 2}/login", data={"username": "cleo", "password": PASSWORD})
         assert login.status_code == 303, login.text
         yield Services(home, processes, base, base + 2, {"X-API-Key": key},
-                       {"Cookie": f"{SESSION_COOKIE}={login.cookies[SESSION_COOKIE]}"})
+                       {"Cookie": f"{SESSION_COOKIE}={login.cookies[SESSION_COOKIE]}"}, base + 3)
 
 
 def peak_growth_mb(pid: int, attempt: Callable[[], object]) -> tuple[object, float]:
@@ -269,8 +280,11 @@ def test_a_256_mib_request_head_gets_431_with_memory_flat_on_every_server(servic
     admin = services.tls(ADMIN)  # the mutual-TLS API: a client certificate, no token
     ops = f"http://127.0.0.1:{services.aggregator_port + 1}/healthz"
     dashboard = f"http://127.0.0.1:{services.dashboard_port}/healthz"
+    node = f"http://127.0.0.1:{services.node_port}/healthz"
     servers = {"aggregator API": (services.pid("aggregator"), services.aggregator_port, admin, ops),
                "aggregator ops": (services.pid("aggregator"), services.aggregator_port + 1, None, ops),
+               "node API": (services.pid("node"), services.node_port, None, node),
+               "node metrics": (services.pid("node"), services.node_port + 1, None, node),
                "dashboard": (services.pid("dashboard"), services.dashboard_port, None, dashboard)}
     for name, (pid, port, tls, health) in servers.items():
         for many_headers in (False, True):
@@ -281,16 +295,17 @@ def test_a_256_mib_request_head_gets_431_with_memory_flat_on_every_server(servic
         assert httpx.get(health).status_code == 200, name
 
 
-def closed_while_trickling(port: int, first: bytes, trickle: bytes) -> bool:
+def closed_while_trickling(port: int, first: bytes, trickle: bytes, *, tls: ssl.SSLContext | None = None) -> bool:
     """Whether the server closes the connection while `trickle` comes a byte a second after `first` (60 s at most,
     six times the server's limit: the bound is the test's safety, not a timing)."""
-    connection = socket.create_connection(("127.0.0.1", port), timeout=60)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+    connection = tls.wrap_socket(raw, server_hostname="127.0.0.1") if tls else raw
     try:
         connection.sendall(first)
         for byte in trickle[:60]:
-            if select.select([connection], [], [], 1.0)[0] and connection.recv(65536) == b"":
-                return True  # what it read was not an answer to `first` but the end of the connection
             try:
+                if select.select([connection], [], [], 1.0)[0] and _read_to_end(connection):
+                    return True  # what it read ended with the end of the connection
                 connection.sendall(bytes([byte]))
             except OSError:
                 return True
@@ -299,15 +314,44 @@ def closed_while_trickling(port: int, first: bytes, trickle: bytes) -> bool:
         connection.close()
 
 
-def test_a_slow_second_request_and_a_slow_body_are_closed(services: Services) -> None:
+def _read_to_end(connection: socket.socket) -> bool:
+    """Reads what is there (an answer to the first request); whether the connection then ended."""
+    try:
+        return connection.recv(65536) == b""
+    except ssl.SSLWantReadError:  # a TLS record not yet whole (a session ticket): nothing to read yet
+        return False
+
+
+def test_a_slow_second_request_and_a_slow_body_are_closed_on_every_server(services: Services) -> None:
     """The head deadline holds for every request on a kept-alive connection, not only its first, and a body must
-    keep coming."""
-    port = services.dashboard_port
+    keep coming: on the dashboard, the aggregator's API and operations port, and the node's API and metrics port
+    (each attempt in a thread of its own: the servers' deadlines run side by side)."""
     whole = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    assert closed_while_trickling(port, whole, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X" * 100)
-    upload = (b"POST /api/v1/predict/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-              b"X-API-Key: " + services.api_key["X-API-Key"].encode() + b"\r\nContent-Length: 1000000\r\n\r\n")
-    assert closed_while_trickling(port, upload, b'{"rows": [' + b" " * 100)
+    slow = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X" * 100
+    metrics = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    admin = services.tls(ADMIN)
+    def upload(path: str, credential: str) -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{credential}\r\n"
+                "Content-Length: 1000000\r\n\r\n").encode()
+
+    dashboard_upload = upload("/api/v1/predict/batch", f"X-API-Key: {services.api_key['X-API-Key']}")
+    run_request = upload("/v1/runs", f"Authorization: Bearer {services.token(ADMIN)}")
+    attempts = {
+        "dashboard, second request": lambda: closed_while_trickling(services.dashboard_port, whole, slow),
+        "dashboard, body": lambda: closed_while_trickling(services.dashboard_port, dashboard_upload,
+                                                          b'{"rows": [' + b" " * 100),
+        "aggregator API, second request": lambda: closed_while_trickling(services.aggregator_port, whole, slow,
+                                                                         tls=admin),
+        "aggregator API, body": lambda: closed_while_trickling(services.aggregator_port, run_request,
+                                                               b'{"hospitals": [' + b" " * 100, tls=admin),
+        "aggregator ops, second request": lambda: closed_while_trickling(services.aggregator_port + 1, whole, slow),
+        "node API, second request": lambda: closed_while_trickling(services.node_port, whole, slow),
+        "node metrics, second request": lambda: closed_while_trickling(services.node_port + 1, metrics, slow),
+    }
+    with ThreadPoolExecutor(len(attempts)) as pool:
+        closed = {name: future.result() for name, future in
+                  [(name, pool.submit(attempt)) for name, attempt in attempts.items()]}
+    assert closed == dict.fromkeys(attempts, True)
 
 
 def test_a_revoked_certificate_fails_the_handshake_and_reaches_nothing(services: Services) -> None:
@@ -336,9 +380,18 @@ def test_a_revoked_certificate_fails_the_handshake_and_reaches_nothing(services:
         time.sleep(0.2)
     audit = services.home / "audit.log"
     before = audit.stat().st_size if audit.exists() else 0
+    revoked_before = refused_handshakes(services, "revoked")
     assert not any(answered("hospital-2") for _ in range(20))
     assert (audit.stat().st_size if audit.exists() else 0) == before
+    # Counted instead, by reason, on the operations port that Prometheus scrapes.
+    assert refused_handshakes(services, "revoked") == revoked_before + 20
     assert answered("hospital-1")
+
+
+def refused_handshakes(services: Services, reason: str) -> float:
+    exposed = httpx.get(f"http://127.0.0.1:{services.aggregator_port + 1}/metrics").text
+    found = re.search(rf'health_mlops_tls_handshakes_refused_total{{reason="{reason}"}} (\S+)', exposed)
+    return float(found.group(1)) if found else 0.0
 
 
 # Last in the module: it stops the dashboard the tests above share.

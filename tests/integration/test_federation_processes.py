@@ -340,7 +340,8 @@ def test_a_replica_paused_past_its_lease_gets_409_for_its_late_result(cluster: C
 
     api_port, _ = cluster.node_ports[paused]
     deadline = time.monotonic() + 180
-    while (status := httpx.get(f"http://127.0.0.1:{api_port}/v1/status", timeout=10).json())[
+    own = bearer(read_token(token_path(cluster.credentials, "hospital-1")))  # what it sent: its hospital's to see
+    while (status := httpx.get(f"http://127.0.0.1:{api_port}/v1/status", headers=own, timeout=10).json())[
             "tasks_by_outcome"].get("conflict", 0) == 0:
         assert time.monotonic() < deadline, f"the paused replica's late result was not refused: {status}"
         time.sleep(0.2)

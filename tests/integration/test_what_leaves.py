@@ -33,6 +33,7 @@ from health_mlops.data.split import split_frame
 from health_mlops.fl.hospital import suppressed_cells
 from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.messages import RESULT_TASK_KEY, decode_weights
+from health_mlops.security import bearer, read_token, token_path
 from health_mlops.spec import load_spec
 from tests.conftest import run_cli
 from tests.integration.mitm import RecordingProxy
@@ -81,9 +82,25 @@ def recorded_run(tmp_path: Path, empty_mlflow_db: Path) -> Iterator[tuple[Cluste
         cluster.processes.stop_all()
 
 
-def node_status(cluster: Cluster) -> dict[str, Any]:
+def node_status(cluster: Cluster, hospital: str | None = WATCHED) -> dict[str, Any]:
+    """The watched node's status page, as `hospital`'s operator (its token) sees it, or anyone (None)."""
     api_port, _ = cluster.node_ports["watched"]
-    return httpx.get(f"http://127.0.0.1:{api_port}/v1/status", timeout=10).json()
+    headers = bearer(read_token(token_path(cluster.credentials, hospital))) if hospital else {}
+    return httpx.get(f"http://127.0.0.1:{api_port}/v1/status", headers=headers, timeout=10).json()
+
+
+def test_the_requests_a_node_sent_are_listed_to_its_own_hospital_only(
+        recorded_run: tuple[Cluster, RecordingProxy, pd.DataFrame, str]) -> None:
+    """The round-0 sums, sums of squares and histograms a node sent are its hospital's: whoever reaches its port
+    sees a summary, another hospital's token too."""
+    cluster, *_ = recorded_run
+    own = node_status(cluster)
+    assert own["sent"]["log"] and any("content" in entry for entry in own["sent"]["log"])
+    for stranger in (None, "hospital-2"):
+        summary = node_status(cluster, stranger)
+        assert summary["hospital"] == WATCHED and summary["data"]["rows_train"] == own["data"]["rows_train"]
+        assert summary["sent"]["requests"] >= 1 and set(summary["sent"]) == {"requests", "body_bytes", "log"}
+        assert "present this hospital's token" in summary["sent"]["log"]  # no entry, no content
 
 
 def test_only_aggregates_leave_and_the_node_lists_every_request(

@@ -15,10 +15,12 @@ from health_mlops.errors import CredentialError
 from health_mlops.http_edge import Receive, Scope, Send
 from health_mlops.monitoring import ServingMetrics
 from health_mlops.security import FailureThrottle
-from health_mlops.serving.access_edge import SESSION_COOKIE, USER_SCOPE_KEY, FunctionRule, SessionGate
+from health_mlops.serving.access_edge import (SESSION_COOKIE, USER_SCOPE_KEY, FunctionRule, SessionGate,
+                                              UploadQuota)
 
 PASSWORD = "a long enough passphrase"
 IDLE_S = 900.0
+UPLOAD_QUOTA = 1000  # bytes an hour, per user
 
 
 class Clock:
@@ -53,7 +55,8 @@ def gate(accounts: Path, tmp_path: Path) -> tuple[TestClient, Clock, Path]:
              2: FunctionRule("clinician", user_action=False)}
     app = SessionGate(echo_user, accounts=lambda: Accounts.load(accounts), sessions=SessionStore(IDLE_S, clock=clock),
                       function_rules=lambda: rules, audit=AuditLog(tmp_path / "audit.log"), metrics=ServingMetrics(),
-                      secure_cookie=True, throttle=FailureThrottle(max_delay_s=0.0))
+                      secure_cookie=True, throttle=FailureThrottle(max_delay_s=0.0),
+                      uploads=UploadQuota(UPLOAD_QUOTA, clock=clock))
     return TestClient(app, base_url="https://dashboard"), clock, accounts
 
 
@@ -187,3 +190,28 @@ def test_sessions_are_bounded_the_least_recently_active_ended_first() -> None:
     store.find(first, activity=True)
     third = store.open("c", "clinician")
     assert [store.find(t, activity=False) is not None for t in (first, second, third)] == [True, False, True]
+
+
+def test_uploads_past_a_users_hourly_quota_are_refused_until_the_hour_is_over(
+        gate: tuple[TestClient, Clock, Path]) -> None:
+    client, clock, _ = gate
+    log_in(client, "cleo")
+
+    def upload(size: int, *, declared: bool = True) -> int:
+        body = b"x" * size
+        if declared:
+            return client.post("/gradio_api/upload", content=body).status_code
+        return client.post("/gradio_api/upload", content=iter([body])).status_code  # chunked: no length said
+
+    assert upload(600) == 200
+    assert upload(600) == 429  # said up front: it would go past the quota
+    assert upload(300, declared=False) == 200
+    assert upload(300, declared=False) == 200  # no length said: counted as it comes, past the quota by this one
+    refused = client.post("/gradio_api/upload", content=b"x")
+    assert refused.status_code == 429 and "cleo has uploaded" in refused.text
+    assert refused.headers["retry-after"] == "3600"
+    log_in(client, "ada")
+    assert upload(600) == 200  # each user's own quota
+    clock.now += 3600
+    log_in(client, "cleo")  # (the session before ended with the idle time)
+    assert upload(600) == 200

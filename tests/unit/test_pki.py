@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import socket
 import ssl
+import time
 import stat
 import threading
 from pathlib import Path
@@ -172,3 +173,41 @@ def test_a_client_refuses_an_impostor_serving_the_revoked_aggregator_certificate
     with pytest.raises(ssl.SSLCertVerificationError, match="revoked"):
         handshake(server_context(impostor), client(credential.crl))
     assert handshake(server_context(pki), client(credential.crl)) == "hospital-1"  # the new certificate is fine
+
+
+def test_a_running_client_refuses_the_aggregator_certificate_revoked_after_it_started(pki: Path,
+                                                                                      tmp_path: Path) -> None:
+    """A node runs for months: the CRL it holds is re-read when `crl.pem` changes, so an aggregator certificate
+    revoked after the node started fails the node's next handshake, without a restart."""
+    from health_mlops.fl.client import HospitalClient
+    from health_mlops.security import ClientCredential
+
+    impostor = tmp_path / "impostor"
+    impostor.mkdir()
+    for path in (cert_path(pki, SERVER), key_path(pki, SERVER), cert_path(pki, CA)):
+        shutil.copy(path, impostor / path.name)
+    credential = ClientCredential.from_directory(pki, "hospital-1", token="hospital-1's token")
+    with HospitalClient("https://localhost:1", credential, node_id="hospital-1-a", poll_wait_s=1.0) as client:
+        assert client.tls is not None
+        assert handshake(server_context(impostor), client.tls) == "hospital-1"  # today's aggregator certificate
+        rotate(pki, SERVER)  # the old one revoked: crl.pem re-signed beside the node's credential
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                handshake(server_context(impostor), client.tls)
+            except ssl.SSLCertVerificationError as error:
+                assert "revoked" in str(error)
+                break
+            assert time.monotonic() < deadline, "the client never read the new CRL"
+            time.sleep(0.2)
+        assert handshake(server_context(pki), client.tls) == "hospital-1"  # the rotated certificate is fine
+
+
+def test_each_crl_is_later_than_the_one_it_replaces_even_within_a_second(pki: Path) -> None:
+    """A TLS context that loaded the old CRL checks against the newest it holds, and keeps the first of two with
+    the same lastUpdate: a CRL re-signed within the same second as the last must still say it is later."""
+    updates = []
+    for _ in range(3):
+        rotate(pki, SERVER)
+        updates.append(x509.load_pem_x509_crl((pki / CRL_FILE_NAME).read_bytes()).last_update_utc)
+    assert updates == sorted(set(updates))

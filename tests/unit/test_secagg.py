@@ -4,7 +4,10 @@ hospital reveals nothing that would unmask one update."""
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from health_mlops.fl.secagg import (FRACTION_BITS, Reveal, RoundContext, RoundKeys, SecAggError, ShareHolder,
                                     default_threshold, dequantize, mask, quantize, sign_survivors, unmask,
                                     verify_advertisements, verify_survivors)
-from health_mlops.pki import CA, cert_path, ensure_certificates, key_path
+from health_mlops.fl.secure_fit import ConsortiumIdentity
+from health_mlops.pki import CA, cert_path, ensure_certificates, key_path, revoke
+from health_mlops.security import ClientCredential
 
 HOSPITALS = tuple(f"hospital-{i}" for i in range(1, 6))
 LENGTH = 10_000
@@ -26,6 +31,12 @@ class Consortium:
     ca: x509.Certificate
     certificates: dict[str, x509.Certificate]
     signing_keys: dict[str, ec.EllipticCurvePrivateKey]
+    folder: Path
+
+    @property
+    def trust(self) -> dict[str, Any]:
+        """What a hospital checks certificates against besides the CA: nothing revoked, the time now."""
+        return {"revoked": set(), "now": dt.datetime.now(dt.UTC)}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +50,7 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Consortium:
         key = serialization.load_pem_private_key(key_path(folder, hospital).read_bytes(), password=None)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         keys[hospital] = key
-    return Consortium(x509.load_pem_x509_certificate(cert_path(folder, CA).read_bytes()), certificates, keys)
+    return Consortium(x509.load_pem_x509_certificate(cert_path(folder, CA).read_bytes()), certificates, keys, folder)
 
 
 CONTEXT = RoundContext("run-1", 3, 0, HOSPITALS, threshold=default_threshold(len(HOSPITALS)))
@@ -59,7 +70,8 @@ class Round:
         self.keys = {h: RoundKeys(h) for h in context.hospitals}
         advertised = [self.keys[h].advertise(context, consortium.signing_keys[h]) for h in context.hospitals]
         # What each hospital does with the advertisements the aggregator forwards: check every signature.
-        self.advertisements = verify_advertisements(context, advertised, consortium.certificates, consortium.ca)
+        self.advertisements = verify_advertisements(context, advertised, consortium.certificates, consortium.ca,
+                                                    **consortium.trust)
         self.holders = {h: ShareHolder(context, self.keys[h], self.advertisements) for h in context.hospitals}
         for sender in context.hospitals:
             for shares in self.holders[sender].outgoing():
@@ -191,17 +203,18 @@ def test_a_substituted_key_a_foreign_certificate_or_a_replay_is_refused(consorti
     substituted = [replace(a, s_public=aggregators_own.s_public) if a.hospital == "hospital-2" else a
                    for a in advertised]
     with pytest.raises(SecAggError, match="hospital-2: the signature does not match"):
-        verify_advertisements(CONTEXT, substituted, consortium.certificates, consortium.ca)
+        verify_advertisements(CONTEXT, substituted, consortium.certificates, consortium.ca, **consortium.trust)
     signed_by_another = [aggregators_own if a.hospital == "hospital-2" else a for a in advertised]
     with pytest.raises(SecAggError, match="hospital-2: the signature does not match"):
-        verify_advertisements(CONTEXT, signed_by_another, consortium.certificates, consortium.ca)
+        verify_advertisements(CONTEXT, signed_by_another, consortium.certificates, consortium.ca,
+                              **consortium.trust)
     wrong_certificate = {**consortium.certificates, "hospital-2": consortium.certificates["outsider"]}
     with pytest.raises(SecAggError, match="the certificate is \\['outsider'\\]'s"):
-        verify_advertisements(CONTEXT, advertised, wrong_certificate, consortium.ca)
+        verify_advertisements(CONTEXT, advertised, wrong_certificate, consortium.ca, **consortium.trust)
     for later in (RoundContext("run-1", 4, 0, HOSPITALS, CONTEXT.threshold),  # the next round, or a retry of this
                   RoundContext("run-1", 3, 1, HOSPITALS, CONTEXT.threshold)):  # one: this attempt's keys, replayed
         with pytest.raises(SecAggError, match="signature does not match"):
-            verify_advertisements(later, advertised, consortium.certificates, consortium.ca)
+            verify_advertisements(later, advertised, consortium.certificates, consortium.ca, **consortium.trust)
 
 
 def test_shares_altered_or_misdirected_on_the_way_are_refused(consortium: Consortium) -> None:
@@ -233,3 +246,33 @@ def test_a_value_beyond_the_fixed_point_range_is_refused() -> None:
         quantize(np.array([2.0 ** 40]), headroom=1)
     with pytest.raises(SecAggError, match="too large"):
         quantize(np.array([np.nan]))
+
+
+def test_a_revoked_or_expired_certificate_vouches_for_no_keys(consortium: Consortium, tmp_path: Path) -> None:
+    """Secure aggregation's peers check each other's certificates as TLS would: a hospital whose certificate the
+    consortium revoked, or whose certificate has expired, cannot take part (its keys would let it unmask)."""
+    advertised = [RoundKeys(h).advertise(CONTEXT, consortium.signing_keys[h]) for h in HOSPITALS]
+    revoked = {consortium.certificates["hospital-3"].serial_number}
+    with pytest.raises(SecAggError, match="hospital-3: its certificate has been revoked"):
+        verify_advertisements(CONTEXT, advertised, consortium.certificates, consortium.ca, revoked=revoked,
+                              now=dt.datetime.now(dt.UTC))
+    later = consortium.certificates["hospital-1"].not_valid_after_utc + dt.timedelta(days=1)
+    with pytest.raises(SecAggError, match="hospital-1: its certificate is not valid now"):
+        verify_advertisements(CONTEXT, advertised, consortium.certificates, consortium.ca, revoked=set(), now=later)
+    # The CRL a node reads: `provision --revoke` re-signs it, and the next round's check sees the revocation.
+    folder = tmp_path / "pki"
+    ensure_certificates(folder, ["hospital-1", "hospital-2"])
+    credential = ClientCredential.from_directory(write_token(folder, "hospital-1"), "hospital-1")
+    identity = ConsortiumIdentity.of(credential)
+    serial = x509.load_pem_x509_certificate(cert_path(folder, "hospital-2").read_bytes()).serial_number
+    assert serial not in identity.revoked()
+    revoke(folder, "hospital-2")
+    assert serial in identity.revoked()
+    (folder / "crl.pem").write_text("not a CRL")
+    with pytest.raises(SecAggError, match="cannot check the other hospitals' certificates for revocation"):
+        identity.revoked()
+
+
+def write_token(folder: Path, name: str) -> Path:
+    (folder / f"{name}.token").write_text("a token\n")
+    return folder

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from health_mlops.errors import FederationError
 from health_mlops.fl.messages import SAFETENSORS_MEDIA_TYPE, RunRequest, RunView, SecureRoundView, TaskMessage
 from health_mlops.security import ClientCredential, bearer
-from health_mlops.tls import client_context
+from health_mlops.tls import client_context, follow_crl
 
 ADMIN_TIMEOUT_S = 30.0
 # A request that is not a long poll gets this long to connect, send and answer.
@@ -38,12 +38,17 @@ class _AggregatorClient:
                  on_response: Callable[[httpx.Response], None] | None = None) -> None:
         hooks: dict[str, list[Callable[..., Any]]] = {"request": [on_request] if on_request else [],
                                                       "response": [on_response] if on_response else []}
-        verify = (client_context(credential.certificate, credential.key, credential.ca, crl=credential.crl)
-                  if base_url.startswith("https://") else True)
+        # The TLS context every new connection's handshake uses; with the consortium's CRL, kept current while
+        # this client lives (a node runs for months: an aggregator certificate revoked meanwhile must fail too).
+        self.tls = (client_context(credential.certificate, credential.key, credential.ca, crl=credential.crl)
+                    if base_url.startswith("https://") else None)
+        self._crl_follower = follow_crl(self.tls, credential.crl) if self.tls and credential.crl else None
         self._http = httpx.Client(base_url=base_url, headers={**bearer(credential.token), **(headers or {})},
-                                  timeout=timeout, event_hooks=hooks, verify=verify)
+                                  timeout=timeout, event_hooks=hooks, verify=self.tls or True)
 
     def close(self) -> None:
+        if self._crl_follower is not None:
+            self._crl_follower.set()
         self._http.close()
 
     def __enter__(self) -> Self:

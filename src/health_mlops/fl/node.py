@@ -5,11 +5,14 @@ The worker long-polls `GET /v1/tasks/next`, keeps the task's lease alive with he
 and submits the result. It never crashes on the aggregator being away (it backs off and retries) and treats
 a refused result (409: the lease was lost, 422: the update was invalid) as the end of that task. The node
 API (`/healthz`, `/readyz`, `/v1/status`) lets the hospital's IT team see what the node is doing and what
-left the hospital.
+left the hospital: anyone who reaches it sees a summary; what was sent, request by request (the round-0 sums,
+sums of squares and histograms in them), only whoever presents the hospital's own token.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import threading
 import time
@@ -19,10 +22,10 @@ from typing import Any
 
 import httpx
 import uvicorn
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import PlainTextResponse
 from fastapi_offline import FastAPIOffline  # /docs from packaged Swagger UI assets, no CDN
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from health_mlops.data.hospital import HospitalData
 from health_mlops.data.split import split_frame
@@ -34,7 +37,7 @@ from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.secagg import SecAggError
 from health_mlops.fl.secure_fit import ConsortiumIdentity, ParticipationPolicy, SecureFitSession
 from health_mlops.fl.strategies import Weights
-from health_mlops.http_server import protocol_options
+from health_mlops.http_server import BackgroundServer, protocol_options
 from health_mlops.monitoring import NodeMetrics
 from health_mlops.security import ClientCredential
 from health_mlops.spec import DatasetSpec
@@ -299,14 +302,25 @@ class HospitalNode:
 
     # --- what the node API shows ----------------------------------------------------------------------
 
-    def status_view(self) -> dict[str, Any]:
+    def owns(self, authorization: str | None) -> bool:
+        """Whether `authorization` presents this hospital's own token (`Authorization: Bearer <token>`)."""
+        scheme, _, token = (authorization or "").partition(" ")
+        presented = hashlib.sha256(token.strip().encode()).digest()
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            presented, hashlib.sha256(self._credential.token.encode()).digest())
+
+    def status_view(self, *, full: bool) -> dict[str, Any]:
+        """What the node is doing; with `full` (the hospital's own operator), also every request it sent."""
+        sent = self.status.transmissions.view()
         return {
             "hospital": self.hospital_id, "node": self.node_id, "city": self.city, "central_url": self.central_url,
             "central_reachable": self.status.central_reachable, "last_contact": self.status.last_contact,
             "current_task": self.status.current_task, "last_task": self.status.last_task,
             "fatal": self.status.fatal,
             "tasks_by_outcome": self.status.outcomes, "results_sent_by_kind": self.status.sent,
-            "suppressed": self.status.suppressed, "sent": self.status.transmissions.view(),
+            "suppressed": self.status.suppressed,
+            "sent": sent if full else {key: sent[key] for key in ("requests", "body_bytes")} | {
+                "log": "present this hospital's token (Authorization: Bearer) to see each request"},
             "data": {"rows_valid": self.data.rows_valid, "rows_quarantined": self.data.rows_quarantined,
                      "rows_train": len(self.worker.train), "rows_test": len(self.worker.test),
                      "files": [{"file": r.file, "rows_read": r.rows_read, "rows_valid": r.rows_valid,
@@ -363,8 +377,19 @@ def create_node_app(node: HospitalNode, worker: threading.Thread) -> FastAPI:
         return PlainTextResponse("ready")
 
     @app.get("/v1/status")
-    async def status() -> dict[str, Any]:
-        return node.status_view()
+    async def status(request: Request) -> dict[str, Any]:
+        return node.status_view(full=node.owns(request.headers.get("authorization")))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def create_metrics_app(node: HospitalNode) -> FastAPI:
+    """The metrics port: `/metrics` alone, for Prometheus."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -374,14 +399,15 @@ def create_node_app(node: HospitalNode, worker: threading.Thread) -> FastAPI:
 
 
 def serve(node: HospitalNode, *, host: str, api_port: int, metrics_port: int) -> None:
-    """Run the worker, the node API and the metrics endpoint until SIGINT/SIGTERM (what a node container runs)."""
+    """Run the worker, the node API and the metrics endpoint until SIGINT/SIGTERM (what a node container runs).
+    Both ports are served by the same guarded HTTP protocol as every other server (`http_server.py`)."""
     stop = threading.Event()
-    start_http_server(metrics_port, addr=host, registry=node.metrics.registry)
     worker = threading.Thread(target=node.run, args=(stop,), name="worker", daemon=True)
     worker.start()
     try:
-        uvicorn.run(create_node_app(node, worker), host=host, port=api_port, log_level="warning",
-                    timeout_graceful_shutdown=2, **protocol_options(None))
+        with BackgroundServer(create_metrics_app(node), host=host, port=metrics_port):
+            uvicorn.run(create_node_app(node, worker), host=host, port=api_port, log_level="warning",
+                        timeout_graceful_shutdown=2, **protocol_options(None))
     finally:
         stop.set()
         worker.join(timeout=2)  # a long poll in flight is abandoned; its lease, if any, expires

@@ -31,8 +31,10 @@ magnitude must stay below 2^63 / 2^fraction_bits (`quantize` refuses values that
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,11 +143,12 @@ def self_mask(seed: bytes, length: int) -> np.ndarray:
 
 
 def verify_advertisements(context: RoundContext, advertisements: Sequence[KeyAdvertisement],
-                          certificates: Mapping[str, x509.Certificate], ca: x509.Certificate
-                          ) -> dict[str, KeyAdvertisement]:
+                          certificates: Mapping[str, x509.Certificate], ca: x509.Certificate, *,
+                          revoked: AbstractSet[int], now: dt.datetime) -> dict[str, KeyAdvertisement]:
     """Every enrolled hospital's keys, by hospital, once each is checked: its certificate was issued by the
-    consortium's CA to that hospital, and signs exactly these keys for this round. Raises SecAggError naming the
-    hospital otherwise (a substituted key, a replayed advertisement, a certificate from elsewhere)."""
+    consortium's CA to that hospital, is valid `now`, is not among the CRL's `revoked` serial numbers, and signs
+    exactly these keys for this round. Raises SecAggError naming the hospital otherwise (a substituted key, a
+    replayed advertisement, a certificate from elsewhere, expired or revoked)."""
     found: dict[str, KeyAdvertisement] = {}
     for advertisement in advertisements:
         hospital = advertisement.hospital
@@ -158,6 +161,12 @@ def verify_advertisements(context: RoundContext, advertisements: Sequence[KeyAdv
             certificate.verify_directly_issued_by(ca)
         except (ValueError, TypeError, InvalidSignature):
             raise SecAggError(f"keys from {hospital}: its certificate was not issued by the consortium's CA") from None
+        if certificate.serial_number in revoked:
+            raise SecAggError(f"keys from {hospital}: its certificate has been revoked")
+        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+            raise SecAggError(f"keys from {hospital}: its certificate is not valid now (valid from "
+                              f"{certificate.not_valid_before_utc:%Y-%m-%d} to "
+                              f"{certificate.not_valid_after_utc:%Y-%m-%d})")
         names = [a.value for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         if names != [hospital]:
             raise SecAggError(f"keys from {hospital}: the certificate is {names}'s")

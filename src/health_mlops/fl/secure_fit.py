@@ -12,11 +12,13 @@ not check out raises `SecAggError`, and the node sends nothing more for the roun
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -33,6 +35,7 @@ from health_mlops.fl.secagg import (EncryptedShares, RoundContext, RoundKeys, Se
                                     verify_survivors)
 from health_mlops.fl.secure_round import SecurePhase, base64_of, flatten, unflatten
 from health_mlops.fl.strategies import Weights
+from health_mlops.pki import PkiError, revoked_serials
 from health_mlops.security import ClientCredential
 
 
@@ -41,11 +44,20 @@ log = logging.getLogger("health_mlops.node")
 
 @dataclass(frozen=True)
 class ConsortiumIdentity:
-    """What a hospital signs its keys with and checks the others' against: its certificate's key, and the CA."""
+    """What a hospital signs its keys with and checks the others' against: its certificate's key, the CA, and the
+    consortium's CRL where its credentials folder has one."""
 
     signing_key: ec.EllipticCurvePrivateKey
     certificate_pem: str
     ca: x509.Certificate
+    crl: Path | None = None
+
+    def revoked(self) -> set[int]:
+        """The serial numbers the CRL revokes now (read at each round: a revocation applies to the next)."""
+        try:
+            return revoked_serials(self.crl.parent) if self.crl else set()
+        except PkiError as error:  # without a CRL it can read, no hospital's keys can be trusted this round
+            raise SecAggError(f"cannot check the other hospitals' certificates for revocation: {error}") from None
 
     @classmethod
     def of(cls, credential: ClientCredential) -> ConsortiumIdentity:
@@ -53,7 +65,7 @@ class ConsortiumIdentity:
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise SecAggError(f"{credential.key}: secure aggregation signs with the certificate's EC key")
         return cls(key, credential.certificate.read_text(encoding="ascii"),
-                   x509.load_pem_x509_certificate(credential.ca.read_bytes()))
+                   x509.load_pem_x509_certificate(credential.ca.read_bytes()), credential.crl)
 
 
 def clip_update(trained: Weights, current: Weights, norm_bound: float) -> tuple[Weights, bool]:
@@ -158,7 +170,8 @@ class SecureFitSession:
                         for k in view.keys or []}
         self.context = RoundContext(self.task.run_id, self.task.round, self.task.attempt,
                                     tuple(sorted(a.hospital for a in advertised)), view.threshold)
-        self.advertisements = verify_advertisements(self.context, advertised, certificates, self.identity.ca)
+        self.advertisements = verify_advertisements(self.context, advertised, certificates, self.identity.ca,
+                                                    revoked=self.identity.revoked(), now=dt.datetime.now(dt.UTC))
         self.certificates = certificates  # each checked against the CA: the survivors' signatures are checked on them
         if self.advertisements.get(self.hospital) != own:
             raise SecAggError(f"the aggregator did not pass on {self.hospital}'s own keys")

@@ -6,6 +6,7 @@ to a caller who has not shown who they are, and each caller gets only what their
   to the login form and every other route answers 401. A Gradio event (`/gradio_api/queue/join`, the only route
   that runs a dashboard function: the programmatic call routes are blocked) runs only if the session's role may
   run that function (`FunctionRule`), else 403.
+- Uploads are counted per user: past `UPLOAD_QUOTA_BYTES` in an hour, the next is refused (429).
 - Logins are throttled per client address and audited (the first few refusals per address and minute, then only
   counted); logout ends the session on the server.
 
@@ -19,6 +20,7 @@ import asyncio
 import html
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
@@ -38,6 +40,11 @@ log = logging.getLogger("health_mlops.access")
 SESSION_COOKIE = "health_mlops_session"
 USER_SCOPE_KEY = "health_mlops.user"  # the logged-in user's name, for Gradio's `auth_dependency`
 LOGIN_PATH, LOGOUT_PATH, QUEUE_JOIN_PATH = "/login", "/logout", "/gradio_api/queue/join"
+UPLOAD_PATH = "/gradio_api/upload"
+# What one user may upload in an hour (Gradio keeps an upload for an hour): four of the largest batches. It bounds
+# the disk one account can fill; one request is bounded by the edge's body limit.
+UPLOAD_QUOTA_BYTES = 256 * 1024 * 1024
+UPLOAD_WINDOW_S = 3600.0
 MAX_LOGIN_BYTES = 4096
 # Answered to anyone: probes, Prometheus, the API's description and its docs page (no patient data, no model).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
@@ -49,6 +56,32 @@ ACTIVITY_PATHS = frozenset({"/", "/gradio_api/upload"})
 # One argon2id check takes 64 MiB and tens of milliseconds of a CPU: a flood of logins queues here instead of
 # taking the replica's memory.
 CONCURRENT_PASSWORD_CHECKS = 2
+
+
+class UploadQuota:
+    """Bytes uploaded per user in fixed windows of `window_s`; an upload is refused once the user's window is full
+    (one in flight may take it past the limit by at most the edge's body limit)."""
+
+    def __init__(self, limit_bytes: int = UPLOAD_QUOTA_BYTES, *, window_s: float = UPLOAD_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit_bytes, self.window_s, self.clock = limit_bytes, window_s, clock
+        self._used: dict[str, tuple[float, int]] = {}  # user -> (window start, bytes)
+
+    def allows(self, user: str, declared: int = 0) -> bool:
+        """Whether `user` may start an upload of `declared` bytes now."""
+        return self._current(user) + declared <= self.limit_bytes
+
+    def charge(self, user: str, size: int) -> None:
+        used = self._current(user)  # first: a window past its end starts again
+        started, _ = self._used.get(user, (self.clock(), 0))
+        self._used[user] = (started, used + size)
+
+    def _current(self, user: str) -> int:
+        started, used = self._used.get(user, (self.clock(), 0))
+        if self.clock() - started >= self.window_s:
+            self._used.pop(user, None)
+            return 0
+        return used
 
 
 @dataclass(frozen=True)
@@ -129,11 +162,13 @@ class SessionGate:
 
     def __init__(self, app: ASGIApp, *, accounts: Callable[[], Accounts], sessions: SessionStore,
                  function_rules: Callable[[], dict[int, FunctionRule]], audit: AuditLog, metrics: ServingMetrics,
-                 secure_cookie: bool, throttle: FailureThrottle | None = None) -> None:
+                 secure_cookie: bool, throttle: FailureThrottle | None = None,
+                 uploads: UploadQuota | None = None) -> None:
         self.app, self.accounts, self.sessions = app, accounts, sessions
         self.function_rules, self.audit, self.metrics = function_rules, audit, metrics
         self.secure_cookie = secure_cookie
         self.throttle = throttle or FailureThrottle()
+        self.uploads = uploads or UploadQuota()
         self._password_checks = asyncio.Semaphore(CONCURRENT_PASSWORD_CHECKS)
 
     def __getattr__(self, name: str) -> Any:  # the wrapped app's attributes (FastAPI's `state`, `routes`)
@@ -197,7 +232,25 @@ class SessionGate:
             await self._not_logged_in(scope, send)
             return
         scope[USER_SCOPE_KEY] = session.user
+        if path == UPLOAD_PATH and scope["method"] == "POST":
+            await self._upload(session.user, scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+    async def _upload(self, user: str, scope: Scope, receive: Receive, send: Send) -> None:
+        declared = _headers(scope).get(b"content-length", b"0")
+        if not self.uploads.allows(user, int(declared) if declared.isdigit() else 0):
+            await _json(send, 429, f"{user} has uploaded {self.uploads.limit_bytes // (1024 * 1024)} MiB in the "
+                                   "last hour, as much as an hour allows; try again later",
+                        [(b"retry-after", str(int(self.uploads.window_s)).encode())])
+            return
+
+        async def counted() -> Message:
+            message = await receive()
+            self.uploads.charge(user, len(message.get("body", b"")))
+            return message
+
+        await self.app(scope, counted, send)
 
     async def _not_logged_in(self, scope: Scope, send: Send) -> None:
         if scope["method"] == "GET" and scope["path"] == "/":

@@ -17,7 +17,8 @@ from health_mlops.http_edge import KIB, MIB, BlockedPaths, BodyLimit
 from health_mlops.monitoring import ServingMetrics
 from health_mlops.registry import Registry
 from health_mlops.security import Reloading, admin_credential
-from health_mlops.serving.access_edge import LOGIN_PATH, MAX_LOGIN_BYTES, USER_SCOPE_KEY, SessionGate
+from health_mlops.serving.access_edge import (LOGIN_PATH, MAX_LOGIN_BYTES, UPLOAD_PATH, USER_SCOPE_KEY,
+                                              SessionGate)
 from health_mlops.serving.api import create_serving_app
 from health_mlops.serving.model import ChampionWatcher
 from health_mlops.serving.predictor import Predictor
@@ -31,7 +32,6 @@ from health_mlops.spec import DatasetSpec
 MAX_PREDICT_BYTES = 64 * KIB
 MAX_BATCH_BYTES = 64 * MIB
 MAX_OTHER_BYTES = 1 * MIB
-UPLOAD_PATH = "/gradio_api/upload"
 # Gradio routes the dashboard does not use (its UI talks over the queue, uploads and file routes): developer
 # reload and "vibe" editing, the URL proxy, run history, screen recording, custom components, media streams,
 # its own monitoring page, its login (`/login/`: ours is `/login`, answered by the session gate), its component

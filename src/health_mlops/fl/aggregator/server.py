@@ -23,7 +23,7 @@ from health_mlops.http_server import BackgroundServer, protocol_options
 from health_mlops.pki import CA, CRL_FILE_NAME, SERVER, cert_path, key_path
 from health_mlops.security import Gatekeeper
 from health_mlops.spec import DatasetSpec
-from health_mlops.tls import follow_crl, server_context
+from health_mlops.tls import count_refused_handshakes, follow_crl, server_context
 
 if TYPE_CHECKING:  # MLflow is imported only by an aggregator that registers models
     from health_mlops.registry import QualityGate, Registry
@@ -88,8 +88,15 @@ def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: s
     crl = credentials_dir / CRL_FILE_NAME
     tls = None if plain_http else server_context(cert_path(credentials_dir, SERVER), key_path(credentials_dir, SERVER),
                                                  client_ca=cert_path(credentials_dir, CA), crl=crl)
+    services: list[AggregatorService] = []  # the one the app builds in its event loop
     if tls is not None:
         follow_crl(tls, crl)  # a daemon thread, for the life of the process
+
+        def count_refused(reason: str) -> None:
+            for running in services[-1:]:
+                running.metrics.handshakes_refused.labels(reason).inc()
+
+        count_refused_handshakes(tls, count_refused)
     store = CheckpointStore(models_dir)
     store.lock()  # one aggregator per models directory
     restore_coordinator(store, spec)  # likewise: an unusable checkpoint stops the start with its path named
@@ -99,7 +106,6 @@ def serve(spec: DatasetSpec, models_dir: Path, credentials_dir: Path, *, host: s
         log.warning("serving the API over plain HTTP: tokens travel in the clear and no client certificate is "
                     "checked; for loopback experiments only")
     publisher = Publisher(registry_factory, store, quality_gate)
-    services: list[AggregatorService] = []  # the one the app builds in its event loop
 
     def service() -> AggregatorService:
         services.append(AggregatorService(spec, store, gatekeeper, publisher=publisher, audit=audit))
