@@ -8,6 +8,13 @@ removed, inserted or reordered. Without a key, the chain proves the log against 
 forger who rewrites every later line consistently is caught only by the key, which the log's readers do not
 have. The log records; it never decides: rollback follows MLflow's own version history (`registry.py`).
 
+A log cut short (its last lines deleted, or emptied) is still a valid chain. So the chain's head is also kept where
+the log's writer cannot quietly roll it back, as `Anchor`s: every registration, promotion and rollback records its
+audit line's sequence number and hash on the model version in MLflow (`registry.py`), and the aggregator's
+operations port publishes the log's last sequence number (`health_mlops_audit_log_sequence`), whose history
+Prometheus keeps. `verify_audit` checks the log against every anchor it is given: a line an anchor saw must still
+be there, with the hash it saw.
+
 Appends from several processes (aggregator, dashboard, CLI) are serialised by an exclusive lock on the file.
 """
 
@@ -21,6 +28,7 @@ import os
 import secrets
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,13 +91,18 @@ def _last_line(fd: int) -> bytes:
     return tail.rstrip(b"\n")
 
 
+DEFAULT_LOG_NAME = "local"
+
+
 class AuditLog:
-    """Appends to and reads one audit log file."""
+    """Appends to and reads one audit log file. `name` tells the logs of one consortium apart where there are
+    several (in Kubernetes, the aggregator's and each dashboard replica's): an anchor names the log it is of."""
 
-    def __init__(self, path: Path, key: bytes | None = None) -> None:
-        self.path, self.key = path, key
+    def __init__(self, path: Path, key: bytes | None = None, *, name: str = DEFAULT_LOG_NAME) -> None:
+        self.path, self.key, self.name = path, key, name
 
-    def append(self, action: str, actor: str, *, outcome: str = "ok", **details: Any) -> None:
+    def append(self, action: str, actor: str, *, outcome: str = "ok", **details: Any) -> dict[str, Any]:
+        """Append one line; the record as written (its `seq` and `hash` anchor it elsewhere)."""
         clash = sorted(set(details) & set(_RESERVED))
         if clash:
             raise ValueError(f"audit details may not be named {clash}")
@@ -110,11 +123,41 @@ class AuditLog:
             os.fsync(fd)
         finally:
             os.close(fd)
+        return record
+
+    def head(self) -> int:
+        """The sequence number of the log's last line (0: empty or absent)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # not while a line is half written
+            last = _last_line(fd)
+        finally:
+            os.close(fd)
+        return int(_seq_of(last.decode("utf-8", "replace")) or 0) if last else 0
 
     def entries(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
         return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A line of the log as a witness outside it saw it: its sequence number and (where known) its hash."""
+
+    seq: int
+    hash: str | None
+    witness: str  # who saw it, for the message: "MLflow (health-risk v3)"
+
+
+def attestation(key: bytes, model: str, version: int, seq: int, digest: str) -> str:
+    """The MAC that binds an audit line (seq, hash) to a model version becoming champion: written beside the
+    champion alias by the registry, checked by every dashboard before it serves that version. MLflow's own
+    users cannot write it: they do not hold the audit key."""
+    return hmac.new(key, f"champion|{model}|{version}|{seq}|{digest}".encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -133,11 +176,27 @@ def _seq_of(raw: str) -> Any:
         return None
 
 
-def verify_audit(path: Path, key: bytes | None = None) -> tuple[int, AuditProblem | None]:
-    """(lines checked, the first problem or None). With `key`, every line must carry a valid MAC."""
-    if not path.exists():
-        return 0, None
-    lines = path.read_text(encoding="utf-8").splitlines()
+def verify_audit(path: Path, key: bytes | None = None,
+                 anchors: Sequence[Anchor] = ()) -> tuple[int, AuditProblem | None]:
+    """(lines checked, the first problem or None). With `key`, every line must carry a valid MAC; every anchor's
+    line must be in the log with the anchor's hash (a log cut short, or emptied, fails here)."""
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    checked, problem = _verify_chain(lines, key)
+    if problem is not None:
+        return checked, problem
+    hashes = {record["seq"]: record["hash"] for record in map(json.loads, lines)}
+    missing = [anchor for anchor in anchors if anchor.seq not in hashes]
+    if missing:  # named by the furthest line a witness saw: how much was cut
+        furthest = max(missing, key=lambda a: a.seq)
+        return checked, AuditProblem(len(lines) + 1, f"cut short: {furthest.witness} saw line {furthest.seq}, "
+                                                      f"but the log ends at line {len(lines)}")
+    for anchor in sorted(anchors, key=lambda a: a.seq):
+        if anchor.hash is not None and hashes[anchor.seq] != anchor.hash:
+            return checked, AuditProblem(anchor.seq, f"rewritten: {anchor.witness} saw another line here")
+    return checked, None
+
+
+def _verify_chain(lines: list[str], key: bytes | None) -> tuple[int, AuditProblem | None]:
     seqs = [_seq_of(raw) for raw in lines]
     later = Counter(seqs)  # the seqs of the lines after the current one: a gap is a removal only if the missing
     previous: dict[str, Any] | None = None  # number does not turn up further down

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
                                              description="checkpoints and model artifacts (default: home/models)")
     audit_log_override: Path | None = Field(None, alias="HEALTH_MLOPS_AUDIT_LOG",
                                             description="the audit log (default: home/audit.log)")
+    audit_log_name: str = Field("local", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$",
+                                description="which audit log this process writes, where a consortium keeps several "
+                                "(Kubernetes: the aggregator's, each dashboard replica's); the registry's anchors "
+                                "name it, and `audit verify` checks a log against its own")
     credentials_dir_override: Path | None = Field(None, alias="HEALTH_MLOPS_CREDENTIALS_DIR",
                                                   description="tokens from `provision` (default: home/credentials)")
     token: str | None = Field(None, description="a node's bearer token (else read from the credentials folder)")
@@ -155,7 +159,7 @@ def settings_audit_log(settings: Settings) -> AuditLog:
     """The audit log of these settings, with the audit key if `provision` issued one."""
     from health_mlops.audit import AuditLog, load_audit_key
 
-    return AuditLog(settings.audit_log, load_audit_key(settings.credentials_dir))
+    return AuditLog(settings.audit_log, load_audit_key(settings.credentials_dir), name=settings.audit_log_name)
 
 
 def get_training_defaults() -> TrainingDefaults:

@@ -57,6 +57,9 @@ class AggregatorMetrics:
                                         "history, run)",
                                         ["file"], registry=r)
         self.auth_failures = auth_failures(r)
+        self.audit_sequence = Gauge("health_mlops_audit_log_sequence", "Sequence number of the audit log's last "
+                                    "line (Prometheus keeps its history: a log cut short shows as a fall)",
+                                    registry=r)
         self.handshakes_refused = Counter("health_mlops_tls_handshakes_refused_total", "Connections to the API "
                                           "refused in the TLS handshake, by reason (revoked, expired, untrusted, no "
                                           "certificate, other): they reach nothing of the application",

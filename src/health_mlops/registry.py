@@ -14,6 +14,7 @@ and imports no torch, so the serving image can use it.
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import tempfile
@@ -28,12 +29,16 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 from health_mlops import strict_json
-from health_mlops.audit import AuditLog
+from health_mlops.audit import Anchor, AuditLog, attestation
 from health_mlops.errors import RegistryError
 
 CHAMPION = "champion"
 CHAMPION_SINCE = "champion_since"  # version tag: when it last became champion (seconds since the epoch)
 CHALLENGER = "challenger"
+# Version tags that tie the registry to the audit log: the seq and hash of the version's latest audit line (an
+# `audit.Anchor` for `audit verify`), and the attestation of its latest promotion (`audit.attestation`), which a
+# dashboard checks before it serves the version: an alias written into MLflow by hand has none.
+AUDIT_ANCHOR, CHAMPION_ATTESTATION = "audit_anchor", "champion_attestation"
 QUALITY_GATE = "quality_gate"  # version tag: the gate has decided its alias (a registration is complete)
 PRIVACY_EPSILON, PRIVACY_DELTA = "privacy_epsilon", "privacy_delta"  # version tags of a DP-trained model
 SECURE_AGGREGATION = "secure_aggregation"  # version tag: "true" when the aggregator saw only sums of updates
@@ -264,6 +269,12 @@ class Registry:
         self.client.set_model_version_tag(self.model_name, str(version), QUALITY_GATE, "applied")
 
     def _set_champion(self, version: int, *, actor: str, action: str, reason: str) -> None:
+        # Audited first: the line's seq and hash go into the attestation the dashboards check before serving.
+        record = self._audit(action, version, actor, reason)
+        key = self.audit.key
+        mac = attestation(key, self.model_name, version, record["seq"], record["hash"]) if key else ""
+        self.client.set_model_version_tag(self.model_name, str(version), CHAMPION_ATTESTATION,
+                                          f"{record['seq']}:{record['hash']}:{mac}")
         # When each version last became champion is kept by MLflow itself, on the version: rollback reads it
         # there, never from the audit log (which records, and decides nothing).
         self.client.set_model_version_tag(self.model_name, str(version), CHAMPION_SINCE, repr(time.time()))
@@ -274,10 +285,41 @@ class Registry:
                 self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
         except MlflowException:
             pass
-        self._audit(action, version, actor, reason)
 
-    def _audit(self, action: str, version: int, actor: str, reason: str) -> None:
-        self.audit.append(action, actor, model=self.model_name, version=version, reason=reason)
+    def _audit(self, action: str, version: int, actor: str, reason: str) -> dict[str, Any]:
+        """Append the audit line, and anchor it on the version (MLflow keeps what the log's writer cannot cut)."""
+        record = self.audit.append(action, actor, model=self.model_name, version=version, reason=reason)
+        self.client.set_model_version_tag(self.model_name, str(version), AUDIT_ANCHOR,
+                                          f"{self.audit.name}:{record['seq']}:{record['hash']}")
+        return record
+
+    def audit_anchors(self, log_name: str) -> list[Anchor]:
+        """Each version's latest line in the audit log `log_name`, as MLflow recorded it (`audit verify` checks
+        that log against them)."""
+        try:
+            found = self.client.search_model_versions(f"name='{self.model_name}'")
+        except MlflowException:
+            return []
+        anchors = []
+        for raw in found:
+            log, seq, digest = (str(raw.tags.get(AUDIT_ANCHOR, "")).split(":") + ["", "", ""])[:3]
+            if log == log_name and seq.isdigit():
+                anchors.append(Anchor(int(seq), digest or None, f"MLflow ({self.model_name} v{raw.version})"))
+        return anchors
+
+    def champion_refusal(self, version: int) -> str | None:
+        """Why a dashboard must not serve `version` as champion, or None: it became champion through this registry
+        (its attestation matches its audit line, under the audit key where this process holds it)."""
+        raw = self.client.get_model_version(self.model_name, str(version))
+        seq, _, rest = str(raw.tags.get(CHAMPION_ATTESTATION, "")).partition(":")
+        digest, _, mac = rest.partition(":")
+        if not (seq.isdigit() and digest):
+            return "it was never promoted through the registry (no audited promotion: an alias set by hand?)"
+        key = self.audit.key
+        if key is not None and not hmac.compare_digest(mac, attestation(key, self.model_name, version, int(seq),
+                                                                        digest)):
+            return "its promotion's attestation does not match the audit key (written outside the registry?)"
+        return None
 
     def promote(self, version: int, *, actor: str) -> ModelVersion:
         self.version(version)  # refuses an unknown version

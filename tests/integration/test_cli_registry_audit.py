@@ -58,6 +58,22 @@ def test_audit_verify_passes_an_intact_log_and_names_a_tampered_line(registry: R
     assert tampered.returncode == 1 and "line 2: changed" in tampered.stderr
 
 
+def test_audit_verify_fails_a_log_cut_short_or_emptied_against_the_registrys_anchors(registry: Registry,
+                                                                                     home: Path) -> None:
+    """Deleting the last lines (the promotion of v2) or emptying the log leaves a valid chain; MLflow still holds
+    each registration's and promotion's line, and verify finds the log shorter than what MLflow saw."""
+    run_cli("registry", "promote", "2", home=home)
+    intact = run_cli("audit", "verify", home=home)
+    assert "every line of 2 seen outside the log is in it" in intact.stdout
+    lines = (home / "audit.log").read_text().splitlines()
+    for kept in (lines[:-1], []):
+        (home / "audit.log").write_text("".join(line + "\n" for line in kept))
+        cut = run_cli("audit", "verify", home=home, check=False)
+        assert cut.returncode == 1, cut.stdout
+        assert f"cut short: MLflow (health-risk v2) saw line {len(lines)}, but the log ends at line {len(kept)}" \
+            in cut.stderr
+
+
 def test_audit_verify_without_the_key_refuses_to_say_intact_unless_asked_for_hashes_only(registry: Registry,
                                                                                          home: Path) -> None:
     """Without the key, a log rewritten with fresh hashes would pass: verify says so and exits 2, not 'intact'."""

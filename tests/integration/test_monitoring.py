@@ -19,7 +19,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port_range, wait_until_ready
+from health_mlops.audit import AuditLog
+from health_mlops.registry import Registry
+from tests.conftest import free_port_range, run_cli, wait_until_ready
 from tests.integration.test_cli_train import processes_mentioning
 
 pytestmark = pytest.mark.process
@@ -102,7 +104,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_until_ready(f"http://127.0.0.1:{ports['dashboard']}/readyz", process, timeout_s=600)
-        yield {"ports": ports, "prometheus": f"http://127.0.0.1:{ports['prometheus']}"}
+        yield {"ports": ports, "prometheus": f"http://127.0.0.1:{ports['prometheus']}", "home": root / "home"}
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=60)
@@ -141,6 +143,28 @@ def test_prometheus_scrapes_every_process_and_sees_the_training(demo: dict[str, 
                               "per-hospital metrics")
     assert sorted(r["metric"]["hospital"] for r in per_hospital) == ["hospital-1", "hospital-2", "hospital-3"]
     assert query(prometheus, 'health_mlops_data_rows{status="valid", hospital="hospital-3"}')
+
+
+@pytest.mark.xdist_group("monitoring-demo")  # one demo for these tests
+def test_audit_verify_finds_a_log_cut_below_the_highest_line_prometheus_saw(demo: dict[str, Any],
+                                                                            tmp_path: Path) -> None:
+    """The aggregator publishes its audit log's last line number; Prometheus keeps its history, which the log's
+    writer cannot roll back. A copy of the log cut below that line fails `audit verify --prometheus`."""
+    home: Path = demo["home"]
+    run_cli("dashboard-account", "key", "monitoring-probe", home=home)  # an audit line after every registration
+    head = AuditLog(home / "audit.log").head()
+    assert head > max(anchor.seq for anchor in Registry(home, "health-risk").audit_anchors("local"))
+    eventually(lambda: query(demo["prometheus"], f"health_mlops_audit_log_sequence >= {head}"),
+               "Prometheus scraping the audit log's head")
+    lines = (home / "audit.log").read_text().splitlines()[:head]
+    copy = tmp_path / "audit.log"
+    copy.write_text("".join(line + "\n" for line in lines))
+    intact = run_cli("audit", "verify", "--log", str(copy), "--prometheus", demo["prometheus"], home=home)
+    assert "the chain is intact" in intact.stdout
+    copy.write_text("".join(line + "\n" for line in lines[:-1]))
+    cut = run_cli("audit", "verify", "--log", str(copy), "--prometheus", demo["prometheus"], home=home, check=False)
+    # Every line MLflow anchored is still in the copy: only Prometheus' history shows the cut.
+    assert cut.returncode == 1 and f"cut short: Prometheus ({demo['prometheus']}) saw line {head}" in cut.stderr
 
 
 @pytest.mark.xdist_group("monitoring-demo")  # one demo for these tests

@@ -24,7 +24,8 @@ from health_mlops.ml.model import build_model, weights_as_numpy
 from health_mlops.ml.onnx import export_onnx
 from health_mlops.ml.train import train_model
 from health_mlops.ml.train_config import TrainConfig
-from health_mlops.registry import QualityGate, Registry, TrainingRecord
+from health_mlops.audit import AuditLog
+from health_mlops.registry import CHAMPION, QualityGate, Registry, TrainingRecord
 from health_mlops.serving.answers import BatchAnswer, ErrorAnswer, ModelAnswer, PredictAnswer
 from health_mlops.serving.api import create_serving_app
 from health_mlops.serving.model import ChampionWatcher
@@ -344,3 +345,30 @@ def test_readiness_says_when_the_registry_cannot_be_read(tmp_path: Path, monkeyp
         while httpx.get(f"{server.url}/readyz").status_code != 200:
             assert time.monotonic() < deadline + 10, "readiness never recovered"
             time.sleep(0.05)
+
+
+def test_a_champion_written_straight_into_mlflow_is_not_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               empty_mlflow_db: Path, patients: list[dict]) -> None:
+    """MLflow is not a back door: the champion alias set with MLflow's own API (no audit line, no attestation)
+    leaves the dashboard serving the champion it had; the same version promoted through the registry is served."""
+    import time
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with_empty_mlflow_db(tmp_path, empty_mlflow_db)
+    audit = AuditLog(tmp_path / "audit.log", bytes(range(32)))
+    registry = Registry(tmp_path, SPEC.name, audit=audit)
+    watcher = ChampionWatcher(Registry(tmp_path, SPEC.name, audit=audit), poll_s=0.05)
+    with BackgroundServer(create_serving_app(SPEC, watcher)) as server:
+        v1 = register(registry, trained(patients, seed=0)[0], "run-a", 0.8)
+        wait_for_version(server.url, v1)
+        v2 = register(registry, trained(patients, seed=1)[0], "run-b", 0.5)  # worse: a challenger
+        registry.client.set_registered_model_alias(SPEC.name, CHAMPION, str(v2))
+        deadline = time.monotonic() + 30
+        while watcher.refused is None:
+            assert time.monotonic() < deadline, "the watcher never looked at the new alias"
+            time.sleep(0.05)
+        assert f"not serving v{v2}: it was never promoted through the registry" in watcher.refused
+        assert httpx.get(f"{server.url}/api/v1/model").json()["version"] == v1
+        registry.promote(v2, actor="admin")
+        wait_for_version(server.url, v2)
+        assert watcher.refused is None

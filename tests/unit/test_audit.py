@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from health_mlops.audit import AuditLog, issue_audit_key, load_audit_key, record_hash, verify_audit
+from health_mlops.audit import Anchor, AuditLog, issue_audit_key, load_audit_key, record_hash, verify_audit
 
 KEY = bytes(range(32))
 
@@ -111,3 +111,35 @@ def test_appends_from_several_processes_stay_one_chain(tmp_path: Path) -> None:
 def test_details_cannot_overwrite_the_chain_fields(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="prev"):
         AuditLog(tmp_path / "audit.log").append("promote", "admin", prev="0" * 64)
+
+
+def test_a_log_cut_short_or_emptied_fails_against_what_was_seen_outside_it(tmp_path: Path) -> None:
+    """A truncated log is a valid chain: only what a witness outside the log saw (MLflow's anchor of a
+    registration, Prometheus' highest line) shows that lines were cut off the end."""
+    path = tmp_path / "audit.log"
+    lines = write_log(path, key=KEY)
+    assert AuditLog(path).head() == 6 and AuditLog(tmp_path / "absent.log").head() == 0
+    seen = Anchor(5, json.loads(lines[4])["hash"], "MLflow (health-risk v5)")
+    assert verify_audit(path, KEY, [seen, Anchor(6, None, "Prometheus")]) == (6, None)
+    rewrite(path, lines[:4])
+    assert verify_audit(path, KEY) == (4, None)  # alone, the chain cannot tell
+    checked, problem = verify_audit(path, KEY, [seen])
+    assert problem is not None and problem.line == 5
+    assert "cut short: MLflow (health-risk v5) saw line 5, but the log ends at line 4" in str(problem)
+    rewrite(path, [])
+    assert verify_audit(path, KEY, [Anchor(6, None, "Prometheus")])[1] is not None
+    path.unlink()
+    assert "cut short" in str(verify_audit(path, KEY, [seen])[1])
+
+
+def test_an_anchored_line_rewritten_consistently_fails_against_its_anchor(tmp_path: Path) -> None:
+    """Without the key, whoever rewrites a line can rewrite every hash after it; the anchor still has the old."""
+    path = tmp_path / "audit.log"
+    lines = write_log(path)
+    seen = Anchor(3, json.loads(lines[2])["hash"], "MLflow (health-risk v3)")
+    forged = AuditLog(tmp_path / "forged.log")
+    for i in range(6):
+        forged.append("promote", "admin", model="health-risk", version=99 if i == 2 else i + 1, reason="by hand")
+    rewrite(path, (tmp_path / "forged.log").read_text().splitlines())
+    assert verify_audit(path)[1] is None
+    assert "rewritten: MLflow (health-risk v3) saw another line here" in str(verify_audit(path, None, [seen])[1])

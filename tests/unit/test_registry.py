@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from health_mlops.registry import (CHALLENGER, CHAMPION, SAME_MODEL_AS, QualityGate, Registry, RegistryError,
-                                   TrainingRecord)
+from health_mlops.audit import AuditLog
+from health_mlops.registry import (CHALLENGER, CHAMPION, CHAMPION_ATTESTATION, SAME_MODEL_AS, QualityGate, Registry,
+                                   RegistryError, TrainingRecord)
 from tests.conftest import with_empty_mlflow_db
 
 
@@ -166,3 +167,33 @@ def test_a_run_that_trained_as_a_registered_version_did_is_logged_but_adds_no_ve
     different = registry.register(replace(record("run-c", 0.80), fingerprint="other"), gate=QualityGate())
     unknown = registry.register(record("run-d", 0.80), gate=QualityGate())  # no fingerprint: always a version
     assert (different.version, unknown.version) == (2, 3)
+
+
+def test_each_audit_line_is_anchored_in_mlflow_and_each_promotion_attested(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch,
+                                                                            empty_mlflow_db: Path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    home = with_empty_mlflow_db(tmp_path, empty_mlflow_db)
+    audit = AuditLog(home / "audit.log", bytes(range(32)))
+    registry = Registry(home, "health-risk", audit=audit)
+    registry.register(record("run-a", 0.80), gate=QualityGate(tolerance=0.0))
+    registry.register(record("run-b", 0.70), gate=QualityGate(tolerance=0.0))  # a challenger
+    registry.promote(2, actor="admin")
+    entries = audit.entries()
+    anchors = {a.witness: (a.seq, a.hash) for a in registry.audit_anchors("local")}
+    latest = {f"MLflow (health-risk v{e['version']})": (e["seq"], e["hash"]) for e in entries}  # per version
+    assert anchors == latest and len(latest) == 2 and entries[-1]["action"] == "promote"
+    assert registry.champion_refusal(2) is None and registry.champion_refusal(1) is None
+    # Writing the champion straight into MLflow, or copying another version's attestation, is not the registry's
+    # audited path: a dashboard holding the audit key refuses it.
+    registry.register(record("run-c", 0.60), gate=QualityGate(tolerance=0.0))
+    assert "never promoted through the registry" in str(registry.champion_refusal(3))
+    copied = registry.client.get_model_version("health-risk", "2").tags[CHAMPION_ATTESTATION]
+    registry.client.set_model_version_tag("health-risk", "3", CHAMPION_ATTESTATION, copied)
+    assert "does not match the audit key" in str(registry.champion_refusal(3))
+    # Another writer's log (a dashboard replica's in Kubernetes): its anchors name it, and only it.
+    replica = Registry(home, "health-risk", audit=AuditLog(home / "replica.log", bytes(range(32)), name="dashboard-a"))
+    replica.promote(1, actor="ada (dashboard)")
+    assert "MLflow (health-risk v1)" not in {a.witness for a in registry.audit_anchors("local")}
+    assert [(a.seq, a.witness) for a in registry.audit_anchors("dashboard-a")] == [(1, "MLflow (health-risk v1)")]
+    assert registry.champion_refusal(1) is None

@@ -17,6 +17,7 @@ from health_mlops.errors import CredentialError
 from health_mlops.spec import load_spec
 
 if TYPE_CHECKING:  # the registry imports MLflow
+    from health_mlops.audit import Anchor
     from health_mlops.registry import Registry
 
 ModelSpecOption = Annotated[str | None, typer.Option("--spec", help="the task whose model (built-in name or YAML "
@@ -100,21 +101,47 @@ def audit_verify(
     log: Annotated[Path | None, typer.Option(help="default: $HEALTH_MLOPS_HOME/audit.log")] = None,
     hashes_only: Annotated[bool, typer.Option(
         "--hashes-only", help="without the audit key: check the hash chain alone (a rewritten chain passes)")] = False,
+    prometheus: Annotated[str | None, typer.Option(
+        help="a Prometheus that scrapes the aggregator: the log must reach the highest line it ever saw")] = None,
+    spec: ModelSpecOption = None,
 ) -> None:
-    """Check the audit log's hash chain and every line's MAC with the audit key (in the credentials folder); exit 1
-    naming the first line that was changed, removed, inserted or reordered."""
+    """Check the audit log's hash chain and every line's MAC with the audit key (in the credentials folder), and that
+    every line the registry (and, with --prometheus, Prometheus) saw is still there; exit 1 naming the first line
+    that was changed, removed, inserted or reordered, or where the log was cut short."""
     from health_mlops.audit import KEY_FILE_NAME, load_audit_key, verify_audit
 
     settings = get_settings()
     path = log or settings.audit_log
     key = load_audit_key(settings.credentials_dir)
+    anchors = _registry(spec).audit_anchors(settings.audit_log_name)
+    if prometheus:
+        anchors.append(_prometheus_anchor(prometheus))
     if key is None and not hashes_only:
         fail(f"no audit key ({settings.credentials_dir / KEY_FILE_NAME}): without it only the hashes can be checked, "
              "and whoever rewrites the log can rewrite its hashes too; verify where the key is, or pass "
              "--hashes-only to check the hashes alone")
-    checked, problem = verify_audit(path, key)
+    checked, problem = verify_audit(path, key, anchors)
     if problem is not None:
         err.print(f"[bold red]{escape(str(path))}:[/] {escape(str(problem))}", markup=True, soft_wrap=True)
         raise typer.Exit(1)
     out.print(f"{path}: {checked} lines, the chain is intact" + (" and every MAC matches the audit key" if key else
-              " (no audit key in the credentials folder: hashes checked, MACs not)"), soft_wrap=True)
+              " (no audit key in the credentials folder: hashes checked, MACs not)")
+              + f"; every line of {len(anchors)} seen outside the log is in it", soft_wrap=True)
+
+
+def _prometheus_anchor(url: str) -> Anchor:
+    """The highest audit line Prometheus ever saw the aggregator publish (it keeps the history the log's writer
+    cannot roll back)."""
+    import httpx
+
+    from health_mlops.audit import Anchor
+
+    query = "max(max_over_time(health_mlops_audit_log_sequence[400d]))"
+    try:
+        answer = httpx.get(f"{url.rstrip('/')}/api/v1/query", params={"query": query}, timeout=30)
+        result = answer.raise_for_status().json()["data"]["result"]
+    except (httpx.HTTPError, ValueError, KeyError) as error:
+        fail(f"{url}: cannot ask Prometheus for the audit log's highest line ({error})")
+    if not result:
+        fail(f"{url}: Prometheus has no health_mlops_audit_log_sequence: does it scrape the aggregator?")
+    return Anchor(int(float(result[0]["value"][1])), None, f"Prometheus ({url})")

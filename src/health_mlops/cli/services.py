@@ -136,7 +136,7 @@ def provision(
         new = issue(directory, names, server_names=server_name)
         done += [("provision issue", name) for name in new]
     finally:
-        audit = AuditLog(settings.audit_log, load_audit_key(directory))
+        audit = AuditLog(settings.audit_log, load_audit_key(directory), name=settings.audit_log_name)
         for action, name in done:
             audit.append(action, f"{operator_name()} (provision)", credential=name)
     out.print(f"credentials in {directory}: " + (f"issued {', '.join(new)}" if new else "nothing new to issue"),

@@ -72,7 +72,8 @@ def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float
     # dashboard, so setting it here points every upload into the private folder.
     os.environ["GRADIO_TEMP_DIR"] = str(scratch / "uploads")
     registry = Registry(settings.home, spec.name, audit=settings_audit_log(settings))
-    watcher = ChampionWatcher(Registry(settings.home, spec.name), poll_s=poll_s)
+    # Its own registry client (it polls from a thread), with the audit key: it checks each champion's attestation.
+    watcher = ChampionWatcher(Registry(settings.home, spec.name, audit=settings_audit_log(settings)), poll_s=poll_s)
     predictor = Predictor(spec, watcher, ServingMetrics())
     app = create_serving_app(spec, watcher, predictor=predictor)
     sources = DashboardSources(registry, spec.primary_metric, settings.aggregator_url,

@@ -67,6 +67,7 @@ class ChampionWatcher:
         self.poll_s = poll_s
         self.current: ServedModel | None = None
         self.last_error: str | None = None
+        self.refused: str | None = None  # why the registry's champion is not served, if it is not
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="champion-watcher", daemon=True)
 
@@ -75,6 +76,14 @@ class ChampionWatcher:
         champion = self.registry.champion()
         if champion is None or (self.current is not None and self.current.version == champion.version):
             return
+        refusal = self.registry.champion_refusal(champion.version)
+        if refusal is not None:  # the alias was set outside the audited path: keep serving what was audited
+            refused = f"not serving v{champion.version}: {refusal}"
+            if refused != self.refused:
+                log.error("%s; still serving %s", refused, f"v{self.current.version}" if self.current else "nothing")
+            self.refused = refused
+            return
+        self.refused = None
         onnx_model, spec_yaml = self.registry.load_artifacts(champion.version)
         loaded = ServedModel.load(onnx_model, spec_yaml, version=champion.version, metric_name=champion.metric_name,
                                   metric=champion.metric, federation_run=champion.federation_run)

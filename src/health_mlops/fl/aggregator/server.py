@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -73,6 +74,8 @@ def create_ops_app(api: BodyLimit, api_listening: Callable[[], bool]) -> FastAPI
         service: AggregatorService | None = getattr(api.state, "service", None)
         if service is None:
             return PlainTextResponse("the aggregator is still loading its checkpoint", status_code=503)
+        if service.reporting.audit_log is not None:
+            service.metrics.audit_sequence.set(await run_in_threadpool(service.reporting.audit_log.head))
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return ops
