@@ -6,11 +6,14 @@ that sets `HEALTH_MLOPS_HOME` sees its own value.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from health_mlops.errors import CredentialError
 
 if TYPE_CHECKING:
     from health_mlops.audit import AuditLog
@@ -88,6 +91,9 @@ class Settings(BaseSettings):
                                         "long without the user doing anything")
     session_cookie_secure: bool = Field(False, description="send the session cookie over HTTPS only (set it where "
                                         "the dashboard is reached over HTTPS, as behind the Kubernetes ingress)")
+    mlflow_username: str | None = Field(None, description="who this process is to an MLflow server with basic-auth "
+                                        "(the aggregator: admin; the dashboards: dashboard; `mlflow_auth.py`)")
+    mlflow_password_file: Path | None = Field(None, description="that login's password, from a mounted Secret")
     dashboard_tls_cert: Path | None = Field(None, description="the dashboard serves HTTPS with this certificate "
                                             "(`provision` issues dashboard.crt) and dashboard_tls_key; unset: HTTP")
     dashboard_tls_key: Path | None = None
@@ -153,6 +159,19 @@ class NodeSettings(BaseSettings):
 
 def get_settings() -> Settings:
     return Settings()
+
+
+def use_mlflow_login(settings: Settings) -> None:
+    """Hand the configured MLflow login to MLflow's client, which reads it from the environment at each request
+    (the password comes from a file, a mounted Secret, not from the pod's environment)."""
+    if settings.mlflow_username and settings.mlflow_password_file:
+        try:
+            password = settings.mlflow_password_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise CredentialError(f"{settings.mlflow_password_file}: cannot read the MLflow password "
+                                  f"({exc.strerror})") from None
+        os.environ["MLFLOW_TRACKING_USERNAME"] = settings.mlflow_username
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
 
 
 def settings_audit_log(settings: Settings) -> AuditLog:

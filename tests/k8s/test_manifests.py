@@ -148,8 +148,10 @@ def test_every_container_is_bounded_and_locked_down(objects: list[dict[str, Any]
 
 
 def code_env_names() -> set[str]:
-    """Every environment variable the code reads: its settings classes, and MLflow's tracking URI."""
-    names = {"MLFLOW_TRACKING_URI"}
+    """Every environment variable the code reads: its settings classes, MLflow's tracking URI, and what MLflow's
+    auth app reads (its config, first admin password and Flask secret key)."""
+    names = {"MLFLOW_TRACKING_URI", "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_PASSWORD",
+             "MLFLOW_FLASK_SERVER_SECRET_KEY"}
     for settings in (Settings, TrainingDefaults, FederationDefaults, NodeSettings):
         prefix = settings.model_config.get("env_prefix", "")
         for field_name, field in settings.model_fields.items():
@@ -242,7 +244,7 @@ def test_every_container_and_compose_service_calls_commands_and_options_that_exi
         objects: list[dict[str, Any]]) -> None:
     commands = cli_options()
     for obj, template in workloads(objects):
-        for container in template["spec"]["containers"]:
+        for container in [*template["spec"].get("initContainers", []), *template["spec"]["containers"]]:
             if container["image"].startswith(OURS) and "command" not in container:
                 check_invocation(f"{name_of(obj)}/{container['name']}", container["args"], commands)
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -251,7 +253,7 @@ def test_every_container_and_compose_service_calls_commands_and_options_that_exi
         if "entrypoint" not in service and "command" in service:
             check_invocation(f"docker-compose {name}", service["command"], commands)
             checked += 1
-    assert checked == 7  # aggregator, five hospitals, start-training (the dashboard runs the image's CMD)
+    assert checked == 8  # aggregator, five hospitals, mlflow-users, start-training (the dashboard: the image's CMD)
     image_commands = [json.loads(m) for m in re.findall(r"^CMD (\[.*\])$", (ROOT / "docker" / "Dockerfile").read_text(),
                                                         re.M)]
     assert ["dashboard", "--host", "0.0.0.0"] in image_commands

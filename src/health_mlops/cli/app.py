@@ -45,3 +45,6 @@ def _print_version(asked: bool) -> None:
 def main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                                help="print the version and exit")] = False) -> None:
     """Health MLOps: federated health-risk models for hospital consortia."""
+    from health_mlops.config import get_settings, use_mlflow_login
+
+    use_mlflow_login(get_settings())  # every command that talks to MLflow does so as the configured login

@@ -15,7 +15,7 @@ from health_mlops import faults
 from health_mlops.cli.app import app, operator_name
 from health_mlops.cli.options import (DpClip, DpDelta, DpEpsilon, DpNoise, JsonOption, SecureAggregation,
                                       SecureColluding, SpecOption, Strategy, run_config_from_options)
-from health_mlops.cli.output import fail, out, print_json
+from health_mlops.cli.output import err, fail, out, print_json
 from health_mlops.config import get_settings, settings_audit_log
 from health_mlops.errors import CredentialError
 from health_mlops.spec import load_spec
@@ -143,6 +143,43 @@ def provision(
               soft_wrap=True)
     out.print("give each hospital only ca.crt, crl.pem and its own <hospital>.token, .crt and .key; the aggregator "
               "needs registry.json, ca.crt, crl.pem and aggregator.crt/.key", soft_wrap=True)
+
+
+@app.command("mlflow-auth")
+def mlflow_auth(
+    dashboard_password_file: Annotated[Path, typer.Option(help="the password the dashboards log in to MLflow with")],
+    spec: SpecOption = None,
+    wait_seconds: Annotated[float, typer.Option(min=0, help="how long to wait for MLflow to answer")] = 300.0,
+) -> None:
+    """As MLflow's admin (MLFLOW_TRACKING_URI, _USERNAME, _PASSWORD): create or update the dashboards' MLflow user,
+    which reads everything and may edit only the model's registered model (`mlflow_auth.py`)."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    from health_mlops.mlflow_auth import set_up_dashboard_user
+    from health_mlops.registry import default_tracking_uri
+    from health_mlops.security import read_token
+
+    settings = get_settings()
+    tracking_uri = default_tracking_uri(settings.home)
+    if not tracking_uri.startswith(("http://", "https://")):
+        fail(f"MLFLOW_TRACKING_URI must name an MLflow server started with --app-name basic-auth, not {tracking_uri}")
+    password = read_token(dashboard_password_file)
+    model = load_spec(spec or settings.spec).name
+    deadline = time.monotonic() + wait_seconds
+    with err.status(f"waiting for MLflow at {tracking_uri}"):
+        while True:
+            try:
+                done = set_up_dashboard_user(tracking_uri, model, password)
+                break
+            except MlflowException as error:
+                if any(f"error code {status}" in str(error) for status in (401, 403)):  # an answer: no retry
+                    fail(f"{tracking_uri}: MLflow refused its admin: {error}")
+                if time.monotonic() > deadline:
+                    fail(f"{tracking_uri}: MLflow did not answer within {wait_seconds:.0f} s ({error})", 1)
+                time.sleep(2)
+    out.print(done, soft_wrap=True)
 
 
 @app.command()
