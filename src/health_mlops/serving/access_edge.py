@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import html
 import json
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,8 +33,6 @@ from health_mlops.audit import AuditLog
 from health_mlops.http_edge import ASGIApp, Message, Receive, Scope, Send
 from health_mlops.monitoring import ServingMetrics
 from health_mlops.security import FailureThrottle
-
-log = logging.getLogger("health_mlops.access")
 
 SESSION_COOKIE = "health_mlops_session"
 USER_SCOPE_KEY = "health_mlops.user"  # the logged-in user's name, for Gradio's `auth_dependency`
@@ -52,7 +49,7 @@ PUBLIC_PREFIXES = ("/static-offline-docs/",)
 API_PREFIX = "/api/v1/"
 API_ROLE: Role = "clinician"  # every /api/v1 route: predictions and the model's description
 # What counts as the user doing something (restarts the idle time): the page itself and uploads.
-ACTIVITY_PATHS = frozenset({"/", "/gradio_api/upload"})
+ACTIVITY_PATHS = frozenset({"/", UPLOAD_PATH})
 # One argon2id check takes 64 MiB and tens of milliseconds of a CPU: a flood of logins queues here instead of
 # taking the replica's memory.
 CONCURRENT_PASSWORD_CHECKS = 2
