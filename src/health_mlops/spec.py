@@ -64,6 +64,9 @@ class Feature(BaseModel):
     max: float | None = None
     categories: tuple[str, ...] | None = None
     missing: MissingPolicy | None = None  # None: a missing value makes the row invalid
+    # The prediction never falls as the value rises ("increasing") or never rises ("decreasing"); for a
+    # categorical feature, along the order of its categories. Enforced in training (`ml/directions.py`).
+    direction: Literal["increasing", "decreasing"] | None = None
 
     @field_validator("categories", mode="before")
     @classmethod

@@ -33,6 +33,7 @@ from health_mlops.fl.strategies import ClientUpdate, ServerOptimiserState, aggre
 from health_mlops.http_server import BackgroundServer
 from health_mlops.pki import CA, SERVER, cert_path, key_path
 from health_mlops.security import ADMIN, Gatekeeper, bearer, provision, read_token, token_path
+from health_mlops.ml.directions import Directions
 from health_mlops.spec import load_spec
 from health_mlops.tls import client_context, server_context
 
@@ -206,12 +207,19 @@ def test_a_restart_resumes_the_server_optimiser_from_its_own_file(tmp_path: Path
     def updates(bodies: list[bytes]) -> list[ClientUpdate]:
         return [ClientUpdate(decode_weights(b)[0], int(decode_weights(b)[1]["num_examples"])) for b in bodies]
 
-    # What an aggregator that never stopped computes: two FedYogi steps, the second from the first's moments.
+    # What an aggregator that never stopped computes: two FedYogi steps, the second from the first's moments,
+    # each step's weights projected back into the spec's directions (a server optimiser's step can leave them).
+    scale = np.asarray(json.loads(state_text)["runs"][0]["preprocessing"]["scale"])
+    directions = Directions.of(SPEC)
+    assert directions is not None
     weights, state = aggregate(config, entering[0], updates(first_round), ServerOptimiserState())
     weights = {name: tensor.astype(np.float32) for name, tensor in weights.items()}  # as sent and kept
+    directions.project_weights(weights, scale)
     expected, _ = aggregate(config, weights, updates(second_round), state)
+    expected = {name: tensor.astype(np.float32) for name, tensor in expected.items()}
+    directions.project_weights(expected, scale)
     for name, tensor in expected.items():
-        np.testing.assert_allclose(final[name], tensor.astype(np.float32), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(final[name], tensor, rtol=1e-6, atol=1e-7)
 
 
 def test_a_fit_result_cut_short_or_unreadable_leaves_no_file_and_the_task_open(

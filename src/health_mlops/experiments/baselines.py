@@ -20,7 +20,8 @@ from health_mlops.data.split import HospitalSplit
 from health_mlops.metrics import mean_over_hospitals, task_metrics, undefined_reasons
 from health_mlops.ml.evaluate import predict_frame
 from health_mlops.ml.model import build_model
-from health_mlops.ml.train import train_model
+from health_mlops.ml.directions import Directions
+from health_mlops.ml.train import train_model, weight_views
 from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import DatasetSpec
 
@@ -89,7 +90,11 @@ def _fit(spec: DatasetSpec, train: pd.DataFrame, config: TrainConfig, on_epoch: 
     preprocessor = Preprocessor.from_stats(spec, stats_of_frame(train, spec))
     features = preprocessor.features(train)
     model = build_model(spec.model, features.shape[1], seed=config.seed)
-    train_model(model, features, preprocessor.target(train), spec.task, config, on_epoch)
+    directions = Directions.of(spec)
+    if directions is not None:  # the same start inside the spec's directions as a federation's
+        directions.initialise(weight_views(model))
+    train_model(model, features, preprocessor.target(train), spec.task, config, on_epoch, directions=directions,
+                scale=np.asarray(preprocessor.scale))
     return model, preprocessor
 
 

@@ -11,6 +11,7 @@ from functools import partial
 from health_mlops.data.preprocess import GlobalPreprocessing, Preprocessor, imputation
 from health_mlops.data.split import HospitalSplit
 from health_mlops.experiments.baselines import ExperimentResult, score_predictions
+from health_mlops.ml.directions import weight_constraint
 from health_mlops.fl.coordinator import Coordinator, Run, RunStatus
 from health_mlops.fl.hospital import HospitalWorker, reduce_stats
 from health_mlops.fl.run_config import RunConfig
@@ -27,7 +28,7 @@ def run_federated_in_memory(spec: DatasetSpec, splits: list[HospitalSplit], conf
 
     `worker_overrides` stands in for some hospitals' own workers (e.g. the attacker of benchmarks/poisoning.py).
     """
-    coordinator = Coordinator(partial(reduce_stats, spec))
+    coordinator = Coordinator(partial(reduce_stats, spec), constrain=weight_constraint(spec))
     workers = {s.hospital_id: HospitalWorker(s.hospital_id, spec, s.train, s.test) for s in splits}
     if unknown := sorted(set(worker_overrides or {}) - set(workers)):
         raise ValueError(f"worker_overrides for hospitals not in the splits: {unknown}")

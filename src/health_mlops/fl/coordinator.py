@@ -319,9 +319,17 @@ class ResultRejected:
 Event = RunStarted | RoundOpened | RoundClosed | RunEnded | ResultAccepted | ResultRejected
 
 
+# Maps a run's aggregated weights back into the spec's allowed set, in place (`ml.directions`: a server optimiser's
+# step may leave it; a mean does not).
+WeightConstraint = Callable[[Weights, GlobalPreprocessing], None]
+SERVER_OPTIMISERS = ("fedadam", "fedyogi")
+
+
 class Coordinator:
-    def __init__(self, stats_reducer: StatsReducer, *, stats_columns: int | None = None) -> None:
+    def __init__(self, stats_reducer: StatsReducer, *, stats_columns: int | None = None,
+                 constrain: WeightConstraint | None = None) -> None:
         self._stats_columns = stats_columns  # how many columns a stats result must describe, when known
+        self._constrain = constrain
         self.runs: dict[str, Run] = {}
         self.tasks: dict[str, Task] = {}
         self.results: dict[str, AcceptedResult] = {}  # accepted results of open rounds, by task id
@@ -676,6 +684,11 @@ class Coordinator:
                 else:
                     aggregated, run.optimiser = self._aggregations[run.id].finish(run.optimiser)
                 run.weights = _as_sent(aggregated)
+                # A server optimiser's step can leave the allowed set; a mean, median or trimmed mean of weights
+                # inside it stays there (secure aggregation's sum to its fixed point), so those are left exact.
+                if (self._constrain is not None and run.preprocessing is not None
+                        and run.config.strategy.name in SERVER_OPTIMISERS):
+                    self._constrain(run.weights, run.preprocessing)
             except (ValueError, FloatingPointError) as error:  # the running sum is spent: the round cannot close
                 self._end(run, RunStatus.failed, f"round {run.round}: aggregation failed: {error}")
                 return
@@ -720,12 +733,13 @@ class Coordinator:
     @classmethod
     def restore(cls, data: Mapping[str, Any], stats_reducer: StatsReducer, *, round_arrays: RoundArrays,
                 stats_columns: int | None = None, result_tensors: Callable[[Task, str], Weights] | None = None,
-                ended_runs: Iterable[Mapping[str, Any]] = (), round_history: RoundHistory | None = None) -> Coordinator:
+                ended_runs: Iterable[Mapping[str, Any]] = (), round_history: RoundHistory | None = None,
+                constrain: WeightConstraint | None = None) -> Coordinator:
         """The coordinator `snapshot` captured, with the `ended_runs` records (`run_record`) beside it (runs in
         the order they started); `round_arrays(run, round)` gives back a running run's arrays entering its round,
         `round_history(run, rounds)` its first `rounds` closed rounds' records, `result_tensors(task, reference)`
         an accepted fit result's tensors. Ended runs come back without arrays."""
-        coordinator = cls(stats_reducer, stats_columns=stats_columns)
+        coordinator = cls(stats_reducer, stats_columns=stats_columns, constrain=constrain)
         running = {raw["id"] for raw in data["runs"]}
         for raw in sorted([*data["runs"], *(r for r in ended_runs if r["id"] not in running)],
                           key=lambda raw: raw.get("started_at", 0.0)):  # stable: ties keep their order

@@ -23,6 +23,7 @@ from health_mlops.fl.strategies import Weights
 from health_mlops.metrics import BOOTSTRAP_REPLICATES
 from health_mlops.ml.evaluate import evaluate_frame
 from health_mlops.ml.model import model_with_weights, weights_as_numpy
+from health_mlops.ml.directions import Directions
 from health_mlops.ml.train import train_model
 from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import DatasetSpec
@@ -140,14 +141,16 @@ class HospitalWorker:
                                    seed=round_number, max_steps=config.local_steps)
         features, target = preprocessor.features(self.train), preprocessor.target(self.train)
         privacy: dict[str, int] = {}
+        directions, scale = Directions.of(self.spec), np.asarray(preprocessor.scale)
         if config.privacy is None:
-            result = train_model(model, features, target, self.spec.task, train_config)
+            result = train_model(model, features, target, self.spec.task, train_config, directions=directions,
+                                 scale=scale)
         else:  # DP-SGD, with the noise the aggregator planned for this hospital's rows (the same function)
             from health_mlops.fl.privacy import train_model_private  # Opacus: 1.4 s to import, only when used
 
             plan = plan_for(config, len(self.train))
             result, steps = train_model_private(model, features, target, self.spec.task, train_config, plan,
-                                                epochs=config.local_epochs)
+                                                epochs=config.local_epochs, directions=directions, scale=scale)
             privacy["dp_steps"] = steps
         return TaskResult({"num_examples": result.examples, "num_test_examples": len(self.test), "metrics": evaluation,
                            "train_loss": result.mean_loss, **privacy}, weights_as_numpy(model))

@@ -18,6 +18,7 @@ import functools
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,8 @@ from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 
 from health_mlops.fl.run_config import MAX_NOISE_MULTIPLIER, PrivacyConfig
-from health_mlops.ml.train import TrainResult, loss_function
+from health_mlops.ml.directions import Directions
+from health_mlops.ml.train import TrainResult, loss_function, weight_views
 from health_mlops.ml.train_config import TrainConfig
 
 # The planned run may spend at most this much more than asked, from the noise search's tolerance.
@@ -103,9 +105,12 @@ def _quiet_known_warnings() -> None:
 
 
 def train_model_private(model: nn.Module, features: np.ndarray, target: np.ndarray, task: str,
-                        config: TrainConfig, plan: PrivacyPlan, *, epochs: int) -> tuple[TrainResult, int]:
+                        config: TrainConfig, plan: PrivacyPlan, *, epochs: int,
+                        directions: Directions | None = None,
+                        scale: np.ndarray | None = None) -> tuple[TrainResult, int]:
     """`epochs` epochs of DP-SGD (Adam on the noisy clipped gradients) in place; the result and the number of
-    optimiser steps taken (what the round spends)."""
+    optimiser steps taken (what the round spends). With `directions`, each step ends with the weights projected
+    into the allowed set (post-processing of private weights: it costs no privacy)."""
     if config.proximal_mu > 0:  # the proximal term acts on the parameters, outside the per-record gradients
         raise BudgetRefused("FedProx's proximal term is not private under DP-SGD: use fedavg or a server optimiser")
     started = time.perf_counter()
@@ -122,13 +127,20 @@ def train_model_private(model: nn.Module, features: np.ndarray, target: np.ndarr
         module=model, optimizer=optimiser, data_loader=loader, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm, poisson_sampling=True)
     private.train()
-    steps, total, seen = _private_epochs(private, optimiser, loader, loss_fn, epochs)
+    views = weight_views(model)  # the same tensors the private wrapper trains
+
+    def constrain() -> None:
+        if directions is not None:
+            directions.project_weights(views, scale)
+
+    constrain()
+    steps, total, seen = _private_epochs(private, optimiser, loader, loss_fn, epochs, constrain)
     model.eval()
     return TrainResult(examples=len(x), mean_loss=total / max(seen, 1), seconds=time.perf_counter() - started), steps
 
 
 def _private_epochs(private: nn.Module, optimiser: torch.optim.Optimizer, loader: torch.utils.data.DataLoader,
-                    loss_fn: nn.Module, epochs: int) -> tuple[int, float, int]:
+                    loss_fn: nn.Module, epochs: int, after_step: Callable[[], None]) -> tuple[int, float, int]:
     """(steps, the last epoch's summed loss, its records); the hooks come off at the end."""
     steps, total, seen = 0, 0.0, 0
     try:
@@ -144,6 +156,7 @@ def _private_epochs(private: nn.Module, optimiser: torch.optim.Optimizer, loader
                 total += float(loss.detach()) * len(batch_x)
                 seen += len(batch_x)
                 optimiser.step()
+                after_step()
                 steps += 1
     finally:
         private._close()  # type: ignore[operator]  # the hooks come off: the model is a plain module again

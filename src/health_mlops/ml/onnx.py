@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from health_mlops.data.preprocess import GlobalPreprocessing, serving_fill
+from health_mlops.ml.directions import convex_units
 from health_mlops.spec import DatasetSpec
 
 INPUT_NAME = "features"
@@ -106,9 +107,14 @@ def export_onnx(spec: DatasetSpec, preprocessing: GlobalPreprocessing, weights: 
         nodes.append(helper.make_node("Gemm", [current, constant(f"w_{i}", weight), constant(f"b_{i}", bias)],
                                       [output], transB=1))
         current = output
-        if i < len(layers) - 1:
-            nodes.append(helper.make_node("Relu", [current], [f"relu_{i}"]))
-            current = f"relu_{i}"
+        if i < len(layers) - 1:  # `ml.model.SplitReLU`: ReLU on the first units, min(x, 0) on the others
+            convex = np.arange(len(bias)) < convex_units(len(bias))
+            nodes += [helper.make_node("Relu", [current], [f"relu_{i}"]),
+                      helper.make_node("Min", [current, constant(f"zero_{i}", np.zeros(1, dtype=np.float32))],
+                                       [f"below_{i}"]),
+                      helper.make_node("Where", [constant(f"convex_{i}", convex), f"relu_{i}", f"below_{i}"],
+                                       [f"hidden_{i}"])]
+            current = f"hidden_{i}"
     nodes.append(helper.make_node("Squeeze", [current, constant("squeeze_axis", np.array([1]))], ["raw"]))
     if spec.task == "binary":
         nodes.append(helper.make_node("Sigmoid", ["raw"], [OUTPUT_NAME]))

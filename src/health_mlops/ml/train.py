@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from health_mlops.ml.directions import Directions
 from health_mlops.ml.train_config import TrainConfig
 
 
@@ -25,13 +26,20 @@ def loss_function(task: str) -> nn.Module:
     return nn.BCEWithLogitsLoss() if task == "binary" else nn.MSELoss()
 
 
+def weight_views(model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's parameters as numpy arrays over the tensors' own memory (writing them writes the model)."""
+    return {name: parameter.detach().numpy() for name, parameter in model.named_parameters()}
+
+
 def train_model(model: nn.Module, features: np.ndarray, target: np.ndarray, task: str,
-                config: TrainConfig, on_epoch: Callable[[int], None] | None = None) -> TrainResult:
+                config: TrainConfig, on_epoch: Callable[[int], None] | None = None, *,
+                directions: Directions | None = None, scale: np.ndarray | None = None) -> TrainResult:
     """Train in place with Adam on shuffled mini-batches; with `proximal_mu` > 0 this is FedProx's local step.
 
     The anchor for the proximal term is the model's weights on entry (the global model of the round). With
     `max_steps`, training takes exactly that many steps, over as many epochs as they need (the last one cut
-    short). `on_epoch(epoch)` is called after each epoch (for progress bars).
+    short). `on_epoch(epoch)` is called after each epoch (for progress bars). With `directions`, every step ends
+    with the weights projected back into the allowed set (`scale`: the inputs' standardisation).
     """
     started = time.perf_counter()
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
@@ -45,6 +53,9 @@ def train_model(model: nn.Module, features: np.ndarray, target: np.ndarray, task
     epochs = config.epochs if config.max_steps is None else math.ceil(config.max_steps / batches)
     steps_left = config.max_steps if config.max_steps is not None else epochs * batches
     last_epoch_loss = float("nan")
+    views = weight_views(model)
+    if directions is not None:
+        directions.project_weights(views, scale)
     model.train()
     for epoch in range(1, epochs + 1):
         order = torch.randperm(n, generator=generator)
@@ -63,6 +74,8 @@ def train_model(model: nn.Module, features: np.ndarray, target: np.ndarray, task
                 loss = loss + 0.5 * config.proximal_mu * proximal
             loss.backward()
             optimiser.step()
+            if directions is not None:
+                directions.project_weights(views, scale)
         last_epoch_loss = total / max(seen, 1)
         if on_epoch is not None:
             on_epoch(epoch)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 from health_mlops.audit import AuditLog
 from health_mlops.data.preprocess import encoded_columns
 from health_mlops.errors import CheckpointError
+from health_mlops.ml.directions import weight_constraint
 from health_mlops.faults import crash_point
 from health_mlops.fl.aggregator.reporting import Reporting
 from health_mlops.fl.coordinator import (Conflict, Coordinator, Event, Forbidden, NotFound, RoundClosed, RoundOpened,
@@ -452,7 +453,7 @@ def restore_coordinator(store: CheckpointStore, spec: DatasetSpec) -> Coordinato
     try:
         return Coordinator.restore(saved, partial(reduce_stats, spec), stats_columns=columns, round_arrays=round_arrays,
                                    result_tensors=result_tensors, ended_runs=store.load_run_records(),
-                                   round_history=store.load_history)
+                                   round_history=store.load_history, constrain=weight_constraint(spec))
     except (KeyError, TypeError, ValueError, MessageError) as error:
         raise CheckpointError(f"{store.state_path}: not a checkpoint this version can resume "
                               f"({type(error).__name__}: {error})") from None

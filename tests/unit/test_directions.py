@@ -1,0 +1,103 @@
+"""Risk moves the way the spec's directions say, for every model a run can produce: each directional feature swept
+across its whole spec range for 200 patients, on the federated, pooled and local models (the acceptance's sweep)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from torch import nn
+
+from health_mlops.data.preprocess import Preprocessor, encoded_columns
+from health_mlops.data.split import HospitalSplit
+from health_mlops.data.synthetic import CITIES, generate_city_days
+from health_mlops.experiments.baselines import _fit
+from health_mlops.experiments.simulation import run_federated_in_memory
+from health_mlops.fl.run_config import RunConfig, StrategyConfig
+from health_mlops.ml.directions import Directions
+from health_mlops.ml.evaluate import predict_frame
+from health_mlops.ml.model import model_with_weights
+from health_mlops.ml.train_config import TrainConfig
+from health_mlops.spec import DatasetSpec, load_spec
+
+SPEC = load_spec("health-risk")
+PATIENTS = 200
+GRID = 41  # values across each numeric feature's whole spec range
+TOLERANCE = 1e-6
+
+
+def splits(rows: int = 400, seed: int = 3) -> list[HospitalSplit]:
+    rng = np.random.default_rng(seed)
+    frames = [generate_city_days(city, rows, rng).drop(columns="_risk") for city in CITIES[:3]]
+    cut = int(rows * 0.8)
+    return [HospitalSplit(f"hospital-{i}", f.iloc[:cut], f.iloc[cut:]) for i, f in enumerate(frames, start=1)]
+
+
+def wrong_way(spec: DatasetSpec, model: nn.Module, preprocessor: Preprocessor, patients: pd.DataFrame
+              ) -> dict[str, int]:
+    """For each directional feature, how many patients' risk curves go the wrong way somewhere along it."""
+    assert len(patients) == PATIENTS
+    found = {}
+    for feature in spec.features:
+        if feature.direction is None:
+            continue
+        values: list[object] = (list(np.linspace(feature.min, feature.max, GRID)) if feature.type == "numeric"
+                                else list(feature.categories or ()))
+        swept = pd.concat([patients.assign(**{feature.name: value}) for value in values], ignore_index=True)
+        risk = predict_frame(model, preprocessor, swept).reshape(len(values), len(patients)).T
+        steps = np.diff(risk, axis=1) * (1 if feature.direction == "increasing" else -1)
+        found[feature.name] = int((steps < -TOLERANCE).any(axis=1).sum())
+    return found
+
+
+def test_the_spec_declares_the_directions_its_generator_follows() -> None:
+    declared = {f.name: f.direction for f in SPEC.features if f.direction}
+    assert declared == {"heart_rate": "increasing", "spo2": "decreasing", "body_temperature": "increasing",
+                        "respiratory_rate": "increasing", "pm25": "increasing", "no2": "increasing",
+                        "age": "increasing", "asthma_copd": "increasing", "diabetes": "increasing",
+                        "cardiovascular": "increasing", "smoker": "increasing"}
+
+
+def test_the_projection_keeps_signs_orders_and_later_layers_and_is_idempotent() -> None:
+    directions = Directions.of(SPEC)
+    assert directions is not None and directions.hidden_non_negative
+    columns = encoded_columns(SPEC)
+    rng = np.random.default_rng(0)
+    weights = {"0.weight": rng.normal(size=(8, len(columns))), "2.weight": rng.normal(size=(1, 8))}
+    scale = rng.uniform(0.2, 3.0, len(columns))
+    directions.project_weights(weights, scale)
+    first = weights["0.weight"]
+    assert (first[:, columns.index("spo2")] <= 0).all() and (first[:, columns.index("heart_rate")] >= 0).all()
+    smoker = [columns.index(f"smoker={c}") for c in ("never", "former", "current")]
+    effects = first[:, smoker] / scale[smoker]
+    assert (np.diff(effects, axis=1) >= -1e-12).all()  # ordered after the inputs' standardisation
+    assert (weights["2.weight"] >= 0).all()
+    again = {name: array.copy() for name, array in weights.items()}
+    directions.project_weights(again, scale)
+    assert all(np.allclose(again[name], weights[name]) for name in weights)
+    assert Directions.of(load_spec("diabetes")) is None  # a spec without directions trains unconstrained
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+def test_no_federated_risk_curve_goes_the_wrong_way(strategy: str) -> None:
+    hospitals = splits()
+    config = RunConfig(rounds=4, local_epochs=2, min_hospitals=3, strategy=StrategyConfig(name=strategy))
+    _, run = run_federated_in_memory(SPEC, hospitals, config)
+    assert run.preprocessing is not None
+    model = model_with_weights(SPEC.model, len(encoded_columns(SPEC)), run.weights)
+    patients = pd.concat([s.test for s in hospitals], ignore_index=True).head(PATIENTS)
+    assert wrong_way(SPEC, model, Preprocessor.of_run(SPEC, run.preprocessing), patients) == dict.fromkeys(
+        [f.name for f in SPEC.features if f.direction], 0)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_no_pooled_or_local_risk_curve_goes_the_wrong_way(kind: str) -> None:
+    spec = SPEC.model_copy(update={"model": SPEC.model.model_copy(update={"kind": kind})})
+    hospitals = splits()
+    config = TrainConfig(epochs=15, learning_rate=0.01, batch_size=32)
+    patients = pd.concat([s.test for s in hospitals], ignore_index=True).head(PATIENTS)
+    pooled = pd.concat([s.train for s in hospitals], ignore_index=True)
+    for train in (pooled, hospitals[0].train):  # the pooled model, and one hospital's local model
+        model, preprocessor = _fit(spec, train, config, None)
+        assert wrong_way(spec, model, preprocessor, patients) == dict.fromkeys(
+            [f.name for f in spec.features if f.direction], 0)
