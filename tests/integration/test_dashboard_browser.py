@@ -131,6 +131,11 @@ def test_a_prediction_shows_the_risk_in_context_and_its_main_features(browser_pa
     expect(result).to_contain_text("Not scored")
     expect(result).to_contain_text("spo2")
     expect(result).to_contain_text("100")
+    # Allowed by the spec, but below anything the model was trained on: scored at the edge, and said so.
+    page.locator("#input-spo2 input").fill("70")
+    page.click("#predict-button")
+    expect(result).to_contain_text("Caution: Oxygen saturation (SpO₂) 70 % is below what the model was trained on")
+    expect(result).to_contain_text("treat this risk with caution")
 
 
 def test_a_batch_csv_is_scored_and_its_invalid_rows_are_listed(browser_page: Page, demo: Demo,

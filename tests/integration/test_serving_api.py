@@ -16,7 +16,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from health_mlops.data.hospital import load_hospitals
-from health_mlops.data.preprocess import GlobalPreprocessing, Preprocessor, stats_of_frame
+from health_mlops.data.preprocess import GlobalPreprocessing, Preprocessor, feature_histograms, stats_of_frame
 from health_mlops.data.synthetic import generate_dataset
 from health_mlops.http_server import BackgroundServer
 from health_mlops.ml.evaluate import predict_frame
@@ -51,12 +51,13 @@ def trained(frame_rows: list[dict], seed: int) -> tuple[bytes, list[float]]:
 
     frame = pd.DataFrame(frame_rows).assign(**{SPEC.target.name: ["1" if i % 7 == 0 else "0"
                                                                   for i in range(len(frame_rows))]})
-    preprocessor = Preprocessor.from_stats(SPEC, stats_of_frame(frame, SPEC))
+    preprocessor = Preprocessor.from_stats(SPEC, stats_of_frame(frame, SPEC)).with_ranges_of(frame)
     model = build_model(SPEC.model, len(preprocessor.mean), seed=seed)
     train_model(model, preprocessor.features(frame), preprocessor.target(frame), SPEC.task,
                 TrainConfig(epochs=1, learning_rate=0.01, batch_size=64, seed=seed))
+    histograms = {name: counts.tolist() for name, counts in feature_histograms(frame, SPEC).items()}
     preprocessing = GlobalPreprocessing(count=len(frame), mean=preprocessor.mean.tolist(),
-                                        scale=preprocessor.scale.tolist(), threshold=THRESHOLD)
+                                        scale=preprocessor.scale.tolist(), threshold=THRESHOLD, histograms=histograms)
     body = export_onnx(SPEC, preprocessing, weights_as_numpy(model))
     return body, predict_frame(model, preprocessor, frame).tolist()
 
@@ -372,3 +373,18 @@ def test_a_champion_written_straight_into_mlflow_is_not_served(tmp_path: Path, m
         registry.promote(v2, actor="admin")
         wait_for_version(server.url, v2)
         assert watcher.refused is None
+
+
+def test_inputs_beyond_what_the_model_saw_are_named_in_every_answer(serving: tuple[str, Registry],
+                                                                   patients: list[dict]) -> None:
+    url, registry = serving
+    wait_for_version(url, register(registry, trained(patients, seed=0)[0], "run-a", 0.8))
+    typical = httpx.post(f"{url}/api/v1/predict", json=patients[0]).json()
+    assert typical["outside_training_range"] == []
+    hypoxic = httpx.post(f"{url}/api/v1/predict", json={**patients[0], "spo2": 70}).json()
+    (flag,) = hypoxic["outside_training_range"]
+    assert flag["feature"] == "spo2" and flag["value"] == 70 and 70 < flag["seen"][0] < flag["seen"][1] <= 100
+    lower = httpx.post(f"{url}/api/v1/predict", json={**patients[0], "spo2": 75}).json()
+    assert lower["prediction"] == hypoxic["prediction"]  # scored at the range's edge: flat, not extrapolated
+    batch = httpx.post(f"{url}/api/v1/predict/batch", json={"rows": [patients[0], {**patients[0], "spo2": 70}]})
+    assert [len(flags) for flags in batch.json()["outside_training_range"]] == [0, 1]

@@ -7,7 +7,8 @@ never from the data, so every hospital produces the same columns in the same ord
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -171,6 +172,9 @@ class Preprocessor:
     target_mean: float
     target_scale: float
     fill: np.ndarray  # per encoded column: the value a missing entry takes (see `fill_values`)
+    # Numeric feature -> the range its training rows covered (`training_ranges`): an input beyond it is taken at
+    # the range's edge, here as in the exported model, so that the model is evaluated as it is served.
+    ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
     def from_stats(cls, spec: DatasetSpec, stats: ColumnStats) -> Preprocessor:
@@ -190,12 +194,24 @@ class Preprocessor:
         target_mean, target_scale = ((0.0, 1.0) if spec.task == "binary"
                                      else (preprocessing.target_mean, preprocessing.target_scale))
         fill = np.zeros(len(mean)) if preprocessing.fill is None else np.asarray(preprocessing.fill)
-        return cls(spec, mean, np.asarray(preprocessing.scale), target_mean, target_scale, fill)
+        return cls(spec, mean, np.asarray(preprocessing.scale), target_mean, target_scale, fill,
+                   training_ranges(spec, preprocessing.histograms))
+
+    def with_ranges_of(self, frame: pd.DataFrame) -> Preprocessor:
+        """This preprocessing, with the training ranges of `frame`'s rows (pooled and local training)."""
+        return replace(self, ranges=training_ranges(self.spec, {name: counts.tolist() for name, counts in
+                                                                 feature_histograms(frame, self.spec).items()}))
 
     def features(self, frame: pd.DataFrame) -> np.ndarray:
-        """Imputed, standardised float32 model inputs."""
+        """Imputed, clamped to the training ranges, standardised float32 model inputs."""
         encoded = encode_features(frame, self.spec)
         encoded = np.where(np.isnan(encoded), self.fill, encoded)
+        if self.ranges:
+            columns = feature_columns(self.spec)
+            lows, highs = np.full(len(self.mean), -np.inf), np.full(len(self.mean), np.inf)
+            for name, (low, high) in self.ranges.items():
+                lows[columns[name][0]], highs[columns[name][0]] = low, high
+            encoded = np.clip(encoded, lows.astype(np.float32), highs.astype(np.float32))
         return ((encoded - self.mean) / self.scale).astype(np.float32)
 
     def target(self, frame: pd.DataFrame) -> np.ndarray:
@@ -238,6 +254,26 @@ def histogram_edges(feature: Feature) -> np.ndarray | None:
     if feature.type != "numeric" or feature.min is None or feature.max is None:
         return None
     return np.linspace(feature.min, feature.max, HISTOGRAM_BINS + 1)
+
+
+# The share of training rows left outside a feature's training range at each end.
+RANGE_TAIL = 0.005
+
+
+def training_ranges(spec: DatasetSpec, histograms: Mapping[str, Sequence[int]]) -> dict[str, tuple[float, float]]:
+    """Each numeric feature's range the training rows covered, from the run's histograms (federated: summed from
+    the hospitals' round-0 counts, no row leaves a hospital): from the lower edge of the grid bin holding the
+    0.5th percentile to the upper edge of the bin holding the 99.5th. Features without a histogram have none."""
+    ranges = {}
+    for feature in spec.features:
+        edges, counts = histogram_edges(feature), histograms.get(feature.name)
+        if edges is None or counts is None or sum(counts) <= 0:
+            continue
+        cumulative = np.cumsum(np.asarray(counts, dtype=np.float64)) / float(sum(counts))
+        low = int(np.searchsorted(cumulative, RANGE_TAIL, side="right"))
+        high = min(int(np.searchsorted(cumulative, 1.0 - RANGE_TAIL, side="left")), len(counts) - 1)
+        ranges[feature.name] = (float(edges[low]), float(edges[high + 1]))
+    return ranges
 
 
 def feature_histograms(frame: pd.DataFrame, spec: DatasetSpec) -> dict[str, np.ndarray]:

@@ -87,7 +87,7 @@ EpochHook = Callable[[str, int], None]
 
 def _fit(spec: DatasetSpec, train: pd.DataFrame, config: TrainConfig, on_epoch: Callable[[int], None] | None
          ) -> tuple[nn.Module, Preprocessor]:
-    preprocessor = Preprocessor.from_stats(spec, stats_of_frame(train, spec))
+    preprocessor = Preprocessor.from_stats(spec, stats_of_frame(train, spec)).with_ranges_of(train)
     features = preprocessor.features(train)
     model = build_model(spec.model, features.shape[1], seed=config.seed)
     directions = Directions.of(spec)

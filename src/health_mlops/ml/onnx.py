@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from health_mlops.data.preprocess import GlobalPreprocessing, serving_fill
+from health_mlops.data.preprocess import GlobalPreprocessing, serving_fill, training_ranges
 from health_mlops.ml.directions import convex_units
 from health_mlops.spec import DatasetSpec
 
@@ -30,6 +30,8 @@ OUTPUT_NAME = "prediction"
 OPSET = 17
 HISTOGRAMS_KEY = "health_mlops.histograms"  # metadata: feature -> row counts on the spec's histogram grid
 THRESHOLD_KEY = "health_mlops.decision_threshold"  # metadata (binary tasks): the risk at which a patient is flagged
+RANGES_KEY = "health_mlops.training_ranges"  # metadata: numeric feature -> [low, high] the training rows covered
+_UNBOUNDED = float(np.finfo(np.float32).max)
 _LAYER = re.compile(r"^(\d+)\.(weight|bias)$")
 
 
@@ -71,6 +73,17 @@ def export_onnx(spec: DatasetSpec, preprocessing: GlobalPreprocessing, weights: 
                   helper.make_node("Where", ["is_missing", constant("fill", np.array(fill, dtype=np.float32)),
                                              INPUT_NAME], ["filled"])]
         source = "filled"
+    # Inputs beyond what the training rows covered are clamped to its edge: the risk is flat out there, not an
+    # extrapolation of the network (serving flags them: `outside_training_range`).
+    ranges = training_ranges(spec, preprocessing.histograms)
+    if ranges:
+        lows = [ranges[f.name][0] if f.name in ranges else -_UNBOUNDED for f in spec.features]
+        highs = [ranges[f.name][1] if f.name in ranges else _UNBOUNDED for f in spec.features]
+        nodes += [helper.make_node("Min", [source, constant("seen_high", np.array(highs, dtype=np.float32))],
+                                   ["below_high"]),
+                  helper.make_node("Max", ["below_high", constant("seen_low", np.array(lows, dtype=np.float32))],
+                                   ["clamped"])]
+        source = "clamped"
     sources: list[int] = []
     codes: list[float] = []
     is_numeric: list[bool] = []
@@ -133,11 +146,20 @@ def export_onnx(spec: DatasetSpec, preprocessing: GlobalPreprocessing, weights: 
     if preprocessing.histograms:  # the training population's distribution, for drift detection
         entry = model.metadata_props.add()
         entry.key, entry.value = HISTOGRAMS_KEY, json.dumps(preprocessing.histograms)
+    if ranges:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = RANGES_KEY, json.dumps(ranges)
     if spec.task == "binary" and preprocessing.threshold is not None:
         entry = model.metadata_props.add()
         entry.key, entry.value = THRESHOLD_KEY, repr(float(preprocessing.threshold))
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def stored_training_ranges(onnx_model: bytes) -> dict[str, tuple[float, float]]:
+    """The training ranges stored with an exported model (empty: exported before they were, or no histograms)."""
+    metadata = {p.key: p.value for p in onnx.load_from_string(onnx_model).metadata_props}
+    return {name: (float(low), float(high)) for name, (low, high) in json.loads(metadata.get(RANGES_KEY, "{}")).items()}
 
 
 def decision_threshold(onnx_model: bytes) -> float | None:

@@ -21,6 +21,13 @@ class ContributionAnswer(BaseModel):
                                             "value")
 
 
+class OutsideRangeAnswer(BaseModel):
+    feature: str
+    value: float = Field(description="the value sent")
+    seen: list[float] = Field(description="[low, high]: what the training rows covered (0.5th to 99.5th "
+                                          "percentile); the model scored the value at the nearer edge")
+
+
 class PredictAnswer(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
@@ -33,6 +40,9 @@ class PredictAnswer(BaseModel):
                                                                  "the model's decision threshold")
     threshold: float | None = Field(None, description="binary tasks: the decision threshold stored with the model")
     contributions: list[ContributionAnswer] | None = Field(None, description="with ?explain=true")
+    outside_training_range: list[OutsideRangeAnswer] = Field(
+        default_factory=list, description="each input beyond what the model was trained on: treat the prediction "
+                                          "with caution (empty: every input inside)")
 
 
 class BatchAnswer(BaseModel):
@@ -42,6 +52,8 @@ class BatchAnswer(BaseModel):
     target: str
     classes: list[int] | None = Field(None, description="binary tasks: each prediction's decision")
     threshold: float | None = None
+    outside_training_range: list[list[OutsideRangeAnswer]] = Field(
+        default_factory=list, description="per row, its inputs beyond what the model was trained on")
 
 
 class ModelAnswer(BaseModel):

@@ -112,7 +112,8 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
             raise refuse("predict", error) from None
         model, prediction = predictor.predict("predict", matrix, started)
         answer: dict[str, Any] = {"prediction": float(prediction[0]), "model_version": model.version,
-                                  "task": spec.task, "target": spec.target.name}
+                                  "task": spec.task, "target": spec.target.name,
+                                  "outside_training_range": model.outside_training_range(matrix)[0]}
         if model.threshold is not None:  # the decision beside the probability, at the threshold stored with it
             answer["class"] = int(prediction[0] >= model.threshold)
             answer["threshold"] = model.threshold
@@ -140,7 +141,8 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
         model, predictions = await run_in_threadpool(predictor.predict, "batch", matrix, started)
         predictor.metrics.rows.inc(len(matrix))
         answer = {"predictions": predictions.tolist(), "model_version": model.version, "task": spec.task,
-                  "target": spec.target.name}
+                  "target": spec.target.name,
+                  "outside_training_range": await run_in_threadpool(model.outside_training_range, matrix)}
         if model.threshold is not None:
             answer.update(classes=model.classes(predictions), threshold=model.threshold)
         return _json(answer)

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import onnxruntime
 
-from health_mlops.ml.onnx import INPUT_NAME, OUTPUT_NAME, FeatureReference, decision_threshold, feature_reference
+from health_mlops.ml.onnx import (INPUT_NAME, OUTPUT_NAME, FeatureReference, decision_threshold, feature_reference,
+                                  stored_training_ranges)
 from health_mlops.registry import Registry
 from health_mlops.serving.drift import InputDrift
 from health_mlops.spec import DatasetSpec, load_spec_text
@@ -34,6 +35,20 @@ class ServedModel:
     typical: list[float]  # the model input of a typical patient of that population
     drift: InputDrift  # the rows this model has scored, against its own training population
     threshold: float | None  # binary tasks: the risk at or above which a patient is flagged (class 1)
+    ranges: dict[str, tuple[float, float]]  # numeric feature -> the range its training rows covered
+    bounds: tuple[np.ndarray, np.ndarray]  # those ranges per input column (lows, highs; infinite where none)
+
+    def outside_training_range(self, matrix: np.ndarray) -> list[list[dict[str, Any]]]:
+        """Per row, each input beyond what the training rows covered (the model scored it at the range's edge):
+        `{feature, value, seen: [low, high]}`; an empty list for a row inside it."""
+        lows, highs = self.bounds
+        outside = (matrix < lows) | (matrix > highs)  # NaN (not measured) is neither
+        flagged: list[list[dict[str, Any]]] = [[] for _ in range(len(matrix))]
+        names = [f.name for f in self.spec.features]
+        for row, column in zip(*np.nonzero(outside), strict=True):
+            flagged[row].append({"feature": names[column], "value": float(matrix[row, column]),
+                                 "seen": [float(lows[column]), float(highs[column])]})
+        return flagged
 
     @classmethod
     def load(cls, onnx_model: bytes, spec_yaml: str, *, version: int, metric_name: str, metric: float,
@@ -43,8 +58,12 @@ class ServedModel:
         session = onnxruntime.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
         spec = load_spec_text(spec_yaml)
         reference = feature_reference(spec, onnx_model)
+        ranges = stored_training_ranges(onnx_model)
+        bounds = (np.array([ranges.get(f.name, (-np.inf, np.inf))[0] for f in spec.features]),
+                  np.array([ranges.get(f.name, (-np.inf, np.inf))[1] for f in spec.features]))
         return cls(version, metric_name, metric, federation_run, spec, session, reference,
-                   reference.typical_row(spec), InputDrift(spec, reference), decision_threshold(onnx_model))
+                   reference.typical_row(spec), InputDrift(spec, reference), decision_threshold(onnx_model),
+                   ranges, bounds)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         (prediction,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: features})

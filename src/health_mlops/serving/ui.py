@@ -44,7 +44,8 @@ from health_mlops.spec import DatasetSpec
 NEGLIGIBLE_RISK = 0.005
 NEGLIGIBLE_SHARE_OF_RANGE = 0.01
 INVALID_ROW_COLUMNS = ["line", "reason"]
-OUTPUT_COLUMNS = ("prediction", "class", "model_version")  # what a batch adds to the rows it scores
+# What a batch adds to the rows it scores.
+OUTPUT_COLUMNS = ("prediction", "class", "model_version", "outside_training_range")
 LATEST_RUN = "the latest run"
 RESULTS_KEPT_S = 3600.0  # a batch's results file, as long as Gradio keeps an upload
 # The Hospitals table's ten columns (see `Dashboard.hospitals`): the third, a hospital's replicas, links each to its
@@ -141,6 +142,8 @@ class Dashboard:
                 return f"{value:.{feature.display_decimals}f}"
             return _shown(value)
 
+        lines += [f"**Caution**: {self._beyond(flag)}; treat this risk with caution.\n"
+                  for flag in model.outside_training_range(matrix)[0]]
         lines.append(f"model v{model.version}. Main contributing features: how much each feature's value moves the "
                      "prediction, against the training population's typical value.")
         for c in found:
@@ -190,6 +193,16 @@ class Dashboard:
                              f"had the event (predicted {_percent(near['predicted'])} on average).")
         return lines
 
+    def _beyond(self, flag: dict[str, Any]) -> str:
+        """An input beyond what the model was trained on, in words."""
+        feature = next(f for f in self.spec.features if f.name == flag["feature"])
+        unit = f" {feature.unit}" if feature.unit else ""
+        low, high = flag["seen"]
+        side = "below" if flag["value"] < low else "above"
+        edge = low if side == "below" else high
+        return (f"{feature.display_label} {flag['value']:.{feature.display_decimals}f}{unit} is {side} what the model "
+                f"was trained on ({low:g} to {high:g}{unit}); it is scored as {edge:g}{unit}")
+
     # --- Batch --------------------------------------------------------------------------------------------
 
     def batch(self, path: str | None) -> tuple[str, str | None, pd.DataFrame]:
@@ -211,9 +224,9 @@ class Dashboard:
         if validated.frame.empty:
             self.predictor.count("ui", "invalid")
             return f"### Nothing to score\n{summary}", None, invalid
+        matrix = serving_matrix(validated.frame, self.spec)
         try:
-            model, predictions = self.predictor.predict("ui", serving_matrix(validated.frame, self.spec),
-                                                        time.perf_counter())
+            model, predictions = self.predictor.predict("ui", matrix, time.perf_counter())
         except NoChampion as error:
             return f"### No model yet\n{error}", None, invalid
         scored = validated.frame.copy()
@@ -229,6 +242,8 @@ class Dashboard:
         if self.spec.task == "binary" and model.threshold is not None:
             scored["class"] = (predictions >= model.threshold).astype(int)
         scored["model_version"] = model.version
+        scored["outside_training_range"] = ["; ".join(self._beyond(flag) for flag in flags)
+                                            for flags in model.outside_training_range(matrix)]
         out = self._result_folder() / f"{Path(path).stem}-predictions.csv"
         write_csv(scored, out)
         return f"### Scored with model v{model.version}\n{summary}", str(out), invalid
