@@ -41,6 +41,27 @@ def test_train_json_has_the_documented_shape(tmp_path: Path, home: Path) -> None
         assert 0.5 < result["overall"]["auc"] <= 1
 
 
+def test_train_takes_a_seed_and_a_failed_json_run_prints_a_json_error(tmp_path: Path, home: Path) -> None:
+    data = tmp_path / "d"
+    run_cli("data", "generate", "--out", str(data), "--hospitals", "2", "--rows-per-hospital", "400", home=home)
+
+    def auc(seed: int) -> float:
+        result = run_cli_json("train", "--data", str(data), "--mode", "pooled", "--epochs", "2", "--seed", str(seed),
+                              home=home)
+        return result["overall"]["auc"]  # type: ignore[index]
+
+    first = auc(1)
+    assert auc(1) == first and auc(2) != first  # the seed decides the model, and only the seed
+    missing = run_cli("train", "--data", str(tmp_path / "absent"), "--mode", "pooled", "--json", home=home,
+                      check=False)
+    assert missing.returncode == 2
+    error = strict_json(missing.stdout)
+    assert error["exit_code"] == 2 and "absent" in error["error"] and error["reason"].startswith("unusable input")
+    refused = run_cli("train", "--data", str(data), "--mode", "pooled", "--dp-epsilon", "3", "--json", home=home,
+                      check=False)
+    assert refused.returncode == 2 and "--dp-epsilon" in strict_json(refused.stdout)["error"]
+
+
 def strict_json(text: str) -> dict:
     """JSON as a strict parser reads it: a bare NaN or Infinity is an error."""
     def refuse(constant: str) -> None:

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from health_mlops.data.preprocess import HISTOGRAM_BINS, Preprocessor, histogram_edges, training_ranges
-from health_mlops.data.synthetic import CITIES, generate_city_days
+from health_mlops.data.split import HospitalSplit
+from health_mlops.data.synthetic import CITIES, generate_city_days, true_risk
+from health_mlops.experiments.simulation import run_federated_in_memory
+from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.hospital import hospital_stats, reduce_stats
 from health_mlops.ml.evaluate import predict_frame
 from health_mlops.ml.model import initial_weights, model_with_weights
@@ -70,3 +74,30 @@ def test_serving_names_each_input_beyond_what_the_model_saw() -> None:
     assert flags[0] == []
     assert flags[1] == [{"feature": "spo2", "value": 70.0, "seen": [low, high]},
                         {"feature": "pm25", "value": 500.0, "seen": [pm_low, pm_high]}]
+
+
+SICK = {"heart_rate": 140, "spo2": 82, "body_temperature": 39.5, "respiratory_rate": 32, "age": 88,
+        "asthma_copd": "1", "cardiovascular": "1", "smoker": "current", "pm25": 250}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_clearly_sick_patient_ranks_above_the_99th_percentile_and_its_unseen_values_are_named(seed: int) -> None:
+    """The patient a clinician tried (the generator's true risk: 1.00) against the federated model's risks for
+    every test patient, each seed's data and model its own."""
+    rng = np.random.default_rng(seed)
+    hospitals = [generate_city_days(city, 1000, rng).drop(columns="_risk") for city in CITIES]
+    splits = [HospitalSplit(f"hospital-{i}", f.iloc[:800], f.iloc[800:]) for i, f in enumerate(hospitals, start=1)]
+    _, run = run_federated_in_memory(SPEC, splits, RunConfig(rounds=10, local_epochs=1, min_hospitals=5))
+    assert run.preprocessing is not None
+    served = ServedModel.load(export_onnx(SPEC, run.preprocessing, run.weights), spec_to_yaml(SPEC), version=1,
+                              metric_name="auc", metric=0.5, federation_run=run.id)
+    test = pd.concat([s.test for s in splits], ignore_index=True)
+    sick = test.head(1).assign(**SICK)
+    assert true_risk(sick)[0] > 0.99
+    risks = served.predict(serving_matrix(test, SPEC))
+    (risk,) = served.predict(serving_matrix(sick, SPEC))
+    assert risk > np.percentile(risks, 99)
+    (flags,) = served.outside_training_range(serving_matrix(sick, SPEC))
+    named = {flag["feature"] for flag in flags}
+    assert {"spo2", "pm25", "respiratory_rate"} <= named
+    assert all(not flag["seen"][0] <= flag["value"] <= flag["seen"][1] for flag in flags)

@@ -26,5 +26,5 @@ def main() -> None:
     try:
         app()
     except HealthMlopsError as exc:
-        say_error(str(exc))
+        say_error(str(exc), exc.exit_code)
         sys.exit(exc.exit_code)

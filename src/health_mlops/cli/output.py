@@ -19,14 +19,23 @@ if not out.is_terminal:
 err = Console(stderr=True, highlight=False)
 
 
-def say_error(message: str) -> None:
+# What an exit code says, in the JSON error object a `--json` command prints when it fails.
+EXIT_REASONS = {1: "refused or did not complete: what was asked for did not happen",
+                2: "unusable input: a file, an option, a spec or a credential the command cannot use"}
+
+
+def say_error(message: str, code: int = 2) -> None:
+    """`error: message` on stderr; with `--json` on the command line, also a JSON error object on stdout (a
+    script reading stdout gets a document either way)."""
     err.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
+    if "--json" in sys.argv[1:]:
+        print_json({"error": message, "exit_code": code, "reason": EXIT_REASONS.get(code, "failed")})
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """End the command with `error: message` on stderr and exit code `code` (2: what the command was given
     cannot be used; 1: it was valid, but what it asked for did not happen)."""
-    say_error(message)
+    say_error(message, code)
     raise typer.Exit(code)
 
 

@@ -64,7 +64,11 @@ def train(
     dp_noise_multiplier: DpNoise = None,
     dp_max_grad_norm: DpClip = 1.0,
     secure_aggregation: SecureAggregation = False,
-    json_output: Annotated[bool, typer.Option("--json", help="print the result as one JSON object")] = False,
+    seed: Annotated[int | None, typer.Option(min=0, max=2**32 - 1, help="the models' initial weights and the "
+                                             "shuffling of their rows; default: env HEALTH_MLOPS_TRAIN_SEED "
+                                             "(0)")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print the result as one JSON object (on failure: "
+                                                             "{error, exit_code, reason})")] = False,
 ) -> None:
     """Train a baseline or a federation and score it on every hospital's test rows."""
     import torch
@@ -94,7 +98,7 @@ def train(
             max_grad_norm=dp_max_grad_norm, rounds=rounds, local_epochs=epochs, local_steps=local_steps,
             learning_rate=learning_rate, batch_size=batch_size, weight_decay=weight_decay, strategy=strategy,
             proximal_mu=proximal_mu, server_learning_rate=server_learning_rate, trim_fraction=trim_fraction,
-            secure_aggregation=secure_aggregation)
+            secure_aggregation=secure_aggregation, seed=seed if seed is not None else get_training_defaults().seed)
         result = _train_federated(data, dataset, splits, settings, config)
         for hospital, withheld in _withheld_columns(result).items():
             warning = (f"round 0 withheld {withheld} column(s) (a category, or a feature not measured, of fewer than "
@@ -104,7 +108,7 @@ def train(
     else:
         train_config = TrainConfig.for_task(get_training_defaults(), dataset, epochs=epochs,
                                             learning_rate=learning_rate, batch_size=batch_size,
-                                            weight_decay=weight_decay)
+                                            weight_decay=weight_decay, seed=seed)
         runner = run_pooled if mode is Mode.pooled else run_local
         total = train_config.epochs * (1 if mode is Mode.pooled else len(splits))
         with progress() as bars:
