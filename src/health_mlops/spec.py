@@ -239,8 +239,11 @@ class DatasetSpec(BaseModel):
 
     def threshold_for(self, event_rate: float) -> float:
         """The decision threshold of a model trained on rows with this event rate: the spec's, or the rate (a
-        patient is flagged when their risk is above the training population's)."""
-        return self.decision_threshold if self.decision_threshold is not None else event_rate
+        patient is flagged when their risk is above the training population's). Rows with no event, or nothing
+        but events, say nothing of where to flag: 0.5 then (a rate of 0 flagged every patient, 1 none)."""
+        if self.decision_threshold is not None:
+            return self.decision_threshold
+        return event_rate if 0.0 < event_rate < 1.0 else 0.5
 
 
 # A data folder describes itself with this file beside its hospital folders (`data generate` writes it).

@@ -47,3 +47,13 @@ def test_invalid_spec_is_refused_naming_the_file(tmp_path: Path, body: str, comp
 def test_unknown_spec_name_lists_the_built_ins() -> None:
     with pytest.raises(SpecError, match="built-in specs: health-risk, diabetes"):
         load_spec("no-such-task")
+
+
+def test_a_site_with_no_event_or_only_events_does_not_flag_everyone_or_no_one() -> None:
+    """The threshold follows the training rows' event rate; a rate of 0 would flag every patient (every risk is at
+    least 0) and a rate of 1 none: such rows say nothing of where to flag, so 0.5."""
+    spec = load_spec("health-risk")
+    assert spec.threshold_for(0.07) == 0.07
+    assert spec.threshold_for(0.0) == 0.5 and spec.threshold_for(1.0) == 0.5
+    fixed = spec.model_copy(update={"decision_threshold": 0.2})
+    assert fixed.threshold_for(0.0) == 0.2  # the spec's own threshold is kept

@@ -3,11 +3,12 @@
 The graph's input `features` is a float32 matrix with one column per spec feature, in spec order: numeric
 features as their value, categorical features as the index of their category in the spec, NaN for a value the
 spec allows to be missing. Inside, the graph fills missing values in (the run's federated mean or most common
-category) and adds the spec's missingness indicators, one-hot encodes the categories, standardises every column
-with the run's global mean and scale, applies the network, and outputs `prediction`: the event probability for
-binary tasks, the value in the target's unit for regression. The graph is built directly from the weight arrays
-(a chain of Gemm and Relu, as in `ml.model.build_model`), so exporting needs no tracing and works from the
-aggregator's numpy weights.
+category) and adds the spec's missingness indicators, clamps each numeric input to the range the training rows
+covered (`data.preprocess.training_ranges`), one-hot encodes the categories, standardises every column with the
+run's global mean and scale, applies the network, and outputs `prediction`: the event probability for binary
+tasks, the value in the target's unit for regression. The graph is built directly from the weight arrays (a chain
+of Gemm and `ml.model.SplitReLU`'s Relu, Min and Where, as in `ml.model.build_model`), so exporting needs no
+tracing and works from the aggregator's numpy weights.
 """
 
 from __future__ import annotations
