@@ -203,7 +203,13 @@ def test_node_replica_killed_mid_round_is_replaced_by_the_other(cluster: Cluster
     assert_each_hospital_counted_once_per_round(final, train_rows(data))
 
     api_port, metrics_port = cluster.node_ports[survivor]
-    status = httpx.get(f"http://127.0.0.1:{api_port}/v1/status").json()
+    # The run completes when the aggregator accepts the last evaluation; the node records its task once it has
+    # read that answer, a moment later (one CI run read the status in between).
+    deadline = time.monotonic() + 60
+    while ((status := httpx.get(f"http://127.0.0.1:{api_port}/v1/status").json())["last_task"] or {}).get(
+            "kind") != "evaluate":
+        assert time.monotonic() < deadline, f"the survivor never recorded its evaluation: {status['last_task']}"
+        time.sleep(0.1)
     assert status["hospital"] == "hospital-1" and status["node"] == survivor and status["central_reachable"]
     assert status["data"]["rows_valid"] == 1500 and status["data"]["rows_train"] == train_rows(data)["hospital-1"]
     assert status["results_sent_by_kind"]["fit"] >= final.config.rounds - killed_round + 1
