@@ -125,6 +125,7 @@ bench: setup debs-bench flower
 	$(BIN)/python benchmarks/round_at_scale.py
 	$(BIN)/python benchmarks/serving.py
 	$(BIN)/python benchmarks/demo_memory.py
+	$(BIN)/python benchmarks/convergence.py
 
 clean:
 	rm -rf $(VENV) .venv-checkov .health-mlops .pytest_cache screenshots

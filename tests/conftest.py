@@ -40,8 +40,8 @@ def run_cli(*args: str, home: Path, check: bool = True, timeout: float = 300) ->
     return result
 
 
-def run_cli_json(*args: str, home: Path) -> object:
-    return json.loads(run_cli(*args, "--json", home=home).stdout)
+def run_cli_json(*args: str, home: Path, timeout: float = 300) -> object:
+    return json.loads(run_cli(*args, "--json", home=home, timeout=timeout).stdout)
 
 
 @pytest.fixture

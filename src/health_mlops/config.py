@@ -24,10 +24,16 @@ class TrainingDefaults(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="HEALTH_MLOPS_TRAIN_")
 
-    epochs: int = Field(8, ge=1, description="local epochs per training call (per round in federated mode)")
+    epochs: int = Field(8, ge=1, description="epochs of pooled or local-only training when asked for in epochs")
+    steps: int = Field(2000, ge=1, description="optimiser steps of pooled or local-only training (the budget, "
+                       "whatever the site's size; early stopping may end it sooner)")
+    local_steps: int = Field(100, ge=1, description="optimiser steps each hospital takes per federated round")
+    validation_fraction: float = Field(0.2, ge=0, lt=1, description="share of each hospital's training rows held "
+                                       "out to stop training early and to choose the federation's best round")
+    patience: int = Field(10, ge=1, description="validation checks without a better loss before training stops")
     learning_rate: float = Field(0.001, gt=0)
     batch_size: int = Field(64, ge=1)
-    weight_decay: float = Field(1e-3, ge=0, description="L2 penalty; rare events overfit without it")
+    weight_decay: float = Field(1e-2, ge=0, description="L2 penalty; rare events and small sites overfit without it")
     seed: int = 0
     # DP-SGD adds its noise once per batch, so it learns from large batches at a larger step (README: Privacy).
     dp_batch_size: int = Field(512, ge=1, description="batch size of a federated run with differential privacy")

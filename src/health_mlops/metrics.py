@@ -91,11 +91,16 @@ def calibration(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
         warnings.simplefilter("ignore", ConvergenceWarning)  # separable rows: the slope is large, as it should be
         slope = float(LogisticRegression(C=np.inf, max_iter=1000).fit(lp[:, None], y).coef_[0, 0])
 
-    def score(a: float) -> float:  # the derivative of the log-likelihood in a, decreasing: one root
-        return float(np.sum(y - 1 / (1 + np.exp(-(a + lp)))))
+    return slope, intercept_in_the_large(y, lp)
 
-    intercept = float(brentq(score, -50.0, 50.0, xtol=1e-12))
-    return slope, intercept
+
+def intercept_in_the_large(y: np.ndarray, logits: np.ndarray) -> float:
+    """The intercept a of logit P(y) = a + logit(p), the slope fixed at 1: the shift that makes the mean risk the
+    observed event rate (both outcomes needed)."""
+    def score(a: float) -> float:  # the derivative of the log-likelihood in a, decreasing: one root
+        return float(np.sum(y - 1 / (1 + np.exp(-(a + logits)))))
+
+    return float(brentq(score, -50.0, 50.0, xtol=1e-12))
 
 
 def threshold_metrics(tn: float, fp: float, fn: float, tp: float) -> dict[str, float]:

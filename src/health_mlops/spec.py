@@ -155,6 +155,25 @@ class Target(BaseModel):
     unit: str | None = None
     min: float | None = None
     max: float | None = None
+    # Binary tasks: how the files write each outcome, e.g. {"0_no": 0, "1_yes": 1} (compared without case); unset,
+    # they write 0 and 1.
+    labels: dict[str, Literal[0, 1]] | None = None
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value: object) -> object:
+        # YAML reads a label written 0 or 1 as a number; files hold text.
+        return {str(k).strip(): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> Target:
+        if self.labels is not None:
+            if set(self.labels.values()) != {0, 1}:
+                raise ValueError(f"target labels: both outcomes need a label (0 and 1), got {self.labels}")
+            folded = [k.lower() for k in self.labels]
+            if "" in folded or len(set(folded)) != len(folded):
+                raise ValueError("target labels: each label must be non-empty and distinct (without case)")
+        return self
 
     @property
     def display_label(self) -> str:
@@ -210,6 +229,8 @@ class DatasetSpec(BaseModel):
             raise ValueError("a regression target needs min and max")
         if self.task == "regression" and self.decision_threshold is not None:
             raise ValueError("a decision threshold is for binary tasks")
+        if self.task == "regression" and self.target.labels is not None:
+            raise ValueError("target labels are for binary tasks")
         return self
 
     @property
@@ -228,7 +249,8 @@ class DatasetSpec(BaseModel):
     def target_feature(self) -> Feature:
         """The target as a column to validate: 0/1 for binary tasks, its range for regression."""
         if self.task == "binary":
-            return Feature(name=self.target.name, type="categorical", categories=("0", "1"),
+            labels = tuple(self.target.labels) if self.target.labels is not None else ("0", "1")
+            return Feature(name=self.target.name, type="categorical", categories=labels,
                            source=Source.clinical, description=self.target.description)
         return Feature(name=self.target.name, type="numeric", min=self.target.min, max=self.target.max,
                        unit=self.target.unit, source=Source.clinical, description=self.target.description)

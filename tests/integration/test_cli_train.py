@@ -15,6 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from health_mlops.config import TrainingDefaults
+
 from tests.conftest import free_port_range, run_cli, run_cli_json, wait_until_ready
 
 pytestmark = pytest.mark.process
@@ -169,10 +171,15 @@ def test_every_training_knob_reaches_the_run_and_the_specs_epochs_are_spread_ove
         answer = run_cli("train", "--data", str(data), *refused, home=home, check=False)
         assert answer.returncode == 2 and f"error: {option}" in answer.stderr, refused
 
-    diabetes = tmp_path / "diabetes"  # its spec asks 200 epochs of its 350 training rows
+    diabetes = tmp_path / "diabetes"
     run_cli("data", "generate", "--spec", "diabetes", "--out", str(diabetes), home=home)
+    stepped = run_cli_json("train", "--data", str(diabetes), "--mode", "federated", "--rounds", "2", home=home)
+    assert stepped["run"]["config"]["local_steps"] == TrainingDefaults().local_steps  # a budget in steps
+    assert stepped["run"]["config"]["validation_fraction"] == TrainingDefaults().validation_fraction
+    with (diabetes / "spec.yaml").open("a", encoding="utf-8") as spec:  # a spec that asks for 200 epochs
+        spec.write("training:\n  epochs: 200\n")
     spread = run_cli_json("train", "--data", str(diabetes), "--mode", "federated", "--rounds", "8", home=home)
-    assert spread["run"]["config"]["local_epochs"] == 25
+    assert spread["run"]["config"]["local_epochs"] == 25 and spread["run"]["config"]["local_steps"] is None
 
 
 def test_train_federated_adds_the_timing_of_its_rounds(tmp_path: Path, home: Path) -> None:
@@ -230,7 +237,9 @@ def over_seeds(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The acceptance data (5 hospitals x 4000 patient-days) of generator seeds 1 to 5, each with its own split,
     trained pooled, local-only and federated (`health-mlops evaluate`)."""
     home = tmp_path_factory.mktemp("over-seeds") / "home"
-    return run_cli_json("evaluate", "--seeds", "1-5", home=home)
+    # 2 minutes alone on 2 CPUs (15 trainings of 2000 steps, 5 federations of 20 rounds x 100 steps a hospital);
+    # the guard is far beyond, for a machine the other tests share.
+    return run_cli_json("evaluate", "--seeds", "1-5", home=home, timeout=1200)
 
 
 @pytest.mark.xdist_group("over-seeds")  # one `over_seeds` for both; a group is scheduled first

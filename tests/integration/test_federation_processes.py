@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 
 from health_mlops.data.hospital import load_hospital
-from health_mlops.data.split import split_hospitals
+from health_mlops.data.split import HospitalSplit, hold_out_validation, split_hospitals
 from health_mlops.demo.processes import Child, wait_ready
 from health_mlops.fl.client import HospitalClient
 from health_mlops.fl.coordinator import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker
 from health_mlops.fl.messages import RunView, TaskMessage, decode_weights, encode_result
 from health_mlops.fl.metadata import FitMetadata
+from health_mlops.fl.run_config import RunConfig
 from health_mlops.pki import CA, cert_path, key_path
 from health_mlops.security import ADMIN, ClientCredential, bearer, provision, read_token, token_path
 from health_mlops.spec import load_spec
@@ -128,9 +129,16 @@ def assert_each_hospital_counted_once_per_round(view: RunView, train_rows: dict[
                 assert metadata.num_examples == train_rows[hospital]  # one replica's rows, not two
 
 
-def train_rows(data: Path) -> dict[str, int]:
+def training_splits(data: Path) -> list[HospitalSplit]:
     hospitals = {h: load_hospital(data / h, SPEC) for h in HOSPITALS}
-    return {s.hospital_id: len(s.train) for s in split_hospitals(hospitals, SPEC, seed=42, test_fraction=0.2)}
+    return split_hospitals(hospitals, SPEC, seed=42, test_fraction=0.2)
+
+
+def train_rows(data: Path) -> dict[str, int]:
+    """Each hospital's rows a fit trains on: its training rows but the validation part it holds out."""
+    fraction = RunConfig().validation_fraction
+    return {s.hospital_id: len(hold_out_validation(s.train, SPEC, s.hospital_id, fraction=fraction)[0])
+            for s in training_splits(data)}
 
 
 def test_aggregator_killed_mid_run_resumes_at_the_last_closed_round(cluster: Cluster, data: Path) -> None:
@@ -211,7 +219,7 @@ def test_node_replica_killed_mid_round_is_replaced_by_the_other(cluster: Cluster
         assert time.monotonic() < deadline, f"the survivor never recorded its evaluation: {status['last_task']}"
         time.sleep(0.1)
     assert status["hospital"] == "hospital-1" and status["node"] == survivor and status["central_reachable"]
-    assert status["data"]["rows_valid"] == 1500 and status["data"]["rows_train"] == train_rows(data)["hospital-1"]
+    assert status["data"]["rows_valid"] == 1500 and status["data"]["rows_train"] == len(training_splits(data)[0].train)
     assert status["results_sent_by_kind"]["fit"] >= final.config.rounds - killed_round + 1
     assert status["last_task"]["kind"] == "evaluate" and status["last_task"]["outcome"] == "succeeded"
     metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text

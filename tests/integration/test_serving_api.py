@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import ssl
 import threading
@@ -22,6 +23,7 @@ from health_mlops.http_server import BackgroundServer
 from health_mlops.ml.evaluate import predict_frame
 from health_mlops.ml.model import build_model, weights_as_numpy
 from health_mlops.ml.onnx import export_onnx
+from health_mlops.ml.site_calibration import SiteCalibration
 from health_mlops.ml.train import train_model
 from health_mlops.ml.train_config import TrainConfig
 from health_mlops.audit import AuditLog
@@ -45,8 +47,10 @@ def patients(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return json.loads(frame.drop(columns=[SPEC.target.name]).to_json(orient="records"))
 
 
-def trained(frame_rows: list[dict], seed: int) -> tuple[bytes, list[float]]:
-    """A small model trained on the rows, as ONNX, and its own (torch) predictions for them."""
+def trained(frame_rows: list[dict], seed: int, sites: dict[str, SiteCalibration] | None = None
+            ) -> tuple[bytes, list[float]]:
+    """A small model trained on the rows, as ONNX (with `sites`' recalibrations), and its own (torch)
+    predictions for them."""
     import pandas as pd
 
     frame = pd.DataFrame(frame_rows).assign(**{SPEC.target.name: ["1" if i % 7 == 0 else "0"
@@ -58,7 +62,7 @@ def trained(frame_rows: list[dict], seed: int) -> tuple[bytes, list[float]]:
     histograms = {name: counts.tolist() for name, counts in feature_histograms(frame, SPEC).items()}
     preprocessing = GlobalPreprocessing(count=len(frame), mean=preprocessor.mean.tolist(),
                                         scale=preprocessor.scale.tolist(), threshold=THRESHOLD, histograms=histograms)
-    body = export_onnx(SPEC, preprocessing, weights_as_numpy(model))
+    body = export_onnx(SPEC, preprocessing, weights_as_numpy(model), sites=sites)
     return body, predict_frame(model, preprocessor, frame).tolist()
 
 
@@ -388,3 +392,27 @@ def test_inputs_beyond_what_the_model_saw_are_named_in_every_answer(serving: tup
     assert lower["prediction"] == hypoxic["prediction"]  # scored at the range's edge: flat, not extrapolated
     batch = httpx.post(f"{url}/api/v1/predict/batch", json={"rows": [patients[0], {**patients[0], "spo2": 70}]})
     assert [len(flags) for flags in batch.json()["outside_training_range"]] == [0, 1]
+
+
+def test_a_hospital_asks_for_its_own_recalibrated_risk_and_an_unknown_one_is_refused_naming_the_field(
+        serving: tuple[str, Registry], patients: list[dict]) -> None:
+    url, registry = serving
+    sites = {"hospital-2": SiteCalibration(intercept=1.5, slope=0.8, rows=200, events=40, threshold=0.3)}
+    wait_for_version(url, register(registry, trained(patients, seed=0, sites=sites)[0], "run-a", 0.8))
+    plain = httpx.post(f"{url}/api/v1/predict", json=patients[0]).json()
+    local = httpx.post(f"{url}/api/v1/predict", params={"hospital": "hospital-2"}, json=patients[0]).json()
+    risk = plain["prediction"]
+    expected = 1 / (1 + math.exp(-(1.5 + 0.8 * math.log(risk / (1 - risk)))))
+    assert local["prediction"] == pytest.approx(expected, rel=1e-5) and local["prediction"] != risk
+    assert local["hospital"] == "hospital-2" and local["threshold"] == 0.3
+    assert local["class"] == int(local["prediction"] >= 0.3) and "hospital" not in plain
+    batch = httpx.post(f"{url}/api/v1/predict/batch", params={"hospital": "hospital-2"},
+                       json={"rows": patients[:3]}).json()
+    assert batch["predictions"][0] == pytest.approx(local["prediction"], rel=1e-6) and batch["threshold"] == 0.3
+    assert batch["classes"] == [int(p >= 0.3) for p in batch["predictions"]]
+    for route, body in (("predict", patients[0]), ("predict/batch", {"rows": patients[:2]})):
+        refused = httpx.post(f"{url}/api/v1/{route}", params={"hospital": "hospital-9"}, json=body)
+        assert refused.status_code == 422, refused.text
+        (error,) = refused.json()["detail"]
+        assert error["loc"] == ["query", "hospital"] and "hospital-2" in error["msg"]
+    assert httpx.get(f"{url}/api/v1/model").json()["site_calibrations"] == ["hospital-2"]

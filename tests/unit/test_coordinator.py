@@ -317,3 +317,82 @@ def test_the_snapshot_holds_running_runs_only_and_ended_ones_come_back_from_thei
         coordinator.run_record("run-4")
     coordinator.release_arrays("run-1")
     assert coordinator.runs["run-1"].weights == {}
+
+
+def validated(coordinator: Coordinator, losses: dict[int, float]) -> dict[int, dict]:
+    """Drive a run whose hospitals report `losses[round]` as the mean validation loss of the model entering that
+    round (10 validation rows each; each round's update moves every weight to the round's number). Returns the
+    weights that entered each round, as the service's files keep them."""
+    run = coordinator.runs["run-1"]
+    entered: dict[int, dict] = {}
+    while run.status is RunStatus.running:
+        entered[run.round] = {k: v.copy() for k, v in run.weights.items()}
+        for hospital in HOSPITALS:
+            task = coordinator.next_task(hospital, "a", 1.0)
+            assert task is not None
+            checked = {"validation_rows": 10, "validation_loss_sum": 10 * losses.get(task.round, 0.0)}
+            if task.kind is TaskKind.stats:
+                result = TaskResult(stats(10))
+            elif task.kind is TaskKind.fit:
+                result = TaskResult({**fitted(), **checked}, {"w": np.full(3, float(task.round)),
+                                                              "b": np.full(1, float(task.round))})
+            else:
+                result = TaskResult({**fitted(), **checked})
+            coordinator.submit(task.id, hospital, "a", result, 1.0)
+    return entered
+
+
+def test_the_run_keeps_the_round_with_the_least_validation_loss_and_scores_it_last() -> None:
+    coordinator = start(RunConfig(rounds=3, min_hospitals=3))
+    entered = validated(coordinator, {1: 0.9, 2: 0.3, 3: 0.5, 4: 0.6})  # the model entering round 2 is the best
+    run = coordinator.runs["run-1"]
+    assert run.status is RunStatus.completed
+    assert [(h.round, h.kind) for h in run.history] == [(0, TaskKind.stats), (1, TaskKind.fit), (2, TaskKind.fit),
+                                                        (3, TaskKind.fit), (4, TaskKind.evaluate),
+                                                        (5, TaskKind.evaluate)]
+    assert run.final_round == 5 and run.selected_round == 2 and run.best_loss == pytest.approx(0.3)
+    np.testing.assert_array_equal(run.weights["w"], np.ones(3))  # after round 1: what entered round 2
+    np.testing.assert_array_equal(entered[5]["w"], entered[2]["w"])  # round 5 scored that model
+
+
+def test_a_run_whose_last_model_validates_best_ends_with_it() -> None:
+    coordinator = start(RunConfig(rounds=3, min_hospitals=3))
+    validated(coordinator, {1: 0.9, 2: 0.7, 3: 0.5, 4: 0.4})
+    run = coordinator.runs["run-1"]
+    assert run.status is RunStatus.completed and run.final_round == 4 and run.selected_round == 4
+    assert len(run.history) == 5
+    np.testing.assert_array_equal(run.weights["w"], np.full(3, 3.0))
+
+
+def test_a_run_without_validation_rows_ends_with_its_last_model() -> None:
+    coordinator = start(RunConfig(rounds=2, min_hospitals=3))
+    for _ in range(4):
+        for i, hospital in enumerate(HOSPITALS):
+            answer(coordinator, hospital, now=1.0, value=float(i))
+    run = coordinator.runs["run-1"]
+    assert run.status is RunStatus.completed and run.best_round is None and run.final_round == 3
+
+
+def test_a_restored_run_still_knows_its_best_model() -> None:
+    coordinator = start(RunConfig(rounds=3, min_hospitals=3))
+    losses = {1: 0.9, 2: 0.3, 3: 0.5, 4: 0.6}
+    run = coordinator.runs["run-1"]
+    entered: dict[int, dict] = {}
+    for _ in range(4):  # stats and the three fit rounds: the evaluate round is open
+        entered[run.round] = {k: v.copy() for k, v in run.weights.items()}
+        for hospital in HOSPITALS:
+            task = coordinator.next_task(hospital, "a", 1.0)
+            assert task is not None
+            checked = {"validation_rows": 10, "validation_loss_sum": 10 * losses.get(task.round, 0.0)}
+            result = (TaskResult(stats(10)) if task.kind is TaskKind.stats else
+                      TaskResult({**fitted(), **checked}, {"w": np.full(3, float(task.round)),
+                                                           "b": np.full(1, float(task.round))}))
+            coordinator.submit(task.id, hospital, "a", result, 1.0)
+    entered[run.round] = {k: v.copy() for k, v in run.weights.items()}
+    snapshot = json.loads(json.dumps(coordinator.snapshot()))
+    restored = Coordinator.restore(snapshot, stats_reducer, round_history=history_of(coordinator),
+                                   round_arrays=lambda _, r: (entered[r], {}, {}))
+    validated(restored, losses)
+    final = restored.runs["run-1"]
+    assert final.status is RunStatus.completed and final.selected_round == 2
+    np.testing.assert_array_equal(final.weights["w"], np.ones(3))

@@ -105,7 +105,9 @@ def test_each_hospitals_metrics_are_computed_at_the_hospital_exactly_as_centrall
         central = binary_metrics(y, p, threshold)  # the same rows, scored where they are not
         undefined_as_nan = {k: np.nan if v is None else v for k, v in sent.metrics.items()}  # sent as null
         assert undefined_as_nan == pytest.approx(central, rel=1e-9, abs=1e-12, nan_ok=True), split.hospital_id
-        assert sent.model_fields_set <= {"num_examples", "num_test_examples", "metrics", "summary", "compute_seconds"}
+        assert sent.model_fields_set <= {"num_examples", "num_test_examples", "metrics", "summary", "compute_seconds",
+                                         "validation_loss_sum", "validation_rows", "site_calibration",
+                                         "calibrated_metrics"}
         summaries.append(BinarySummary.from_json(sent.summary.model_dump()))
         assert summaries[-1] == BinarySummary.of(y, p, threshold)
     combined = combine(summaries).metrics()

@@ -1,7 +1,8 @@
 import numpy as np
 import pandas as pd
+import pytest
 
-from health_mlops.data.split import split_frame, split_indices, target_strata
+from health_mlops.data.split import hold_out_validation, split_frame, split_indices, target_strata
 from health_mlops.spec import load_spec
 
 
@@ -52,3 +53,18 @@ def test_a_regression_target_is_stratified_by_its_quintiles() -> None:
     unstratified = split_frame(frame, spec, "site-1", seed=0, test_fraction=0.2, stratify=False)
     expected = split_indices(100, "site-1", seed=0, test_fraction=0.2)
     assert [list(a) for a in unstratified] == [list(a) for a in expected]
+
+
+def test_validation_rows_are_held_out_stratified_and_a_tiny_site_keeps_every_row() -> None:
+    spec = load_spec("health-risk")
+    target = spec.target.name
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({target: (rng.random(500) < 0.1).astype(int).astype(str), "row": np.arange(500)})
+    fit, validation = hold_out_validation(frame, spec, "hospital-1", fraction=0.2)
+    again = hold_out_validation(frame, spec, "hospital-1", fraction=0.2)[1]
+    assert len(validation) == 100 and set(fit["row"]).isdisjoint(validation["row"])
+    assert len(fit) + len(validation) == 500 and validation["row"].tolist() == again["row"].tolist()
+    assert validation[target].astype(int).mean() == pytest.approx(frame[target].astype(int).mean(), abs=0.01)
+    tiny = frame.head(40)  # 8 validation rows would measure nothing
+    fit, validation = hold_out_validation(tiny, spec, "hospital-1", fraction=0.2)
+    assert len(fit) == 40 and validation.empty

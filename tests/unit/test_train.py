@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from health_mlops.ml.model import build_model, get_weights
-from health_mlops.ml.train import predict, train_model
+from health_mlops.ml.train import mean_loss, predict, train_model
 from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import ModelDefaults
 
@@ -60,9 +60,34 @@ def test_local_steps_take_exactly_that_many_optimiser_steps_across_epochs(monkey
     found = []
     for max_steps in (3, 4, 10):
         taken.clear()
-        epochs_seen: list[int] = []
+        shares: list[float] = []
         train_model(build_model(ModelDefaults(kind="linear"), 4), x, y, "binary",
                     TrainConfig(epochs=1, learning_rate=0.05, batch_size=32, max_steps=max_steps),
-                    on_epoch=epochs_seen.append)
-        found.append((len(taken), len(epochs_seen)))
-    assert found == [(3, 1), (4, 1), (10, 3)]  # 10 steps: two whole epochs and 2 steps of a third
+                    on_progress=shares.append)
+        found.append((len(taken), shares))
+    # 10 steps: two whole epochs and 2 steps of a third; progress after each epoch, as a share of the budget
+    assert found == [(3, [1.0]), (4, [1.0]), (10, [0.4, 0.8, 1.0])]
+
+
+def test_early_stopping_ends_an_overfitting_run_with_the_weights_that_validated_best() -> None:
+    """Pure-noise labels: a wide network memorises its 60 training rows, and its loss on held-out rows rises."""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(60, 4)).astype(np.float32), (rng.random(60) < 0.5).astype(np.float32)
+    vx, vy = rng.normal(size=(200, 4)).astype(np.float32), (rng.random(200) < 0.5).astype(np.float32)
+    config = TrainConfig(epochs=1, learning_rate=0.01, batch_size=16, max_steps=5000, patience=5)
+    model = build_model(ModelDefaults(kind="mlp", hidden=(64, 64)), 4, seed=0)
+    result = train_model(model, x, y, "binary", config, validation=(vx, vy))
+    assert result.stopped_early and result.steps < 5000
+    assert result.validation_loss == pytest.approx(mean_loss(model, vx, vy, "binary"))  # the best weights, kept
+    overfit = build_model(ModelDefaults(kind="mlp", hidden=(64, 64)), 4, seed=0)
+    full = train_model(overfit, x, y, "binary", TrainConfig(epochs=1, learning_rate=0.01, batch_size=16,
+                                                            max_steps=5000))
+    assert full.steps == 5000 and not full.stopped_early and full.validation_loss is None
+    assert mean_loss(overfit, vx, vy, "binary") > result.validation_loss + 0.1
+
+
+def test_a_step_budget_trains_a_small_site_as_long_as_a_large_one() -> None:
+    config = TrainConfig(epochs=1, learning_rate=0.01, batch_size=64, max_steps=300)
+    for rows in (40, 4000):
+        x, y = linear_problem(rows)
+        assert train_model(build_model(ModelDefaults(kind="linear"), 4), x, y, "binary", config).steps == 300

@@ -174,3 +174,32 @@ def test_a_quarantined_formula_is_written_aside_as_text(tmp_path: Path, cell: st
     _, quarantine_path = write_quality_report(validate_table(read_table(path), SPEC), tmp_path / "quality")
     aside = pd.read_csv(quarantine_path, dtype=str, keep_default_na=False)
     assert aside["sex"].tolist() == [f"'{cell}"]
+
+
+def test_a_target_written_in_the_hospitals_own_labels_is_mapped_and_an_unknown_label_quarantined(
+        tmp_path: Path) -> None:
+    """A real outcome column says `0_no` / `1_yes`: without a label map every row was quarantined."""
+    labelled = SPEC.model_copy(update={"target": SPEC.target.model_copy(update={"labels": {"0_no": 0, "1_yes": 1}})})
+    frame = generate_city_days(CITIES[0], 6, np.random.default_rng(0)).drop(columns="_risk")
+    frame[SPEC.target.name] = ["0_no", "1_YES", "0_No", "1_yes", "maybe", "1"]
+    path = tmp_path / "labelled.csv"
+    write_csv(frame, path)
+    assert validate_table(read_table(path), SPEC).report.rows_valid == 1  # without the map: only the "1" is valid
+    result = validate_table(read_table(path), labelled)
+    assert result.frame[SPEC.target.name].tolist() == ["0", "1", "0", "1"]
+    assert [q.line for q in result.report.quarantined] == [6, 7]
+    assert "unknown category 'maybe' (allowed one of 0_no, 1_yes)" in result.report.quarantined[0].problems[0].message
+
+
+@pytest.mark.parametrize(("labels", "refused"), [({"no": 0, "also no": 0}, "both outcomes"),
+                                                 ({"Yes": 1, "yes": 0}, "distinct"),
+                                                 ({"no": 0, "yes": 2}, "labels")])
+def test_a_label_map_that_cannot_say_both_outcomes_is_refused(labels: dict, refused: str) -> None:
+    document = SPEC.model_dump(mode="json", exclude_none=True)
+    document["target"]["labels"] = labels
+    with pytest.raises(ValueError, match=refused):
+        type(SPEC).model_validate(document)
+    regression = load_spec("diabetes").model_dump(mode="json", exclude_none=True)
+    regression["target"]["labels"] = {"no": 0, "yes": 1}
+    with pytest.raises(ValueError, match="for binary tasks"):
+        type(SPEC).model_validate(regression)

@@ -4,6 +4,7 @@ stderr."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 import typer
@@ -46,6 +47,18 @@ def warn(hospital: str, warning: str) -> None:
 def progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=err, transient=True)
+
+
+def models_progress(bars: Progress, description: str, models: int) -> Callable[[str, float], None]:
+    """A bar over `models` trainings (the pooled model, or each hospital's local one) and the hook that moves it:
+    called with (model's name, share of its training done), as `experiments.baselines` reports it."""
+    task = bars.add_task(description, total=models)
+    shares: dict[str, float] = {}
+
+    def advance(name: str, share: float) -> None:
+        shares[name] = share
+        bars.update(task, completed=sum(shares.values()))
+    return advance
 
 
 def print_json(document: object) -> None:

@@ -13,7 +13,7 @@ from health_mlops.cli.data import load_splits
 from health_mlops.cli.options import (RUN, SERVER_OPTIMISER, STRATEGY, TRAINING, DpClip, DpDelta, DpEpsilon, DpNoise,
                                       JsonOption, Mode, ModelKind, SecureAggregation, SpecOption, Strategy,
                                       run_config_from_options, seed_list, with_model)
-from health_mlops.cli.output import fail, out, print_json, progress, warn
+from health_mlops.cli.output import fail, models_progress, out, print_json, progress, warn
 from health_mlops.cli.tables import clinical_table, comparison_table, print_privacy, privacy_json
 from health_mlops.config import Settings, get_settings, get_training_defaults
 from health_mlops.fl.run_config import RunConfig, federated_run_config
@@ -110,10 +110,9 @@ def train(
                                             learning_rate=learning_rate, batch_size=batch_size,
                                             weight_decay=weight_decay, seed=seed)
         runner = run_pooled if mode is Mode.pooled else run_local
-        total = train_config.epochs * (1 if mode is Mode.pooled else len(splits))
         with progress() as bars:
-            task = bars.add_task(f"training {mode.value}", total=total)
-            result = runner(dataset, splits, train_config, on_epoch=lambda _name, _epoch: bars.advance(task))
+            hook = models_progress(bars, f"training {mode.value}", 1 if mode is Mode.pooled else len(splits))
+            result = runner(dataset, splits, train_config, on_progress=hook)
     result.extra["excluded"] = left_out
     result.extra["warnings"] = warnings
     result.extra["model"] = dataset.model.model_dump(mode="json")
@@ -156,11 +155,14 @@ def _train_federated(data: Path, dataset: DatasetSpec, splits: list[HospitalSpli
         task = bars.add_task("federated rounds", total=config.rounds + 2)
         outcome = run_federation_over_loopback(
             dataset, hospitals, config, split_seed=settings.split_seed, test_fraction=settings.test_fraction,
-            stratify=settings.stratified_split, on_progress=lambda view: bars.update(task, completed=len(view.history)))
+            stratify=settings.stratified_split,
+            on_progress=lambda view: bars.update(task, completed=len(view.history), total=view.final_round + 1))
     assert outcome.run.preprocessing is not None  # the run completed (a failed one raised): round 0 closed
     result = score_global_model(dataset, splits, outcome.run.preprocessing, outcome.weights)
     result.extra["timing"] = outcome.timing.to_json()
     result.extra["run"] = {"id": outcome.run.id, "config": outcome.run.config.model_dump(mode="json"),
+                           "selected_round": outcome.run.selected_round,
+                           "validation_loss": outcome.run.validation_loss,
                            "rejected": outcome.run.rejected, "suppressed": outcome.run.suppressed,
                            "excluded": outcome.run.excluded}
     result.extra["privacy"] = privacy_json(outcome.run)

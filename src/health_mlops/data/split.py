@@ -76,3 +76,19 @@ def split_hospitals(hospitals: dict[str, HospitalData], spec: DatasetSpec, *, se
         splits.append(HospitalSplit(hospital_id, data.frame.iloc[train].reset_index(drop=True),
                                     data.frame.iloc[test].reset_index(drop=True)))
     return splits
+
+
+# Fewer validation rows than this measure nothing: a site that small trains on all its rows, without early stopping.
+MIN_VALIDATION_ROWS = 10
+
+
+def hold_out_validation(frame: pd.DataFrame, spec: DatasetSpec, hospital_id: str, *, fraction: float
+                        ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A hospital's training rows as (fit, validation): `fraction` of them, stratified by the target, held out to
+    stop training early and to choose the federation's best round. The same rows always give the same parts.
+    Where the validation part would hold fewer than `MIN_VALIDATION_ROWS` rows, every row fits and none validates."""
+    if round(len(frame) * fraction) < MIN_VALIDATION_ROWS:
+        return frame, frame.iloc[:0]
+    fit, validation = split_indices(len(frame), f"{hospital_id}/validation", seed=0, test_fraction=fraction,
+                                    strata=target_strata(frame, spec))
+    return frame.iloc[fit].reset_index(drop=True), frame.iloc[validation].reset_index(drop=True)

@@ -181,6 +181,10 @@ def validate_table(table: RawTable, spec: DatasetSpec, *, require_site: bool = F
         for reason, mask in failures.items():
             add(mask & checked, lambda i, f=feature, r=reason, s=shown: Problem(
                 column=f.name, reason=r, message=_message(f, r, s[i])))
+    labels = spec.target.labels if require_target and spec.task == "binary" else None
+    if labels is not None:  # the file's labels become the 0 and 1 everything downstream reads
+        typed[spec.target.name] = np.array([str(labels[v]) if v in labels else None for v in typed[spec.target.name]],
+                                           dtype=object)  # an unknown label (not in the map) is quarantined
     if site is not None:
         site_missing = _is_missing(rows[site]) & checked
         add(site_missing, lambda i: Problem(column=site, reason=Reason.missing_value,

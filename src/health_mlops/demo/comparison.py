@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.progress import Progress
 
+from health_mlops.cli.output import models_progress
 from health_mlops.config import Settings, get_training_defaults
 from health_mlops.data.split import HospitalSplit
 from health_mlops.data.synthetic import read_reference
@@ -25,10 +26,10 @@ def compare_with_baselines(dataset: DatasetSpec, splits: list[HospitalSplit], da
     assert view.preprocessing is not None  # the run completed: round 0 closed
     federated = score_global_model(dataset, splits, view.preprocessing, decode_weights(body)[0])
     config = TrainConfig.for_task(get_training_defaults(), dataset)
-    pooled_task = bars.add_task("pooled training (for comparison)", total=config.epochs)
-    pooled = run_pooled(dataset, splits, config, on_epoch=lambda _h, _e: bars.advance(pooled_task))
-    local_task = bars.add_task("local-only training (for comparison)", total=config.epochs * len(splits))
-    local = run_local(dataset, splits, config, on_epoch=lambda _h, _e: bars.advance(local_task))
+    pooled = run_pooled(dataset, splits, config,
+                        on_progress=models_progress(bars, "pooled training (for comparison)", 1))
+    local = run_local(dataset, splits, config,
+                      on_progress=models_progress(bars, "local-only training (for comparison)", len(splits)))
     reference = read_reference(data, split_seed=settings.split_seed, test_fraction=settings.test_fraction,
                                stratify=settings.stratified_split)
     columns: dict[str, dict] = {"federated": federated.to_json(), "pooled": pooled.to_json(),

@@ -16,7 +16,7 @@ import pandas as pd
 from torch import nn
 
 from health_mlops.data.preprocess import Preprocessor, encode_target, imputation, stats_of_frame
-from health_mlops.data.split import HospitalSplit
+from health_mlops.data.split import HospitalSplit, hold_out_validation
 from health_mlops.metrics import mean_over_hospitals, task_metrics, undefined_reasons
 from health_mlops.ml.evaluate import predict_frame
 from health_mlops.ml.model import build_model
@@ -81,32 +81,37 @@ def score_predictions(spec: DatasetSpec, splits: list[HospitalSplit], prediction
     return overall, per_hospital, mean_over_hospitals(per_hospital), undefined
 
 
-# Progress hook: called with (hospital id, or "pooled", epoch) after each epoch.
-EpochHook = Callable[[str, int], None]
+# Progress hook: called with (hospital id, or "pooled", share of its training done) after each epoch.
+ProgressHook = Callable[[str, float], None]
 
 
-def _fit(spec: DatasetSpec, train: pd.DataFrame, config: TrainConfig, on_epoch: Callable[[int], None] | None
-         ) -> tuple[nn.Module, Preprocessor]:
+def _fit(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConfig,
+         on_progress: Callable[[float], None] | None) -> tuple[nn.Module, Preprocessor]:
+    """One model on these hospitals' training rows, each hospital holding out its own validation part."""
+    parts = [hold_out_validation(s.train, spec, s.hospital_id, fraction=config.validation_fraction) for s in splits]
+    train = pd.concat([s.train for s in splits], ignore_index=True)
+    fit = pd.concat([f for f, _ in parts], ignore_index=True)
+    validation = pd.concat([v for _, v in parts], ignore_index=True)
     preprocessor = Preprocessor.from_stats(spec, stats_of_frame(train, spec)).with_ranges_of(train)
-    features = preprocessor.features(train)
-    model = build_model(spec.model, features.shape[1], seed=config.seed)
+    model = build_model(spec.model, len(preprocessor.mean), seed=config.seed)
     directions = Directions.of(spec)
     if directions is not None:  # the same start inside the spec's directions as a federation's
         directions.initialise(weight_views(model))
-    train_model(model, features, preprocessor.target(train), spec.task, config, on_epoch, directions=directions,
-                scale=np.asarray(preprocessor.scale))
+    train_model(model, preprocessor.features(fit), preprocessor.target(fit), spec.task, config, on_progress,
+                directions=directions, scale=np.asarray(preprocessor.scale),
+                validation=(preprocessor.features(validation), preprocessor.target(validation)))
     return model, preprocessor
 
 
-def _hook(on_epoch: EpochHook | None, name: str) -> Callable[[int], None] | None:
-    return None if on_epoch is None else (lambda epoch: on_epoch(name, epoch))
+def _hook(on_progress: ProgressHook | None, name: str) -> Callable[[float], None] | None:
+    return None if on_progress is None else (lambda share: on_progress(name, share))
 
 
 def run_pooled(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConfig,
-               on_epoch: EpochHook | None = None) -> ExperimentResult:
+               on_progress: ProgressHook | None = None) -> ExperimentResult:
     """One model trained on every hospital's training rows together."""
     pooled = pd.concat([s.train for s in splits], ignore_index=True)
-    model, preprocessor = _fit(spec, pooled, config, _hook(on_epoch, "pooled"))
+    model, preprocessor = _fit(spec, splits, config, _hook(on_progress, "pooled"))
     predictions = [predict_frame(model, preprocessor, s.test) for s in splits]
     threshold = spec.threshold_for(event_rate(spec, pooled))
     scores = score_predictions(spec, splits, predictions, [threshold] * len(splits))
@@ -116,12 +121,12 @@ def run_pooled(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConf
 
 
 def run_local(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConfig,
-              on_epoch: EpochHook | None = None) -> ExperimentResult:
+              on_progress: ProgressHook | None = None) -> ExperimentResult:
     """One model per hospital, each trained and scored on its own hospital's rows only."""
     predictions = []
     imputed: dict[str, dict[str, float | str]] = {}
     for split in splits:
-        model, preprocessor = _fit(spec, split.train, config, _hook(on_epoch, split.hospital_id))
+        model, preprocessor = _fit(spec, [split], config, _hook(on_progress, split.hospital_id))
         predictions.append(predict_frame(model, preprocessor, split.test))
         imputed[split.hospital_id] = imputation(spec, preprocessor.fill)
     # Each hospital's own model flags risks above its own training rows' event rate.

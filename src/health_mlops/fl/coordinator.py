@@ -20,7 +20,9 @@ clock. The rules it enforces:
   them all back, so a restarted aggregator resumes at the last closed round.
 
 Round 0 collects statistics (`stats`), rounds 1..R train (`fit`, each hospital first evaluating the
-incoming global model on its own test rows), and round R+1 evaluates the final model (`evaluate`).
+incoming global model on its own test and validation rows), and round R+1 evaluates the last model
+(`evaluate`). The run's model is the one with the least validation loss over all hospitals: when that is an
+earlier round's, round R+2 evaluates it too, and it is the model the run ends with.
 """
 
 from __future__ import annotations
@@ -156,15 +158,33 @@ class Run:
     excluded: dict[str, str] = field(default_factory=dict)  # hospital -> why it was left out of the run
     history: list[RoundRecord] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
+    # The model with the least validation loss over all hospitals so far: the round it entered, its loss, its
+    # weights. When it is not the last model, one more evaluate round scores it, and it is the run's model.
+    best_round: int | None = None
+    best_loss: float = math.inf
+    best_weights: Weights = field(default_factory=dict)
+    reevaluate: bool = False
 
     @property
     def final_round(self) -> int:
-        return self.config.rounds + 1
+        return self.config.rounds + (2 if self.reevaluate else 1)
+
+    @property
+    def selected_round(self) -> int:
+        """The round whose entering model is the run's: the best validated, else the last."""
+        return self.best_round if self.reevaluate and self.best_round is not None else self.config.rounds + 1
 
     def kind_of(self, round_number: int) -> TaskKind:
         if round_number == 0:
             return TaskKind.stats
-        return TaskKind.evaluate if round_number == self.final_round else TaskKind.fit
+        return TaskKind.evaluate if round_number > self.config.rounds else TaskKind.fit
+
+
+def validation_loss(hospitals: Mapping[str, ResultMetadata]) -> float | None:
+    """The model's mean loss over every hospital's validation rows (from their sums and counts); None without any."""
+    evaluations = [m for m in hospitals.values() if isinstance(m, EvaluationMetadata) and m.validation_rows > 0]
+    rows = sum(m.validation_rows for m in evaluations)
+    return sum(m.validation_loss_sum for m in evaluations) / rows if rows else None
 
 
 def privacy_refusal(config: RunConfig, training_rows: Mapping[str, int]) -> str | None:
@@ -437,7 +457,7 @@ class Coordinator:
         run = self._run(run_id)
         if run.status is RunStatus.running:
             raise ValueError(f"{run_id} is running: its arrays are needed")
-        run.weights, run.optimiser = {}, ServerOptimiserState(steps=run.optimiser.steps)
+        run.weights, run.best_weights, run.optimiser = {}, {}, ServerOptimiserState(steps=run.optimiser.steps)
 
     # --- tasks ----------------------------------------------------------------------------------------
 
@@ -662,6 +682,9 @@ class Coordinator:
         hospitals = {t.hospital: self.results[t.id].metadata for t in answered}
         nodes = {t.hospital: t.holder or "" for t in answered}
         kind = run.kind_of(run.round)
+        loss = validation_loss(hospitals) if not run.reevaluate else None
+        if loss is not None and loss < run.best_loss:  # the model that entered this round (aggregation replaces it)
+            run.best_round, run.best_loss, run.best_weights = run.round, loss, run.weights
         if kind is TaskKind.stats:
             stats = {h: m for h, m in hospitals.items() if isinstance(m, StatsMetadata)}
             example_limits = {h: m.count for h, m in stats.items() if m.count > 0}
@@ -700,7 +723,10 @@ class Coordinator:
                                        summary))
         self._events.append(RoundClosed(run.id, run.history[-1]))
         self._forget_tasks_before(run, run.round)
-        if run.round == run.final_round:
+        if run.round == run.final_round and run.best_round is not None and run.best_round < run.round \
+                and not run.reevaluate:
+            run.reevaluate, run.weights = True, run.best_weights  # the last model is not the best: score the best
+        elif run.round == run.final_round:
             self._end(run, RunStatus.completed, "")
             return
         run.round += 1
@@ -810,12 +836,14 @@ def _run_to_dict(run: Run, *, with_history: bool) -> dict[str, Any]:
         "preprocessing": None if run.preprocessing is None else run.preprocessing.model_dump(mode="json"),
         "rejected": dict(run.rejected),
         "example_limits": dict(run.example_limits), "excluded": dict(run.excluded),
-        "optimiser_steps": run.optimiser.steps, **history,
+        "optimiser_steps": run.optimiser.steps, "best_round": run.best_round,
+        "best_loss": None if run.best_round is None else run.best_loss, "reevaluate": run.reevaluate, **history,
     }
 
 
 def _run_from_dict(raw: Mapping[str, Any], arrays: RoundArrays, history: RoundHistory | None) -> Run:
     weights, first_moment, second_moment = arrays(raw["id"], raw["round"])
+    best_round = raw.get("best_round")
     if "history" in raw:
         records = raw["history"]
     elif history is None:
@@ -831,4 +859,7 @@ def _run_from_dict(raw: Mapping[str, Any], arrays: RoundArrays, history: RoundHi
         # Runs saved before preprocessing was typed kept an empty dict until round 0 closed.
         preprocessing=GlobalPreprocessing.model_validate(raw["preprocessing"]) if raw["preprocessing"] else None,
         rejected=dict(raw["rejected"]), example_limits=dict(raw["example_limits"]),
-        excluded=dict(raw.get("excluded", {})), history=[round_record_from_dict(h) for h in records])
+        excluded=dict(raw.get("excluded", {})), history=[round_record_from_dict(h) for h in records],
+        best_round=best_round, best_loss=math.inf if best_round is None else float(raw["best_loss"]),
+        best_weights={} if best_round is None else _as_sent(arrays(raw["id"], best_round)[0]),
+        reevaluate=bool(raw.get("reevaluate", False)))

@@ -12,19 +12,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from torch import nn
 
 from health_mlops.data.preprocess import (GlobalPreprocessing, Preprocessor, encoded_columns, feature_columns,
                                           feature_histograms, fill_values, mean_and_scale, standardisation,
                                           stats_of_frame)
+from health_mlops.data.split import hold_out_validation
 from health_mlops.fl.coordinator import TaskKind, TaskResult, plan_for
 from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.strategies import Weights
-from health_mlops.metrics import BOOTSTRAP_REPLICATES
-from health_mlops.ml.evaluate import evaluate_frame
+from health_mlops.metrics import BOOTSTRAP_REPLICATES, binary_metrics
+from health_mlops.ml.evaluate import evaluate_frame, predict_frame
 from health_mlops.ml.model import model_with_weights, weights_as_numpy
 from health_mlops.ml.directions import Directions
-from health_mlops.ml.train import train_model
+from health_mlops.ml.site_calibration import fit_site_calibration
+from health_mlops.ml.train import mean_loss, train_model
 from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import DatasetSpec
 
@@ -114,6 +117,23 @@ class HospitalWorker:
         result.metadata["compute_seconds"] = time.perf_counter() - started
         return result
 
+    def _recalibrated(self, model: nn.Module, preprocessor: Preprocessor, fit: pd.DataFrame,
+                      validation: pd.DataFrame) -> dict[str, object]:
+        """The final model recalibrated on this hospital's validation rows, and its test metrics so: flagged above
+        this hospital's own event rate, as its calibrated risks are this hospital's (nothing for a regression, or
+        without validation rows of both outcomes)."""
+        if self.spec.task != "binary" or validation.empty:
+            return {}
+        calibration = fit_site_calibration(preprocessor.target(validation),
+                                           predict_frame(model, preprocessor, validation))
+        if calibration is None:
+            return {}
+        y, risk = preprocessor.target(self.test), calibration.apply(predict_frame(model, preprocessor, self.test))
+        threshold = self.spec.threshold_for(float(preprocessor.target(pd.concat([fit, validation])).mean()))
+        metrics = binary_metrics(y, risk, threshold) if len(y) else {}
+        return {"site_calibration": calibration.to_json(),
+                "calibrated_metrics": {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}}
+
     def _compute(self, kind: TaskKind, config: RunConfig, weights: Weights, preprocessing: GlobalPreprocessing | None,
                  round_number: int) -> TaskResult:
         if kind is TaskKind.stats:
@@ -130,16 +150,22 @@ class HospitalWorker:
         metrics, summary = evaluate_frame(model, preprocessor, self.test, threshold=preprocessing.decision_threshold,
                                           bootstrap=BOOTSTRAP_REPLICATES if final else 0, summarise=final)
         evaluation = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+        fit, validation = hold_out_validation(self.train, self.spec, self.hospital_id,
+                                              fraction=config.validation_fraction)
+        validated = {"validation_rows": len(validation), "validation_loss_sum": 0.0 if validation.empty else
+                     mean_loss(model, preprocessor.features(validation), preprocessor.target(validation),
+                               self.spec.task) * len(validation)}
         if final:
             return TaskResult({"num_examples": len(self.test), "num_test_examples": len(self.test),
-                               "metrics": evaluation,
+                               "metrics": evaluation, **validated,
+                               **self._recalibrated(model, preprocessor, fit, validation),
                                **({"summary": summary.to_json()} if summary is not None else {})})
         train_config = TrainConfig(epochs=config.local_epochs, learning_rate=config.learning_rate,
                                    batch_size=config.batch_size, weight_decay=config.weight_decay,
                                    proximal_mu=(config.strategy.proximal_mu if config.strategy.name == "fedprox"
                                                 else 0.0),
                                    seed=round_number, max_steps=config.local_steps)
-        features, target = preprocessor.features(self.train), preprocessor.target(self.train)
+        features, target = preprocessor.features(fit), preprocessor.target(fit)
         privacy: dict[str, int] = {}
         directions, scale = Directions.of(self.spec), np.asarray(preprocessor.scale)
         if config.privacy is None:
@@ -148,9 +174,9 @@ class HospitalWorker:
         else:  # DP-SGD, with the noise the aggregator planned for this hospital's rows (the same function)
             from health_mlops.fl.privacy import train_model_private  # Opacus: 1.4 s to import, only when used
 
-            plan = plan_for(config, len(self.train))
+            plan = plan_for(config, len(fit))
             result, steps = train_model_private(model, features, target, self.spec.task, train_config, plan,
                                                 epochs=config.local_epochs, directions=directions, scale=scale)
             privacy["dp_steps"] = steps
         return TaskResult({"num_examples": result.examples, "num_test_examples": len(self.test), "metrics": evaluation,
-                           "train_loss": result.mean_loss, **privacy}, weights_as_numpy(model))
+                           "train_loss": result.mean_loss, **validated, **privacy}, weights_as_numpy(model))

@@ -267,6 +267,9 @@ class RunView(BaseModel):
     final_round: int
     hospitals: list[str]
     config: RunConfig
+    # The round whose entering model is the run's (least validation loss over all hospitals; else the last)
+    selected_round: int | None = None
+    validation_loss: float | None = None  # that model's, when hospitals held validation rows
     preprocessing: GlobalPreprocessing | None  # None until round 0 closes
     rejected: dict[str, int]
     open_tasks: list[OpenTaskView]

@@ -44,6 +44,15 @@ class StatsMetadata(_Strict):
     compute_seconds: FiniteFloat = 0.0
 
 
+class SiteCalibrationMetadata(_Strict):
+    """A hospital's recalibration of the final model (`ml.site_calibration`), fitted on its validation rows."""
+
+    intercept: Annotated[float, Field(ge=-50, le=50, allow_inf_nan=False)]
+    slope: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]
+    rows: Count
+    events: Count
+
+
 class SummaryMetadata(_Strict):
     """A binary model's counts and sums on a hospital's test rows (`metrics.BinarySummary`)."""
 
@@ -64,6 +73,13 @@ class EvaluationMetadata(_Strict):
     num_test_examples: Count
     metrics: dict[str, FiniteFloat | None] = Field(max_length=len(METRIC_NAMES))  # None: undefined (one class)
     summary: SummaryMetadata | None = None  # the final model's evaluation of a binary task
+    # The model's summed loss on the hospital's validation rows (none held out: 0 rows): the federation's best
+    # round is the one whose model has the least loss over all hospitals' validation rows.
+    validation_loss_sum: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    validation_rows: Count = 0
+    # The final model recalibrated at the hospital, and its metrics on the test rows with that calibration
+    site_calibration: SiteCalibrationMetadata | None = None
+    calibrated_metrics: dict[str, FiniteFloat | None] | None = Field(None, max_length=len(METRIC_NAMES))
     compute_seconds: FiniteFloat = 0.0
 
 
@@ -102,7 +118,7 @@ def check_metadata(kind: str, metadata: Mapping[str, Any], *, columns: int | Non
             if any(o is not None and o > parsed.count for o in parsed.observed):
                 raise Rejected("bad_metadata", "observed: more observed rows than the count")
     elif isinstance(parsed, EvaluationMetadata):
-        unknown = sorted(set(parsed.metrics) - METRIC_NAMES)
+        unknown = sorted((set(parsed.metrics) | set(parsed.calibrated_metrics or {})) - METRIC_NAMES)
         if unknown:
             raise Rejected("bad_metadata", f"metrics: unknown names {unknown}; allowed {sorted(METRIC_NAMES)}")
         if parsed.summary is not None and sum(parsed.summary.confusion) != parsed.num_test_examples:

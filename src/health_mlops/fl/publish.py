@@ -21,6 +21,7 @@ from health_mlops.errors import CheckpointError
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.fl.strategies import Weights
 from health_mlops.ml.onnx import export_onnx
+from health_mlops.ml.site_calibration import SiteCalibration
 from health_mlops.registry import QualityGate, Registry, TrainingRecord
 from health_mlops.spec import DatasetSpec, spec_to_yaml
 
@@ -41,6 +42,17 @@ def training_fingerprint(run: Run, spec_yaml: str) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+def site_calibrations(run: Run, spec: DatasetSpec) -> dict[str, SiteCalibration]:
+    """Each hospital's recalibration of the run's model, with its decision threshold: its own event rate (from
+    its round-0 counts), as the hospital flagged its calibrated test rows."""
+    stats = next((r.stats() for r in run.history if r.kind is TaskKind.stats), {})
+    final = [r for r in run.history if r.kind is TaskKind.evaluate][-1].evaluations()
+    return {hospital: SiteCalibration(**m.site_calibration.model_dump(),
+                                      threshold=spec.threshold_for(stats[hospital].target_sum / stats[hospital].count))
+            for hospital, m in final.items() if m.site_calibration is not None and hospital in stats
+            and stats[hospital].count > 0}
+
+
 def training_record(run: Run, spec: DatasetSpec, weights: Weights) -> TrainingRecord:
     """What the registry keeps of a completed run. Step r holds the metrics of the model entering round r
     (each round evaluates the incoming model first); the final `evaluate` round scores the final model."""
@@ -58,7 +70,8 @@ def training_record(run: Run, spec: DatasetSpec, weights: Weights) -> TrainingRe
         # The model's metrics are the mean over hospitals (each hospital counts once, as the field reports)
         final_metrics=_numbers(report["mean_over_hospitals"]), metric_name=spec.primary_metric,
         pooled_metrics=_numbers(report.get("all_test_rows") or {}), report=report,
-        onnx_model=export_onnx(spec, run.preprocessing, weights), spec_yaml=spec_yaml,
+        onnx_model=export_onnx(spec, run.preprocessing, weights, sites=site_calibrations(run, spec)),
+        spec_yaml=spec_yaml,
         fingerprint=training_fingerprint(run, spec_yaml), secure_aggregation=run.config.secure_aggregation,
         privacy=None if privacy is None else {"epsilon": privacy["epsilon"], "delta": privacy["delta"]},
         hospital_epsilons=None if privacy is None else {h: p["epsilon"] for h, p in privacy["hospitals"].items()})

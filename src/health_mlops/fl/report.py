@@ -1,7 +1,8 @@
 """The federated model report: what a consortium reads about a model before it trusts it, built from what the
 hospitals sent (no rows, no I/O here).
 
-For the final model, per hospital: the metrics it computed on its own test rows, its ROC and reliability curves
+For the final model (the round with the least validation loss), per hospital: the metrics it computed on its own
+test rows, without and with its own recalibration (`ml.site_calibration`), its ROC and reliability curves
 (from its score and calibration counts); over hospitals: the mean (what the field reports) and the metrics of
 all test rows together, built from the counts (the AUC within its stated bound). Then how training went (each
 round's metrics and losses), the data each hospital brought (rows, events, quarantined, missing values) and the
@@ -72,10 +73,18 @@ def model_report(run: Run, spec: DatasetSpec) -> dict[str, Any]:
                      "hospitals": {h: {"metrics": dict(m.metrics),
                                        "train_loss": m.train_loss if isinstance(m, FitMetadata) else None}
                                    for h, m in r.evaluations().items()}} for r in evaluated],
+        "selected_round": run.selected_round,
+        "validation_loss": None if run.best_round is None else run.best_loss,
         "data": data_summary(run, spec), "excluded": dict(run.excluded),
         "config": run.config.model_dump(mode="json"), "privacy": privacy_report(run),
         "missing_indicators": [f.name for f in spec.features if f.has_indicator],
     }
+    calibrated = {h: dict(m.calibrated_metrics) for h, m in final.items() if m.calibrated_metrics is not None}
+    if calibrated:  # each hospital's metrics with its own recalibration, flagged above its own event rate
+        report["site_calibration"] = {h: m.site_calibration.model_dump() for h, m in final.items()
+                                      if m.site_calibration is not None}
+        report["per_hospital_calibrated"] = calibrated
+        report["mean_over_hospitals_calibrated"] = mean_over_hospitals(calibrated)
     summaries = {h: BinarySummary.from_json(m.summary.model_dump()) for h, m in final.items() if m.summary is not None}
     if summaries:
         report["undefined"] = {h: undefined_from_counts(s, spec.target.name) for h, s in summaries.items()}

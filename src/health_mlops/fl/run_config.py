@@ -7,7 +7,7 @@ models without loading the numerical code that carries them out (`strategies`, `
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -67,9 +67,11 @@ class RunConfig(BaseModel):
     local_epochs: int = Field(1, ge=1, le=1000, description="epochs each hospital trains per round")
     local_steps: int | None = Field(None, ge=1, le=1_000_000, description="instead of epochs: optimiser steps each "
                                     "hospital takes per round, whatever its size")
+    validation_fraction: float = Field(0.2, ge=0, lt=1, description="share of each hospital's training rows held "
+                                       "out to choose the best round (none with differential privacy)")
     learning_rate: float = Field(0.001, gt=0, le=10)
     batch_size: int = Field(64, ge=1, le=1_000_000)
-    weight_decay: float = Field(1e-3, ge=0, le=1)
+    weight_decay: float = Field(1e-2, ge=0, le=1)
     strategy: StrategyConfig = StrategyConfig()
     min_hospitals: int = Field(2, ge=1, description="results needed to close a round at its deadline")
     round_deadline_s: float = Field(120.0, gt=0, le=7 * 24 * 3600)
@@ -88,11 +90,23 @@ class RunConfig(BaseModel):
                                             "still no update be exposed; raises the threshold to (n + c) // 2 + 1 "
                                             "of n hospitals, so fewer dropouts are survived")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_validation_rows_under_privacy(cls, values: Any) -> Any:
+        # Choosing a round by validation loss would spend privacy DP-SGD's accounting does not count; a private
+        # run trains on all its rows and keeps its last round.
+        if isinstance(values, dict) and values.get("privacy") is not None and "validation_fraction" not in values:
+            return {**values, "validation_fraction": 0.0}
+        return values
+
     @model_validator(mode="after")
     def _privacy_with_a_private_strategy(self) -> RunConfig:
         if self.privacy is not None and self.strategy.name == "fedprox":
             raise ValueError("privacy: FedProx's proximal term acts on the weights outside DP-SGD's per-record "
                              "gradients, so it is not private; use fedavg or a server optimiser (fedadam, fedyogi)")
+        if self.privacy is not None and self.validation_fraction > 0:
+            raise ValueError("privacy: choosing the best round on validation rows would spend privacy the budget "
+                             "does not count; validation_fraction must be 0 with differential privacy")
         if self.privacy is not None and self.local_steps is not None:
             raise ValueError("privacy: the privacy budget is planned in local epochs; local_steps cannot be used "
                              "with differential privacy")
@@ -121,8 +135,10 @@ def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: obje
     hints); `overrides` that are None are not given. `strategy` is a strategy's name; `proximal_mu`,
     `trim_fraction` and `server_learning_rate` go into its config.
 
-    The spec's `training.epochs` (passes over the data a model of the task needs) are spread over the rounds:
-    each hospital trains ceil(epochs / rounds) local epochs a round unless `local_epochs` is given."""
+    Each hospital takes `local_steps` optimiser steps a round (`TrainingDefaults.local_steps`), whatever its
+    size, unless epochs are asked for: `local_epochs`, or the spec's `training.epochs` (passes over the data a
+    model of the task needs) spread over the rounds, ceil(epochs / rounds) a round; and a private run, whose
+    budget is planned in epochs (one a round unless given)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     defaults = get_training_defaults()
     if given.get("privacy") is not None:  # DP-SGD's own defaults, unless given
@@ -132,6 +148,10 @@ def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: obje
     if "local_epochs" not in given and dataset.training.epochs is not None:
         rounds = int(given.get("rounds", RunConfig.model_fields["rounds"].default))  # type: ignore[call-overload]
         given["local_epochs"] = -(-dataset.training.epochs // rounds)
+    if "local_epochs" not in given and given.get("privacy") is None:
+        given.setdefault("local_steps", defaults.local_steps)
+    if given.get("privacy") is None:
+        given.setdefault("validation_fraction", defaults.validation_fraction)
     strategy: dict[str, object] = {"name": given.pop("strategy", "fedavg")}
     for option in ("proximal_mu", "trim_fraction"):
         if option in given:

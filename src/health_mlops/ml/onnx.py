@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from health_mlops.data.preprocess import GlobalPreprocessing, serving_fill, training_ranges
 from health_mlops.ml.directions import convex_units
+from health_mlops.ml.site_calibration import SiteCalibration
 from health_mlops.spec import DatasetSpec
 
 INPUT_NAME = "features"
@@ -32,6 +33,7 @@ OPSET = 17
 HISTOGRAMS_KEY = "health_mlops.histograms"  # metadata: feature -> row counts on the spec's histogram grid
 THRESHOLD_KEY = "health_mlops.decision_threshold"  # metadata (binary tasks): the risk at which a patient is flagged
 RANGES_KEY = "health_mlops.training_ranges"  # metadata: numeric feature -> [low, high] the training rows covered
+SITES_KEY = "health_mlops.site_calibrations"  # metadata: hospital -> its recalibration and threshold
 _UNBOUNDED = float(np.finfo(np.float32).max)
 _LAYER = re.compile(r"^(\d+)\.(weight|bias)$")
 
@@ -53,9 +55,11 @@ def _layers(weights: Mapping[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndar
     return layers
 
 
-def export_onnx(spec: DatasetSpec, preprocessing: GlobalPreprocessing, weights: Mapping[str, np.ndarray]) -> bytes:
+def export_onnx(spec: DatasetSpec, preprocessing: GlobalPreprocessing, weights: Mapping[str, np.ndarray], *,
+                sites: Mapping[str, SiteCalibration] | None = None) -> bytes:
     """The serialized ONNX model of `weights` with the run's `preprocessing` inside (imputation, standardisation,
-    the target's scale), its training histograms and decision threshold as metadata."""
+    the target's scale), its training histograms and decision threshold as metadata, and with `sites`, each
+    hospital's recalibration (its threshold: its own event rate)."""
     nodes: list[onnx.NodeProto] = []
     initializers: list[onnx.TensorProto] = []
 
@@ -153,6 +157,9 @@ def export_onnx(spec: DatasetSpec, preprocessing: GlobalPreprocessing, weights: 
     if spec.task == "binary" and preprocessing.threshold is not None:
         entry = model.metadata_props.add()
         entry.key, entry.value = THRESHOLD_KEY, repr(float(preprocessing.threshold))
+    if sites:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = SITES_KEY, json.dumps({h: c.to_json() for h, c in sites.items()})
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
@@ -161,6 +168,12 @@ def stored_training_ranges(onnx_model: bytes) -> dict[str, tuple[float, float]]:
     """The training ranges stored with an exported model (empty: exported before they were, or no histograms)."""
     metadata = {p.key: p.value for p in onnx.load_from_string(onnx_model).metadata_props}
     return {name: (float(low), float(high)) for name, (low, high) in json.loads(metadata.get(RANGES_KEY, "{}")).items()}
+
+
+def stored_site_calibrations(onnx_model: bytes) -> dict[str, SiteCalibration]:
+    """Each hospital's recalibration stored with an exported model (empty: none was fitted)."""
+    metadata = {p.key: p.value for p in onnx.load_from_string(onnx_model).metadata_props}
+    return {h: SiteCalibration.from_json(c) for h, c in json.loads(metadata.get(SITES_KEY, "{}")).items()}
 
 
 def decision_threshold(onnx_model: bytes) -> float | None:

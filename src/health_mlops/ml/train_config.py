@@ -18,13 +18,22 @@ class TrainConfig:
     proximal_mu: float = 0.0  # FedProx: pull local weights toward the round's global weights
     seed: int = 0
     max_steps: int | None = None  # local steps: stop after this many optimiser steps, epochs or not
+    patience: int | None = None  # with validation rows: stop after this many checks without a better loss
+    validation_fraction: float = 0.0  # share of each hospital's training rows held out for validation
 
     @classmethod
     def for_task(cls, defaults: TrainingDefaults, spec: DatasetSpec, **overrides: object) -> TrainConfig:
-        """Global defaults, then the task's own training hints, then explicit overrides (None = not given)."""
+        """Global defaults, then the task's own training hints, then explicit overrides (None = not given).
+
+        The budget is `defaults.steps` optimiser steps, with early stopping on validation rows, unless epochs
+        are given (a hint or an override): then exactly that many epochs."""
         values: dict[str, object] = {"epochs": defaults.epochs, "learning_rate": defaults.learning_rate,
                                      "batch_size": defaults.batch_size, "weight_decay": defaults.weight_decay,
-                                     "seed": defaults.seed}
-        values.update(spec.training.model_dump(exclude_none=True))
-        values.update({k: v for k, v in overrides.items() if v is not None})
+                                     "seed": defaults.seed, "max_steps": defaults.steps,
+                                     "patience": defaults.patience,
+                                     "validation_fraction": defaults.validation_fraction}
+        given = {**spec.training.model_dump(exclude_none=True), **{k: v for k, v in overrides.items() if v is not None}}
+        if "epochs" in given:
+            values["max_steps"] = None
+        values.update(given)
         return cls(**values)  # type: ignore[arg-type]

@@ -38,7 +38,9 @@ class PredictAnswer(BaseModel):
     target: str
     class_: int | None = Field(None, alias="class", description="binary tasks: 1 if the prediction is at or above "
                                                                  "the model's decision threshold")
-    threshold: float | None = Field(None, description="binary tasks: the decision threshold stored with the model")
+    threshold: float | None = Field(None, description="binary tasks: the decision threshold stored with the model "
+                                                      "(with ?hospital=H: that hospital's own)")
+    hospital: str | None = Field(None, description="with ?hospital=H: the risk is H's recalibration of the model")
     contributions: list[ContributionAnswer] | None = Field(None, description="with ?explain=true")
     outside_training_range: list[OutsideRangeAnswer] = Field(
         default_factory=list, description="each input beyond what the model was trained on: treat the prediction "
@@ -52,6 +54,7 @@ class BatchAnswer(BaseModel):
     target: str
     classes: list[int] | None = Field(None, description="binary tasks: each prediction's decision")
     threshold: float | None = None
+    hospital: str | None = Field(None, description="with ?hospital=H: the risks are H's recalibration of the model")
     outside_training_range: list[list[OutsideRangeAnswer]] = Field(
         default_factory=list, description="per row, its inputs beyond what the model was trained on")
 
@@ -61,6 +64,8 @@ class ModelAnswer(BaseModel):
     metrics: dict[str, float]
     federation_run: str | None
     decision_threshold: float | None = None
+    site_calibrations: list[str] = Field(default_factory=list, description="the hospitals whose recalibration "
+                                         "of the model ?hospital=H can ask for")
     task: Literal["binary", "regression"]
     target: str
     spec: dict[str, Any] = Field(description="the task's name and features (type, unit, range, categories)")

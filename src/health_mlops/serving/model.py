@@ -15,7 +15,8 @@ import numpy as np
 import onnxruntime
 
 from health_mlops.ml.onnx import (INPUT_NAME, OUTPUT_NAME, FeatureReference, decision_threshold, feature_reference,
-                                  stored_training_ranges)
+                                  stored_site_calibrations, stored_training_ranges)
+from health_mlops.ml.site_calibration import SiteCalibration
 from health_mlops.registry import Registry
 from health_mlops.serving.drift import InputDrift
 from health_mlops.spec import DatasetSpec, load_spec_text
@@ -37,6 +38,12 @@ class ServedModel:
     threshold: float | None  # binary tasks: the risk at or above which a patient is flagged (class 1)
     ranges: dict[str, tuple[float, float]]  # numeric feature -> the range its training rows covered
     bounds: tuple[np.ndarray, np.ndarray]  # those ranges per input column (lows, highs; infinite where none)
+    sites: dict[str, SiteCalibration]  # hospital -> its recalibration of this model (binary tasks)
+
+    def at_site(self, predictions: np.ndarray, hospital: str) -> tuple[np.ndarray, float | None]:
+        """The risks as `hospital` recalibrated them, and its threshold for them (`KeyError`: no calibration)."""
+        calibration = self.sites[hospital]
+        return calibration.apply(predictions).astype(np.float32), calibration.threshold
 
     def outside_training_range(self, matrix: np.ndarray) -> list[list[dict[str, Any]]]:
         """Per row, each input beyond what the training rows covered (the model scored it at the range's edge):
@@ -63,19 +70,21 @@ class ServedModel:
                   np.array([ranges.get(f.name, (-np.inf, np.inf))[1] for f in spec.features]))
         return cls(version, metric_name, metric, federation_run, spec, session, reference,
                    reference.typical_row(spec), InputDrift(spec, reference), decision_threshold(onnx_model),
-                   ranges, bounds)
+                   ranges, bounds, stored_site_calibrations(onnx_model))
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         (prediction,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: features})
         return prediction
 
-    def classes(self, predictions: np.ndarray) -> list[int] | None:
-        """Each prediction as a decision: 1 at or above the model's threshold (None without one)."""
-        return None if self.threshold is None else (predictions >= self.threshold).astype(int).tolist()
+    def classes(self, predictions: np.ndarray, threshold: float | None = None) -> list[int] | None:
+        """Each prediction as a decision: 1 at or above `threshold`, else the model's (None without one)."""
+        threshold = self.threshold if threshold is None else threshold
+        return None if threshold is None else (predictions >= threshold).astype(int).tolist()
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "metrics": {self.metric_name: self.metric},
-                "federation_run": self.federation_run, "decision_threshold": self.threshold}
+                "federation_run": self.federation_run, "decision_threshold": self.threshold,
+                "site_calibrations": sorted(self.sites)}
 
 
 class ChampionWatcher:

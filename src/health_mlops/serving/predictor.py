@@ -9,7 +9,7 @@ import numpy as np
 from health_mlops.monitoring import ServingMetrics
 from health_mlops.serving.explain import contributions
 from health_mlops.serving.model import ChampionWatcher, ServedModel
-from health_mlops.serving.requests import RowEncoder
+from health_mlops.serving.requests import InvalidRequest, RowEncoder
 from health_mlops.spec import DatasetSpec
 
 EXPLAINED_FEATURES = 5
@@ -56,11 +56,20 @@ class Predictor:
             raise NoChampion(NO_CHAMPION)
         return model
 
-    def predict(self, endpoint: str, matrix: np.ndarray, started: float) -> tuple[ServedModel, np.ndarray]:
-        """One request's rows scored by the champion (`started`: when the request began)."""
+    def predict(self, endpoint: str, matrix: np.ndarray, started: float, hospital: str | None = None
+                ) -> tuple[ServedModel, np.ndarray]:
+        """One request's rows scored by the champion (`started`: when the request began); with `hospital`, as
+        that hospital recalibrated it (`InvalidRequest` naming the field if the model has no such calibration)."""
         model = self.champion(endpoint)
+        if hospital is not None and hospital not in model.sites:
+            known = ", ".join(sorted(model.sites)) or "none"
+            raise InvalidRequest([{"loc": ["query", "hospital"], "type": "value_error",
+                                   "msg": f"no recalibration for hospital {hospital[:100]!r} in model version "
+                                          f"{model.version}; its hospitals: {known}"}])
         try:
             predictions = model.predict(matrix)
+            if hospital is not None:
+                predictions = model.at_site(predictions, hospital)[0]
         except Exception:
             self.count(endpoint, "error")
             raise

@@ -416,6 +416,8 @@ class AggregatorService:
                    for h in run.history]
         return RunView(id=run.id, status=run.status.value, reason=run.reason, round=run.round, attempt=run.attempt,
                        final_round=run.final_round, hospitals=run.hospitals, config=run.config,
+                       selected_round=run.selected_round,
+                       validation_loss=None if run.best_round is None else run.best_loss,
                        preprocessing=run.preprocessing, rejected=run.rejected, open_tasks=open_tasks,
                        history=history, model=self.registrations.get(run.id),
                        suppressed={h: suppressed_cells(m) for r in run.history for h, m in r.stats().items()},
