@@ -94,6 +94,10 @@ def calibration(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     return slope, intercept_in_the_large(y, lp)
 
 
+# Fewer events (or non-events) than this fit no calibration slope: a site's recalibration is then an intercept.
+MIN_EVENTS_FOR_SLOPE = 10
+
+
 def intercept_in_the_large(y: np.ndarray, logits: np.ndarray) -> float:
     """The intercept a of logit P(y) = a + logit(p), the slope fixed at 1: the shift that makes the mean risk the
     observed event rate (both outcomes needed)."""

@@ -190,7 +190,7 @@ class ModelDefaults(BaseModel):
 
 
 class TrainingHints(BaseModel):
-    """Training settings a task needs over the global defaults (a 442-row data set needs more epochs)."""
+    """Training settings a task needs over the global defaults (epochs here ask for epochs, not the step budget)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

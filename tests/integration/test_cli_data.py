@@ -36,9 +36,14 @@ def test_validate_reports_and_writes_the_quarantine(tmp_path: Path, home: Path) 
     report = json.loads(validated.stdout)
     (file_report,) = report["files"]
     assert [q["line"] for q in file_report["quarantined"]] == sorted({*CORRUPTIONS, REPEATED_HEADER_LINE, SHORT_LINE})
+    # 5 valid rows of one outcome: one class, a test split of 1 row, too few training rows to validate on
+    size = ["its 1 test rows all have adverse_event_7d = 0: too few to test on; its AUC is undefined (null)",
+            "4 training rows are too few to hold out 10 validation rows: it trains on all of them, without early "
+            "stopping, and its rows take no part in choosing the federation's round"]
     assert report["hospitals"] == {"hospital-9": {"rows_valid": file_report["rows_valid"],
                                                   "rows_quarantined": file_report["rows_quarantined"],
-                                                  "missing_values": {}, "excluded": None, "warnings": [ONE_CLASS]}}
+                                                  "missing_values": {}, "excluded": None,
+                                                  "warnings": [ONE_CLASS, *size]}}
     assert report["exit_code"] == validated.returncode == 1  # usable, with a warning
     quarantine = Path(report["report_dir"]) / "hospital-9" / "export.csv.quarantine.csv"
     assert quarantine.is_file()

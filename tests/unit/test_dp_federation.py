@@ -65,7 +65,8 @@ def test_a_budget_that_cannot_be_met_ends_the_run_before_any_hospital_trains(spl
         task = coordinator.next_task(hospital, "node", 0.0)
         assert task is not None and task.kind is TaskKind.stats
         coordinator.submit(task.id, hospital, "node", worker.handle(task.kind, config, {}, {}, 0), 0.0)
-    assert run.status is RunStatus.failed and "privacy budget refused at hospital-1" in run.reason
+    assert run.status is RunStatus.failed and run.reason.startswith("privacy budget refused at 3 of 3 hospitals")
+    assert all(f"at {hospital}: " in run.reason for hospital in workers)  # every site's reason in one message
     assert "cannot be met" in run.reason or "noise multiplier" in run.reason
     assert all(coordinator.next_task(h, "node", 1.0) is None for h in workers)  # nobody gets a fit task
 

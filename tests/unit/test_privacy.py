@@ -3,6 +3,7 @@ that cannot be met is refused with the reason, and DP-SGD training spends what w
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -11,7 +12,8 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from health_mlops.fl.privacy import BudgetRefused, epsilon_spent, plan_privacy, train_model_private
-from health_mlops.fl.run_config import MAX_NOISE_MULTIPLIER, PrivacyConfig
+from health_mlops.fl.coordinator import privacy_refusal
+from health_mlops.fl.run_config import MAX_NOISE_MULTIPLIER, PrivacyConfig, RunConfig
 from health_mlops.ml.train_config import TrainConfig
 
 ACCEPTANCE = {"rows": 3200, "batch_size": 64, "rounds": 20, "local_epochs": 1}  # a hospital of 4000, 80 % train
@@ -32,7 +34,7 @@ def test_the_planned_noise_spends_at_most_the_budget_over_the_whole_run() -> Non
 @pytest.mark.parametrize(("config", "shape", "says"), [
     (PrivacyConfig(epsilon=0.01), ACCEPTANCE, "cannot be met"),
     (PrivacyConfig(epsilon=0.15), ACCEPTANCE, "needs noise multiplier 17.5"),
-    (PrivacyConfig(epsilon=3.0), {**ACCEPTANCE, "rows": 50}, "batch_size"),
+    (PrivacyConfig(epsilon=3.0), {**ACCEPTANCE, "rows": 50}, "lower --batch-size below 50"),
     (PrivacyConfig(epsilon=1.0, noise_multiplier=0.5), ACCEPTANCE, "spends"),
 ])
 def test_a_budget_that_cannot_be_met_is_refused_with_the_reason(config: PrivacyConfig, shape: dict[str, int],
@@ -95,3 +97,18 @@ def test_dp_sgd_adds_noise_and_clips_each_record() -> None:
     with pytest.raises(BudgetRefused, match="proximal"):
         train_model_private(model(0), x, y, "binary", TrainConfig(epochs=1, learning_rate=0.01, batch_size=32,
                                                                    proximal_mu=0.1), base, epochs=1)
+
+
+def test_a_refusal_at_several_small_sites_names_each_and_a_batch_that_meets_the_budget_at_all() -> None:
+    """The default DP batch on small real sites: refused one site at a time, naming the setting, not the flag;
+    and ε = 1's refusal did not say that a smaller batch would meet it."""
+    config = RunConfig(rounds=20, batch_size=512, privacy=PrivacyConfig(epsilon=1.0))
+    sites = {"hospital-1": 242, "hospital-2": 3000, "hospital-3": 37}
+    refusal = privacy_refusal(config, sites)
+    assert refusal is not None and refusal.startswith("privacy budget refused at 2 of 3 hospitals")
+    assert "at hospital-1: 242 training rows" in refusal and "at hospital-3: 37 training rows" in refusal
+    assert "hospital-2" not in refusal
+    suggested = int(re.search(r"--batch-size (\d+) meets the budget at every hospital", refusal).group(1))
+    assert privacy_refusal(config.model_copy(update={"batch_size": suggested}), sites) is None
+    assert plan_privacy(PrivacyConfig(epsilon=1.0), rows=242, batch_size=suggested, rounds=20,
+                        local_epochs=1).noise_multiplier <= MAX_NOISE_MULTIPLIER

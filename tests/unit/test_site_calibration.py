@@ -14,7 +14,8 @@ from health_mlops.fl.publish import site_calibrations
 from health_mlops.fl.report import model_report
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.ml.onnx import export_onnx, stored_site_calibrations
-from health_mlops.ml.site_calibration import MIN_EVENTS_FOR_SLOPE, fit_site_calibration
+from health_mlops.metrics import MIN_EVENTS_FOR_SLOPE
+from health_mlops.ml.site_calibration import fit_site_calibration
 from health_mlops.spec import load_spec
 
 SPEC = load_spec("health-risk")

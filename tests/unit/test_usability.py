@@ -7,7 +7,8 @@ import pandas as pd
 
 from health_mlops.data.hospital import HospitalData
 from health_mlops.data.synthetic import CITIES, generate_city_days
-from health_mlops.data.usability import assess_sites, excluded, warning_about_test_rows, usable
+from health_mlops.data.split import HospitalSplit
+from health_mlops.data.usability import assess_sites, excluded, size_warnings, usable, warning_about_test_rows
 from health_mlops.data.validate import FileReport
 from health_mlops.spec import load_spec
 
@@ -52,3 +53,19 @@ def test_test_rows_that_cannot_measure_an_auc_are_said_so() -> None:
     one_class = warning_about_test_rows(pd.DataFrame({TARGET: [0, 0, 0, 0, 0]}), SPEC)
     assert one_class is not None and f"its 5 test rows all have {TARGET} = 0" in one_class and "null" in one_class
     assert "no test rows" in str(warning_about_test_rows(pd.DataFrame({TARGET: []}), SPEC))
+
+
+def test_a_site_too_small_to_train_or_test_on_is_told_what_happens_to_it() -> None:
+    """A real RCT's sites of 22 and 3 patients: `data validate` said nothing; `train` then failed to learn there."""
+    frame = generate_city_days(CITIES[0], 60, np.random.default_rng(0)).drop(columns="_risk")
+    target = SPEC.target.name
+    frame[target] = ["1" if i < 3 else "0" for i in range(60)]
+    tiny = HospitalSplit("hospital-9", frame.iloc[2:4], frame.iloc[50:51])
+    said = size_warnings(tiny, SPEC, validation_fraction=0.2)
+    assert any("its 1 test rows all have" in w for w in said)
+    assert any("only 1 of its 2 training rows have the event" in w for w in said)
+    assert any("too few to hold out 10 validation rows: it trains on all of them" in w for w in said)
+    roomy = generate_city_days(CITIES[0], 400, np.random.default_rng(1)).drop(columns="_risk")
+    roomy[target] = ["1" if i % 5 == 0 else "0" for i in range(400)]
+    assert size_warnings(HospitalSplit("hospital-1", roomy.iloc[:320], roomy.iloc[320:]), SPEC,
+                         validation_fraction=0.2) == []

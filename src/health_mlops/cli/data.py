@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -13,7 +13,7 @@ from rich.table import Table
 from health_mlops.cli.app import data_app
 from health_mlops.cli.options import JsonOption, SpecOption
 from health_mlops.cli.output import err, fail, out, print_json, warn
-from health_mlops.config import Settings, get_settings
+from health_mlops.config import Settings, get_settings, get_training_defaults
 from health_mlops.errors import SpecError
 from health_mlops.spec import DatasetSpec, spec_for_data
 
@@ -110,7 +110,7 @@ def data_validate(
     quality_dir = report_dir or settings.quality_dir / path.resolve().name
     hospitals = load_hospitals(path, spec=dataset, quality_dir=quality_dir)
     reports = _unique_reports(hospitals)
-    sites = assess_sites(hospitals, dataset)
+    sites = _with_size_warnings(assess_sites(hospitals, dataset), hospitals, dataset, settings)
     flagged = [a for a in sites.values() if a.excluded or a.warnings]
     usable = [a for a in sites.values() if a.excluded is None]
     code = 2 if not usable or (strict and flagged) else 1 if flagged else 0
@@ -130,6 +130,19 @@ def data_validate(
             err.print("[bold red]error:[/] no hospital has data that can be trained on", markup=True)
     if code:
         raise typer.Exit(code)
+
+
+def _with_size_warnings(sites: dict[str, SiteAssessment], hospitals: dict[str, HospitalData], dataset: DatasetSpec,
+                        settings: Settings) -> dict[str, SiteAssessment]:
+    """Each usable site's assessment with what its split (as `train` makes it) is too small for."""
+    from health_mlops.data.split import split_hospitals
+    from health_mlops.data.usability import size_warnings, usable
+
+    fraction = get_training_defaults().validation_fraction
+    splits = split_hospitals(usable(hospitals, sites), dataset, seed=settings.split_seed,
+                             test_fraction=settings.test_fraction, stratify=settings.stratified_split)
+    return {**sites, **{s.hospital_id: replace(sites[s.hospital_id], warnings=(
+        *sites[s.hospital_id].warnings, *size_warnings(s, dataset, validation_fraction=fraction))) for s in splits}}
 
 
 def print_site(assessment: SiteAssessment) -> None:
@@ -154,7 +167,7 @@ def load_splits(data: Path, dataset: DatasetSpec, settings: Settings
     """The train/test split of every hospital that can take part, those left out with the reason, and warnings
     about the others (each said on stderr); no usable hospital ends the command (exit 2)."""
     from health_mlops.data.hospital import load_hospitals
-    from health_mlops.data.usability import assess_sites, excluded, usable, warning_about_test_rows
+    from health_mlops.data.usability import assess_sites, excluded, size_warnings, usable
     from health_mlops.data.split import split_hospitals
 
     hospitals = load_hospitals(data, dataset, quality_dir=settings.quality_dir / data.resolve().name)
@@ -171,9 +184,9 @@ def load_splits(data: Path, dataset: DatasetSpec, settings: Settings
     splits = split_hospitals(kept, dataset, seed=settings.split_seed, test_fraction=settings.test_fraction,
                              stratify=settings.stratified_split)
     warnings = {h: list(sites[h].warnings) for h in kept}
+    fraction = get_training_defaults().validation_fraction
     for split in splits:
-        warning = warning_about_test_rows(split.test, dataset)
-        if warning is not None:
+        for warning in size_warnings(split, dataset, validation_fraction=fraction):
             warn(split.hospital_id, warning)
             warnings[split.hospital_id].append(warning)
     return splits, excluded(sites), {h: w for h, w in warnings.items() if w}

@@ -68,15 +68,22 @@ def clinical_table(result: dict) -> Table:
 
 
 def privacy_json(view: RunView) -> dict[str, object] | None:
-    """What `--json` says of a run's privacy: the largest ε over hospitals, δ, and each hospital's ε."""
+    """What `--json` says of a run's privacy: the largest ε over hospitals, δ, each hospital's ε and noise
+    multiplier, and the learning rate and batch DP-SGD trained with (a private run's own defaults, unless given)."""
     if view.privacy is None:
         return None
     return {"epsilon": view.privacy.epsilon, "delta": view.privacy.delta, "budget_epsilon": view.privacy.budget_epsilon,
-            "hospitals": {h: p.epsilon for h, p in view.privacy.hospitals.items()}}
+            "hospitals": {h: p.epsilon for h, p in view.privacy.hospitals.items()},
+            "noise_multiplier": {h: p.noise_multiplier for h, p in view.privacy.hospitals.items()},
+            "learning_rate": view.config.learning_rate, "batch_size": view.config.batch_size}
 
 
 def print_privacy(privacy: object) -> None:
-    """One line under a result trained with differential privacy (`privacy_json`; None without)."""
+    """The lines under a result trained with differential privacy (`privacy_json`; None without)."""
     if isinstance(privacy, dict):
         out.print(f"differential privacy: ε = {privacy['epsilon']:.2f} (the most any hospital spent; budget "
                   f"{privacy['budget_epsilon']:g}), δ = {privacy['delta']:g}", soft_wrap=True)
+        noise = ", ".join(f"{h} {n:.2f}" for h, n in privacy["noise_multiplier"].items())
+        out.print(f"  DP-SGD: learning rate {privacy['learning_rate']:g}, batch {privacy['batch_size']} (a private "
+                  f"run's own defaults unless given: HEALTH_MLOPS_TRAIN_DP_LEARNING_RATE, ..._DP_BATCH_SIZE); "
+                  f"noise multiplier per hospital: {noise}", soft_wrap=True)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from health_mlops.data.hospital import HospitalData
+from health_mlops.data.split import MIN_VALIDATION_ROWS, HospitalSplit
+from health_mlops.metrics import MIN_EVENTS_FOR_SLOPE
 from health_mlops.spec import DatasetSpec
 
 
@@ -64,6 +66,26 @@ def usable(hospitals: Mapping[str, HospitalData], assessments: Mapping[str, Site
 def excluded(assessments: Mapping[str, SiteAssessment]) -> dict[str, str]:
     """Hospital -> why it is left out."""
     return {h: a.excluded for h, a in assessments.items() if a.excluded is not None}
+
+
+def size_warnings(split: HospitalSplit, spec: DatasetSpec, *, validation_fraction: float) -> list[str]:
+    """What a hospital's split is too small for, and what happens to it then: its test rows (none, or one
+    outcome), its events (too few for a model of its own), its validation rows (too few to hold out)."""
+    found = [w] if (w := warning_about_test_rows(split.test, spec)) is not None else []
+    train = split.train
+    if spec.task == "binary" and len(train):
+        events = int(train[spec.target.name].astype(int).sum())
+        fewer = min(events, len(train) - events)
+        if 0 < fewer < MIN_EVENTS_FOR_SLOPE:
+            outcome = "have the event" if events == fewer else "are without the event"
+            found.append(f"only {fewer} of its {len(train)} training rows {outcome}: too few for a model of its own "
+                         f"(local-only) to learn from, and for its recalibration's slope (an intercept only); a "
+                         f"federation or a pooled model still learns from them")
+    if validation_fraction > 0 and round(len(train) * validation_fraction) < MIN_VALIDATION_ROWS:
+        found.append(f"{len(train)} training rows are too few to hold out {MIN_VALIDATION_ROWS} validation rows: "
+                     f"it trains on all of them, without early stopping, and its rows take no part in choosing "
+                     f"the federation's round")
+    return found
 
 
 def warning_about_test_rows(test: pd.DataFrame, spec: DatasetSpec) -> str | None:

@@ -188,18 +188,37 @@ def validation_loss(hospitals: Mapping[str, ResultMetadata]) -> float | None:
 
 
 def privacy_refusal(config: RunConfig, training_rows: Mapping[str, int]) -> str | None:
-    """Why the run's privacy budget cannot be met at some hospital (its training rows known from round 0), or
-    None (also without a budget)."""
+    """Why the run's privacy budget cannot be met, every hospital where it cannot (their training rows known
+    from round 0) in one message, with a batch size that would meet it at all of them when there is one; or None
+    (also without a budget)."""
     if config.privacy is None:
         return None
-    from health_mlops.fl.privacy import BudgetRefused
+    from health_mlops.fl.privacy import BudgetRefused, batch_meeting_budget
 
+    refused: dict[str, str] = {}
+    batches: list[int] = []
     for hospital, rows in sorted(training_rows.items()):
         try:
             plan_for(config, rows)
-        except BudgetRefused as refused:
-            return f"privacy budget refused at {hospital}: {refused}"
-    return None
+        except BudgetRefused as reason:
+            found = batch_meeting_budget(config.privacy, rows=rows, batch_size=config.batch_size,
+                                         rounds=config.rounds, local_epochs=config.local_epochs)
+            refused[hospital] = str(reason) + ("" if found is None else f" (a batch of {found[0]} meets the budget "
+                                                                      f"here, at noise multiplier {found[1]:.1f})")
+            batches += [] if found is None else [found[0]]
+    if not refused:
+        return None
+    reasons = "; ".join(f"at {hospital}: {reason}" for hospital, reason in refused.items())
+    message = f"privacy budget refused at {len(refused)} of {len(training_rows)} hospitals: {reasons}"
+    if len(batches) == len(refused):  # a batch that meets it at every refused site: does it at the others too?
+        fixed = config.model_copy(update={"batch_size": min(batches)})
+        try:
+            for rows in training_rows.values():
+                plan_for(fixed, rows)
+        except BudgetRefused:
+            return message
+        message += f". --batch-size {min(batches)} meets the budget at every hospital"
+    return message
 
 
 def privacy_spent(run: Run) -> dict[str, float]:

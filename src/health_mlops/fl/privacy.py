@@ -65,29 +65,53 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
         return float(accountant.get_epsilon(delta))
 
 
+def _noise_needed(config: PrivacyConfig, sample_rate: float, steps: int) -> float | None:
+    """The least noise that meets the budget over `steps` steps at `sample_rate` (None: none does)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return float(get_noise_multiplier(target_epsilon=config.epsilon, target_delta=config.delta,
+                                              sample_rate=sample_rate, steps=steps, accountant="rdp",
+                                              epsilon_tolerance=EPSILON_TOLERANCE))
+    except ValueError:
+        return None
+
+
+def batch_meeting_budget(config: PrivacyConfig, *, rows: int, batch_size: int, rounds: int,
+                         local_epochs: int) -> tuple[int, float] | None:
+    """The largest batch below `batch_size` (halving) whose run meets the budget at a useful noise, and that
+    noise: a smaller batch samples each record less often, so the same ε needs less noise per step. Each
+    candidate is first tested at the largest useful noise (one accountant call); only the batch found is planned."""
+    batch = min(batch_size, rows - 1) // 2 if batch_size >= rows else batch_size // 2
+    while batch >= 1:
+        sample_rate, steps = batch / rows, rounds * local_epochs * math.ceil(rows / batch)
+        if epsilon_spent(MAX_NOISE_MULTIPLIER, sample_rate, steps, config.delta) <= config.epsilon:
+            noise = _noise_needed(config, sample_rate, steps)
+            return (batch, noise) if noise is not None else None
+        batch //= 2
+    return None
+
+
 def plan_privacy(config: PrivacyConfig, *, rows: int, batch_size: int, rounds: int, local_epochs: int) -> PrivacyPlan:
-    """The noise that keeps a hospital with `rows` training rows within the budget over the whole run."""
+    """The noise that keeps a hospital with `rows` training rows within the budget over the whole run; refused
+    with the reason and the flags that would meet it (`batch_meeting_budget` finds a batch that does)."""
     if rows <= batch_size:
-        raise BudgetRefused(f"a hospital with {rows} training rows cannot sample batches of {batch_size}: "
-                            f"lower batch_size below {rows}")
+        raise BudgetRefused(f"{rows} training rows cannot sample batches of {batch_size}: "
+                            f"lower --batch-size below {rows}")
     sample_rate = batch_size / rows
     steps = rounds * local_epochs * math.ceil(rows / batch_size)
     noise = config.noise_multiplier
     if noise is None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                noise = float(get_noise_multiplier(target_epsilon=config.epsilon, target_delta=config.delta,
-                                                   sample_rate=sample_rate, steps=steps, accountant="rdp",
-                                                   epsilon_tolerance=EPSILON_TOLERANCE))
-        except ValueError as error:
+        noise = _noise_needed(config, sample_rate, steps)
+        if noise is None:
             raise BudgetRefused(f"ε = {config.epsilon:g} at δ = {config.delta:g} cannot be met over {steps} steps "
-                                f"at sampling rate {sample_rate:.4f} ({error})") from None
+                                f"at sampling rate {sample_rate:.4f}: allow a larger ε (--dp-epsilon), or train "
+                                "fewer rounds (--rounds) or epochs (--epochs)")
         if noise > MAX_NOISE_MULTIPLIER:
             raise BudgetRefused(f"ε = {config.epsilon:g} at δ = {config.delta:g} over {rounds} rounds × "
                                 f"{local_epochs} local epochs at {rows} rows needs noise multiplier {noise:.1f} "
-                                f"(at most {MAX_NOISE_MULTIPLIER:g} is useful): allow a larger ε, or train fewer "
-                                "rounds or epochs")
+                                f"(at most {MAX_NOISE_MULTIPLIER:g} is useful): allow a larger ε (--dp-epsilon), or "
+                                "train fewer rounds (--rounds) or epochs (--epochs)")
     spent = epsilon_spent(noise, sample_rate, steps, config.delta)
     if spent > config.epsilon + EPSILON_TOLERANCE:
         raise BudgetRefused(f"noise multiplier {noise:g} spends ε = {spent:.2f} over the run, more than the "

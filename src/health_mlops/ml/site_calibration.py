@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from health_mlops.metrics import intercept_in_the_large
+from health_mlops.metrics import MIN_EVENTS_FOR_SLOPE, intercept_in_the_large
 
-MIN_EVENTS_FOR_SLOPE = 10
 _EPS = 1e-7
 # The slope's fit is mildly regularised (scikit-learn's C): a few separable validation rows would send it to infinity.
 _SLOPE_C = 10.0
