@@ -139,6 +139,8 @@ def binary_metrics(y_true: np.ndarray, probability: np.ndarray, threshold: float
     found["log_loss"] = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
     found.update(threshold_metrics(*_confusion(y, p, threshold)))
     found["calibration_slope"], found["calibration_intercept"] = calibration(y, p)
+    if min(y.sum(), len(y) - y.sum()) < MIN_EVENTS_FOR_SLOPE:  # a slope from a handful of events is noise
+        found["calibration_slope"] = math.nan
     return found
 
 
@@ -173,6 +175,9 @@ def _undefined(rows: int, positives: int, flagged: int, threshold: float, target
         for name in ("auc", "auc_ci_low", "auc_ci_high", "auc_se", "calibration_slope", "calibration_intercept",
                      "balanced_accuracy", "specificity" if outcome == 1 else "sensitivity"):
             reasons[name] = why
+    elif min(positives, rows - positives) < MIN_EVENTS_FOR_SLOPE:
+        reasons["calibration_slope"] = (f"its {rows} test rows hold {positives} with {target} = 1 and "
+                                        f"{rows - positives} with 0: a slope needs {MIN_EVENTS_FOR_SLOPE} of each")
     if flagged == 0:
         reasons["ppv"] = f"no row has a risk at or above the threshold {threshold:.3g}"
     if flagged == rows:
@@ -333,6 +338,13 @@ def combine(summaries: Iterable[BinarySummary]) -> BinarySummary:
 def _defined(metrics: Mapping[str, float | None], name: str) -> float | None:
     value = metrics.get(name)
     return float(value) if value is not None and math.isfinite(value) else None
+
+
+def hospitals_averaged(per_hospital: Mapping[str, Mapping[str, float | None]]) -> dict[str, int]:
+    """How many hospitals each metric's mean over hospitals averages (those where it is defined): a mean over 3
+    of 4 hospitals says so."""
+    names = [name for name in (*BINARY_METRICS, *REGRESSION_METRICS) if any(name in m for m in per_hospital.values())]
+    return {name: sum(_defined(m, name) is not None for m in per_hospital.values()) for name in names}
 
 
 def mean_over_hospitals(per_hospital: Mapping[str, Mapping[str, float | None]]) -> dict[str, float | None]:

@@ -313,7 +313,7 @@ def test_demo_trains_as_processes_prints_the_table_and_serves_the_champion(home:
     stdout, stderr = demo.communicate(timeout=60)
     assert demo.returncode == 0, stderr
     assert f"log in as admin, password {password}" in stderr  # what the person who ran it reads
-    for text in ("federated", "pooled", "local-only", "Bayes-optimal", "hospital-5", "mean over hospitals",
+    for text in ("federated", "pooled", "local-only", "Bayes-optimal", "hospital-5", "mean over 5 hospitals",
                  "all test rows", "v1 registered, champion"):
         assert text in stdout
     for issued in ("hospital-5.token", "hospital-5.crt", "hospital-5.key", "ca.crt", "aggregator.crt", "admin.crt"):

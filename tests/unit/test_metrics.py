@@ -127,3 +127,18 @@ def test_regression_metrics_match_hand_computed_values() -> None:
     assert m["r2"] == pytest.approx(1 - 2 / 5)
     assert m["rmse"] == pytest.approx(math.sqrt(0.5))
     assert m["mae"] == pytest.approx(0.5)
+
+
+def test_a_calibration_slope_from_a_handful_of_events_is_null_with_its_reason() -> None:
+    """A slope of -124 ± 277 from 5 test rows was printed as a number; it says nothing."""
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.05, 0.6, 5)
+    y = np.array([0, 1, 0, 0, 1])
+    few = binary_metrics(y, p, threshold=0.3, bootstrap=0)
+    assert math.isnan(few["calibration_slope"]) and math.isfinite(few["calibration_intercept"])
+    reasons = undefined_reasons(y, p, 0.3, "event")
+    assert reasons["calibration_slope"] == ("its 5 test rows hold 2 with event = 1 and 3 with 0: a slope needs 10 "
+                                            "of each")
+    p = rng.uniform(0.05, 0.6, 200)
+    enough = binary_metrics((rng.random(200) < p).astype(float), p, threshold=0.3, bootstrap=0)
+    assert math.isfinite(enough["calibration_slope"])

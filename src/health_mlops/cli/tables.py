@@ -35,10 +35,17 @@ def comparison_table(dataset: DatasetSpec, columns: dict[str, dict], *, title: s
     for hospital_id in hospitals:
         table.add_row(hospital_id, *(_cell(c["per_hospital"][hospital_id], metric) for c in columns.values()))
     table.add_section()
-    table.add_row("[bold]mean over hospitals[/]",
-                  *(f"[bold]{_cell(c.get('mean_over_hospitals') or {}, metric)}[/]" for c in columns.values()))
+    table.add_row(f"[bold]mean over {len(hospitals)} hospitals[/]",
+                  *(f"[bold]{_cell(c.get('mean_over_hospitals') or {}, metric)}[/]{_fewer(c, metric, len(hospitals))}"
+                    for c in columns.values()))
     table.add_row("all test rows", *(_cell(c["overall"], metric) for c in columns.values()))
     return table
+
+
+def _fewer(result: dict, metric: str, hospitals: int) -> str:
+    """A mean over fewer hospitals than the table's says so: ` (over 3 of 4)`."""
+    averaged = (result.get("hospitals_averaged") or {}).get(metric)
+    return f" [dim](over {averaged} of {hospitals})[/]" if isinstance(averaged, int) and averaged < hospitals else ""
 
 
 _CLINICAL_COLUMNS = (("Brier", "brier"), ("cal. slope", "calibration_slope"),
@@ -63,7 +70,12 @@ def clinical_table(result: dict) -> Table:
     for hospital_id, metrics in result["per_hospital"].items():
         table.add_row(*row(hospital_id, metrics))
     table.add_section()
-    table.add_row(*row("mean over hospitals", result["mean_over_hospitals"]))
+    hospitals = len(result["per_hospital"])
+    averaged = result.get("hospitals_averaged") or {}
+    fewer = {key for _, key in (("AUC", "auc"), *_CLINICAL_COLUMNS) if averaged.get(key, hospitals) < hospitals}
+    label = f"mean over {hospitals} hospitals" + (f" ({', '.join(sorted(fewer))}: over fewer, where defined)"
+                                                 if fewer else "")
+    table.add_row(*row(label, result["mean_over_hospitals"]))
     return table
 
 

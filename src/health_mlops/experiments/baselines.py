@@ -17,7 +17,7 @@ from torch import nn
 
 from health_mlops.data.preprocess import Preprocessor, encode_target, imputation, stats_of_frame
 from health_mlops.data.split import HospitalSplit, hold_out_validation
-from health_mlops.metrics import mean_over_hospitals, task_metrics, undefined_reasons
+from health_mlops.metrics import hospitals_averaged, mean_over_hospitals, task_metrics, undefined_reasons
 from health_mlops.ml.evaluate import predict_frame
 from health_mlops.ml.model import build_model
 from health_mlops.ml.directions import Directions
@@ -45,7 +45,8 @@ class ExperimentResult:
         return {"mode": self.mode, "task": self.task, "metric": self.metric, "overall": _shaped(self.overall),
                 "per_hospital": {h: {**_shaped(m), "undefined": self.undefined.get(h, {})}
                                  for h, m in self.per_hospital.items()},
-                "mean_over_hospitals": _shaped(self.mean_over_hospitals), **self.extra}
+                "mean_over_hospitals": _shaped(self.mean_over_hospitals),
+                "hospitals_averaged": hospitals_averaged(self.per_hospital), **self.extra}
 
 
 def _shaped(metrics: Mapping[str, float | None]) -> dict[str, object]:

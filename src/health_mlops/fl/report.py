@@ -20,7 +20,8 @@ from health_mlops.data.preprocess import feature_columns, value_width
 from health_mlops.fl.coordinator import Run, TaskKind, privacy_report
 from health_mlops.fl.messages import weighted_metrics
 from health_mlops.fl.metadata import FitMetadata
-from health_mlops.metrics import BinarySummary, combine, mean_over_hospitals, undefined_from_counts
+from health_mlops.metrics import (BinarySummary, combine, hospitals_averaged, mean_over_hospitals,
+                                  undefined_from_counts)
 from health_mlops.spec import DatasetSpec
 
 REPORT_VERSION = 1
@@ -69,6 +70,7 @@ def model_report(run: Run, spec: DatasetSpec) -> dict[str, Any]:
         "threshold": None if run.preprocessing is None else run.preprocessing.threshold, "per_hospital": per_hospital,
         "test_rows": {h: m.num_test_examples for h, m in final.items()},
         "mean_over_hospitals": mean_over_hospitals(per_hospital),
+        "hospitals_averaged": hospitals_averaged(per_hospital),
         "history": [{"round": r.round, "kind": r.kind.value, "global": weighted_metrics(r.evaluations()),
                      "hospitals": {h: {"metrics": dict(m.metrics),
                                        "train_loss": m.train_loss if isinstance(m, FitMetadata) else None}

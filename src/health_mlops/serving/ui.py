@@ -34,6 +34,7 @@ from health_mlops.access import Role, allows
 from health_mlops.serving.access_edge import FunctionRule
 from health_mlops.serving.drift import MIN_ROWS, SIGNIFICANT_PSI
 from health_mlops.serving.predictor import NoChampion, Predictor
+from health_mlops.serving.requests import InvalidRequest
 from health_mlops.serving.sources import DashboardSources, FederationState, TrainingRun
 from health_mlops.spec import DatasetSpec
 
@@ -47,6 +48,7 @@ INVALID_ROW_COLUMNS = ["line", "reason"]
 # What a batch adds to the rows it scores.
 OUTPUT_COLUMNS = ("prediction", "class", "model_version", "outside_training_range")
 LATEST_RUN = "the latest run"
+FEDERATED_RISK = "the federated model"  # the Predict tab's risk without a hospital's recalibration
 RESULTS_KEPT_S = 3600.0  # a batch's results file, as long as Gradio keeps an upload
 # The Hospitals table's ten columns (see `Dashboard.hospitals`): the third, a hospital's replicas, links each to its
 # node's status page.
@@ -92,8 +94,11 @@ class Dashboard:
         operator = role is not None and allows(role, "operator")
         admin = role is not None and allows(role, "admin")
         who = f"Logged in as **{user}** ({role or 'no role'})"
+        model = self.predictor.watcher.current
+        sites = sorted(model.sites) if model is not None else []
         return (who, *(gr.Tab(visible=operator) for _ in range(4)), gr.Row(visible=admin),
-                gr.Timer(active=operator), gr.Timer(active=operator))
+                gr.Timer(active=operator), gr.Timer(active=operator),
+                gr.Dropdown(choices=[FEDERATED_RISK, *sites], value=FEDERATED_RISK, visible=bool(sites)))
 
     @staticmethod
     def opened() -> gr.Timer:
@@ -103,26 +108,39 @@ class Dashboard:
     # --- Predict ----------------------------------------------------------------------------------------
 
     def predict(self, *values: Any) -> tuple[str, go.Figure | None]:
-        row = dict(zip((f.name for f in self.spec.features), values, strict=True))
+        """The form's features, then the hospital whose recalibration to answer with (or `FEDERATED_RISK`)."""
+        *entered, site = values
+        row = dict(zip((f.name for f in self.spec.features), entered, strict=True))
         try:
             validated = self.predictor.encoder.row_model.model_validate(row)
         except ValidationError as error:
             self.predictor.count_invalid("ui", 1)
             return "### Not scored: fix these fields\n" + _field_errors(error), None
         matrix = self.predictor.encoder.matrix_of([validated])
+        hospital = None if site in (None, "", FEDERATED_RISK) else str(site)
         try:
-            model, prediction = self.predictor.predict("ui", matrix, time.perf_counter())
+            model, prediction = self.predictor.predict("ui", matrix, time.perf_counter(), hospital)
         except NoChampion as error:
             return f"### No model yet\n{error}", None
+        except InvalidRequest:  # a value the page never offered: it is not echoed back
+            self.predictor.count_invalid("ui", 1)
+            current = self.predictor.watcher.current
+            known = ", ".join(sorted(current.sites)) if current is not None else ""
+            return f"### Not scored\nThe model has no recalibration by that hospital (it has: {known or 'none'}).", None
         found = self.predictor.explain(model, matrix)
         target = self.spec.target.display_label
         risk = float(prediction[0])
         if self.spec.task == "binary":
             headline = f"### Risk of {target}: **{_percent(risk)}**"
-            if model.threshold is not None:
-                flagged = risk >= model.threshold
-                headline += (f"\n\n{'**Flagged**: at or above' if flagged else 'Not flagged: below'} the model's "
-                             f"decision threshold of {_percent(model.threshold)}.\n")
+            threshold, whose = ((model.threshold, "the model's") if hospital is None else
+                                (model.sites[hospital].threshold, f"{hospital}'s"))
+            if hospital is not None:
+                headline += (f"\n\nAs **{hospital}** recalibrated the federated model on its own patients "
+                             f"(federated risk {_percent(float(model.predict(matrix)[0]))}).")
+            if threshold is not None:
+                flagged = risk >= threshold
+                headline += (f"\n\n{'**Flagged**: at or above' if flagged else 'Not flagged: below'} {whose} "
+                             f"decision threshold of {_percent(threshold)}.\n")
             unit, scale, negligible = "percentage points", 100.0, NEGLIGIBLE_RISK
         else:
             headline = f"### Predicted {target}: **{risk:.2f}**"
@@ -676,11 +694,15 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
                             choices = [("No", "0"), ("Yes", "1")] if feature.is_yes_no else categories
                             inputs.append(gr.Radio(choices, value=choice, label=label, info=help_text,
                                                    elem_id=f"input-{feature.name}", min_width=160))
+            # Shown when the champion carries hospitals' recalibrations (`view` fills it when the page opens).
+            site = gr.Dropdown(label="risk as", choices=[FEDERATED_RISK], value=FEDERATED_RISK, visible=False,
+                               elem_id="predict-hospital", info="the federated model, or as a hospital recalibrated "
+                               "it on its own patients")
             predict_button = gr.Button("Predict", variant="primary", elem_id="predict-button")
             with gr.Row():
                 risk = gr.Markdown(elem_id="prediction")
                 contributions = gr.Plot(label="main contributing features")
-            predict_button.click(dashboard.predict, inputs, [risk, contributions])
+            predict_button.click(dashboard.predict, [*inputs, site], [risk, contributions])
         with gr.Tab("Batch"):
             gr.Markdown("Upload a CSV with one column per feature; download it back with a `prediction` column "
                         "(and `class`, flagged at the model's threshold). Other columns, such as a patient id, come "
@@ -739,7 +761,7 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
         timer = gr.Timer(refresh_s, active=False)
         opened = gr.Timer(0.1, active=False)
         blocks.load(dashboard.view, None, [who, training_tab, models_tab, hospitals_tab, monitoring_tab, admin_row,
-                                           timer, opened])
+                                           timer, opened, site])
         federation_outputs = [run_picker, training_note, overall_plot, hospital_plot, loss_plot, participation_plot,
                               hospitals_note, hospitals_table]
         for event in (opened.tick, timer.tick, run_picker.input):
