@@ -63,6 +63,8 @@ class Feature(BaseModel):
     min: float | None = None
     max: float | None = None
     categories: tuple[str, ...] | None = None
+    # How a hospital's files may write a category, e.g. {"1": "F", "2": "M"} (compared without case)
+    codes: dict[str, str] | None = None
     missing: MissingPolicy | None = None  # None: a missing value makes the row invalid
     # The prediction never falls as the value rises ("increasing") or never rises ("decreasing"); for a
     # categorical feature, along the order of its categories. Enforced in training (`ml/directions.py`).
@@ -75,6 +77,31 @@ class Feature(BaseModel):
         if isinstance(value, list | tuple):
             return tuple(str(v) for v in value)
         return value
+
+    @field_validator("codes", mode="before")
+    @classmethod
+    def _codes_as_text(cls, value: object) -> object:
+        # YAML reads `{1: F}` with a number as the key; files hold text.
+        return {str(k).strip(): str(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _check_codes(self) -> Feature:
+        if self.codes is None:
+            return self
+        if self.type != "categorical":
+            raise ValueError(f"feature {self.name!r}: codes are for categorical features")
+        categories = {c.lower(): c for c in self.categories or ()}
+        folded = [k.lower() for k in self.codes]
+        if "" in folded or len(set(folded)) != len(folded):
+            raise ValueError(f"feature {self.name!r}: each code must be non-empty and distinct (without case)")
+        for code, category in self.codes.items():
+            if category not in (self.categories or ()):
+                raise ValueError(f"feature {self.name!r}: code {code!r} names {category!r}, not one of its "
+                                 f"categories {list(self.categories or ())}")
+            if categories.get(code.lower(), category) != category:
+                raise ValueError(f"feature {self.name!r}: code {code!r} is also the category "
+                                 f"{categories[code.lower()]!r}")
+        return self
 
     @model_validator(mode="after")
     def _check_kind(self) -> Feature:
@@ -137,7 +164,8 @@ class Feature(BaseModel):
         if self.type == "numeric":
             unit = f" {self.unit}" if self.unit else ""
             return f"{self.min:g} to {self.max:g}{unit}"
-        return "one of " + ", ".join(self.categories or ())
+        written = f" (or as coded: {', '.join(f'{k} = {v}' for k, v in self.codes.items())})" if self.codes else ""
+        return "one of " + ", ".join(self.categories or ()) + written
 
 
 def _words(name: str) -> str:

@@ -107,7 +107,7 @@ def test_each_hospitals_metrics_are_computed_at_the_hospital_exactly_as_centrall
         assert undefined_as_nan == pytest.approx(central, rel=1e-9, abs=1e-12, nan_ok=True), split.hospital_id
         assert sent.model_fields_set <= {"num_examples", "num_test_examples", "metrics", "summary", "compute_seconds",
                                          "validation_loss_sum", "validation_rows", "site_calibration",
-                                         "calibrated_metrics"}
+                                         "calibrated_metrics", "local_comparison"}
         summaries.append(BinarySummary.from_json(sent.summary.model_dump()))
         assert summaries[-1] == BinarySummary.of(y, p, threshold)
     combined = combine(summaries).metrics()

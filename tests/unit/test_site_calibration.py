@@ -61,3 +61,20 @@ def test_each_hospital_recalibrates_the_federated_model_and_the_report_and_expor
     assert run.preprocessing is not None
     stored = stored_site_calibrations(export_onnx(SPEC, run.preprocessing, run.weights, sites=sites))
     assert stored == sites
+
+
+def test_a_hospital_whose_patients_the_federation_serves_worse_than_its_own_model_is_told_so() -> None:
+    """hospital-5's outcome follows its own rule (the hot days, not the generator's risk): no recalibration of the
+    federation's model fits it, and its own logistic regression does."""
+    rng = np.random.default_rng(4)
+    frames = [generate_city_days(city, 1000, rng).drop(columns="_risk") for city in CITIES]
+    odd = frames[4]
+    odd[SPEC.target.name] = (odd["temperature"] > odd["temperature"].quantile(0.8)).astype(int).astype(str)
+    splits = [HospitalSplit(f"hospital-{i}", f.iloc[:800], f.iloc[800:]) for i, f in enumerate(frames, start=1)]
+    _, run = run_federated_in_memory(SPEC, splits, RunConfig(rounds=3, local_steps=20, min_hospitals=5))
+    report = model_report(run, SPEC)
+    assert "hospital-5" in report["local_comparison"]
+    compared = report["local_comparison"]["hospital-5"]
+    assert compared["local_loss"] < compared["federated_loss"]
+    told = report["local_better"]["hospital-5"]
+    assert "hospital-5's own logistic regression fits its validation rows better" in told

@@ -203,3 +203,33 @@ def test_a_label_map_that_cannot_say_both_outcomes_is_refused(labels: dict, refu
     regression["target"]["labels"] = {"no": 0, "yes": 1}
     with pytest.raises(ValueError, match="for binary tasks"):
         type(SPEC).model_validate(regression)
+
+
+def test_a_category_written_as_the_hospitals_code_is_mapped_and_an_unknown_code_quarantined(tmp_path: Path) -> None:
+    document = SPEC.model_dump(mode="json", exclude_none=True)
+    sex = next(f for f in document["features"] if f["name"] == "sex")
+    sex["codes"] = {1: "F", 2: "M"}  # as YAML reads `{1: F, 2: M}`
+    coded = type(SPEC).model_validate(document)
+    frame = generate_city_days(CITIES[0], 5, np.random.default_rng(0)).drop(columns="_risk")
+    frame["sex"] = ["1", "2", "f", "M", "3"]
+    path = tmp_path / "coded.csv"
+    write_csv(frame, path)
+    assert validate_table(read_table(path), SPEC).report.rows_valid == 2  # uncoded: only "f" and "M"
+    result = validate_table(read_table(path), coded)
+    assert result.frame["sex"].tolist() == ["F", "M", "F", "M"]
+    (bad,) = result.report.quarantined
+    assert bad.line == 6 and "unknown category '3' (allowed one of F, M (or as coded: 1 = F, 2 = M))" in bad.summary
+
+
+@pytest.mark.parametrize(("codes", "refused"), [({"1": "X"}, "not one of its categories"),
+                                                ({"m": "F"}, "is also the category 'M'"),
+                                                ({"a": "F", "A": "M"}, "distinct")])
+def test_codes_that_would_misread_a_category_are_refused(codes: dict, refused: str) -> None:
+    document = SPEC.model_dump(mode="json", exclude_none=True)
+    next(f for f in document["features"] if f["name"] == "sex")["codes"] = codes
+    with pytest.raises(ValueError, match=refused):
+        type(SPEC).model_validate(document)
+    document = SPEC.model_dump(mode="json", exclude_none=True)
+    next(f for f in document["features"] if f["name"] == "age")["codes"] = {"old": "F"}
+    with pytest.raises(ValueError, match="codes are for categorical features"):
+        type(SPEC).model_validate(document)

@@ -110,7 +110,7 @@ def _check_numeric(values: pd.Series, feature: Feature, missing: np.ndarray
 def _check_categorical(values: pd.Series, feature: Feature, missing: np.ndarray
                        ) -> tuple[np.ndarray, dict[Reason, np.ndarray], list[str]]:
     categories = feature.categories or ()
-    lookup = {c.lower(): c for c in categories}
+    lookup = {**{k.lower(): v for k, v in (feature.codes or {}).items()}, **{c.lower(): c for c in categories}}
     text = values.map(_canonical_text)
     canonical = text.str.lower().map(lookup)
     unknown = ~missing & canonical.isna().to_numpy()

@@ -26,7 +26,7 @@ from health_mlops.metrics import BOOTSTRAP_REPLICATES, binary_metrics
 from health_mlops.ml.evaluate import evaluate_frame, predict_frame
 from health_mlops.ml.model import model_with_weights, weights_as_numpy
 from health_mlops.ml.directions import Directions
-from health_mlops.ml.site_calibration import fit_site_calibration
+from health_mlops.ml.site_calibration import fit_site_calibration, local_baseline_loss, log_loss
 from health_mlops.ml.train import mean_loss, train_model
 from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import DatasetSpec
@@ -131,7 +131,13 @@ class HospitalWorker:
         y, risk = preprocessor.target(self.test), calibration.apply(predict_frame(model, preprocessor, self.test))
         threshold = self.spec.threshold_for(float(preprocessor.target(pd.concat([fit, validation])).mean()))
         metrics = binary_metrics(y, risk, threshold) if len(y) else {}
-        return {"site_calibration": calibration.to_json(),
+        validation_y = preprocessor.target(validation)
+        local = local_baseline_loss(preprocessor.features(fit), preprocessor.target(fit),
+                                    preprocessor.features(validation), validation_y)
+        compared = {} if local is None else {"local_comparison": {
+            "federated_loss": log_loss(validation_y, calibration.apply(predict_frame(model, preprocessor, validation))),
+            "local_loss": local}}
+        return {"site_calibration": calibration.to_json(), **compared,
                 "calibrated_metrics": {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}}
 
     def _compute(self, kind: TaskKind, config: RunConfig, weights: Weights, preprocessing: GlobalPreprocessing | None,

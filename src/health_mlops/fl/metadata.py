@@ -53,6 +53,14 @@ class SiteCalibrationMetadata(_Strict):
     events: Count
 
 
+class LocalComparisonMetadata(_Strict):
+    """On a hospital's validation rows: the log loss of the final model as it recalibrated it, and of its own
+    logistic regression trained on its training rows alone."""
+
+    federated_loss: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    local_loss: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class SummaryMetadata(_Strict):
     """A binary model's counts and sums on a hospital's test rows (`metrics.BinarySummary`)."""
 
@@ -79,6 +87,7 @@ class EvaluationMetadata(_Strict):
     validation_rows: Count = 0
     # The final model recalibrated at the hospital, and its metrics on the test rows with that calibration
     site_calibration: SiteCalibrationMetadata | None = None
+    local_comparison: LocalComparisonMetadata | None = None
     calibrated_metrics: dict[str, FiniteFloat | None] | None = Field(None, max_length=len(METRIC_NAMES))
     compute_seconds: FiniteFloat = 0.0
 

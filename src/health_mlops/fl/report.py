@@ -87,6 +87,14 @@ def model_report(run: Run, spec: DatasetSpec) -> dict[str, Any]:
                                       if m.site_calibration is not None}
         report["per_hospital_calibrated"] = calibrated
         report["mean_over_hospitals_calibrated"] = mean_over_hospitals(calibrated)
+        compared = {h: m.local_comparison for h, m in final.items() if m.local_comparison is not None}
+        report["local_comparison"] = {h: c.model_dump() for h, c in compared.items()}
+        # What a hospital is told when the federation, even recalibrated to it, serves it worse than its own model
+        report["local_better"] = {
+            h: (f"{h}'s own logistic regression fits its validation rows better than the federated model it "
+                f"recalibrated (log loss {c.local_loss:.4f} against {c.federated_loss:.4f}): its patients may be "
+                "better served by its own model")
+            for h, c in compared.items() if c.local_loss < c.federated_loss}
     summaries = {h: BinarySummary.from_json(m.summary.model_dump()) for h, m in final.items() if m.summary is not None}
     if summaries:
         report["undefined"] = {h: undefined_from_counts(s, spec.target.name) for h, s in summaries.items()}

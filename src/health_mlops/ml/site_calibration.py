@@ -73,3 +73,23 @@ def fit_site_calibration(outcome: np.ndarray, risk: np.ndarray) -> SiteCalibrati
             return SiteCalibration(intercept, slope, len(y), events)
 
     return SiteCalibration(intercept_in_the_large(y, lp), 1.0, len(y), events)
+
+
+def log_loss(outcome: np.ndarray, risk: np.ndarray) -> float:
+    p = np.clip(np.asarray(risk, dtype=np.float64), _EPS, 1 - _EPS)
+    y = np.asarray(outcome, dtype=np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def local_baseline_loss(features: np.ndarray, outcome: np.ndarray, validation_features: np.ndarray,
+                        validation_outcome: np.ndarray) -> float | None:
+    """The validation log loss of the hospital's own logistic regression on its training rows (the honest
+    baseline on small data; scikit-learn's default L2), to tell a hospital when the federation's recalibrated
+    model serves it worse; None when its training rows hold one outcome."""
+    y = np.asarray(outcome, dtype=np.float64)
+    if not 0 < y.sum() < len(y):
+        return None
+    from sklearn.linear_model import LogisticRegression
+
+    fitted = LogisticRegression(max_iter=2000).fit(features, y)
+    return log_loss(validation_outcome, fitted.predict_proba(validation_features)[:, 1])
