@@ -742,9 +742,9 @@ class Coordinator:
                                        summary))
         self._events.append(RoundClosed(run.id, run.history[-1]))
         self._forget_tasks_before(run, run.round)
-        if run.round == run.final_round and run.best_round is not None and run.best_round < run.round \
-                and not run.reevaluate:
-            run.reevaluate, run.weights = True, run.best_weights  # the last model is not the best: score the best
+        last_is_not_best = run.best_round is not None and run.best_round < run.round
+        if run.round == run.final_round and last_is_not_best and not run.reevaluate:
+            run.reevaluate, run.weights = True, run.best_weights  # one more evaluate round scores the best
         elif run.round == run.final_round:
             self._end(run, RunStatus.completed, "")
             return

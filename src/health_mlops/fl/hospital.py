@@ -119,24 +119,24 @@ class HospitalWorker:
 
     def _recalibrated(self, model: nn.Module, preprocessor: Preprocessor, fit: pd.DataFrame,
                       validation: pd.DataFrame) -> dict[str, object]:
-        """The final model recalibrated on this hospital's validation rows, and its test metrics so: flagged above
-        this hospital's own event rate, as its calibrated risks are this hospital's (nothing for a regression, or
-        without validation rows of both outcomes)."""
+        """The final model recalibrated on this hospital's validation rows; its test metrics so (flagged above this
+        hospital's own event rate: its calibrated risks are this hospital's); and, on the validation rows, its log
+        loss beside that of the hospital's own logistic regression. Nothing for a regression, or without
+        validation rows of both outcomes."""
         if self.spec.task != "binary" or validation.empty:
             return {}
-        calibration = fit_site_calibration(preprocessor.target(validation),
-                                           predict_frame(model, preprocessor, validation))
+        validation_y = preprocessor.target(validation)
+        validation_risk = predict_frame(model, preprocessor, validation)
+        calibration = fit_site_calibration(validation_y, validation_risk)
         if calibration is None:
             return {}
         y, risk = preprocessor.target(self.test), calibration.apply(predict_frame(model, preprocessor, self.test))
         threshold = self.spec.threshold_for(float(preprocessor.target(pd.concat([fit, validation])).mean()))
         metrics = binary_metrics(y, risk, threshold) if len(y) else {}
-        validation_y = preprocessor.target(validation)
         local = local_baseline_loss(preprocessor.features(fit), preprocessor.target(fit),
                                     preprocessor.features(validation), validation_y)
         compared = {} if local is None else {"local_comparison": {
-            "federated_loss": log_loss(validation_y, calibration.apply(predict_frame(model, preprocessor, validation))),
-            "local_loss": local}}
+            "federated_loss": log_loss(validation_y, calibration.apply(validation_risk)), "local_loss": local}}
         return {"site_calibration": calibration.to_json(), **compared,
                 "calibrated_metrics": {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}}
 

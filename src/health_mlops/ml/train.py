@@ -57,9 +57,9 @@ def train_model(model: nn.Module, features: np.ndarray, target: np.ndarray, task
 
     The anchor for the proximal term is the model's weights on entry (the global model of the round). With
     `max_steps`, training takes exactly that many steps, over as many epochs as they need (the last one cut
-    short). `on_progress(share)` is called after each epoch with the share of the budget done (for progress bars;
-1.0 at the end, early or not). With `directions`, every step ends
-    with the weights projected back into the allowed set (`scale`: the inputs' standardisation).
+    short). `on_progress(share)` is called after each epoch with the share of the budget done (for progress
+    bars; 1.0 at the end, early or not). With `directions`, every step ends with the weights projected back into
+    the allowed set (`scale`: the inputs' standardisation).
 
     With `validation` rows (features, target) and `config.patience`, the validation loss is checked after each
     epoch (at least `MIN_STEPS_BETWEEN_CHECKS` steps apart); training stops after `patience` checks without a
