@@ -31,11 +31,14 @@ def train(
     mode: Annotated[Mode, typer.Option(help="pooled: one model on all rows; local: one model per hospital; "
                                             "federated: aggregator and nodes over loopback HTTP")],
     spec: SpecOption = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help=f"epochs (pooled, local; default: the spec's "
-                                                           f"training.epochs, else {TRAINING['epochs'].default}) or "
-                                                           f"local epochs per round (federated; default: the "
-                                                           f"spec's epochs spread over the rounds, else "
-                                                           f"{RUN['local_epochs'].default})")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help=f"train in epochs instead of a budget of steps: "
+                                                           f"pooled and local (default: the spec's "
+                                                           f"training.epochs, else {TRAINING['steps'].default} "
+                                                           f"steps with early stopping), or local epochs per "
+                                                           f"round (federated; default: the spec's epochs spread "
+                                                           f"over the rounds, else "
+                                                           f"{TRAINING['local_steps'].default} steps a round)")
+                      ] = None,
     learning_rate: Annotated[float | None, typer.Option(
         min=0.0, help=f"default: the spec's, else {TRAINING['learning_rate'].default}")] = None,
     batch_size: Annotated[int | None, typer.Option(
@@ -48,8 +51,8 @@ def train(
     rounds: Annotated[int | None, typer.Option(
         min=1, help=f"federated: training rounds; default {RUN['rounds'].default}")] = None,
     local_steps: Annotated[int | None, typer.Option(
-        min=1, help="federated, instead of --epochs: optimiser steps each hospital takes a round, whatever its "
-                    "size (not with differential privacy)")] = None,
+        min=1, help=f"federated, instead of --epochs: optimiser steps each hospital takes a round, whatever its "
+                    f"size; default {TRAINING['local_steps'].default} (not with differential privacy)")] = None,
     strategy: Annotated[Strategy, typer.Option(help="federated: aggregation strategy")] = Strategy["fedavg"],
     proximal_mu: Annotated[float | None, typer.Option(
         min=0.0, help=f"fedprox: the proximal term's weight; default {STRATEGY['proximal_mu'].default}")] = None,
