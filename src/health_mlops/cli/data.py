@@ -110,7 +110,7 @@ def data_validate(
     quality_dir = report_dir or settings.quality_dir / path.resolve().name
     hospitals = load_hospitals(path, spec=dataset, quality_dir=quality_dir)
     reports = _unique_reports(hospitals)
-    sites = _with_size_warnings(assess_sites(hospitals, dataset), hospitals, dataset, settings)
+    _, sites = _split_with_size_warnings(hospitals, assess_sites(hospitals, dataset), dataset, settings)
     flagged = [a for a in sites.values() if a.excluded or a.warnings]
     usable = [a for a in sites.values() if a.excluded is None]
     code = 2 if not usable or (strict and flagged) else 1 if flagged else 0
@@ -132,16 +132,18 @@ def data_validate(
         raise typer.Exit(code)
 
 
-def _with_size_warnings(sites: dict[str, SiteAssessment], hospitals: dict[str, HospitalData], dataset: DatasetSpec,
-                        settings: Settings) -> dict[str, SiteAssessment]:
-    """Each usable site's assessment with what its split (as `train` makes it) is too small for."""
+def _split_with_size_warnings(hospitals: dict[str, HospitalData], sites: dict[str, SiteAssessment],
+                              dataset: DatasetSpec, settings: Settings
+                              ) -> tuple[list[HospitalSplit], dict[str, SiteAssessment]]:
+    """The usable hospitals' splits as `train` makes them, and every site's assessment with what its split is too
+    small for."""
     from health_mlops.data.split import split_hospitals
     from health_mlops.data.usability import size_warnings, usable
 
     fraction = get_training_defaults().validation_fraction
     splits = split_hospitals(usable(hospitals, sites), dataset, seed=settings.split_seed,
                              test_fraction=settings.test_fraction, stratify=settings.stratified_split)
-    return {**sites, **{s.hospital_id: replace(sites[s.hospital_id], warnings=(
+    return splits, {**sites, **{s.hospital_id: replace(sites[s.hospital_id], warnings=(
         *sites[s.hospital_id].warnings, *size_warnings(s, dataset, validation_fraction=fraction))) for s in splits}}
 
 
@@ -167,8 +169,7 @@ def load_splits(data: Path, dataset: DatasetSpec, settings: Settings
     """The train/test split of every hospital that can take part, those left out with the reason, and warnings
     about the others (each said on stderr); no usable hospital ends the command (exit 2)."""
     from health_mlops.data.hospital import load_hospitals
-    from health_mlops.data.usability import assess_sites, excluded, size_warnings, usable
-    from health_mlops.data.split import split_hospitals
+    from health_mlops.data.usability import assess_sites, excluded, usable
 
     hospitals = load_hospitals(data, dataset, quality_dir=settings.quality_dir / data.resolve().name)
     quarantined = sum(h.rows_quarantined for h in hospitals.values())
@@ -176,17 +177,12 @@ def load_splits(data: Path, dataset: DatasetSpec, settings: Settings
         err.print(f"{quarantined} invalid row(s) quarantined; see {settings.quality_dir / data.resolve().name}",
                   markup=False)
     sites = assess_sites(hospitals, dataset)
+    if not usable(hospitals, sites):
+        for assessment in sites.values():
+            print_site(assessment)
+        fail("no hospital has data that can be trained on")
+    splits, sites = _split_with_size_warnings(hospitals, sites, dataset, settings)
     for assessment in sites.values():
         print_site(assessment)
-    kept = usable(hospitals, sites)
-    if not kept:
-        fail("no hospital has data that can be trained on")
-    splits = split_hospitals(kept, dataset, seed=settings.split_seed, test_fraction=settings.test_fraction,
-                             stratify=settings.stratified_split)
-    warnings = {h: list(sites[h].warnings) for h in kept}
-    fraction = get_training_defaults().validation_fraction
-    for split in splits:
-        for warning in size_warnings(split, dataset, validation_fraction=fraction):
-            warn(split.hospital_id, warning)
-            warnings[split.hospital_id].append(warning)
+    warnings = {s.hospital_id: list(sites[s.hospital_id].warnings) for s in splits}
     return splits, excluded(sites), {h: w for h, w in warnings.items() if w}

@@ -82,12 +82,17 @@ def split_hospitals(hospitals: dict[str, HospitalData], spec: DatasetSpec, *, se
 MIN_VALIDATION_ROWS = 10
 
 
+def holds_validation(rows: int, fraction: float) -> bool:
+    """Whether `rows` training rows hold out a validation part: `fraction` of them, at least `MIN_VALIDATION_ROWS`."""
+    return round(rows * fraction) >= MIN_VALIDATION_ROWS
+
+
 def hold_out_validation(frame: pd.DataFrame, spec: DatasetSpec, hospital_id: str, *, fraction: float
                         ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A hospital's training rows as (fit, validation): `fraction` of them, stratified by the target, held out to
     stop training early and to choose the federation's best round. The same rows always give the same parts.
     Where the validation part would hold fewer than `MIN_VALIDATION_ROWS` rows, every row fits and none validates."""
-    if round(len(frame) * fraction) < MIN_VALIDATION_ROWS:
+    if not holds_validation(len(frame), fraction):
         return frame, frame.iloc[:0]
     fit, validation = split_indices(len(frame), f"{hospital_id}/validation", seed=0, test_fraction=fraction,
                                     strata=target_strata(frame, spec))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from health_mlops.data.hospital import HospitalData
-from health_mlops.data.split import MIN_VALIDATION_ROWS, HospitalSplit
+from health_mlops.data.split import MIN_VALIDATION_ROWS, HospitalSplit, holds_validation
 from health_mlops.metrics import MIN_EVENTS_FOR_SLOPE
 from health_mlops.spec import DatasetSpec
 
@@ -81,7 +81,7 @@ def size_warnings(split: HospitalSplit, spec: DatasetSpec, *, validation_fractio
             found.append(f"only {fewer} of its {len(train)} training rows {outcome}: too few for a model of its own "
                          f"(local-only) to learn from, and for its recalibration's slope (an intercept only); a "
                          f"federation or a pooled model still learns from them")
-    if validation_fraction > 0 and round(len(train) * validation_fraction) < MIN_VALIDATION_ROWS:
+    if validation_fraction > 0 and not holds_validation(len(train), validation_fraction):
         found.append(f"{len(train)} training rows are too few to hold out {MIN_VALIDATION_ROWS} validation rows: "
                      f"it trains on all of them, without early stopping, and its rows take no part in choosing "
                      f"the federation's round")

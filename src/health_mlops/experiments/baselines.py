@@ -19,9 +19,9 @@ from health_mlops.data.preprocess import Preprocessor, encode_target, imputation
 from health_mlops.data.split import HospitalSplit, hold_out_validation
 from health_mlops.metrics import hospitals_averaged, mean_over_hospitals, task_metrics, undefined_reasons
 from health_mlops.ml.evaluate import predict_frame
-from health_mlops.ml.model import build_model
+from health_mlops.ml.model import initial_weights, model_with_weights
 from health_mlops.ml.directions import Directions
-from health_mlops.ml.train import train_model, weight_views
+from health_mlops.ml.train import train_model
 from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import DatasetSpec
 
@@ -94,10 +94,9 @@ def _fit(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConfig,
     fit = pd.concat([f for f, _ in parts], ignore_index=True)
     validation = pd.concat([v for _, v in parts], ignore_index=True)
     preprocessor = Preprocessor.from_stats(spec, stats_of_frame(train, spec)).with_ranges_of(train)
-    model = build_model(spec.model, len(preprocessor.mean), seed=config.seed)
+    # The same start as a federation's: the task's model, seeded, inside the spec's directions
+    model = model_with_weights(spec.model, len(preprocessor.mean), initial_weights(spec, config.seed))
     directions = Directions.of(spec)
-    if directions is not None:  # the same start inside the spec's directions as a federation's
-        directions.initialise(weight_views(model))
     train_model(model, preprocessor.features(fit), preprocessor.target(fit), spec.task, config, on_progress,
                 directions=directions, scale=np.asarray(preprocessor.scale),
                 validation=(preprocessor.features(validation), preprocessor.target(validation)))

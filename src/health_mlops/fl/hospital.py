@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -107,6 +108,18 @@ class HospitalWorker:
     test: pd.DataFrame
     small_cell_threshold: int = 5
     rows_quarantined: int = 0  # rows validation set aside: reported with the stats, a count only
+    # The training rows as (fit, validation) by validation fraction: split once, not in every round of a run
+    _held_out: dict[float, tuple[pd.DataFrame, pd.DataFrame]] = field(default_factory=dict, init=False, repr=False)
+
+    @cached_property
+    def directions(self) -> Directions | None:
+        return Directions.of(self.spec)
+
+    def held_out(self, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The training rows as (fit, validation) for a run holding out `fraction` (`hold_out_validation`)."""
+        if fraction not in self._held_out:
+            self._held_out[fraction] = hold_out_validation(self.train, self.spec, self.hospital_id, fraction=fraction)
+        return self._held_out[fraction]
 
     def handle(self, kind: TaskKind, config: RunConfig, weights: Weights, preprocessing: GlobalPreprocessing | None,
                round_number: int) -> TaskResult:
@@ -131,7 +144,7 @@ class HospitalWorker:
         if calibration is None:
             return {}
         y, risk = preprocessor.target(self.test), calibration.apply(predict_frame(model, preprocessor, self.test))
-        threshold = self.spec.threshold_for(float(preprocessor.target(pd.concat([fit, validation])).mean()))
+        threshold = self.spec.threshold_for(float(preprocessor.target(self.train).mean()))
         metrics = binary_metrics(y, risk, threshold) if len(y) else {}
         local = local_baseline_loss(preprocessor.features(fit), preprocessor.target(fit),
                                     preprocessor.features(validation), validation_y)
@@ -156,8 +169,7 @@ class HospitalWorker:
         metrics, summary = evaluate_frame(model, preprocessor, self.test, threshold=preprocessing.decision_threshold,
                                           bootstrap=BOOTSTRAP_REPLICATES if final else 0, summarise=final)
         evaluation = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
-        fit, validation = hold_out_validation(self.train, self.spec, self.hospital_id,
-                                              fraction=config.validation_fraction)
+        fit, validation = self.held_out(config.validation_fraction)
         validated = {"validation_rows": len(validation), "validation_loss_sum": 0.0 if validation.empty else
                      mean_loss(model, preprocessor.features(validation), preprocessor.target(validation),
                                self.spec.task) * len(validation)}
@@ -173,7 +185,7 @@ class HospitalWorker:
                                    seed=round_number, max_steps=config.local_steps)
         features, target = preprocessor.features(fit), preprocessor.target(fit)
         privacy: dict[str, int] = {}
-        directions, scale = Directions.of(self.spec), np.asarray(preprocessor.scale)
+        directions, scale = self.directions, np.asarray(preprocessor.scale)
         if config.privacy is None:
             result = train_model(model, features, target, self.spec.task, train_config, directions=directions,
                                  scale=scale)

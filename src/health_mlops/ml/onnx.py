@@ -164,21 +164,25 @@ def export_onnx(spec: DatasetSpec, preprocessing: GlobalPreprocessing, weights: 
     return model.SerializeToString()
 
 
+def _metadata(onnx_model: bytes) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load_from_string(onnx_model).metadata_props}
+
+
 def stored_training_ranges(onnx_model: bytes) -> dict[str, tuple[float, float]]:
     """The training ranges stored with an exported model (empty: exported before they were, or no histograms)."""
-    metadata = {p.key: p.value for p in onnx.load_from_string(onnx_model).metadata_props}
+    metadata = _metadata(onnx_model)
     return {name: (float(low), float(high)) for name, (low, high) in json.loads(metadata.get(RANGES_KEY, "{}")).items()}
 
 
 def stored_site_calibrations(onnx_model: bytes) -> dict[str, SiteCalibration]:
     """Each hospital's recalibration stored with an exported model (empty: none was fitted)."""
-    metadata = {p.key: p.value for p in onnx.load_from_string(onnx_model).metadata_props}
+    metadata = _metadata(onnx_model)
     return {h: SiteCalibration.from_json(c) for h, c in json.loads(metadata.get(SITES_KEY, "{}")).items()}
 
 
 def decision_threshold(onnx_model: bytes) -> float | None:
     """The decision threshold stored with an exported binary model (None: exported before thresholds were)."""
-    metadata = {p.key: p.value for p in onnx.load_from_string(onnx_model).metadata_props}
+    metadata = _metadata(onnx_model)
     return float(metadata[THRESHOLD_KEY]) if THRESHOLD_KEY in metadata else None
 
 

@@ -116,7 +116,7 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
         answer: dict[str, Any] = {"prediction": float(prediction[0]), "model_version": model.version,
                                   "task": spec.task, "target": spec.target.name,
                                   "outside_training_range": model.outside_training_range(matrix)[0]}
-        threshold = model.threshold if hospital is None else model.sites[hospital].threshold
+        threshold = model.threshold_for(hospital)
         if hospital is not None:
             answer["hospital"] = hospital
         if threshold is not None:  # the decision beside the probability, at the threshold stored with it
@@ -149,7 +149,7 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
         answer = {"predictions": predictions.tolist(), "model_version": model.version, "task": spec.task,
                   "target": spec.target.name,
                   "outside_training_range": await run_in_threadpool(model.outside_training_range, matrix)}
-        threshold = model.threshold if hospital is None else model.sites[hospital].threshold
+        threshold = model.threshold_for(hospital)
         if hospital is not None:
             answer["hospital"] = hospital
         if threshold is not None:

@@ -40,10 +40,13 @@ class ServedModel:
     bounds: tuple[np.ndarray, np.ndarray]  # those ranges per input column (lows, highs; infinite where none)
     sites: dict[str, SiteCalibration]  # hospital -> its recalibration of this model (binary tasks)
 
-    def at_site(self, predictions: np.ndarray, hospital: str) -> tuple[np.ndarray, float | None]:
-        """The risks as `hospital` recalibrated them, and its threshold for them (`KeyError`: no calibration)."""
-        calibration = self.sites[hospital]
-        return calibration.apply(predictions).astype(np.float32), calibration.threshold
+    def at_site(self, predictions: np.ndarray, hospital: str) -> np.ndarray:
+        """The risks as `hospital` recalibrated them (`KeyError`: no calibration by it)."""
+        return self.sites[hospital].apply(predictions).astype(np.float32)
+
+    def threshold_for(self, hospital: str | None) -> float | None:
+        """The decision threshold of the model's risks, or of `hospital`'s recalibrated ones (its own)."""
+        return self.threshold if hospital is None else self.sites[hospital].threshold
 
     def outside_training_range(self, matrix: np.ndarray) -> list[list[dict[str, Any]]]:
         """Per row, each input beyond what the training rows covered (the model scored it at the range's edge):

@@ -69,7 +69,7 @@ class Predictor:
         try:
             predictions = model.predict(matrix)
             if hospital is not None:
-                predictions = model.at_site(predictions, hospital)[0]
+                predictions = model.at_site(predictions, hospital)
         except Exception:
             self.count(endpoint, "error")
             raise

@@ -132,8 +132,7 @@ class Dashboard:
         risk = float(prediction[0])
         if self.spec.task == "binary":
             headline = f"### Risk of {target}: **{_percent(risk)}**"
-            threshold, whose = ((model.threshold, "the model's") if hospital is None else
-                                (model.sites[hospital].threshold, f"{hospital}'s"))
+            threshold, whose = model.threshold_for(hospital), "the model's" if hospital is None else f"{hospital}'s"
             if hospital is not None:
                 headline += (f"\n\nAs **{hospital}** recalibrated the federated model on its own patients "
                              f"(federated risk {_percent(float(model.predict(matrix)[0]))}).")
