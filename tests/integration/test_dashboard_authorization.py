@@ -268,6 +268,22 @@ def test_each_gradio_function_runs_for_the_roles_that_may_run_it_and_for_no_othe
     assert names == set().union(*MAY_RUN.values())
 
 
+def test_an_operators_tabs_load_once_when_the_page_opens(dashboard: Served) -> None:
+    """The one-shot tick that opens the page runs only what stops its timer, and the tabs load after it: a tick
+    that also loaded them let a second tick through on a busy machine, and its late answer reset a version the
+    user had just picked to compare."""
+    with httpx.Client(base_url=dashboard.url, timeout=30) as client:
+        config = client.get("/config", headers=dashboard.callers["admin"]).raise_for_status().json()
+    dependencies = config["dependencies"]
+    [opening] = [d for d in dependencies if d["api_name"] == "opened"]
+    [(timer, _)] = opening["targets"]
+    on_tick = [d["api_name"] for d in dependencies if [timer, "tick"] in d["targets"]]
+    assert on_tick == ["opened"]
+    assert opening["trigger_mode"] == "once"
+    loaded_after = {re.sub(r"_\d+$", "", d["api_name"]) for d in dependencies if d["trigger_after"] == opening["id"]}
+    assert loaded_after == {"federation", "monitoring", "registered", "champion_report"}
+
+
 @pytest.mark.parametrize("body", [{"data": [], "fn_index": 999}, {"data": [], "fn_index": "4"},
                                   {"data": [], "fn_index": True}, {"data": []}, [4], "not an object"],
                          ids=["unknown index", "index as text", "index as boolean", "no index", "a list", "a string"])

@@ -763,12 +763,15 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
                                            timer, opened, site])
         federation_outputs = [run_picker, training_note, overall_plot, hospital_plot, loss_plot, participation_plot,
                               hospitals_note, hospitals_table]
-        for event in (opened.tick, timer.tick, run_picker.input):
+        # The one-shot tick only stops its timer; the tabs load after it. Loaded on the tick itself, a busy machine
+        # let a second tick through before the first stopped the timer, and its late answer reset the pickers
+        # over the user's pick.
+        opening = opened.tick(dashboard.opened, None, opened, trigger_mode="once")
+        for event in (opening.then, timer.tick, run_picker.input):
             event(dashboard.federation, run_picker, federation_outputs)
             event(dashboard.monitoring, None, [monitoring_summary, drift_table])
-        opened.tick(dashboard.registered, None, [versions, version, compare_first, compare_second])
-        opened.tick(dashboard.champion_report, None, report_outputs)
-        opened.tick(dashboard.opened, None, opened)
+        opening.then(dashboard.registered, None, [versions, version, compare_first, compare_second])
+        opening.then(dashboard.champion_report, None, report_outputs)
     return blocks
 
 
