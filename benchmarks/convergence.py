@@ -14,26 +14,34 @@ outcomes, where a model flags every patient or none at its threshold.
 Candidates:
   defaults         the training defaults (`TrainingDefaults`): a budget of 2000 optimiser steps pooled and
                    local-only, 100 a round at each hospital federated, batch 64, learning rate 0.001, weight decay
-                   0.01; each hospital holds out 20 % of its training rows to stop early (patience 10 checks) and
-                   to choose the federation's best round
-  50 steps a round  the same with 50 local steps a federated round
-  50 steps a round, weight decay 1e-3  and with the former weight decay too
+                   0.01 on up to 4000 training rows, shrinking as 1 / rows above (a federation's: over all its
+                   hospitals; `ml.train_config.WEIGHT_DECAY_FULL_ROWS`); each hospital holds out 20 % of its
+                   training rows to stop early (patience 10 checks) and to choose the federation's best round
+  weight decay 0.01 on every site  the former weight decay, whole whatever the site's size
+  weight decay 0.01 up to 250 rows  the decay shrinking from 250 rows on
+  weight decay 1e-3  a tenth of the default's
+  50 steps a round  the defaults with 50 local steps a federated round
   former           the former defaults: 8 epochs pooled and local-only, 1 epoch a round federated, weight decay
-                   0.001, no validation rows (every model trained to the end of its budget); diabetes's spec
-                   then asked for 200 epochs at learning rate 0.01 in batches of 32, which this row does not redo
+                   0.001 on every site, no validation rows (every model trained to the end of its budget);
+                   diabetes's spec then asked for 200 epochs at learning rate 0.01 in batches of 32, which this row
+                   does not redo
 
 Run with `make bench` (or `python benchmarks/convergence.py [--seeds 1 2 3 4 5]`): prints the table and writes
-benchmarks/results/convergence.md (about 25 minutes on 2 CPUs).
+benchmarks/results/convergence.md (about 20 minutes on 2 CPUs: one process a CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -46,8 +54,9 @@ from health_mlops.data.synthetic import generate_dataset
 from health_mlops.experiments.baselines import run_local, run_pooled
 from health_mlops.experiments.simulation import run_federated_in_memory
 from health_mlops.fl.run_config import federated_run_config
+from health_mlops.ml import train_config
 from health_mlops.ml.train_config import TrainConfig
-from health_mlops.spec import DatasetSpec, load_spec
+from health_mlops.spec import load_spec
 
 MODES = ("federated", "pooled", "local")
 
@@ -57,14 +66,18 @@ class Candidate:
     name: str
     local: dict[str, Any]  # TrainConfig overrides (pooled and local-only)
     federated: dict[str, Any]  # federated_run_config overrides
+    decay_full_rows: int = train_config.WEIGHT_DECAY_FULL_ROWS  # a site of up to so many rows: whole decay
 
 
+EVERY_SITE = sys.maxsize
 CANDIDATES = (
     Candidate("defaults", {}, {}),
-    Candidate("50 steps a round, weight decay 1e-3", {"weight_decay": 1e-3}, {"weight_decay": 1e-3, "local_steps": 50}),
+    Candidate("weight decay 0.01 on every site", {}, {}, decay_full_rows=EVERY_SITE),
+    Candidate("weight decay 0.01 up to 250 rows", {}, {}, decay_full_rows=250),
+    Candidate("weight decay 1e-3", {"weight_decay": 1e-3}, {"weight_decay": 1e-3}),
     Candidate("50 steps a round", {}, {"local_steps": 50}),
     Candidate("former", {"epochs": 8, "weight_decay": 1e-3, "validation_fraction": 0.0},
-              {"local_epochs": 1, "weight_decay": 1e-3, "validation_fraction": 0.0}),
+              {"local_epochs": 1, "weight_decay": 1e-3, "validation_fraction": 0.0}, decay_full_rows=EVERY_SITE),
 )
 DATA_SETS = (("health-risk", 150), ("health-risk", 300), ("health-risk", 4000), ("diabetes", 0))
 
@@ -82,7 +95,11 @@ def one_class(per_hospital: dict[str, dict[str, Any]]) -> int:
                and {m["sensitivity"], m["specificity"]} == {0.0, 1.0})
 
 
-def measure(spec: DatasetSpec, rows: int, seed: int, candidate: Candidate, cell: Cell) -> None:
+def measure(name: str, rows: int, seed: int, candidate: Candidate) -> Cell:
+    """One seed of one candidate on one data set (run in a worker process of its own)."""
+    torch.set_num_threads(1)
+    spec = load_spec(name)
+    cell = Cell({mode: [] for mode in MODES}, [])
     with tempfile.TemporaryDirectory() as folder:
         data = Path(folder)
         if spec.name == "diabetes":
@@ -93,8 +110,9 @@ def measure(spec: DatasetSpec, rows: int, seed: int, candidate: Candidate, cell:
         splits = split_hospitals(load_hospitals(data, spec), spec, seed=seed, test_fraction=0.2)
     local = TrainConfig.for_task(get_training_defaults(), spec, seed=seed, **candidate.local)
     run = federated_run_config(spec, len(splits), seed=seed, **candidate.federated)
-    results = {"pooled": run_pooled(spec, splits, local), "local": run_local(spec, splits, local),
-               "federated": run_federated_in_memory(spec, splits, run, seed=seed)[0]}
+    with mock.patch.object(train_config, "WEIGHT_DECAY_FULL_ROWS", candidate.decay_full_rows):
+        results = {"pooled": run_pooled(spec, splits, local), "local": run_local(spec, splits, local),
+                   "federated": run_federated_in_memory(spec, splits, run, seed=seed)[0]}
     for mode, result in results.items():
         document = result.to_json()
         cell.metric[mode].append(document["mean_over_hospitals"][spec.primary_metric])
@@ -102,6 +120,7 @@ def measure(spec: DatasetSpec, rows: int, seed: int, candidate: Candidate, cell:
             cell.one_class += one_class(document["per_hospital"])
             if mode == "federated":
                 cell.brier.append(document["mean_over_hospitals"]["brier"])
+    return cell
 
 
 def markdown(table: dict[tuple[str, str, int], Cell], seeds: list[int], minutes: float) -> str:
@@ -125,16 +144,24 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "convergence.md")
     args = parser.parse_args()
-    torch.set_num_threads(1)
     started = time.perf_counter()
     table: dict[tuple[str, str, int], Cell] = {}
-    for candidate in CANDIDATES:
-        for name, rows in DATA_SETS:
-            spec = load_spec(name)
-            cell = table[(candidate.name, name, rows)] = Cell({mode: [] for mode in MODES}, [])
-            for seed in args.seeds:
-                measure(spec, rows, seed, candidate, cell)
-            print(markdown({(candidate.name, name, rows): cell}, args.seeds, 0).splitlines()[-1], flush=True)
+    jobs: dict[tuple[str, str, int], list[Any]] = {}
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for candidate in CANDIDATES:
+            for name, rows in DATA_SETS:
+                seeds = [pool.submit(measure, name, rows, seed, candidate) for seed in args.seeds]
+                table[(candidate.name, name, rows)] = Cell({mode: [] for mode in MODES}, [])
+                jobs[(candidate.name, name, rows)] = seeds
+        for key, seeds in jobs.items():
+            cell = table[key]
+            for job in seeds:
+                found = job.result()
+                for mode in MODES:
+                    cell.metric[mode] += found.metric[mode]
+                cell.brier += found.brier
+                cell.one_class += found.one_class
+            print(markdown({key: cell}, args.seeds, 0).splitlines()[-1], flush=True)
     text = markdown(table, args.seeds, (time.perf_counter() - started) / 60)
     args.out.write_text(text, encoding="utf-8")
     print(text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,13 +213,17 @@ def test_train_federated_with_differential_privacy_reports_what_each_hospital_sp
     assert result["run"]["config"]["privacy"]["epsilon"] == 3
     # What DP-SGD trained with is stated, never silently different from a run without a budget
     defaults = TrainingDefaults()
-    assert (privacy["learning_rate"], privacy["batch_size"]) == (defaults.dp_learning_rate, defaults.dp_batch_size)
+    assert privacy["learning_rate"] == defaults.dp_learning_rate
+    assert privacy["sampling_rate"] == defaults.dp_sampling_rate
+    batch = round(defaults.dp_sampling_rate * 640)  # of each hospital's 640 training rows
+    assert privacy["batch_size"] == dict.fromkeys(privacy["hospitals"], batch)
     assert sorted(privacy["noise_multiplier"]) == sorted(privacy["hospitals"])
     assert all(0 < noise <= 10 for noise in privacy["noise_multiplier"].values())
     shown = run_cli("train", "--data", str(data), "--mode", "federated", "--rounds", "1", "--dp-epsilon", "3",
                     home=home).stdout
-    assert f"learning rate {defaults.dp_learning_rate:g}, batch {defaults.dp_batch_size}" in shown
-    assert "noise multiplier per hospital: hospital-1 " in shown
+    assert (f"learning rate {defaults.dp_learning_rate:g}, each hospital's batch {defaults.dp_sampling_rate:g} of its "
+            "training rows") in shown
+    assert re.search(rf"noise multiplier per hospital: hospital-1 [\d.]+ \(batch {batch}\)", shown)
     assert sorted(result["run"]["suppressed"]) == ["hospital-1", "hospital-2", "hospital-3"]
     # Scored, but not bounded: DP-SGD's noise is not seeded, and on 3 × 800 rows over 3 rounds at ε = 3 the AUC
     # ranged 0.47-0.73 (13 runs). What privacy costs in AUC is the privacy acceptance's claim, over seeds.

@@ -1,7 +1,7 @@
 """Sites of 150 patient-days (120 training rows, 30 test rows with 0 to 3 events) train with the defaults: every
-way of training converges to a model that ranks and is calibrated, none flags every patient (the former defaults'
-few steps left every local-only and federated model there: Brier 0.14 to 0.20, worse than the event rate's), and
-the federation stays within 0.02 of pooled training on the mean AUC, over seeds 1 to 5."""
+way of training converges to a model that ranks and is calibrated, none flags every patient or no one (the former
+defaults' few steps left every local-only and federated model there: Brier 0.14 to 0.20, worse than the event
+rate's), and the federation stays within 0.02 of pooled training on the mean AUC, over seeds 1 to 5."""
 
 from __future__ import annotations
 
@@ -44,15 +44,17 @@ def over_seeds() -> list[dict[str, dict]]:
 
 
 @pytest.mark.xdist_group("small-sites")
-def test_no_model_flags_every_patient_and_each_beats_the_event_rate(over_seeds: list[dict[str, dict]]) -> None:
-    """At a hospital whose test rows hold both outcomes, no model flags them all; and each way of training
+def test_no_model_flags_every_patient_or_none_and_each_beats_the_event_rate(over_seeds: list[dict[str, dict]]
+                                                                            ) -> None:
+    """At a hospital whose test rows hold both outcomes, no model flags them all, nor none of them (2 did, with
+    steps, sleep and humidity free of the directions the generator follows); and each way of training
     scores a lower Brier than the test rows' event rate would, on average over the seeds (on one seed, 30 test
     rows with one event each rank no better than chance: seed 5's models score AUC 0.33 to 0.53 there)."""
     for seed, results in zip(SEEDS, over_seeds, strict=True):
         for mode in ("pooled", "local", "federated"):
-            flag_all = [h for h, m in results[mode]["per_hospital"].items()
-                        if m["auc"] is not None and m["sensitivity"] == 1.0 and m["specificity"] == 0.0]
-            assert not flag_all, (seed, mode, flag_all)
+            one_class = [h for h, m in results[mode]["per_hospital"].items()
+                         if m["auc"] is not None and {m["sensitivity"], m["specificity"]} == {0.0, 1.0}]
+            assert not one_class, (seed, mode, one_class)
     constant = np.mean([r["event_rate_brier"]["brier"] for r in over_seeds])
     for mode in ("pooled", "local", "federated"):
         brier = np.mean([r[mode]["overall"]["brier"] for r in over_seeds])

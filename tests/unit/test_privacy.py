@@ -12,9 +12,10 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from health_mlops.fl.privacy import BudgetRefused, epsilon_spent, plan_privacy, train_model_private
-from health_mlops.fl.coordinator import privacy_refusal
-from health_mlops.fl.run_config import MAX_NOISE_MULTIPLIER, PrivacyConfig, RunConfig
+from health_mlops.fl.coordinator import plan_for, privacy_refusal
+from health_mlops.fl.run_config import MAX_NOISE_MULTIPLIER, PrivacyConfig, RunConfig, federated_run_config
 from health_mlops.ml.train_config import TrainConfig
+from health_mlops.spec import load_spec
 
 ACCEPTANCE = {"rows": 3200, "batch_size": 64, "rounds": 20, "local_epochs": 1}  # a hospital of 4000, 80 % train
 
@@ -112,3 +113,19 @@ def test_a_refusal_at_several_small_sites_names_each_and_a_batch_that_meets_the_
     assert privacy_refusal(config.model_copy(update={"batch_size": suggested}), sites) is None
     assert plan_privacy(PrivacyConfig(epsilon=1.0), rows=242, batch_size=suggested, rounds=20,
                         local_epochs=1).noise_multiplier <= MAX_NOISE_MULTIPLIER
+
+
+def test_by_default_each_hospital_samples_a_share_of_its_rows_so_small_sites_spend_as_large_ones_do() -> None:
+    """A fixed DP batch of 512 was refused at every small real site ("242 training rows cannot sample batches of
+    512"); a sampling rate gives each site its own batch, the same sampling and so the same noise."""
+    config = federated_run_config(load_spec("health-risk"), 3, privacy=PrivacyConfig(epsilon=1.0))
+    sites = {"hospital-1": 242, "hospital-2": 3200, "hospital-3": 37}
+    assert privacy_refusal(config, sites) is None
+    rate = config.privacy.sampling_rate
+    assert {h: config.batch_size_at(rows) for h, rows in sites.items()} == {
+        h: round(rate * rows) for h, rows in sites.items()}
+    plans = [plan_for(config, rows) for rows in sites.values()]
+    assert max(p.noise_multiplier for p in plans) - min(p.noise_multiplier for p in plans) < 0.1
+    assert all(p.epsilon <= 1.0 + 0.01 for p in plans)
+    given = federated_run_config(load_spec("health-risk"), 3, privacy=PrivacyConfig(epsilon=1.0), batch_size=32)
+    assert given.privacy.sampling_rate is None and given.batch_size_at(3200) == 32  # a batch given is kept

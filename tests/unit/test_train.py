@@ -1,10 +1,12 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from health_mlops.ml.model import build_model, get_weights
 from health_mlops.ml.train import mean_loss, predict, train_model
-from health_mlops.ml.train_config import TrainConfig
+from health_mlops.ml.train_config import WEIGHT_DECAY_FULL_ROWS, TrainConfig
 from health_mlops.spec import ModelDefaults
 
 
@@ -91,3 +93,35 @@ def test_a_step_budget_trains_a_small_site_as_long_as_a_large_one() -> None:
     for rows in (40, 4000):
         x, y = linear_problem(rows)
         assert train_model(build_model(ModelDefaults(kind="linear"), 4), x, y, "binary", config).steps == 300
+
+
+def rare_event_problem(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 6 % event rate, risk rising with the first column (log odds 1.5 a standard deviation), the second noise."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 2)).astype(np.float32)
+    y = (rng.random(n) < 1 / (1 + np.exp(3.5 - 1.5 * x[:, 0]))).astype(np.float32)
+    return x, y
+
+
+def fitted_slope(x: np.ndarray, y: np.ndarray, weight_decay: float) -> float:
+    model = build_model(ModelDefaults(kind="linear"), 2)
+    train_model(model, x, y, "binary", TrainConfig(epochs=1, learning_rate=0.01, batch_size=64,
+                                                   weight_decay=weight_decay, max_steps=2000))
+    return float(model[0].weight.detach()[0, 0])
+
+
+def test_weight_decay_restrains_a_small_site_and_leaves_large_data_its_signal() -> None:
+    """Whole on 20,000 rows, a penalty of 0.01 shrank the effect 43 % (1.50 to 0.85), and a pooled model scored a
+    patient with asthma under heavy PM2.5 at half the risk the data showed; as a prior it shrinks with the rows."""
+    large = rare_event_problem(20 * WEIGHT_DECAY_FULL_ROWS)
+    assert fitted_slope(*large, weight_decay=0.01) == pytest.approx(fitted_slope(*large, weight_decay=0.0), rel=0.1)
+    small = rare_event_problem(150)
+    assert fitted_slope(*small, weight_decay=0.01) < 0.8 * fitted_slope(*small, weight_decay=0.0)
+
+
+def test_a_federations_hospital_takes_the_weight_decay_of_all_the_rows_it_learns_from() -> None:
+    config = TrainConfig(epochs=1, learning_rate=0.01, batch_size=64, weight_decay=0.01)
+    assert config.weight_decay_for(WEIGHT_DECAY_FULL_ROWS) == 0.01
+    assert config.weight_decay_for(4 * WEIGHT_DECAY_FULL_ROWS) == pytest.approx(0.0025)
+    federated = replace(config, prior_rows=4 * WEIGHT_DECAY_FULL_ROWS)
+    assert federated.weight_decay_for(WEIGHT_DECAY_FULL_ROWS // 5) == pytest.approx(0.0025)

@@ -81,13 +81,16 @@ def clinical_table(result: dict) -> Table:
 
 def privacy_json(view: RunView) -> dict[str, object] | None:
     """What `--json` says of a run's privacy: the largest ε over hospitals, δ, each hospital's ε and noise
-    multiplier, and the learning rate and batch DP-SGD trained with (a private run's own defaults, unless given)."""
+    multiplier and batch, and the learning rate and sampling rate DP-SGD trained with (a private run's own defaults,
+    unless given; no sampling rate: the batch was given, the same at every hospital)."""
     if view.privacy is None:
         return None
     return {"epsilon": view.privacy.epsilon, "delta": view.privacy.delta, "budget_epsilon": view.privacy.budget_epsilon,
             "hospitals": {h: p.epsilon for h, p in view.privacy.hospitals.items()},
             "noise_multiplier": {h: p.noise_multiplier for h, p in view.privacy.hospitals.items()},
-            "learning_rate": view.config.learning_rate, "batch_size": view.config.batch_size}
+            "batch_size": {h: p.batch_size for h, p in view.privacy.hospitals.items()},
+            "learning_rate": view.config.learning_rate,
+            "sampling_rate": view.config.privacy.sampling_rate if view.config.privacy else None}
 
 
 def print_privacy(privacy: object) -> None:
@@ -95,7 +98,10 @@ def print_privacy(privacy: object) -> None:
     if isinstance(privacy, dict):
         out.print(f"differential privacy: ε = {privacy['epsilon']:.2f} (the most any hospital spent; budget "
                   f"{privacy['budget_epsilon']:g}), δ = {privacy['delta']:g}", soft_wrap=True)
-        noise = ", ".join(f"{h} {n:.2f}" for h, n in privacy["noise_multiplier"].items())
-        out.print(f"  DP-SGD: learning rate {privacy['learning_rate']:g}, batch {privacy['batch_size']} (a private "
-                  f"run's own defaults unless given: HEALTH_MLOPS_TRAIN_DP_LEARNING_RATE, ..._DP_BATCH_SIZE); "
-                  f"noise multiplier per hospital: {noise}", soft_wrap=True)
+        per_hospital = ", ".join(f"{h} {n:.2f} (batch {privacy['batch_size'][h]})"
+                                 for h, n in privacy["noise_multiplier"].items())
+        rate = privacy["sampling_rate"]
+        batches = "batch given" if rate is None else f"each hospital's batch {rate:g} of its training rows"
+        out.print(f"  DP-SGD: learning rate {privacy['learning_rate']:g}, {batches} (a private run's own defaults "
+                  f"unless given: HEALTH_MLOPS_TRAIN_DP_LEARNING_RATE, ..._DP_SAMPLING_RATE); noise multiplier per "
+                  f"hospital: {per_hospital}", soft_wrap=True)

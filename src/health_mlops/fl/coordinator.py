@@ -201,7 +201,7 @@ def privacy_refusal(config: RunConfig, training_rows: Mapping[str, int]) -> str 
         try:
             plan_for(config, rows)
         except BudgetRefused as reason:
-            found = batch_meeting_budget(config.privacy, rows=rows, batch_size=config.batch_size,
+            found = batch_meeting_budget(config.privacy, rows=rows, batch_size=config.batch_size_at(rows),
                                          rounds=config.rounds, local_epochs=config.local_epochs)
             refused[hospital] = str(reason) + ("" if found is None else f" (a batch of {found[0]} meets the budget "
                                                                       f"here, at noise multiplier {found[1]:.1f})")
@@ -211,7 +211,8 @@ def privacy_refusal(config: RunConfig, training_rows: Mapping[str, int]) -> str 
     reasons = "; ".join(f"at {hospital}: {reason}" for hospital, reason in refused.items())
     message = f"privacy budget refused at {len(refused)} of {len(training_rows)} hospitals: {reasons}"
     if len(batches) == len(refused):  # a batch that meets it at every refused site: does it at the others too?
-        fixed = config.model_copy(update={"batch_size": min(batches)})
+        fixed = config.model_copy(update={"batch_size": min(batches), "privacy": config.privacy.model_copy(
+            update={"sampling_rate": None})})
         try:
             for rows in training_rows.values():
                 plan_for(fixed, rows)
@@ -249,15 +250,17 @@ def privacy_report(run: Run) -> dict[str, Any] | None:
     budget = run.config.privacy
     return {"epsilon": max(spent.values(), default=0.0), "delta": budget.delta, "budget_epsilon": budget.epsilon,
             "max_grad_norm": budget.max_grad_norm,
-            "hospitals": {h: {"epsilon": eps, "noise_multiplier": plan_for(run.config, run.example_limits[h])
-                              .noise_multiplier} for h, eps in spent.items()}}
+            "hospitals": {h: {"epsilon": eps,
+                              "noise_multiplier": plan_for(run.config, run.example_limits[h]).noise_multiplier,
+                              "batch_size": run.config.batch_size_at(run.example_limits[h])}
+                          for h, eps in spent.items()}}
 
 
 def plan_for(config: RunConfig, rows: int) -> PrivacyPlan:
     """The DP-SGD plan of a hospital with `rows` training rows in a run with a privacy budget; the hospital
     computes the same from the same numbers."""
     assert config.privacy is not None
-    return _plan(config.privacy, rows, config.batch_size, config.rounds, config.local_epochs)
+    return _plan(config.privacy, rows, config.batch_size_at(rows), config.rounds, config.local_epochs)
 
 
 @functools.lru_cache(maxsize=256)

@@ -179,10 +179,11 @@ class HospitalWorker:
                                **self._recalibrated(model, preprocessor, fit, validation),
                                **({"summary": summary.to_json()} if summary is not None else {})})
         train_config = TrainConfig(epochs=config.local_epochs, learning_rate=config.learning_rate,
-                                   batch_size=config.batch_size, weight_decay=config.weight_decay,
+                                   batch_size=config.batch_size_at(len(fit)), weight_decay=config.weight_decay,
                                    proximal_mu=(config.strategy.proximal_mu if config.strategy.name == "fedprox"
                                                 else 0.0),
-                                   seed=round_number, max_steps=config.local_steps)
+                                   seed=round_number, max_steps=config.local_steps,
+                                   prior_rows=preprocessing.count)  # FedAvg stands for pooled training
         features, target = preprocessor.features(fit), preprocessor.target(fit)
         privacy: dict[str, int] = {}
         directions, scale = self.directions, np.asarray(preprocessor.scale)

@@ -246,6 +246,7 @@ class OpenTaskView(BaseModel):
 class HospitalPrivacy(BaseModel):
     epsilon: float  # spent so far
     noise_multiplier: float  # planned for its training rows
+    batch_size: int  # its DP-SGD batch (`RunConfig.batch_size_at`)
 
 
 class PrivacyView(BaseModel):

@@ -142,7 +142,8 @@ def train_model_private(model: nn.Module, features: np.ndarray, target: np.ndarr
     y = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)).reshape(-1, 1)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=config.batch_size,
                                          generator=torch.Generator().manual_seed(config.seed))
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
+                                 weight_decay=config.weight_decay_for(len(x)))
     loss_fn = loss_function(task)
     _quiet_known_warnings()
     model.train()

@@ -56,6 +56,8 @@ class PrivacyConfig(BaseModel):
     max_grad_norm: float = Field(1.0, gt=0, le=1000, description="each record's gradient is clipped to this norm")
     noise_multiplier: float | None = Field(None, gt=0, le=MAX_NOISE_MULTIPLIER,
                                            description="noise per clipped gradient; default: the least that meets ε")
+    sampling_rate: float | None = Field(None, gt=0, lt=1, description="each record's chance to be in a batch: each "
+                                        "hospital's batch is this share of its training rows (unset: batch_size)")
 
 
 class RunConfig(BaseModel):
@@ -129,6 +131,12 @@ class RunConfig(BaseModel):
                              "or a lost replica's task could never be taken over within the round")
         return self
 
+    def batch_size_at(self, rows: int) -> int:
+        """The batch of a hospital training on `rows` rows: with a DP sampling rate, that share of its rows (at
+        least one), so that a small site samples, and spends its budget, as a large one does; else `batch_size`."""
+        rate = None if self.privacy is None else self.privacy.sampling_rate
+        return self.batch_size if rate is None else max(1, round(rate * rows))
+
 
 def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: object) -> RunConfig:
     """A run over `hospitals` hospitals with the task's training settings (`TrainingDefaults`, then the spec's
@@ -141,8 +149,11 @@ def federated_run_config(dataset: DatasetSpec, hospitals: int, **overrides: obje
     budget is planned in epochs (one a round unless given)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     defaults = get_training_defaults()
-    if given.get("privacy") is not None:  # DP-SGD's own defaults, unless given
-        given = {"learning_rate": defaults.dp_learning_rate, "batch_size": defaults.dp_batch_size, **given}
+    if (privacy := given.get("privacy")) is not None:  # DP-SGD's own defaults, unless given
+        given = {"learning_rate": defaults.dp_learning_rate, **given}
+        privacy = privacy if isinstance(privacy, PrivacyConfig) else PrivacyConfig.model_validate(privacy)
+        if "batch_size" not in given and privacy.sampling_rate is None:
+            given["privacy"] = privacy.model_copy(update={"sampling_rate": defaults.dp_sampling_rate})
     local = TrainConfig.for_task(defaults, dataset, learning_rate=given.pop("learning_rate", None),
                                  batch_size=given.pop("batch_size", None), weight_decay=given.pop("weight_decay", None))
     if "local_epochs" not in given and dataset.training.epochs is not None:

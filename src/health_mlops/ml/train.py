@@ -69,7 +69,8 @@ def train_model(model: nn.Module, features: np.ndarray, target: np.ndarray, task
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     y = torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32)).reshape(-1, 1)
     loss_fn = loss_function(task)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate,
+                                 weight_decay=config.weight_decay_for(len(x)))
     anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu > 0 else []
     generator = torch.Generator().manual_seed(config.seed)
     n = len(x)
