@@ -48,6 +48,16 @@ class MissingPolicy(BaseModel):
         return value
 
 
+class DirectionFrom(BaseModel):
+    """Where a numeric feature's direction holds: `above` a value (risk rises, or falls, as the value rises past
+    it) or `below` one (as the value falls past it); free on the other side."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    side: Literal["above", "below"]
+    value: float
+
+
 class Feature(BaseModel):
     """One input column: its type, unit, allowed values and where it comes from."""
 
@@ -67,8 +77,23 @@ class Feature(BaseModel):
     codes: dict[str, str] | None = None
     missing: MissingPolicy | None = None  # None: a missing value makes the row invalid
     # The prediction never falls as the value rises ("increasing") or never rises ("decreasing"); for a
-    # categorical feature, along the order of its categories. Enforced in training (`ml/directions.py`).
+    # categorical feature, along the order of its categories. Enforced in training (`ml/directions.py`). A numeric
+    # feature's may hold only from a value on: `direction: {increasing: {above: 100}}` (a heart rate, whose risk
+    # also rises in bradycardia, is then free below 100), read into `direction` and `direction_from`.
     direction: Literal["increasing", "decreasing"] | None = None
+    direction_from: DirectionFrom | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _direction_from_a_value(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(direction := data.get("direction"), dict):
+            if len(direction) != 1 or not isinstance(where := next(iter(direction.values())), dict) or len(where) != 1:
+                raise ValueError(f"feature {data.get('name')!r}: a direction from a value is written "
+                                 "{increasing: {above: 100}} (or decreasing, or below)")
+            [(way, where)] = direction.items()
+            [(side, value)] = where.items()
+            return {**data, "direction": way, "direction_from": {"side": side, "value": value}}
+        return data
 
     @field_validator("categories", mode="before")
     @classmethod
@@ -119,6 +144,15 @@ class Feature(BaseModel):
                 raise ValueError(f"categorical feature {self.name!r} cannot have min/max")
         if self.missing is not None:
             self._check_missing(self.missing)
+        if self.direction_from is not None:
+            if self.direction is None:
+                raise ValueError(f"feature {self.name!r}: direction_from needs a direction")
+            if self.type != "numeric":
+                raise ValueError(f"feature {self.name!r}: a direction from a value is for numeric features")
+            if not (self.min or 0.0) < self.direction_from.value < (self.max or 0.0):
+                raise ValueError(f"feature {self.name!r}: its direction's {self.direction_from.side} "
+                                 f"{self.direction_from.value:g} must lie inside its range ({self.min:g} to "
+                                 f"{self.max:g})")
         return self
 
     def _check_missing(self, missing: MissingPolicy) -> None:

@@ -23,29 +23,60 @@ MISSING_SUFFIX = ":missing"
 
 
 def encoded_columns(spec: DatasetSpec) -> list[str]:
-    """Names of the model's input columns: numeric features as they are, one column per category, then one
-    missingness indicator per feature whose spec asks for one."""
+    """Names of the model's input columns: numeric features as they are (a feature whose direction holds from a
+    value on in two: `numeric_parts`), one column per category, then one missingness indicator per feature whose
+    spec asks for one."""
     names: list[str] = []
     for feature in spec.features:
         if feature.type == "numeric":
-            names.append(feature.name)
+            names.extend(name for name, _ in numeric_parts(feature))
         else:
             names.extend(f"{feature.name}={c}" for c in feature.categories or ())
     names.extend(f"{f.name}{MISSING_SUFFIX}" for f in spec.features if f.has_indicator)
     return names
 
 
+# A numeric column's value from the feature's: clip(sign * x + shift, low, high).
+NumericPart = tuple[float, float, float, float]
+
+
+def numeric_parts(feature: Feature) -> list[tuple[str, NumericPart]]:
+    """A numeric feature's encoded columns, each (name, (sign, shift, low, high)). The value itself, or, for a
+    direction from a value c on, two parts that add up to it: above c, min(x, c), free, and max(x - c, 0), the
+    part the direction constrains; below c, max(x, c), free, and min(x - c, 0), constrained. Each part rises
+    with x (so the constrained one takes the direction's sign, and the clamp to the training range commutes with
+    the split)."""
+    where = feature.direction_from
+    if where is None:
+        return [(feature.name, (1.0, 0.0, -np.inf, np.inf))]
+    c = where.value
+    if where.side == "above":
+        return [(feature.name, (1.0, 0.0, -np.inf, c)), (f"{feature.name}>{c:g}", (1.0, -c, 0.0, np.inf))]
+    return [(feature.name, (1.0, 0.0, c, np.inf)), (f"{feature.name}<{c:g}", (1.0, -c, -np.inf, 0.0))]
+
+
+def numeric_columns(feature: Feature, values: np.ndarray) -> np.ndarray:
+    """(rows × parts) the feature's encoded columns of raw values (NaN stays NaN)."""
+    return np.column_stack([np.clip(sign * values + shift, low, high)
+                            for _, (sign, shift, low, high) in numeric_parts(feature)])
+
+
 def value_width(feature: Feature) -> int:
-    """How many encoded columns hold a feature's value: 1, or one per category."""
-    return 1 if feature.type == "numeric" else len(feature.categories or ())
+    """How many encoded columns hold a feature's value: its parts, or one per category."""
+    return len(numeric_parts(feature)) if feature.type == "numeric" else len(feature.categories or ())
 
 
 def feature_columns(spec: DatasetSpec) -> dict[str, list[int]]:
     """Each feature's encoded columns (its value or categories, and its indicator if any)."""
     columns: dict[str, list[int]] = {}
-    for j, name in enumerate(encoded_columns(spec)):
-        feature = name.split("=", 1)[0].removesuffix(MISSING_SUFFIX)
-        columns.setdefault(feature, []).append(j)
+    j = 0
+    for feature in spec.features:
+        columns[feature.name] = list(range(j, j + value_width(feature)))
+        j += value_width(feature)
+    for feature in spec.features:
+        if feature.has_indicator:
+            columns[feature.name].append(j)
+            j += 1
     return columns
 
 
@@ -57,7 +88,7 @@ def encode_features(frame: pd.DataFrame, spec: DatasetSpec) -> np.ndarray:
     for feature in spec.features:
         values = frame[feature.name].to_numpy()
         if feature.type == "numeric":
-            block = values.astype(np.float64)[:, None]
+            block = numeric_columns(feature, values.astype(np.float64))
         else:
             categories = np.asarray(feature.categories, dtype=object)
             block = (values[:, None] == categories[None, :]).astype(np.float64)
@@ -127,7 +158,10 @@ def fill_values(spec: DatasetSpec, observed: np.ndarray, sums: np.ndarray) -> np
         own = columns[feature.name][:value_width(feature)]
         if feature.type == "numeric":
             middle = ((feature.min or 0.0) + (feature.max or 0.0)) / 2  # no hospital measured it: any value does
-            fill[own[0]] = sums[own[0]] / observed[own[0]] if observed[own[0]] > 0 else middle
+            # The parts of a value add up to it, and so do their sums: the fill is the parts of the mean value
+            # (as the exported model fills the value, then splits it).
+            mean = float(sums[own].sum() / observed[own[0]]) if observed[own[0]] > 0 else middle
+            fill[own] = numeric_columns(feature, np.array([mean]))[0]
         else:
             fill[own[int(np.argmax(np.nan_to_num(sums[own])))]] = 1.0
     return fill
@@ -209,8 +243,11 @@ class Preprocessor:
         if self.ranges:
             columns = feature_columns(self.spec)
             lows, highs = np.full(len(self.mean), -np.inf), np.full(len(self.mean), np.inf)
-            for name, (low, high) in self.ranges.items():
-                lows[columns[name][0]], highs[columns[name][0]] = low, high
+            for feature in self.spec.features:
+                if feature.name in self.ranges:  # each part of the value clamped where the value's clamp puts it
+                    edges = numeric_columns(feature, np.array(self.ranges[feature.name], dtype=np.float64))
+                    own = columns[feature.name][:value_width(feature)]
+                    lows[own], highs[own] = edges.min(axis=0), edges.max(axis=0)
             encoded = np.clip(encoded, lows.astype(np.float32), highs.astype(np.float32))
         return ((encoded - self.mean) / self.scale).astype(np.float32)
 
@@ -229,7 +266,7 @@ def serving_fill(spec: DatasetSpec, fill: np.ndarray) -> list[float]:
     values = []
     for feature in spec.features:
         own = fill[columns[feature.name][:value_width(feature)]]
-        values.append(float(own[0]) if feature.type == "numeric" else float(np.argmax(own)))
+        values.append(float(own.sum()) if feature.type == "numeric" else float(np.argmax(own)))
     return values
 
 

@@ -5,9 +5,10 @@ categorical feature's direction follows the order of its categories. The model i
 with constrained weights (projected gradient descent: every optimiser step, and every aggregation on the server,
 ends by mapping the weights back into the constrained set):
 
-- first layer: an increasing numeric input's weights are >= 0, a decreasing one's <= 0; an ordered categorical
-  feature's one-hot columns have effects (weight / the column's scale: its inputs are standardised) that never
-  fall along the order, in every hidden unit;
+- first layer: an increasing numeric input's weights are >= 0, a decreasing one's <= 0 (for a direction from a
+  value on, the weights of the input's part beyond that value: `data.preprocess.numeric_parts`); an ordered
+  categorical feature's one-hot columns have effects (weight / the column's scale: its inputs are standardised)
+  that never fall along the order, in every hidden unit;
 - every later layer's weights are >= 0 (with ReLU, a monotone activation, a hidden unit's output then moves with
   each directional input the same way, and so does the sum the output takes).
 
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from health_mlops.data.preprocess import encoded_columns
+from health_mlops.data.preprocess import encoded_columns, numeric_parts
 from health_mlops.spec import DatasetSpec
 
 
@@ -50,8 +51,8 @@ class Directions:
             if feature.direction is None:
                 continue
             step = 1 if feature.direction == "increasing" else -1
-            if feature.type == "numeric":
-                signs[index[feature.name]] = step
+            if feature.type == "numeric":  # the part the direction holds on (all of it, or from a value on)
+                signs[index[numeric_parts(feature)[-1][0]]] = step
             else:
                 group = tuple(index[f"{feature.name}={c}"] for c in feature.categories or ())
                 ordered.append(group[::step])

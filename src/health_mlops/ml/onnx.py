@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from health_mlops.data.preprocess import GlobalPreprocessing, serving_fill, training_ranges
+from health_mlops.data.preprocess import (GlobalPreprocessing, NumericPart, numeric_parts, serving_fill,
+                                          training_ranges)
 from health_mlops.ml.directions import convex_units
 from health_mlops.ml.site_calibration import SiteCalibration
 from health_mlops.spec import DatasetSpec
@@ -92,19 +93,32 @@ def export_onnx(spec: DatasetSpec, preprocessing: GlobalPreprocessing, weights: 
     sources: list[int] = []
     codes: list[float] = []
     is_numeric: list[bool] = []
+    parts: list[NumericPart] = []  # each column's clip(sign * x + shift, low, high); identity for categories
     for j, feature in enumerate(spec.features):
-        categories = [None] if feature.type == "numeric" else list(feature.categories or ())
-        for code in range(len(categories)):
+        shapes = ([shape for _, shape in numeric_parts(feature)] if feature.type == "numeric"
+                  else [(1.0, 0.0, -np.inf, np.inf)] * len(feature.categories or ()))
+        for code, shape in enumerate(shapes):
             sources.append(j)
             codes.append(float(code))
             is_numeric.append(feature.type == "numeric")
+            parts.append(shape)
     nodes += [
         helper.make_node("Gather", [source, constant("sources", np.array(sources, dtype=np.int64))],
                          ["spread"], axis=1),
         helper.make_node("Equal", ["spread", constant("codes", np.array(codes, dtype=np.float32))], ["is_code"]),
         helper.make_node("Cast", ["is_code"], ["one_hot"], to=TensorProto.FLOAT),
-        helper.make_node("Where", [constant("is_numeric", np.array(is_numeric)), "spread", "one_hot"], ["encoded"]),
     ]
+    numeric = "spread"
+    if any(f.direction_from is not None for f in spec.features):  # a direction from a value on: split the value
+        sign, shift, low, high = (np.clip(np.array(column, dtype=np.float64), -_UNBOUNDED, _UNBOUNDED)
+                                  .astype(np.float32) for column in zip(*parts, strict=True))
+        nodes += [helper.make_node("Mul", ["spread", constant("part_sign", sign)], ["signed"]),
+                  helper.make_node("Add", ["signed", constant("part_shift", shift)], ["shifted"]),
+                  helper.make_node("Min", ["shifted", constant("part_high", high)], ["part_below_high"]),
+                  helper.make_node("Max", ["part_below_high", constant("part_low", low)], ["parts"])]
+        numeric = "parts"
+    nodes.append(helper.make_node("Where", [constant("is_numeric", np.array(is_numeric)), numeric, "one_hot"],
+                                  ["encoded"]))
     encoded = "encoded"
     indicators = [j for j, f in enumerate(spec.features) if f.has_indicator]
     if indicators:  # after every feature's columns, as `encoded_columns` orders them
