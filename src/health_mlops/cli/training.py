@@ -17,7 +17,7 @@ from health_mlops.cli.output import fail, models_progress, out, print_json, prog
 from health_mlops.cli.tables import clinical_table, comparison_table, print_privacy, privacy_json
 from health_mlops.config import Settings, get_settings, get_training_defaults
 from health_mlops.fl.run_config import RunConfig, federated_run_config
-from health_mlops.ml.train_config import TrainConfig
+from health_mlops.ml.train_config import WEIGHT_DECAY_FULL_ROWS, TrainConfig
 from health_mlops.spec import DatasetSpec, load_spec, spec_for_data
 
 if TYPE_CHECKING:  # training imports torch: only the commands that train load it
@@ -40,11 +40,15 @@ def train(
                                                            f"{TRAINING['local_steps'].default} steps a round)")
                       ] = None,
     learning_rate: Annotated[float | None, typer.Option(
-        min=0.0, help=f"default: the spec's, else {TRAINING['learning_rate'].default}")] = None,
+        min=0.0, help=f"default: the spec's, else {TRAINING['learning_rate'].default} (with --dp-epsilon "
+                      f"{TRAINING['dp_learning_rate'].default})")] = None,
     batch_size: Annotated[int | None, typer.Option(
-        min=1, help=f"default: the spec's, else {TRAINING['batch_size'].default}")] = None,
+        min=1, help=f"default: the spec's, else {TRAINING['batch_size'].default} (with --dp-epsilon each "
+                    f"hospital's is {TRAINING['dp_sampling_rate'].default:g} of its training rows)")] = None,
     weight_decay: Annotated[float | None, typer.Option(
-        min=0.0, help=f"L2 penalty; default {TRAINING['weight_decay'].default}")] = None,
+        min=0.0, help=f"L2 penalty, whole on up to {WEIGHT_DECAY_FULL_ROWS} training rows (a federation's: all "
+                      f"its hospitals'), shrinking as 1 / rows above; default {TRAINING['weight_decay'].default}")
+                  ] = None,
     model: Annotated[ModelKind | None, typer.Option(help="default: the spec's model")] = None,
     hidden: Annotated[str | None, typer.Option(help="mlp hidden layer widths, e.g. 64,32; default: the "
                                                     "spec's")] = None,

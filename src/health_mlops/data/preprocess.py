@@ -36,29 +36,28 @@ def encoded_columns(spec: DatasetSpec) -> list[str]:
     return names
 
 
-# A numeric column's value from the feature's: clip(sign * x + shift, low, high).
-NumericPart = tuple[float, float, float, float]
+# A numeric column's value from the feature's: clip(x + shift, low, high).
+NumericPart = tuple[float, float, float]
 
 
 def numeric_parts(feature: Feature) -> list[tuple[str, NumericPart]]:
-    """A numeric feature's encoded columns, each (name, (sign, shift, low, high)). The value itself, or, for a
+    """A numeric feature's encoded columns, each (name, (shift, low, high)). The value itself, or, for a
     direction from a value c on, two parts that add up to it: above c, min(x, c), free, and max(x - c, 0), the
     part the direction constrains; below c, max(x, c), free, and min(x - c, 0), constrained. Each part rises
     with x (so the constrained one takes the direction's sign, and the clamp to the training range commutes with
     the split)."""
     where = feature.direction_from
     if where is None:
-        return [(feature.name, (1.0, 0.0, -np.inf, np.inf))]
+        return [(feature.name, (0.0, -np.inf, np.inf))]
     c = where.value
     if where.side == "above":
-        return [(feature.name, (1.0, 0.0, -np.inf, c)), (f"{feature.name}>{c:g}", (1.0, -c, 0.0, np.inf))]
-    return [(feature.name, (1.0, 0.0, c, np.inf)), (f"{feature.name}<{c:g}", (1.0, -c, -np.inf, 0.0))]
+        return [(feature.name, (0.0, -np.inf, c)), (f"{feature.name}>{c:g}", (-c, 0.0, np.inf))]
+    return [(feature.name, (0.0, c, np.inf)), (f"{feature.name}<{c:g}", (-c, -np.inf, 0.0))]
 
 
 def numeric_columns(feature: Feature, values: np.ndarray) -> np.ndarray:
     """(rows × parts) the feature's encoded columns of raw values (NaN stays NaN)."""
-    return np.column_stack([np.clip(sign * values + shift, low, high)
-                            for _, (sign, shift, low, high) in numeric_parts(feature)])
+    return np.column_stack([np.clip(values + shift, low, high) for _, (shift, low, high) in numeric_parts(feature)])
 
 
 def value_width(feature: Feature) -> int:

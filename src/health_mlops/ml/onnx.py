@@ -93,10 +93,10 @@ def export_onnx(spec: DatasetSpec, preprocessing: GlobalPreprocessing, weights: 
     sources: list[int] = []
     codes: list[float] = []
     is_numeric: list[bool] = []
-    parts: list[NumericPart] = []  # each column's clip(sign * x + shift, low, high); identity for categories
+    parts: list[NumericPart] = []  # each column's clip(x + shift, low, high); identity for categories
     for j, feature in enumerate(spec.features):
         shapes = ([shape for _, shape in numeric_parts(feature)] if feature.type == "numeric"
-                  else [(1.0, 0.0, -np.inf, np.inf)] * len(feature.categories or ()))
+                  else [(0.0, -np.inf, np.inf)] * len(feature.categories or ()))
         for code, shape in enumerate(shapes):
             sources.append(j)
             codes.append(float(code))
@@ -110,10 +110,9 @@ def export_onnx(spec: DatasetSpec, preprocessing: GlobalPreprocessing, weights: 
     ]
     numeric = "spread"
     if any(f.direction_from is not None for f in spec.features):  # a direction from a value on: split the value
-        sign, shift, low, high = (np.clip(np.array(column, dtype=np.float64), -_UNBOUNDED, _UNBOUNDED)
-                                  .astype(np.float32) for column in zip(*parts, strict=True))
-        nodes += [helper.make_node("Mul", ["spread", constant("part_sign", sign)], ["signed"]),
-                  helper.make_node("Add", ["signed", constant("part_shift", shift)], ["shifted"]),
+        shift, low, high = (np.clip(np.array(column, dtype=np.float64), -_UNBOUNDED, _UNBOUNDED).astype(np.float32)
+                            for column in zip(*parts, strict=True))
+        nodes += [helper.make_node("Add", ["spread", constant("part_shift", shift)], ["shifted"]),
                   helper.make_node("Min", ["shifted", constant("part_high", high)], ["part_below_high"]),
                   helper.make_node("Max", ["part_below_high", constant("part_low", low)], ["parts"])]
         numeric = "parts"
