@@ -22,18 +22,22 @@ _MIN_VARIANCE = 1e-12
 MISSING_SUFFIX = ":missing"
 
 
-def encoded_columns(spec: DatasetSpec) -> list[str]:
-    """Names of the model's input columns: numeric features as they are (a feature whose direction holds from a
-    value on in two: `numeric_parts`), one column per category, then one missingness indicator per feature whose
-    spec asks for one."""
-    names: list[str] = []
+def _columns(spec: DatasetSpec) -> list[tuple[str, str]]:
+    """The model's input columns in order, each (the feature it belongs to, its name): every feature's value
+    columns (a numeric feature's parts, `numeric_parts`; a categorical feature's one per category), then one
+    missingness indicator per feature whose spec asks for one."""
+    owned: list[tuple[str, str]] = []
     for feature in spec.features:
-        if feature.type == "numeric":
-            names.extend(name for name, _ in numeric_parts(feature))
-        else:
-            names.extend(f"{feature.name}={c}" for c in feature.categories or ())
-    names.extend(f"{f.name}{MISSING_SUFFIX}" for f in spec.features if f.has_indicator)
-    return names
+        names = ([name for name, _ in numeric_parts(feature)] if feature.type == "numeric"
+                 else [f"{feature.name}={c}" for c in feature.categories or ()])
+        owned.extend((feature.name, name) for name in names)
+    owned.extend((f.name, f"{f.name}{MISSING_SUFFIX}") for f in spec.features if f.has_indicator)
+    return owned
+
+
+def encoded_columns(spec: DatasetSpec) -> list[str]:
+    """Names of the model's input columns (`_columns`)."""
+    return [name for _, name in _columns(spec)]
 
 
 # A numeric column's value from the feature's: clip(x + shift, low, high).
@@ -68,14 +72,8 @@ def value_width(feature: Feature) -> int:
 def feature_columns(spec: DatasetSpec) -> dict[str, list[int]]:
     """Each feature's encoded columns (its value or categories, and its indicator if any)."""
     columns: dict[str, list[int]] = {}
-    j = 0
-    for feature in spec.features:
-        columns[feature.name] = list(range(j, j + value_width(feature)))
-        j += value_width(feature)
-    for feature in spec.features:
-        if feature.has_indicator:
-            columns[feature.name].append(j)
-            j += 1
+    for j, (feature, _) in enumerate(_columns(spec)):
+        columns.setdefault(feature, []).append(j)
     return columns
 
 
