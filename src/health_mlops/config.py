@@ -25,9 +25,9 @@ class TrainingDefaults(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HEALTH_MLOPS_TRAIN_")
 
     epochs: int = Field(8, ge=1, description="epochs of pooled or local-only training when asked for in epochs")
-    steps: int = Field(2000, ge=1, description="optimiser steps of pooled or local-only training (the budget, "
+    steps: int = Field(4000, ge=1, description="optimiser steps of pooled or local-only training (the budget, "
                        "whatever the site's size; early stopping may end it sooner)")
-    local_steps: int = Field(100, ge=1, description="optimiser steps each hospital takes per federated round")
+    local_steps: int = Field(200, ge=1, description="optimiser steps each hospital takes per federated round")
     validation_fraction: float = Field(0.2, ge=0, lt=1, description="share of each hospital's training rows held "
                                        "out to stop training early and to choose the federation's best round")
     patience: int = Field(10, ge=1, description="validation checks without a better loss before training stops")

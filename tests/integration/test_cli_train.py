@@ -255,7 +255,7 @@ def over_seeds(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The acceptance data (5 hospitals x 4000 patient-days) of generator seeds 1 to 5, each with its own split,
     trained pooled, local-only and federated (`health-mlops evaluate`)."""
     home = tmp_path_factory.mktemp("over-seeds") / "home"
-    # 2 minutes alone on 2 CPUs (15 trainings of 2000 steps, 5 federations of 20 rounds x 100 steps a hospital);
+    # 2 minutes alone on 2 CPUs (15 trainings of 4000 steps, 5 federations of 20 rounds x 200 steps a hospital);
     # the guard is far beyond, for a machine the other tests share.
     return run_cli_json("evaluate", "--seeds", "1-5", home=home, timeout=1200)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -62,24 +63,41 @@ class Directions:
 
     def project(self, layers: list[np.ndarray], scale: np.ndarray | None = None) -> None:
         """Map the Linear layers' weight matrices (in order; the first's columns are the encoded inputs) into the
-        allowed set, in place. `scale`: each encoded column's standardisation (ones if unknown yet)."""
+        allowed set, in place. `scale`: each encoded column's standardisation (ones if unknown yet).
+
+        This runs after every optimiser step, so it works on whole arrays: one clip for the signs, and the ordered
+        features' groups of one size at once."""
         first = layers[0]
-        increasing, decreasing = self.signs > 0, self.signs < 0
-        first[:, increasing] = np.maximum(first[:, increasing], 0.0)
-        first[:, decreasing] = np.minimum(first[:, decreasing], 0.0)
-        for group in self.ordered:
-            columns = list(group)
-            divisor = np.ones(len(columns)) if scale is None else np.asarray(scale, dtype=np.float64)[columns]
-            effects = first[:, columns] / divisor
-            for _ in range(len(columns)):  # adjacent violators pooled to their mean (close to the projection)
-                for i in range(len(columns) - 1):
-                    wrong = effects[:, i] > effects[:, i + 1]
-                    pooled = (effects[wrong, i] + effects[wrong, i + 1]) / 2
-                    effects[wrong, i], effects[wrong, i + 1] = pooled, pooled
-            first[:, columns] = np.maximum.accumulate(effects, axis=1) * divisor  # ordered exactly
+        lower, upper = self._sign_bounds
+        np.clip(first, lower, upper, out=first)
+        for groups in self._ordered_by_size:  # (groups, categories): column indices
+            divisor = np.ones(groups.shape) if scale is None else np.asarray(scale, dtype=np.float64)[groups]
+            effects = first[:, groups] / divisor  # (units, groups, categories)
+            if (effects[..., :-1] <= effects[..., 1:]).all():
+                continue  # already in order: nothing to pool
+            for _ in range(groups.shape[1]):  # adjacent violators pooled to their mean (close to the projection)
+                for i in range(groups.shape[1] - 1):
+                    left, right = effects[..., i], effects[..., i + 1]
+                    pooled = (left + right) / 2  # where left > right both become it; elsewhere both stay
+                    np.minimum(left, pooled, out=left)
+                    np.maximum(right, pooled, out=right)
+                if (effects[..., :-1] <= effects[..., 1:]).all():
+                    break
+            first[:, groups] = np.maximum.accumulate(effects, axis=2) * divisor  # ordered exactly
         if self.hidden_non_negative:
             for later in layers[1:]:
                 np.maximum(later, 0.0, out=later)
+
+    @cached_property
+    def _sign_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per encoded column, the interval a first-layer weight may take: [0, inf) increasing, (-inf, 0] falling."""
+        return np.where(self.signs > 0, 0.0, -np.inf), np.where(self.signs < 0, 0.0, np.inf)
+
+    @cached_property
+    def _ordered_by_size(self) -> list[np.ndarray]:
+        """The ordered groups as index arrays, one (groups, categories) array per number of categories."""
+        sizes = sorted({len(group) for group in self.ordered})
+        return [np.array([group for group in self.ordered if len(group) == size]) for size in sizes]
 
     def project_weights(self, weights: MutableMapping[str, np.ndarray], scale: np.ndarray | None = None) -> None:
         """`project` on a Sequential's weights by name ("0.weight", "2.weight", ...), in place."""

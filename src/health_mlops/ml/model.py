@@ -21,9 +21,18 @@ class SplitReLU(nn.Module):
     "Constrained Monotonic Neural Networks", ICML 2023. Without directions, min(x, 0) = x - ReLU(x) makes it as
     expressive as ReLU."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._bounds: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        convex = convex_units(x.shape[1])
-        return torch.cat([torch.relu(x[:, :convex]), torch.clamp(x[:, convex:], max=0.0)], dim=1)
+        # One clamp with per-unit bounds (ReLU: [0, inf), min(x, 0): (-inf, 0]) rather than two slices and a cat:
+        # this activation runs twice in every optimiser step, and one op is a third of the cost.
+        if self._bounds is None or self._bounds[0].shape[0] != x.shape[1]:
+            convex = torch.arange(x.shape[1]) < convex_units(x.shape[1])
+            infinity = torch.tensor(float("inf"))
+            self._bounds = (torch.where(convex, 0.0, -infinity), torch.where(convex, infinity, 0.0))
+        return torch.clamp(x, min=self._bounds[0], max=self._bounds[1])
 
 
 def build_model(config: ModelDefaults, n_inputs: int, *, seed: int = 0) -> nn.Module:
