@@ -40,6 +40,9 @@ class ExperimentResult:
     mean_over_hospitals: dict[str, float | None] = field(default_factory=dict)
     undefined: dict[str, dict[str, str]] = field(default_factory=dict)
     extra: dict[str, object] = field(default_factory=dict)
+    # With `probe` rows asked for: each model's predictions for them (pooled and federated one model, local-only
+    # one per hospital); an experiment's own measure, left out of `to_json`.
+    probe_predictions: list[np.ndarray] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         return {"mode": self.mode, "task": self.task, "metric": self.metric, "overall": _shaped(self.overall),
@@ -108,8 +111,8 @@ def _hook(on_progress: ProgressHook | None, name: str) -> Callable[[float], None
 
 
 def run_pooled(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConfig,
-               on_progress: ProgressHook | None = None) -> ExperimentResult:
-    """One model trained on every hospital's training rows together."""
+               on_progress: ProgressHook | None = None, *, probe: pd.DataFrame | None = None) -> ExperimentResult:
+    """One model trained on every hospital's training rows together (`probe`: rows it also predicts)."""
     pooled = pd.concat([s.train for s in splits], ignore_index=True)
     model, preprocessor = _fit(spec, splits, config, _hook(on_progress, "pooled"))
     predictions = [predict_frame(model, preprocessor, s.test) for s in splits]
@@ -117,17 +120,21 @@ def run_pooled(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConf
     scores = score_predictions(spec, splits, predictions, [threshold] * len(splits))
     return ExperimentResult("pooled", spec.task, spec.primary_metric, *scores,
                             extra={"imputation": imputation(spec, preprocessor.fill),
-                                   **({"threshold": threshold} if spec.task == "binary" else {})})
+                                   **({"threshold": threshold} if spec.task == "binary" else {})},
+                            probe_predictions=[] if probe is None else [predict_frame(model, preprocessor, probe)])
 
 
 def run_local(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConfig,
-              on_progress: ProgressHook | None = None) -> ExperimentResult:
-    """One model per hospital, each trained and scored on its own hospital's rows only."""
-    predictions = []
+              on_progress: ProgressHook | None = None, *, probe: pd.DataFrame | None = None) -> ExperimentResult:
+    """One model per hospital, each trained and scored on its own hospital's rows only (`probe`: rows each model
+    also predicts)."""
+    predictions, probed = [], []
     imputed: dict[str, dict[str, float | str]] = {}
     for split in splits:
         model, preprocessor = _fit(spec, [split], config, _hook(on_progress, split.hospital_id))
         predictions.append(predict_frame(model, preprocessor, split.test))
+        if probe is not None:
+            probed.append(predict_frame(model, preprocessor, probe))
         imputed[split.hospital_id] = imputation(spec, preprocessor.fill)
     # Each hospital's own model flags risks above its own training rows' event rate.
     thresholds = [spec.threshold_for(event_rate(spec, split.train)) for split in splits]
@@ -135,5 +142,5 @@ def run_local(spec: DatasetSpec, splits: list[HospitalSplit], config: TrainConfi
     extra: dict[str, object] = {"imputation": imputed}
     if spec.task == "binary":
         extra["threshold"] = {split.hospital_id: t for split, t in zip(splits, thresholds, strict=True)}
-    return ExperimentResult("local", spec.task, spec.primary_metric, *scores, extra=extra)
+    return ExperimentResult("local", spec.task, spec.primary_metric, *scores, extra=extra, probe_predictions=probed)
 

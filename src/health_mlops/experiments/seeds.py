@@ -5,29 +5,38 @@ One seed is an anecdote: a hospital's test split holds a few dozen events, so it
 from one draw to the next. The README's accuracy claims come from here, stated in the form that holds: on
 average over seeds, the federated model's mean AUC over hospitals is within 0.01 of pooled training, and at
 every hospital it is at least what the hospital reaches alone.
+
+Test patients are patients like the training ones; a model is also asked about patients unlike any it saw. Each
+seed's models also score patients drawn uniformly across the spec's ranges, and the rank correlation (Spearman) of
+their risk with the generator's true risk says whether the risk still moves as the patient's state does there.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
 
 from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.split import split_hospitals
-from health_mlops.data.synthetic import generate_dataset, read_reference
+from health_mlops.data.synthetic import generate_dataset, read_reference, true_risk
 from health_mlops.experiments.baselines import run_local, run_pooled
 from health_mlops.experiments.simulation import run_federated_in_memory
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.ml.train_config import TrainConfig
-from health_mlops.spec import load_spec
+from health_mlops.spec import DatasetSpec, load_spec
 
 MODES = ("federated", "pooled", "local", "bayes")
+TRAINED_MODES = ("federated", "pooled", "local")
 POOLED_MARGIN = 0.01  # the federated mean AUC may trail pooled training by this much, on average over seeds
+PROBE_PATIENTS = 2000  # patients drawn across the spec's ranges, each seed
+RANK_TARGET = 0.6  # the federated risk's rank correlation with the true risk there, on average over seeds
 
 
 @dataclass(frozen=True)
@@ -37,30 +46,50 @@ class SeedScores:
     seed: int
     per_hospital: dict[str, dict[str, float | None]]  # mode -> hospital -> AUC
     mean_over_hospitals: dict[str, float | None]  # mode -> mean AUC
+    # trained mode -> Spearman of the risk with the true risk on patients across the spec's ranges (local-only: the
+    # mean over the hospitals' models)
+    rank_correlation: dict[str, float]
 
 
 def _auc(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
+def patients_across_ranges(spec: DatasetSpec, n: int, rng: np.random.Generator) -> pd.DataFrame:
+    """`n` patients whose every feature is drawn uniformly: numeric ones over the spec's range, categories alike."""
+    columns: dict[str, np.ndarray] = {}
+    for feature in spec.features:
+        if feature.type == "numeric":
+            assert feature.min is not None and feature.max is not None, f"{feature.name} has no range in the spec"
+            columns[feature.name] = rng.uniform(feature.min, feature.max, n)
+        else:
+            columns[feature.name] = rng.choice(list(feature.categories or ()), n)
+    return pd.DataFrame(columns)
+
+
 def score_seed(seed: int, workdir: Path, *, hospitals: int, rows_per_hospital: int, test_fraction: float,
                stratify: bool, train_config: TrainConfig, run_config: RunConfig) -> SeedScores:
     """Generate seed `seed`'s data (split seed = `seed`) and train all three ways on it."""
     spec = load_spec("health-risk")
+    probe = patients_across_ranges(spec, PROBE_PATIENTS, np.random.default_rng([seed, PROBE_PATIENTS]))
     folder = workdir / f"seed-{seed}"
     generate_dataset(folder, n_hospitals=hospitals, rows_per_hospital=rows_per_hospital, seed=seed,
                      split_seed=seed, test_fraction=test_fraction, stratify=stratify)
     splits = split_hospitals(load_hospitals(folder, spec), spec, seed=seed, test_fraction=test_fraction,
                              stratify=stratify)
-    results: dict[str, dict[str, Any]] = {"pooled": run_pooled(spec, splits, train_config).to_json(),
-               "local": run_local(spec, splits, train_config).to_json(),
-               "federated": run_federated_in_memory(spec, splits, run_config, seed=seed)[0].to_json()}
+    trained = {"pooled": run_pooled(spec, splits, train_config, probe=probe),
+               "local": run_local(spec, splits, train_config, probe=probe),
+               "federated": run_federated_in_memory(spec, splits, run_config, seed=seed, probe=probe)[0]}
+    truth = true_risk(probe)
+    rank_correlation = {mode: float(np.mean([spearmanr(risk, truth).statistic for risk in result.probe_predictions]))
+                        for mode, result in trained.items()}
+    results: dict[str, dict[str, Any]] = {mode: result.to_json() for mode, result in trained.items()}
     reference = read_reference(folder, split_seed=seed, test_fraction=test_fraction, stratify=stratify)
     assert reference is not None  # generated just now with this split
     results["bayes"] = reference
     per_hospital = {mode: {h: _auc(m["auc"]) for h, m in r["per_hospital"].items()} for mode, r in results.items()}
     mean = {mode: _auc(r["mean_over_hospitals"]["auc"]) for mode, r in results.items()}
-    return SeedScores(seed, per_hospital, mean)
+    return SeedScores(seed, per_hospital, mean, rank_correlation)
 
 
 def mean_and_sd(values: list[float | None]) -> tuple[float | None, float | None, int]:
@@ -85,6 +114,9 @@ class SeedsEvaluation:
     def mean_summary(self, mode: str) -> tuple[float | None, float | None, int]:
         return mean_and_sd([s.mean_over_hospitals[mode] for s in self.seeds])
 
+    def rank_summary(self, mode: str) -> tuple[float | None, float | None, int]:
+        return mean_and_sd([s.rank_correlation[mode] for s in self.seeds])
+
     def claims(self) -> dict[str, bool]:
         """The README's two claims, checked on these seeds (means over seeds)."""
         federated, pooled = self.mean_summary("federated")[0], self.mean_summary("pooled")[0]
@@ -93,8 +125,10 @@ class SeedsEvaluation:
         for hospital in self.hospitals:
             fed, local = self.hospital_summary("federated", hospital)[0], self.hospital_summary("local", hospital)[0]
             no_hospital_worse &= fed is not None and (local is None or fed >= local)
+        ranked = self.rank_summary("federated")[0]
         return {"federated_within_0.01_of_pooled": close_to_pooled,
-                "federated_at_least_local_at_every_hospital": no_hospital_worse}
+                "federated_at_least_local_at_every_hospital": no_hospital_worse,
+                "federated_rank_correlation_at_least_0.6": ranked is not None and ranked >= RANK_TARGET}
 
     def to_json(self) -> dict[str, object]:
         def summary(values: tuple[float | None, float | None, int]) -> dict[str, object]:
@@ -103,9 +137,11 @@ class SeedsEvaluation:
         return {"seeds": [s.seed for s in self.seeds],
                 "per_hospital": {h: {m: summary(self.hospital_summary(m, h)) for m in MODES} for h in self.hospitals},
                 "mean_over_hospitals": {m: summary(self.mean_summary(m)) for m in MODES},
+                "rank_correlation_across_ranges": {m: summary(self.rank_summary(m)) for m in TRAINED_MODES},
                 "claims": self.claims(),
                 "per_seed": [{"seed": s.seed, "per_hospital": s.per_hospital,
-                              "mean_over_hospitals": s.mean_over_hospitals} for s in self.seeds]}
+                              "mean_over_hospitals": s.mean_over_hospitals,
+                              "rank_correlation_across_ranges": s.rank_correlation} for s in self.seeds]}
 
 
 def evaluate_over_seeds(seeds: list[int], workdir: Path, *, hospitals: int, rows_per_hospital: int,

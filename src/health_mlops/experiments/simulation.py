@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import partial
 
+import pandas as pd
+
 from health_mlops.data.preprocess import GlobalPreprocessing, Preprocessor, imputation
 from health_mlops.data.split import HospitalSplit
 from health_mlops.experiments.baselines import ExperimentResult, score_predictions
@@ -23,8 +25,9 @@ from health_mlops.spec import DatasetSpec
 
 def run_federated_in_memory(spec: DatasetSpec, splits: list[HospitalSplit], config: RunConfig, *,
                             seed: int = 0, worker_overrides: Mapping[str, HospitalWorker] | None = None,
-                            ) -> tuple[ExperimentResult, Run]:
-    """Train federatedly; score the final global model on every hospital's test rows.
+                            probe: pd.DataFrame | None = None) -> tuple[ExperimentResult, Run]:
+    """Train federatedly; score the final global model on every hospital's test rows (`probe`: rows it also
+    predicts).
 
     `worker_overrides` stands in for some hospitals' own workers (e.g. the attacker of benchmarks/poisoning.py).
     """
@@ -46,11 +49,11 @@ def run_federated_in_memory(spec: DatasetSpec, splits: list[HospitalSplit], conf
     if run.status is not RunStatus.completed:
         raise RuntimeError(f"federated run ended {run.status.value}: {run.reason}")
     assert run.preprocessing is not None  # a completed run closed round 0
-    return score_global_model(spec, splits, run.preprocessing, run.weights), run
+    return score_global_model(spec, splits, run.preprocessing, run.weights, probe=probe), run
 
 
 def score_global_model(spec: DatasetSpec, splits: list[HospitalSplit], preprocessing: GlobalPreprocessing,
-                       weights: Weights) -> ExperimentResult:
+                       weights: Weights, *, probe: pd.DataFrame | None = None) -> ExperimentResult:
     """Score a federated model on every hospital's test rows, as the baselines are scored.
 
     Only an experiment that holds every hospital's data can do this (to compare with pooled training); in a
@@ -63,4 +66,5 @@ def score_global_model(spec: DatasetSpec, splits: list[HospitalSplit], preproces
     scores = score_predictions(spec, splits, predictions, [threshold] * len(splits))
     return ExperimentResult("federated", spec.task, spec.primary_metric, *scores,
                             extra={"imputation": imputation(spec, preprocessor.fill),
-                                   **({"threshold": threshold} if spec.task == "binary" else {})})
+                                   **({"threshold": threshold} if spec.task == "binary" else {})},
+                            probe_predictions=[] if probe is None else [predict_frame(model, preprocessor, probe)])
