@@ -48,7 +48,7 @@ from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.split import HospitalSplit, split_hospitals
 from health_mlops.data.synthetic import generate_dataset
 from health_mlops.experiments.simulation import run_federated_in_memory
-from health_mlops.fl.coordinator import TaskKind, TaskResult
+from health_mlops.fl.state import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker
 from health_mlops.fl.run_config import RunConfig, StrategyName, federated_run_config
 from health_mlops.fl.strategies import Weights

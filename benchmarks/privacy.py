@@ -30,7 +30,7 @@ from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.split import HospitalSplit, split_hospitals
 from health_mlops.data.synthetic import generate_dataset
 from health_mlops.experiments.simulation import run_federated_in_memory
-from health_mlops.fl.coordinator import privacy_report
+from health_mlops.fl.privacy_budget import privacy_report
 from health_mlops.fl.run_config import PrivacyConfig, federated_run_config
 from health_mlops.spec import DatasetSpec, load_spec
 

@@ -86,7 +86,7 @@ from health_mlops.data.preprocess import encoded_columns
 from health_mlops.demo.processes import Child, Processes, wait_ready
 from health_mlops.fl.messages import decode_weights, encode_weights
 from health_mlops.http_server import protocol_options
-from health_mlops.ml.model import initial_weights
+from health_mlops.ml.initial_weights import initial_weights
 from health_mlops.pki import CA, SERVER, cert_path, key_path
 from health_mlops.security import ADMIN, ClientCredential, bearer, provision
 from health_mlops.spec import DatasetSpec, ModelDefaults, load_spec, spec_to_yaml

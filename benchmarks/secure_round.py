@@ -40,7 +40,7 @@ from round_at_scale import Setup, global_weights, sized_spec, start_aggregator, 
 
 from health_mlops.demo.processes import Processes
 from health_mlops.fl.client import AdminClient, HospitalClient
-from health_mlops.fl.coordinator import TaskKind, TaskResult
+from health_mlops.fl.state import TaskKind, TaskResult
 from health_mlops.fl.messages import RunRequest, decode_weights, encode_result
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.secure_fit import ConsortiumIdentity, SecureFitSession

@@ -17,7 +17,7 @@ import pytest
 
 from health_mlops.audit import AuditLog, verify_audit
 from health_mlops.fl.aggregator import AggregatorService, create_app, create_ops_app
-from health_mlops.fl.coordinator import TaskResult
+from health_mlops.fl.state import TaskResult
 from health_mlops.fl.messages import encode_result
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.http_server import BackgroundServer

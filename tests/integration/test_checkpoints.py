@@ -23,7 +23,7 @@ from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.split import split_hospitals
 from health_mlops.data.synthetic import generate_dataset
 from health_mlops.fl.aggregator import AggregatorService, create_app, create_ops_app
-from health_mlops.fl.coordinator import TaskKind, TaskResult
+from health_mlops.fl.state import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker
 from health_mlops.fl.mapped import mapping_of
 from health_mlops.fl.messages import TaskMessage, decode_weights, encode_result

@@ -107,3 +107,14 @@ def test_the_cli_loads_no_heavy_library_before_a_command_runs() -> None:
     code = f"import sys, health_mlops.cli; print(','.join(m for m in {heavy!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == ""
+
+
+@pytest.mark.parametrize(("service", "absent"), [
+    ("health_mlops.fl.aggregator.server", ("torch", "opacus", "health_mlops.ml.model", "health_mlops.fl.hospital")),
+    ("health_mlops.serving.app", ("torch", "health_mlops.fl.coordinator"))])
+def test_a_service_loads_only_what_it_runs(service: str, absent: tuple[str, ...]) -> None:
+    """The aggregator averages arrays and starts runs from numpy draws (`ml.initial_weights`): an image of it needs
+    no torch. The dashboard reads run views and serves ONNX: it loads neither torch nor the coordinator."""
+    code = f"import sys, {service}; print(','.join(m for m in {absent!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "", f"importing {service} loaded {loaded}"

@@ -20,7 +20,7 @@ from health_mlops.data.hospital import load_hospital
 from health_mlops.data.split import HospitalSplit, hold_out_validation, split_hospitals
 from health_mlops.demo.processes import Child, wait_ready
 from health_mlops.fl.client import HospitalClient
-from health_mlops.fl.coordinator import TaskKind, TaskResult
+from health_mlops.fl.state import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker
 from health_mlops.fl.messages import RunView, TaskMessage, decode_weights, encode_result
 from health_mlops.fl.metadata import FitMetadata

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from health_mlops.data.preprocess import GlobalPreprocessing
-from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, ResultAccepted,
-                                         ResultRejected, RoundArrays, RoundClosed, RoundHistory, RoundOpened, RunEnded,
-                                         RunStarted, RunStatus, TaskKind, TaskResult, round_record_to_dict)
+from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, RoundArrays,
+                                         RoundHistory, round_record_to_dict)
+from health_mlops.fl.state import (ResultAccepted, ResultRejected, RoundClosed, RoundOpened, RunEnded, RunStarted,
+                                   RunStatus, TaskKind, TaskResult)
 from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.run_config import RunConfig, StrategyConfig
 

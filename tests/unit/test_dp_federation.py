@@ -13,11 +13,14 @@ from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.split import HospitalSplit, split_hospitals
 from health_mlops.data.synthetic import generate_dataset
 from health_mlops.experiments.simulation import run_federated_in_memory
-from health_mlops.fl.coordinator import Coordinator, RunStatus, TaskKind, privacy_report, privacy_spent
-from health_mlops.fl.hospital import HospitalWorker, reduce_stats
+from health_mlops.fl.coordinator import Coordinator
+from health_mlops.fl.privacy_budget import privacy_report, privacy_spent
+from health_mlops.fl.state import RunStatus, TaskKind
+from health_mlops.fl.hospital import HospitalWorker
+from health_mlops.fl.stats import reduce_stats
 from health_mlops.fl.publish import training_record
 from health_mlops.fl.run_config import PrivacyConfig, RunConfig, StrategyConfig
-from health_mlops.ml.model import initial_weights
+from health_mlops.ml.initial_weights import initial_weights
 from health_mlops.spec import load_spec
 
 SPEC = load_spec("health-risk")

@@ -10,7 +10,7 @@ from health_mlops.data.preprocess import Preprocessor, encode_target, encoded_co
 from health_mlops.data.split import HospitalSplit
 from health_mlops.data.synthetic import CITIES, generate_city_days
 from health_mlops.experiments.simulation import run_federated_in_memory
-from health_mlops.fl.hospital import hospital_stats, reduce_stats, suppressed_cells
+from health_mlops.fl.stats import hospital_stats, reduce_stats, suppressed_cells
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.metrics import BinarySummary, binary_metrics, combine
 from health_mlops.ml.evaluate import predict_frame

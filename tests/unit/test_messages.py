@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 
 
-from health_mlops.fl.coordinator import TaskResult
+from health_mlops.fl.state import TaskResult
 from health_mlops.fl.mapped import mapping_of
 from health_mlops.fl.messages import (MessageError, check_result_task, decode_result, encode_result, encode_weights,
                                       map_result, weighted_metrics, weights_view)

@@ -19,7 +19,7 @@ from health_mlops.data.preprocess import (MISSING_SUFFIX, Preprocessor, encoded_
                                           stats_of_frame)
 from health_mlops.data.synthetic import CITIES, generate_city_days
 from health_mlops.data.validate import validate_table
-from health_mlops.fl.hospital import hospital_stats, reduce_stats, suppressed_cells
+from health_mlops.fl.stats import hospital_stats, reduce_stats, suppressed_cells
 from health_mlops.ml.evaluate import predict_frame
 from health_mlops.ml.model import build_model, weights_as_numpy
 from health_mlops.ml.onnx import INPUT_NAME, OUTPUT_NAME, export_onnx, feature_reference

@@ -9,7 +9,7 @@ import pytest
 
 from health_mlops.data.hospital import load_hospital
 from health_mlops.data.synthetic import generate_dataset
-from health_mlops.fl.coordinator import TaskKind
+from health_mlops.fl.state import TaskKind
 from health_mlops.fl.messages import TaskMessage
 from health_mlops.fl.node import HospitalNode
 from health_mlops.fl.run_config import RunConfig

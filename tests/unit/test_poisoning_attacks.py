@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from health_mlops.fl.coordinator import validate_update
+from health_mlops.fl.admission import validate_update
 
 sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))  # benchmarks/ is not a package
 from poisoning import ATTACKS, BOUND_SHARE, SIGN_FLIP_BOOST, Attack, delta_norm, poisoned_update  # noqa: E402

@@ -12,7 +12,7 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from health_mlops.fl.privacy import BudgetRefused, epsilon_spent, plan_privacy, train_model_private
-from health_mlops.fl.coordinator import plan_for, privacy_refusal
+from health_mlops.fl.privacy_budget import plan_for, privacy_refusal
 from health_mlops.fl.run_config import MAX_NOISE_MULTIPLIER, PrivacyConfig, RunConfig, federated_run_config
 from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import load_spec

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from health_mlops.data.preprocess import GlobalPreprocessing
-from health_mlops.fl.coordinator import Coordinator, Rejected, RunStatus, TaskKind, TaskResult
+from health_mlops.fl.coordinator import Coordinator, Rejected
+from health_mlops.fl.state import RunStatus, TaskKind, TaskResult
 from health_mlops.fl.metadata import check_metadata
 from health_mlops.fl.run_config import RunConfig
 

@@ -16,7 +16,8 @@ import pytest
 from pydantic import BaseModel
 
 from health_mlops.data.preprocess import GlobalPreprocessing
-from health_mlops.fl.coordinator import Coordinator, Run, RunStatus, TaskKind, TaskResult
+from health_mlops.fl.coordinator import Coordinator
+from health_mlops.fl.state import Run, RunStatus, TaskKind, TaskResult
 from health_mlops.fl.errors import Conflict, Invalid
 from health_mlops.fl.messages import (AdvertisedKeys, SecureRefusal, SecureReveal, SecureRoundView, SecureShares,
                                       SignedSurvivors, TaskMessage)

@@ -90,7 +90,7 @@ def exported(frame: pd.DataFrame) -> tuple[bytes, Preprocessor]:
 @pytest.fixture(scope="module")
 def exported_with_histograms(frame: pd.DataFrame) -> bytes:
     """A model exported as a federated run exports it: preprocessing from hospitals' summed stats."""
-    from health_mlops.fl.hospital import hospital_stats, reduce_stats
+    from health_mlops.fl.stats import hospital_stats, reduce_stats
 
     halves = [frame.iloc[: len(frame) // 2], frame.iloc[len(frame) // 2:]]
     preprocessing = reduce_stats(SPEC, [hospital_stats(part, SPEC, small_cell_threshold=5) for part in halves])

@@ -12,7 +12,7 @@ import pytest
 from health_mlops.data.split import HospitalSplit
 from health_mlops.data.synthetic import CITIES, generate_city_days
 from health_mlops.experiments.simulation import run_federated_in_memory
-from health_mlops.fl.coordinator import Run
+from health_mlops.fl.state import Run
 from health_mlops.fl.publish import training_fingerprint
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.spec import load_spec, spec_to_yaml

@@ -13,9 +13,10 @@ from health_mlops.data.split import HospitalSplit
 from health_mlops.data.synthetic import CITIES, generate_city_days, true_risk
 from health_mlops.experiments.simulation import run_federated_in_memory
 from health_mlops.fl.run_config import RunConfig
-from health_mlops.fl.hospital import hospital_stats, reduce_stats
+from health_mlops.fl.stats import hospital_stats, reduce_stats
 from health_mlops.ml.evaluate import predict_frame
-from health_mlops.ml.model import initial_weights, model_with_weights
+from health_mlops.ml.initial_weights import initial_weights
+from health_mlops.ml.model import model_with_weights
 from health_mlops.ml.onnx import export_onnx, stored_training_ranges
 from health_mlops.serving.model import ServedModel
 from health_mlops.spec import DatasetSpec, load_spec, spec_to_yaml

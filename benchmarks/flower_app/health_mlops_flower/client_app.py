@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 
 from health_mlops.config import get_settings
 from health_mlops.data.preprocess import GlobalPreprocessing
-from health_mlops.fl.coordinator import TaskKind, TaskResult
+from health_mlops.fl.state import TaskKind, TaskResult
 from health_mlops.fl.run_config import RunConfig
 
 from health_mlops_flower.task import load_worker, now, process_age_seconds, run_config

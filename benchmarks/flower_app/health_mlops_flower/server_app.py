@@ -22,9 +22,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from health_mlops.config import get_settings
-from health_mlops.fl.hospital import reduce_stats
+from health_mlops.fl.stats import reduce_stats
 from health_mlops.fl.metadata import StatsMetadata
-from health_mlops.ml.model import initial_weights
+from health_mlops.ml.initial_weights import initial_weights
 from health_mlops.spec import load_spec
 
 from health_mlops_flower.task import now

@@ -172,7 +172,7 @@ def standardisation(counts: int | np.ndarray, observed: np.ndarray, sums: np.nda
 
 
 class GlobalPreprocessing(BaseModel):
-    """A run's preprocessing, reduced from every hospital's round-0 counts (`fl.hospital.reduce_stats`): what each
+    """A run's preprocessing, reduced from every hospital's round-0 counts (`fl.stats.reduce_stats`): what each
     hospital standardises with, what the exported model carries inside, and the run's decision threshold. It is
     sent with every task and stored with the run, as JSON."""
 

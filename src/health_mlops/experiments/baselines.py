@@ -19,7 +19,8 @@ from health_mlops.data.preprocess import Preprocessor, encode_target, imputation
 from health_mlops.data.split import HospitalSplit, hold_out_validation
 from health_mlops.metrics import hospitals_averaged, mean_over_hospitals, task_metrics, undefined_reasons
 from health_mlops.ml.evaluate import predict_frame
-from health_mlops.ml.model import initial_weights, model_with_weights
+from health_mlops.ml.initial_weights import initial_weights
+from health_mlops.ml.model import model_with_weights
 from health_mlops.ml.directions import Directions
 from health_mlops.ml.train import train_model
 from health_mlops.ml.train_config import TrainConfig

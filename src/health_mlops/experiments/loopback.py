@@ -20,7 +20,7 @@ from health_mlops.data.hospital import HospitalData
 from health_mlops.errors import FederationError
 from health_mlops.fl.aggregator import AggregatorService, create_app
 from health_mlops.fl.client import AdminClient
-from health_mlops.fl.coordinator import TaskKind
+from health_mlops.fl.state import TaskKind
 from health_mlops.fl.messages import RunRequest, RunView, decode_weights
 from health_mlops.fl.node import HospitalNode
 from health_mlops.fl.run_config import RunConfig

@@ -14,12 +14,15 @@ from health_mlops.data.preprocess import GlobalPreprocessing, Preprocessor, impu
 from health_mlops.data.split import HospitalSplit
 from health_mlops.experiments.baselines import ExperimentResult, score_predictions
 from health_mlops.ml.directions import weight_constraint
-from health_mlops.fl.coordinator import Coordinator, Run, RunStatus
-from health_mlops.fl.hospital import HospitalWorker, reduce_stats
+from health_mlops.fl.coordinator import Coordinator
+from health_mlops.fl.state import Run, RunStatus
+from health_mlops.fl.hospital import HospitalWorker
+from health_mlops.fl.stats import reduce_stats
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.strategies import Weights
 from health_mlops.ml.evaluate import predict_frame
-from health_mlops.ml.model import initial_weights, model_with_weights
+from health_mlops.ml.initial_weights import initial_weights
+from health_mlops.ml.model import model_with_weights
 from health_mlops.spec import DatasetSpec
 
 

@@ -27,54 +27,28 @@ earlier round's, round R+2 evaluates it too, and it is the model the run ends wi
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from health_mlops.data.preprocess import GlobalPreprocessing
+from health_mlops.fl.admission import validate_masked, validate_update
 from health_mlops.fl.errors import Conflict, CoordinatorError, Forbidden, Invalid, NotFound, Rejected
-from health_mlops.fl.mapped import LOCKSTEP_ELEMENTS, blocks
 from health_mlops.fl.metadata import (EvaluationMetadata, FitMetadata, ResultMetadata, StatsMetadata,
                                       check_metadata)
-from health_mlops.fl.run_config import PrivacyConfig, RunConfig
+from health_mlops.fl.privacy_budget import privacy_refusal
+from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.secagg import EncryptedShares, KeyAdvertisement, Reveal, SecAggError, default_threshold
 from health_mlops.fl.secure_round import SecurePhase, SecureRound, flatten
-from health_mlops.fl.strategies import (FOLD_CHUNK_ELEMENTS, ClientUpdate, RoundAggregation, ServerOptimiserState,
-                                        Weights, apply_mean)
+from health_mlops.fl.state import (AcceptedResult, Event, ResultAccepted, ResultRejected, RoundClosed, RoundOpened,
+                                   RoundRecord, Run, RunEnded, RunStarted, RunStatus, Task, TaskKind, TaskResult,
+                                   TaskStatus)
+from health_mlops.fl.strategies import ClientUpdate, RoundAggregation, ServerOptimiserState, Weights, apply_mean
 
-if TYPE_CHECKING:  # fl/privacy imports Opacus and torch; the serving side reads run configs without them
-    from health_mlops.fl.privacy import PrivacyPlan
-
-
-class TaskKind(str, Enum):
-    stats = "stats"
-    fit = "fit"
-    evaluate = "evaluate"
-
-
-class RunStatus(str, Enum):
-    running = "running"
-    completed = "completed"
-    failed = "failed"
-    cancelled = "cancelled"
-
-
-class TaskStatus(str, Enum):
-    pending = "pending"
-    leased = "leased"
-    done = "done"
-    rejected = "rejected"
-    abandoned = "abandoned"  # its round closed or was retried without it
-
-
-__all__ = ["Conflict", "Coordinator", "CoordinatorError", "Forbidden", "NotFound", "Rejected", "Run",
-           "RunStatus", "Task", "TaskKind", "TaskResult"]
+__all__ = ["Conflict", "Coordinator", "CoordinatorError", "Forbidden", "NotFound", "Rejected"]
 
 
 # A task's id, `<run>.r<round>.a<attempt>.<hospital>`: made by `_task_id`, read back by `unknown_task`.
@@ -85,190 +59,11 @@ def _task_id(run_id: str, round_number: int, attempt: int, hospital: str) -> str
     return f"{run_id}.r{round_number}.a{attempt}.{hospital}"
 
 
-@dataclass
-class Task:
-    id: str
-    run_id: str
-    round: int
-    attempt: int
-    kind: TaskKind
-    hospital: str
-    status: TaskStatus = TaskStatus.pending
-    holder: str | None = None
-    lease_expires: float = 0.0
-
-
-@dataclass
-class TaskResult:
-    """What a hospital sends back: metrics and counts as JSON (`fl.metadata` says what is allowed), tensors (fit
-    only) by name. `reference` names where the service keeps the result durably (its own file), so that a
-    snapshot holds no tensors."""
-
-    metadata: dict[str, Any]
-    tensors: Weights = field(default_factory=dict)
-    reference: str = ""
-
-
-@dataclass
-class AcceptedResult:
-    """A result the coordinator accepted: its metadata as checked, and the tensors it still needs (see `_accept`)."""
-
-    metadata: ResultMetadata
-    tensors: Weights
-    reference: str
-
-
-@dataclass
-class RoundRecord:
-    round: int
-    kind: TaskKind
-    hospitals: dict[str, ResultMetadata]  # hospital -> its result's metadata (metrics, examples, counts)
-    nodes: dict[str, str]  # hospital -> the replica whose result counted
-    opened_at: float  # when the attempt that closed the round opened
-    closed_at: float
-    attempts: int
-    # A securely aggregated round: who took part in each phase (the aggregator saw the sum of "masked" only)
-    secure_aggregation: dict[str, Any] | None = None
-
-    def stats(self) -> dict[str, StatsMetadata]:
-        """Round 0's counts, by hospital (empty for any other round)."""
-        return {h: m for h, m in self.hospitals.items() if isinstance(m, StatsMetadata)}
-
-    def evaluations(self) -> dict[str, EvaluationMetadata]:
-        """Each hospital's evaluation of the model entering this round (empty for round 0)."""
-        return {h: m for h, m in self.hospitals.items() if isinstance(m, EvaluationMetadata)}
-
-
-@dataclass
-class Run:
-    id: str
-    config: RunConfig
-    hospitals: list[str]
-    status: RunStatus = RunStatus.running
-    reason: str = ""
-    round: int = 0
-    attempt: int = 0
-    started_at: float = 0.0
-    round_opened_at: float = 0.0
-    round_deadline: float = 0.0
-    weights: Weights = field(default_factory=dict)
-    optimiser: ServerOptimiserState = ServerOptimiserState()
-    preprocessing: GlobalPreprocessing | None = None  # from round 0's stats
-    example_limits: dict[str, int] = field(default_factory=dict)  # hospital -> training rows it counted in round 0
-    excluded: dict[str, str] = field(default_factory=dict)  # hospital -> why it was left out of the run
-    history: list[RoundRecord] = field(default_factory=list)
-    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
-    # The model with the least validation loss over all hospitals so far: the round it entered, its loss, its
-    # weights. When it is not the last model, one more evaluate round scores it, and it is the run's model.
-    best_round: int | None = None
-    best_loss: float = math.inf
-    best_weights: Weights = field(default_factory=dict)
-    reevaluate: bool = False
-
-    @property
-    def final_round(self) -> int:
-        return self.config.rounds + (2 if self.reevaluate else 1)
-
-    @property
-    def selected_round(self) -> int:
-        """The round whose entering model is the run's: the best validated, else the last."""
-        return self.best_round if self.reevaluate and self.best_round is not None else self.config.rounds + 1
-
-    def kind_of(self, round_number: int) -> TaskKind:
-        if round_number == 0:
-            return TaskKind.stats
-        return TaskKind.evaluate if round_number > self.config.rounds else TaskKind.fit
-
-
 def validation_loss(hospitals: Mapping[str, ResultMetadata]) -> float | None:
     """The model's mean loss over every hospital's validation rows (from their sums and counts); None without any."""
     evaluations = [m for m in hospitals.values() if isinstance(m, EvaluationMetadata) and m.validation_rows > 0]
     rows = sum(m.validation_rows for m in evaluations)
     return sum(m.validation_loss_sum for m in evaluations) / rows if rows else None
-
-
-def privacy_refusal(config: RunConfig, training_rows: Mapping[str, int]) -> str | None:
-    """Why the run's privacy budget cannot be met, every hospital where it cannot (their training rows known
-    from round 0) in one message, with a batch size that would meet it at all of them when there is one; or None
-    (also without a budget)."""
-    if config.privacy is None:
-        return None
-    from health_mlops.fl.privacy import BudgetRefused, batch_meeting_budget
-
-    refused: dict[str, str] = {}
-    batches: list[int] = []
-    for hospital, rows in sorted(training_rows.items()):
-        try:
-            plan_for(config, rows)
-        except BudgetRefused as reason:
-            found = batch_meeting_budget(config.privacy, rows=rows, batch_size=config.batch_size_at(rows),
-                                         rounds=config.rounds, local_epochs=config.local_epochs)
-            refused[hospital] = str(reason) + ("" if found is None else f" (a batch of {found[0]} meets the budget "
-                                                                      f"here, at noise multiplier {found[1]:.1f})")
-            batches += [] if found is None else [found[0]]
-    if not refused:
-        return None
-    reasons = "; ".join(f"at {hospital}: {reason}" for hospital, reason in refused.items())
-    message = f"privacy budget refused at {len(refused)} of {len(training_rows)} hospitals: {reasons}"
-    if len(batches) == len(refused):  # a batch that meets it at every refused site: does it at the others too?
-        fixed = config.model_copy(update={"batch_size": min(batches), "privacy": config.privacy.model_copy(
-            update={"sampling_rate": None})})
-        try:
-            for rows in training_rows.values():
-                plan_for(fixed, rows)
-        except BudgetRefused:
-            return message
-        message += f". --batch-size {min(batches)} meets the budget at every hospital"
-    return message
-
-
-def privacy_spent(run: Run) -> dict[str, float]:
-    """The ε each hospital has spent so far, from the DP-SGD steps its fit results report (empty without DP)."""
-    if run.config.privacy is None:
-        return {}
-    from health_mlops.fl.privacy import epsilon_spent  # Opacus needs torch: only where DP is used
-
-    steps: dict[str, int] = dict.fromkeys(run.example_limits, 0)
-    for record in run.history:
-        for hospital, metadata in record.hospitals.items():
-            if isinstance(metadata, FitMetadata):
-                steps[hospital] += metadata.dp_steps or 0
-    spent = {}
-    for hospital, taken in steps.items():
-        plan = plan_for(run.config, run.example_limits[hospital])
-        spent[hospital] = epsilon_spent(plan.noise_multiplier, plan.sample_rate, taken, plan.delta)
-    return spent
-
-
-def privacy_report(run: Run) -> dict[str, Any] | None:
-    """A run's privacy as its users see it (None without DP): the largest ε any hospital has spent so far, δ, the
-    budget, and each hospital's ε and noise multiplier. `epsilon` is what the run may claim: every hospital's
-    records are protected at least that well."""
-    if run.config.privacy is None:
-        return None
-    spent = privacy_spent(run)
-    budget = run.config.privacy
-    return {"epsilon": max(spent.values(), default=0.0), "delta": budget.delta, "budget_epsilon": budget.epsilon,
-            "max_grad_norm": budget.max_grad_norm,
-            "hospitals": {h: {"epsilon": eps,
-                              "noise_multiplier": plan_for(run.config, run.example_limits[h]).noise_multiplier,
-                              "batch_size": run.config.batch_size_at(run.example_limits[h])}
-                          for h, eps in spent.items()}}
-
-
-def plan_for(config: RunConfig, rows: int) -> PrivacyPlan:
-    """The DP-SGD plan of a hospital with `rows` training rows in a run with a privacy budget; the hospital
-    computes the same from the same numbers."""
-    assert config.privacy is not None
-    return _plan(config.privacy, rows, config.batch_size_at(rows), config.rounds, config.local_epochs)
-
-
-@functools.lru_cache(maxsize=256)
-def _plan(privacy: PrivacyConfig, rows: int, batch_size: int, rounds: int, local_epochs: int) -> PrivacyPlan:
-    # Planning searches the noise (tens of ms); a run view asks for every hospital's plan each time it is read.
-    from health_mlops.fl.privacy import plan_privacy  # Opacus needs torch: only where DP is used
-
-    return plan_privacy(privacy, rows=rows, batch_size=batch_size, rounds=rounds, local_epochs=local_epochs)
 
 
 # Turns the hospitals' stats results into the run's preprocessing.
@@ -277,88 +72,6 @@ StatsReducer = Callable[[list[StatsMetadata]], GlobalPreprocessing]
 RoundArrays = Callable[[str, int], tuple[Weights, Weights, Weights]]
 # (run id, number of rounds closed) -> those rounds' records (`round_record_to_dict`), in order.
 RoundHistory = Callable[[str, int], Sequence[Mapping[str, Any]]]
-
-
-def validate_masked(current: Mapping[str, np.ndarray], masked: Mapping[str, np.ndarray]) -> None:
-    """A masked input holds the model's tensors, each of its shape, as uint64 (`fl.secagg`'s fixed point masked
-    modulo 2^64): all that can be checked of it."""
-    if set(masked) != set(current):
-        raise Rejected("wrong_tensors", f"tensors {sorted(masked)}, expected {sorted(current)}")
-    for name, tensor in masked.items():
-        if tensor.dtype != np.uint64:
-            raise Rejected("wrong_dtype", f"{name} is {tensor.dtype}; a masked input is uint64")
-        if tensor.shape != np.shape(current[name]):
-            raise Rejected("wrong_shape", f"{name} has shape {list(tensor.shape)}, expected "
-                                          f"{list(np.shape(current[name]))}")
-
-
-def validate_update(current: Mapping[str, np.ndarray], update: Mapping[str, np.ndarray], norm_bound: float) -> None:
-    """Refuse an update that does not fit the global model: names, shapes, finiteness, size of the change."""
-    if set(update) != set(current):
-        missing, extra = sorted(set(current) - set(update)), sorted(set(update) - set(current))
-        raise Rejected("wrong_tensors", f"missing {missing}, unexpected {extra}")
-    squared = 0.0
-    for name, reference in current.items():
-        tensor = update[name]
-        if tensor.dtype not in (np.float32, np.float64):
-            raise Rejected("wrong_dtype", f"{name} is {tensor.dtype}; updates are float32 or float64")
-        if tensor.shape != reference.shape:
-            raise Rejected("wrong_shape", f"{name} has shape {list(tensor.shape)}, expected {list(reference.shape)}")
-        # Update and global weights side by side, a block at a time: either may be mapped from its file, and
-        # neither is then resident as a whole.
-        for (_, block), (_, reference_block) in zip(blocks(tensor, LOCKSTEP_ELEMENTS),
-                                                    blocks(reference, LOCKSTEP_ELEMENTS)):
-            for start in range(0, block.size, FOLD_CHUNK_ELEMENTS):  # no temporary the size of the model
-                chunk = block[start:start + FOLD_CHUNK_ELEMENTS]
-                if not np.isfinite(chunk).all():
-                    raise Rejected("non_finite", f"{name} holds NaN or infinite values")
-                change = chunk.astype(np.float64) - reference_block[start:start + FOLD_CHUNK_ELEMENTS]
-                squared += float(np.dot(change, change))
-    if math.sqrt(squared) > norm_bound:
-        raise Rejected("norm_exceeded", f"update norm {math.sqrt(squared):.3g} exceeds the bound {norm_bound:g}")
-
-
-@dataclass(frozen=True)
-class RunStarted:
-    run_id: str
-
-
-@dataclass(frozen=True)
-class RoundOpened:
-    run_id: str
-    round: int
-    attempt: int
-
-
-@dataclass(frozen=True)
-class RoundClosed:
-    run_id: str
-    record: RoundRecord
-
-
-@dataclass(frozen=True)
-class RunEnded:
-    run_id: str
-    status: RunStatus
-    reason: str
-
-
-@dataclass(frozen=True)
-class ResultAccepted:
-    run_id: str
-    task_id: str
-    kind: TaskKind
-
-
-@dataclass(frozen=True)
-class ResultRejected:
-    run_id: str
-    task_id: str
-    kind: TaskKind
-    reason: str
-
-
-Event = RunStarted | RoundOpened | RoundClosed | RunEnded | ResultAccepted | ResultRejected
 
 
 # Maps a run's aggregated weights back into the spec's allowed set, in place (`ml.directions`: a server optimiser's

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as load_tensors
 
 from health_mlops.data.preprocess import GlobalPreprocessing
-from health_mlops.fl.coordinator import Run, Task, TaskKind, TaskResult
+from health_mlops.fl.state import Run, Task, TaskKind, TaskResult
 from health_mlops.fl.mapped import map_file
 from health_mlops.fl.metadata import EvaluationMetadata, FitMetadata, StatsMetadata
 from health_mlops.fl.errors import Invalid
@@ -250,7 +250,7 @@ class HospitalPrivacy(BaseModel):
 
 
 class PrivacyView(BaseModel):
-    """A differentially private run's budget and what it has spent (`fl.coordinator.privacy_report`)."""
+    """A differentially private run's budget and what it has spent (`fl.privacy_budget.privacy_report`)."""
 
     epsilon: float  # the largest ε any hospital has spent so far: what the run (and its model) may claim
     delta: float

@@ -30,8 +30,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from health_mlops.data.hospital import HospitalData
 from health_mlops.data.split import split_frame
 from health_mlops.fl.client import HospitalClient
-from health_mlops.fl.coordinator import TaskKind, TaskResult
-from health_mlops.fl.hospital import HospitalWorker, suppressed_cells
+from health_mlops.fl.state import TaskKind, TaskResult
+from health_mlops.fl.hospital import HospitalWorker
+from health_mlops.fl.stats import suppressed_cells
 from health_mlops.fl.messages import TaskMessage, decode_weights, describe_result, encode_result
 from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.secagg import SecAggError

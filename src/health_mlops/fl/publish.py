@@ -14,7 +14,8 @@ from typing import Any
 
 from health_mlops import __version__
 from health_mlops.faults import crash_point
-from health_mlops.fl.coordinator import Run, TaskKind, privacy_report
+from health_mlops.fl.privacy_budget import privacy_report
+from health_mlops.fl.state import Run, TaskKind
 from health_mlops.fl.messages import decode_weights, weighted_metrics
 from health_mlops.fl.report import model_report
 from health_mlops.errors import CheckpointError

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from health_mlops.data.preprocess import feature_columns, value_width
-from health_mlops.fl.coordinator import Run, TaskKind, privacy_report
+from health_mlops.fl.privacy_budget import privacy_report
+from health_mlops.fl.state import Run, TaskKind
 from health_mlops.fl.messages import weighted_metrics
 from health_mlops.fl.metadata import FitMetadata
 from health_mlops.metrics import (BinarySummary, combine, hospitals_averaged, mean_over_hospitals,

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from health_mlops.data.preprocess import encoded_columns
-from health_mlops.ml.directions import Directions, convex_units
-from health_mlops.spec import DatasetSpec, ModelDefaults
+from health_mlops.ml.directions import convex_units
+from health_mlops.ml.initial_weights import layer_sizes, seeded_weights
+from health_mlops.spec import ModelDefaults
 
 
 class SplitReLU(nn.Module):
@@ -36,24 +36,21 @@ class SplitReLU(nn.Module):
 
 
 def build_model(config: ModelDefaults, n_inputs: int, *, seed: int = 0) -> nn.Module:
-    """A linear model (logistic or linear regression) or an MLP whose hidden layers end in `SplitReLU`.
+    """A linear model (logistic or linear regression) or an MLP whose hidden layers end in `SplitReLU`, holding
+    the seed's starting weights (`ml.initial_weights.seeded_weights`: torch's own draws for the seed, without
+    touching torch's generator), so that every hospital of a federation, and every baseline, starts alike."""
+    return model_with_weights(config, n_inputs, seeded_weights(config, n_inputs, seed))
 
-    Seeded so that every hospital of a federation, and every baseline, starts from the same weights.
-    """
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        if config.kind == "linear":
-            return nn.Sequential(nn.Linear(n_inputs, 1))
-        layers: list[nn.Module] = []
-        width = n_inputs
-        for hidden in config.hidden:
-            layers += [nn.Linear(width, hidden), SplitReLU()]
-            width = hidden
-        layers.append(nn.Linear(width, 1))
-        return nn.Sequential(*layers)
-    finally:
-        torch.random.set_rng_state(generator_state)
+
+def _architecture(config: ModelDefaults, n_inputs: int) -> nn.Module:
+    """The model's layers with uninitialised weights (built on the meta device: no random draws)."""
+    sizes = layer_sizes(config, n_inputs)
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(sizes):
+        layers.append(nn.Linear(fan_in, fan_out, device="meta"))
+        if i < len(sizes) - 1:
+            layers.append(SplitReLU())
+    return nn.Sequential(*layers).to_empty(device="cpu")
 
 
 def get_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -72,15 +69,6 @@ def weights_as_numpy(model: nn.Module) -> dict[str, np.ndarray]:
 
 def model_with_weights(config: ModelDefaults, n_inputs: int, weights: dict[str, np.ndarray]) -> nn.Module:
     """A model of the task's architecture holding the given (e.g. global) weights."""
-    model = build_model(config, n_inputs)
+    model = _architecture(config, n_inputs)
     set_weights(model, {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in weights.items()})
     return model
-
-
-def initial_weights(spec: DatasetSpec, seed: int) -> dict[str, np.ndarray]:
-    """A federation's round-1 global model: the task's model, seeded, as arrays, inside the spec's directions."""
-    weights = weights_as_numpy(build_model(spec.model, len(encoded_columns(spec)), seed=seed))
-    directions = Directions.of(spec)
-    if directions is not None:
-        directions.initialise(weights)
-    return weights

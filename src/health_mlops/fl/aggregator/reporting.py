@@ -8,8 +8,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from health_mlops.audit import AuditLog
-from health_mlops.fl.coordinator import (Event, ResultAccepted, ResultRejected, RoundClosed, RoundRecord, Run, RunEnded,
-                                         RunStarted, RunStatus, TaskKind)
+from health_mlops.fl.state import (Event, ResultAccepted, ResultRejected, RoundClosed, RoundRecord, Run, RunEnded,
+                                   RunStarted, RunStatus, TaskKind)
 from health_mlops.fl.messages import weighted_metrics
 from health_mlops.monitoring import AggregatorMetrics
 

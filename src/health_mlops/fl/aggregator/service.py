@@ -30,11 +30,11 @@ from health_mlops.errors import CheckpointError
 from health_mlops.ml.directions import weight_constraint
 from health_mlops.faults import crash_point
 from health_mlops.fl.aggregator.reporting import Reporting
-from health_mlops.fl.coordinator import (Conflict, Coordinator, Event, Forbidden, NotFound, RoundClosed, RoundOpened,
-                                         Run, RunEnded, RunStatus, Task, TaskKind, TaskResult, privacy_report,
-                                         round_record_to_dict)
+from health_mlops.fl.coordinator import Conflict, Coordinator, Forbidden, NotFound, round_record_to_dict
+from health_mlops.fl.privacy_budget import privacy_report
+from health_mlops.fl.state import Event, RoundClosed, RoundOpened, Run, RunEnded, RunStatus, Task, TaskKind, TaskResult
 from health_mlops.fl.errors import Invalid
-from health_mlops.fl.hospital import reduce_stats, suppressed_cells
+from health_mlops.fl.stats import reduce_stats, suppressed_cells
 from health_mlops.fl.messages import (MessageError, OpenTaskView, RoundView, RunRequest, RunView, TaskMessage,
                                       check_result_task, decode_result, encode_weights, map_result, weighted_metrics,
                                       weights_view)
@@ -42,7 +42,7 @@ from health_mlops.fl.secure_round import SecurePhase
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.fl.strategies import Weights
 from health_mlops.memory import return_free_memory
-from health_mlops.ml.model import initial_weights
+from health_mlops.ml.initial_weights import initial_weights
 from health_mlops.monitoring import AggregatorMetrics
 from health_mlops.security import FailureThrottle, Gatekeeper, Identity
 from health_mlops.spec import DatasetSpec
