@@ -35,7 +35,7 @@ class TrainingDefaults(BaseSettings):
     batch_size: int = Field(64, ge=1)
     weight_decay: float = Field(1e-2, ge=0, description="L2 penalty; rare events and small sites overfit without it")
     seed: int = 0
-    # DP-SGD adds its noise once per batch, so it learns from large batches at a larger step (README: Privacy): 0.16 is
+    # DP-SGD adds its noise once per batch, so it learns from large batches at a larger step (docs/privacy.md): 0.16 is
     # the batch of 512 it was measured with on 3200-row hospitals; as a share, a small site samples (and spends) alike.
     dp_sampling_rate: float = Field(0.16, gt=0, lt=1, description="each hospital's DP-SGD batch as a share of its "
                                     "training rows (a federated run with differential privacy)")

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
 
 from health_mlops.data.preprocess import GlobalPreprocessing
-from health_mlops.fl.coordinator import (Conflict, Coordinator, Forbidden, NotFound, Rejected, RoundArrays,
-                                         RoundHistory, round_record_to_dict)
+from health_mlops.fl.coordinator import Conflict, Coordinator, Forbidden, NotFound, Rejected
+from health_mlops.fl.snapshot import round_record_to_dict
 from health_mlops.fl.state import (ResultAccepted, ResultRejected, RoundClosed, RoundOpened, RunEnded, RunStarted,
-                                   RunStatus, TaskKind, TaskResult)
+                                   RunStatus, Task, TaskKind, TaskResult)
 from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.run_config import RunConfig, StrategyConfig
 
@@ -51,20 +52,31 @@ def answer(coordinator: Coordinator, hospital: str, now: float, value: float = 1
     coordinator.submit(task.id, hospital, node, result, now)
 
 
-def arrays_of(coordinator: Coordinator) -> RoundArrays:
-    """What the service's files hold: each run's weights and optimiser moments entering its current round."""
-    def arrays(run_id: str, round_number: int) -> tuple[dict, dict, dict]:
-        run = coordinator.runs[run_id]
+@dataclass
+class Kept:
+    """What the service's files hold (`fl.snapshot.SavedState`), read from a live coordinator: each running run's
+    weights and optimiser moments entering its current round (or, when a test kept them, the weights entering each
+    round) and its closed rounds as JSON; and the ended runs' records a test gives."""
+
+    coordinator: Coordinator
+    ended: list[dict] = field(default_factory=list)
+    weights_entering: dict[int, dict] | None = None
+
+    def round_arrays(self, run_id: str, round_number: int) -> tuple[dict, dict, dict]:
+        if self.weights_entering is not None:
+            return self.weights_entering[round_number], {}, {}
+        run = self.coordinator.runs[run_id]
         assert round_number == run.round
         return run.weights, run.optimiser.first_moment, run.optimiser.second_moment
-    return arrays
 
+    def round_history(self, run_id: str, rounds: int) -> list[dict]:
+        return json.loads(json.dumps([round_record_to_dict(h) for h in self.coordinator.runs[run_id].history[:rounds]]))
 
-def history_of(coordinator: Coordinator) -> RoundHistory:
-    """What the service's history files hold: each run's closed rounds, as JSON."""
-    def history(run_id: str, rounds: int) -> list[dict]:
-        return json.loads(json.dumps([round_record_to_dict(h) for h in coordinator.runs[run_id].history[:rounds]]))
-    return history
+    def result_tensors(self, task: Task, reference: str) -> dict:
+        raise AssertionError(f"{task.id}: these tests snapshot no accepted fit result")
+
+    def ended_runs(self) -> list[dict]:
+        return self.ended
 
 
 def test_a_run_goes_stats_fit_evaluate_and_completes() -> None:
@@ -172,8 +184,7 @@ def test_snapshot_and_restore_resume_the_same_run() -> None:
     snapshot = json.loads(json.dumps(interrupted.snapshot()))  # through JSON, as the checkpoint file is
     assert "weights" not in json.dumps(snapshot) and "moment" not in json.dumps(snapshot)  # arrays: in files
     assert "history" not in snapshot["runs"][0] and snapshot["runs"][0]["history_length"] == 2  # in its file
-    restored = Coordinator.restore(snapshot, stats_reducer, round_arrays=arrays_of(interrupted),
-                                   round_history=history_of(interrupted))
+    restored = Coordinator.restore(snapshot, stats_reducer, Kept(interrupted))
     assert restored.runs["run-1"].round == 2 and restored.runs["run-1"].optimiser.steps == 1
     drive(restored, range(3))
     final, reference = restored.runs["run-1"], undisturbed.runs["run-1"]
@@ -243,8 +254,7 @@ def test_a_hospital_without_training_rows_is_left_out_with_its_reason() -> None:
         answer(coordinator, hospital, now=3.0)
     assert run.status is RunStatus.completed and sorted(run.history[-1].hospitals) == ["hospital-1", "hospital-3"]
     restored = Coordinator.restore(json.loads(json.dumps(coordinator.snapshot())), stats_reducer,
-                                   round_arrays=arrays_of(coordinator),
-                                   ended_runs=[json.loads(json.dumps(coordinator.run_record("run-1")))])
+                                   Kept(coordinator, ended=[json.loads(json.dumps(coordinator.run_record("run-1")))]))
     assert restored.runs["run-1"].excluded == run.excluded
 
 
@@ -306,8 +316,7 @@ def test_the_snapshot_holds_running_runs_only_and_ended_ones_come_back_from_thei
     coordinator.start_run("run-4", config, HOSPITALS, INITIAL, now=4.0)
     records = [json.loads(json.dumps(coordinator.run_record(f"run-{n}"))) for n in range(1, 4)]
     restored = Coordinator.restore(json.loads(json.dumps(coordinator.snapshot())), stats_reducer,
-                                   round_arrays=arrays_of(coordinator), ended_runs=records,
-                                   round_history=history_of(coordinator))
+                                   Kept(coordinator, ended=records))
     assert list(restored.runs) == ["run-1", "run-2", "run-3", "run-4"]
     for number in range(1, 4):
         ended, original = restored.runs[f"run-{number}"], coordinator.runs[f"run-{number}"]
@@ -391,8 +400,7 @@ def test_a_restored_run_still_knows_its_best_model() -> None:
             coordinator.submit(task.id, hospital, "a", result, 1.0)
     entered[run.round] = {k: v.copy() for k, v in run.weights.items()}
     snapshot = json.loads(json.dumps(coordinator.snapshot()))
-    restored = Coordinator.restore(snapshot, stats_reducer, round_history=history_of(coordinator),
-                                   round_arrays=lambda _, r: (entered[r], {}, {}))
+    restored = Coordinator.restore(snapshot, stats_reducer, Kept(coordinator, weights_entering=entered))
     validated(restored, losses)
     final = restored.runs["run-1"]
     assert final.status is RunStatus.completed and final.selected_round == 2

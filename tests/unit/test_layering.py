@@ -19,8 +19,9 @@ SERVICES = ("health_mlops.serving", "health_mlops.fl.aggregator", "health_mlops.
             "health_mlops.http_server", "health_mlops.http_edge")
 HARNESSES = ("health_mlops.experiments", "health_mlops.demo")
 CLI = ("health_mlops.cli",)
-FL_CORE = ("run_config", "strategies", "state", "coordinator", "admission", "privacy_budget", "hospital", "stats",
-           "privacy", "report", "mapped", "metadata", "errors", "messages", "secagg", "secure_round")
+FL_CORE = ("run_config", "strategies", "state", "coordinator", "admission", "privacy_budget", "snapshot", "hospital",
+           "stats", "privacy", "report", "mapped", "metadata", "errors", "messages", "secagg", "secure_round",
+           "secure_steps")
 
 
 def module_name(path: Path) -> str:

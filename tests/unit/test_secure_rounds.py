@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from health_mlops.data.preprocess import GlobalPreprocessing
 from health_mlops.fl.coordinator import Coordinator
-from health_mlops.fl.state import Run, RunStatus, TaskKind, TaskResult
+from health_mlops.fl.state import Run, RunStatus, Task, TaskKind, TaskResult
 from health_mlops.fl.errors import Conflict, Invalid
 from health_mlops.fl.messages import (AdvertisedKeys, SecureRefusal, SecureReveal, SecureRoundView, SecureShares,
                                       SignedSurvivors, TaskMessage)
@@ -76,7 +76,7 @@ class InProcessChannel:
 
     def secure_round(self, task_id: str, *, after: str | None = None) -> SecureRoundView:
         while True:  # a long poll: asked again until the phase moves (or the round is gone: Conflict)
-            view = self.world.call(lambda c, now: c.secure_view(task_id, self.hospital, self.node, now))
+            view = self.world.call(lambda c, now: c.secure_steps.view(task_id, self.hospital, self.node, now))
             assert isinstance(view, dict)
             if after is None or view["phase"] != after:
                 return SecureRoundView.model_validate(view if self.tamper is None else self.tamper(view))
@@ -85,20 +85,20 @@ class InProcessChannel:
     def secure_send(self, task_id: str, step: str, body: BaseModel) -> None:
         h, node = self.hospital, self.node
         if isinstance(body, AdvertisedKeys):
-            self.world.call(lambda c, now: c.secure_keys(task_id, h, node, body.advertisement(h), body.certificate,
-                                                         now))
+            self.world.call(lambda c, now: c.secure_steps.keys(task_id, h, node, body.advertisement(h),
+                                                               body.certificate, now))
         elif isinstance(body, SecureShares):
-            self.world.call(lambda c, now: c.secure_shares(task_id, h, node, body.encrypted(h), now))
+            self.world.call(lambda c, now: c.secure_steps.shares(task_id, h, node, body.encrypted(h), now))
         elif isinstance(body, SignedSurvivors):
-            self.world.call(lambda c, now: c.secure_consistency(task_id, h, node, body.signed(), now))
+            self.world.call(lambda c, now: c.secure_steps.consistency(task_id, h, node, body.signed(), now))
         elif isinstance(body, SecureRefusal):
-            self.world.call(lambda c, now: c.secure_refuse(task_id, h, node, body.reason, now))
+            self.world.call(lambda c, now: c.secure_steps.refuse(task_id, h, node, body.reason, now))
         else:
             assert isinstance(body, SecureReveal)
             if self.before_reveal is not None:
                 assert self.before_reveal.wait(timeout=120)
             reveal = body.reveal(h)
-            self.world.call(lambda c, now: c.secure_reveal(task_id, h, node, reveal, now))
+            self.world.call(lambda c, now: c.secure_steps.reveal(task_id, h, node, reveal, now))
             self.world.reveals.append(reveal)
 
 
@@ -208,6 +208,27 @@ def bound(hospitals: list[str]) -> float:
     return len(hospitals) * 2.0 ** -(FRACTION_BITS + 1) / sum(EXAMPLES[h] for h in hospitals) + 2e-7
 
 
+@dataclass
+class KeptFiles:
+    """What the service's files hold at the restart (`fl.snapshot.SavedState`): the run's arrays entering its round
+    and each masked input it accepted; no round closed yet, no run ended."""
+
+    arrays: tuple[dict, dict, dict]
+    tensors: dict[str, dict[str, np.ndarray]]
+
+    def round_arrays(self, run_id: str, round_number: int) -> tuple[dict, dict, dict]:
+        return self.arrays
+
+    def round_history(self, run_id: str, rounds: int) -> list[dict]:
+        return []
+
+    def result_tensors(self, task: Task, reference: str) -> dict[str, np.ndarray]:
+        return self.tensors[reference]
+
+    def ended_runs(self) -> list[dict]:
+        return []
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_secure_round_ends_with_fedavg_of_the_updates_to_the_quantization_error(
         identities: dict[str, ConsortiumIdentity], seed: int) -> None:
@@ -302,9 +323,7 @@ def test_a_restarted_aggregator_resumes_a_secure_round_in_its_reveal_phase(
         saved = json.loads(json.dumps(world.coordinator.snapshot()))
         run = world.coordinator.runs["run-1"]
         arrays = (dict(run.weights), dict(run.optimiser.first_moment), dict(run.optimiser.second_moment))
-        restored = Coordinator.restore(saved, reducer, round_arrays=lambda *_: arrays,
-                                       result_tensors=lambda task, reference: kept[reference],
-                                       round_history=lambda run_id, rounds: [])
+        restored = Coordinator.restore(saved, reducer, KeptFiles(arrays, kept))
         world.now += 3600  # the aggregator was away an hour: the phase's deadline is given again from now
         restored.resume(world.now)
         assert restored.secure["run-1"].phase is SecurePhase.reveal

@@ -27,53 +27,29 @@ earlier round's, round R+2 evaluates it too, and it is the model the run ends wi
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
-
-import numpy as np
 
 from health_mlops.data.preprocess import GlobalPreprocessing
 from health_mlops.fl.admission import validate_masked, validate_update
 from health_mlops.fl.errors import Conflict, CoordinatorError, Forbidden, Invalid, NotFound, Rejected
-from health_mlops.fl.metadata import (EvaluationMetadata, FitMetadata, ResultMetadata, StatsMetadata,
-                                      check_metadata)
-from health_mlops.fl.privacy_budget import privacy_refusal
+from health_mlops.fl.metadata import FitMetadata, ResultMetadata, StatsMetadata, check_metadata
 from health_mlops.fl.run_config import RunConfig
-from health_mlops.fl.secagg import EncryptedShares, KeyAdvertisement, Reveal, SecAggError, default_threshold
+from health_mlops.fl.secagg import SecAggError, default_threshold
 from health_mlops.fl.secure_round import SecurePhase, SecureRound, flatten
-from health_mlops.fl.state import (AcceptedResult, Event, ResultAccepted, ResultRejected, RoundClosed, RoundOpened,
-                                   RoundRecord, Run, RunEnded, RunStarted, RunStatus, Task, TaskKind, TaskResult,
-                                   TaskStatus)
+from health_mlops.fl.secure_steps import SecureSteps
+from health_mlops.fl.snapshot import SavedState, as_sent, run_from_dict, run_to_dict
+from health_mlops.fl.state import (TASK_ID, AcceptedResult, Event, ResultAccepted, ResultRejected, RoundClosed,
+                                   RoundOpened, RoundRecord, Run, RunEnded, RunStarted, RunStatus, Task, TaskKind,
+                                   TaskResult, TaskStatus, task_id_of, validation_loss)
+from health_mlops.fl.stats import count_round_zero
 from health_mlops.fl.strategies import ClientUpdate, RoundAggregation, ServerOptimiserState, Weights, apply_mean
 
 __all__ = ["Conflict", "Coordinator", "CoordinatorError", "Forbidden", "NotFound", "Rejected"]
 
 
-# A task's id, `<run>.r<round>.a<attempt>.<hospital>`: made by `_task_id`, read back by `unknown_task`.
-_TASK_ID = re.compile(r"(?P<run>.+)\.r(?P<round>\d+)\.a(?P<attempt>\d+)\.(?P<hospital>[^.]+)")
-
-
-def _task_id(run_id: str, round_number: int, attempt: int, hospital: str) -> str:
-    return f"{run_id}.r{round_number}.a{attempt}.{hospital}"
-
-
-def validation_loss(hospitals: Mapping[str, ResultMetadata]) -> float | None:
-    """The model's mean loss over every hospital's validation rows (from their sums and counts); None without any."""
-    evaluations = [m for m in hospitals.values() if isinstance(m, EvaluationMetadata) and m.validation_rows > 0]
-    rows = sum(m.validation_rows for m in evaluations)
-    return sum(m.validation_loss_sum for m in evaluations) / rows if rows else None
-
-
 # Turns the hospitals' stats results into the run's preprocessing.
 StatsReducer = Callable[[list[StatsMetadata]], GlobalPreprocessing]
-# (run id, round) -> the run's weights and server optimiser moments (first, second) entering that round.
-RoundArrays = Callable[[str, int], tuple[Weights, Weights, Weights]]
-# (run id, number of rounds closed) -> those rounds' records (`round_record_to_dict`), in order.
-RoundHistory = Callable[[str, int], Sequence[Mapping[str, Any]]]
-
-
 # Maps a run's aggregated weights back into the spec's allowed set, in place (`ml.directions`: a server optimiser's
 # step may leave it; a mean does not).
 WeightConstraint = Callable[[Weights, GlobalPreprocessing], None]
@@ -94,6 +70,7 @@ class Coordinator:
         self.secure: dict[str, SecureRound] = {}  # run id -> its open securely aggregated fit round
         self._stats_reducer = stats_reducer
         self._events: list[Event] = []
+        self.secure_steps = SecureSteps(self)  # a secure round's steps, taken by the replica holding a fit task
 
     def take_events(self) -> list[Event]:
         """What happened since the last call, in order."""
@@ -115,7 +92,7 @@ class Coordinator:
             raise Invalid(f"config.secure_colluding_hospitals: {config.secure_colluding_hospitals} colluding of "
                           f"{len(hospitals)} enrolled hospitals needs {threshold} of them to unmask a round: more "
                           "than there are")
-        run = Run(run_id, config, sorted(hospitals), started_at=now, weights=_as_sent(initial_weights))
+        run = Run(run_id, config, sorted(hospitals), started_at=now, weights=as_sent(initial_weights))
         self.runs[run_id] = run
         self._events.append(RunStarted(run_id))
         self._open_round(run, now)
@@ -140,7 +117,7 @@ class Coordinator:
         for hospital in run.hospitals:
             if hospital in run.excluded:
                 continue
-            task_id = _task_id(run.id, run.round, run.attempt, hospital)
+            task_id = task_id_of(run.id, run.round, run.attempt, hospital)
             self.tasks[task_id] = Task(task_id, run.id, run.round, run.attempt, kind, hospital)
         if kind is TaskKind.fit and run.config.secure_aggregation:
             enrolled = tuple(sorted(h for h in run.hospitals if h not in run.excluded))
@@ -154,7 +131,7 @@ class Coordinator:
         long-lived aggregator must not grow without bound), but their ids say whose and which round they
         were: a late answer to one is a `Conflict`, like any result from a replica that lost its lease, and is
         never averaged. Any other id is `NotFound`."""
-        found = _TASK_ID.fullmatch(task_id)
+        found = TASK_ID.fullmatch(task_id)
         run = self.runs.get(found["run"]) if found else None
         if found and run is not None and found["hospital"] == hospital and (
                 int(found["round"]) < run.round or run.status is not RunStatus.running):
@@ -241,12 +218,12 @@ class Coordinator:
             task.status = TaskStatus.rejected
             run.rejected[refusal.reason] = run.rejected.get(refusal.reason, 0) + 1
             self._events.append(ResultRejected(run.id, task.id, task.kind, refusal.reason))
-            self._maybe_close(run, now)
+            self.settle(run, now)
             raise
         task.status = TaskStatus.done
         self._accept(run, task, result, metadata)
         self._events.append(ResultAccepted(run.id, task.id, task.kind))
-        self._maybe_close(run, now)
+        self.settle(run, now)
         return task
 
     def _accept(self, run: Run, task: Task, result: TaskResult, metadata: ResultMetadata, *,
@@ -298,9 +275,10 @@ class Coordinator:
             secure = self.secure.get(run.id)
             deadline = run.round_deadline if secure is None else secure.phase_deadline
             if run.status is RunStatus.running and now >= deadline:
-                self._maybe_close(run, now, deadline_passed=True)
+                self.settle(run, now, deadline_passed=True)
 
-    def _maybe_close(self, run: Run, now: float, deadline_passed: bool = False) -> None:
+    def settle(self, run: Run, now: float, deadline_passed: bool = False) -> None:
+        """Close the run's round (or its secure round's open phase) if it can close now."""
         secure = self.secure.get(run.id)
         if secure is not None:
             self._advance_secure(run, secure, now)
@@ -314,15 +292,6 @@ class Coordinator:
             self._close_round(run, answered, now)
         else:
             self._retry_or_fail(run, len(answered), now)
-
-    @staticmethod
-    def _stats_refusal(run: Run, training_rows: Mapping[str, int], excluded: Mapping[str, str]) -> str | None:
-        """Why the run cannot train on the hospitals that have rows, or None. Hospitals without rows are left
-        out (each fit would be refused); the run goes on if enough remain."""
-        if len(training_rows) >= run.config.min_hospitals:
-            return None
-        return (f"round 0: {len(training_rows)} hospital(s) have training rows, {run.config.min_hospitals} needed "
-                f"({', '.join(f'{h}: {why}' for h, why in sorted(excluded.items()))})")
 
     def _retry_or_fail(self, run: Run, answered: int, now: float, *, needed: int | None = None,
                        what: str = "valid result(s)") -> None:
@@ -363,54 +332,6 @@ class Coordinator:
         return (secure is not None and task.kind is TaskKind.fit and task.round == secure.round
                 and task.attempt == secure.attempt and task.hospital in secure.advertisements)
 
-    def _secure_task(self, task_id: str, hospital: str, node: str, now: float) -> tuple[Task, SecureRound]:
-        """A secure fit task and its round, for the replica that holds it: a secure round's steps are one
-        replica's (the keys are in its memory). After its masked input the task is done, and still its."""
-        task = self.tasks.get(task_id)
-        if task is None:
-            raise self.unknown_task(task_id, hospital)
-        if task.hospital != hospital:
-            raise Forbidden(f"task {task_id} belongs to another hospital")
-        secure = self.secure.get(task.run_id)
-        if secure is None or (task.round, task.attempt) != (secure.round, secure.attempt):
-            raise Conflict(f"task {task_id} is not in an open secure aggregation round")
-        held = task.status is TaskStatus.leased and task.lease_expires > now
-        if task.holder != node or not (held or task.status is TaskStatus.done):
-            raise Conflict(f"task {task_id}: lease not held by {node} (expired or taken over)")
-        return task, secure
-
-    def secure_view(self, task_id: str, hospital: str, node: str, now: float) -> dict[str, Any]:
-        """What the holder of a secure fit task needs for its next step (`SecureRound.view_for`)."""
-        self.tick(now)
-        return self._secure_task(task_id, hospital, node, now)[1].view_for(hospital)
-
-    def secure_keys(self, task_id: str, hospital: str, node: str, advertisement: KeyAdvertisement,
-                    certificate_pem: str, now: float) -> None:
-        task, secure = self._secure_task(task_id, hospital, node, now)
-        secure.add_keys(hospital, advertisement, certificate_pem)
-        self._maybe_close(self.runs[task.run_id], now)
-
-    def secure_shares(self, task_id: str, hospital: str, node: str, shares: list[EncryptedShares],
-                      now: float) -> None:
-        task, secure = self._secure_task(task_id, hospital, node, now)
-        secure.add_shares(hospital, shares)
-        self._maybe_close(self.runs[task.run_id], now)
-
-    def secure_consistency(self, task_id: str, hospital: str, node: str, signature: bytes, now: float) -> None:
-        task, secure = self._secure_task(task_id, hospital, node, now)
-        secure.add_signature(hospital, signature)
-        self._maybe_close(self.runs[task.run_id], now)
-
-    def secure_refuse(self, task_id: str, hospital: str, node: str, reason: str, now: float) -> None:
-        task, secure = self._secure_task(task_id, hospital, node, now)
-        secure.add_refusal(hospital, reason)
-        self._maybe_close(self.runs[task.run_id], now)
-
-    def secure_reveal(self, task_id: str, hospital: str, node: str, reveal: Reveal, now: float) -> None:
-        task, secure = self._secure_task(task_id, hospital, node, now)
-        secure.add_reveal(hospital, reveal)
-        self._maybe_close(self.runs[task.run_id], now)
-
     def _close_round(self, run: Run, answered: list[Task], now: float, *, secure_mean: Weights | None = None) -> None:
         # Compute everything first, change state after (aggregating consumes the round's running sum: if it
         # fails, the run ends with the reason).
@@ -422,26 +343,18 @@ class Coordinator:
             run.best_round, run.best_loss, run.best_weights = run.round, loss, run.weights
         if kind is TaskKind.stats:
             stats = {h: m for h, m in hospitals.items() if isinstance(m, StatsMetadata)}
-            example_limits = {h: m.count for h, m in stats.items() if m.count > 0}
-            excluded = {h: "no valid training rows (0 counted in round 0)" for h in stats if h not in example_limits}
-            refusal = self._stats_refusal(run, example_limits, excluded) or privacy_refusal(run.config, example_limits)
-            if refusal is None:
-                try:
-                    preprocessing = self._stats_reducer([stats[h] for h in example_limits])
-                except (ValueError, ArithmeticError) as error:
-                    refusal = f"round 0: the hospitals' statistics cannot be combined: {error}"
-            if refusal is not None:  # before any hospital trains
-                self._end(run, RunStatus.failed, refusal)
+            counted = count_round_zero(run.config, stats, self._stats_reducer)
+            if isinstance(counted, str):  # the run cannot train: it ends before any hospital trains
+                self._end(run, RunStatus.failed, counted)
                 return
-            run.example_limits, run.excluded = example_limits, excluded
-            run.preprocessing = preprocessing
+            run.example_limits, run.excluded, run.preprocessing = counted
         elif kind is TaskKind.fit:
             try:
                 if secure_mean is not None:
                     aggregated, run.optimiser = apply_mean(run.config.strategy, run.weights, secure_mean, run.optimiser)
                 else:
                     aggregated, run.optimiser = self._aggregations[run.id].finish(run.optimiser)
-                run.weights = _as_sent(aggregated)
+                run.weights = as_sent(aggregated)
                 # A server optimiser's step can leave the allowed set; a mean, median or trimmed mean of weights
                 # inside it stays there (secure aggregation's sum to its fixed point), so those are left exact.
                 if (self._constrain is not None and run.preprocessing is not None
@@ -477,7 +390,7 @@ class Coordinator:
         service appends to) but their number. A snapshot is therefore small, whatever the model's size and the
         rounds closed, and ended runs are not in it (their records, `run_record`, are kept apart): it does not grow
         with the runs completed."""
-        return {"runs": [_run_to_dict(r, with_history=False) for r in self.runs.values()
+        return {"runs": [run_to_dict(r, with_history=False) for r in self.runs.values()
                          if r.status is RunStatus.running],
                 "tasks": [{**vars(t), "kind": t.kind.value, "status": t.status.value} for t in self.tasks.values()],
                 "results": {k: {"metadata": r.metadata.model_dump(mode="json"), "reference": r.reference}
@@ -489,23 +402,19 @@ class Coordinator:
         run = self._run(run_id)
         if run.status is RunStatus.running:
             raise ValueError(f"{run_id} is running: its state is in the snapshot")
-        return _run_to_dict(run, with_history=True)
+        return run_to_dict(run, with_history=True)
 
     @classmethod
-    def restore(cls, data: Mapping[str, Any], stats_reducer: StatsReducer, *, round_arrays: RoundArrays,
-                stats_columns: int | None = None, result_tensors: Callable[[Task, str], Weights] | None = None,
-                ended_runs: Iterable[Mapping[str, Any]] = (), round_history: RoundHistory | None = None,
-                constrain: WeightConstraint | None = None) -> Coordinator:
-        """The coordinator `snapshot` captured, with the `ended_runs` records (`run_record`) beside it (runs in
-        the order they started); `round_arrays(run, round)` gives back a running run's arrays entering its round,
-        `round_history(run, rounds)` its first `rounds` closed rounds' records, `result_tensors(task, reference)`
-        an accepted fit result's tensors. Ended runs come back without arrays."""
+    def restore(cls, data: Mapping[str, Any], stats_reducer: StatsReducer, saved: SavedState, *,
+                stats_columns: int | None = None, constrain: WeightConstraint | None = None) -> Coordinator:
+        """The coordinator `snapshot` captured, with what it left out read from `saved` (the running runs' arrays
+        and closed rounds, the accepted fit results' tensors, the ended runs' records; runs in the order they
+        started). Ended runs come back without arrays."""
         coordinator = cls(stats_reducer, stats_columns=stats_columns, constrain=constrain)
         running = {raw["id"] for raw in data["runs"]}
-        for raw in sorted([*data["runs"], *(r for r in ended_runs if r["id"] not in running)],
+        for raw in sorted([*data["runs"], *(r for r in saved.ended_runs() if r["id"] not in running)],
                           key=lambda raw: raw.get("started_at", 0.0)):  # stable: ties keep their order
-            ended = RunStatus(raw["status"]) is not RunStatus.running
-            run = _run_from_dict(raw, (lambda *_: ({}, {}, {})) if ended else round_arrays, round_history)
+            run = run_from_dict(raw, saved)
             coordinator.runs[run.id] = run
         for raw in data["tasks"]:
             task = Task(**{**raw, "kind": TaskKind(raw["kind"]), "status": TaskStatus(raw["status"])})
@@ -514,12 +423,8 @@ class Coordinator:
             coordinator.secure[raw["run_id"]] = SecureRound.from_json(raw)
         for task_id, raw in data["results"].items():  # in the order they were accepted
             task = coordinator.tasks[task_id]
-            tensors: Weights = {}
             reference = raw.get("reference", "")
-            if task.kind is TaskKind.fit:
-                if result_tensors is None:
-                    raise ValueError(f"the accepted result of {task_id} needs its tensors to be restored")
-                tensors = result_tensors(task, reference)
+            tensors = saved.result_tensors(task, reference) if task.kind is TaskKind.fit else {}
             result = TaskResult(raw["metadata"], tensors, reference)
             coordinator._accept(coordinator.runs[task.run_id], task, result,
                                 check_metadata(task.kind.value, result.metadata, columns=None), restoring=True)
@@ -537,64 +442,4 @@ class Coordinator:
                 if secure is not None:
                     secure.phase_deadline = now + (run.config.round_deadline_s if secure.phase is SecurePhase.masked
                                                    else run.config.secure_phase_s)
-                self._maybe_close(run, now)
-
-
-def _as_sent(weights: Mapping[str, np.ndarray]) -> Weights:
-    """The global weights as hospitals receive them and the service keeps them (float32, the model's own
-    precision): aggregated in float64, kept as sent, so a restored run continues from exactly its weights."""
-    return {name: np.asarray(tensor, dtype=np.float32) for name, tensor in weights.items()}
-
-
-def round_record_to_dict(record: RoundRecord) -> dict[str, Any]:
-    return {**vars(record), "kind": record.kind.value,
-            "hospitals": {h: m.model_dump(mode="json") for h, m in record.hospitals.items()}}
-
-
-def round_record_from_dict(raw: Mapping[str, Any]) -> RoundRecord:
-    """A record `round_record_to_dict` wrote; its metadata was checked when accepted and is checked again."""
-    kind = TaskKind(raw["kind"])
-    hospitals = {h: check_metadata(kind.value, m, columns=None) for h, m in raw["hospitals"].items()}
-    return RoundRecord(**{**raw, "kind": kind, "hospitals": hospitals})
-
-
-def _run_to_dict(run: Run, *, with_history: bool) -> dict[str, Any]:
-    """A run's state but its arrays (weights, server optimiser moments), which the service keeps per round, and
-    unless `with_history` its closed rounds' records (which it keeps in a file of their own) but their number."""
-    history: dict[str, Any] = ({"history": [round_record_to_dict(h) for h in run.history]} if with_history
-                               else {"history_length": len(run.history)})
-    return {
-        "id": run.id, "config": run.config.model_dump(), "hospitals": run.hospitals, "status": run.status.value,
-        "reason": run.reason, "round": run.round, "attempt": run.attempt, "started_at": run.started_at,
-        "round_opened_at": run.round_opened_at,
-        "round_deadline": run.round_deadline,
-        "preprocessing": None if run.preprocessing is None else run.preprocessing.model_dump(mode="json"),
-        "rejected": dict(run.rejected),
-        "example_limits": dict(run.example_limits), "excluded": dict(run.excluded),
-        "optimiser_steps": run.optimiser.steps, "best_round": run.best_round,
-        "best_loss": None if run.best_round is None else run.best_loss, "reevaluate": run.reevaluate, **history,
-    }
-
-
-def _run_from_dict(raw: Mapping[str, Any], arrays: RoundArrays, history: RoundHistory | None) -> Run:
-    weights, first_moment, second_moment = arrays(raw["id"], raw["round"])
-    best_round = raw.get("best_round")
-    if "history" in raw:
-        records = raw["history"]
-    elif history is None:
-        raise ValueError(f"the closed rounds of {raw['id']} are needed to restore it")
-    else:
-        records = history(raw["id"], raw["history_length"])
-    return Run(
-        id=raw["id"], config=RunConfig.model_validate(raw["config"]), hospitals=list(raw["hospitals"]),
-        status=RunStatus(raw["status"]), reason=raw["reason"], round=raw["round"], attempt=raw["attempt"],
-        started_at=raw.get("started_at", 0.0),
-        round_opened_at=raw["round_opened_at"], round_deadline=raw["round_deadline"], weights=_as_sent(weights),
-        optimiser=ServerOptimiserState(first_moment, second_moment, raw["optimiser_steps"]),
-        # Runs saved before preprocessing was typed kept an empty dict until round 0 closed.
-        preprocessing=GlobalPreprocessing.model_validate(raw["preprocessing"]) if raw["preprocessing"] else None,
-        rejected=dict(raw["rejected"]), example_limits=dict(raw["example_limits"]),
-        excluded=dict(raw.get("excluded", {})), history=[round_record_from_dict(h) for h in records],
-        best_round=best_round, best_loss=math.inf if best_round is None else float(raw["best_loss"]),
-        best_weights={} if best_round is None else _as_sent(arrays(raw["id"], best_round)[0]),
-        reevaluate=bool(raw.get("reevaluate", False)))
+                self.settle(run, now)

@@ -6,6 +6,8 @@ report) imports these without the coordinator's logic.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -35,6 +37,15 @@ class TaskStatus(str, Enum):
     done = "done"
     rejected = "rejected"
     abandoned = "abandoned"  # its round closed or was retried without it
+
+
+# A task's id, `<run>.r<round>.a<attempt>.<hospital>` (`task_id_of`): whose task it was and which round, read
+# back when a late answer names a task the coordinator has forgotten (`Coordinator.unknown_task`).
+TASK_ID = re.compile(r"(?P<run>.+)\.r(?P<round>\d+)\.a(?P<attempt>\d+)\.(?P<hospital>[^.]+)")
+
+
+def task_id_of(run_id: str, round_number: int, attempt: int, hospital: str) -> str:
+    return f"{run_id}.r{round_number}.a{attempt}.{hospital}"
 
 
 @dataclass
@@ -89,6 +100,13 @@ class RoundRecord:
     def evaluations(self) -> dict[str, EvaluationMetadata]:
         """Each hospital's evaluation of the model entering this round (empty for round 0)."""
         return {h: m for h, m in self.hospitals.items() if isinstance(m, EvaluationMetadata)}
+
+
+def validation_loss(hospitals: Mapping[str, ResultMetadata]) -> float | None:
+    """The model's mean loss over every hospital's validation rows (from their sums and counts); None without any."""
+    evaluations = [m for m in hospitals.values() if isinstance(m, EvaluationMetadata) and m.validation_rows > 0]
+    rows = sum(m.validation_rows for m in evaluations)
+    return sum(m.validation_loss_sum for m in evaluations) / rows if rows else None
 
 
 @dataclass

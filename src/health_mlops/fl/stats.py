@@ -7,12 +7,17 @@ the spec's grid; a cell describing fewer than `small_cell_threshold` patients is
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
 import numpy as np
 import pandas as pd
 
 from health_mlops.data.preprocess import (GlobalPreprocessing, encoded_columns, feature_columns, feature_histograms,
                                           fill_values, mean_and_scale, standardisation, stats_of_frame)
 from health_mlops.fl.metadata import StatsMetadata
+from health_mlops.fl.privacy_budget import privacy_refusal
+from health_mlops.fl.run_config import RunConfig
 from health_mlops.spec import DatasetSpec
 
 
@@ -79,3 +84,30 @@ def reduce_stats(spec: DatasetSpec, results: list[StatsMetadata]) -> GlobalPrepr
     return GlobalPreprocessing(count=int(total), mean=mean.tolist(), scale=scale.tolist(), fill=fill.tolist(),
                                target_mean=float(target_mean[0]), target_scale=float(target_scale[0]),
                                histograms=histograms, threshold=threshold)
+
+
+class RoundZero(NamedTuple):
+    """What round 0's counts make of a run."""
+
+    example_limits: dict[str, int]  # hospital -> its training rows, for each hospital that has any
+    excluded: dict[str, str]  # hospital -> why it is left out of the run
+    preprocessing: GlobalPreprocessing
+
+
+def count_round_zero(config: RunConfig, stats: Mapping[str, StatsMetadata],
+                     reduce: Callable[[list[StatsMetadata]], GlobalPreprocessing]) -> RoundZero | str:
+    """The hospitals a run trains on (those with rows; the others are left out, each fit would be refused) and its
+    preprocessing, reduced from their counts; or why the run cannot train: too few hospitals with rows, a privacy
+    budget that cannot be met at one of them, or counts that cannot be combined."""
+    example_limits = {h: m.count for h, m in stats.items() if m.count > 0}
+    excluded = {h: "no valid training rows (0 counted in round 0)" for h in stats if h not in example_limits}
+    if len(example_limits) < config.min_hospitals:
+        return (f"round 0: {len(example_limits)} hospital(s) have training rows, {config.min_hospitals} needed "
+                f"({', '.join(f'{h}: {why}' for h, why in sorted(excluded.items()))})")
+    refusal = privacy_refusal(config, example_limits)
+    if refusal is not None:
+        return refusal
+    try:
+        return RoundZero(example_limits, excluded, reduce([stats[h] for h in example_limits]))
+    except (ValueError, ArithmeticError) as error:
+        return f"round 0: the hospitals' statistics cannot be combined: {error}"

@@ -1,4 +1,5 @@
-"""The aggregator's durable state: the coordinator's snapshot and each closed round's global weights.
+"""The aggregator's durable state: the coordinator's snapshot and each closed round's global weights. The store
+is what a restore reads beside the snapshot (`fl.snapshot.SavedState`).
 
 Every write is atomic (write a temporary file, fsync it, rename it over the old one, fsync the folder), so a
 crash at any instant leaves either the previous checkpoint or the new one, never a torn file. Layout under
@@ -37,7 +38,8 @@ from safetensors.numpy import load as load_tensors
 from health_mlops.errors import CheckpointError
 from health_mlops.faults import crash_point
 from health_mlops.files import append_private, commit_atomically, open_atomically, temporary_path, write_atomically
-from health_mlops.fl.messages import encode_weights
+from health_mlops.fl.messages import MessageError, encode_weights, map_result
+from health_mlops.fl.state import Task
 
 Weights = dict[str, Any]  # name -> numpy array
 _FIRST, _SECOND = "first/", "second/"  # tensor name prefixes of the optimiser's moments in one file
@@ -117,7 +119,7 @@ class CheckpointStore:
         write_atomically(self.run_record_path(run_id), body)
         return len(body)
 
-    def load_run_records(self) -> list[dict[str, Any]]:
+    def ended_runs(self) -> list[dict[str, Any]]:
         """Every ended run's record."""
         records = []
         for path in sorted((self.models_dir / "runs").glob("*/run.json")):
@@ -137,7 +139,7 @@ class CheckpointStore:
         append_private(self.history_path(run_id), body)
         return len(body)
 
-    def load_history(self, run_id: str, rounds: int) -> list[dict[str, Any]]:
+    def round_history(self, run_id: str, rounds: int) -> list[dict[str, Any]]:
         """A running run's first `rounds` closed rounds. Lines beyond them (appended before a crash cut short the
         state that would count them) are cut off the file, so that appends continue after the state's last."""
         path = self.history_path(run_id)
@@ -199,6 +201,22 @@ class CheckpointStore:
             raise CheckpointError(f"{path}: cannot read the server optimiser's state ({exc})") from None
         return ({k.removeprefix(_FIRST): v for k, v in tensors.items() if k.startswith(_FIRST)},
                 {k.removeprefix(_SECOND): v for k, v in tensors.items() if k.startswith(_SECOND)})
+
+    def round_arrays(self, run_id: str, round_number: int) -> tuple[Weights, Weights, Weights]:
+        """A running run's weights (memory-mapped from their file) and server optimiser moments entering a round."""
+        path = self.weights_path(run_id, round_number)
+        if not path.exists():
+            raise CheckpointError(f"{path}: missing, and the checkpoint resumes {run_id} at round {round_number}")
+        return (map_result(path).tensors, *self.load_optimiser(run_id, round_number))
+
+    def result_tensors(self, task: Task, reference: str) -> Weights:
+        """An accepted result's tensors, memory-mapped from its file."""
+        path = self.result_path(task.run_id, reference)
+        try:
+            return map_result(path).tensors
+        except MessageError as error:
+            raise CheckpointError(f"{path}: an accepted result the checkpoint names cannot be read "
+                                  f"({error})") from None
 
     def load_weights(self, run_id: str, round_number: int) -> bytes | None:
         path = self.weights_path(run_id, round_number)

@@ -189,27 +189,28 @@ def create_app(service_factory: Callable[[], AggregatorService],
     async def secure_keys(task_id: str, body: AdvertisedKeys, svc: Service, hospital: Hospital,
                           node: NodeId) -> Response:
         advertisement = body.advertisement(hospital)
-        return await secure_step(svc, lambda now: svc.coordinator.secure_keys(task_id, hospital, node, advertisement,
-                                                                              body.certificate, now))
+        return await secure_step(svc, lambda now: svc.coordinator.secure_steps.keys(
+            task_id, hospital, node, advertisement, body.certificate, now))
 
     @app.post("/v1/tasks/{task_id}/secure/shares", status_code=204)
     async def secure_shares(task_id: str, body: SecureShares, svc: Service, hospital: Hospital,
                             node: NodeId) -> Response:
         shares = body.encrypted(hospital)
-        return await secure_step(svc, lambda now: svc.coordinator.secure_shares(task_id, hospital, node, shares, now))
+        return await secure_step(svc, lambda now: svc.coordinator.secure_steps.shares(
+            task_id, hospital, node, shares, now))
 
     @app.post("/v1/tasks/{task_id}/secure/consistency", status_code=204)
     async def secure_consistency(task_id: str, body: SignedSurvivors, svc: Service, hospital: Hospital,
                                  node: NodeId) -> Response:
         signature = body.signed()
-        return await secure_step(svc, lambda now: svc.coordinator.secure_consistency(task_id, hospital, node,
-                                                                                     signature, now))
+        return await secure_step(svc, lambda now: svc.coordinator.secure_steps.consistency(
+            task_id, hospital, node, signature, now))
 
     @app.post("/v1/tasks/{task_id}/secure/refuse", status_code=204)
     async def secure_refuse(task_id: str, body: SecureRefusal, svc: Service, hospital: Hospital,
                             node: NodeId) -> Response:
-        answer = await secure_step(svc, lambda now: svc.coordinator.secure_refuse(task_id, hospital, node,
-                                                                                  body.reason, now))
+        answer = await secure_step(svc, lambda now: svc.coordinator.secure_steps.refuse(
+            task_id, hospital, node, body.reason, now))
         log.warning("%s refused the secure round of %s: %r", hospital, task_id, body.reason)  # tampering shows here
         return answer
 
@@ -217,6 +218,7 @@ def create_app(service_factory: Callable[[], AggregatorService],
     async def secure_reveal(task_id: str, body: SecureReveal, svc: Service, hospital: Hospital,
                             node: NodeId) -> Response:
         reveal = body.reveal(hospital)
-        return await secure_step(svc, lambda now: svc.coordinator.secure_reveal(task_id, hospital, node, reveal, now))
+        return await secure_step(svc, lambda now: svc.coordinator.secure_steps.reveal(
+            task_id, hospital, node, reveal, now))
 
     return BodyLimit(app, lambda path: body_limit(path, max_result_bytes))

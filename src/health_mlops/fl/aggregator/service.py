@@ -30,7 +30,7 @@ from health_mlops.errors import CheckpointError
 from health_mlops.ml.directions import weight_constraint
 from health_mlops.faults import crash_point
 from health_mlops.fl.aggregator.reporting import Reporting
-from health_mlops.fl.coordinator import Conflict, Coordinator, Forbidden, NotFound, round_record_to_dict
+from health_mlops.fl.coordinator import Conflict, Coordinator, Forbidden, NotFound
 from health_mlops.fl.privacy_budget import privacy_report
 from health_mlops.fl.state import Event, RoundClosed, RoundOpened, Run, RunEnded, RunStatus, Task, TaskKind, TaskResult
 from health_mlops.fl.errors import Invalid
@@ -39,8 +39,8 @@ from health_mlops.fl.messages import (MessageError, OpenTaskView, RoundView, Run
                                       check_result_task, decode_result, encode_weights, map_result, weighted_metrics,
                                       weights_view)
 from health_mlops.fl.secure_round import SecurePhase
+from health_mlops.fl.snapshot import round_record_to_dict
 from health_mlops.fl.store import CheckpointStore
-from health_mlops.fl.strategies import Weights
 from health_mlops.memory import return_free_memory
 from health_mlops.ml.initial_weights import initial_weights
 from health_mlops.monitoring import AggregatorMetrics
@@ -372,7 +372,7 @@ class AggregatorService:
         deadline = time.monotonic() + wait_s
         while True:
             wakeup = self._wakeup
-            view = await self.change(lambda now: self.coordinator.secure_view(task_id, hospital, node, now))
+            view = await self.change(lambda now: self.coordinator.secure_steps.view(task_id, hospital, node, now))
             remaining = deadline - time.monotonic()
             if after is None or view["phase"] != after.value or remaining <= 0 or self._stopping:
                 return view
@@ -435,27 +435,10 @@ class AggregatorService:
 
 def restore_coordinator(store: CheckpointStore, spec: DatasetSpec) -> Coordinator:
     """The coordinator as last checkpointed (a fresh one on a first start)."""
-    columns = len(encoded_columns(spec))
     saved = store.load_state() or {"runs": [], "tasks": [], "results": {}}  # a first start: nothing
-
-    def round_arrays(run_id: str, round_number: int) -> tuple[Weights, Weights, Weights]:
-        path = store.weights_path(run_id, round_number)
-        if not path.exists():
-            raise CheckpointError(f"{path}: missing, and the checkpoint resumes {run_id} at round {round_number}")
-        return (map_result(path).tensors, *store.load_optimiser(run_id, round_number))
-
-    def result_tensors(task: Task, reference: str) -> Weights:
-        path = store.result_path(task.run_id, reference)
-        try:
-            return map_result(path).tensors
-        except MessageError as error:
-            raise CheckpointError(f"{path}: an accepted result the checkpoint names cannot be read "
-                                  f"({error})") from None
-
     try:
-        return Coordinator.restore(saved, partial(reduce_stats, spec), stats_columns=columns, round_arrays=round_arrays,
-                                   result_tensors=result_tensors, ended_runs=store.load_run_records(),
-                                   round_history=store.load_history, constrain=weight_constraint(spec))
+        return Coordinator.restore(saved, partial(reduce_stats, spec), store, stats_columns=len(encoded_columns(spec)),
+                                   constrain=weight_constraint(spec))
     except (KeyError, TypeError, ValueError, MessageError) as error:
         raise CheckpointError(f"{store.state_path}: not a checkpoint this version can resume "
                               f"({type(error).__name__}: {error})") from None

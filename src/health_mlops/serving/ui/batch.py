@@ -1,0 +1,107 @@
+"""The Batch tab: a CSV of patients scored with the champion and handed back with their predictions (invalid rows
+listed with their line and reason), and the template CSV to fill in."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import threading
+import time
+from contextlib import suppress
+from pathlib import Path
+
+import pandas as pd
+
+from health_mlops.data.io import read_table, write_csv
+from health_mlops.data.preprocess import serving_matrix
+from health_mlops.data.validate import validate_table
+from health_mlops.errors import DataError
+from health_mlops.serving.predictor import NoChampion
+from health_mlops.serving.ui.shared import DashboardState
+
+
+INVALID_ROW_COLUMNS = ["line", "reason"]
+# What a batch adds to the rows it scores.
+OUTPUT_COLUMNS = ("prediction", "class", "model_version", "outside_training_range")
+RESULTS_KEPT_S = 3600.0  # a batch's results file, as long as Gradio keeps an upload
+
+
+class BatchTab(DashboardState):
+    """The Batch tab's callbacks: scored in-process with the champion, counted as endpoint "ui"."""
+
+    def batch(self, path: str | None) -> tuple[str, str | None, pd.DataFrame]:
+        empty = pd.DataFrame(columns=INVALID_ROW_COLUMNS)
+        if not path:
+            return "Upload a CSV file with one column per feature (the template lists them).", None, empty
+        try:
+            raw = read_table(Path(path))
+            validated = validate_table(raw, self.spec, require_target=False)
+        except DataError as error:
+            self.predictor.count("ui", "invalid")
+            return f"### The file cannot be used\n{error}", None, empty
+        invalid = validated.quarantined_rows[["line", "reason"]]
+        report = validated.report
+        summary = f"{report.rows_read} rows read: **{report.rows_valid} scored**, **{report.rows_quarantined} invalid**"
+        if report.rows_quarantined:
+            summary += " (listed below with their line in the file and the reason; they are not in the output)"
+            self.predictor.count_invalid_rows("ui", report.rows_quarantined)
+        if validated.frame.empty:
+            self.predictor.count("ui", "invalid")
+            return f"### Nothing to score\n{summary}", None, invalid
+        matrix = serving_matrix(validated.frame, self.spec)
+        try:
+            model, predictions = self.predictor.predict("ui", matrix, time.perf_counter())
+        except NoChampion as error:
+            return f"### No model yet\n{error}", None, invalid
+        scored = validated.frame.copy()
+        scored.insert(0, "line", validated.lines)
+        # Columns not in the spec (a patient id, a label, ...) come back beside their rows, so results join back.
+        extra = [c for c in raw.header if c in report.ignored_columns]
+        if extra:
+            carried = raw.rows[extra].set_axis(raw.lines).loc[validated.lines].reset_index(drop=True)
+            for k, column in enumerate(extra):
+                name = f"{column} (input)" if column in ("line", *OUTPUT_COLUMNS) else column
+                scored.insert(1 + k, name, carried[column].to_numpy())
+        scored["prediction"] = predictions
+        if self.spec.task == "binary" and model.threshold is not None:
+            scored["class"] = (predictions >= model.threshold).astype(int)
+        scored["model_version"] = model.version
+        scored["outside_training_range"] = ["; ".join(self._beyond(flag) for flag in flags)
+                                            for flags in model.outside_training_range(matrix)]
+        out = self._result_folder() / f"{Path(path).stem}-predictions.csv"
+        write_csv(scored, out)
+        return f"### Scored with model v{model.version}\n{summary}", str(out), invalid
+
+    def _result_folder(self) -> Path:
+        """A new folder for one batch's results, its name unguessable: Gradio's file route serves the results folder
+        to whoever names a file in it. Results older than an hour (Gradio's own sweep of uploads) are removed."""
+        for old in self._scratch.iterdir():
+            with suppress(OSError):
+                if old.is_dir() and time.time() - old.stat().st_mtime > RESULTS_KEPT_S:
+                    shutil.rmtree(old)
+        folder = self._scratch / secrets.token_hex(16)
+        folder.mkdir(mode=0o700)
+        return folder
+
+    def template(self) -> Path:
+        """A CSV to fill in: a `patient_id` column (carried through to the predictions), then one column per
+        feature, with one example row of the training population's typical values. Written once per model: every
+        page load asks for it."""
+        model = self.predictor.watcher.current
+        path = self._scratch / f"{self.spec.name}-template-v{model.version if model else 0}.csv"
+        if path.is_file():
+            return path
+        typical = model.typical if model else None
+        example: dict[str, object] = {"patient_id": "example-1"}
+        for j, feature in enumerate(self.spec.features):
+            if feature.type == "numeric":
+                value = typical[j] if typical else ((feature.min or 0.0) + (feature.max or 0.0)) / 2
+                example[feature.name] = round(value, feature.display_decimals)
+            else:
+                categories = feature.categories or ("",)
+                example[feature.name] = categories[int(typical[j])] if typical else categories[0]
+        written = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}")  # whole, or not there, to a reader
+        write_csv(pd.DataFrame([example]), written)
+        written.replace(path)
+        return path

@@ -1,0 +1,144 @@
+"""The Predict tab: one patient's risk (or predicted value) from the form, where it sits in the training population,
+and what moved it (each feature's contribution, as text and a bar chart)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import plotly.graph_objects as go
+from pydantic import ValidationError
+
+from health_mlops.serving.predictor import NoChampion
+from health_mlops.serving.requests import InvalidRequest
+from health_mlops.serving.ui.shared import DashboardState
+
+
+# A contribution that moves a risk by less than half a percentage point (a regression prediction by less than 1 %
+# of the target's range) is within the rounding of what a clinician reads: listed as negligible, drawn in grey, and
+# the plot's axis never shrinks below a few times this, so small effects do not look large.
+NEGLIGIBLE_RISK = 0.005
+NEGLIGIBLE_SHARE_OF_RANGE = 0.01
+FEDERATED_RISK = "the federated model"  # the Predict tab's risk without a hospital's recalibration
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f} %"
+
+
+def _field_errors(error: ValidationError) -> str:
+    return "\n".join(f"- **{'.'.join(str(p) for p in e['loc'])}**: {e['msg']}" for e in error.errors())
+
+
+def _shown(value: float | str) -> str:
+    if isinstance(value, str):
+        return value
+    return "not measured" if math.isnan(value) else f"{value:.4g}"
+
+
+class PredictTab(DashboardState):
+    """The Predict tab's callback: scored in-process with the champion, counted as endpoint "ui"."""
+
+    def predict(self, *values: Any) -> tuple[str, go.Figure | None]:
+        """The form's features, then the hospital whose recalibration to answer with (or `FEDERATED_RISK`)."""
+        *entered, site = values
+        row = dict(zip((f.name for f in self.spec.features), entered, strict=True))
+        try:
+            validated = self.predictor.encoder.row_model.model_validate(row)
+        except ValidationError as error:
+            self.predictor.count_invalid("ui", 1)
+            return "### Not scored: fix these fields\n" + _field_errors(error), None
+        matrix = self.predictor.encoder.matrix_of([validated])
+        hospital = None if site in (None, "", FEDERATED_RISK) else str(site)
+        try:
+            model, prediction = self.predictor.predict("ui", matrix, time.perf_counter(), hospital)
+        except NoChampion as error:
+            return f"### No model yet\n{error}", None
+        except InvalidRequest:  # a value the page never offered: it is not echoed back
+            self.predictor.count_invalid("ui", 1)
+            current = self.predictor.watcher.current
+            known = ", ".join(sorted(current.sites)) if current is not None else ""
+            return f"### Not scored\nThe model has no recalibration by that hospital (it has: {known or 'none'}).", None
+        found = self.predictor.explain(model, matrix)
+        target = self.spec.target.display_label
+        risk = float(prediction[0])
+        if self.spec.task == "binary":
+            headline = f"### Risk of {target}: **{_percent(risk)}**"
+            threshold, whose = model.threshold_for(hospital), "the model's" if hospital is None else f"{hospital}'s"
+            if hospital is not None:
+                headline += (f"\n\nAs **{hospital}** recalibrated the federated model on its own patients "
+                             f"(federated risk {_percent(float(model.predict(matrix)[0]))}).")
+            if threshold is not None:
+                flagged = risk >= threshold
+                headline += (f"\n\n{'**Flagged**: at or above' if flagged else 'Not flagged: below'} {whose} "
+                             f"decision threshold of {_percent(threshold)}.\n")
+            unit, scale, negligible = "percentage points", 100.0, NEGLIGIBLE_RISK
+        else:
+            headline = f"### Predicted {target}: **{risk:.2f}**"
+            span = (self.spec.target.max or 0.0) - (self.spec.target.min or 0.0)
+            unit, scale, negligible = self.spec.target.unit or "", 1.0, NEGLIGIBLE_SHARE_OF_RANGE * span
+        lines = [headline]
+        if self.spec.task == "binary":
+            lines.append("\n\n".join(self._risk_context(model.version, risk)) + "\n")
+        features = {f.name: f for f in self.spec.features}
+        labels = {name: f.display_label for name, f in features.items()}
+
+        def in_words(name: str, value: float | str) -> str:
+            feature = features[name]
+            if feature.is_yes_no:
+                return {"0": "No", "1": "Yes"}.get(str(value), str(value))
+            if isinstance(value, float) and not math.isnan(value):
+                return f"{value:.{feature.display_decimals}f}"
+            return _shown(value)
+
+        lines += [f"**Caution**: {self._beyond(flag)}; treat this risk with caution.\n"
+                  for flag in model.outside_training_range(matrix)[0]]
+        lines.append(f"model v{model.version}. Main contributing features: how much each feature's value moves the "
+                     "prediction, against the training population's typical value.")
+        for c in found:
+            change = (f"{scale * c['contribution']:+.2f} {unit}" if abs(c["contribution"]) >= negligible else
+                      f"negligible (under {scale * negligible:g} {unit})")
+            lines.append(f"- **{labels.get(c['feature'], c['feature'])}** = {in_words(c['feature'], c['value'])} "
+                         f"(typical {in_words(c['feature'], c['typical'])}): {change}")
+        shown = list(reversed(found))
+        figure = go.Figure(go.Bar(x=[scale * c["contribution"] for c in shown],
+                                  y=[labels.get(c["feature"], c["feature"]) for c in shown], orientation="h",
+                                  marker_color=["#b0b0b0" if abs(c["contribution"]) < negligible else
+                                                "#c0392b" if c["contribution"] > 0 else "#2e86c1" for c in shown]))
+        reach = 1.1 * scale * max([abs(c["contribution"]) for c in found] + [4 * negligible])
+        figure.update_layout(title=f"What moved this prediction ({unit}; grey: negligible)", height=300,
+                             xaxis_range=[-reach, reach], margin={"l": 10, "r": 10, "t": 40, "b": 10})
+        return "\n".join(lines), figure
+
+    def _risk_context(self, version: int, risk: float) -> list[str]:
+        """Where a risk sits, from the model's report: the training population's event rate, the share of test
+        patients predicted lower, and how often patients predicted near it had the event."""
+        try:
+            report = self._report(version)
+        except Exception:  # noqa: BLE001 - the registry may be away: the risk stands without its context
+            report = None
+        if report is None:
+            return [f"_No model report for v{version}: the population context is not available._"]
+        lines = []
+        data = report.get("data") or {}
+        rows = sum(d.get("rows") or 0 for d in data.values())
+        events = sum(d.get("events") or 0 for d in data.values())
+        if rows:
+            lines.append(f"In the training population, **{_percent(events / rows)}** had "
+                         f"{self.spec.target.display_label} ({events} of {rows} patient-days at {len(data)} "
+                         "hospitals).")
+        bins = (report.get("all_test_rows") or {}).get("reliability") or []
+        tested = sum(b["rows"] for b in bins)
+        if tested:
+            lower = sum(b["rows"] for b in bins if b["high"] <= risk)
+            lines.append(f"**{_percent(lower / tested)}** of the {tested} test patients were predicted in a lower "
+                         "risk band.")
+            near = next((b for b in bins if b["low"] <= risk < b["high"] or risk == b["high"] == 1.0), None)
+            if near is None:
+                lines.append("No test patient was predicted near this risk: its calibration is not measured.")
+            else:
+                lines.append(f"Calibration near this risk: of the {near['rows']} test patients predicted "
+                             f"{_percent(near['low'])} to {_percent(near['high'])}, **{_percent(near['observed'])}** "
+                             f"had the event (predicted {_percent(near['predicted'])} on average).")
+        return lines
