@@ -10,6 +10,7 @@ import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -115,17 +116,22 @@ class Consortium:
             return bearer(read_token(token_path(credentials, holder)))
 
         hospital_1_tls = tls(credentials, "hospital-1")
+        def client(**settings: Any) -> httpx.Client:
+            # httpx's default 5 s read timeout is a speed assumption: on 2 busy CPUs a 1.5 MB file of the offline docs
+            # took longer. The matrix is about who gets which answer, not how fast.
+            return httpx.Client(timeout=60.0, **settings)
+
         self.clients = {
-            "no credential": httpx.Client(verify=hospital_1_tls),
-            "unknown token": httpx.Client(verify=hospital_1_tls, headers=bearer(secrets.token_urlsafe(32))),
-            "revoked": httpx.Client(verify=tls(revoked, "hospital-4"),
+            "no credential": client(verify=hospital_1_tls),
+            "unknown token": client(verify=hospital_1_tls, headers=bearer(secrets.token_urlsafe(32))),
+            "revoked": client(verify=tls(revoked, "hospital-4"),
                                     headers=bearer(read_token(token_path(revoked, "hospital-4")))),
-            "hospital-3 (not in the run)": httpx.Client(verify=tls(credentials, "hospital-3"),
+            "hospital-3 (not in the run)": client(verify=tls(credentials, "hospital-3"),
                                                         headers=token("hospital-3")),
-            "hospital-2 (on hospital-1's task)": httpx.Client(verify=tls(credentials, "hospital-2"),
+            "hospital-2 (on hospital-1's task)": client(verify=tls(credentials, "hospital-2"),
                                                               headers=token("hospital-2")),
-            "hospital-1": httpx.Client(verify=hospital_1_tls, headers=token("hospital-1")),
-            "admin": httpx.Client(verify=tls(credentials, ADMIN), headers=token(ADMIN)),
+            "hospital-1": client(verify=hospital_1_tls, headers=token("hospital-1")),
+            "admin": client(verify=tls(credentials, ADMIN), headers=token(ADMIN)),
         }
         admin = self.clients["admin"]
         run = admin.post(f"{api_url}/v1/runs", json={"hospitals": ["hospital-1", "hospital-2"], "config": RUN_CONFIG})

@@ -118,7 +118,7 @@ class SeedsEvaluation:
         return mean_and_sd([s.rank_correlation[mode] for s in self.seeds])
 
     def claims(self) -> dict[str, bool]:
-        """The README's two claims, checked on these seeds (means over seeds)."""
+        """The three claims of the evaluation (docs/evaluation.md), checked on these seeds (means over seeds)."""
         federated, pooled = self.mean_summary("federated")[0], self.mean_summary("pooled")[0]
         close_to_pooled = federated is not None and pooled is not None and federated >= pooled - POOLED_MARGIN
         no_hospital_worse = True
