@@ -1,5 +1,6 @@
-"""Round 0's statistics: what each hospital sends about its rows (counts and sums, small cells suppressed), and how
-the aggregator reduces them to the run's preprocessing. numpy and pandas only: the aggregator loads no torch.
+"""Round 0's statistics: what each hospital sends about its rows (counts and sums, small cells suppressed), how the
+aggregator reduces them to the run's preprocessing, and which hospitals the run then trains on. No torch here: the
+aggregator loads none.
 
 Only aggregates leave: per-column counts, sums and sums of squares, and each bounded numeric feature's histogram on
 the spec's grid; a cell describing fewer than `small_cell_threshold` patients is sent as null.
