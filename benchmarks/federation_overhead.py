@@ -36,8 +36,8 @@ from health_mlops.experiments.loopback import round_overheads_ms, run_federation
 from health_mlops.experiments.simulation import run_federated_in_memory
 from health_mlops.fl.messages import RunRequest
 from health_mlops.fl.run_config import RunConfig
-from health_mlops.security import provision
 from health_mlops.spec import load_spec
+from health_mlops.trust.credentials import provision
 
 
 def main() -> None:

@@ -56,8 +56,8 @@ from health_mlops.demo.processes import Processes
 from health_mlops.experiments.loopback import round_overheads_ms
 from health_mlops.fl.messages import RunRequest, weighted_metrics
 from health_mlops.fl.run_config import RunConfig
-from health_mlops.security import provision
 from health_mlops.spec import load_spec
+from health_mlops.trust.credentials import provision
 
 REPO = Path(__file__).resolve().parent.parent
 APP = Path(__file__).resolve().parent / "flower_app"

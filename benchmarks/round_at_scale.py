@@ -85,12 +85,12 @@ from common import free_ports
 from health_mlops.data.preprocess import encoded_columns
 from health_mlops.demo.processes import Child, Processes, wait_ready
 from health_mlops.fl.messages import decode_weights, encode_weights
-from health_mlops.http_server import protocol_options
 from health_mlops.ml.initial_weights import initial_weights
-from health_mlops.pki import CA, SERVER, cert_path, key_path
-from health_mlops.security import ADMIN, ClientCredential, bearer, provision
 from health_mlops.spec import DatasetSpec, ModelDefaults, load_spec, spec_to_yaml
-from health_mlops.tls import client_context, server_context
+from health_mlops.trust.credentials import ADMIN, ClientCredential, bearer, provision
+from health_mlops.trust.pki import CA, SERVER, cert_path, key_path
+from health_mlops.trust.tls import client_context, server_context
+from health_mlops.web.server import protocol_options
 
 HOSPITALS = (5, 50)
 PARAMS = (100_000, 10_000_000)

@@ -33,7 +33,7 @@ from rich.table import Table
 
 from health_mlops.fl.secagg import (RoundContext, RoundKeys, ShareHolder, default_threshold, mask, quantize, unmask,
                                     verify_advertisements)
-from health_mlops.pki import CA, cert_path, ensure_certificates, key_path
+from health_mlops.trust.pki import CA, cert_path, ensure_certificates, key_path
 
 RESULTS = Path(__file__).parent / "results" / "secure_aggregation.md"
 

@@ -40,11 +40,11 @@ from round_at_scale import Setup, global_weights, sized_spec, start_aggregator, 
 
 from health_mlops.demo.processes import Processes
 from health_mlops.fl.client import AdminClient, HospitalClient
-from health_mlops.fl.state import TaskKind, TaskResult
 from health_mlops.fl.messages import RunRequest, decode_weights, encode_result
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.secure_fit import ConsortiumIdentity, SecureFitSession
-from health_mlops.security import ADMIN, ClientCredential, provision
+from health_mlops.fl.state import TaskKind, TaskResult
+from health_mlops.trust.credentials import ADMIN, ClientCredential, provision
 
 EXAMPLES = 1000
 NOISE = 1e-4

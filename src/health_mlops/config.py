@@ -14,9 +14,10 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from health_mlops.errors import CredentialError
+from health_mlops.fl.strategy_table import STRATEGIES
 
 if TYPE_CHECKING:
-    from health_mlops.audit import AuditLog
+    from health_mlops.trust.audit import AuditLog
 
 
 class TrainingDefaults(BaseSettings):
@@ -49,16 +50,14 @@ class FederationDefaults(BaseSettings):
 
     rounds: int = Field(20, ge=1, le=10_000)
     local_epochs: int = Field(1, ge=1, le=100, description="local epochs per round at each hospital")
-    strategy: str = Field("fedavg", description="fedavg, fedprox, fedadam, fedyogi, median or trimmed_mean")
+    strategy: str = Field("fedavg", description=f"one of {', '.join(STRATEGIES)}")
     min_hospitals: int = Field(2, ge=1, description="results that close a round at its deadline")
 
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, name: str) -> str:
-        from health_mlops.fl.run_config import STRATEGY_NAMES
-
-        if name not in STRATEGY_NAMES:
-            raise ValueError(f"unknown strategy {name!r}; one of {', '.join(STRATEGY_NAMES)}")
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}; one of {', '.join(STRATEGIES)}")
         return name
 
 
@@ -100,7 +99,7 @@ class Settings(BaseSettings):
     session_cookie_secure: bool = Field(False, description="send the session cookie over HTTPS only (set it where "
                                         "the dashboard is reached over HTTPS, as behind the Kubernetes ingress)")
     mlflow_username: str | None = Field(None, description="who this process is to an MLflow server with basic-auth "
-                                        "(the aggregator: admin; the dashboards: dashboard; `mlflow_auth.py`)")
+                                        "(the aggregator: admin; the dashboards: dashboard; `trust/mlflow_auth.py`)")
     mlflow_password_file: Path | None = Field(None, description="that login's password, from a mounted Secret")
     dashboard_tls_cert: Path | None = Field(None, description="the dashboard serves HTTPS with this certificate "
                                             "(`provision` issues dashboard.crt) and dashboard_tls_key; unset: HTTP")
@@ -118,7 +117,7 @@ class Settings(BaseSettings):
     prometheus_scrape_interval_s: float = Field(5.0, gt=0, le=300, description="the demo's Prometheus scrape and "
                                                 "rule evaluation interval")
     crash_at: str | None = Field(None, description="tests only: kill the aggregator at this crash point, "
-                                 "`<point>[:<n>]` (faults.py)")
+                                 "`<point>[:<n>]` (system/faults.py)")
 
     @property
     def quality_dir(self) -> Path:
@@ -140,7 +139,7 @@ class Settings(BaseSettings):
 
     @property
     def dashboard_accounts(self) -> Path:
-        from health_mlops.access import ACCOUNTS_FILE_NAME
+        from health_mlops.trust.access import ACCOUNTS_FILE_NAME
 
         return self.dashboard_accounts_override or self.credentials_dir / ACCOUNTS_FILE_NAME
 
@@ -184,7 +183,7 @@ def use_mlflow_login(settings: Settings) -> None:
 
 def settings_audit_log(settings: Settings) -> AuditLog:
     """The audit log of these settings, with the audit key if `provision` issued one."""
-    from health_mlops.audit import AuditLog, load_audit_key
+    from health_mlops.trust.audit import AuditLog, load_audit_key
 
     return AuditLog(settings.audit_log, load_audit_key(settings.credentials_dir), name=settings.audit_log_name)
 

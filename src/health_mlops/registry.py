@@ -28,9 +28,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from health_mlops import strict_json
-from health_mlops.audit import Anchor, AuditLog, attestation
 from health_mlops.errors import RegistryError
+from health_mlops.trust.audit import Anchor, AuditLog, attestation
+from health_mlops.web import strict_json
 
 CHAMPION = "champion"
 CHAMPION_SINCE = "champion_since"  # version tag: when it last became champion (seconds since the epoch)

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from health_mlops.pki import CA, SERVER, cert_path, key_path
-from health_mlops.tls import client_context, server_context
+from health_mlops.trust.pki import CA, SERVER, cert_path, key_path
+from health_mlops.trust.tls import client_context, server_context
 
 
 @dataclass(frozen=True)

@@ -15,16 +15,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from health_mlops.audit import AuditLog, verify_audit
 from health_mlops.fl.aggregator import AggregatorService, create_app, create_ops_app
-from health_mlops.fl.state import TaskResult
 from health_mlops.fl.messages import encode_result
+from health_mlops.fl.state import TaskResult
 from health_mlops.fl.store import CheckpointStore
-from health_mlops.http_server import BackgroundServer
-from health_mlops.pki import CA, SERVER, cert_path, key_path
-from health_mlops.security import ADMIN, FailureThrottle, Gatekeeper, bearer, provision, read_token, token_path
 from health_mlops.spec import load_spec
-from health_mlops.tls import client_context, server_context
+from health_mlops.trust.audit import AuditLog, verify_audit
+from health_mlops.trust.credentials import ADMIN, FailureThrottle, Gatekeeper, bearer, provision, read_token, token_path
+from health_mlops.trust.pki import CA, SERVER, cert_path, key_path
+from health_mlops.trust.tls import client_context, server_context
+from health_mlops.web.server import BackgroundServer
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.process

@@ -20,13 +20,13 @@ from starlette.staticfiles import StaticFiles
 
 from health_mlops.fl.aggregator import AggregatorService, create_app, create_ops_app
 from health_mlops.fl.store import CheckpointStore
-from health_mlops.http_server import BackgroundServer
-from health_mlops.pki import CA, SERVER, cert_path, key_path
-from health_mlops.pki import revoke as revoke_certificate
-from health_mlops.security import (ADMIN, FailureThrottle, Gatekeeper, bearer, provision, read_token, revoke_token,
-                                   token_path)
 from health_mlops.spec import load_spec
-from health_mlops.tls import client_context, server_context
+from health_mlops.trust.credentials import (ADMIN, FailureThrottle, Gatekeeper, bearer, provision, read_token,
+                                            revoke_token, token_path)
+from health_mlops.trust.pki import CA, SERVER, cert_path, key_path
+from health_mlops.trust.pki import revoke as revoke_certificate
+from health_mlops.trust.tls import client_context, server_context
+from health_mlops.web.server import BackgroundServer
 
 # One consortium for the module (`consortium`): its tests run on one xdist worker.
 pytestmark = pytest.mark.xdist_group("authorization-matrix")

@@ -23,19 +23,19 @@ from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.split import split_hospitals
 from health_mlops.data.synthetic import generate_dataset
 from health_mlops.fl.aggregator import AggregatorService, create_app, create_ops_app
-from health_mlops.fl.state import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker
 from health_mlops.fl.mapped import mapping_of
 from health_mlops.fl.messages import TaskMessage, decode_weights, encode_result
 from health_mlops.fl.run_config import StrategyConfig
+from health_mlops.fl.state import TaskKind, TaskResult
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.fl.strategies import ClientUpdate, ServerOptimiserState, aggregate, aggregate_fedavg
-from health_mlops.http_server import BackgroundServer
-from health_mlops.pki import CA, SERVER, cert_path, key_path
-from health_mlops.security import ADMIN, Gatekeeper, bearer, provision, read_token, token_path
 from health_mlops.ml.directions import Directions
 from health_mlops.spec import load_spec
-from health_mlops.tls import client_context, server_context
+from health_mlops.trust.credentials import ADMIN, Gatekeeper, bearer, provision, read_token, token_path
+from health_mlops.trust.pki import CA, SERVER, cert_path, key_path
+from health_mlops.trust.tls import client_context, server_context
+from health_mlops.web.server import BackgroundServer
 
 # One set of hospitals for the module (`workers`): its tests run on one xdist worker.
 pytestmark = pytest.mark.xdist_group("checkpoints")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from health_mlops.audit import AuditLog, load_audit_key
 from health_mlops.registry import QualityGate, Registry
-from health_mlops.security import provision
+from health_mlops.trust.audit import AuditLog, load_audit_key
+from health_mlops.trust.credentials import provision
 from tests.conftest import run_cli, with_empty_mlflow_db
 from tests.unit.test_registry import record
 

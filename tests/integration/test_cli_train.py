@@ -401,8 +401,8 @@ def test_provision_issues_once_and_keeps_existing_tokens(home: Path) -> None:
 
 
 def test_provision_rotates_and_revokes_a_hospitals_token_and_certificate(home: Path) -> None:
-    from health_mlops.pki import load_certificate, revoked_serials
-    from health_mlops.security import TokenAuthority, bearer
+    from health_mlops.trust.credentials import TokenAuthority, bearer
+    from health_mlops.trust.pki import load_certificate, revoked_serials
 
     credentials = home / "credentials"
     run_cli("provision", "--hospitals", "2", home=home)

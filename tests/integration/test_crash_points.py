@@ -1,7 +1,7 @@
 """The aggregator killed (SIGKILL) at each step where a crash could lose or repeat work, then restarted: the run
 completes, its final model equals the undisturbed run's, and exactly one model version is registered for it.
 
-The aggregator kills itself at a named crash point (`HEALTH_MLOPS_CRASH_AT`, faults.py), so the crash lands at
+The aggregator kills itself at a named crash point (`HEALTH_MLOPS_CRASH_AT`, system/faults.py), so the crash lands at
 the same step however fast the machine is. Nodes are real processes with heartbeats and are never touched.
 """
 

@@ -19,12 +19,12 @@ import pytest
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from health_mlops.access import issue_key, set_user
 from health_mlops.config import get_settings
-from health_mlops.http_server import BackgroundServer
 from health_mlops.serving.access_edge import SESSION_COOKIE, SessionGate
 from health_mlops.serving.app import BLOCKED_GRADIO_PATHS, create_dashboard_app
 from health_mlops.spec import load_spec
+from health_mlops.trust.access import issue_key, set_user
+from health_mlops.web.server import BackgroundServer
 
 # One dashboard for the module (`dashboard`): its tests run on one xdist worker.
 pytestmark = pytest.mark.xdist_group("dashboard-authorization")

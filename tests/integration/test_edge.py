@@ -22,13 +22,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from health_mlops.access import ACCOUNTS_FILE_NAME, issue_key, set_user
 from health_mlops.data.synthetic import generate_dataset
 from health_mlops.demo.processes import Processes, wait_ready
-from health_mlops.pki import CA, cert_path, key_path
-from health_mlops.security import ADMIN, bearer, provision, read_token, token_path
-from health_mlops.tls import client_context
 from health_mlops.serving.access_edge import SESSION_COOKIE
+from health_mlops.trust.access import ACCOUNTS_FILE_NAME, issue_key, set_user
+from health_mlops.trust.credentials import ADMIN, bearer, provision, read_token, token_path
+from health_mlops.trust.pki import CA, cert_path, key_path
+from health_mlops.trust.tls import client_context
 from tests.conftest import free_port_range, run_cli
 
 PASSWORD = "a clinician's passphrase"

@@ -14,8 +14,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from health_mlops.audit import AuditLog
 from health_mlops.registry import EXPERIMENT_NAME, QualityGate, Registry
+from health_mlops.trust.audit import AuditLog
 from tests.conftest import free_port_range, run_cli, wait_until_ready
 from tests.unit.test_registry import record
 

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from health_mlops.audit import AuditLog
 from health_mlops.registry import Registry
+from health_mlops.trust.audit import AuditLog
 from tests.conftest import free_port_range, run_cli, wait_until_ready
 from tests.integration.test_cli_train import processes_mentioning
 
@@ -54,7 +54,7 @@ def test_the_alert_rules_are_valid_and_each_alert_is_tested_firing_and_quiet() -
 def test_the_local_config_is_what_the_demo_writes_for_its_default_ports() -> None:
     from health_mlops.data.synthetic import hospital_ids
     from health_mlops.demo.federation import node_plan
-    from health_mlops.prometheus import local_config, local_targets
+    from health_mlops.demo.prometheus import local_config, local_targets
 
     plan = node_plan(Path("data"), hospital_ids(5), {})
     expected = local_config(local_targets(aggregator_port=8081, node_metrics_port=8001,
@@ -68,7 +68,7 @@ def test_the_local_config_is_what_the_demo_writes_for_its_default_ports() -> Non
 def test_the_compose_config_scrapes_every_compose_service() -> None:
     import yaml
 
-    from health_mlops.prometheus import COMPOSE_HEADER, compose_targets, local_config
+    from health_mlops.demo.prometheus import COMPOSE_HEADER, compose_targets, local_config
 
     compose = yaml.safe_load((MONITORING.parent / "docker-compose.yml").read_text())
     hospitals = sorted(name for name in compose["services"] if name.startswith("hospital-"))

@@ -19,19 +19,19 @@ from openapi_spec_validator import validate
 from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.preprocess import GlobalPreprocessing, Preprocessor, feature_histograms, stats_of_frame
 from health_mlops.data.synthetic import generate_dataset
-from health_mlops.http_server import BackgroundServer
 from health_mlops.ml.evaluate import predict_frame
 from health_mlops.ml.model import build_model, weights_as_numpy
 from health_mlops.ml.onnx import export_onnx
 from health_mlops.ml.site_calibration import SiteCalibration
 from health_mlops.ml.train import train_model
 from health_mlops.ml.train_config import TrainConfig
-from health_mlops.audit import AuditLog
 from health_mlops.registry import CHAMPION, QualityGate, Registry, TrainingRecord
 from health_mlops.serving.answers import BatchAnswer, ErrorAnswer, ModelAnswer, PredictAnswer
 from health_mlops.serving.api import create_serving_app
 from health_mlops.serving.model import ChampionWatcher
 from health_mlops.spec import load_spec, spec_to_yaml
+from health_mlops.trust.audit import AuditLog
+from health_mlops.web.server import BackgroundServer
 from tests.conftest import with_empty_mlflow_db
 
 pytestmark = pytest.mark.process
@@ -257,7 +257,7 @@ def test_the_dashboard_command_serves_the_api_to_role_bound_keys_and_does_not_st
     import subprocess
     import sys
 
-    from health_mlops.access import ACCOUNTS_FILE_NAME, issue_key, set_user
+    from health_mlops.trust.access import ACCOUNTS_FILE_NAME, issue_key, set_user
     from tests.conftest import free_port_range, wait_until_ready
 
     port = free_port_range(1)
@@ -293,9 +293,9 @@ def test_the_dashboard_serves_https_with_its_provisioned_certificate(tmp_path: P
     import subprocess
     import sys
 
-    from health_mlops.access import ACCOUNTS_FILE_NAME, set_user
-    from health_mlops.pki import CA, DASHBOARD, cert_path, key_path
-    from health_mlops.security import provision
+    from health_mlops.trust.access import ACCOUNTS_FILE_NAME, set_user
+    from health_mlops.trust.credentials import provision
+    from health_mlops.trust.pki import CA, DASHBOARD, cert_path, key_path
     from tests.conftest import free_port_range
 
     credentials = tmp_path / "credentials"

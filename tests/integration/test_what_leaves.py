@@ -30,11 +30,11 @@ import pytest
 
 from health_mlops.data.preprocess import encoded_columns, feature_histograms
 from health_mlops.data.split import split_frame
-from health_mlops.fl.stats import suppressed_cells
-from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.messages import RESULT_TASK_KEY, decode_weights
-from health_mlops.security import bearer, read_token, token_path
+from health_mlops.fl.metadata import StatsMetadata
+from health_mlops.fl.stats import suppressed_cells
 from health_mlops.spec import load_spec
+from health_mlops.trust.credentials import bearer, read_token, token_path
 from tests.conftest import run_cli
 from tests.integration.mitm import RecordingProxy
 from tests.integration.test_federation_processes import Cluster

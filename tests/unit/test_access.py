@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from health_mlops.access import Accounts, SessionStore, issue_key, remove_user, revoke_key, set_user
-from health_mlops.audit import AuditLog
 from health_mlops.errors import CredentialError
-from health_mlops.http_edge import Receive, Scope, Send
 from health_mlops.monitoring import ServingMetrics
-from health_mlops.security import FailureThrottle
 from health_mlops.serving.access_edge import (SESSION_COOKIE, USER_SCOPE_KEY, FunctionRule, SessionGate,
                                               UploadQuota)
+from health_mlops.trust.access import Accounts, SessionStore, issue_key, remove_user, revoke_key, set_user
+from health_mlops.trust.audit import AuditLog
+from health_mlops.trust.credentials import FailureThrottle
+from health_mlops.web.edge import Receive, Scope, Send
 
 PASSWORD = "a long enough passphrase"
 IDLE_S = 900.0

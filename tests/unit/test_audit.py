@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from health_mlops.audit import Anchor, AuditLog, issue_audit_key, load_audit_key, record_hash, verify_audit
+from health_mlops.trust.audit import Anchor, AuditLog, issue_audit_key, load_audit_key, record_hash, verify_audit
 
 KEY = bytes(range(32))
 

@@ -13,9 +13,9 @@ from health_mlops.experiments.simulation import run_federated_in_memory
 from health_mlops.fl.aggregator import AggregatorService
 from health_mlops.fl.run_config import PrivacyConfig, RunConfig
 from health_mlops.fl.store import CheckpointStore
-from health_mlops.security import Gatekeeper, provision
 from health_mlops.serving.sources import hospitals_from_view, runs_from_views
 from health_mlops.spec import load_spec
+from health_mlops.trust.credentials import Gatekeeper, provision
 
 SPEC = load_spec("health-risk")
 

@@ -11,7 +11,7 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from health_mlops.http_edge import BlockedPaths, BodyLimit
+from health_mlops.web.edge import BlockedPaths, BodyLimit
 
 
 async def echo_length(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from health_mlops.memory import return_free_memory
+from health_mlops.system.memory import return_free_memory
 
 
 def heap_mib() -> float:

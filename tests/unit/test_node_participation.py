@@ -9,14 +9,14 @@ import pytest
 
 from health_mlops.data.hospital import load_hospital
 from health_mlops.data.synthetic import generate_dataset
-from health_mlops.fl.state import TaskKind
 from health_mlops.fl.messages import TaskMessage
 from health_mlops.fl.node import HospitalNode
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.fl.secure_fit import ParticipationPolicy
-from health_mlops.pki import CA, cert_path, ensure_certificates, key_path
-from health_mlops.security import ClientCredential
+from health_mlops.fl.state import TaskKind
 from health_mlops.spec import load_spec
+from health_mlops.trust.credentials import ClientCredential
+from health_mlops.trust.pki import CA, cert_path, ensure_certificates, key_path
 
 SPEC = load_spec("health-risk")
 

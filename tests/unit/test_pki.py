@@ -15,19 +15,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from health_mlops.pki import (
-    CA,
-    CRL_FILE_NAME,
-    SERVER,
-    PkiError,
-    cert_path,
-    ensure_certificates,
-    key_path,
-    load_certificate,
-    revoke,
-    revoked_serials,
-    rotate,
-)
+from health_mlops.trust.pki import (CA, CRL_FILE_NAME, SERVER, PkiError, cert_path, ensure_certificates, key_path,
+                                    load_certificate, revoke, revoked_serials, rotate)
 
 
 @pytest.fixture
@@ -155,8 +144,8 @@ def test_a_client_refuses_an_impostor_serving_the_revoked_aggregator_certificate
     """The aggregator's certificate rotated (the old one revoked): whoever kept the old certificate and key can no
     longer pass for the aggregator with a client holding the consortium's CRL, as every client's credential does
     (`ClientCredential.from_directory`, the context `fl.client` builds)."""
-    from health_mlops.security import ClientCredential
-    from health_mlops.tls import client_context as product_client_context
+    from health_mlops.trust.credentials import ClientCredential
+    from health_mlops.trust.tls import client_context as product_client_context
 
     impostor = tmp_path / "impostor"
     impostor.mkdir()
@@ -180,7 +169,7 @@ def test_a_running_client_refuses_the_aggregator_certificate_revoked_after_it_st
     """A node runs for months: the CRL it holds is re-read when `crl.pem` changes, so an aggregator certificate
     revoked after the node started fails the node's next handshake, without a restart."""
     from health_mlops.fl.client import HospitalClient
-    from health_mlops.security import ClientCredential
+    from health_mlops.trust.credentials import ClientCredential
 
     impostor = tmp_path / "impostor"
     impostor.mkdir()

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from health_mlops.audit import AuditLog
 from health_mlops.registry import (CHALLENGER, CHAMPION, CHAMPION_ATTESTATION, SAME_MODEL_AS, QualityGate, Registry,
                                    RegistryError, TrainingRecord)
+from health_mlops.trust.audit import AuditLog
 from tests.conftest import with_empty_mlflow_db
 
 

@@ -19,8 +19,8 @@ from health_mlops.fl.secagg import (FRACTION_BITS, Reveal, RoundContext, RoundKe
                                     default_threshold, dequantize, mask, quantize, sign_survivors, unmask,
                                     verify_advertisements, verify_survivors)
 from health_mlops.fl.secure_fit import ConsortiumIdentity
-from health_mlops.pki import CA, cert_path, ensure_certificates, key_path, revoke
-from health_mlops.security import ClientCredential
+from health_mlops.trust.credentials import ClientCredential
+from health_mlops.trust.pki import CA, cert_path, ensure_certificates, key_path, revoke
 
 HOSPITALS = tuple(f"hospital-{i}" for i in range(1, 6))
 LENGTH = 10_000

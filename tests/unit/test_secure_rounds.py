@@ -17,7 +17,6 @@ from pydantic import BaseModel
 
 from health_mlops.data.preprocess import GlobalPreprocessing
 from health_mlops.fl.coordinator import Coordinator
-from health_mlops.fl.state import Run, RunStatus, Task, TaskKind, TaskResult
 from health_mlops.fl.errors import Conflict, Invalid
 from health_mlops.fl.messages import (AdvertisedKeys, SecureRefusal, SecureReveal, SecureRoundView, SecureShares,
                                       SignedSurvivors, TaskMessage)
@@ -26,8 +25,9 @@ from health_mlops.fl.run_config import RunConfig, StrategyConfig
 from health_mlops.fl.secagg import FRACTION_BITS, Reveal, SecAggError
 from health_mlops.fl.secure_fit import ConsortiumIdentity, ParticipationPolicy, SecureFitSession
 from health_mlops.fl.secure_round import SecurePhase, flatten
-from health_mlops.pki import ensure_certificates
-from health_mlops.security import ClientCredential
+from health_mlops.fl.state import Run, RunStatus, Task, TaskKind, TaskResult
+from health_mlops.trust.credentials import ClientCredential
+from health_mlops.trust.pki import ensure_certificates
 
 HOSPITALS = [f"hospital-{i}" for i in range(1, 6)]
 SHAPES = {"layer.weight": (40, 250), "layer.bias": (40,)}

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from health_mlops.files import commit_atomically, open_atomically, write_atomically
 from health_mlops.fl.store import CheckpointError, CheckpointStore
-from health_mlops.pki import cert_path, load_certificate, rotate
-from health_mlops.security import (ADMIN, REGISTRY_FILE_NAME, AccessDenied, CredentialError, FailureThrottle,
-                                   Gatekeeper, Identity, TokenAuthority, bearer, provision, read_token, revoke_token,
-                                   rotate_token, token_path)
+from health_mlops.system.files import commit_atomically, open_atomically, write_atomically
+from health_mlops.trust.credentials import (ADMIN, REGISTRY_FILE_NAME, AccessDenied, CredentialError, FailureThrottle,
+                                            Gatekeeper, Identity, TokenAuthority, bearer, provision, read_token,
+                                            revoke_token, rotate_token, token_path)
+from health_mlops.trust.pki import cert_path, load_certificate, rotate
 
 
 def test_provision_issues_private_tokens_and_the_registry_holds_only_digests(tmp_path: Path) -> None:
@@ -69,7 +69,7 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path: Path, monkeypatch: p
     def crash(*_: object) -> None:
         raise OSError("disk gone")
 
-    monkeypatch.setattr("health_mlops.files.os.replace", crash)
+    monkeypatch.setattr("health_mlops.system.files.os.replace", crash)
     with pytest.raises(OSError):
         write_atomically(path, json.dumps({"round": 2}).encode())
     assert json.loads(path.read_text()) == {"round": 1}
@@ -141,7 +141,7 @@ def test_an_unreadable_registry_keeps_the_gatekeepers_last_good_one(tmp_path: Pa
 def test_repeated_failures_from_a_source_are_slowed_down_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
     throttle = FailureThrottle(free=3, base_delay_s=0.1, max_delay_s=1.0, window_s=60, clock=lambda: now[0])
-    with caplog.at_level("WARNING", logger="health_mlops.security"):
+    with caplog.at_level("WARNING", logger="health_mlops.trust.credentials"):
         delays = [throttle.failed("10.0.0.7", "unknown token") for _ in range(9)]
     assert delays == [0, 0, 0, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
     assert throttle.failed("10.0.0.8", "unknown token") == 0  # another source is not slowed down

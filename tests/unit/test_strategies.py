@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import pytest
 from flwr.server.strategy import aggregate as flwr_aggregate
+from pydantic import ValidationError
 
 from health_mlops.fl.run_config import ServerOptimiserConfig, StrategyConfig
+from health_mlops.fl.strategy_table import STRATEGIES, StrategyName, strategy_names
 from health_mlops.fl.strategies import (ClientUpdate, RoundAggregation, ServerOptimiserState, aggregate,
                                         aggregate_fedavg, aggregate_median, aggregate_trimmed_mean,
                                         server_optimiser_step)
@@ -176,3 +180,20 @@ def test_an_update_with_other_tensors_or_no_examples_is_refused_by_the_round() -
             streamed.add(ClientUpdate({"other": np.ones(3)}, 5))
     with pytest.raises(ValueError, match="examples"):
         RoundAggregation(StrategyConfig(name="fedavg"), current).add(ClientUpdate({"w": np.ones(3)}, 0))
+
+
+def test_the_strategy_table_names_every_strategy_and_only_options_a_strategy_config_has() -> None:
+    assert list(STRATEGIES) == list(get_args(StrategyName))
+    assert {option for kind in STRATEGIES.values() for option in kind.options} <= set(StrategyConfig.model_fields)
+    assert strategy_names(where=lambda kind: kind.robust) == ["median", "trimmed_mean"]
+    assert strategy_names(where=lambda kind: kind.server_state) == ["fedadam", "fedyogi"]
+
+
+@pytest.mark.parametrize(("name", "option", "value"), [("fedavg", "proximal_mu", 0.5), ("median", "trim_fraction", 0.1),
+                                                       ("fedprox", "server", {"learning_rate": 0.5})])
+def test_an_option_the_strategy_does_not_read_is_refused_naming_the_option(name: str, option: str,
+                                                                           value: object) -> None:
+    with pytest.raises(ValidationError, match=rf"{option}\n.*only .* reads? {option}; the strategy is {name}"):
+        StrategyConfig.model_validate({"name": name, option: value})
+    default = StrategyConfig.model_fields[option].default
+    assert getattr(StrategyConfig.model_validate({"name": name, option: default}), option) == default  # as dumped

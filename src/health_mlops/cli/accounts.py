@@ -1,4 +1,5 @@
-"""`dashboard-account add|remove|key|revoke-key|list`: who may use the dashboard (`access.py`), each change audited.
+"""`dashboard-account add|remove|key|revoke-key|list`: who may use the dashboard (`trust/access.py`), each change
+audited.
 
 Who can write the accounts file decides who uses the dashboard; these commands are for whoever holds the
 consortium's credentials folder (in Kubernetes the file then becomes the dashboard's `dashboard-accounts` Secret).
@@ -13,11 +14,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from health_mlops.access import ROLES, Accounts, Role
 from health_mlops.cli.app import accounts_app, operator_name
 from health_mlops.cli.output import fail, out
 from health_mlops.config import get_settings, settings_audit_log
 from health_mlops.errors import CredentialError
+from health_mlops.trust.access import ROLES, Accounts, Role
 
 RoleOption = Annotated[str, typer.Option(help="clinician (predict, batches), operator (also training, hospitals, "
                                               "monitoring, model reports) or admin (also promote and roll back)")]
@@ -50,7 +51,7 @@ def add(name: Annotated[str, typer.Argument(help="the user's login name")], role
         password_file: Annotated[Path | None, typer.Option(help="a file holding the password (else typed, or "
                                                                 "read from stdin)")] = None) -> None:
     """Add a user, or give an existing one a new role and password (their sessions then take the new role)."""
-    from health_mlops.access import set_user
+    from health_mlops.trust.access import set_user
 
     path = get_settings().dashboard_accounts
     new = set_user(path, name, _role(role), _password(password_file))
@@ -61,7 +62,7 @@ def add(name: Annotated[str, typer.Argument(help="the user's login name")], role
 @accounts_app.command("remove")
 def remove(name: Annotated[str, typer.Argument(help="the user's login name")]) -> None:
     """Remove a user: their sessions end at their next request."""
-    from health_mlops.access import remove_user
+    from health_mlops.trust.access import remove_user
 
     remove_user(get_settings().dashboard_accounts, name)
     _audit("remove", user=name)
@@ -73,7 +74,7 @@ def key(name: Annotated[str, typer.Argument(help="what uses the key (a program, 
         role: RoleOption = "clinician") -> None:
     """Issue an API key for the REST API (/api/v1), bound to a role; printed once, only its digest is kept. A key
     issued again under the same name replaces the old one."""
-    from health_mlops.access import issue_key
+    from health_mlops.trust.access import issue_key
 
     issued = issue_key(get_settings().dashboard_accounts, name, _role(role))
     _audit("key", key=name, role=role)
@@ -83,7 +84,7 @@ def key(name: Annotated[str, typer.Argument(help="what uses the key (a program, 
 @accounts_app.command("revoke-key")
 def revoke_key(name: Annotated[str, typer.Argument(help="the key's name")]) -> None:
     """Revoke an API key: it stops working at once."""
-    from health_mlops.access import revoke_key as revoke
+    from health_mlops.trust.access import revoke_key as revoke
 
     revoke(get_settings().dashboard_accounts, name)
     _audit("revoke-key", key=name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,7 +15,7 @@ from health_mlops.cli.app import app
 from health_mlops.cli.data import load_splits
 from health_mlops.cli.options import (DpClip, DpDelta, DpEpsilon, DpNoise, JsonOption, SecureAggregation,
                                       run_config_from_options)
-from health_mlops.cli.output import err, out, print_json, progress
+from health_mlops.cli.output import err, models_progress, out, print_json, progress
 from health_mlops.cli.tables import comparison_table, print_privacy, privacy_json
 from health_mlops.config import get_settings
 from health_mlops.spec import SPEC_FILE_NAME, DatasetSpec, spec_for_data
@@ -56,7 +57,7 @@ def demo(
     from health_mlops.demo.prometheus import start_prometheus
     from health_mlops.experiments.loopback import round_overheads_ms
     from health_mlops.fl.messages import RunRequest
-    from health_mlops.security import provision as issue
+    from health_mlops.trust.credentials import provision as issue
 
     settings = get_settings()
     torch.set_num_threads(settings.torch_threads)
@@ -98,7 +99,8 @@ def demo(
                                         credentials_dir=settings.credentials_dir, ports=ports,
                                         metric=dataset.primary_metric, console=err, plan=plan)
             with progress() as bars:
-                columns, counted = compare_with_baselines(dataset, splits, data, view, body, settings, bars)
+                columns, counted = compare_with_baselines(dataset, splits, data, view, body, settings,
+                                                          partial(models_progress, bars))
             if json_output:
                 print_json({"data": str(data), "run": {"id": view.id, "rounds": view.config.rounds,
                                                        "rejected": view.rejected, "counted_from": counted,

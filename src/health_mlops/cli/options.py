@@ -13,8 +13,9 @@ from pydantic import ValidationError
 
 from health_mlops.cli.output import fail
 from health_mlops.config import TrainingDefaults
-from health_mlops.fl.run_config import (STRATEGY_NAMES, PrivacyConfig, RunConfig, ServerOptimiserConfig, StrategyConfig,
+from health_mlops.fl.run_config import (PrivacyConfig, RunConfig, ServerOptimiserConfig, StrategyConfig,
                                         federated_run_config)
+from health_mlops.fl.strategy_table import STRATEGIES, strategy_names
 from health_mlops.spec import DatasetSpec, ModelDefaults
 
 
@@ -33,8 +34,8 @@ SERVER_OPTIMISER = ServerOptimiserConfig.model_fields
 ModelKind = Enum("ModelKind",  # type: ignore[misc]
                  {kind: kind for kind in get_args(ModelDefaults.model_fields["kind"].annotation)}, type=str)
 
-# The CLI's choices are the strategies' names: one list, so a new strategy appears here by itself.
-Strategy = Enum("Strategy", {name: name for name in STRATEGY_NAMES}, type=str)  # type: ignore[misc]
+# The CLI's choices are the strategies' names: one table, so a new strategy appears here by itself.
+Strategy = Enum("Strategy", {name: name for name in STRATEGIES}, type=str)  # type: ignore[misc]
 
 SpecOption = Annotated[str | None, typer.Option(help="built-in spec name or YAML path")]
 AdminTokenOption = Annotated[Path | None, typer.Option(
@@ -51,8 +52,8 @@ DpNoise = Annotated[float | None, typer.Option(
 DpClip = Annotated[float, typer.Option("--dp-max-grad-norm",
                                        help="with --dp-epsilon: each record's gradient is clipped to this norm")]
 SecureAggregation = Annotated[bool, typer.Option(
-    "--secure-aggregation", help="the aggregator learns only the sum of the hospitals' updates (masked; weighted "
-                                 "strategies: fedavg, fedprox, fedadam, fedyogi)")]
+    "--secure-aggregation", help=f"the aggregator learns only the sum of the hospitals' updates (masked; weighted "
+                                 f"strategies: {', '.join(strategy_names(where=lambda kind: kind.weighted))})")]
 SecureColluding = Annotated[int, typer.Option(
     "--secure-colluding-hospitals", min=0, max=1000,
     help="with --secure-aggregation: how many hospitals may collude with the aggregator (one that runs it, say) and "
@@ -60,7 +61,8 @@ SecureColluding = Annotated[int, typer.Option(
 # A run-config field a refusal names -> the option that sets it.
 OPTION_OF_FIELD = {"epsilon": "--dp-epsilon", "delta": "--dp-delta", "noise_multiplier": "--dp-noise-multiplier",
                    "max_grad_norm": "--dp-max-grad-norm", "proximal_mu": "--proximal-mu",
-                   "trim_fraction": "--trim-fraction"}
+                   "trim_fraction": "--trim-fraction", "server": "--server-learning-rate",
+                   "server.learning_rate": "--server-learning-rate"}
 
 
 def with_model(dataset: DatasetSpec, kind: Enum | None, hidden: str | None) -> DatasetSpec:

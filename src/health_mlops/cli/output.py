@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from health_mlops import strict_json
+from health_mlops.web import strict_json
 
 out = Console(highlight=False)
 if not out.is_terminal:

@@ -17,8 +17,8 @@ from health_mlops.errors import CredentialError
 from health_mlops.spec import load_spec
 
 if TYPE_CHECKING:  # the registry imports MLflow
-    from health_mlops.audit import Anchor
     from health_mlops.registry import Registry
+    from health_mlops.trust.audit import Anchor
 
 ModelSpecOption = Annotated[str | None, typer.Option("--spec", help="the task whose model (built-in name or YAML "
                                                                     "path)")]
@@ -43,7 +43,7 @@ def _admin_actor(registry: Registry, action: str, token_file: Path | None) -> st
     """The actor of a registry change: the admin, proven by the admin token (`--admin-token-file`,
     HEALTH_MLOPS_ADMIN_TOKEN or the credentials folder's) checked against the credentials registry. A refusal
     is audited and ends the command with exit code 2."""
-    from health_mlops.security import ADMIN, admin_refusal, read_token, token_path
+    from health_mlops.trust.credentials import ADMIN, admin_refusal, read_token, token_path
 
     settings = get_settings()
     try:
@@ -108,7 +108,7 @@ def audit_verify(
     """Check the audit log's hash chain and every line's MAC with the audit key (in the credentials folder), and that
     every line the registry (and, with --prometheus, Prometheus) saw is still there; exit 1 naming the first line
     that was changed, removed, inserted or reordered, or where the log was cut short."""
-    from health_mlops.audit import KEY_FILE_NAME, load_audit_key, verify_audit
+    from health_mlops.trust.audit import KEY_FILE_NAME, load_audit_key, verify_audit
 
     settings = get_settings()
     path = log or settings.audit_log
@@ -134,7 +134,7 @@ def _prometheus_anchor(url: str) -> Anchor:
     cannot roll back)."""
     import httpx
 
-    from health_mlops.audit import Anchor
+    from health_mlops.trust.audit import Anchor
 
     query = "max(max_over_time(health_mlops_audit_log_sequence[400d]))"
     try:

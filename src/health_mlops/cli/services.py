@@ -11,7 +11,6 @@ from typing import Annotated
 
 import typer
 
-from health_mlops import faults
 from health_mlops.cli.app import app, operator_name
 from health_mlops.cli.options import (DpClip, DpDelta, DpEpsilon, DpNoise, JsonOption, SecureAggregation,
                                       SecureColluding, SpecOption, Strategy, run_config_from_options)
@@ -19,6 +18,7 @@ from health_mlops.cli.output import err, fail, out, print_json
 from health_mlops.config import get_settings, settings_audit_log
 from health_mlops.errors import CredentialError
 from health_mlops.spec import load_spec
+from health_mlops.system import faults
 
 
 def configure_logging() -> None:
@@ -51,7 +51,7 @@ def start_run(
     from health_mlops.config import get_federation_defaults
     from health_mlops.fl.client import AdminClient
     from health_mlops.fl.messages import RunRequest
-    from health_mlops.security import admin_credential
+    from health_mlops.trust.credentials import admin_credential
 
     if secure_colluding_hospitals and not secure_aggregation:
         fail("--secure-colluding-hospitals needs --secure-aggregation")
@@ -104,13 +104,13 @@ def provision(
 ) -> None:
     """Issue credentials once: the consortium CA, the aggregator's server certificate, and for the admin and
     each hospital a token and a client certificate (existing ones are kept); rotate or revoke one."""
-    from health_mlops.audit import AuditLog, load_audit_key
     from health_mlops.data.synthetic import hospital_ids
-    from health_mlops.pki import DASHBOARD, SERVER
-    from health_mlops.pki import revoke as revoke_certificate
-    from health_mlops.pki import rotate as rotate_certificate
-    from health_mlops.security import ADMIN, revoke_token, rotate_token
-    from health_mlops.security import provision as issue
+    from health_mlops.trust.audit import AuditLog, load_audit_key
+    from health_mlops.trust.credentials import ADMIN, revoke_token, rotate_token
+    from health_mlops.trust.credentials import provision as issue
+    from health_mlops.trust.pki import DASHBOARD, SERVER
+    from health_mlops.trust.pki import revoke as revoke_certificate
+    from health_mlops.trust.pki import rotate as rotate_certificate
 
     names = [*(hospital_ids(hospitals) if hospitals else []), *(hospital or [])]
     if not (names or rotate or revoke or server_name):
@@ -152,14 +152,14 @@ def mlflow_auth(
     wait_seconds: Annotated[float, typer.Option(min=0, help="how long to wait for MLflow to answer")] = 300.0,
 ) -> None:
     """As MLflow's admin (MLFLOW_TRACKING_URI, _USERNAME, _PASSWORD): create or update the dashboards' MLflow user,
-    which reads everything and may edit only the model's registered model (`mlflow_auth.py`)."""
+    which reads everything and may edit only the model's registered model (`trust/mlflow_auth.py`)."""
     import time
 
     from mlflow.exceptions import MlflowException
 
-    from health_mlops.mlflow_auth import set_up_dashboard_user
     from health_mlops.registry import default_tracking_uri
-    from health_mlops.security import read_token
+    from health_mlops.trust.credentials import read_token
+    from health_mlops.trust.mlflow_auth import set_up_dashboard_user
 
     settings = get_settings()
     tracking_uri = default_tracking_uri(settings.home)
@@ -242,7 +242,7 @@ def node(
     from health_mlops.data.hospital import load_hospital
     from health_mlops.fl.node import HospitalNode, serve
     from health_mlops.fl.secure_fit import ParticipationPolicy
-    from health_mlops.security import ClientCredential, read_token
+    from health_mlops.trust.credentials import ClientCredential, read_token
 
     settings, env = get_settings(), get_node_settings()
     torch.set_num_threads(settings.torch_threads)
@@ -290,9 +290,9 @@ def dashboard(
     import uvicorn
 
     from health_mlops.errors import TlsError
-    from health_mlops.http_server import protocol_options
     from health_mlops.serving.app import create_dashboard_app
-    from health_mlops.tls import server_context
+    from health_mlops.trust.tls import server_context
+    from health_mlops.web.server import protocol_options
 
     settings = get_settings()
     configure_logging()

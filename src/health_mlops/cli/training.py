@@ -87,18 +87,14 @@ def train(
     torch.set_num_threads(settings.torch_threads)
     dataset = with_model(spec_for_data(spec, data), model, hidden)
     splits, left_out, warnings = load_splits(data, dataset, settings)
-    if mode is not Mode.federated and dp_epsilon is not None:
-        fail("--dp-epsilon: differential privacy is for --mode federated")
-    if mode is not Mode.federated and secure_aggregation:
-        fail("--secure-aggregation: it hides each hospital's update from the aggregator, in --mode federated")
-    if local_steps is not None and (mode is not Mode.federated or epochs is not None):
-        fail("--local-steps: only for --mode federated, and instead of --epochs")
-    strategy_options = {"--proximal-mu": (proximal_mu, {"fedprox"}),
-                        "--server-learning-rate": (server_learning_rate, {"fedadam", "fedyogi"}),
-                        "--trim-fraction": (trim_fraction, {"trimmed_mean"})}
-    for option, (value, strategies) in strategy_options.items():
-        if value is not None and (mode is not Mode.federated or strategy.value not in strategies):
-            fail(f"{option}: only for --mode federated with --strategy {' or '.join(sorted(strategies))}")
+    federated_only = {"--dp-epsilon": dp_epsilon, "--secure-aggregation": secure_aggregation or None,
+                      "--local-steps": local_steps, "--proximal-mu": proximal_mu,
+                      "--server-learning-rate": server_learning_rate, "--trim-fraction": trim_fraction}
+    for option, value in federated_only.items():
+        if value is not None and mode is not Mode.federated:
+            fail(f"{option}: only for --mode federated")
+    if local_steps is not None and epochs is not None:
+        fail("--local-steps: instead of --epochs, not with it")
     if mode is Mode.federated:
         config = run_config_from_options(
             dataset, len(splits), epsilon=dp_epsilon, delta=dp_delta, noise_multiplier=dp_noise_multiplier,

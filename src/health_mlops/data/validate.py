@@ -18,8 +18,8 @@ from pydantic import BaseModel
 
 from health_mlops.data.io import RawTable, write_csv
 from health_mlops.errors import DataError
-from health_mlops.files import open_private
 from health_mlops.spec import DatasetSpec, Feature
+from health_mlops.system.files import open_private
 
 # Spellings of "no value" that exports use; compared case-insensitively after stripping blanks.
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none"})

@@ -122,7 +122,7 @@ def run_federation(processes: Processes, *, data: Path, hospitals: list[str], ci
     """Start the aggregator and every node in `processes` (`plan`, by default `node_plan`'s), train one run live,
     and return its final view and the final global weights. The processes keep running (the caller's
     `Processes` stops them)."""
-    from health_mlops.security import ADMIN, ClientCredential
+    from health_mlops.trust.credentials import ADMIN, ClientCredential
 
     plan = plan if plan is not None else node_plan(data, hospitals, cities)
     check_ports_free(ports.all_ports(len(plan)))
@@ -160,9 +160,9 @@ DEMO_USER = "admin"
 def demo_login(accounts: Path, credentials_dir: Path) -> tuple[str, Path]:
     """The demo's dashboard login: the admin user and the file holding its password, created with a random
     password the first time (a laptop's dashboard is no more open than a hospital's)."""
-    from health_mlops.access import Accounts, set_user
     from health_mlops.errors import CredentialError
-    from health_mlops.files import write_private
+    from health_mlops.system.files import write_private
+    from health_mlops.trust.access import Accounts, set_user
 
     password_file = credentials_dir / f"dashboard-{DEMO_USER}.password"
     try:

@@ -20,17 +20,17 @@ from health_mlops.data.hospital import HospitalData
 from health_mlops.errors import FederationError
 from health_mlops.fl.aggregator import AggregatorService, create_app
 from health_mlops.fl.client import AdminClient
-from health_mlops.fl.state import TaskKind
 from health_mlops.fl.messages import RunRequest, RunView, decode_weights
 from health_mlops.fl.node import HospitalNode
 from health_mlops.fl.run_config import RunConfig
+from health_mlops.fl.state import TaskKind
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.fl.strategies import Weights
-from health_mlops.http_server import BackgroundServer
-from health_mlops.pki import CA, SERVER, cert_path, key_path
-from health_mlops.security import ADMIN, ClientCredential, Gatekeeper, provision
 from health_mlops.spec import DatasetSpec
-from health_mlops.tls import server_context
+from health_mlops.trust.credentials import ADMIN, ClientCredential, Gatekeeper, provision
+from health_mlops.trust.pki import CA, SERVER, cert_path, key_path
+from health_mlops.trust.tls import server_context
+from health_mlops.web.server import BackgroundServer
 
 
 @dataclass(frozen=True)

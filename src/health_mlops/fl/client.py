@@ -19,8 +19,8 @@ from pydantic import BaseModel
 
 from health_mlops.errors import FederationError
 from health_mlops.fl.messages import SAFETENSORS_MEDIA_TYPE, RunRequest, RunView, SecureRoundView, TaskMessage
-from health_mlops.security import ClientCredential, bearer
-from health_mlops.tls import client_context, follow_crl
+from health_mlops.trust.credentials import ClientCredential, bearer
+from health_mlops.trust.tls import client_context, follow_crl
 
 ADMIN_TIMEOUT_S = 30.0
 # A request that is not a long poll gets this long to connect, send and answer.

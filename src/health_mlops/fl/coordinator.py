@@ -44,6 +44,7 @@ from health_mlops.fl.state import (TASK_ID, AcceptedResult, Event, ResultAccepte
                                    TaskResult, TaskStatus, task_id_of, validation_loss)
 from health_mlops.fl.stats import count_round_zero
 from health_mlops.fl.strategies import ClientUpdate, RoundAggregation, ServerOptimiserState, Weights, apply_mean
+from health_mlops.fl.strategy_table import STRATEGIES
 
 __all__ = ["Conflict", "Coordinator", "CoordinatorError", "Forbidden", "NotFound", "Rejected"]
 
@@ -53,7 +54,6 @@ StatsReducer = Callable[[list[StatsMetadata]], GlobalPreprocessing]
 # Maps a run's aggregated weights back into the spec's allowed set, in place (`ml.directions`: a server optimiser's
 # step may leave it; a mean does not).
 WeightConstraint = Callable[[Weights, GlobalPreprocessing], None]
-SERVER_OPTIMISERS = ("fedadam", "fedyogi")
 
 
 class Coordinator:
@@ -358,7 +358,7 @@ class Coordinator:
                 # A server optimiser's step can leave the allowed set; a mean, median or trimmed mean of weights
                 # inside it stays there (secure aggregation's sum to its fixed point), so those are left exact.
                 if (self._constrain is not None and run.preprocessing is not None
-                        and run.config.strategy.name in SERVER_OPTIMISERS):
+                        and STRATEGIES[run.config.strategy.name].server_state):
                     self._constrain(run.weights, run.preprocessing)
             except (ValueError, FloatingPointError) as error:  # the running sum is spent: the round cannot close
                 self._end(run, RunStatus.failed, f"round {run.round}: aggregation failed: {error}")

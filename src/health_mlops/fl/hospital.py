@@ -18,14 +18,15 @@ from torch import nn
 from health_mlops.data.preprocess import GlobalPreprocessing, Preprocessor
 from health_mlops.data.split import hold_out_validation
 from health_mlops.fl.privacy_budget import plan_for
-from health_mlops.fl.state import TaskKind, TaskResult
 from health_mlops.fl.run_config import RunConfig
+from health_mlops.fl.state import TaskKind, TaskResult
 from health_mlops.fl.stats import hospital_stats
 from health_mlops.fl.strategies import Weights
+from health_mlops.fl.strategy_table import STRATEGIES
 from health_mlops.metrics import BOOTSTRAP_REPLICATES, binary_metrics
+from health_mlops.ml.directions import Directions
 from health_mlops.ml.evaluate import evaluate_frame, predict_frame
 from health_mlops.ml.model import model_with_weights, weights_as_numpy
-from health_mlops.ml.directions import Directions
 from health_mlops.ml.site_calibration import fit_site_calibration, local_baseline_loss, log_loss
 from health_mlops.ml.train import mean_loss, train_model
 from health_mlops.ml.train_config import TrainConfig
@@ -114,7 +115,7 @@ class HospitalWorker:
                                **({"summary": summary.to_json()} if summary is not None else {})})
         train_config = TrainConfig(epochs=config.local_epochs, learning_rate=config.learning_rate,
                                    batch_size=config.batch_size_at(len(fit)), weight_decay=config.weight_decay,
-                                   proximal_mu=(config.strategy.proximal_mu if config.strategy.name == "fedprox"
+                                   proximal_mu=(config.strategy.proximal_mu if STRATEGIES[config.strategy.name].proximal
                                                 else 0.0),
                                    seed=round_number, max_steps=config.local_steps,
                                    prior_rows=preprocessing.count)  # FedAvg stands for pooled training

@@ -30,18 +30,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from health_mlops.data.hospital import HospitalData
 from health_mlops.data.split import split_frame
 from health_mlops.fl.client import HospitalClient
-from health_mlops.fl.state import TaskKind, TaskResult
 from health_mlops.fl.hospital import HospitalWorker
-from health_mlops.fl.stats import suppressed_cells
 from health_mlops.fl.messages import TaskMessage, decode_weights, describe_result, encode_result
 from health_mlops.fl.metadata import StatsMetadata
 from health_mlops.fl.secagg import SecAggError
 from health_mlops.fl.secure_fit import ConsortiumIdentity, ParticipationPolicy, SecureFitSession
+from health_mlops.fl.state import TaskKind, TaskResult
+from health_mlops.fl.stats import suppressed_cells
 from health_mlops.fl.strategies import Weights
-from health_mlops.http_server import BackgroundServer, protocol_options
 from health_mlops.monitoring import NodeMetrics
-from health_mlops.security import ClientCredential
 from health_mlops.spec import DatasetSpec
+from health_mlops.trust.credentials import ClientCredential
+from health_mlops.web.server import BackgroundServer, protocol_options
 
 log = logging.getLogger("health_mlops.node")
 
@@ -401,7 +401,7 @@ def create_metrics_app(node: HospitalNode) -> FastAPI:
 
 def serve(node: HospitalNode, *, host: str, api_port: int, metrics_port: int) -> None:
     """Run the worker, the node API and the metrics endpoint until SIGINT/SIGTERM (what a node container runs).
-    Both ports are served by the same guarded HTTP protocol as every other server (`http_server.py`)."""
+    Both ports are served by the same guarded HTTP protocol as every other server (`web/server.py`)."""
     stop = threading.Event()
     worker = threading.Thread(target=node.run, args=(stop,), name="worker", daemon=True)
     worker.start()

@@ -13,18 +13,18 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from health_mlops import __version__
-from health_mlops.faults import crash_point
-from health_mlops.fl.privacy_budget import privacy_report
-from health_mlops.fl.state import Run, TaskKind
-from health_mlops.fl.messages import decode_weights, weighted_metrics
-from health_mlops.fl.report import model_report
 from health_mlops.errors import CheckpointError
+from health_mlops.fl.messages import decode_weights, weighted_metrics
+from health_mlops.fl.privacy_budget import privacy_report
+from health_mlops.fl.report import model_report
+from health_mlops.fl.state import Run, TaskKind
 from health_mlops.fl.store import CheckpointStore
 from health_mlops.fl.strategies import Weights
 from health_mlops.ml.onnx import export_onnx
 from health_mlops.ml.site_calibration import SiteCalibration
 from health_mlops.registry import QualityGate, Registry, TrainingRecord
 from health_mlops.spec import DatasetSpec, spec_to_yaml
+from health_mlops.system.faults import crash_point
 
 
 def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:

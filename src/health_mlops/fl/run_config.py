@@ -7,16 +7,14 @@ models without loading the numerical code that carries them out (`strategies`, `
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from health_mlops.config import get_training_defaults
+from health_mlops.fl.strategy_table import STRATEGIES, StrategyName, strategy_names
 from health_mlops.ml.train_config import TrainConfig
 from health_mlops.spec import DatasetSpec
-
-StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean"]
-STRATEGY_NAMES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean")
 
 
 class ServerOptimiserConfig(BaseModel):
@@ -36,9 +34,17 @@ class StrategyConfig(BaseModel):
     proximal_mu: float = Field(0.01, ge=0, le=100, description="hospitals' proximal term (fedprox only)")
     server: ServerOptimiserConfig = ServerOptimiserConfig()
 
-
-# Strategies that weigh hospitals by their examples (the server optimisers step from that weighted mean).
-WEIGHTED_STRATEGIES = frozenset({"fedavg", "fedprox", "fedadam", "fedyogi"})
+    @field_validator("trim_fraction", "proximal_mu", "server")
+    @classmethod
+    def _an_option_of_its_strategy(cls, value: object, info: ValidationInfo) -> object:
+        # A value other than the default for an option the strategy does not read is a mistake, not a no-op.
+        name, option = info.data.get("name"), info.field_name
+        assert option is not None
+        if name in STRATEGIES and option not in STRATEGIES[name].options and value != cls.model_fields[option].default:
+            readers = strategy_names(where=lambda kind: option in kind.options)
+            verb = "reads" if len(readers) == 1 else "read"
+            raise ValueError(f"only {' and '.join(readers)} {verb} {option}; the strategy is {name}")
+        return value
 
 
 # Past this much noise per clipped gradient, a model of this size learns next to nothing: a privacy budget that
@@ -103,9 +109,11 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _privacy_with_a_private_strategy(self) -> RunConfig:
-        if self.privacy is not None and self.strategy.name == "fedprox":
-            raise ValueError("privacy: FedProx's proximal term acts on the weights outside DP-SGD's per-record "
-                             "gradients, so it is not private; use fedavg or a server optimiser (fedadam, fedyogi)")
+        if self.privacy is not None and not STRATEGIES[self.strategy.name].with_differential_privacy:
+            private = strategy_names(where=lambda kind: kind.with_differential_privacy)
+            raise ValueError(f"privacy: {self.strategy.name} trains with FedProx's proximal term, which acts on the "
+                             f"weights outside DP-SGD's per-record gradients, so it is not private; use one of "
+                             f"{', '.join(private)}")
         if self.privacy is not None and self.validation_fraction > 0:
             raise ValueError("privacy: choosing the best round on validation rows would spend privacy the budget "
                              "does not count; validation_fraction must be 0 with differential privacy")
@@ -116,10 +124,10 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _secure_aggregation_of_a_sum(self) -> RunConfig:
-        if self.secure_aggregation and self.strategy.name not in WEIGHTED_STRATEGIES:
+        if self.secure_aggregation and not STRATEGIES[self.strategy.name].with_secure_aggregation:
+            summable = strategy_names(where=lambda kind: kind.with_secure_aggregation)
             raise ValueError(f"secure_aggregation: the aggregator sees only the sum of the updates, and "
-                             f"{self.strategy.name} needs each hospital's update; use one of "
-                             f"{sorted(WEIGHTED_STRATEGIES)}")
+                             f"{self.strategy.name} needs each hospital's update; use one of {', '.join(summable)}")
         if self.secure_colluding_hospitals and not self.secure_aggregation:
             raise ValueError("secure_colluding_hospitals: applies to secure aggregation, which is off")
         return self

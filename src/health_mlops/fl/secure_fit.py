@@ -27,16 +27,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel
 
-from health_mlops.fl.state import TaskKind
 from health_mlops.fl.messages import (AdvertisedKeys, SecureRefusal, SecureReveal, SecureRoundView, SecureShares,
                                       SignedSurvivors, TaskMessage, bytes_of)
 from health_mlops.fl.secagg import (EncryptedShares, RoundContext, RoundKeys, SecAggError, ShareHolder,
                                     default_threshold, masks, quantize, sign_survivors, verify_advertisements,
                                     verify_survivors)
 from health_mlops.fl.secure_round import SecurePhase, base64_of, flatten, unflatten
+from health_mlops.fl.state import TaskKind
 from health_mlops.fl.strategies import Weights
-from health_mlops.pki import PkiError, revoked_serials
-from health_mlops.security import ClientCredential
+from health_mlops.trust.credentials import ClientCredential
+from health_mlops.trust.pki import PkiError, revoked_serials
 
 
 log = logging.getLogger("health_mlops.node")

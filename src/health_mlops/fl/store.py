@@ -36,10 +36,11 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 
 from health_mlops.errors import CheckpointError
-from health_mlops.faults import crash_point
-from health_mlops.files import append_private, commit_atomically, open_atomically, temporary_path, write_atomically
 from health_mlops.fl.messages import MessageError, encode_weights, map_result
 from health_mlops.fl.state import Task
+from health_mlops.system.faults import crash_point
+from health_mlops.system.files import (append_private, commit_atomically, open_atomically, temporary_path,
+                                       write_atomically)
 
 Weights = dict[str, Any]  # name -> numpy array
 _FIRST, _SECOND = "first/", "second/"  # tensor name prefixes of the optimiser's moments in one file

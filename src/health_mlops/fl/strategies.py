@@ -22,7 +22,8 @@ import numpy as np
 from scipy.linalg.blas import saxpy
 
 from health_mlops.fl.mapped import LOCKSTEP_ELEMENTS, blocks
-from health_mlops.fl.run_config import WEIGHTED_STRATEGIES, ServerOptimiserConfig, StrategyConfig
+from health_mlops.fl.run_config import ServerOptimiserConfig, StrategyConfig
+from health_mlops.fl.strategy_table import STRATEGIES
 
 Weights = dict[str, np.ndarray]
 
@@ -252,7 +253,7 @@ class RoundAggregation:
     def __init__(self, config: StrategyConfig, current: Mapping[str, np.ndarray]) -> None:
         self.config = config
         self.current = current
-        self._mean = WeightedMean(current) if config.name in WEIGHTED_STRATEGIES else None
+        self._mean = WeightedMean(current) if STRATEGIES[config.name].weighted else None
         self._kept: list[ClientUpdate] = []
 
     @property
@@ -274,7 +275,7 @@ class RoundAggregation:
     def finish(self, state: ServerOptimiserState) -> tuple[Weights, ServerOptimiserState]:
         """The new global weights (and the server optimiser's new state)."""
         if self._mean is None:
-            if self.config.name == "median":
+            if STRATEGIES[self.config.name].combination == "median":
                 return aggregate_median(self._kept), state
             return aggregate_trimmed_mean(self._kept, self.config.trim_fraction), state
         return apply_mean(self.config, self.current, self._mean.mean(), state)
@@ -285,12 +286,13 @@ def apply_mean(config: StrategyConfig, current: Mapping[str, np.ndarray], averag
     """A weighted strategy's new global weights from the round's example-weighted mean (FedAvg's sum, or the sum
     secure aggregation unmasks): the mean itself, or the server optimiser's step towards it (`averaged` is
     overwritten)."""
-    if config.name in ("fedavg", "fedprox"):
-        return averaged, state
-    if config.name not in WEIGHTED_STRATEGIES:
+    kind = STRATEGIES[config.name]
+    if not kind.weighted:
         raise ValueError(f"{config.name} needs every update, not their mean")
-    variant: Literal["adam", "yogi"] = "adam" if config.name == "fedadam" else "yogi"
-    return server_optimiser_step(current, averaged, state, config.server, variant=variant, overwrite_averaged=True)
+    if kind.server_optimiser is None:
+        return averaged, state
+    return server_optimiser_step(current, averaged, state, config.server, variant=kind.server_optimiser,
+                                 overwrite_averaged=True)
 
 
 def aggregate(config: StrategyConfig, current: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate],

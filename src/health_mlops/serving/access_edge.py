@@ -1,5 +1,5 @@
 """The dashboard's door: nothing but health checks, metrics, the API's description and the login page is answered
-to a caller who has not shown who they are, and each caller gets only what their role allows (`access.py`).
+to a caller who has not shown who they are, and each caller gets only what their role allows (`trust/access.py`).
 
 - `/api/v1/*` takes a bearer key (`Authorization: Bearer <key>` or `X-API-Key: <key>`) bound to a role; 401 else.
 - Everything else (the Gradio UI and its API) takes a session cookie from `/login`; without one, the page redirects
@@ -28,11 +28,11 @@ from urllib.parse import parse_qs
 
 from anyio import to_thread
 
-from health_mlops.access import Accounts, Role, Session, SessionStore, allows
-from health_mlops.audit import AuditLog
-from health_mlops.http_edge import ASGIApp, Message, Receive, Scope, Send
 from health_mlops.monitoring import ServingMetrics
-from health_mlops.security import FailureThrottle
+from health_mlops.trust.access import Accounts, Role, Session, SessionStore, allows
+from health_mlops.trust.audit import AuditLog
+from health_mlops.trust.credentials import FailureThrottle
+from health_mlops.web.edge import ASGIApp, Message, Receive, Scope, Send
 
 SESSION_COOKIE = "health_mlops_session"
 USER_SCOPE_KEY = "health_mlops.user"  # the logged-in user's name, for Gradio's `auth_dependency`

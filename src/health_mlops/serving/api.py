@@ -25,13 +25,13 @@ from fastapi.responses import PlainTextResponse
 from fastapi_offline import FastAPIOffline  # /docs from packaged Swagger UI assets, no CDN
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from health_mlops.http_errors import install_validation_handler
 from health_mlops.monitoring import ServingMetrics
 from health_mlops.serving.answers import BatchAnswer, ModelAnswer, PredictAnswer, answers, install_openapi
 from health_mlops.serving.model import ChampionWatcher
 from health_mlops.serving.predictor import NoChampion, Predictor
 from health_mlops.serving.requests import InvalidRequest
 from health_mlops.spec import DatasetSpec
+from health_mlops.web.errors import install_validation_handler
 
 
 def feature_view(spec: DatasetSpec) -> list[dict[str, Any]]:

@@ -11,12 +11,9 @@ from pathlib import Path
 import gradio as gr
 from fastapi import FastAPI
 
-from health_mlops.access import Accounts, SessionStore
 from health_mlops.config import Settings, settings_audit_log
-from health_mlops.http_edge import KIB, MIB, BlockedPaths, BodyLimit
 from health_mlops.monitoring import ServingMetrics
 from health_mlops.registry import Registry
-from health_mlops.security import Reloading, admin_credential
 from health_mlops.serving.access_edge import (LOGIN_PATH, MAX_LOGIN_BYTES, UPLOAD_PATH, USER_SCOPE_KEY,
                                               SessionGate)
 from health_mlops.serving.api import create_serving_app
@@ -25,6 +22,9 @@ from health_mlops.serving.predictor import Predictor
 from health_mlops.serving.sources import DashboardSources
 from health_mlops.serving.ui import Dashboard, build_dashboard, function_rules
 from health_mlops.spec import DatasetSpec
+from health_mlops.trust.access import Accounts, SessionStore
+from health_mlops.trust.credentials import Reloading, admin_credential
+from health_mlops.web.edge import KIB, MIB, BlockedPaths, BodyLimit
 
 
 # What a request body may hold: one patient, a batch up to the row limit (about 320 bytes a row), a CSV upload

@@ -18,7 +18,7 @@ import httpx
 from health_mlops.errors import TlsError
 from health_mlops.fl.client import AdminClient
 from health_mlops.registry import EXPERIMENT_NAME, Registry
-from health_mlops.security import ClientCredential
+from health_mlops.trust.credentials import ClientCredential
 
 log = logging.getLogger("health_mlops.dashboard")
 RUNS_FROM_REGISTRY = 5

@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import Depends, Header, HTTPException, Request
 
 from health_mlops.fl.aggregator.service import AggregatorService
-from health_mlops.security import AccessDenied, Identity
-from health_mlops.tls import peer_certificate
+from health_mlops.trust.credentials import AccessDenied, Identity
+from health_mlops.trust.tls import peer_certificate
 
 MAX_NODE_ID_LENGTH = 128
 

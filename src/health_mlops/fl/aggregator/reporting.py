@@ -7,11 +7,11 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from health_mlops.audit import AuditLog
+from health_mlops.fl.messages import weighted_metrics
 from health_mlops.fl.state import (Event, ResultAccepted, ResultRejected, RoundClosed, RoundRecord, Run, RunEnded,
                                    RunStarted, RunStatus, TaskKind)
-from health_mlops.fl.messages import weighted_metrics
 from health_mlops.monitoring import AggregatorMetrics
+from health_mlops.trust.audit import AuditLog
 
 log = logging.getLogger("health_mlops.aggregator")
 

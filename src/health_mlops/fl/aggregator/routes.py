@@ -23,8 +23,8 @@ from health_mlops.fl.messages import (SAFETENSORS_MEDIA_TYPE, AdvertisedKeys, Le
                                       ResultReceipt, RunRequest, RunView, SecureRefusal, SecureReveal, SecureRoundView,
                                       SecureShares, SignedSurvivors, TaskMessage)
 from health_mlops.fl.secure_round import SecurePhase
-from health_mlops.http_edge import KIB, BodyLimit
-from health_mlops.http_errors import install_validation_handler
+from health_mlops.web.edge import KIB, BodyLimit
+from health_mlops.web.errors import install_validation_handler
 
 log = logging.getLogger("health_mlops.aggregator")
 

@@ -15,16 +15,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from health_mlops.audit import AuditLog
 from health_mlops.fl.aggregator.routes import create_app
 from health_mlops.fl.aggregator.service import AggregatorService, restore_coordinator
 from health_mlops.fl.store import CheckpointStore
-from health_mlops.http_edge import BodyLimit
-from health_mlops.http_server import BackgroundServer, protocol_options
-from health_mlops.pki import CA, CRL_FILE_NAME, SERVER, cert_path, key_path
-from health_mlops.security import Gatekeeper
 from health_mlops.spec import DatasetSpec
-from health_mlops.tls import count_refused_handshakes, follow_crl, server_context
+from health_mlops.trust.audit import AuditLog
+from health_mlops.trust.credentials import Gatekeeper
+from health_mlops.trust.pki import CA, CRL_FILE_NAME, SERVER, cert_path, key_path
+from health_mlops.trust.tls import count_refused_handshakes, follow_crl, server_context
+from health_mlops.web.edge import BodyLimit
+from health_mlops.web.server import BackgroundServer, protocol_options
 
 if TYPE_CHECKING:  # MLflow is imported only by an aggregator that registers models
     from health_mlops.registry import QualityGate, Registry

@@ -24,28 +24,28 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-from health_mlops.audit import AuditLog
 from health_mlops.data.preprocess import encoded_columns
 from health_mlops.errors import CheckpointError
-from health_mlops.ml.directions import weight_constraint
-from health_mlops.faults import crash_point
 from health_mlops.fl.aggregator.reporting import Reporting
 from health_mlops.fl.coordinator import Conflict, Coordinator, Forbidden, NotFound
-from health_mlops.fl.privacy_budget import privacy_report
-from health_mlops.fl.state import Event, RoundClosed, RoundOpened, Run, RunEnded, RunStatus, Task, TaskKind, TaskResult
 from health_mlops.fl.errors import Invalid
-from health_mlops.fl.stats import reduce_stats, suppressed_cells
 from health_mlops.fl.messages import (MessageError, OpenTaskView, RoundView, RunRequest, RunView, TaskMessage,
                                       check_result_task, decode_result, encode_weights, map_result, weighted_metrics,
                                       weights_view)
+from health_mlops.fl.privacy_budget import privacy_report
 from health_mlops.fl.secure_round import SecurePhase
 from health_mlops.fl.snapshot import round_record_to_dict
+from health_mlops.fl.state import Event, RoundClosed, RoundOpened, Run, RunEnded, RunStatus, Task, TaskKind, TaskResult
+from health_mlops.fl.stats import reduce_stats, suppressed_cells
 from health_mlops.fl.store import CheckpointStore
-from health_mlops.memory import return_free_memory
+from health_mlops.ml.directions import weight_constraint
 from health_mlops.ml.initial_weights import initial_weights
 from health_mlops.monitoring import AggregatorMetrics
-from health_mlops.security import FailureThrottle, Gatekeeper, Identity
 from health_mlops.spec import DatasetSpec
+from health_mlops.system.faults import crash_point
+from health_mlops.system.memory import return_free_memory
+from health_mlops.trust.audit import AuditLog
+from health_mlops.trust.credentials import FailureThrottle, Gatekeeper, Identity
 
 if TYPE_CHECKING:  # MLflow is imported only by an aggregator that registers models
     from health_mlops.fl.publish import Publisher
@@ -184,7 +184,7 @@ class AggregatorService:
             raise
         result.reference = reference
         if size >= RETURN_MEMORY_AFTER_BYTES:
-            return_free_memory()  # the body's read buffers, freed amid other connections' (memory.py)
+            return_free_memory()  # the body's read buffers, freed amid other connections' (system/memory.py)
         return result
 
     async def submit(self, task: Task, hospital: str, node: str, result: TaskResult) -> Task:

@@ -8,7 +8,6 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from health_mlops.access import Role, allows
 from health_mlops.serving.access_edge import FunctionRule
 from health_mlops.serving.ui.batch import INVALID_ROW_COLUMNS, BatchTab
 from health_mlops.serving.ui.hospitals import HOSPITAL_COLUMN_TYPES, HospitalsTab
@@ -16,6 +15,7 @@ from health_mlops.serving.ui.models import ModelsTab
 from health_mlops.serving.ui.monitoring import MonitoringTab
 from health_mlops.serving.ui.predict import FEDERATED_RISK, PredictTab
 from health_mlops.serving.ui.training import LATEST_RUN, TrainingTab
+from health_mlops.trust.access import Role, allows
 
 
 class Dashboard(PredictTab, BatchTab, TrainingTab, HospitalsTab, ModelsTab, MonitoringTab):

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from health_mlops.access import Role
 from health_mlops.registry import Registry
 from health_mlops.serving.predictor import Predictor
 from health_mlops.serving.sources import DashboardSources, FederationState
 from health_mlops.spec import DatasetSpec
+from health_mlops.trust.access import Role
 
 
 class DashboardState:

@@ -30,13 +30,13 @@ from typing import Final, Generic, Literal, TypeVar
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from health_mlops import pki
-from health_mlops.audit import KEY_FILE_NAME, issue_audit_key
 from health_mlops.errors import CredentialError
-from health_mlops.files import file_signature, write_private
+from health_mlops.system.files import file_signature, write_private
+from health_mlops.trust import pki
+from health_mlops.trust.audit import KEY_FILE_NAME, issue_audit_key
 
 T = TypeVar("T")
-log = logging.getLogger("health_mlops.security")
+log = logging.getLogger(__name__)
 
 REGISTRY_FILE_NAME = "registry.json"
 ADMIN: Final = "admin"

@@ -1,6 +1,6 @@
 """The consortium's certificates: a CA, the aggregator's and the dashboard's server certificates, one client
 certificate per hospital and one for the admin, and a certificate revocation list. `health-mlops provision`
-keeps them in the credentials folder beside the tokens (`security.py`); keys are written 0600.
+keeps them in the credentials folder beside the tokens (`credentials.py`); keys are written 0600.
 
     ca.crt, ca.key             the consortium CA (the key stays with whoever provisions)
     aggregator.crt/.key        the aggregator's server certificate: every name it is reached by
@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from health_mlops.errors import PkiError
-from health_mlops.files import write_atomically, write_private
+from health_mlops.system.files import write_atomically, write_private
 
 CA = "ca"
 SERVER = "aggregator"

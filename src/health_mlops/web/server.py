@@ -15,8 +15,8 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from health_mlops.http_edge import KIB, ASGIApp
-from health_mlops.tls import tls_extension
+from health_mlops.trust.tls import tls_extension
+from health_mlops.web.edge import KIB, ASGIApp
 
 log = logging.getLogger("health_mlops.http")
 
@@ -39,7 +39,7 @@ STATUS_431 = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: te
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with the ASGI TLS extension in the scope of requests made over TLS (`tls.py`
+    """uvicorn's httptools protocol, with the ASGI TLS extension in the scope of requests made over TLS (`trust/tls.py`
     says why) and limits on each request: its head's size, header count and time to arrive, and its body's
     rate."""
 

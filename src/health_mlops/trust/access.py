@@ -32,7 +32,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from health_mlops.errors import CredentialError
-from health_mlops.files import write_atomically
+from health_mlops.system.files import write_atomically
 
 Role = Literal["clinician", "operator", "admin"]
 ROLES: Final[tuple[Role, ...]] = get_args(Role)

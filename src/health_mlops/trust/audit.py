@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from health_mlops.errors import AuditError
-from health_mlops.files import write_private
+from health_mlops.system.files import write_private
 
 GENESIS = "0" * 64  # the "previous hash" of the first line
 KEY_FILE_NAME = "audit.key"

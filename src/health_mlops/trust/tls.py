@@ -4,7 +4,7 @@ the application.
 The aggregator requires a consortium client certificate (mutual TLS): a connection without one fails in the
 handshake. uvicorn verifies it, but does not tell the application whose certificate it was: it does not
 implement the ASGI TLS extension (https://asgi.readthedocs.io/en/latest/specs/tls.html; encode/uvicorn#1530).
-`http_server.GuardedHttpProtocol`
+`web.server.GuardedHttpProtocol`
 is uvicorn's own HTTP protocol plus that extension: when a TLS connection is made, it reads the verified peer
 certificate from the connection's `SSLObject` once and adds `scope["extensions"]["tls"]` to every request on
 that connection. Everything else (parsing, keep-alive, flow control, timeouts) stays uvicorn's. We chose this
@@ -25,9 +25,9 @@ from typing import Any
 from cryptography import x509
 
 from health_mlops.errors import TlsError
-from health_mlops.files import file_signature
+from health_mlops.system.files import file_signature
 
-log = logging.getLogger("health_mlops.tls")
+log = logging.getLogger(__name__)
 
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
 CRL_CHECK_INTERVAL_S = 1.0  # how soon a revocation reaches the aggregator's handshakes
