@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import msgspec
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.preprocess import GlobalPreprocessing, Preprocessor, serving_matrix, stats_of_frame
@@ -17,6 +19,8 @@ from health_mlops.ml.onnx import export_onnx, feature_reference
 from health_mlops.monitoring import ServingMetrics, histogram_quantile
 from health_mlops.serving.drift import MIN_ROWS, SIGNIFICANT_PSI, InputDrift, equal_mass_bins
 from health_mlops.serving.explain import contributions
+from health_mlops.serving.model import ChampionWatcher, ServedModel
+from health_mlops.serving.predictor import NoChampion, Predictor
 from health_mlops.serving.requests import InvalidRequest, RowEncoder
 from health_mlops.spec import load_spec
 
@@ -180,3 +184,36 @@ def test_histogram_quantile_bounds_the_quantile_by_its_bucket() -> None:
         metrics.latency.labels("predict").observe(seconds)
     assert histogram_quantile(metrics.latency, 0.5, endpoint="predict") == 0.0005
     assert histogram_quantile(metrics.latency, 0.99, endpoint="predict") == 0.025
+
+
+def test_the_predictor_is_the_one_door_from_a_request_to_a_prediction_and_its_counts(
+        frame: pd.DataFrame, exported_with_histograms: bytes) -> None:
+    """What the API and the dashboard ask of serving, asked of the Predictor alone: the request schemas, decoding
+    a body or a form, the champion, predicting, and what was served (counts, rows, latency, the exposition)."""
+    watcher = ChampionWatcher(registry=None, poll_s=60)  # type: ignore[arg-type]  # never started: set by hand
+    predictor = Predictor(SPEC, watcher, ServingMetrics())
+    row_schema, batch_schema = predictor.request_schemas()
+    assert set(row_schema["properties"]) == {f.name for f in SPEC.features} and "rows" in batch_schema["properties"]
+    rows = rows_of(frame)[:3]
+    assert predictor.current is None
+    with pytest.raises(NoChampion):
+        predictor.predict("batch", predictor.decode_batch(msgspec.json.encode({"rows": rows})), 0.0)
+    watcher.current = ServedModel.load(exported_with_histograms, SPEC.model_dump_json(), version=3,
+                                       metric_name="auc", metric=0.9, federation_run="run-1")
+    assert predictor.current is watcher.current
+    model, predictions = predictor.predict("batch", predictor.decode_batch(msgspec.json.encode({"rows": rows})),
+                                           time.perf_counter())
+    assert model.version == 3 and predictions.shape == (3,)
+    form = predictor.decode_form(rows[0])
+    np.testing.assert_array_equal(form, predictor.decode_one(msgspec.json.encode(rows[0])))
+    with pytest.raises(ValidationError, match="spo2"):
+        predictor.decode_form({**rows[0], "spo2": 101})
+    predictor.count_invalid("ui", 1)
+
+    served = predictor.summary()
+    assert served.requests[("batch", "ok")] == 1 and served.requests[("batch", "no_model")] == 1
+    assert served.invalid_rows == {"ui": 1} and served.latency["batch"][0] is not None
+    assert served.latency["predict"] == (None, None)
+    exposition = predictor.exposition().decode()
+    assert "health_mlops_predicted_rows_total 3.0" in exposition  # the batch's rows
+    assert "health_mlops_model_version 3.0" in exposition

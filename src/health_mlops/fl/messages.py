@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as load_tensors
 
 from health_mlops.data.preprocess import GlobalPreprocessing
+from health_mlops.errors import HealthMlopsError
 from health_mlops.fl.state import Run, Task, TaskKind, TaskResult
 from health_mlops.fl.mapped import map_file
 from health_mlops.fl.metadata import EvaluationMetadata, FitMetadata, StatsMetadata
@@ -33,7 +34,7 @@ SAFETENSORS_MEDIA_TYPE = "application/octet-stream"
 _METADATA_KEY = "metadata"
 
 
-class MessageError(ValueError):
+class MessageError(HealthMlopsError, ValueError):
     """A body that is not a valid message; the text says what is wrong."""
 
 

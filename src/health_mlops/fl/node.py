@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from health_mlops.data.hospital import HospitalData
 from health_mlops.data.split import split_frame
+from health_mlops.errors import CredentialError
 from health_mlops.fl.client import HospitalClient
 from health_mlops.fl.hospital import HospitalWorker
 from health_mlops.fl.messages import TaskMessage, decode_weights, describe_result, encode_result
@@ -52,7 +53,7 @@ _BACKOFF_MAX_S = 5.0
 SENT_LOG_LIMIT = 5000
 
 
-class IdentityMismatch(Exception):
+class IdentityMismatch(CredentialError):
     """The node's credential belongs to another hospital than its data."""
 
 

@@ -28,6 +28,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 
+from health_mlops.errors import FederationError
 from health_mlops.fl.run_config import MAX_NOISE_MULTIPLIER, PrivacyConfig
 from health_mlops.ml.directions import Directions
 from health_mlops.ml.train import TrainResult, loss_function, weight_views
@@ -37,7 +38,7 @@ from health_mlops.ml.train_config import TrainConfig
 EPSILON_TOLERANCE = 0.01
 
 
-class BudgetRefused(Exception):
+class BudgetRefused(FederationError):
     """A privacy budget that cannot be met; the message says why and what would."""
 
 

@@ -23,7 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from fastapi_offline import FastAPIOffline  # /docs from packaged Swagger UI assets, no CDN
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from health_mlops.monitoring import ServingMetrics
 from health_mlops.serving.answers import BatchAnswer, ModelAnswer, PredictAnswer, answers, install_openapi
@@ -65,7 +65,6 @@ def _request_body(schema: dict[str, Any]) -> dict[str, Any]:
 def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: ServingMetrics | None = None,
                        *, predictor: Predictor | None = None) -> FastAPI:
     predictor = predictor or Predictor(spec, watcher, metrics or ServingMetrics())
-    encoder = predictor.encoder
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -89,7 +88,7 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
     async def no_champion(_: Request, error: NoChampion) -> Response:
         return _json({"detail": str(error)}, 503)
 
-    row_schema = encoder.row_model.model_json_schema()
+    row_schema, batch_schema = predictor.request_schemas()
 
     explain_parameter = {"name": "explain", "in": "query", "required": False, "schema": {"type": "boolean"},
                          "description": "add the features that contributed most to this prediction"}
@@ -109,7 +108,7 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
             predictor.count("predict", "invalid")
             return _json(NOT_JSON, 415)
         try:
-            matrix = encoder.one(await request.body())
+            matrix = predictor.decode_one(await request.body())
             model, prediction = predictor.predict("predict", matrix, started, hospital)
         except InvalidRequest as error:
             raise refuse("predict", error) from None
@@ -126,8 +125,6 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
             answer["contributions"] = predictor.explain(model, matrix)
         return _json(answer)
 
-    batch_schema = encoder.batch_model.model_json_schema(ref_template="#/components/schemas/{model}")
-
     @app.post("/api/v1/predict/batch", openapi_extra={**_request_body(batch_schema),
                                                       **answers(BatchAnswer, *_PREDICT_ERRORS)})
     async def predict_batch(request: Request) -> Response:
@@ -141,11 +138,10 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
         # answered meanwhile instead of waiting for the whole batch.
         hospital = request.query_params.get("hospital")
         try:
-            matrix = await run_in_threadpool(encoder.batch, body)
+            matrix = await run_in_threadpool(predictor.decode_batch, body)
             model, predictions = await run_in_threadpool(predictor.predict, "batch", matrix, started, hospital)
         except InvalidRequest as error:
             raise refuse("batch", error) from None
-        predictor.metrics.rows.inc(len(matrix))
         answer = {"predictions": predictions.tolist(), "model_version": model.version, "task": spec.task,
                   "target": spec.target.name,
                   "outside_training_range": await run_in_threadpool(model.outside_training_range, matrix)}
@@ -167,7 +163,7 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
 
     @app.get("/api/v1/model", openapi_extra=answers(ModelAnswer, 401))
     async def model_info(request: Request) -> Response:
-        model = watcher.current
+        model = predictor.current
         described = model.describe() if model else {"version": None, "metrics": {}, "federation_run": None}
         return _json({**described, "task": spec.task, "target": spec.target.name,
                       "spec": {"name": spec.name, "features": feature_view(spec)}})
@@ -190,8 +186,7 @@ def create_serving_app(spec: DatasetSpec, watcher: ChampionWatcher, metrics: Ser
 
     @app.get("/metrics", openapi_extra={"responses": {"200": prometheus_text}})
     async def metrics_endpoint() -> Response:
-        predictor.refresh_metrics()
-        return Response(generate_latest(predictor.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(predictor.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     install_openapi(app, [row_schema, batch_schema])
     return app

@@ -74,7 +74,8 @@ def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float
     registry = Registry(settings.home, spec.name, audit=settings_audit_log(settings))
     # Its own registry client (it polls from a thread), with the audit key: it checks each champion's attestation.
     watcher = ChampionWatcher(Registry(settings.home, spec.name, audit=settings_audit_log(settings)), poll_s=poll_s)
-    predictor = Predictor(spec, watcher, ServingMetrics())
+    metrics = ServingMetrics()  # the predictions' and the session gate's
+    predictor = Predictor(spec, watcher, metrics)
     app = create_serving_app(spec, watcher, predictor=predictor)
     sources = DashboardSources(registry, spec.primary_metric, settings.aggregator_url,
                                admin_credential(settings.admin_token, settings.credentials_dir))
@@ -111,6 +112,6 @@ def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float
 
     mounted.router.lifespan_context = lifespan
     gate = SessionGate(mounted, accounts=accounts.get, sessions=SessionStore(60 * settings.session_idle_minutes),
-                       function_rules=lambda: rules, audit=registry.audit, metrics=predictor.metrics,
+                       function_rules=lambda: rules, audit=registry.audit, metrics=metrics,
                        secure_cookie=settings.session_cookie_secure)
     return BlockedPaths(BodyLimit(gate, dashboard_body_limit), BLOCKED_GRADIO_PATHS)

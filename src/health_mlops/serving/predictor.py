@@ -1,12 +1,17 @@
-"""Predictions by the current champion, with their metrics: shared by the REST API and the dashboard."""
+"""Predictions by the current champion, with their metrics: the one object the REST API and the dashboard talk to
+(what a request may hold, the champion, its predictions and explanations, what was served and how fast)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from prometheus_client import generate_latest
 
-from health_mlops.monitoring import ServingMetrics
+from health_mlops.errors import RegistryError
+from health_mlops.monitoring import ServingMetrics, histogram_quantile
 from health_mlops.serving.explain import contributions
 from health_mlops.serving.model import ChampionWatcher, ServedModel
 from health_mlops.serving.requests import InvalidRequest, RowEncoder
@@ -21,8 +26,17 @@ NO_CHAMPION = ("no champion model yet: train one (`health-mlops demo` or a feder
                "soon as it is registered")
 
 
-class NoChampion(Exception):
+class NoChampion(RegistryError):
     """No model has passed the quality gate yet: predictions answer 503."""
+
+
+@dataclass(frozen=True)
+class ServingSummary:
+    """What was served since the process started, as the Monitoring tab shows it."""
+
+    requests: dict[tuple[str, str], float]  # (endpoint, outcome) -> requests
+    invalid_rows: dict[str, float]  # endpoint -> rows refused
+    latency: dict[str, tuple[float | None, float | None]]  # endpoint -> upper bounds of its p50 and p99, seconds
 
 
 class Predictor:
@@ -30,12 +44,34 @@ class Predictor:
 
     def __init__(self, spec: DatasetSpec, watcher: ChampionWatcher, metrics: ServingMetrics) -> None:
         self.spec = spec
-        self.watcher = watcher
-        self.metrics = metrics
-        self.encoder = RowEncoder(spec)
+        self._watcher = watcher
+        self._metrics = metrics
+        self._encoder = RowEncoder(spec)
         # Labelled children looked up once: the lookup would cost a single prediction a few percent.
         self._counted = {(e, o): metrics.predictions.labels(e, o) for e in ENDPOINTS for o in OUTCOMES}
         self._latency = {e: metrics.latency.labels(e) for e in ENDPOINTS}
+
+    @property
+    def current(self) -> ServedModel | None:
+        """The champion served now (None before the first): read it once per request, as a swap may follow."""
+        return self._watcher.current
+
+    def request_schemas(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The JSON schemas of one patient's row and of a batch of rows."""
+        return (self._encoder.row_model.model_json_schema(),
+                self._encoder.batch_model.model_json_schema(ref_template="#/components/schemas/{model}"))
+
+    def decode_one(self, body: bytes) -> np.ndarray:
+        """One patient's JSON row as the model's input (`InvalidRequest` naming each field that is wrong)."""
+        return self._encoder.one(body)
+
+    def decode_batch(self, body: bytes) -> np.ndarray:
+        """`{"rows": [...]}` as the model's input, a row each (`InvalidRequest` naming each row and field)."""
+        return self._encoder.batch(body)
+
+    def decode_form(self, row: dict[str, Any]) -> np.ndarray:
+        """A form's values as the model's input (pydantic's `ValidationError` naming each field that is wrong)."""
+        return self._encoder.matrix_of([self._encoder.row_model.model_validate(row)])
 
     def count(self, endpoint: str, outcome: str) -> None:
         self._counted[endpoint, outcome].inc()
@@ -47,10 +83,10 @@ class Predictor:
 
     def count_invalid_rows(self, endpoint: str, rows: int) -> None:
         """Invalid rows of a file scored in part (the request itself counts as ok)."""
-        self.metrics.invalid_rows.labels(endpoint).inc(rows)
+        self._metrics.invalid_rows.labels(endpoint).inc(rows)
 
     def champion(self, endpoint: str) -> ServedModel:
-        model = self.watcher.current  # taken once: a swap during this request does not affect it
+        model = self._watcher.current  # taken once: a swap during this request does not affect it
         if model is None:
             self.count(endpoint, "no_model")
             raise NoChampion(NO_CHAMPION)
@@ -75,19 +111,33 @@ class Predictor:
             raise
         model.drift.observe(matrix)
         self._counted[endpoint, "ok"].inc()
+        if endpoint == "batch":
+            self._metrics.rows.inc(len(matrix))
         self._latency[endpoint].observe(time.perf_counter() - started)
         return model, predictions
 
     def explain(self, model: ServedModel, row: np.ndarray, top: int | None = EXPLAINED_FEATURES) -> list[dict]:
         return [vars(c) for c in contributions(model, self.spec, row, model.typical, top)]
 
-    def refresh_metrics(self) -> None:
-        """Gauges that describe the current model: set when scraped, so they are always current."""
-        model = self.watcher.current
+    def exposition(self) -> bytes:
+        """The serving metrics in Prometheus' text format, with the gauges that describe the current model set now
+        (so they are always current)."""
+        model = self._watcher.current
         if model is not None:
-            self.metrics.model_version.set(model.version)
+            self._metrics.model_version.set(model.version)
             for feature, score in model.drift.scores().items():
-                self.metrics.drift.labels(feature).set(score)
-            self.metrics.drift_rows.set(model.drift.rows_seen)
+                self._metrics.drift.labels(feature).set(score)
+            self._metrics.drift_rows.set(model.drift.rows_seen)
+        return generate_latest(self._metrics.registry)
+
+    def summary(self) -> ServingSummary:
+        requests = {(s.labels["endpoint"], s.labels["outcome"]): s.value
+                    for s in next(iter(self._metrics.predictions.collect())).samples if s.name.endswith("_total")}
+        invalid_rows = {s.labels["endpoint"]: s.value for s in next(iter(self._metrics.invalid_rows.collect())).samples
+                        if s.name.endswith("_total")}
+        latency = {endpoint: (histogram_quantile(self._metrics.latency, 0.5, endpoint=endpoint),
+                              histogram_quantile(self._metrics.latency, 0.99, endpoint=endpoint))
+                   for endpoint in ENDPOINTS}
+        return ServingSummary(requests, invalid_rows, latency)
 
 

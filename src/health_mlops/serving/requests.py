@@ -18,6 +18,7 @@ import pandas as pd
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 from health_mlops.data.preprocess import serving_matrix
+from health_mlops.errors import HealthMlopsError
 from health_mlops.spec import DatasetSpec, Feature
 
 MAX_BATCH_ROWS = 200_000
@@ -27,7 +28,7 @@ MAX_REPORTED_ROWS = 20
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-class InvalidRequest(Exception):
+class InvalidRequest(HealthMlopsError):
     """A request that is not what the endpoint takes; `errors` are pydantic-style, each with a `loc`."""
 
     def __init__(self, errors: list[dict[str, Any]]) -> None:

@@ -211,7 +211,7 @@ def admin_refusal(token: str | None, credentials_dir: Path) -> str | None:
     return None if identity is not None and identity.role == ADMIN else "that is not the admin token"
 
 
-class AccessDenied(Exception):
+class AccessDenied(CredentialError):
     """A caller the aggregator refuses: `status` 401 (no valid credential) or 403 (a credential that does not
     match)."""
 

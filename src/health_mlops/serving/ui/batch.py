@@ -88,7 +88,7 @@ class BatchTab(DashboardState):
         """A CSV to fill in: a `patient_id` column (carried through to the predictions), then one column per
         feature, with one example row of the training population's typical values. Written once per model: every
         page load asks for it."""
-        model = self.predictor.watcher.current
+        model = self.predictor.current
         path = self._scratch / f"{self.spec.name}-template-v{model.version if model else 0}.csv"
         if path.is_file():
             return path

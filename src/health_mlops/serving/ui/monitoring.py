@@ -7,7 +7,6 @@ import time
 
 import pandas as pd
 
-from health_mlops.monitoring import histogram_quantile
 from health_mlops.serving.drift import MIN_ROWS, SIGNIFICANT_PSI
 from health_mlops.serving.ui.shared import DashboardState
 
@@ -19,27 +18,25 @@ class MonitoringTab(DashboardState):
     _last_count: tuple[float, float] | None = None
 
     def monitoring(self) -> tuple[str, pd.DataFrame]:
-        metrics = self.predictor.metrics
-        counts = {(s.labels["endpoint"], s.labels["outcome"]): s.value
-                  for s in next(iter(metrics.predictions.collect())).samples if s.name.endswith("_total")}
+        served_so_far = self.predictor.summary()
+        counts = served_so_far.requests
         served = sum(v for (_, outcome), v in counts.items() if outcome == "ok")
         now = time.monotonic()
         rate = None
         if self._last_count is not None and now > self._last_count[0]:
             rate = (served - self._last_count[1]) / (now - self._last_count[0])
         self._last_count = (now, served)
-        invalid_rows = {s.labels["endpoint"]: s.value for s in next(iter(metrics.invalid_rows.collect())).samples
-                        if s.name.endswith("_total")}
+        invalid_rows = served_so_far.invalid_rows
         lines = ["Requests by outcome: *invalid* is the client's input (422), *no model* and *error* the service's.",
                  "", "| endpoint | ok | invalid (rows) | no model | error | p50 latency | p99 latency |",
                  "|---|---:|---:|---:|---:|---:|---:|"]
         for endpoint in ("predict", "batch", "ui"):
-            p50, p99 = (histogram_quantile(metrics.latency, q, endpoint=endpoint) for q in (0.5, 0.99))
+            p50, p99 = served_so_far.latency[endpoint]
             ok, invalid, no_model, error = (counts.get((endpoint, outcome), 0)
                                             for outcome in ("ok", "invalid", "no_model", "error"))
             lines.append(f"| {endpoint} | {ok:.0f} | {invalid:.0f} ({invalid_rows.get(endpoint, 0):.0f}) | "
                          f"{no_model:.0f} | {error:.0f} | {_ms(p50)} | {_ms(p99)} |")
-        model = self.predictor.watcher.current
+        model = self.predictor.current
         header = (f"Serving **model v{model.version}**." if model else "No champion served yet.") + (
             f" Throughput since the last refresh: **{rate:.1f} requests/s**." if rate is not None else "")
         drift = pd.DataFrame(columns=["feature", "PSI", "shifted"])

@@ -32,7 +32,7 @@ class Dashboard(PredictTab, BatchTab, TrainingTab, HospitalsTab, ModelsTab, Moni
         operator = role is not None and allows(role, "operator")
         admin = role is not None and allows(role, "admin")
         who = f"Logged in as **{user}** ({role or 'no role'})"
-        model = self.predictor.watcher.current
+        model = self.predictor.current
         sites = sorted(model.sites) if model is not None else []
         return (who, *(gr.Tab(visible=operator) for _ in range(4)), gr.Row(visible=admin),
                 gr.Timer(active=operator), gr.Timer(active=operator),
@@ -52,7 +52,7 @@ class Dashboard(PredictTab, BatchTab, TrainingTab, HospitalsTab, ModelsTab, Moni
 
 def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Blocks:
     spec = dashboard.spec
-    model = dashboard.predictor.watcher.current
+    model = dashboard.predictor.current
     typical = model.typical if model else None
     # Uploaded files (patient rows) are swept every 10 minutes once an hour old, and all at shutdown.
     with gr.Blocks(title="Health MLOps", delete_cache=(600, 3600)) as blocks:

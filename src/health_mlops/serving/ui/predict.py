@@ -45,11 +45,10 @@ class PredictTab(DashboardState):
         *entered, site = values
         row = dict(zip((f.name for f in self.spec.features), entered, strict=True))
         try:
-            validated = self.predictor.encoder.row_model.model_validate(row)
+            matrix = self.predictor.decode_form(row)
         except ValidationError as error:
             self.predictor.count_invalid("ui", 1)
             return "### Not scored: fix these fields\n" + _field_errors(error), None
-        matrix = self.predictor.encoder.matrix_of([validated])
         hospital = None if site in (None, "", FEDERATED_RISK) else str(site)
         try:
             model, prediction = self.predictor.predict("ui", matrix, time.perf_counter(), hospital)
@@ -57,7 +56,7 @@ class PredictTab(DashboardState):
             return f"### No model yet\n{error}", None
         except InvalidRequest:  # a value the page never offered: it is not echoed back
             self.predictor.count_invalid("ui", 1)
-            current = self.predictor.watcher.current
+            current = self.predictor.current
             known = ", ".join(sorted(current.sites)) if current is not None else ""
             return f"### Not scored\nThe model has no recalibration by that hospital (it has: {known or 'none'}).", None
         found = self.predictor.explain(model, matrix)
