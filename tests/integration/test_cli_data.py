@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_json
 from tests.unit.test_validate import CORRUPTIONS, REPEATED_HEADER_LINE, SHORT_LINE, write_corrupted_csv
 
 pytestmark = pytest.mark.process
@@ -26,6 +26,21 @@ def test_generate_prints_how_hospitals_differ(tmp_path: Path, home: Path) -> Non
         assert column in result.stdout
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
         "hospital-1", "hospital-2", "hospital-3", "hospital-4", "hospital-5", "reference.json", "spec.yaml"]
+
+
+def test_generate_takes_one_size_per_hospital_and_by_default_a_realistic_consortium(tmp_path: Path,
+                                                                                   home: Path) -> None:
+    listed = run_cli_json("data", "generate", "--out", str(tmp_path / "a"), "--rows-per-hospital", "300,120",
+                          home=home)
+    assert [(s["hospital_id"], s["rows"]) for s in listed] == [("hospital-1", 300), ("hospital-2", 120)]
+    cycled = run_cli_json("data", "generate", "--out", str(tmp_path / "b"), "--hospitals", "6", home=home)
+    assert [s["rows"] for s in cycled] == [12000, 6000, 2500, 800, 300, 12000]
+    for args, named in ((["--hospitals", "3", "--rows-per-hospital", "300,120"],
+                         "--hospitals: 3, but --rows-per-hospital lists 2 hospitals"),
+                        (["--rows-per-hospital", "300,many"], "--rows-per-hospital: '300,many' is not a number"),
+                        (["--rows-per-hospital", "300,5"], "--rows-per-hospital: at least 10 patient-days")):
+        answer = run_cli("data", "generate", "--out", str(tmp_path / "c"), *args, home=home, check=False)
+        assert answer.returncode == 2 and named in answer.stderr, (args, answer.stderr)
 
 
 def test_validate_reports_and_writes_the_quarantine(tmp_path: Path, home: Path) -> None:

@@ -3,8 +3,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from health_mlops.data.synthetic import CITIES, generate_city_days, generate_dataset, true_risk
+from health_mlops.data.synthetic import (CITIES, generate_city_days, generate_cohort, generate_dataset, generator_of,
+                                        true_risk)
 from health_mlops.spec import load_spec
 
 SPEC = load_spec("health-risk")
@@ -77,3 +79,25 @@ def test_reference_scores_the_true_risk_on_the_models_test_split(tmp_path: Path)
     assert set(reference["per_hospital"]) == {f"hospital-{i}" for i in range(1, 6)}
     assert 0.5 < reference["overall"]["auc"] <= 1.0
     assert (tmp_path / "spec.yaml").is_file()
+
+
+def test_hospitals_of_unequal_size_and_a_cohort_that_leaves_the_training_rows_as_they_were(tmp_path: Path) -> None:
+    sizes = [1200, 600, 250, 80, 30]
+    summaries = generate_dataset(tmp_path / "a", n_hospitals=5, rows_per_hospital=sizes, seed=3, split_seed=42,
+                                 test_fraction=0.2)
+    assert [s.rows for s in summaries] == sizes
+    assert generator_of(tmp_path / "a") == (3, sizes)
+    # The cohort comes from a stream of its own: drawing it changes no training row of the same seed.
+    cohort = generate_cohort(n_hospitals=5, seed=3, rows=500)
+    generate_dataset(tmp_path / "b", n_hospitals=5, rows_per_hospital=sizes, seed=3, split_seed=42, test_fraction=0.2)
+    for hospital in ("hospital-1", "hospital-5"):
+        assert ((tmp_path / "a" / hospital / "patient_days.csv").read_bytes()
+                == (tmp_path / "b" / hospital / "patient_days.csv").read_bytes())
+    assert list(cohort) == [f"hospital-{i}" for i in range(1, 6)] and all(len(c) == 500 for c in cohort.values())
+    training = pd.read_csv(tmp_path / "a" / "hospital-1" / "patient_days.csv")
+    assert not training["heart_rate"].head(50).equals(cohort["hospital-1"]["heart_rate"].head(50))
+    np.testing.assert_allclose(cohort["hospital-2"]["_risk"], true_risk(cohort["hospital-2"]))  # the true risk
+    assert all(cohort[h].equals(c) for h, c in generate_cohort(n_hospitals=5, seed=3, rows=500).items())
+    with pytest.raises(ValueError, match="3 hospital sizes for 5 hospitals"):
+        generate_dataset(tmp_path / "c", n_hospitals=5, rows_per_hospital=[10, 20, 30], seed=3, split_seed=42,
+                         test_fraction=0.2)

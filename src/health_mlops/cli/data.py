@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from health_mlops.cli.app import data_app
-from health_mlops.cli.options import JsonOption, SpecOption
+from health_mlops.cli.options import Hospitals, JsonOption, RowsPerHospital, SpecOption, hospital_sizes
 from health_mlops.cli.output import err, fail, out, print_json, warn
 from health_mlops.config import Settings, get_settings, get_training_defaults
 from health_mlops.errors import SpecError
@@ -30,8 +30,8 @@ ROWS_SHOWN = 10
 @data_app.command("generate")
 def data_generate(
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write hospital-1 ... hospital-N into")],
-    hospitals: Annotated[int, typer.Option(min=1, max=100, help="number of hospitals (cities cycle past 5)")] = 5,
-    rows_per_hospital: Annotated[int, typer.Option(min=10, help="patient-days per hospital")] = 4000,
+    hospitals: Hospitals = None,
+    rows_per_hospital: RowsPerHospital = None,
     seed: Annotated[int, typer.Option(help="generator seed: the same seed writes the same files")] = 0,
     spec: Annotated[str, typer.Option(
         help="health-risk (synthetic) or diabetes (scikit-learn's real data)")] = "health-risk",
@@ -57,8 +57,9 @@ def data_generate(
     from health_mlops.data.synthetic import generate_dataset
 
     settings = get_settings()
-    with err.status(f"generating {hospitals} × {rows_per_hospital} patient-days"):
-        summaries = generate_dataset(out_dir, n_hospitals=hospitals, rows_per_hospital=rows_per_hospital,
+    sizes = hospital_sizes(hospitals, rows_per_hospital, minimum=10)
+    with err.status(f"generating {sum(sizes)} patient-days at {len(sizes)} hospitals"):
+        summaries = generate_dataset(out_dir, n_hospitals=len(sizes), rows_per_hospital=sizes,
                                      seed=seed, split_seed=settings.split_seed,
                                      test_fraction=settings.test_fraction, stratify=settings.stratified_split)
     if json_output:

@@ -13,10 +13,10 @@ import typer
 
 from health_mlops.cli.app import app
 from health_mlops.cli.data import load_splits
-from health_mlops.cli.options import (DpClip, DpDelta, DpEpsilon, DpNoise, JsonOption, SecureAggregation,
-                                      run_config_from_options)
-from health_mlops.cli.output import err, models_progress, out, print_json, progress
-from health_mlops.cli.tables import comparison_table, print_privacy, privacy_json
+from health_mlops.cli.options import (DpClip, DpDelta, DpEpsilon, DpNoise, Hospitals, JsonOption, RowsPerHospital,
+                                      SecureAggregation, hospital_sizes, run_config_from_options)
+from health_mlops.cli.output import err, fail, models_progress, out, print_json, progress
+from health_mlops.cli.tables import cohort_table, comparison_table, print_claims, print_privacy, privacy_json
 from health_mlops.config import get_settings
 from health_mlops.spec import SPEC_FILE_NAME, DatasetSpec, spec_for_data
 
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 @app.command()
 def demo(
-    hospitals: Annotated[int, typer.Option(min=2, max=20)] = 5,
-    rows_per_hospital: Annotated[int, typer.Option(min=100)] = 4000,
+    hospitals: Hospitals = None,
+    rows_per_hospital: RowsPerHospital = None,
     seed: Annotated[int, typer.Option(help="data generator seed")] = 7,
     rounds: Annotated[int | None, typer.Option(min=1, help="federated training rounds")] = None,
     port: Annotated[int, typer.Option(help="the aggregator's API port (mutual TLS)")] = 8080,
@@ -61,10 +61,14 @@ def demo(
 
     settings = get_settings()
     torch.set_num_threads(settings.torch_threads)
-    data = settings.home / "data" / f"health-risk-h{hospitals}-n{rows_per_hospital}-s{seed}"
+    sizes = hospital_sizes(hospitals, rows_per_hospital, minimum=100)
+    if not 2 <= len(sizes) <= 20:
+        fail(f"--hospitals: a demo federates 2 to 20 hospitals, not {len(sizes)}")
+    hospitals = len(sizes)
+    data = settings.home / "data" / f"health-risk-n{'-'.join(str(rows) for rows in sizes)}-s{seed}"
     if not (data / SPEC_FILE_NAME).is_file():
         with err.status(f"generating data into {data}"):
-            generate_dataset(data, n_hospitals=hospitals, rows_per_hospital=rows_per_hospital, seed=seed,
+            generate_dataset(data, n_hospitals=hospitals, rows_per_hospital=sizes, seed=seed,
                              split_seed=settings.split_seed, test_fraction=settings.test_fraction,
                              stratify=settings.stratified_split)
     names = hospital_ids(hospitals)
@@ -99,16 +103,17 @@ def demo(
                                         credentials_dir=settings.credentials_dir, ports=ports,
                                         metric=dataset.primary_metric, console=err, plan=plan)
             with progress() as bars:
-                columns, counted = compare_with_baselines(dataset, splits, data, view, body, settings,
-                                                          partial(models_progress, bars))
+                columns, counted, cohort = compare_with_baselines(dataset, splits, data, view, body, settings,
+                                                                  partial(models_progress, bars))
             if json_output:
                 print_json({"data": str(data), "run": {"id": view.id, "rounds": view.config.rounds,
                                                        "rejected": view.rejected, "counted_from": counted,
                                                        "suppressed": view.suppressed},
                             "privacy": privacy_json(view), "model": view.model,
-                            "round_overhead_ms": round_overheads_ms(view), **columns})
+                            "round_overhead_ms": round_overheads_ms(view), **columns,
+                            **({"cohort": cohort} if cohort is not None else {})})
                 return
-            _print_outcome(dataset, columns, view, counted, names[0], data)
+            _print_outcome(dataset, columns, cohort, view, counted, names[0], data)
             if serve:
                 serve_dashboard(processes, dashboard_port, err, prometheus_url=prometheus_url,
                                 node_status_urls=node_status_urls(plan, ports),
@@ -118,9 +123,14 @@ def demo(
         raise typer.Exit(130) from None
 
 
-def _print_outcome(dataset: DatasetSpec, columns: dict[str, dict], view: RunView, counted: dict[str, list[str]],
-                   first: str, data: Path) -> None:
+def _print_outcome(dataset: DatasetSpec, columns: dict[str, dict], cohort: dict | None, view: RunView,
+                   counted: dict[str, list[str]], first: str, data: Path) -> None:
     out.print(comparison_table(dataset, columns, title="federated vs pooled vs local-only vs Bayes-optimal"))
+    if cohort is not None:
+        out.print(cohort_table(cohort, title="the same models on each hospital's independent cohort"))
+        claims = cohort["claims"]
+        assert isinstance(claims, dict)
+        print_claims(claims)
     out.print(f"run {view.id}: {view.config.rounds} rounds, each hospital counted once per round "
               f"({first}'s results came from {', '.join(counted[first])}); data: {data}", soft_wrap=True, markup=False)
     print_privacy(privacy_json(view))

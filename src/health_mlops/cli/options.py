@@ -101,6 +101,37 @@ def run_config_from_options(dataset: DatasetSpec, hospitals: int, *, epsilon: fl
         fail(f"{option}: {problem['msg']}")
 
 
+# The synthetic consortium's size: how many hospitals, and each one's patient-days. By default a consortium as
+# hospitals form one: an academic centre, a large and a mid-sized hospital, and two district hospitals too small to
+# train a model of their own.
+REALISTIC_CONSORTIUM: tuple[int, ...] = (12000, 6000, 2500, 800, 300)
+Hospitals = Annotated[int | None, typer.Option(min=1, max=100, help="number of hospitals, cities cycling past 5 "
+                                                "(default: as many as --rows-per-hospital lists, else 5)")]
+RowsPerHospital = Annotated[str | None, typer.Option(
+    help="patient-days of each hospital: one number for all, or one per hospital, comma-separated (default: "
+         f"{','.join(str(rows) for rows in REALISTIC_CONSORTIUM)}, an academic centre, a large and a mid-sized "
+         "hospital and two district hospitals, cycling past 5)")]
+
+
+def hospital_sizes(hospitals: int | None, rows_per_hospital: str | None, *, minimum: int) -> list[int]:
+    """Each hospital's patient-days from `--hospitals` and `--rows-per-hospital` (one number, one per hospital, or
+    the realistic consortium); a list that cannot be used ends the command (exit 2) naming the option."""
+    if rows_per_hospital is None:
+        count = hospitals or len(REALISTIC_CONSORTIUM)
+        return [REALISTIC_CONSORTIUM[i % len(REALISTIC_CONSORTIUM)] for i in range(count)]
+    try:
+        sizes = [int(part) for part in rows_per_hospital.split(",")]
+    except ValueError:
+        fail(f"--rows-per-hospital: {rows_per_hospital!r} is not a number or a list like 12000,6000,800")
+    if min(sizes) < minimum:
+        fail(f"--rows-per-hospital: at least {minimum} patient-days a hospital (got {min(sizes)})")
+    if len(sizes) == 1:
+        return sizes * (hospitals or len(REALISTIC_CONSORTIUM))
+    if hospitals is not None and hospitals != len(sizes):
+        fail(f"--hospitals: {hospitals}, but --rows-per-hospital lists {len(sizes)} hospitals")
+    return sizes
+
+
 def seed_list(text: str) -> list[int]:
     """`1-5` or `1,2,7` as seeds; anything else ends the command (exit 2)."""
     try:

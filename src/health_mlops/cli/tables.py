@@ -105,3 +105,43 @@ def print_privacy(privacy: object) -> None:
         out.print(f"  DP-SGD: learning rate {privacy['learning_rate']:g}, {batches} (a private run's own defaults "
                   f"unless given: HEALTH_MLOPS_TRAIN_DP_LEARNING_RATE, ..._DP_SAMPLING_RATE); noise multiplier per "
                   f"hospital: {per_hospital}", soft_wrap=True)
+
+
+# What each claim says, in the order they are printed.
+CLAIM_WORDS = {
+    "cohort_federated_within_0.005_of_pooled": "federated mean AUC over hospitals ≥ pooled − 0.005 on the cohort",
+    "cohort_federated_not_below_local_anywhere": "federated not below local-only beyond the interval at any hospital",
+    "cohort_federated_above_local_at_small_hospitals": "federated above local-only beyond the interval at every "
+                                                       "hospital under 1000 patient-days",
+    "cohort_no_model_above_bayes": "no model above the Bayes-optimal risk beyond the interval",
+    "federated_rank_correlation_at_least_0.6": "federated rank correlation with the true risk ≥ 0.6 across the spec's "
+                                               "ranges",
+}
+
+
+def cohort_table(cohort: dict, *, title: str) -> Table:
+    """Each hospital's independent cohort (`experiments.cohort`): every model's AUC (the federated model's with its
+    interval), and the federated model's difference from local-only on the same patients, with its interval."""
+    rows = next(iter(cohort["cohort_rows"].values()))
+    table = Table(title=f"{title} (AUC on {rows} later patient-days of each hospital's city, never trained on; "
+                        "95 % intervals)")
+    for column in ("hospital (patient-days)", "federated", "pooled", "local-only", "Bayes-optimal",
+                   "federated − local-only"):
+        table.add_column(column, justify="left" if column.startswith("hospital") else "right")
+    differences = cohort["differences"]["federated - local-only"]
+    for hospital, size in cohort["rows_per_hospital"].items():
+        change = differences[hospital]
+        table.add_row(f"{hospital} ({size})", _cell(cohort["federated"]["per_hospital"][hospital], "auc"),
+                      *(f"{cohort[mode]['per_hospital'][hospital]['auc']:.3f}"
+                        for mode in ("pooled", "local-only", "Bayes-optimal")),
+                      f"{change['auc']:+.4f} [dim]({change['low']:+.4f}, {change['high']:+.4f})[/]")
+    table.add_section()
+    table.add_row("[bold]mean over hospitals[/]",
+                  *(f"[bold]{cohort[mode]['mean_over_hospitals']['auc']:.3f}[/]"
+                    for mode in ("federated", "pooled", "local-only", "Bayes-optimal")), "")
+    return table
+
+
+def print_claims(claims: dict[str, bool]) -> None:
+    for claim, holds in claims.items():
+        out.print(f"{'✓' if holds else '✗'} {CLAIM_WORDS.get(claim, claim)}", markup=False)

@@ -227,13 +227,40 @@ def hospital_ids(n_hospitals: int) -> list[str]:
     return [f"hospital-{i}" for i in range(1, n_hospitals + 1)]
 
 
-def generate_dataset(out: Path, *, n_hospitals: int = 5, rows_per_hospital: int = 4000, seed: int = 0,
-                     split_seed: int, test_fraction: float, stratify: bool = True) -> list[HospitalSummary]:
+# Patient-days per hospital in the independent cohort every model is also scored on: later days of the same city,
+# never trained on, enough events for intervals of a few hundredths on a hospital's AUC and tighter on differences.
+COHORT_ROWS = 20000
+_COHORT_STREAM = 1  # the cohort's random stream beside the training data's: adding it changes no training row
+
+
+def sizes_of(n_hospitals: int, rows_per_hospital: int | Sequence[int]) -> list[int]:
+    """Each hospital's patient-days: the same for all, or one size per hospital (as many as there are)."""
+    if isinstance(rows_per_hospital, int):
+        return [rows_per_hospital] * n_hospitals
+    sizes = list(rows_per_hospital)
+    if len(sizes) != n_hospitals:
+        raise ValueError(f"{len(sizes)} hospital sizes for {n_hospitals} hospitals")
+    return sizes
+
+
+def generate_cohort(*, n_hospitals: int, seed: int, rows: int = COHORT_ROWS) -> dict[str, pd.DataFrame]:
+    """Each hospital's independent cohort: `rows` more patient-days of its city, drawn from a stream of `seed` the
+    training data never uses, with each row's true risk in `_risk` (the Bayes-optimal prediction)."""
+    rng = np.random.default_rng([seed, _COHORT_STREAM])
+    return {hospital: generate_city_days(CITIES[index % len(CITIES)], rows, rng)
+            for index, hospital in enumerate(hospital_ids(n_hospitals))}
+
+
+def generate_dataset(out: Path, *, n_hospitals: int = 5, rows_per_hospital: int | Sequence[int] = 4000,
+                     seed: int = 0, split_seed: int, test_fraction: float, stratify: bool = True
+                     ) -> list[HospitalSummary]:
     """Write `out/hospital-k/patient_days.csv`, `out/spec.yaml` and `out/reference.json`.
 
-    Hospital k is in city k (cycling through the five cities past five). `reference.json` scores the true
-    risk on the same test split the models use.
+    Hospital k is in city k (cycling through the five cities past five), with `rows_per_hospital` patient-days
+    (one size for all, or one per hospital). `reference.json` scores the true risk on the same test split the
+    models use.
     """
+    sizes = sizes_of(n_hospitals, rows_per_hospital)
     spec: DatasetSpec = load_spec("health-risk")
     out.mkdir(parents=True, exist_ok=True)
     (out / SPEC_FILE_NAME).write_text(spec_to_yaml(spec), encoding="utf-8")
@@ -243,7 +270,7 @@ def generate_dataset(out: Path, *, n_hospitals: int = 5, rows_per_hospital: int 
     test_targets, test_risks = [], []
     for index, hospital_id in enumerate(hospital_ids(n_hospitals)):
         city = CITIES[index % len(CITIES)]
-        frame = generate_city_days(city, rows_per_hospital, rng)
+        frame = generate_city_days(city, sizes[index], rng)
         risk = frame.pop("_risk").to_numpy()
         folder = out / hospital_id
         folder.mkdir(exist_ok=True)
@@ -267,7 +294,8 @@ def generate_dataset(out: Path, *, n_hospitals: int = 5, rows_per_hospital: int 
         "kind": "bayes_optimal",
         "description": "the true event probability of each test row, scored like a model",
         "split": {"seed": split_seed, "test_fraction": test_fraction, "stratified": stratify},
-        "generator": {"seed": seed, "hospitals": n_hospitals, "rows_per_hospital": rows_per_hospital},
+        "generator": {"seed": seed, "hospitals": n_hospitals,
+                      "rows_per_hospital": sizes[0] if len(set(sizes)) == 1 else sizes},
         "threshold": threshold,
         "overall": binary_metrics(np.concatenate(test_targets), np.concatenate(test_risks), threshold, bootstrap=0),
         "per_hospital": per_hospital,
@@ -275,6 +303,16 @@ def generate_dataset(out: Path, *, n_hospitals: int = 5, rows_per_hospital: int 
     }
     (out / REFERENCE_FILE_NAME).write_text(json.dumps(reference, indent=2), encoding="utf-8")
     return summaries
+
+
+def generator_of(root: Path) -> tuple[int, list[int]] | None:
+    """The generator seed and each hospital's patient-days of a generated data folder (None for other data): what
+    its independent cohort is drawn from (`generate_cohort`)."""
+    path = root / REFERENCE_FILE_NAME
+    if not path.is_file():
+        return None
+    generator = json.loads(path.read_text(encoding="utf-8")).get("generator", {})
+    return int(generator["seed"]), sizes_of(int(generator["hospitals"]), generator["rows_per_hospital"])
 
 
 def read_reference(root: Path, *, split_seed: int, test_fraction: float, stratify: bool = True

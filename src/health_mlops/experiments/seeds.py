@@ -1,10 +1,12 @@
 """Claims over seeds: pooled, local-only and federated training on the synthetic data of several generator seeds
 (each with its own split seed), scored per hospital, summarised as mean ± standard deviation over seeds.
 
-One seed is an anecdote: a hospital's test split holds a few dozen events, so its AUC moves by a few hundredths
-from one draw to the next. The README's accuracy claims come from here, stated in the form that holds: on
-average over seeds, the federated model's mean AUC over hospitals is within 0.01 of pooled training, and at
-every hospital it is at least what the hospital reaches alone.
+One seed is an anecdote, and a hospital's test split a small sample: it holds a few dozen events, so its AUC moves
+by a few hundredths from one draw to the next. Each seed's models are therefore also scored on every hospital's
+independent cohort (`experiments.cohort`: 20000 later patient-days of its city), and the README's accuracy claims
+are the cohort's, on the mean over seeds with its interval: the federated model within 0.005 of pooled training on
+the mean AUC over hospitals, nowhere below local-only beyond the interval, above it beyond the interval at every
+hospital too small to train alone, and no model above the Bayes-optimal risk beyond the interval.
 
 Test patients are patients like the training ones; a model is also asked about patients unlike any it saw. Each
 seed's models also score patients drawn uniformly across the spec's ranges, and the rank correlation (Spearman) of
@@ -25,8 +27,9 @@ from scipy.stats import spearmanr
 
 from health_mlops.data.hospital import load_hospitals
 from health_mlops.data.split import split_hospitals
-from health_mlops.data.synthetic import generate_dataset, read_reference, true_risk
+from health_mlops.data.synthetic import generate_cohort, generate_dataset, read_reference, sizes_of, true_risk
 from health_mlops.experiments.baselines import run_local, run_pooled
+from health_mlops.experiments.cohort import CohortScores, cohort_rows_of, mean_over_seeds, score_on_cohort
 from health_mlops.experiments.simulation import run_federated_in_memory
 from health_mlops.fl.run_config import RunConfig
 from health_mlops.ml.train_config import TrainConfig
@@ -34,7 +37,6 @@ from health_mlops.spec import DatasetSpec, load_spec
 
 MODES = ("federated", "pooled", "local", "bayes")
 TRAINED_MODES = ("federated", "pooled", "local")
-POOLED_MARGIN = 0.01  # the federated mean AUC may trail pooled training by this much, on average over seeds
 PROBE_PATIENTS = 2000  # patients drawn across the spec's ranges, each seed
 RANK_TARGET = 0.6  # the federated risk's rank correlation with the true risk there, on average over seeds
 
@@ -49,6 +51,7 @@ class SeedScores:
     # trained mode -> Spearman of the risk with the true risk on patients across the spec's ranges (local-only: the
     # mean over the hospitals' models)
     rank_correlation: dict[str, float]
+    cohort: CohortScores
 
 
 def _auc(value: object) -> float | None:
@@ -67,11 +70,13 @@ def patients_across_ranges(spec: DatasetSpec, n: int, rng: np.random.Generator) 
     return pd.DataFrame(columns)
 
 
-def score_seed(seed: int, workdir: Path, *, hospitals: int, rows_per_hospital: int, test_fraction: float,
-               stratify: bool, train_config: TrainConfig, run_config: RunConfig) -> SeedScores:
-    """Generate seed `seed`'s data (split seed = `seed`) and train all three ways on it."""
+def score_seed(seed: int, workdir: Path, *, hospitals: int, rows_per_hospital: int | list[int],
+               test_fraction: float, stratify: bool, train_config: TrainConfig, run_config: RunConfig) -> SeedScores:
+    """Generate seed `seed`'s data (split seed = `seed`) and its cohort, and train all three ways on it."""
     spec = load_spec("health-risk")
-    probe = patients_across_ranges(spec, PROBE_PATIENTS, np.random.default_rng([seed, PROBE_PATIENTS]))
+    across = patients_across_ranges(spec, PROBE_PATIENTS, np.random.default_rng([seed, PROBE_PATIENTS]))
+    cohort = generate_cohort(n_hospitals=hospitals, seed=seed)
+    probe = pd.concat([across, cohort_rows_of(cohort)], ignore_index=True)  # one prediction pass per model
     folder = workdir / f"seed-{seed}"
     generate_dataset(folder, n_hospitals=hospitals, rows_per_hospital=rows_per_hospital, seed=seed,
                      split_seed=seed, test_fraction=test_fraction, stratify=stratify)
@@ -80,16 +85,22 @@ def score_seed(seed: int, workdir: Path, *, hospitals: int, rows_per_hospital: i
     trained = {"pooled": run_pooled(spec, splits, train_config, probe=probe),
                "local": run_local(spec, splits, train_config, probe=probe),
                "federated": run_federated_in_memory(spec, splits, run_config, seed=seed, probe=probe)[0]}
-    truth = true_risk(probe)
-    rank_correlation = {mode: float(np.mean([spearmanr(risk, truth).statistic for risk in result.probe_predictions]))
+    truth = true_risk(across)
+    rank_correlation = {mode: float(np.mean([spearmanr(risk[:PROBE_PATIENTS], truth).statistic
+                                             for risk in result.probe_predictions]))
                         for mode, result in trained.items()}
+    sizes = dict(zip(cohort, sizes_of(hospitals, rows_per_hospital), strict=True))
+    scored = score_on_cohort(cohort, sizes, spec.target.name,
+                             federated=trained["federated"].probe_predictions[0][PROBE_PATIENTS:],
+                             pooled=trained["pooled"].probe_predictions[0][PROBE_PATIENTS:],
+                             local=[risk[PROBE_PATIENTS:] for risk in trained["local"].probe_predictions])
     results: dict[str, dict[str, Any]] = {mode: result.to_json() for mode, result in trained.items()}
     reference = read_reference(folder, split_seed=seed, test_fraction=test_fraction, stratify=stratify)
     assert reference is not None  # generated just now with this split
     results["bayes"] = reference
     per_hospital = {mode: {h: _auc(m["auc"]) for h, m in r["per_hospital"].items()} for mode, r in results.items()}
     mean = {mode: _auc(r["mean_over_hospitals"]["auc"]) for mode, r in results.items()}
-    return SeedScores(seed, per_hospital, mean, rank_correlation)
+    return SeedScores(seed, per_hospital, mean, rank_correlation, scored)
 
 
 def mean_and_sd(values: list[float | None]) -> tuple[float | None, float | None, int]:
@@ -117,17 +128,16 @@ class SeedsEvaluation:
     def rank_summary(self, mode: str) -> tuple[float | None, float | None, int]:
         return mean_and_sd([s.rank_correlation[mode] for s in self.seeds])
 
+    @property
+    def cohort(self) -> CohortScores:
+        """The cohort's scores of the mean over seeds, with its intervals."""
+        return mean_over_seeds([s.cohort for s in self.seeds])
+
     def claims(self) -> dict[str, bool]:
-        """The three claims of the evaluation (docs/evaluation.md), checked on these seeds (means over seeds)."""
-        federated, pooled = self.mean_summary("federated")[0], self.mean_summary("pooled")[0]
-        close_to_pooled = federated is not None and pooled is not None and federated >= pooled - POOLED_MARGIN
-        no_hospital_worse = True
-        for hospital in self.hospitals:
-            fed, local = self.hospital_summary("federated", hospital)[0], self.hospital_summary("local", hospital)[0]
-            no_hospital_worse &= fed is not None and (local is None or fed >= local)
+        """The claims of the evaluation (docs/evaluation.md), checked on these seeds: the cohort's on the mean over
+        seeds, and the rank correlation across the spec's ranges on average over seeds."""
         ranked = self.rank_summary("federated")[0]
-        return {"federated_within_0.01_of_pooled": close_to_pooled,
-                "federated_at_least_local_at_every_hospital": no_hospital_worse,
+        return {**self.cohort.claims(),
                 "federated_rank_correlation_at_least_0.6": ranked is not None and ranked >= RANK_TARGET}
 
     def to_json(self) -> dict[str, object]:
@@ -138,13 +148,15 @@ class SeedsEvaluation:
                 "per_hospital": {h: {m: summary(self.hospital_summary(m, h)) for m in MODES} for h in self.hospitals},
                 "mean_over_hospitals": {m: summary(self.mean_summary(m)) for m in MODES},
                 "rank_correlation_across_ranges": {m: summary(self.rank_summary(m)) for m in TRAINED_MODES},
+                "cohort": self.cohort.to_json(),
                 "claims": self.claims(),
                 "per_seed": [{"seed": s.seed, "per_hospital": s.per_hospital,
                               "mean_over_hospitals": s.mean_over_hospitals,
-                              "rank_correlation_across_ranges": s.rank_correlation} for s in self.seeds]}
+                              "rank_correlation_across_ranges": s.rank_correlation,
+                              "cohort": {mode: s.cohort.auc[mode] for mode in s.cohort.auc}} for s in self.seeds]}
 
 
-def evaluate_over_seeds(seeds: list[int], workdir: Path, *, hospitals: int, rows_per_hospital: int,
+def evaluate_over_seeds(seeds: list[int], workdir: Path, *, hospitals: int, rows_per_hospital: int | list[int],
                         test_fraction: float, stratify: bool, train_config: TrainConfig, run_config: RunConfig,
                         on_seed: Callable[[int], None] | None = None) -> SeedsEvaluation:
     scores = []
