@@ -64,15 +64,20 @@ def weighted_auc(y: np.ndarray, p: np.ndarray, weights: np.ndarray) -> np.ndarra
 
 def bootstrap_auc(y: np.ndarray, p: np.ndarray, replicates: int, seed: int) -> np.ndarray:
     """AUCs of `replicates` resamples of the rows with replacement (NaN where a resample has one class)."""
+    found = [weighted_auc(y, p, counts) for counts in resample_counts(len(y), replicates, seed)]
+    return np.concatenate(found) if found else np.array([])
+
+
+def resample_counts(n: int, replicates: int, seed: int) -> list[np.ndarray]:
+    """How often each of `n` rows is drawn in each of `replicates` resamples with replacement, in chunks of
+    replicates × rows: the same `seed` draws the same resamples, so two models' AUCs on them are paired."""
     rng = np.random.default_rng(seed)
-    n = len(y)
-    found = []
+    chunks = []
     for start in range(0, replicates, _BOOTSTRAP_CHUNK):
         chunk = min(_BOOTSTRAP_CHUNK, replicates - start)
         drawn = rng.integers(0, n, size=(chunk, n)) + n * np.arange(chunk)[:, None]  # each replicate's rows
-        counts = np.bincount(drawn.ravel(), minlength=chunk * n).reshape(chunk, n)
-        found.append(weighted_auc(y, p, counts))
-    return np.concatenate(found) if found else np.array([])
+        chunks.append(np.bincount(drawn.ravel(), minlength=chunk * n).reshape(chunk, n))
+    return chunks
 
 
 def calibration(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:

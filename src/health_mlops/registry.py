@@ -323,6 +323,9 @@ class Registry:
 
     def promote(self, version: int, *, actor: str) -> ModelVersion:
         self.version(version)  # refuses an unknown version
+        champion = self.champion()  # an alias set by hand in MLflow is promoted again, through the audit log
+        if champion is not None and champion.version == version and self.champion_refusal(version) is None:
+            raise RegistryError(f"v{version} is already the champion: nothing to promote")
         self._set_champion(version, actor=actor, action="promote", reason="by hand")
         return self.version(version)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,16 @@ def test_the_cli_says_its_version(home: Path) -> None:
 
     answer = run_cli("--version", home=home)
     assert answer.stdout.strip() == f"health-mlops {version('health-mlops')}"
+
+
+def test_help_piped_into_a_file_keeps_its_choices_whole() -> None:
+    """Piped (no terminal, no COLUMNS), help is as wide as the tables, not rich's 80 columns that cut
+    [pooled|local|federated] in two."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+    helped = subprocess.run([sys.executable, "-m", "health_mlops.cli", "train", "--help"], capture_output=True,
+                            text=True, check=True, env=env).stdout
+    assert "[pooled|local|federated]" in helped
+    assert max(len(line) for line in helped.splitlines()) > 80
 
 
 def test_the_cli_loads_no_heavy_library_before_a_command_runs() -> None:

@@ -40,6 +40,8 @@ def test_registry_changes_need_the_admin_credential(registry: Registry, home: Pa
     monkeypatch.delenv("HEALTH_MLOPS_ADMIN_TOKEN")
 
     assert "v2 is now champion" in run_cli("registry", "promote", "2", home=home).stdout
+    again = run_cli("registry", "promote", "2", home=home, check=False)  # a no-op is said, and not audited
+    assert again.returncode == 2 and "v2 is already the champion: nothing to promote" in again.stderr
     assert "v1 is champion again" in run_cli("registry", "rollback", home=home).stdout
     entries = registry.audit_entries()
     refusals = [(e["action"], e["outcome"]) for e in entries if e["outcome"] != "ok"]

@@ -50,6 +50,19 @@ def test_both_decoding_paths_give_the_data_files_encoding(frame: pd.DataFrame) -
     np.testing.assert_array_equal(encoder.matrix_of([validated]), expected[:1])
 
 
+def test_a_request_may_write_a_category_as_the_spec_codes_it_in_any_case(frame: pd.DataFrame) -> None:
+    encoder = RowEncoder(SPEC)
+    row = rows_of(frame)[0]
+    canonical = {**row, "sex": "M", "diabetes": "1", "smoker": "former"}
+    spelled = {**row, "sex": "Male", "diabetes": "yes", "smoker": " EX-SMOKER "}
+    expected = encoder.one(msgspec.json.encode(canonical))
+    np.testing.assert_array_equal(encoder.one(msgspec.json.encode(spelled)), expected)
+    np.testing.assert_array_equal(encoder.batch(msgspec.json.encode({"rows": [spelled, canonical]})),
+                                  np.vstack([expected, expected]))
+    with pytest.raises(InvalidRequest, match="'F' or 'M'"):
+        encoder.one(msgspec.json.encode({**row, "sex": "other"}))
+
+
 @pytest.mark.parametrize(("change", "field", "hint"), [
     ({"spo2": 101}, "spo2", "100"), ({"smoker": "sometimes"}, "smoker", "never"), ({"age": "forty"}, "age", "number"),
     ({"bmi": None}, "bmi", "number"), ({"extra": 1}, "extra", "not permitted"),

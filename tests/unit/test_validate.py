@@ -70,7 +70,8 @@ def test_corrupted_file_quarantines_exactly_the_bad_rows_with_their_reasons(tmp_
     assert by_line[REPEATED_HEADER_LINE].problems[0].reason is Reason.duplicate_header
     assert by_line[SHORT_LINE].problems[0].reason is Reason.wrong_field_count
     assert "150 is out of range (allowed 18 to 110 years)" in by_line[4].summary
-    assert "unknown category 'X' (allowed one of F, M)" in by_line[5].summary
+    assert "unknown category 'X' (allowed one of F, M (or as coded: female = F, woman = F, male = M, man = M))" \
+        in by_line[5].summary
 
     good_lines = [line for line in range(2, N_LINES + 1) if line not in bad_lines]
     assert report.rows_read == N_LINES - 1
@@ -109,6 +110,21 @@ def test_categories_match_case_insensitively_and_parquet_floats(tmp_path: Path) 
     assert result.report.rows_quarantined == 0
     assert result.frame["sex"].tolist() == ["F", "M", "F", "M"]
     assert result.frame["asthma_copd"].tolist() == ["0", "1", "1", "0"]
+
+
+def test_the_usual_spellings_of_a_category_the_spec_lists_are_read_as_it(tmp_path: Path) -> None:
+    """A hospital's file writes sex as male, a diagnosis as yes, smoking as ex-smoker: the spec's codes, in any case."""
+    rows = clean_rows(4)
+    rows["sex"] = ["male", "Female", "WOMAN", "m"]
+    rows["diabetes"] = ["yes", "No", "TRUE", "0"]
+    rows["smoker"] = ["Ex-Smoker", "never smoked", "smoker", "former"]
+    path = tmp_path / "rows.csv"
+    write_csv(rows, path)
+    result = validate_table(read_table(path), SPEC)
+    assert result.report.rows_quarantined == 0
+    assert result.frame["sex"].tolist() == ["M", "F", "F", "M"]
+    assert result.frame["diabetes"].tolist() == ["1", "0", "1", "0"]
+    assert result.frame["smoker"].tolist() == ["former", "never", "current", "former"]
 
 
 def test_extra_columns_are_ignored_and_reported(tmp_path: Path) -> None:

@@ -6,8 +6,14 @@ import os
 from typing import Annotated
 
 import typer
+import typer.rich_utils
 
 from health_mlops.cli.output import out
+
+# Help piped into a file or a pager: typer's console would wrap at rich's 80 columns and cut choices such as
+# [pooled|local|federated] in two; it gets the tables' width instead, unless the environment sets one.
+if typer.rich_utils.MAX_WIDTH is None and not out.is_terminal and "COLUMNS" not in os.environ:
+    typer.rich_utils.MAX_WIDTH = out.width
 
 app = typer.Typer(help="Health MLOps: federated health-risk models for hospital consortia.",
                   no_args_is_help=True, pretty_exceptions_enable=False)

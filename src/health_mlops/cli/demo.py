@@ -139,7 +139,8 @@ def _print_outcome(dataset: DatasetSpec, columns: dict[str, dict], cohort: dict 
         said = ("registered" if model["status"] == "registered" else
                 f"unchanged: this run trained as {model['federation_run']} did (same code, task, settings and data)")
         out.print(f"model: {dataset.name} v{model['version']} {said}, {', '.join(model['aliases']) or 'no alias'} "
-                  f"({model['metric_name']} {model['metric']:.4f} by federated evaluation); "
+                  f"({model['metric_name']} {model['metric']:.4f} by federated evaluation: the first table's federated "
+                  f"mean over hospitals, each scoring it on its own test split); "
                   f"`health-mlops registry list` shows every version", soft_wrap=True)
     else:
         out.print(f"model: not registered ({model.get('reason', 'unknown')})", markup=False)

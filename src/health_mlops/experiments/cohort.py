@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from health_mlops.metrics import bootstrap_auc, weighted_auc
+from health_mlops.metrics import resample_counts, weighted_auc
 
 COHORT_MODES = ("federated", "pooled", "local-only", "Bayes-optimal")
 COHORT_REPLICATES = 200
@@ -115,9 +115,10 @@ def score_on_cohort(cohort: Mapping[str, pd.DataFrame], rows_per_hospital: Mappi
         y = frame[target].astype(int).to_numpy()
         predictions = {"federated": federated[rows], "pooled": pooled[rows], "local-only": local[index][rows],
                        "Bayes-optimal": frame["_risk"].to_numpy()}
+        resamples = resample_counts(len(y), COHORT_REPLICATES, _SEED)  # drawn once: every model on the same ones
         for mode, p in predictions.items():
             auc[mode][hospital] = float(weighted_auc(y, p, np.ones((1, len(y))))[0])
-            replicates[mode][hospital] = bootstrap_auc(y, p, COHORT_REPLICATES, _SEED)
+            replicates[mode][hospital] = np.concatenate([weighted_auc(y, p, counts) for counts in resamples])
     return CohortScores(dict(rows_per_hospital), {h: len(f) for h, f in cohort.items()}, auc, replicates)
 
 

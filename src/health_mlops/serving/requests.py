@@ -48,12 +48,25 @@ def row_model(spec: DatasetSpec) -> type[BaseModel]:
                                                      strict=True, description=description)]
         else:
             categories = tuple(feature.categories or ())
-            annotation = Annotated[Literal[categories], Field(description=description)]
+            if feature.codes:
+                description += f"; also written as {', '.join(sorted(feature.codes))} (in any case)"
+            annotation = Annotated[Literal[categories], BeforeValidator(partial(_as_category, feature)),
+                                   Field(description=description)]
         if feature.missing is not None:  # "not measured": null, or one of the spec's codes, as in data files
             annotation = Annotated[annotation | None, BeforeValidator(partial(_code_as_null, feature))]
         fields[feature.name] = (annotation, ...)
     return create_model(f"{spec.name.title().replace('-', '')}Row", __config__=ConfigDict(extra="forbid"),
                         **fields)
+
+
+def _as_category(feature: Feature, value: Any) -> Any:
+    """A category as the spec writes it, from its text in any case or one of its codes (male for M), as a data
+    file's is read (`data.validate`); anything else is left for the type to refuse."""
+    if not isinstance(value, str):
+        return value
+    spellings = {**{code.lower(): category for code, category in (feature.codes or {}).items()},
+                 **{category.lower(): category for category in feature.categories or ()}}
+    return spellings.get(value.strip().lower(), value)
 
 
 def _code_as_null(feature: Feature, value: Any) -> Any:
