@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,9 @@ CALIBRATION_BINS = 10  # reliability bins of equal width on [0, 1]
 # (equal widths on [0, 1] would put most patients of a 5% event rate in the first few bins).
 SCORE_BINS = 400
 SCORE_LOGIT_RANGE = 8.0  # logits beyond ±8 (risks below 0.03% or above 99.97%) share the outermost bins
+# Calibration near a risk is read in bands of the test population's predicted risk of about equal size (deciles):
+# bins of equal width would hold nearly every patient of a 3 % event rate in the first one.
+RISK_BANDS = 10
 
 BINARY_METRICS = ("auc", "auc_ci_low", "auc_ci_high", "auc_se", "brier", "log_loss", "accuracy", "sensitivity",
                   "specificity", "ppv", "npv", "balanced_accuracy", "calibration_slope", "calibration_intercept")
@@ -224,6 +227,19 @@ def score_bin_edges() -> np.ndarray:
     return 1 / (1 + np.exp(-logits))
 
 
+def share_below(counts: Sequence[float], risk: float) -> float:
+    """The share of the rows counted per score bin (`counts`) whose predicted risk is below `risk`: the bins below
+    its bin, and its own bin's rows spread evenly over the bin's logits. NaN without rows."""
+    rows = np.asarray(counts, dtype=np.float64)
+    total = rows.sum()
+    if total == 0:
+        return math.nan
+    scaled = (float(_logit(np.asarray([risk]))[0]) + SCORE_LOGIT_RANGE) / (2 * SCORE_LOGIT_RANGE) * SCORE_BINS
+    position = min(max(scaled, 0.0), float(SCORE_BINS))
+    below = int(min(position, SCORE_BINS - 1))
+    return float((rows[:below].sum() + rows[below] * (position - below)) / total)
+
+
 @dataclass(frozen=True)
 class BinarySummary:
     """Counts and sums of a binary model's predictions on some rows: all that metrics over several hospitals
@@ -294,6 +310,34 @@ class BinarySummary:
         tpr = np.r_[0.0, np.cumsum(positives[::-1])] / max(positives.sum(), 1)
         fpr = np.r_[0.0, np.cumsum(negatives[::-1])] / max(negatives.sum(), 1)
         return fpr.tolist(), tpr.tolist()
+
+    def risk_counts(self) -> list[int]:
+        """Rows per score bin: the predicted risks' distribution, as `share_below` reads it."""
+        return [p + n for p, n in zip(self.score_positive, self.score_negative, strict=True)]
+
+    def risk_bands(self, bands: int = RISK_BANDS) -> list[dict[str, float | int]]:
+        """The rows cut by predicted risk into `bands` groups of about equal size (deciles), from the score counts:
+        each band's risk range (edges of the score grid), rows, mean predicted risk (at its bins' centres) and
+        observed event rate. A bin is not split, so bands follow the grid and may hold more or fewer rows."""
+        positives = np.asarray(self.score_positive, dtype=np.float64)
+        rows = positives + np.asarray(self.score_negative, dtype=np.float64)
+        total = rows.sum()
+        if total == 0:
+            return []
+        edges = score_bin_edges()
+        edges[0], edges[-1] = 0.0, 1.0  # the outermost bins are open
+        centres = 1 / (1 + np.exp(-np.linspace(-SCORE_LOGIT_RANGE, SCORE_LOGIT_RANGE, 2 * SCORE_BINS + 1)[1::2]))
+        band = np.minimum(((np.cumsum(rows) - rows / 2) / total * bands).astype(np.int64), bands - 1)
+        found: list[dict[str, float | int]] = []
+        for k in range(bands):
+            members = np.flatnonzero((band == k) & (rows > 0))
+            if len(members) == 0:
+                continue
+            n = rows[members].sum()
+            found.append({"low": float(edges[members[0]]), "high": float(edges[members[-1] + 1]), "rows": int(n),
+                          "predicted": float((centres[members] * rows[members]).sum() / n),
+                          "observed": float(positives[members].sum() / n)})
+        return found
 
     def reliability(self) -> list[dict[str, float | int | None]]:
         """Per reliability bin with rows: its range, rows, mean predicted risk and observed event rate."""

@@ -122,7 +122,7 @@ def test_a_prediction_shows_the_risk_in_context_and_its_main_features(browser_pa
     expect(result).to_contain_text("the model's decision threshold of")  # flagged or not, at the stored threshold
     # The context, from the champion's model report: the population, where this risk sits, calibration near it.
     expect(result).to_contain_text("In the training population")
-    expect(result).to_contain_text("test patients were predicted in a lower risk band")
+    expect(result).to_contain_text("test patients at the hospitals")
     expect(result).to_contain_text("Calibration near this risk")
     expect(result).to_contain_text("percentage points")
     page.screenshot(path=SCREENSHOTS / "predict.png", full_page=True)
@@ -136,6 +136,54 @@ def test_a_prediction_shows_the_risk_in_context_and_its_main_features(browser_pa
     page.click("#predict-button")
     expect(result).to_contain_text("Caution: Oxygen saturation (SpO₂) 70 % is below what the model was trained on")
     expect(result).to_contain_text("treat this risk with caution")
+
+
+def test_a_low_and_a_high_risk_patient_are_placed_among_the_test_patients_as_the_report_counts_them(
+        browser_page: Page, demo: Demo) -> None:
+    """The percentile and the calibration band a clinician reads, for a well and a clearly unwell patient: different
+    numbers, each what the champion's report (counts from every hospital's test rows) gives for the risk shown."""
+    from health_mlops.metrics import share_below
+    from health_mlops.registry import Registry
+
+    registry = Registry(demo.home, "health-risk")
+    champion = registry.champion()
+    assert champion is not None
+    report = registry.load_report(champion.version)
+    assert report is not None
+    counts, bands = report["all_test_rows"]["risk_counts"], report["all_test_rows"]["risk_bands"]
+    page = browser_page
+    result = page.locator("#prediction")
+    placed = {}
+    for patient, (spo2, breaths, pulse, condition) in {"well": ("98", "14", "62", "No"),
+                                                       "unwell": ("87", "30", "125", "Yes")}.items():
+        page.locator("#input-spo2 input").fill(spo2)
+        page.locator("#input-respiratory_rate input").fill(breaths)
+        page.locator("#input-heart_rate input").fill(pulse)
+        page.locator("#input-asthma_copd").get_by_label(condition).check()
+        page.locator("#input-cardiovascular").get_by_label(condition).check()
+        page.click("#predict-button")
+        # This patient's answer, not the one before it: the well one has no value beyond the training ranges (the
+        # previous test's had), the unwell one's SpO₂ of 87 % is below them.
+        if patient == "well":
+            expect(result).not_to_contain_text("Caution", timeout=TIMEOUT_MS)
+        else:
+            expect(result).to_contain_text("Caution: Oxygen saturation (SpO₂) 87 %", timeout=TIMEOUT_MS)
+        expect(result).to_contain_text("Calibration near this risk")
+        text = result.inner_text()
+        risk = float(re.search(r"Risk of [^:]+: ([0-9.]+) %", text).group(1)) / 100  # type: ignore[union-attr]
+        lower, tested = re.search(r"higher than the model predicted for ([0-9.]+) % of the (\d+) test patients",
+                                  text).groups()  # type: ignore[union-attr]
+        assert int(tested) == sum(counts)
+        # The risk is shown to 0.1 %: the share below it is that of some risk within half of that.
+        shares = [100 * share_below(counts, max(risk + step, 1e-6)) for step in (-0.0005, 0.0005)]
+        assert shares[0] - 0.05 <= float(lower) <= shares[1] + 0.05, (patient, risk, lower, shares)
+        rows, low, high = re.search(r"of the (\d+) test patients predicted ([0-9.]+) % to ([0-9.]+) %",
+                                    text).groups()  # type: ignore[union-attr]
+        band = next(b for b in bands if b["rows"] == int(rows) and f"{100 * b['low']:.1f}" == low)
+        assert f"{100 * band['high']:.1f}" == high and f"{100 * band['observed']:.1f} %" in text
+        placed[patient] = float(lower)
+    assert placed["well"] + 10 < placed["unwell"], placed
+    page.screenshot(path=SCREENSHOTS / "predict-unwell.png", full_page=True)
 
 
 def test_a_hospital_asks_for_its_recalibrated_risk_and_an_offer_the_page_never_made_is_refused(

@@ -5,8 +5,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from health_mlops.metrics import (BINARY_METRICS, CALIBRATION_BINS, BinarySummary, binary_metrics, bootstrap_auc,
-                                     combine, mean_over_hospitals, regression_metrics, undefined_reasons,
-                                     weighted_auc)
+                                     combine, mean_over_hospitals, regression_metrics, share_below,
+                                     undefined_reasons, weighted_auc)
 
 
 def test_binary_metrics_match_hand_computed_values() -> None:
@@ -142,3 +142,27 @@ def test_a_calibration_slope_from_a_handful_of_events_is_null_with_its_reason() 
     p = rng.uniform(0.05, 0.6, 200)
     enough = binary_metrics((rng.random(200) < p).astype(float), p, threshold=0.3, bootstrap=0)
     assert math.isfinite(enough["calibration_slope"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_risks_percentile_and_its_deciles_from_the_counts_match_the_rows_themselves(seed: int) -> None:
+    """What the Predict tab says of a risk, from counts only: the share of test patients predicted lower (within a
+    score bin's rows of the exact share) and the deciles of predicted risk with their calibration."""
+    rng = np.random.default_rng(seed)
+    p = 1 / (1 + np.exp(-rng.normal(-3.5, 1.2, 5000)))  # a 3 % event rate: nearly every risk under 10 %
+    y = (rng.random(5000) < p).astype(int)
+    halves = BinarySummary.of(y[:2500], p[:2500], 0.03) + BinarySummary.of(y[2500:], p[2500:], 0.03)
+    counts = halves.risk_counts()
+    for risk in (0.001, 0.01, 0.03, 0.2, 0.9):
+        largest_bin = max(counts) / len(p)
+        assert abs(share_below(counts, risk) - float(np.mean(p < risk))) <= largest_bin
+    assert share_below(counts, 0.0) == 0.0 and share_below(counts, 1.0) == 1.0
+    bands = halves.risk_bands()
+    assert len(bands) == 10 and sum(b["rows"] for b in bands) == 5000
+    assert all(350 <= b["rows"] <= 650 for b in bands)  # tenths, up to the bins they do not split
+    for band in bands:
+        inside = (p >= band["low"]) & (p < band["high"])
+        assert band["rows"] == inside.sum()
+        assert band["observed"] == pytest.approx(y[inside].mean())
+        assert band["predicted"] == pytest.approx(p[inside].mean(), rel=0.03)  # at the bins' centres
+    assert bands[0]["low"] <= p.min() and bands[-1]["high"] > p.max() and bands[4]["high"] < 0.1

@@ -99,9 +99,11 @@ def model_report(run: Run, spec: DatasetSpec) -> dict[str, Any]:
     summaries = {h: BinarySummary.from_json(m.summary.model_dump()) for h, m in final.items() if m.summary is not None}
     if summaries:
         report["undefined"] = {h: undefined_from_counts(s, spec.target.name) for h, s in summaries.items()}
-        report["curves"] = {h: {"roc": _thinned(*s.roc_curve()), "reliability": s.reliability()}
+        report["curves"] = {h: {"roc": _thinned(*s.roc_curve()), "reliability": s.reliability(),
+                                "risk_bands": s.risk_bands()}
                             for h, s in summaries.items()}
         pooled = combine(summaries.values())
         report["all_test_rows"] = {**_finite(pooled.metrics()), "reliability": pooled.reliability(),
+                                   "risk_bands": pooled.risk_bands(), "risk_counts": pooled.risk_counts(),
                                    "roc": _thinned(*pooled.roc_curve())}
     return report

@@ -204,15 +204,20 @@ def _calibration_figure(report: dict[str, Any]) -> go.Figure | None:
     if not curves:
         return None
     figure = go.Figure()
-    top = max([b["predicted"] for c in curves.values() for b in c["reliability"]]
-              + [b["observed"] for c in curves.values() for b in c["reliability"]] + [0.05])
+    # Deciles of each hospital's predicted risk (a report from before them: bins a tenth wide), on the scale of the
+    # risks the test patients got, so that a 3 % event rate does not crowd into the corner of a 0-1 plot.
+    bands = {h: c.get("risk_bands") or c["reliability"] for h, c in curves.items()}
+    top = max([b["predicted"] for bins in bands.values() for b in bins]
+              + [b["observed"] for bins in bands.values() for b in bins] + [0.01])
     figure.add_scatter(x=[0, top], y=[0, top], mode="lines", line={"dash": "dot", "color": "grey"},
                        name="perfectly calibrated")
-    for hospital, curve in curves.items():
-        bins = curve["reliability"]
+    for hospital, bins in bands.items():
         figure.add_scatter(x=[b["predicted"] for b in bins], y=[b["observed"] for b in bins], mode="lines+markers",
-                           text=[f"{b['rows']} rows" for b in bins], name=hospital)
-    figure.update_layout(title="Calibration: observed event rate by predicted risk",
-                         xaxis_title="mean predicted risk", yaxis_title="observed event rate",
-                         xaxis_range=[0, top * 1.05], yaxis_range=[0, top * 1.05], height=420)
+                           text=[f"{b['rows']} test patients predicted {100 * b['low']:.1f} to {100 * b['high']:.1f} %"
+                                 for b in bins],
+                           hovertemplate="predicted %{x:.1%}, observed %{y:.1%}<br>%{text}", name=hospital)
+    figure.update_layout(title="Calibration: observed event rate by predicted risk (each hospital's test patients "
+                               "in tenths by predicted risk)",
+                         xaxis_title="mean predicted risk", yaxis_title="observed event rate", xaxis_tickformat=".0%",
+                         yaxis_tickformat=".0%", xaxis_range=[0, top * 1.05], yaxis_range=[0, top * 1.05], height=420)
     return figure

@@ -10,6 +10,7 @@ from typing import Any
 import plotly.graph_objects as go
 from pydantic import ValidationError
 
+from health_mlops.metrics import share_below
 from health_mlops.serving.predictor import NoChampion
 from health_mlops.serving.requests import InvalidRequest
 from health_mlops.serving.ui.shared import DashboardState
@@ -112,7 +113,8 @@ class PredictTab(DashboardState):
 
     def _risk_context(self, version: int, risk: float) -> list[str]:
         """Where a risk sits, from the model's report: the training population's event rate, the share of test
-        patients predicted lower, and how often patients predicted near it had the event."""
+        patients predicted lower (its percentile), and how often the test patients of its risk band (a tenth of them,
+        by predicted risk) had the event."""
         try:
             report = self._report(version)
         except Exception:  # noqa: BLE001 - the registry may be away: the risk stands without its context
@@ -127,17 +129,25 @@ class PredictTab(DashboardState):
             lines.append(f"In the training population, **{_percent(events / rows)}** had "
                          f"{self.spec.target.display_label} ({events} of {rows} patient-days at {len(data)} "
                          "hospitals).")
-        bins = (report.get("all_test_rows") or {}).get("reliability") or []
-        tested = sum(b["rows"] for b in bins)
-        if tested:
-            lower = sum(b["rows"] for b in bins if b["high"] <= risk)
-            lines.append(f"**{_percent(lower / tested)}** of the {tested} test patients were predicted in a lower "
-                         "risk band.")
-            near = next((b for b in bins if b["low"] <= risk < b["high"] or risk == b["high"] == 1.0), None)
-            if near is None:
-                lines.append("No test patient was predicted near this risk: its calibration is not measured.")
-            else:
-                lines.append(f"Calibration near this risk: of the {near['rows']} test patients predicted "
-                             f"{_percent(near['low'])} to {_percent(near['high'])}, **{_percent(near['observed'])}** "
-                             f"had the event (predicted {_percent(near['predicted'])} on average).")
+        tested = report.get("all_test_rows") or {}
+        counts, bands = tested.get("risk_counts") or [], tested.get("risk_bands") or []
+        if not sum(counts) or not bands:
+            lines.append(f"_The report of v{version} holds no distribution of predicted risks: where this risk sits "
+                         "among the test patients is not available._")
+            return lines
+        lower = share_below(counts, risk)
+        lines.append(f"This risk is higher than the model predicted for **{_percent(lower)}** of the {sum(counts)} "
+                     f"test patients at the hospitals ({_ordinal(math.floor(100 * lower))} percentile).")
+        # The band holding this risk, else the nearest (a risk between bands, where no test patient was predicted)
+        near = min(bands, key=lambda b: 0.0 if b["low"] <= risk < b["high"] else
+                   min(abs(risk - b["low"]), abs(risk - b["high"])))
+        lines.append(f"Calibration near this risk: of the {near['rows']} test patients predicted "
+                     f"{_percent(near['low'])} to {_percent(near['high'])} (a tenth of them, by predicted risk), "
+                     f"**{_percent(near['observed'])}** had {self.spec.target.display_label} (predicted "
+                     f"{_percent(near['predicted'])} on average).")
         return lines
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
