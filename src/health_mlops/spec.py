@@ -267,6 +267,7 @@ class DatasetSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
+    title: str | None = None  # what people call the task (the dashboard's heading); unset, the name
     description: str = ""
     task: Literal["binary", "regression"]
     target: Target
@@ -294,6 +295,10 @@ class DatasetSpec(BaseModel):
         if self.task == "regression" and self.target.labels is not None:
             raise ValueError("target labels are for binary tasks")
         return self
+
+    @property
+    def display_title(self) -> str:
+        return self.title or self.name
 
     @property
     def feature_names(self) -> list[str]:

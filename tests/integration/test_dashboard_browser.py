@@ -97,6 +97,9 @@ def test_the_predict_form_speaks_the_clinicians_language(browser_page: Page, dem
     """Labels and units from the spec, its descriptions as help, diagnoses as Yes/No, defaults at the feature's
     precision, and the spec's intended-use notice."""
     page = browser_page
+    expect(page.get_by_role("heading", level=1)).to_have_text("Risk of an ER visit or admission within 7 days")
+    expect(page).to_have_title("Health MLOps: Risk of an ER visit or admission within 7 days")
+    expect(page.get_by_text("Use via API")).to_have_count(0)  # no Gradio footer for a clinician
     expect(page.locator("#intended-use")).to_contain_text("not for clinical use")
     expect(page.locator("#links").get_by_role("link", name="Prometheus")).to_have_attribute(
         "href", f"http://127.0.0.1:{urlsplit(demo.url).port + 1}")  # the demo's own, on the port after the dashboard
@@ -129,8 +132,8 @@ def test_a_prediction_shows_the_risk_in_context_and_its_main_features(browser_pa
     page.locator("#input-spo2 input").fill("150")
     page.click("#predict-button")
     expect(result).to_contain_text("Not scored")
-    expect(result).to_contain_text("spo2")
-    expect(result).to_contain_text("100")
+    # As the Batch tab says a refused cell: the label, the value with its unit, what the spec allows.
+    expect(result).to_contain_text("Oxygen saturation (SpO₂) (spo2): 150 % is out of range (allowed 70 to 100 %)")
     # Allowed by the spec, but below anything the model was trained on: scored at the edge, and said so.
     page.locator("#input-spo2 input").fill("70")
     page.click("#predict-button")
@@ -248,6 +251,11 @@ def test_a_batch_csv_is_scored_and_its_invalid_rows_are_listed(browser_page: Pag
     invalid = page.locator("#batch-invalid")
     expect(invalid).to_contain_text("age")  # line 5 (the header is line 1): "forty" is not a number
     expect(invalid).to_contain_text("sometimes")
+    expect(invalid).to_contain_text("P003")  # named by the file's own patient id, beside the line
+    expect(invalid).to_contain_text("P007")
+    preview = page.locator("#batch-preview")  # the results' first rows on the page, the risk in percent
+    expect(preview).to_contain_text("risk (%)")
+    expect(preview).to_contain_text("P001")
     link = page.locator("#batch-result a").first
     expect(link).to_be_visible()
     href = link.get_attribute("href") or ""
@@ -255,6 +263,7 @@ def test_a_batch_csv_is_scored_and_its_invalid_rows_are_listed(browser_page: Pag
     scored = list(csv.DictReader(io.StringIO(page.request.get(href).text())))
     assert [int(row["line"]) for row in scored] == [n for n in range(2, 22) if n not in (5, 9)]
     assert all(0 < float(row["prediction"]) < 1 for row in scored)
+    assert all(float(row["risk_percent"]) == round(100 * float(row["prediction"]), 1) for row in scored)
     # The columns the spec does not know come back beside their rows: results join back to the patients.
     assert [row["patient_id"] for row in scored] == [f"'{formula}"] + [f"P{k:03d}" for k in range(1, 20)
                                                                        if k not in (3, 7)]

@@ -93,7 +93,8 @@ def create_dashboard_app(settings: Settings, spec: DatasetSpec, *, poll_s: float
     # unguessable name: Gradio's file route serves `allowed_paths` to whoever names the file); the credentials are
     # blocked even where Gradio allows by default (the working directory, the system's temporary folder).
     # Gradio's own checks see the user the session gate let in (its routes then refuse a request without one).
-    mounted = gr.mount_gradio_app(app, blocks, path="/", max_file_size=MAX_BATCH_BYTES,
+    # No footer: its "Use via API" and "Settings" are not for a clinician (the programmatic routes are blocked).
+    mounted = gr.mount_gradio_app(app, blocks, path="/", max_file_size=MAX_BATCH_BYTES, footer_links=[],
                                   allowed_paths=[str(scratch / "results")],
                                   blocked_paths=[str(settings.credentials_dir)],
                                   auth_dependency=lambda request: request.scope.get(USER_SCOPE_KEY))

@@ -1,5 +1,6 @@
-"""The Batch tab: a CSV of patients scored with the champion and handed back with their predictions (invalid rows
-listed with their line and reason), and the template CSV to fill in."""
+"""The Batch tab: a CSV of patients scored with the champion and handed back with their predictions (the risk as a
+percentage beside the probability; the first rows shown on the page; invalid rows listed with the file's patient id,
+their line and the reason), and the template CSV to fill in."""
 
 from __future__ import annotations
 
@@ -22,38 +23,49 @@ from health_mlops.serving.ui.shared import DashboardState
 
 
 INVALID_ROW_COLUMNS = ["line", "reason"]
-# What a batch adds to the rows it scores.
-OUTPUT_COLUMNS = ("prediction", "class", "model_version", "outside_training_range")
+# What a batch adds to the rows it scores: the probability for programs, the risk in percent for people.
+OUTPUT_COLUMNS = ("prediction", "risk_percent", "class", "model_version", "outside_training_range")
+PREVIEW_ROWS = 20  # the results' first rows, shown on the page
+
+
+def id_column(columns: list[str]) -> str | None:
+    """The column of the file's own that names its patients (patient_id, id, mrn, ...), if it has one."""
+    return next((c for c in columns if c.strip().lower() in ("id", "mrn", "patient") or
+                 c.strip().lower().endswith(("_id", " id"))), None)
 RESULTS_KEPT_S = 3600.0  # a batch's results file, as long as Gradio keeps an upload
 
 
 class BatchTab(DashboardState):
     """The Batch tab's callbacks: scored in-process with the champion, counted as endpoint "ui"."""
 
-    def batch(self, path: str | None) -> tuple[str, str | None, pd.DataFrame]:
-        empty = pd.DataFrame(columns=INVALID_ROW_COLUMNS)
+    def batch(self, path: str | None) -> tuple[str, str | None, pd.DataFrame, pd.DataFrame]:
+        empty, none_yet = pd.DataFrame(columns=INVALID_ROW_COLUMNS), pd.DataFrame()
         if not path:
-            return "Upload a CSV file with one column per feature (the template lists them).", None, empty
+            return "Upload a CSV file with one column per feature (the template lists them).", None, empty, none_yet
         try:
             raw = read_table(Path(path))
             validated = validate_table(raw, self.spec, require_target=False)
         except DataError as error:
             self.predictor.count("ui", "invalid")
-            return f"### The file cannot be used\n{error}", None, empty
-        invalid = validated.quarantined_rows[["line", "reason"]]
+            return f"### The file cannot be used\n{error}", None, empty, none_yet
         report = validated.report
+        patient = id_column(list(report.ignored_columns))
+        invalid = validated.quarantined_rows[["line", "reason"]]
+        if patient is not None:  # named as the file names them, beside the line
+            ids = raw.rows[patient].set_axis(raw.lines).reindex(invalid["line"])  # a malformed line may have none
+            invalid.insert(0, patient, ids.fillna("").to_numpy())
         summary = f"{report.rows_read} rows read: **{report.rows_valid} scored**, **{report.rows_quarantined} invalid**"
         if report.rows_quarantined:
             summary += " (listed below with their line in the file and the reason; they are not in the output)"
             self.predictor.count_invalid_rows("ui", report.rows_quarantined)
         if validated.frame.empty:
             self.predictor.count("ui", "invalid")
-            return f"### Nothing to score\n{summary}", None, invalid
+            return f"### Nothing to score\n{summary}", None, invalid, none_yet
         matrix = serving_matrix(validated.frame, self.spec)
         try:
             model, predictions = self.predictor.predict("ui", matrix, time.perf_counter())
         except NoChampion as error:
-            return f"### No model yet\n{error}", None, invalid
+            return f"### No model yet\n{error}", None, invalid, none_yet
         scored = validated.frame.copy()
         scored.insert(0, "line", validated.lines)
         # Columns not in the spec (a patient id, a label, ...) come back beside their rows, so results join back.
@@ -64,6 +76,8 @@ class BatchTab(DashboardState):
                 name = f"{column} (input)" if column in ("line", *OUTPUT_COLUMNS) else column
                 scored.insert(1 + k, name, carried[column].to_numpy())
         scored["prediction"] = predictions
+        if self.spec.task == "binary":
+            scored["risk_percent"] = (100 * predictions).round(1)
         if self.spec.task == "binary" and model.threshold is not None:
             scored["class"] = (predictions >= model.threshold).astype(int)
         scored["model_version"] = model.version
@@ -71,7 +85,13 @@ class BatchTab(DashboardState):
                                             for flags in model.outside_training_range(matrix)]
         out = self._result_folder() / f"{Path(path).stem}-predictions.csv"
         write_csv(scored, out)
-        return f"### Scored with model v{model.version}\n{summary}", str(out), invalid
+        shown = [c for c in (patient or "line", "risk_percent" if "risk_percent" in scored else "prediction", "class",
+                             "outside_training_range") if c in scored]
+        preview = scored[shown].head(PREVIEW_ROWS).rename(columns={"risk_percent": "risk (%)", "class": "flagged"})
+        if "flagged" in preview:
+            preview["flagged"] = preview["flagged"].map({1: "yes", 0: ""})
+        return (f"### Scored with model v{model.version}\n{summary}; the first {len(preview)} below",
+                str(out), invalid, preview)
 
     def _result_folder(self) -> Path:
         """A new folder for one batch's results, its name unguessable: Gradio's file route serves the results folder

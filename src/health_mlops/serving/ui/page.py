@@ -55,8 +55,8 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
     model = dashboard.predictor.current
     typical = model.typical if model else None
     # Uploaded files (patient rows) are swept every 10 minutes once an hour old, and all at shutdown.
-    with gr.Blocks(title="Health MLOps", delete_cache=(600, 3600)) as blocks:
-        gr.Markdown(f"# Health MLOps: {spec.name}\n{spec.description}")
+    with gr.Blocks(title=f"Health MLOps: {spec.display_title}", delete_cache=(600, 3600)) as blocks:
+        gr.Markdown(f"# {spec.display_title}\n{spec.description}")
         if spec.intended_use:
             gr.Markdown(f"**Intended use:** {spec.intended_use}", elem_id="intended-use")
         if dashboard.links:
@@ -97,17 +97,19 @@ def build_dashboard(dashboard: Dashboard, *, refresh_s: float = 2.0) -> gr.Block
                 contributions = gr.Plot(label="main contributing features")
             predict_button.click(dashboard.predict, [*inputs, site], [risk, contributions])
         with gr.Tab("Batch"):
-            gr.Markdown("Upload a CSV with one column per feature; download it back with a `prediction` column "
-                        "(and `class`, flagged at the model's threshold). Other columns, such as a patient id, come "
-                        "back unchanged beside their rows. Invalid rows are listed with their line and reason, never "
-                        "dropped silently.")
+            gr.Markdown("Upload a CSV with one column per feature; download it back with the risk in percent "
+                        "(`risk_percent`), the probability for programs (`prediction`) and `class` (flagged at the "
+                        "model's threshold). Other columns, such as a patient id, come back unchanged beside their "
+                        "rows. Invalid rows are listed with the patient id, their line and the reason, never dropped "
+                        "silently.")
             gr.DownloadButton("Download a template CSV", value=dashboard.template, elem_id="batch-template")
             upload = gr.File(label="patients CSV", file_types=[".csv"], type="filepath", elem_id="batch-upload")
             batch_summary = gr.Markdown(elem_id="batch-summary")
             scored_file = gr.File(label="predictions CSV", elem_id="batch-result")
+            first_rows = gr.Dataframe(label="first rows of the results", elem_id="batch-preview")
             invalid_rows = gr.Dataframe(pd.DataFrame(columns=INVALID_ROW_COLUMNS), label="invalid rows",
                                         elem_id="batch-invalid")
-            upload.upload(dashboard.batch, upload, [batch_summary, scored_file, invalid_rows])
+            upload.upload(dashboard.batch, upload, [batch_summary, scored_file, invalid_rows, first_rows])
         with gr.Tab("Training", visible=False) as training_tab:
             run_picker = gr.Dropdown(label="training run", choices=[LATEST_RUN], value=LATEST_RUN,
                                      elem_id="training-run")

@@ -14,6 +14,7 @@ from health_mlops.metrics import share_below
 from health_mlops.serving.predictor import NoChampion
 from health_mlops.serving.requests import InvalidRequest
 from health_mlops.serving.ui.shared import DashboardState
+from health_mlops.spec import DatasetSpec
 
 
 # A contribution that moves a risk by less than half a percentage point (a regression prediction by less than 1 %
@@ -28,8 +29,28 @@ def _percent(value: float) -> str:
     return f"{100 * value:.1f} %"
 
 
-def _field_errors(error: ValidationError) -> str:
-    return "\n".join(f"- **{'.'.join(str(p) for p in e['loc'])}**: {e['msg']}" for e in error.errors())
+def _field_errors(spec: DatasetSpec, error: ValidationError) -> str:
+    """Each refused field as the Batch tab says a refused cell: the feature's label, the value entered, and what
+    the spec allows, with its unit."""
+    features = {f.name: f for f in spec.features}
+    lines = []
+    for problem in error.errors():
+        name = str(problem["loc"][0]) if problem["loc"] else ""
+        feature = features.get(name)
+        if feature is None:
+            lines.append(f"- **{name}**: {problem['msg']}")
+            continue
+        value, unit = problem.get("input"), f" {feature.unit}" if feature.unit else ""
+        if value is None or value == "":
+            said = f"missing value (allowed {feature.allowed()})"
+        elif problem["type"] in ("less_than_equal", "greater_than_equal", "less_than", "greater_than"):
+            said = f"{value:g}{unit} is out of range (allowed {feature.allowed()})"
+        elif feature.type == "numeric":
+            said = f"{value!r} is not a number (allowed {feature.allowed()})"
+        else:
+            said = f"unknown category {value!r} (allowed {feature.allowed()})"
+        lines.append(f"- **{feature.display_label}** ({name}): {said}")
+    return "\n".join(lines)
 
 
 def _shown(value: float | str) -> str:
@@ -49,7 +70,7 @@ class PredictTab(DashboardState):
             matrix = self.predictor.decode_form(row)
         except ValidationError as error:
             self.predictor.count_invalid("ui", 1)
-            return "### Not scored: fix these fields\n" + _field_errors(error), None
+            return "### Not scored: fix these fields\n" + _field_errors(self.spec, error), None
         hospital = None if site in (None, "", FEDERATED_RISK) else str(site)
         try:
             model, prediction = self.predictor.predict("ui", matrix, time.perf_counter(), hospital)
