@@ -263,7 +263,7 @@ def test_a_batch_csv_is_scored_and_its_invalid_rows_are_listed(browser_page: Pag
     scored = list(csv.DictReader(io.StringIO(page.request.get(href).text())))
     assert [int(row["line"]) for row in scored] == [n for n in range(2, 22) if n not in (5, 9)]
     assert all(0 < float(row["prediction"]) < 1 for row in scored)
-    assert all(float(row["risk_percent"]) == round(100 * float(row["prediction"]), 1) for row in scored)
+    assert all(row["risk_percent"] == f"{100 * float(row['prediction']):.1f}" for row in scored)
     # The columns the spec does not know come back beside their rows: results join back to the patients.
     assert [row["patient_id"] for row in scored] == [f"'{formula}"] + [f"P{k:03d}" for k in range(1, 20)
                                                                        if k not in (3, 7)]
@@ -314,6 +314,9 @@ def test_the_models_tab_shows_the_champions_report_with_roc_and_calibration(brow
     summary = page.locator("#model-report")
     expect(summary).to_contain_text("Champion v1: federated model report", timeout=TIMEOUT_MS)
     expect(summary).to_contain_text("fedavg, 3 rounds, 3 hospitals; no differential privacy")
+    # Each metric in a sentence a clinician can act on.
+    expect(summary).to_contain_text("calibration slope: how far the risks spread compared with what happened")
+    expect(summary).to_contain_text("PPV: of the flagged patients, the share who had the event")
     table = page.locator("#model-report-table")
     for text in ("hospital-1", "hospital-3", "mean over hospitals", "all test rows (from counts)",
                  "calibration slope"):

@@ -12,6 +12,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from health_mlops.data.io import read_table, write_csv
@@ -77,7 +78,7 @@ class BatchTab(DashboardState):
                 scored.insert(1 + k, name, carried[column].to_numpy())
         scored["prediction"] = predictions
         if self.spec.task == "binary":
-            scored["risk_percent"] = (100 * predictions).round(1)
+            scored["risk_percent"] = (100 * predictions.astype(np.float64)).round(1)  # 0.4, not float32's 0.40000001
         if self.spec.task == "binary" and model.threshold is not None:
             scored["class"] = (predictions >= model.threshold).astype(int)
         scored["model_version"] = model.version

@@ -160,6 +160,27 @@ def _comparison(first: int, a: dict[str, Any], second: int, b: dict[str, Any]) -
     return summary, pd.DataFrame(rows)
 
 
+# What each column of the report's table says, in a sentence a clinician can act on.
+METRIC_WORDS = {
+    "AUC": "the chance that a patient who had the event was given a higher risk than one who did not (0.5 is a coin "
+           "toss, 1 a perfect ranking); the interval is where it would fall on another sample of patients.",
+    "Brier": "the mean squared gap between the predicted risk and what happened (0 is perfect; for a rare event, "
+             "compare it with the event rate itself, what predicting the average would score).",
+    "calibration slope": "how far the risks spread compared with what happened: 1 is right, above 1 the risks are "
+                         "too timid (the sick predicted too low, the well too high), below 1 too extreme.",
+    "calibration intercept": "whether the risks are too high or too low on average: 0 is right, positive means "
+                             "more events happened than the risks said.",
+    "sensitivity": "of the patients who had the event, the share the model flagged.",
+    "specificity": "of the patients who did not, the share it left unflagged.",
+    "PPV": "of the flagged patients, the share who had the event: at a low threshold most flagged patients do not "
+           "(0.10 is one in ten), the price of missing few.",
+    "NPV": "of the patients not flagged, the share who did not have the event.",
+    "balanced accuracy": "the mean of sensitivity and specificity.",
+    "all test rows (from counts)": "every hospital's test patients together, computed from the counts each hospital "
+                                   "sent (no patient row left a hospital); the AUC is exact to within the ± shown.",
+}
+
+
 def _report_summary(version: int, report: dict[str, Any]) -> str:
     config = report.get("config", {})
     privacy = report.get("privacy")
@@ -175,6 +196,8 @@ def _report_summary(version: int, report: dict[str, Any]) -> str:
                      f"**{100 * report['threshold']:.1f} %**. Each hospital computed its metrics on its own test rows; "
                      "the AUC's 95% interval is a bootstrap done there. \"All test rows\" is built from counts only; "
                      "its AUC is exact to within the ± shown.")
+    lines.append("How to read the table:\n" + "\n".join(f"- **{name}**: {words}"
+                                                         for name, words in METRIC_WORDS.items()))
     for hospital, why in (report.get("excluded") or {}).items():
         lines.append(f"- {hospital}: left out ({why})")
     for hospital, reasons in (report.get("undefined") or {}).items():
