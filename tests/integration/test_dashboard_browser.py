@@ -287,6 +287,9 @@ def test_hospitals_and_models_are_listed_with_the_admins_actions(browser_page: P
     hospitals = page.locator("#hospitals")
     expect(hospitals).to_contain_text("hospital-3", timeout=TIMEOUT_MS)
     expect(hospitals).to_contain_text("idle (run completed)")
+    expect(hospitals).to_contain_text("no task open")  # not a blank heartbeat
+    expect(hospitals).to_contain_text("no differential privacy")  # not a blank ε
+    expect(hospitals).to_contain_text("value ranges of a feature")  # what round 0 kept at the hospital, in words
     expect(hospitals).to_contain_text("replicas")
     expect(hospitals).to_contain_text("hospital-1-")  # hospital-1's nodes (two replicas in the demo)
     # Each replica links to its node's own status page, which says what that node did and what left it.

@@ -23,18 +23,20 @@ class HospitalsTab(DashboardState):
 
     def hospitals(self, state: FederationState) -> tuple[str, pd.DataFrame]:
         now = time.time()
+        private = bool(state.runs and state.runs[-1].privacy)
         table = pd.DataFrame([{"hospital": h.hospital, "status": h.status, "replicas": self._replicas(h.replicas),
-                               "last heartbeat": None if h.last_heartbeat is None else
+                               "last heartbeat": "no task open" if h.last_heartbeat is None else
                                f"{max(now - h.last_heartbeat, 0):.0f} s ago",
                                "rows trained on": h.rows,
                                "rows quarantined": h.rows_quarantined, "last round": h.last_round,
                                self.metric: None if h.metric is None else round(h.metric, 4),
-                               "small cells suppressed": _suppressed(h.suppressed),
-                               "privacy ε spent": None if h.epsilon is None else round(h.epsilon, 3)}
+                               "kept at the hospital (under 5 patients)": _suppressed(h.suppressed),
+                               "privacy ε spent": round(h.epsilon, 3) if h.epsilon is not None else
+                               "none yet" if private else "no differential privacy"}
                               for h in state.hospitals],
                              columns=["hospital", "status", "replicas", "last heartbeat", "rows trained on",
                                       "rows quarantined", "last round",
-                                      self.metric, "small cells suppressed", "privacy ε spent"])
+                                      self.metric, "kept at the hospital (under 5 patients)", "privacy ε spent"])
         return source_note(state), table
 
     def _replicas(self, replicas: list[str]) -> str:
@@ -43,6 +45,11 @@ class HospitalsTab(DashboardState):
 
 
 def _suppressed(cells: dict[str, int] | None) -> str | None:
+    """What round 0's statistics withheld as describing fewer than 5 patients, in words: a category (a rare smoking
+    status, say) or a range of a feature's values (a histogram bin of ages over 100)."""
     if cells is None:
         return None
-    return f"{cells.get('categories', 0)} categories, {cells.get('histogram_bins', 0)} histogram bins"
+    categories, ranges = cells.get("categories", 0), cells.get("histogram_bins", 0)
+    if not categories and not ranges:
+        return "nothing"
+    return f"{categories} categories and {ranges} value ranges of a feature"
