@@ -364,6 +364,8 @@ def test_demo_trains_as_processes_prints_the_table_and_serves_the_champion(home:
     stdout, stderr = demo.communicate(timeout=60)
     assert demo.returncode == 0, stderr
     assert f"log in as admin, password {password}" in stderr  # what the person who ran it reads
+    # The live view names the replica of the last round; the summary, every round's (hospital-1 has two).
+    assert "last round counted from" in stderr and "hospital-1's results came from hospital-1-" in stdout
     for text in ("federated", "pooled", "local-only", "Bayes-optimal", "hospital-5", "mean over 5 hospitals",
                  "all test rows", "v1 registered, champion", "each hospital's independent cohort",
                  "hospital-5 (600)", "federated − local-only"):

@@ -72,7 +72,8 @@ def live_view(run: RunView, metric: str) -> Group:
         rounds.add_row(str(record.round), record.kind.value, str(len(record.hospitals)),
                        "" if value is None else f"{value:.3f}", f"{record.closed_at - record.opened_at:.2f}")
     hospitals = Table(box=None, padding=(0, 1), show_edge=False)
-    for column in ("hospital", "task", "lease holder", f"last {metric.upper()}", "counted from"):
+    # The replica whose result counted in the last closed round (the summary after the run lists every round's).
+    for column in ("hospital", "task", "lease holder", f"last {metric.upper()}", "last round counted from"):
         hospitals.add_column(column)
     open_tasks = {t.hospital: t for t in run.open_tasks}
     last = run.history[-1] if fits else None
