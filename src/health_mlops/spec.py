@@ -193,6 +193,11 @@ class Feature(BaseModel):
             return self.decimals
         return 0 if (self.max or 0) - (self.min or 0) >= 200 else 1
 
+    def spellings(self) -> dict[str, str]:
+        """A categorical feature's accepted spellings, lower-cased, to its category: each category and each code."""
+        return {**{code.lower(): category for code, category in (self.codes or {}).items()},
+                **{category.lower(): category for category in self.categories or ()}}
+
     def allowed(self) -> str:
         """Human wording of the allowed values, used in every validation message."""
         if self.type == "numeric":

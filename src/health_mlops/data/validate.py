@@ -109,10 +109,8 @@ def _check_numeric(values: pd.Series, feature: Feature, missing: np.ndarray
 
 def _check_categorical(values: pd.Series, feature: Feature, missing: np.ndarray
                        ) -> tuple[np.ndarray, dict[Reason, np.ndarray], list[str]]:
-    categories = feature.categories or ()
-    lookup = {**{k.lower(): v for k, v in (feature.codes or {}).items()}, **{c.lower(): c for c in categories}}
     text = values.map(_canonical_text)
-    canonical = text.str.lower().map(lookup)
+    canonical = text.str.lower().map(feature.spellings())
     unknown = ~missing & canonical.isna().to_numpy()
     typed = canonical.to_numpy(dtype=object)
     typed[missing] = None

@@ -50,7 +50,7 @@ def row_model(spec: DatasetSpec) -> type[BaseModel]:
             categories = tuple(feature.categories or ())
             if feature.codes:
                 description += f"; also written as {', '.join(sorted(feature.codes))} (in any case)"
-            annotation = Annotated[Literal[categories], BeforeValidator(partial(_as_category, feature)),
+            annotation = Annotated[Literal[categories], BeforeValidator(partial(_as_category, feature.spellings())),
                                    Field(description=description)]
         if feature.missing is not None:  # "not measured": null, or one of the spec's codes, as in data files
             annotation = Annotated[annotation | None, BeforeValidator(partial(_code_as_null, feature))]
@@ -59,14 +59,10 @@ def row_model(spec: DatasetSpec) -> type[BaseModel]:
                         **fields)
 
 
-def _as_category(feature: Feature, value: Any) -> Any:
+def _as_category(spellings: dict[str, str], value: Any) -> Any:
     """A category as the spec writes it, from its text in any case or one of its codes (male for M), as a data
     file's is read (`data.validate`); anything else is left for the type to refuse."""
-    if not isinstance(value, str):
-        return value
-    spellings = {**{code.lower(): category for code, category in (feature.codes or {}).items()},
-                 **{category.lower(): category for category in feature.categories or ()}}
-    return spellings.get(value.strip().lower(), value)
+    return spellings.get(value.strip().lower(), value) if isinstance(value, str) else value
 
 
 def _code_as_null(feature: Feature, value: Any) -> Any:
